@@ -1,0 +1,48 @@
+"""Settings: environment variables (prefix PROXILION_DR_) with documented defaults.
+
+Read once, at the flow boundary: a flow parameter left empty takes its value
+from here; tasks never read the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting, with the default an operator gets when it is not set."""
+
+    model_config = SettingsConfigDict(env_prefix="PROXILION_DR_", extra="ignore")
+
+    backup_dir: Path = Path("/backups")
+    compression: Literal["gzip", "zstd"] = "gzip"
+    keep_min: int = 3
+    s3_bucket: str = ""
+    s3_prefix: str = "proxilion"
+    s3_endpoint_url: str = ""
+
+    redis_url: str = "redis://localhost:6379/0"
+    redis_container: str = "proxilion-redis"
+    redis_fetch: Literal["auto", "container", "path", "network"] = "auto"
+    redis_data_dir: str = ""
+    redis_retention_days: float = 7
+    redis_save_timeout_seconds: float = 600
+    redis_deep_check: bool = False
+
+
+def settings() -> Settings:
+    """The settings as the environment says now."""
+    return Settings()
+
+
+def resolve(parameters: dict[str, Any], **setting_names: str) -> dict[str, Any]:
+    """Flow parameters with every `None` replaced by its setting: the setting of the
+    same name, or the one `setting_names` maps it to (`container="redis_container"`)."""
+    current = settings()
+    return {
+        name: getattr(current, setting_names.get(name, name)) if value is None else value
+        for name, value in parameters.items()
+    }

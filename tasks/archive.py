@@ -1,0 +1,185 @@
+"""Compression, checksums and manifests: the format of what we store.
+
+One streaming pass compresses and hashes; nothing holds a whole backup in memory.
+gzip (via isal, gzip-compatible so operators can `gunzip` by hand) is the default;
+zstd is the option for speed and size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import zstandard
+from isal import igzip, igzip_threaded
+
+Compression = Literal["gzip", "zstd"]
+SUFFIXES: dict[str, str] = {"gzip": ".gz", "zstd": ".zst"}
+CHUNK = 1 << 20
+GZIP_LEVEL = 1  # isal level 1: ~1.5 GB/s, ratio close to gzip -6 on session data
+ZSTD_LEVEL = 3
+MANIFEST_SUFFIX = ".manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class ArchiveError(ValueError):
+    """A stored backup does not match what its manifest promises."""
+
+
+def check_compression(compression: str) -> Compression:
+    """Reject an unknown compression name with the accepted ones."""
+    if compression not in SUFFIXES:
+        raise ValueError(f"unknown compression {compression!r}: use one of {', '.join(SUFFIXES)}")
+    return compression  # type: ignore[return-value]
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes and counts what passes into it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        self._raw.write(view)
+        return view.nbytes
+
+
+@dataclass(frozen=True)
+class CompressedFile:
+    """A compressed file as written: where, how big, its SHA-256."""
+
+    path: Path
+    size: int
+    sha256: str
+    raw_size: int
+    compression: Compression
+
+
+class CompressedWriter:
+    """Compress, hash and write chunks to `path` in one pass; fsync on close."""
+
+    def __init__(self, path: Path, compression: Compression, threads: int = 2) -> None:
+        self.path = path
+        self.compression = check_compression(compression)
+        self.raw_size = 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
+        self._hashing = _HashingFile(self._file)
+        self._stream: IO[bytes]
+        if compression == "gzip":
+            self._stream = igzip_threaded.open(  # type: ignore[assignment]
+                self._hashing, "wb", compresslevel=GZIP_LEVEL, threads=threads
+            )
+        else:
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads)
+            self._stream = compressor.stream_writer(self._hashing, closefd=False)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self._stream.write(chunk)
+        self.raw_size += len(chunk)
+
+    def close(self) -> CompressedFile:
+        """Finish the stream, flush it to disk and describe the result."""
+        self._stream.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return CompressedFile(
+            path=self.path,
+            size=self._hashing.size,
+            sha256=self._hashing.sha256.hexdigest(),
+            raw_size=self.raw_size,
+            compression=self.compression,
+        )
+
+    def abort(self) -> None:
+        """Drop the partial output."""
+        with contextlib.suppress(Exception):  # the output is discarded anyway
+            self._stream.close()
+        self._file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def open_decompressed(path: Path, compression: Compression) -> IO[bytes]:
+    """A readable stream of the original bytes of a compressed backup."""
+    if check_compression(compression) == "gzip":
+        return igzip.open(path, "rb")  # type: ignore[return-value]
+    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+
+
+def iter_chunks(stream: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
+    """Read a binary stream in large chunks until EOF."""
+    while chunk := stream.read(size):
+        yield chunk
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter_chunks(stream):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, size: int, sha256: str) -> None:
+    """Refuse a stored file whose size or SHA-256 differs from its manifest."""
+    if not path.is_file():
+        raise ArchiveError(f"backup file {path} is missing; pick another backup")
+    actual_size = path.stat().st_size
+    if actual_size != size:
+        raise ArchiveError(
+            f"backup {path.name} is {actual_size} bytes but its manifest says {size}: "
+            "the file is truncated or was replaced; pick another backup"
+        )
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ArchiveError(
+            f"backup {path.name} fails its checksum (sha256 {actual[:16]}…, manifest "
+            f"{sha256[:16]}…): the file is corrupt; pick another backup"
+        )
+
+
+@dataclass
+class Manifest:
+    """What a backup is, stored beside it and written last."""
+
+    kind: str
+    name: str
+    created_at: str
+    size: int
+    sha256: str
+    compression: Compression
+    raw_size: int
+    duration_seconds: float
+    source: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+    format: int = MANIFEST_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def manifest_name(name: str) -> str:
+    """The sidecar name for a backup's manifest."""
+    return name + MANIFEST_SUFFIX

@@ -1,0 +1,99 @@
+"""Docker containers through the Docker SDK: find them, read files and logs out."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+from docker.errors import DockerException, NotFound
+
+from tasks.archive import CHUNK
+
+
+class ContainerError(RuntimeError):
+    """A container is missing or Docker cannot be reached; says what to do."""
+
+
+def docker_client() -> docker.DockerClient:
+    """The local Docker engine (DOCKER_HOST or the default socket)."""
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except DockerException as error:
+        raise ContainerError(
+            f"cannot reach the Docker engine ({error}): start dockerd or set DOCKER_HOST"
+        ) from None
+    return client
+
+
+def get_container(name: str) -> Any:
+    """A container by name, or a clear error listing what exists."""
+    client = docker_client()
+    try:
+        return client.containers.get(name)
+    except NotFound:
+        names = sorted(c.name for c in client.containers.list(all=True))
+        raise ContainerError(
+            f"no container named {name!r}; existing containers: {', '.join(names) or 'none'}. "
+            "Fix the container parameter (or leave it empty to use another fetch method)"
+        ) from None
+
+
+def container_exists(name: str) -> bool:
+    try:
+        docker_client().containers.get(name)
+    except (NotFound, ContainerError):
+        return False
+    return True
+
+
+class _ChunkStream(io.RawIOBase):
+    """A readable file over an iterator of byte chunks (the archive API's stream)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self._pending:
+            try:
+                self._pending = memoryview(next(self._chunks))
+            except StopIteration:
+                return 0
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+
+def stream_file(container_name: str, path: str) -> Iterator[bytes]:
+    """The bytes of one regular file inside a container, streamed (Docker archive API)."""
+    container = get_container(container_name)
+    try:
+        chunks, _stat = container.get_archive(path, chunk_size=CHUNK)
+    except NotFound:
+        raise ContainerError(
+            f"{path} does not exist in container {container_name!r}: check Redis's "
+            "`dir`/`dbfilename` or that a save has happened"
+        ) from None
+    raw = io.BufferedReader(_ChunkStream(iter(chunks)), buffer_size=CHUNK)
+    with tarfile.open(fileobj=raw, mode="r|") as archive:
+        member = archive.next()
+        if member is None or not member.isfile():
+            raise ContainerError(f"{path} in container {container_name!r} is not a regular file")
+        source = archive.extractfile(member)
+        assert source is not None
+        while chunk := source.read(CHUNK):
+            yield chunk
+
+
+def log_tail(container_name: str, lines: int = 50) -> list[str]:
+    """The last lines a container logged (both streams)."""
+    output = get_container(container_name).logs(tail=lines, stdout=True, stderr=True)
+    return output.decode(errors="replace").splitlines()

@@ -1,0 +1,431 @@
+"""Redis: inspect the server, make it save, get the RDB out, put one back.
+
+Talks to Redis with redis-py (and the replication protocol for the network
+fetch). Connection strings may hold credentials: only `redact_url` forms of
+them ever reach a log line, an artifact or an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import redis
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import containers
+from tasks.archive import (
+    CHUNK,
+    CompressedFile,
+    CompressedWriter,
+    Compression,
+    iter_chunks,
+    open_decompressed,
+    verify_file,
+)
+from tasks.rdb import RdbChecker, RdbInfo, deep_check_rdb
+from tasks.redis_sync import fetch_rdb_over_network
+from tasks.retry import TransientError, retry_transient
+from tasks.storage import find_local, utc_now
+
+Fetch = Literal["auto", "container", "path", "network"]
+FETCH_METHODS = ("auto", "container", "path", "network")
+COMMAND_TIMEOUT = 30.0
+POLL_SECONDS = 0.1
+
+
+class RedisAccessError(PermissionError):
+    """Redis refused our credentials."""
+
+
+class RedisUnreachable(TransientError):
+    """Redis did not answer; it may be restarting."""
+
+
+class SaveFailed(RuntimeError):
+    """Redis could not write its snapshot (disk, permissions, fork)."""
+
+
+class SaveTimeout(RuntimeError):
+    """The snapshot did not finish before the deadline."""
+
+
+def redact_url(url: str) -> str:
+    """A connection URL safe to print: credentials replaced by '***'."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=f"***@{host}").geturl()
+
+
+def connect(redis_url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
+    """A client with explicit timeouts (redis-py's 5 s default is too short for admin work)."""
+    try:
+        return redis.Redis.from_url(
+            redis_url, socket_timeout=timeout, socket_connect_timeout=5, decode_responses=True
+        )
+    except ValueError as error:
+        raise ValueError(
+            f"redis_url {redact_url(redis_url)!r} is not a Redis URL ({error}): use "
+            "redis://[user:password@]host:port/db or rediss:// for TLS"
+        ) from None
+
+
+def explain(error: redis.RedisError, redis_url: str) -> Exception:
+    """Turn a redis-py error into one that names the server (without secrets) and the fix."""
+    where = redact_url(redis_url)
+    if (
+        isinstance(error, redis.AuthenticationError)
+        or "WRONGPASS" in str(error)
+        or ("NOAUTH" in str(error))
+    ):
+        return RedisAccessError(
+            f"Redis at {where} refused the credentials: check the password or ACL user "
+            "in redis_url (or PROXILION_DR_REDIS_URL)"
+        )
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError):
+        reason = str(error).replace(redis_url, where)
+        return RedisUnreachable(
+            f"cannot reach Redis at {where} ({reason}): is it running? check redis_url"
+        )
+    return error
+
+
+def _call(redis_url: str, action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except redis.RedisError as error:
+        raise explain(error, redis_url) from None
+
+
+@dataclass
+class ServerFacts:
+    """What a backup records about the server it came from."""
+
+    redis_version: str
+    role: str
+    keyspace: dict[str, dict[str, int]]
+    rdb_dir: str | None
+    rdb_filename: str | None
+    aof_enabled: bool
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    retry_condition_fn=retry_transient,
+)
+def inspect_redis(redis_url: str) -> ServerFacts:
+    """Version, role, key counts and where the RDB lives."""
+    client = connect(redis_url)
+    info = _call(redis_url, lambda: client.info("everything"))
+    try:
+        config = client.config_get("dir")
+        config.update(client.config_get("dbfilename"))
+    except redis.ResponseError:
+        config = {}  # CONFIG may be renamed or forbidden; data_dir must then be given
+    keyspace = {
+        name: {"keys": int(value["keys"]), "expires": int(value["expires"])}
+        for name, value in info.items()
+        if name.startswith("db") and isinstance(value, dict)
+    }
+    return ServerFacts(
+        redis_version=str(info["redis_version"]),
+        role=str(info.get("role", "master")),
+        keyspace=keyspace,
+        rdb_dir=config.get("dir"),
+        rdb_filename=config.get("dbfilename"),
+        aof_enabled=bool(int(info.get("aof_enabled", 0))),
+    )
+
+
+@dataclass
+class SaveResult:
+    last_save_time: int
+    seconds: float
+
+
+def _persistence(client: redis.Redis) -> dict[str, Any]:
+    return client.info("persistence")
+
+
+def _wait_for_save_idle(client: redis.Redis, deadline: float) -> None:
+    """Wait for a save someone else started (maybe a diskless replication child)."""
+    while int(_persistence(client)["rdb_bgsave_in_progress"]):
+        if time.monotonic() > deadline:
+            raise SaveTimeout("a background save already in progress did not finish in time")
+        time.sleep(POLL_SECONDS)
+
+
+def _start_bgsave(client: redis.Redis, deadline: float) -> None:
+    """BGSAVE (SCHEDULE while an AOF rewrite runs), retrying once past another save."""
+    for _attempt in range(2):
+        try:
+            client.bgsave(schedule=bool(int(_persistence(client)["aof_rewrite_in_progress"])))
+            return
+        except redis.ResponseError as error:
+            if "already in progress" not in str(error):
+                raise
+            _wait_for_save_idle(client, deadline)
+    raise SaveFailed("another background save kept Redis busy; try again later")
+
+
+def save_failure_reason(container: str | None) -> str:
+    """Redis's own words for a failed save, from its log when we can read it."""
+    if not container:
+        return "see the Redis log"
+    try:
+        lines = containers.log_tail(container, 80)
+    except containers.ContainerError:
+        return "see the Redis log"
+    reasons = [
+        line
+        for line in lines
+        if "save" in line.lower()
+        and ("fail" in line.lower() or "error" in line.lower() or "can't" in line.lower())
+    ]
+    return reasons[-1].strip() if reasons else "see the Redis log"
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def trigger_save(
+    redis_url: str, timeout_seconds: float, container: str | None = None
+) -> SaveResult:
+    """BGSAVE and wait until Redis reports a newer successful snapshot."""
+    started = time.monotonic()
+    deadline = started + timeout_seconds
+    client = connect(redis_url)
+    try:
+        before = int(_persistence(client)["rdb_last_save_time"])
+        while int(client.time()[0]) <= before:  # LASTSAVE has 1 s resolution
+            time.sleep(POLL_SECONDS)
+        _start_bgsave(client, deadline)
+        while True:
+            state = _persistence(client)
+            idle = not int(state["rdb_bgsave_in_progress"])
+            if idle and int(state["rdb_last_save_time"]) > before:
+                return SaveResult(
+                    int(state["rdb_last_save_time"]), round(time.monotonic() - started, 3)
+                )
+            if (
+                idle
+                and not int(state["aof_rewrite_in_progress"])
+                and (state["rdb_last_bgsave_status"] == "err")
+            ):
+                raise SaveFailed(
+                    f"Redis at {redact_url(redis_url)} failed to write its snapshot: "
+                    f"{save_failure_reason(container)}. Check free space and that Redis "
+                    "can write to its `dir`"
+                )
+            if time.monotonic() > deadline:
+                raise SaveTimeout(
+                    f"Redis at {redact_url(redis_url)} did not finish its snapshot within "
+                    f"{timeout_seconds:.0f} s: raise save_timeout_seconds or check the server"
+                )
+            time.sleep(POLL_SECONDS)
+    except redis.RedisError as error:
+        raise explain(error, redis_url) from None
+
+
+def choose_fetch(fetch: str, container: str | None, data_dir: str | None) -> str:
+    """Resolve `auto`: the container when one is named and exists, else the host
+    path when a data_dir is given, else the replication stream."""
+    if fetch not in FETCH_METHODS:
+        raise ValueError(f"fetch must be one of {', '.join(FETCH_METHODS)}, got {fetch!r}")
+    if fetch != "auto":
+        if fetch == "container" and not container:
+            raise ValueError(
+                "fetch='container' needs the container parameter (e.g. proxilion-redis)"
+            )
+        return fetch
+    if container and containers.container_exists(container):
+        return "container"
+    return "path" if data_dir else "network"
+
+
+@dataclass
+class CapturedRdb:
+    """The RDB as staged: compressed file, what the validator found, timings."""
+
+    file: CompressedFile
+    rdb: RdbInfo
+    method: str
+    seconds: float
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+def rdb_host_path(data_dir: str | None, facts: ServerFacts) -> Path:
+    directory = data_dir or facts.rdb_dir
+    if not directory:
+        raise ValueError("Redis did not tell its `dir` (CONFIG is restricted): set data_dir")
+    return Path(directory) / (facts.rdb_filename or "dump.rdb")
+
+
+def _source(
+    method: str,
+    redis_url: str,
+    container: str | None,
+    data_dir: str | None,
+    facts: ServerFacts,
+    raw_staging: Path,
+) -> Iterator[bytes]:
+    """The RDB's bytes from where the chosen method finds them."""
+    if method == "container":
+        assert container is not None
+        inner = PurePosixPath(facts.rdb_dir or "/data") / (facts.rdb_filename or "dump.rdb")
+        yield from containers.stream_file(container, str(inner))
+        return
+    if method == "network":
+        parts = urlsplit(redis_url)
+        fetch_rdb_over_network(
+            parts.hostname or "127.0.0.1",
+            parts.port or 6379,
+            raw_staging,
+            username=parts.username or None,
+            password=parts.password or None,
+            tls=parts.scheme == "rediss",
+        )
+        path = raw_staging
+    else:
+        path = rdb_host_path(data_dir, facts)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no RDB at {path}: set data_dir to the host folder holding Redis's "
+                f"{facts.rdb_filename or 'dump.rdb'}, or use fetch='container' or 'network'"
+            )
+    try:
+        with open(path, "rb") as stream:
+            yield from iter_chunks(stream, CHUNK)
+    finally:
+        if method == "network":
+            raw_staging.unlink(missing_ok=True)
+
+
+def pipe_rdb(
+    chunks: Iterable[bytes], staging: Path, compression: Compression, deep_check: bool
+) -> tuple[CompressedFile, RdbInfo]:
+    """One pass: validate (header, CRC-64, optionally redis-check-rdb alongside),
+    compress and hash. The output is removed unless everything checks out."""
+    checker = RdbChecker()
+    writer = CompressedWriter(staging, compression)
+    with deep_check_rdb(enabled=deep_check) as deep:
+        try:
+            for chunk in chunks:
+                checker.update(chunk)
+                deep.feed(chunk)
+                writer.write(chunk)
+            info = checker.finish()
+            deep.finish()
+            return writer.close(), info
+        except BaseException:
+            writer.abort()
+            raise
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def capture_rdb(
+    method: str,
+    redis_url: str,
+    container: str | None,
+    data_dir: str | None,
+    facts: ServerFacts,
+    staging: Path,
+    compression: Compression,
+    deep_check: bool,
+) -> CapturedRdb:
+    """Copy the RDB out, validate it, compress and checksum it, in one streaming pass."""
+    started = time.perf_counter()
+    raw_staging = staging.with_name(staging.name + ".rdb-raw")
+    try:
+        chunks = _source(method, redis_url, container, data_dir, facts, raw_staging)
+        compressed, info = pipe_rdb(chunks, staging, compression, deep_check)
+    except redis.RedisError as error:
+        raise explain(error, redis_url) from None
+    seconds = round(time.perf_counter() - started, 3)
+    get_run_logger().info(
+        "Captured RDB v%s (%d bytes → %d %s) via %s in %.2f s",
+        info.rdb_version,
+        info.size,
+        compressed.size,
+        compression,
+        method,
+        seconds,
+    )
+    return CapturedRdb(file=compressed, rdb=info, method=method, seconds=seconds)
+
+
+def move_aside(path: Path, stamp: str) -> Path | None:
+    """Rename existing data out of the way (never delete it); return where it went."""
+    if not path.exists():
+        return None
+    aside = path.with_name(f"{path.name}.before-restore-{stamp}")
+    os.replace(path, aside)
+    return aside
+
+
+@dataclass
+class PlacedRdb:
+    """An RDB put in place for Redis to load, and where the previous one went."""
+
+    backup: str
+    path: Path
+    moved_aside: Path | None
+    rdb: RdbInfo
+
+
+@task(cache_policy=NO_CACHE)
+def place_rdb(
+    backup_dir: Path, name: str, target_dir: Path, dbfilename: str = "dump.rdb"
+) -> PlacedRdb:
+    """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load.
+
+    The stored file's checksum is verified first, the RDB is validated while it is
+    decompressed (and by redis-check-rdb when installed), and only then is any
+    existing RDB moved aside (never deleted) and the new one renamed into place.
+    Redis must be stopped (or about to be started) for this to take effect.
+    """
+    manifest, stored = find_local(Path(backup_dir), "redis", name)
+    verify_file(stored, manifest.size, manifest.sha256)
+    target = Path(target_dir) / dbfilename
+    incoming = target.with_name(f".{dbfilename}.restoring")
+    checker = RdbChecker()
+    try:
+        with (
+            open_decompressed(stored, manifest.compression) as source,
+            open(incoming, "wb") as out,
+            deep_check_rdb(enabled=True) as deep,
+        ):
+            for chunk in iter_chunks(source):
+                checker.update(chunk)
+                deep.feed(chunk)
+                out.write(chunk)
+            info = checker.finish()
+            deep.finish()
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        incoming.unlink(missing_ok=True)
+        raise
+    aside = move_aside(target, utc_now().strftime("%Y%m%d_%H%M%S"))
+    os.replace(incoming, target)
+    return PlacedRdb(backup=manifest.name, path=target, moved_aside=aside, rdb=info)

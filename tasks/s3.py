@@ -1,0 +1,197 @@
+"""The off-site copy: upload to S3 (or an S3-compatible store), verify, list, prune.
+
+Credentials come from boto3's standard chain (env, profile, instance role);
+they are never passed around as parameters nor logged. The remote manifest is
+uploaded only after the data object is verified, so the remote copy follows
+the same "manifest last" rule as the local one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.archive import CHUNK, Manifest, manifest_name
+from tasks.retry import TransientError, retry_transient
+from tasks.storage import KINDS, RetentionPlan, plan_retention, utc_now
+
+PART_SIZE = 64 << 20
+TRANSFER = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
+
+
+class S3Error(RuntimeError):
+    """The remote store refused or could not be reached; says what to fix."""
+
+
+class S3Unreachable(S3Error, TransientError):
+    """The endpoint did not answer; a retry may succeed."""
+
+
+@dataclass(frozen=True)
+class RemoteCopy:
+    bucket: str
+    key: str
+    size: int
+    etag: str
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def client(endpoint_url: str | None) -> Any:
+    """An S3 client with bounded timeouts; boto3 finds the credentials."""
+    config = Config(
+        connect_timeout=5,
+        read_timeout=60,
+        retries={"max_attempts": 2, "mode": "standard"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+def object_key(prefix: str, name: str) -> str:
+    return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
+
+
+def _explain(error: Exception, bucket: str, endpoint_url: str | None) -> S3Error:
+    where = endpoint_url or "AWS S3"
+    if isinstance(error, EndpointConnectionError):
+        return S3Unreachable(
+            f"S3 endpoint {where} is unreachable: check s3_endpoint_url and the network"
+        )
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "404"):
+            return S3Error(
+                f"S3 bucket {bucket!r} does not exist at {where}: create it or fix s3_bucket"
+            )
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return S3Error(
+                f"S3 at {where} refused access to bucket {bucket!r} ({code}): check the AWS "
+                "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or profile) and policy"
+            )
+        return S3Error(f"S3 at {where} answered {code or error} for bucket {bucket!r}")
+    return S3Error(f"S3 at {where} failed: {type(error).__name__}: {error}")
+
+
+def expected_etag(path: Path, part_size: int = PART_SIZE) -> str:
+    """The ETag S3 gives an object uploaded as boto3 does: MD5, or MD5 of part MD5s."""
+    size = path.stat().st_size
+    if size < TRANSFER.multipart_threshold:
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+    parts: list[bytes] = []
+    with open(path, "rb") as stream:
+        while part := stream.read(part_size):
+            parts.append(hashlib.md5(part, usedforsecurity=False).digest())
+    combined = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
+    return f"{combined}-{len(parts)}"
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def upload_backup(
+    local_path: Path, manifest: Manifest, bucket: str, prefix: str, endpoint_url: str | None
+) -> RemoteCopy:
+    """Upload data, verify its size and checksum as stored, then upload the manifest."""
+    s3 = client(endpoint_url)
+    key = object_key(prefix, manifest.name)
+    try:
+        s3.head_bucket(Bucket=bucket)
+        s3.upload_file(
+            str(local_path),
+            bucket,
+            key,
+            Config=TRANSFER,
+            ExtraArgs={"Metadata": {"sha256": manifest.sha256}},
+        )
+        head = s3.head_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as error:
+        raise _explain(error, bucket, endpoint_url) from None
+    etag = head["ETag"].strip('"')
+    if head["ContentLength"] != manifest.size:
+        raise S3Error(
+            f"uploaded {key} is {head['ContentLength']} bytes, expected {manifest.size}: "
+            "the upload is incomplete; the local backup is kept"
+        )
+    if etag != expected_etag(Path(local_path)):
+        raise S3Error(
+            f"uploaded {key} has ETag {etag}, which does not match the local file: "
+            "the stored object differs; the local backup is kept"
+        )
+    try:
+        s3.put_object(
+            Bucket=bucket,
+            Key=manifest_name(key),
+            Body=manifest.to_json().encode(),
+            ContentType="application/json",
+        )
+    except (BotoCoreError, ClientError) as error:
+        raise _explain(error, bucket, endpoint_url) from None
+    return RemoteCopy(bucket=bucket, key=key, size=manifest.size, etag=etag)
+
+
+def list_remote(bucket: str, prefix: str, kind: str, endpoint_url: str | None) -> list[Manifest]:
+    """Complete remote backups of a kind (manifest and data object present)."""
+    s3 = client(endpoint_url)
+    folder = object_key(prefix, KINDS[kind].folder) + "/"
+    keys: set[str] = set()
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
+            keys.update(item["Key"] for item in page.get("Contents", []))
+        manifests = []
+        for key in sorted(k for k in keys if k.endswith(manifest_name(""))):
+            if key.removesuffix(manifest_name("")) not in keys:
+                continue
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            manifests.append(Manifest.from_json(body))
+    except (BotoCoreError, ClientError) as error:
+        raise _explain(error, bucket, endpoint_url) from None
+    return sorted(manifests, key=lambda m: m.created_at)
+
+
+@task(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
+def prune_remote(
+    bucket: str,
+    prefix: str,
+    kind: str,
+    endpoint_url: str | None,
+    retention_days: float,
+    keep_min: int,
+) -> RetentionPlan:
+    """Apply retention to the bucket, deleting each manifest before its data."""
+    plan = plan_retention(
+        list_remote(bucket, prefix, kind, endpoint_url), utc_now(), retention_days, keep_min
+    )
+    s3 = client(endpoint_url)
+    try:
+        for manifest in plan.delete:
+            key = object_key(prefix, manifest.name)
+            s3.delete_object(Bucket=bucket, Key=manifest_name(key))
+            s3.delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as error:
+        raise _explain(error, bucket, endpoint_url) from None
+    return plan

@@ -1,0 +1,220 @@
+"""The local backup directory: names, durable commits, listing, retention.
+
+A backup is complete only when its manifest sidecar exists; the manifest is
+written last, after the data is fsynced. Incomplete backups are never listed,
+restored or counted for retention.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.archive import SUFFIXES, CompressedFile, Compression, Manifest, manifest_name
+
+FUTURE_TOLERANCE = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How one kind of backup is named: `<folder>/<stem>_<UTC stamp><ext><.gz|.zst>`."""
+
+    folder: str
+    stem: str
+    ext: str
+
+
+KINDS: dict[str, Kind] = {
+    "redis": Kind("redis", "dump", ".rdb"),
+    "prometheus": Kind("prometheus", "prometheus", ".tar"),
+    "config": Kind("config", "config", ".tar"),
+    "logs": Kind("logs", "gateway", ".log"),
+}
+
+
+class BackupNotFound(LookupError):
+    """No complete backup matches the request."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def backup_name(kind: str, created_at: datetime, compression: Compression) -> str:
+    """The relative name of a new backup, in the seed scripts' shape (UTC)."""
+    spec = KINDS[kind]
+    stamp = created_at.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
+    return f"{spec.folder}/{spec.stem}_{stamp}{spec.ext}{SUFFIXES[compression]}"
+
+
+def resolve_name(backup_dir: Path, name: str) -> Path:
+    """The path of a backup name, refusing names that escape the backup directory."""
+    candidate = Path(name)
+    if candidate.is_absolute() or ".." in candidate.parts or not name.strip():
+        raise ValueError(
+            f"backup name {name!r} is not a plain relative name: give one as listed "
+            "(e.g. 'redis/dump_20260101_000000.rdb.gz') or 'latest'"
+        )
+    root = backup_dir.resolve()
+    path = (root / candidate).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"backup name {name!r} points outside the backup directory {root}")
+    return path
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_backup_dir(backup_dir: Path, kind: str) -> Path:
+    """Create the kind's folder and prove it is writable before any work starts."""
+    folder = Path(backup_dir) / KINDS[kind].folder
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(
+            f"backup directory {folder} is not writable ({error.strerror or error}): "
+            "fix its permissions or free space, or choose another backup_dir"
+        ) from None
+    return folder
+
+
+def staging_path(backup_dir: Path, name: str) -> Path:
+    """Where a backup is written before it is complete: hidden, beside its final place."""
+    final = resolve_name(backup_dir, name)
+    return final.with_name(f".{final.name}.partial")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write a small file atomically: temp file, fsync, rename, fsync the folder."""
+    temp = path.with_name(f".{path.name}.tmp")
+    with open(temp, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temp, path)
+    _fsync_dir(path.parent)
+
+
+@task(cache_policy=NO_CACHE)
+def commit_local(backup_dir: Path, staged: CompressedFile, manifest: Manifest) -> Path:
+    """Move a finished, fsynced file to its name, then write its manifest last."""
+    final = resolve_name(Path(backup_dir), manifest.name)
+    if final.exists():
+        raise FileExistsError(f"backup {manifest.name} already exists; not overwriting it")
+    os.replace(staged.path, final)
+    _fsync_dir(final.parent)
+    write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
+    return final
+
+
+def list_local(backup_dir: Path, kind: str) -> list[Manifest]:
+    """Complete local backups of a kind (manifest and data present), oldest first."""
+    folder = Path(backup_dir) / KINDS[kind].folder
+    found: list[Manifest] = []
+    for sidecar in folder.glob(f"*{manifest_name('')}"):
+        if sidecar.name.startswith("."):
+            continue
+        try:
+            manifest = Manifest.from_json(sidecar.read_bytes())
+        except (ValueError, TypeError):
+            continue  # an unreadable manifest is not a complete backup
+        if manifest.kind == kind and (Path(backup_dir) / manifest.name).is_file():
+            found.append(manifest)
+    return sorted(found, key=lambda m: m.created_at)
+
+
+def find_local(backup_dir: Path, kind: str, name: str = "latest") -> tuple[Manifest, Path]:
+    """A complete local backup by name, or the newest one for 'latest'."""
+    if name != "latest":
+        resolve_name(Path(backup_dir), name)
+    complete = list_local(backup_dir, kind)
+    now = utc_now()
+    if name == "latest":
+        current = [m for m in complete if parse_time(m.created_at) <= now + FUTURE_TOLERANCE]
+        if not current:
+            raise BackupNotFound(
+                f"no complete {kind} backup in {Path(backup_dir) / KINDS[kind].folder}: "
+                f"run backup-{kind} first or point backup_dir at the right place"
+            )
+        manifest = current[-1]
+    else:
+        matches = [m for m in complete if m.name == name]
+        if not matches:
+            raise BackupNotFound(
+                f"no complete backup named {name!r} in {backup_dir} (a backup without its "
+                "manifest is incomplete): pick one from the list or use 'latest'"
+            )
+        manifest = matches[0]
+    return manifest, resolve_name(Path(backup_dir), manifest.name)
+
+
+def parse_time(stamp: str) -> datetime:
+    value = datetime.fromisoformat(stamp)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass
+class RetentionPlan:
+    """Which complete backups to keep and delete, and which were dated in the future."""
+
+    keep: list[Manifest] = field(default_factory=list)
+    delete: list[Manifest] = field(default_factory=list)
+    future: list[Manifest] = field(default_factory=list)
+
+
+def plan_retention(
+    backups: list[Manifest], now: datetime, retention_days: float, keep_min: int
+) -> RetentionPlan:
+    """Delete what is older than `retention_days`, but never the newest complete
+    backup nor fewer than `keep_min`; backups dated in the future are left alone."""
+    if retention_days < 0:
+        raise ValueError(f"retention_days must be 0 or more, got {retention_days}")
+    if keep_min < 1:
+        raise ValueError(f"keep_min must be at least 1 (the newest is always kept), got {keep_min}")
+    plan = RetentionPlan()
+    cutoff = now - timedelta(days=retention_days)
+    current = []
+    for manifest in backups:
+        if parse_time(manifest.created_at) > now + FUTURE_TOLERANCE:
+            plan.future.append(manifest)
+        else:
+            current.append(manifest)
+    current.sort(key=lambda m: parse_time(m.created_at), reverse=True)
+    for position, manifest in enumerate(current):
+        if position < keep_min or parse_time(manifest.created_at) >= cutoff:
+            plan.keep.append(manifest)
+        else:
+            plan.delete.append(manifest)
+    return plan
+
+
+@task(cache_policy=NO_CACHE)
+def prune_local(backup_dir: Path, kind: str, retention_days: float, keep_min: int) -> RetentionPlan:
+    """Apply retention to the local directory: manifest first, so a half-pruned
+    backup is never mistaken for a complete one."""
+    plan = plan_retention(list_local(backup_dir, kind), utc_now(), retention_days, keep_min)
+    for manifest in plan.delete:
+        data = resolve_name(Path(backup_dir), manifest.name)
+        data.with_name(manifest_name(data.name)).unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+    return plan
+
+
+def elapsed(start: float) -> float:
+    """Seconds since `start` (a `time.perf_counter()` value), rounded for reports."""
+    return round(time.perf_counter() - start, 3)
