@@ -1,0 +1,225 @@
+"""The sandbox stack is up and behaves as the demo and the other tests expect.
+
+These tests FAIL (never skip) when a service does not answer: start the stack with
+``.venv/bin/python -m sandbox up``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import boto3
+import botocore.exceptions
+import docker
+import docker.errors
+import httpx
+import pytest
+import redis
+from botocore import UNSIGNED
+from botocore.config import Config
+
+from sandbox.seed import url_for_db
+from sandbox.stack import (
+    GATEWAY_CONTAINER,
+    GATEWAY_URL,
+    REDIS_CONTAINER,
+    REDIS_HOST_DATA_DIR,
+    REDIS_URL,
+    S3_ACCESS_KEY,
+    S3_BUCKET,
+    S3_ENDPOINT,
+    S3_REGION,
+    S3_SECRET_KEY,
+)
+
+HINT = "start the sandbox stack with `.venv/bin/python -m sandbox up`"
+
+
+def unreachable(what: str, exc: BaseException | str) -> NoReturn:
+    pytest.fail(f"{what} is not reachable ({exc}); {HINT}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def r0() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unreachable(f"Redis at {REDIS_URL}", exc)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def r1() -> Iterator[redis.Redis]:
+    url = url_for_db(REDIS_URL, 1)
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        unreachable(f"Redis at {url}", exc)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=GATEWAY_URL, timeout=5) as client:
+        try:
+            client.get("/health")
+        except httpx.HTTPError as exc:
+            unreachable(f"the gateway at {GATEWAY_URL}", exc)
+        yield client
+
+
+@pytest.fixture(scope="module")
+def docker_client() -> Iterator[docker.DockerClient]:
+    try:
+        client = docker.from_env(timeout=10)
+        client.ping()
+    except (docker.errors.DockerException, OSError) as exc:
+        unreachable("the Docker daemon", exc)
+    yield client
+    client.close()
+
+
+def s3(**kwargs: Any) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=S3_ENDPOINT,
+        region_name=S3_REGION,
+        config=Config(
+            connect_timeout=3,
+            read_timeout=10,
+            retries={"max_attempts": 1},
+            signature_version=kwargs.pop("signature_version", None),
+            s3={"addressing_style": "path"},
+        ),
+        **kwargs,
+    )
+
+
+def test_redis_answers_and_holds_seeded_data(r0: redis.Redis, r1: redis.Redis) -> None:
+    assert r0.ping() is True
+    sessions = list(r0.scan_iter(match="session:*", count=1000))
+    assert len(sessions) >= 1000, "expected the seeded sessions in db 0"
+    doc = json.loads(r0.get(sessions[0]) or b"{}")
+    assert doc.get("history"), f"session document without history: {doc}"
+    assert r0.type("stats:daily") == b"hash"
+    assert r0.type("killchain:scores") == b"zset"
+    assert r0.type("alerts:recent") == b"list"
+    ttls = [r0.ttl(key) for key in sessions[:300]]
+    assert any(t == -1 for t in ttls), "some sessions must have no TTL"
+    assert any(t > 3600 for t in ttls), "some sessions must have a TTL of hours"
+    ratelimits = list(r0.scan_iter(match="ratelimit:*", count=1000))
+    assert ratelimits, "expected ratelimit:* counters"
+    assert max(r0.ttl(key) for key in ratelimits[:100]) > 60
+    assert r1.dbsize() > 0, "expected keys in db 1"
+
+
+def test_redis_persists_to_the_host_data_dir(r0: redis.Redis) -> None:
+    assert r0.config_get("dir") == {"dir": "/data"}
+    assert r0.config_get("appendonly") == {"appendonly": "no"}
+    assert (REDIS_HOST_DATA_DIR / "dump.rdb").is_file(), f"no dump.rdb in {REDIS_HOST_DATA_DIR}"
+    assert (REDIS_HOST_DATA_DIR / "dump.rdb").read_bytes()[:5] == b"REDIS"
+
+
+def test_gateway_health_and_metrics(gateway: httpx.Client) -> None:
+    health = gateway.get("/health")
+    assert health.status_code == 200, health.text
+    assert health.json()["status"] == "healthy"
+    metrics = gateway.get("/metrics")
+    assert metrics.status_code == 200
+    assert "# TYPE proxilion_http_requests_total counter" in metrics.text
+    assert "proxilion_analysis_duration_seconds_bucket" in metrics.text
+
+
+def test_analyze_records_the_session_in_redis(gateway: httpx.Client, r0: redis.Redis) -> None:
+    session_id = f"test-{uuid.uuid4()}"
+    try:
+        response = gateway.post(
+            "/analyze",
+            json={"session_id": session_id, "tool": "read_file", "args": {"path": "/etc/hosts"}},
+        )
+        assert response.status_code == 200, response.text
+        verdict = response.json()
+        assert verdict["decision"] == "allow"
+        assert isinstance(verdict["score"], int)
+        raw = r0.get(f"session:{session_id}")
+        assert raw is not None, "POST /analyze did not create the session key"
+        doc = json.loads(raw)
+        assert doc["history"][-1]["tool"] == "read_file"
+        assert 23 * 3600 < r0.ttl(f"session:{session_id}") <= 24 * 3600
+        ratelimits = list(r0.scan_iter(match=f"ratelimit:{session_id}:*"))
+        assert ratelimits and 0 < r0.ttl(ratelimits[0]) <= 60
+    finally:
+        r0.delete(f"session:{session_id}", *r0.scan_iter(match=f"ratelimit:{session_id}:*"))
+        r0.zrem("killchain:scores", session_id)
+
+
+def test_gateway_logs_hold_stdout_and_stderr(
+    gateway: httpx.Client, docker_client: docker.DockerClient
+) -> None:
+    assert gateway.get("/health").status_code == 200
+    bad = gateway.post("/analyze", content=b"not json")  # logged to stderr
+    assert bad.status_code == 400
+    try:
+        container = docker_client.containers.get(GATEWAY_CONTAINER)
+    except docker.errors.NotFound as exc:
+        unreachable(f"container {GATEWAY_CONTAINER}", exc)
+    out = container.logs(stdout=True, stderr=False, tail=200).decode()
+    err = container.logs(stdout=False, stderr=True, tail=200).decode()
+    assert '"GET /health" 200' in out
+    assert "ERROR analyze: bad request" in err
+
+
+def test_containers_are_the_sandbox_ones(docker_client: docker.DockerClient) -> None:
+    for name in (REDIS_CONTAINER, GATEWAY_CONTAINER):
+        try:
+            container = docker_client.containers.get(name)
+        except docker.errors.NotFound as exc:
+            unreachable(f"container {name}", exc)
+        assert container.status == "running"
+        assert container.attrs["HostConfig"]["NetworkMode"] == "host"
+    env = docker_client.containers.get(GATEWAY_CONTAINER).attrs["Config"]["Env"]
+    for setting in ("MODE=monitor", "SESSION_STORE=redis", "SESSION_TTL_HOURS=24"):
+        assert setting in env
+    assert any(e.startswith("GATEWAY_API_TOKEN=") for e in env)
+
+
+def test_s3_admin_credentials_work() -> None:
+    client = s3(aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY)
+    try:
+        buckets = [b["Name"] for b in client.list_buckets()["Buckets"]]
+    except botocore.exceptions.EndpointConnectionError as exc:
+        unreachable(f"S3 at {S3_ENDPOINT}", exc)
+    assert S3_BUCKET in buckets
+    key = f"test-sandbox/{uuid.uuid4()}.txt"
+    client.put_object(Bucket=S3_BUCKET, Key=key, Body=b"probe")
+    try:
+        assert client.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read() == b"probe"
+    finally:
+        client.delete_object(Bucket=S3_BUCKET, Key=key)
+
+
+def test_s3_refuses_anonymous_and_wrong_secret() -> None:
+    anonymous = s3(signature_version=UNSIGNED)
+    for call in (
+        lambda: anonymous.list_buckets(),
+        lambda: anonymous.list_objects_v2(Bucket=S3_BUCKET),
+        lambda: anonymous.put_object(Bucket=S3_BUCKET, Key="anon.txt", Body=b"x"),
+    ):
+        try:
+            call()
+        except botocore.exceptions.EndpointConnectionError as exc:
+            unreachable(f"S3 at {S3_ENDPOINT}", exc)
+        except botocore.exceptions.ClientError as exc:
+            assert exc.response["Error"]["Code"] in {"AccessDenied", "403"}
+        else:
+            pytest.fail("anonymous S3 access was allowed")
+    wrong = s3(aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key="not-the-secret")
+    with pytest.raises(botocore.exceptions.ClientError):
+        wrong.list_buckets()
