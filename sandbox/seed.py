@@ -82,13 +82,13 @@ def seed(
     redis_url: str,
     sessions: int = 2000,
     *,
-    rng_seed: int | None = 1234,
+    rng_seed: int | None = None,
     batch: int = 500,
 ) -> SeedSummary:
     """Write ``sessions`` sessions and their companion keys into the Redis at ``redis_url``.
 
     ``redis_url`` names db 0 (its db number is ignored: db 0 and db 1 are both written).
-    Deterministic for a given ``rng_seed`` apart from the session UUIDs' timestamps.
+    Each call adds new sessions (random ids; pass ``rng_seed`` for a repeatable data set).
     """
     rng = random.Random(rng_seed)
     now = datetime.now(UTC)
@@ -153,6 +153,7 @@ def seed(
         if daily:
             pipe.hset("stats:daily", mapping=daily)
         pipe.hset("stats:daily", mapping={"seeded_at": _iso(now), "sessions": sessions})
+        pipe.ltrim("alerts:recent", 0, 499)
         pipe.execute()
 
         pipe1 = db1.pipeline(transaction=False)
@@ -161,6 +162,7 @@ def seed(
             mapping={"mode": "monitor", "alert_threshold": 50, "block_threshold": 70},
         )
         pipe1.sadd("blocklist:tools", "shell_exec", "raw_socket", "kernel_module_load")
+        pipe1.delete("migrations:applied")
         pipe1.rpush("migrations:applied", "0001_init", "0002_sessions_ttl", "0003_killchain")
         threat_keys = 20
         for n in range(threat_keys):
