@@ -14,20 +14,18 @@ from typing import Any, Literal
 from prefect import flow
 
 from flows.settings import resolve
-from tasks.archive import Compression, Manifest, check_compression
+from flows.steps import Destination, keep_backup
+from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
-from tasks.redis import capture_rdb, choose_fetch, inspect_redis, redact_url, trigger_save
-from tasks.report import publish_backup_report
-from tasks.s3 import prune_remote, upload_backup
-from tasks.storage import (
-    backup_name,
-    commit_local,
-    elapsed,
-    prepare_backup_dir,
-    prune_local,
-    staging_path,
-    utc_now,
+from tasks.redis import (
+    capture_rdb,
+    choose_fetch,
+    inspect_redis,
+    redact_url,
+    redis_manifest,
+    trigger_save,
 )
+from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
 @flow(name="backup-redis", log_prints=True)
@@ -88,50 +86,11 @@ def backup_redis(
             codec,
             p["deep_check"],
         )
-        manifest = Manifest(
-            kind="redis",
-            name=name,
-            created_at=utc_now().isoformat(),
-            size=captured.file.size,
-            sha256=captured.file.sha256,
-            compression=codec,
-            raw_size=captured.file.raw_size,
-            duration_seconds=elapsed(started),
-            source={
-                "server": server,
-                "redis_version": facts.redis_version,
-                "role": facts.role,
-                "rdb_version": captured.rdb.rdb_version,
-                "rdb_checksum_verified": captured.rdb.checksum_verified,
-                "keyspace": facts.keyspace,
-                "fetch": method,
-                "deep_check": p["deep_check"],
-            },
-            steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},
-        )
-        stored = commit_local(store, captured.file, manifest)
-        remote = None
-        if p["s3_bucket"]:
-            remote = upload_backup(
-                stored, manifest, p["s3_bucket"], p["s3_prefix"], p["s3_endpoint_url"] or None
-            ).url
-        kept_local = prune_local(store, "redis", p["retention_days"], p["keep_min"])
-        kept_remote = None
-        if p["s3_bucket"]:
-            kept_remote = prune_remote(
-                p["s3_bucket"],
-                p["s3_prefix"],
-                "redis",
-                p["s3_endpoint_url"] or None,
-                p["retention_days"],
-                p["keep_min"],
-            )
-        publish_backup_report(
+        manifest = redis_manifest(name, captured, facts, server, save, elapsed(started))
+        stored, remote = keep_backup(
+            captured.file,
             manifest,
-            str(stored),
-            remote,
-            kept_local,
-            kept_remote,
+            Destination.from_parameters(p),
             {
                 "server": server,
                 "keys": sum(db["keys"] for db in facts.keyspace.values()),

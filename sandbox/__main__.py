@@ -1,4 +1,4 @@
-"""``python -m sandbox up|down|status|seed``: the shared sandbox stack."""
+"""``python -m sandbox up|down|status|seed|env``: the shared sandbox stack."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         "--purge", action="store_true", help="also delete the state dir (all sandbox data)"
     )
     sub.add_parser("status", help="print what runs and answers; exit 1 unless all is up")
+    sub.add_parser("env", help="print `export` lines pointing Proxilion DR at the sandbox")
     p_seed = sub.add_parser("seed", help="add session data to Redis, then SAVE")
     p_seed.add_argument("--sessions", type=int, default=2000)
     p_seed.add_argument("--redis-url", default=stack.REDIS_URL)
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="sandbox: %(message)s", stream=sys.stderr)
     try:
+        if args.command == "env":
+            print(stack.env_exports())
+            return 0
         if args.command == "up":
             result: object = stack.up(seed_when_empty=not args.no_seed)
         elif args.command == "down":

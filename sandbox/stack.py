@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -761,3 +762,18 @@ def seed(redis_url: str = REDIS_URL, sessions: int = 2000, *, save: bool = True)
         finally:
             client.close()
     return summary
+
+
+def env_exports() -> str:
+    """Shell `export` lines that point Proxilion DR's settings at the sandbox."""
+    values = {
+        "PROXILION_DR_REDIS_URL": REDIS_URL,
+        "PROXILION_DR_REDIS_CONTAINER": REDIS_CONTAINER,
+        "PROXILION_DR_S3_BUCKET": S3_BUCKET,
+        "PROXILION_DR_S3_PREFIX": "demo",
+        "PROXILION_DR_S3_ENDPOINT_URL": S3_ENDPOINT,
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": S3_REGION,
+    }
+    return "\n".join(f"export {name}={shlex.quote(value)}" for name, value in values.items())

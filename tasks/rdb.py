@@ -18,7 +18,7 @@ import contextlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
@@ -242,17 +242,36 @@ def validate_rdb_file(
     `check_timeout_seconds`.
     """
     path = Path(path)
-    name = f"RDB file {path}"
+
+    def chunks() -> Iterator[memoryview]:
+        buf = bytearray(READ_CHUNK)
+        view = memoryview(buf)
+        with open(path, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                yield view[:n]
+
+    return validate_stream(
+        chunks(), deep, name=f"RDB file {path}", check_timeout_seconds=check_timeout_seconds
+    )
+
+
+def validate_stream(
+    chunks: Iterable[bytes | memoryview],
+    deep: bool,
+    sink: Callable[[bytes | memoryview], object] | None = None,
+    *,
+    name: str = "RDB",
+    check_timeout_seconds: float = 600,
+) -> RdbInfo:
+    """Validate RDB bytes as they stream past, handing each chunk on to `sink`
+    (a compressor, a file) in the same pass. Raises RdbError when invalid."""
     checker = RdbChecker(name=name)
-    buf = bytearray(READ_CHUNK)
-    view = memoryview(buf)
-    with (
-        open(path, "rb", buffering=0) as f,
-        deep_check_rdb(deep, timeout_seconds=check_timeout_seconds, name=name) as deep_check,
-    ):
-        while n := f.readinto(buf):
-            checker.update(view[:n])
-            deep_check.feed(view[:n])
+    with deep_check_rdb(deep, timeout_seconds=check_timeout_seconds, name=name) as deep_check:
+        for chunk in chunks:
+            checker.update(chunk)
+            deep_check.feed(chunk)
+            if sink is not None:
+                sink(chunk)
         info = checker.finish()
         verdict = deep_check.finish(info.rdb_version)
     return replace(info, deep_check=verdict)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import redis
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import containers
@@ -25,11 +25,13 @@ from tasks.archive import (
     CompressedFile,
     CompressedWriter,
     Compression,
+    Manifest,
     iter_chunks,
     open_decompressed,
     verify_file,
 )
-from tasks.rdb import RdbChecker, RdbInfo, deep_check_rdb
+from tasks.log import run_logger
+from tasks.rdb import RdbInfo, validate_stream
 from tasks.redis_sync import fetch_rdb_over_network
 from tasks.retry import TransientError, retry_transient
 from tasks.storage import find_local, utc_now
@@ -321,20 +323,13 @@ def pipe_rdb(
 ) -> tuple[CompressedFile, RdbInfo]:
     """One pass: validate (header, CRC-64, optionally redis-check-rdb alongside),
     compress and hash. The output is removed unless everything checks out."""
-    checker = RdbChecker()
     writer = CompressedWriter(staging, compression)
-    with deep_check_rdb(enabled=deep_check) as deep:
-        try:
-            for chunk in chunks:
-                checker.update(chunk)
-                deep.feed(chunk)
-                writer.write(chunk)
-            info = checker.finish()
-            deep.finish()
-            return writer.close(), info
-        except BaseException:
-            writer.abort()
-            raise
+    try:
+        info = validate_stream(chunks, deep_check, writer.write)
+        return writer.close(), info
+    except BaseException:
+        writer.abort()
+        raise
 
 
 @task(
@@ -362,7 +357,7 @@ def capture_rdb(
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
     seconds = round(time.perf_counter() - started, 3)
-    get_run_logger().info(
+    run_logger().info(
         "Captured RDB v%s (%d bytes → %d %s) via %s in %.2f s",
         info.rdb_version,
         info.size,
@@ -372,6 +367,38 @@ def capture_rdb(
         seconds,
     )
     return CapturedRdb(file=compressed, rdb=info, method=method, seconds=seconds)
+
+
+def redis_manifest(
+    name: str,
+    captured: CapturedRdb,
+    facts: ServerFacts,
+    server: str,
+    save: SaveResult | None,
+    duration_seconds: float,
+) -> Manifest:
+    """The manifest of a Redis backup: the stored file plus what it holds."""
+    return Manifest(
+        kind="redis",
+        name=name,
+        created_at=utc_now().isoformat(),
+        size=captured.file.size,
+        sha256=captured.file.sha256,
+        compression=captured.file.compression,
+        raw_size=captured.file.raw_size,
+        duration_seconds=duration_seconds,
+        source={
+            "server": server,
+            "redis_version": facts.redis_version,
+            "role": facts.role,
+            "rdb_version": captured.rdb.rdb_version,
+            "rdb_checksum_verified": captured.rdb.checksum_verified,
+            "deep_check": captured.rdb.deep_check,
+            "keyspace": facts.keyspace,
+            "fetch": captured.method,
+        },
+        steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},
+    )
 
 
 def move_aside(path: Path, stamp: str) -> Path | None:
@@ -408,19 +435,9 @@ def place_rdb(
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(target_dir) / dbfilename
     incoming = target.with_name(f".{dbfilename}.restoring")
-    checker = RdbChecker()
     try:
-        with (
-            open_decompressed(stored, manifest.compression) as source,
-            open(incoming, "wb") as out,
-            deep_check_rdb(enabled=True) as deep,
-        ):
-            for chunk in iter_chunks(source):
-                checker.update(chunk)
-                deep.feed(chunk)
-                out.write(chunk)
-            info = checker.finish()
-            deep.finish()
+        with open_decompressed(stored, manifest.compression) as source, open(incoming, "wb") as out:
+            info = validate_stream(iter_chunks(source), True, out.write)
             out.flush()
             os.fsync(out.fileno())
     except BaseException:

@@ -24,7 +24,10 @@ def is_transient(error: BaseException | None) -> bool:
         return False
     if isinstance(error, redis.AuthenticationError | redis.ResponseError):
         return False
-    return isinstance(error, TransientError | TRANSIENT_TYPES)
+    flagged = getattr(error, "transient", None)  # errors that know, e.g. RedisSyncError
+    if isinstance(flagged, bool):
+        return flagged
+    return isinstance(error, (TransientError, *TRANSIENT_TYPES))
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import redis
 
+from sandbox.seed import url_for_db
+
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 
@@ -194,13 +196,25 @@ def _seed_one(pipe: Any, rng: random.Random, i: int) -> None:
         pipe.expire(key, 3600 + i)
 
 
-def keyspace_snapshot(server: RedisServer) -> dict[tuple[int, bytes], tuple[str, Any, int]]:
-    """Every key of every db as (db, key) -> (type, value, absolute expiry ms or -1)."""
-    snapshot: dict[tuple[int, bytes], tuple[str, Any, int]] = {}
-    for db in server.client().info("keyspace"):
-        client = server.client(db=int(db.removeprefix("db")))
-        keys = list(client.scan_iter(count=1000))
-        pipe = client.pipeline(transaction=False)
+Snapshot = dict[tuple[int, bytes], tuple[str, Any, int]]
+
+
+def keyspace_snapshot(server: RedisServer | str) -> Snapshot:
+    """Every key of every db as (db, key) -> (type, value, absolute expiry ms or -1).
+
+    `server` is a started RedisServer or any Redis URL (the sandbox's, say)."""
+
+    def client(db: int) -> redis.Redis:
+        if isinstance(server, RedisServer):
+            return server.client(db=db)
+        return redis.Redis.from_url(url_for_db(server, db), socket_timeout=60)
+
+    snapshot: Snapshot = {}
+    for db in client(0).info("keyspace"):
+        number = int(db.removeprefix("db"))
+        conn = client(number)
+        keys = list(conn.scan_iter(count=1000))
+        pipe = conn.pipeline(transaction=False)
         for key in keys:
             pipe.type(key)
             pipe.pexpiretime(key)
@@ -210,9 +224,26 @@ def keyspace_snapshot(server: RedisServer) -> dict[tuple[int, bytes], tuple[str,
             _read_value(pipe, key, kind)
         values = pipe.execute()
         for key, kind, value, expiry in zip(keys, types, values, meta[1::2], strict=True):
-            snapshot[(int(db.removeprefix("db")), key)] = (kind, _normalise(kind, value), expiry)
-        client.close()
+            snapshot[(number, key)] = (kind, _normalise(kind, value), expiry)
+        conn.close()
     return snapshot
+
+
+def assert_same_keyspace(expected: Snapshot, actual: Snapshot, slack_ms: int = 5000) -> None:
+    """Same keys, types, values and expiry times. A key may be missing on one side
+    only if it expires within `slack_ms` of now (it lapsed between the two reads)."""
+    assert expected, "the source Redis holds no keys: nothing was proved"
+    soon = time.time() * 1000 + slack_ms
+
+    def lasting(side: Snapshot, keys: set[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        return [k for k in keys if side[k][2] < 0 or side[k][2] > soon]
+
+    missing = lasting(expected, expected.keys() - actual.keys())
+    extra = lasting(actual, actual.keys() - expected.keys())
+    assert not missing, f"{len(missing)} keys lost, e.g. {missing[:3]}"
+    assert not extra, f"{len(extra)} keys appeared, e.g. {extra[:3]}"
+    for key in expected.keys() & actual.keys():
+        assert actual[key] == expected[key], f"{key} differs (type, value or expiry)"
 
 
 def _read_value(pipe: Any, key: bytes, kind: str) -> None:

@@ -1,0 +1,250 @@
+"""Benchmark: backup-redis's pipeline against the seed script and a plain `cp`.
+
+Measures, in one run on the same RDB (page cache warm for everyone), the time
+from "RDB saved" to "stored locally with manifest":
+
+- floor: `cp dump.rdb <dir>/` (what any backup must at least do);
+- seed:  `cp` then `gzip -6` (backup-redis.sh);
+- ours:  capture (read, validate CRC-64, compress with isal, SHA-256) + commit
+         (fsync, rename, manifest), by `fetch=path`; also with `deep_check`.
+
+Then the peak RSS of a process running the real `backup_redis` flow on the
+dataset and on a dataset twice as large. Prints ratios against the targets:
+ours <= 0.1x seed, <= 2.5x floor, peak RSS < 300 MB and flat.
+
+    .venv/bin/python -m bench.redis_backup [--keys 1500000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from tasks.archive import Manifest
+from tasks.redis import ServerFacts, capture_rdb
+from tasks.storage import backup_name, commit_local, staging_path, utc_now
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = ["read_file", "write_file", "http_get", "exec_command", "list_dir", "send_email"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            str(data_dir / "redis.log"),
+        ],
+    )
+    client = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            client.ping()
+            return process, port
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def session_value(rng: random.Random, i: int) -> str:
+    """A gateway session as the real one stores it: JSON history of tool calls."""
+    calls = [
+        {
+            "tool": rng.choice(TOOLS),
+            "ts": 1_764_000_000 + i + n,
+            "score": rng.randint(0, 100),
+            "args_digest": f"{rng.getrandbits(64):016x}",
+        }
+        for n in range(rng.randint(1, 3))
+    ]
+    return json.dumps(
+        {
+            "session_id": str(uuid.UUID(int=rng.getrandbits(128))),
+            "client": f"agent-{i % 5000}",
+            "risk": rng.random(),
+            "calls": calls,
+        }
+    )
+
+
+def fill(port: int, keys: int) -> None:
+    """`keys` sessions: 20,000 distinct histories, each stored under fresh random ids."""
+    rng = random.Random(42)
+    templates = [session_value(rng, i).encode() for i in range(20_000)]
+    client = redis.Redis(port=port, socket_timeout=600)
+    pipe = client.pipeline(transaction=False)
+    for i in range(keys):
+        unique = os.urandom(12).hex().encode()
+        pipe.set(
+            f"session:{i:08d}",
+            b'{"nonce":"' + unique + b'",' + templates[i % 20_000][1:],
+            ex=86_400 + i % 3600,
+        )
+        if i % 10_000 == 9_999:
+            pipe.execute()
+    pipe.execute()
+    client.save()
+
+
+def timed(action: Callable[[], object], repeat: int, before: Callable[[], None]) -> float:
+    """Median seconds of `action` over `repeat` runs, `before` run untimed each time."""
+    samples = []
+    for _ in range(repeat):
+        before()
+        start = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def our_pipeline(rdb_dir: Path, out: Path, deep_check: bool) -> None:
+    """What backup-redis does after the save, by `fetch=path` (task bodies, no engine)."""
+    facts = ServerFacts("7", "master", {}, str(rdb_dir), "dump.rdb", False)
+    (out / "redis").mkdir(parents=True, exist_ok=True)
+    name = backup_name("redis", utc_now(), "gzip")
+    captured = capture_rdb.fn(
+        "path",
+        "redis://unused",
+        None,
+        str(rdb_dir),
+        facts,
+        staging_path(out, name),
+        "gzip",
+        deep_check,
+    )
+    manifest = Manifest(
+        kind="redis",
+        name=name,
+        created_at=utc_now().isoformat(),
+        size=captured.file.size,
+        sha256=captured.file.sha256,
+        compression="gzip",
+        raw_size=captured.file.raw_size,
+        duration_seconds=captured.seconds,
+    )
+    commit_local.fn(out, captured.file, manifest)
+
+
+def flow_peak_rss_mb(port: int, rdb_dir: Path, out: Path) -> float:
+    """Peak RSS of a fresh process that runs the real backup_redis flow once."""
+    code = (
+        "import resource, sys\n"
+        "from flows.backup_redis import backup_redis\n"
+        "backup_redis(redis_url=sys.argv[1], container='', fetch='path', data_dir=sys.argv[2],"
+        " backup_dir=sys.argv[3], s3_bucket='')\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    env = dict(os.environ, PREFECT_LOGGING_LEVEL="WARNING")
+    result = subprocess.run(
+        [sys.executable, "-c", code, f"redis://127.0.0.1:{port}/0", str(rdb_dir), str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(result.stdout.strip().splitlines()[-1]) / 1024
+
+
+def measure(keys: int, repeat: int, work: Path) -> dict[str, float]:
+    data = work / f"redis-{keys}"
+    data.mkdir()
+    process, port = start_redis(data)
+    try:
+        print(f"filling {keys:,} session keys...", flush=True)
+        fill(port, keys)
+        rdb = data / "dump.rdb"
+        size_mb = rdb.stat().st_size / 1e6
+        out = work / "out"
+
+        def reset() -> None:
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            subprocess.run(["cat", str(rdb)], stdout=subprocess.DEVNULL, check=True)  # warm
+
+        result = {"keys": keys, "rdb_mb": size_mb}
+        result["cp"] = timed(
+            lambda: subprocess.run(["cp", str(rdb), str(out)], check=True), repeat, reset
+        )
+        result["seed"] = timed(
+            lambda: subprocess.run(
+                f"cp {rdb} {out}/dump.rdb && gzip -6 {out}/dump.rdb", shell=True, check=True
+            ),
+            repeat,
+            reset,
+        )
+        result["ours"] = timed(lambda: our_pipeline(data, out, False), repeat, reset)
+        result["ours_deep"] = timed(lambda: our_pipeline(data, out, True), repeat, reset)
+        reset()
+        result["rss_mb"] = flow_peak_rss_mb(port, data, out)
+        return result
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=1_500_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    if not shutil.which("redis-server"):
+        sys.exit("redis-server is not installed: run `bash scripts/setup.sh` first")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    with tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp:
+        work = Path(tmp)
+        base = measure(args.keys, args.repeat, work)
+        shutil.rmtree(work / "out", ignore_errors=True)
+        double = measure(args.keys * 2, 1, work)
+    r = base
+    print(f"\nRDB {r['rdb_mb']:.0f} MB, {r['keys']:,} keys (median of {args.repeat})")
+    print(f"  cp floor          {r['cp']:7.3f} s")
+    print(f"  seed cp+gzip -6   {r['seed']:7.3f} s")
+    print(
+        f"  ours              {r['ours']:7.3f} s   {r['ours'] / r['seed']:.3f}x seed "
+        f"(target <= 0.1)   {r['ours'] / r['cp']:.2f}x cp (target <= 2.5)"
+    )
+    print(
+        f"  ours + deep check {r['ours_deep']:7.3f} s   {r['ours_deep'] / r['seed']:.3f}x seed"
+        f"   {r['ours_deep'] / r['cp']:.2f}x cp"
+    )
+    print(
+        f"  flow peak RSS     {r['rss_mb']:7.1f} MB at {r['rdb_mb']:.0f} MB RDB, "
+        f"{double['rss_mb']:.1f} MB at {double['rdb_mb']:.0f} MB RDB "
+        f"(ratio {double['rss_mb'] / r['rss_mb']:.2f}; target < 300 MB and flat)"
+    )
+
+
+if __name__ == "__main__":
+    main()

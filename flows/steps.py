@@ -1,0 +1,62 @@
+"""The steps every backup flow ends with, in the runbook's order: store (manifest
+last), upload and verify, prune here and there, report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tasks.archive import CompressedFile, Manifest
+from tasks.report import publish_backup_report
+from tasks.s3 import prune_remote, upload_backup
+from tasks.storage import commit_local, prune_local
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where backups go and how long they stay: the parameters all backup flows share."""
+
+    backup_dir: Path
+    s3_bucket: str
+    s3_prefix: str
+    s3_endpoint_url: str | None
+    retention_days: float
+    keep_min: int
+
+    @classmethod
+    def from_parameters(cls, p: dict[str, Any]) -> Destination:
+        return cls(
+            Path(p["backup_dir"]),
+            p["s3_bucket"],
+            p["s3_prefix"],
+            p["s3_endpoint_url"] or None,
+            p["retention_days"],
+            p["keep_min"],
+        )
+
+
+def keep_backup(
+    staged: CompressedFile, manifest: Manifest, to: Destination, details: dict[str, Any]
+) -> tuple[Path, str | None]:
+    """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
+
+    An upload failure fails the run after the local copy is complete; pruning
+    only happens once the new backup is safely everywhere it should be."""
+    stored = commit_local(to.backup_dir, staged, manifest)
+    remote = None
+    if to.s3_bucket:
+        remote = upload_backup(stored, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url).url
+    kept_local = prune_local(to.backup_dir, manifest.kind, to.retention_days, to.keep_min)
+    kept_remote = None
+    if to.s3_bucket:
+        kept_remote = prune_remote(
+            to.s3_bucket,
+            to.s3_prefix,
+            manifest.kind,
+            to.s3_endpoint_url,
+            to.retention_days,
+            to.keep_min,
+        )
+    publish_backup_report(manifest, str(stored), remote, kept_local, kept_remote, details)
+    return stored, remote

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh machine and run backup-redis once against the sandbox:
+# installs packages, starts the sandbox stack (Redis, gateway, S3) and a local Prefect
+# server (SQLite), then runs the flow and says where the backup went.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+bash scripts/setup.sh
+.venv/bin/python -m sandbox up
+
+export PREFECT_HOME="$repo/.sandbox/prefect"
+export PREFECT_API_URL="http://127.0.0.1:4200/api"
+mkdir -p "$PREFECT_HOME"
+if ! curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1; then
+    echo "Starting the Prefect server (SQLite under $PREFECT_HOME)..."
+    setsid .venv/bin/prefect server start --host 127.0.0.1 --port 4200 \
+        >"$PREFECT_HOME/server.log" 2>&1 < /dev/null &
+    for _ in $(seq 1 120); do
+        curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1 && break
+        sleep 1
+    done
+    curl -fsS "$PREFECT_API_URL/health" >/dev/null || {
+        echo "Prefect server did not start; see $PREFECT_HOME/server.log" >&2; exit 1; }
+fi
+
+eval "$(.venv/bin/python -m sandbox env)"
+export PROXILION_DR_BACKUP_DIR="${PROXILION_DR_BACKUP_DIR:-$repo/backups}"
+.venv/bin/python -m flows.backup_redis
+
+echo
+echo "Backups:   $PROXILION_DR_BACKUP_DIR (and s3://$PROXILION_DR_S3_BUCKET/$PROXILION_DR_S3_PREFIX on the sandbox S3)"
+echo "Prefect UI: http://127.0.0.1:4200  (flow run, logs and the backup-redis report artifact)"
+echo "Schedules: .venv/bin/python -m deployments serve"

@@ -1,0 +1,17 @@
+"""The logger for a task body: Prefect's run logger inside a run, a plain one outside
+(benchmarks and scripts call task bodies directly)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("proxilion_dr")

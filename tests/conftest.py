@@ -1,0 +1,90 @@
+"""Shared fixtures: one real Prefect server per session, and the sandbox stack.
+
+A test that needs a service that is not running fails with what to start; it
+never skips.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# Tests call some tasks (place_rdb) outside a flow run: keep their logs local quietly.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+import boto3  # noqa: E402
+import pytest  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from sandbox import constants as stack  # noqa: E402
+
+START_STACK = "start it with `.venv/bin/python -m sandbox up` (or `bash scripts/setup.sh` first)"
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def require(host: str, port: int, what: str) -> None:
+    if not port_open(host, port):
+        pytest.fail(f"{what} is not answering on {host}:{port}: {START_STACK}", pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server() -> Iterator[None]:
+    """A real, temporary Prefect server (SQLite) for every flow in the session."""
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def s3_credentials() -> Iterator[None]:
+    """The sandbox's S3 identity, given to boto3 the standard way (environment)."""
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=stack.S3_ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY=stack.S3_SECRET_KEY,
+        AWS_DEFAULT_REGION=stack.S3_REGION,
+    )
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def sandbox_redis() -> str:
+    """The sandbox's `proxilion-redis` container, running."""
+    require(stack.REDIS_HOST, stack.REDIS_PORT, f"Redis ({stack.REDIS_CONTAINER})")
+    return stack.REDIS_URL
+
+
+@pytest.fixture
+def s3_prefix() -> Iterator[str]:
+    """A fresh prefix in the sandbox bucket, emptied afterwards."""
+    require(stack.S3_HOST, stack.S3_PORT, "SeaweedFS S3")
+    prefix = f"test-{uuid.uuid4().hex[:10]}"
+    yield prefix
+    s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
+    listing = s3.list_objects_v2(Bucket=stack.S3_BUCKET, Prefix=prefix + "/")
+    for item in listing.get("Contents", []):
+        s3.delete_object(Bucket=stack.S3_BUCKET, Key=item["Key"])
+
+
+@pytest.fixture
+def backup_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "backups"
+    path.mkdir()
+    return path

@@ -1,0 +1,231 @@
+"""backup-redis under bad input and faults: each fails clearly and stores nothing
+that could pass for a good backup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import redis
+from prefect.client.orchestration import get_client
+from redis_servers import running_redis
+
+from flows.backup_redis import backup_redis
+from sandbox import constants as stack
+from tasks.locks import exclusive, lock_name
+from tasks.redis import redact_url
+from tasks.storage import list_local
+
+SECRET = "s3cr3t-Pa55word"
+
+
+def no_backups(backup_dir: Path) -> None:
+    assert list_local(backup_dir, "redis") == []
+    leftovers = [p for p in backup_dir.rglob("*") if p.is_file()]
+    assert leftovers == [], f"partial files left behind: {leftovers}"
+
+
+def all_log_text() -> str:
+    with get_client(sync_client=True) as client:
+        return "\n".join(log.message for log in client.read_logs())
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs (read-only or tiny): the real kernel refusing writes, even to root."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_unreachable_redis(backup_dir: Path) -> None:
+    with pytest.raises(Exception, match="cannot reach Redis at redis://127.0.0.1:1/0"):
+        backup_redis(
+            redis_url="redis://127.0.0.1:1/0",
+            container="",
+            fetch="network",
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+        )
+    no_backups(backup_dir)
+
+
+def test_wrong_password_is_clear_and_never_shown(backup_dir: Path, tmp_path: Path) -> None:
+    with running_redis(tmp_path / "r", requirepass="the-right-one") as server:
+        url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+        with pytest.raises(PermissionError, match="refused the credentials") as failure:
+            backup_redis(
+                redis_url=url,
+                container="",
+                fetch="network",
+                backup_dir=str(backup_dir),
+                s3_bucket="",
+            )
+    assert SECRET not in str(failure.value)
+    assert SECRET not in all_log_text()
+    no_backups(backup_dir)
+
+
+def test_credentials_in_url_never_reach_logs_artifacts_or_manifest(
+    backup_dir: Path, tmp_path: Path
+) -> None:
+    with running_redis(tmp_path / "r", requirepass=SECRET) as server:
+        redis.Redis(port=server.port, password=SECRET).set("k", "v")
+        url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+        manifest = backup_redis(
+            redis_url=url, container="", fetch="network", backup_dir=str(backup_dir), s3_bucket=""
+        )
+    assert manifest["source"]["server"] == f"redis://***@127.0.0.1:{server.port}/0"
+    assert SECRET not in (backup_dir / (manifest["name"] + ".manifest.json")).read_text()
+    assert SECRET not in all_log_text()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    assert artifacts and all(SECRET not in str(a.data) for a in artifacts)
+
+
+def test_redact_url_hides_user_and_password() -> None:
+    assert redact_url("rediss://admin:pw@h:6380/2") == "rediss://***@h:6380/2"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_bgsave_failure_reports_redis_reason(backup_dir: Path, tmp_path: Path) -> None:
+    with (
+        running_redis(tmp_path / "r", enable_protected_configs="yes") as server,
+        mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as readonly,
+    ):
+        redis.Redis(port=server.port).set("k", "v")
+        redis.Redis(port=server.port).config_set("dir", str(readonly))
+        with pytest.raises(Exception, match="failed to write its snapshot"):
+            backup_redis(
+                redis_url=server.url,
+                container="",
+                fetch="path",
+                data_dir=str(server.dir),
+                backup_dir=str(backup_dir),
+                s3_bucket="",
+            )
+    no_backups(backup_dir)
+
+
+def test_save_that_never_finishes_hits_the_deadline(backup_dir: Path, tmp_path: Path) -> None:
+    with running_redis(tmp_path / "r", **{"rdb-key-save-delay": "1000000"}) as server:
+        redis.Redis(port=server.port).mset({f"k{i}": i for i in range(50)})
+        started = time.monotonic()
+        with pytest.raises(Exception, match="did not finish its snapshot within 2 s"):
+            backup_redis(
+                redis_url=server.url,
+                container="",
+                fetch="path",
+                data_dir=str(server.dir),
+                backup_dir=str(backup_dir),
+                s3_bucket="",
+                save_timeout_seconds=2,
+            )
+        assert time.monotonic() - started < 30
+    no_backups(backup_dir)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_corrupt_rdb_is_refused_before_storing(
+    damage: str, backup_dir: Path, tmp_path: Path
+) -> None:
+    with running_redis(tmp_path / "r") as server:
+        redis.Redis(port=server.port).mset({f"k{i}": "v" * 100 for i in range(2000)})
+        redis.Redis(port=server.port).save()
+        corrupt = tmp_path / "corrupt"
+        corrupt.mkdir()
+        data = bytearray((server.dir / "dump.rdb").read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 2] ^= 0x10
+        (corrupt / "dump.rdb").write_bytes(bytes(data))
+        with pytest.raises(Exception, match="(?i)corrupt|truncated|checksum"):
+            backup_redis(
+                redis_url=server.url,
+                container="",
+                fetch="path",
+                data_dir=str(corrupt),
+                backup_dir=str(backup_dir),
+                s3_bucket="",
+            )
+    no_backups(backup_dir)
+
+
+def test_unknown_container_is_named(sandbox_redis: str, backup_dir: Path) -> None:
+    with pytest.raises(Exception, match="no container named 'proxilion-nope'.*proxilion-redis"):
+        backup_redis(
+            redis_url=sandbox_redis,
+            container="proxilion-nope",
+            fetch="container",
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+        )
+    no_backups(backup_dir)
+
+
+def test_s3_down_keeps_the_local_backup_and_fails_the_run(
+    sandbox_redis: str, backup_dir: Path
+) -> None:
+    with pytest.raises(Exception, match="S3 endpoint http://127.0.0.1:1 is unreachable"):
+        backup_redis(
+            redis_url=sandbox_redis,
+            fetch="container",
+            backup_dir=str(backup_dir),
+            s3_bucket=stack.S3_BUCKET,
+            s3_endpoint_url="http://127.0.0.1:1",
+        )
+    [kept] = list_local(backup_dir, "redis")
+    assert (backup_dir / kept.name).stat().st_size == kept.size
+
+
+def test_missing_bucket_is_named(sandbox_redis: str, backup_dir: Path, s3_prefix: str) -> None:
+    with pytest.raises(Exception, match="bucket 'no-such-bucket' does not exist"):
+        backup_redis(
+            redis_url=sandbox_redis,
+            fetch="container",
+            backup_dir=str(backup_dir),
+            s3_bucket="no-such-bucket",
+            s3_prefix=s3_prefix,
+            s3_endpoint_url=stack.S3_ENDPOINT,
+        )
+    assert len(list_local(backup_dir, "redis")) == 1
+
+
+def test_read_only_backup_dir_fails_before_any_work(sandbox_redis: str, tmp_path: Path) -> None:
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as readonly:
+        with pytest.raises(PermissionError, match="is not writable.*choose another backup_dir"):
+            backup_redis(
+                redis_url=sandbox_redis, fetch="container", backup_dir=str(readonly), s3_bucket=""
+            )
+        assert os.listdir(readonly) == []
+
+
+def test_two_backups_of_one_redis_never_overlap(sandbox_redis: str, backup_dir: Path) -> None:
+    results: list[dict] = []
+    name = lock_name("backup-redis", sandbox_redis)
+    with exclusive(name):
+        runner = threading.Thread(
+            target=lambda: results.append(
+                backup_redis(
+                    redis_url=sandbox_redis,
+                    fetch="container",
+                    backup_dir=str(backup_dir),
+                    s3_bucket="",
+                )
+            )
+        )
+        runner.start()
+        time.sleep(4)
+        assert list_local(backup_dir, "redis") == [], "ran while another backup held the lock"
+    runner.join(timeout=120)
+    assert len(results) == 1 and len(list_local(backup_dir, "redis")) == 1
