@@ -33,4 +33,25 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         description="Redis session state: snapshot, store, upload, keep 7 days.",
         tags=("proxilion-dr", "backup", "redis"),
     ),
+    DeploymentSpec(
+        name="daily-0200",
+        entrypoint="flows/backup_prometheus.py:backup_prometheus",
+        cron="0 2 * * *",
+        description="Prometheus TSDB: snapshot, archive, upload, keep 30 days.",
+        tags=("proxilion-dr", "backup", "prometheus"),
+    ),
+    DeploymentSpec(
+        name="weekly-sunday-0300",
+        entrypoint="flows/backup_config.py:backup_config",
+        cron="0 3 * * 0",
+        description="Compose files, Prometheus config, dashboards, allow-listed env; 90 days.",
+        tags=("proxilion-dr", "backup", "config"),
+    ),
+    DeploymentSpec(
+        name="daily-0100",
+        entrypoint="flows/backup_logs.py:backup_logs",
+        cron="0 1 * * *",
+        description="Last 24 h of gateway logs, streamed and compressed; 30 days.",
+        tags=("proxilion-dr", "backup", "logs"),
+    ),
 )

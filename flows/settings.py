@@ -32,6 +32,20 @@ class Settings(BaseSettings):
     redis_save_timeout_seconds: float = 600
     redis_deep_check: bool = False
 
+    prometheus_url: str = "http://localhost:9090"
+    prometheus_container: str = "prometheus"
+    prometheus_data_dir: str = ""
+    prometheus_retention_days: float = 30
+
+    config_project_dir: Path = Path("/opt/proxilion")
+    config_env_allowlist: str = "MODE,SESSION_STORE,ALERT_THRESHOLD,BLOCK_THRESHOLD,SESSION_TTL_HOURS"
+    config_env_container: str = "proxilion-gateway"
+    config_retention_days: float = 90
+
+    logs_containers: str = "proxilion-gateway"
+    logs_window: str = "24h"
+    logs_retention_days: float = 30
+
 
 def settings() -> Settings:
     """The settings as the environment says now."""

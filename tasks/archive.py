@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,3 +184,39 @@ class Manifest:
 def manifest_name(name: str) -> str:
     """The sidecar name for a backup's manifest."""
     return name + MANIFEST_SUFFIX
+
+
+class _WriterFile(io.RawIOBase):
+    """A file object over a `CompressedWriter`, for `tarfile` in stream mode."""
+
+    def __init__(self, writer: CompressedWriter) -> None:
+        self._writer = writer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._writer.write(view)
+        return view.nbytes
+
+
+def tar_stream(writer: CompressedWriter) -> tarfile.TarFile:
+    """A tar archive written straight into a compressed writer (no temp tar file).
+
+    Close the TarFile first (it writes the end blocks), then `writer.close()`."""
+    return tarfile.open(fileobj=_WriterFile(writer), mode="w|", format=tarfile.PAX_FORMAT)
+
+
+def extract_archive(path: Path, compression: Compression, target: Path) -> list[str]:
+    """Unpack a compressed tar backup into `target`, streamed, with tarfile's `data`
+    filter: nothing may land outside `target` (absolute paths, `..`, links out)."""
+    target.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    with open_decompressed(path, compression) as stream, tarfile.open(
+        fileobj=stream, mode="r|"
+    ) as archive:
+        for member in archive:
+            archive.extract(member, target, filter="data")
+            names.append(member.name)
+    return names
