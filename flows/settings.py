@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     prometheus_retention_days: float = 30
 
     config_project_dir: Path = Path("/opt/proxilion")
-    config_env_allowlist: str = "MODE,SESSION_STORE,ALERT_THRESHOLD,BLOCK_THRESHOLD,SESSION_TTL_HOURS"
+    config_env_allowlist: str = (
+        "MODE,SESSION_STORE,ALERT_THRESHOLD,BLOCK_THRESHOLD,SESSION_TTL_HOURS"
+    )
     config_env_container: str = "proxilion-gateway"
     config_retention_days: float = 90
 
