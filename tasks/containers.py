@@ -72,17 +72,20 @@ class _ChunkStream(io.RawIOBase):
         return size
 
 
-def stream_file(container_name: str, path: str) -> Iterator[bytes]:
-    """The bytes of one regular file inside a container, streamed (Docker archive API)."""
+def stream_archive(container_name: str, path: str) -> Iterator[bytes]:
+    """A file or folder inside a container as an uncompressed tar stream
+    (Docker archive API), in chunks; member names start with the path's last part."""
     container = get_container(container_name)
     try:
         chunks, _stat = container.get_archive(path, chunk_size=CHUNK)
     except NotFound:
-        raise ContainerError(
-            f"{path} does not exist in container {container_name!r}: check Redis's "
-            "`dir`/`dbfilename` or that a save has happened"
-        ) from None
-    raw = io.BufferedReader(_ChunkStream(iter(chunks)), buffer_size=CHUNK)
+        raise ContainerError(f"{path} does not exist in container {container_name!r}") from None
+    yield from chunks
+
+
+def stream_file(container_name: str, path: str) -> Iterator[bytes]:
+    """The bytes of one regular file inside a container, streamed (Docker archive API)."""
+    raw = io.BufferedReader(_ChunkStream(stream_archive(container_name, path)), buffer_size=CHUNK)
     with tarfile.open(fileobj=raw, mode="r|") as archive:
         member = archive.next()
         if member is None or not member.isfile():
