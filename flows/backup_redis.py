@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.settings import resolve
+from flows.settings import resolve, warn_about_secret_parameters
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -51,6 +51,7 @@ def backup_redis(
     host, `data_dir`), `network` (replication stream, for a replica or remote host)
     or `auto`. Returns the backup's manifest.
     """
+    warn_about_secret_parameters(locals(), "redis_url")
     p = resolve(
         locals(),
         container="redis_container",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
+from prefect import get_run_logger
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,6 +54,20 @@ class Settings(BaseSettings):
 def settings() -> Settings:
     """The settings as the environment says now."""
     return Settings()
+
+
+def warn_about_secret_parameters(parameters: dict[str, Any], *names: str) -> None:
+    """Prefect stores flow-run parameters as given, visible in the UI: say so when one
+    carries credentials (the PROXILION_DR_* environment variable keeps them out)."""
+    for name in names:
+        value = parameters.get(name)
+        if isinstance(value, str) and urlsplit(value).password:
+            get_run_logger().warning(
+                "parameter %s carries a password; Prefect shows flow-run parameters in its "
+                "UI. Put the URL in PROXILION_DR_%s instead and leave the parameter empty.",
+                name,
+                name.upper(),
+            )
 
 
 def resolve(parameters: dict[str, Any], **setting_names: str) -> dict[str, Any]:

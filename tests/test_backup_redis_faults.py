@@ -85,6 +85,7 @@ def test_credentials_in_url_never_reach_logs_artifacts_or_manifest(
             redis_url=url, container="", fetch="network", backup_dir=str(backup_dir), s3_bucket=""
         )
     assert manifest["source"]["server"] == f"redis://***@127.0.0.1:{server.port}/0"
+    assert "parameter redis_url carries a password" in all_log_text()
     assert SECRET not in (backup_dir / (manifest["name"] + ".manifest.json")).read_text()
     assert SECRET not in all_log_text()
     with get_client(sync_client=True) as client:
@@ -229,3 +230,18 @@ def test_two_backups_of_one_redis_never_overlap(sandbox_redis: str, backup_dir: 
         assert list_local(backup_dir, "redis") == [], "ran while another backup held the lock"
     runner.join(timeout=120)
     assert len(results) == 1 and len(list_local(backup_dir, "redis")) == 1
+
+
+def test_password_from_the_environment_never_reaches_run_parameters(
+    backup_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_redis(tmp_path / "r", requirepass=SECRET) as server:
+        url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+        monkeypatch.setenv("PROXILION_DR_REDIS_URL", url)
+        state = backup_redis(container="", fetch="network", backup_dir=str(backup_dir),
+                             s3_bucket="", return_state=True)
+    assert state.is_completed() and len(list_local(backup_dir, "redis")) == 1
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.parameters["redis_url"] is None
+    assert SECRET not in str(run.parameters)
