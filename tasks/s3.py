@@ -57,7 +57,7 @@ def client(endpoint_url: str | None) -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
 def object_key(prefix: str, name: str) -> str:
