@@ -128,7 +128,7 @@ def timed(action: Callable[[], object], repeat: int, before: Callable[[], None])
     return statistics.median(samples)
 
 
-def our_pipeline(rdb_dir: Path, out: Path, deep_check: bool) -> None:
+def our_pipeline(rdb_dir: Path, out: Path, deep_check: bool, compression: str = "gzip") -> None:
     """What backup-redis does after the save, by `fetch=path` (task bodies, no engine)."""
     facts = ServerFacts("7", "master", {}, str(rdb_dir), "dump.rdb", False)
     (out / "redis").mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ def flow_peak_rss_mb(port: int, rdb_dir: Path, out: Path) -> float:
     return int(result.stdout.strip().splitlines()[-1]) / 1024
 
 
-def measure(keys: int, repeat: int, work: Path) -> dict[str, float]:
+def measure(keys: int, repeat: int, work: Path, timings: bool = True) -> dict[str, float]:
     data = work / f"redis-{keys}"
     data.mkdir()
     process, port = start_redis(data)
@@ -194,6 +194,10 @@ def measure(keys: int, repeat: int, work: Path) -> dict[str, float]:
             subprocess.run(["cat", str(rdb)], stdout=subprocess.DEVNULL, check=True)  # warm
 
         result = {"keys": keys, "rdb_mb": size_mb}
+        if not timings:
+            reset()
+            result["rss_mb"] = flow_peak_rss_mb(port, data, out)
+            return result
         result["cp"] = timed(
             lambda: subprocess.run(["cp", str(rdb), str(out)], check=True), repeat, reset
         )
@@ -206,6 +210,7 @@ def measure(keys: int, repeat: int, work: Path) -> dict[str, float]:
         )
         result["ours"] = timed(lambda: our_pipeline(data, out, False), repeat, reset)
         result["ours_deep"] = timed(lambda: our_pipeline(data, out, True), repeat, reset)
+        result["ours_zstd"] = timed(lambda: our_pipeline(data, out, False, "zstd"), repeat, reset)
         reset()
         result["rss_mb"] = flow_peak_rss_mb(port, data, out)
         return result
@@ -226,7 +231,7 @@ def main() -> None:
         work = Path(tmp)
         base = measure(args.keys, args.repeat, work)
         shutil.rmtree(work / "out", ignore_errors=True)
-        double = measure(args.keys * 2, 1, work)
+        double = measure(args.keys * 2, 1, work, timings=False)
     r = base
     print(f"\nRDB {r['rdb_mb']:.0f} MB, {r['keys']:,} keys (median of {args.repeat})")
     print(f"  cp floor          {r['cp']:7.3f} s")
@@ -238,6 +243,10 @@ def main() -> None:
     print(
         f"  ours + deep check {r['ours_deep']:7.3f} s   {r['ours_deep'] / r['seed']:.3f}x seed"
         f"   {r['ours_deep'] / r['cp']:.2f}x cp"
+    )
+    print(
+        f"  ours, zstd        {r['ours_zstd']:7.3f} s   {r['ours_zstd'] / r['seed']:.3f}x seed"
+        f"   {r['ours_zstd'] / r['cp']:.2f}x cp"
     )
     print(
         f"  flow peak RSS     {r['rss_mb']:7.1f} MB at {r['rdb_mb']:.0f} MB RDB, "

@@ -1,14 +1,13 @@
 """backup-redis: snapshot Redis session state and keep it safe, here and off-site.
 
 Runbook steps: trigger save, wait, copy the RDB out, validate, compress and
-checksum, store (manifest last), upload, prune, report.
+checksum, to.backup_dir (manifest last), upload, prune, report.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -62,11 +61,11 @@ def backup_redis(
         save_timeout_seconds="redis_save_timeout_seconds",
     )
     started = time.perf_counter()
-    store = Path(p["backup_dir"])
+    to = Destination.from_parameters(p)
     codec: Compression = check_compression(p["compression"])
     server = redact_url(p["redis_url"])
     with exclusive(lock_name("backup-redis", server)):
-        prepare_backup_dir(store, "redis")
+        prepare_backup_dir(to.backup_dir, "redis")
         facts = inspect_redis(p["redis_url"])
         method = choose_fetch(p["fetch"], p["container"] or None, p["data_dir"] or None)
         save = None
@@ -83,7 +82,7 @@ def backup_redis(
             p["container"] or None,
             p["data_dir"] or None,
             facts,
-            staging_path(store, name),
+            staging_path(to.backup_dir, name),
             codec,
             p["deep_check"],
         )
@@ -91,7 +90,7 @@ def backup_redis(
         stored, remote = keep_backup(
             captured.file,
             manifest,
-            Destination.from_parameters(p),
+            to,
             {
                 "server": server,
                 "keys": sum(db["keys"] for db in facts.keyspace.values()),

@@ -10,7 +10,7 @@ from typing import Any
 from tasks.archive import CompressedFile, Manifest
 from tasks.report import publish_backup_report
 from tasks.s3 import prune_remote, upload_backup
-from tasks.storage import commit_local, prune_local
+from tasks.storage import check_retention, commit_local, prune_local
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,9 @@ class Destination:
     s3_endpoint_url: str | None
     retention_days: float
     keep_min: int
+
+    def __post_init__(self) -> None:
+        check_retention(self.retention_days, self.keep_min)  # before any work is done
 
     @classmethod
     def from_parameters(cls, p: dict[str, Any]) -> Destination:

@@ -177,15 +177,20 @@ class RetentionPlan:
     future: list[Manifest] = field(default_factory=list)
 
 
+def check_retention(retention_days: float, keep_min: int) -> None:
+    """Refuse retention settings that could delete what must be kept."""
+    if retention_days < 0:
+        raise ValueError(f"retention_days must be 0 or more, got {retention_days}")
+    if keep_min < 1:
+        raise ValueError(f"keep_min must be at least 1 (the newest is always kept), got {keep_min}")
+
+
 def plan_retention(
     backups: list[Manifest], now: datetime, retention_days: float, keep_min: int
 ) -> RetentionPlan:
     """Delete what is older than `retention_days`, but never the newest complete
     backup nor fewer than `keep_min`; backups dated in the future are left alone."""
-    if retention_days < 0:
-        raise ValueError(f"retention_days must be 0 or more, got {retention_days}")
-    if keep_min < 1:
-        raise ValueError(f"keep_min must be at least 1 (the newest is always kept), got {keep_min}")
+    check_retention(retention_days, keep_min)
     plan = RetentionPlan()
     cutoff = now - timedelta(days=retention_days)
     current = []

@@ -245,3 +245,10 @@ def test_password_from_the_environment_never_reaches_run_parameters(
         run = client.read_flow_run(state.state_details.flow_run_id)
     assert run.parameters["redis_url"] is None
     assert SECRET not in str(run.parameters)
+
+
+def test_bad_retention_is_refused_before_any_work(sandbox_redis: str, backup_dir: Path) -> None:
+    with pytest.raises(ValueError, match="keep_min must be at least 1"):
+        backup_redis(redis_url=sandbox_redis, fetch="container", backup_dir=str(backup_dir),
+                     s3_bucket="", keep_min=0)
+    assert list(backup_dir.iterdir()) == []
