@@ -252,3 +252,19 @@ def test_bad_retention_is_refused_before_any_work(sandbox_redis: str, backup_dir
         backup_redis(redis_url=sandbox_redis, fetch="container", backup_dir=str(backup_dir),
                      s3_bucket="", keep_min=0)
     assert list(backup_dir.iterdir()) == []
+
+
+def test_a_save_already_running_is_waited_for_then_ours_runs(
+    backup_dir: Path, tmp_path: Path
+) -> None:
+    with running_redis(tmp_path / "r", **{"rdb-key-save-delay": "40000"}) as server:
+        client = redis.Redis(port=server.port)
+        client.mset({f"k{i}": i for i in range(50)})  # ~2 s per save
+        saves_before = client.info("persistence")["rdb_saves"]
+        client.bgsave()
+        manifest = backup_redis(redis_url=server.url, container="", fetch="path",
+                                data_dir=str(server.dir), backup_dir=str(backup_dir),
+                                s3_bucket="")
+        assert manifest["source"]["keyspace"]["db0"]["keys"] == 50
+        # the running save finished, then the backup started a save of its own
+        assert client.info("persistence")["rdb_saves"] == saves_before + 2
