@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -36,7 +36,6 @@ from tasks.redis_sync import fetch_rdb_over_network
 from tasks.retry import TransientError, retry_transient
 from tasks.storage import find_local, utc_now
 
-Fetch = Literal["auto", "container", "path", "network"]
 FETCH_METHODS = ("auto", "container", "path", "network")
 COMMAND_TIMEOUT = 30.0
 POLL_SECONDS = 0.1
@@ -102,13 +101,6 @@ def explain(error: redis.RedisError, redis_url: str) -> Exception:
     return error
 
 
-def _call(redis_url: str, action: Callable[[], Any]) -> Any:
-    try:
-        return action()
-    except redis.RedisError as error:
-        raise explain(error, redis_url) from None
-
-
 @dataclass
 class ServerFacts:
     """What a backup records about the server it came from."""
@@ -130,7 +122,10 @@ class ServerFacts:
 def inspect_redis(redis_url: str) -> ServerFacts:
     """Version, role, key counts and where the RDB lives."""
     client = connect(redis_url)
-    info = _call(redis_url, lambda: client.info("everything"))
+    try:
+        info = client.info("everything")
+    except redis.RedisError as error:
+        raise explain(error, redis_url) from None
     try:
         config = client.config_get("dir")
         config.update(client.config_get("dbfilename"))
@@ -268,7 +263,6 @@ class CapturedRdb:
     rdb: RdbInfo
     method: str
     seconds: float
-    steps: dict[str, float] = field(default_factory=dict)
 
 
 def rdb_host_path(data_dir: str | None, facts: ServerFacts) -> Path:
