@@ -13,7 +13,9 @@ from sandbox import stack
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sandbox",
-        description="The sandbox stack (Redis, gateway, SeaweedFS S3) for the demo and tests.",
+        description=(
+            "The sandbox stack (Redis, gateway, Prometheus, SeaweedFS S3) for the demo and tests."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="start everything (idempotent); seed Redis when empty")

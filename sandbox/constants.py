@@ -52,6 +52,41 @@ GATEWAY_SETTINGS: dict[str, str] = {
 # ...and a secret that a config backup must withhold.
 GATEWAY_SECRET_ENV: dict[str, str] = {"GATEWAY_API_TOKEN": "sandbox-token-not-for-backup"}
 
+# Prometheus 2.x (Debian's /usr/bin/prometheus run from the host's /usr in a container),
+# scraping the gateway and itself. Its TSDB lives in <state>/prometheus, bind-mounted at
+# /prometheus, so both the Docker archive API and the host path reach it.
+PROMETHEUS_CONTAINER = "prometheus"
+PROMETHEUS_HOST = "127.0.0.1"
+PROMETHEUS_PORT = 9090
+PROMETHEUS_URL = f"http://{PROMETHEUS_HOST}:{PROMETHEUS_PORT}"
+PROMETHEUS_CONTAINER_DATA_DIR = "/prometheus"
+PROMETHEUS_HOST_DATA_DIR: Path = STATE_DIR / "prometheus"
+PROMETHEUS_CONTAINER_CONF_DIR = "/config"
+PROMETHEUS_CONTAINER_CONF_FILE = f"{PROMETHEUS_CONTAINER_CONF_DIR}/prometheus.yml"
+PROMETHEUS_HOST_CONF_DIR: Path = STATE_DIR / "prometheus-conf"
+PROMETHEUS_HOST_CONF_FILE: Path = PROMETHEUS_HOST_CONF_DIR / "prometheus.yml"
+PROMETHEUS_SCRAPE_SECONDS = 5
+# Hidden Prometheus 2.x flag: the head is cut into a persisted block every few minutes
+# (default 2 h), so the sandbox TSDB holds real scraped blocks soon after `up`.
+PROMETHEUS_MIN_BLOCK_DURATION = "2m"
+# Long enough that the backfilled history below is never dropped (nor after a restore).
+PROMETHEUS_RETENTION = "3650d"
+# Known history, written once into the data dir with `promtool tsdb create-blocks-from
+# openmetrics` before Prometheus starts: persisted blocks with values tests can predict.
+PROMETHEUS_BACKFILL_METRIC = "proxilion_dr_sandbox_history"
+PROMETHEUS_BACKFILL_START = 1735689600  # 2025-01-01T00:00:00Z
+PROMETHEUS_BACKFILL_SECONDS = 6 * 3600
+PROMETHEUS_BACKFILL_STEP = 15
+PROMETHEUS_BACKFILL_SERIES = 100
+PROMETHEUS_BACKFILL_MARKER = ".sandbox-backfill-v1"
+
+
+def backfill_value(series: int, timestamp: int) -> int:
+    """The backfilled sample of series `series` at `timestamp` (a step of the window)."""
+    step = (timestamp - PROMETHEUS_BACKFILL_START) // PROMETHEUS_BACKFILL_STEP
+    return (series * 37 + step * 11) % 1000
+
+
 # SeaweedFS (host process: master + volume + filer + S3 gateway).
 S3_HOST = "127.0.0.1"
 S3_PORT = 8333

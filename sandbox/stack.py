@@ -3,6 +3,9 @@
     proxilion-redis    container, Debian's /usr/bin/redis-server on 127.0.0.1:6379,
                        /data bind-mounted from <state>/redis, /conf from <state>/redis-conf
     proxilion-gateway  container, sandbox/gateway.py under /usr/bin/python3 on 127.0.0.1:8787
+    prometheus         container, Debian's /usr/bin/prometheus on 127.0.0.1:9090 (admin API
+                       on), scraping the gateway and itself; TSDB /prometheus bind-mounted
+                       from <state>/prometheus, seeded once with known history (promtool)
     SeaweedFS          host process ``weed server -s3``, S3 on 127.0.0.1:8333, bucket
                        proxilion-backups, data under <state>/seaweedfs
 
@@ -51,6 +54,25 @@ from sandbox.constants import (
     GATEWAY_SETTINGS,
     GATEWAY_URL,
     HOSTFS_IMAGE,
+    PROMETHEUS_BACKFILL_MARKER,
+    PROMETHEUS_BACKFILL_METRIC,
+    PROMETHEUS_BACKFILL_SECONDS,
+    PROMETHEUS_BACKFILL_SERIES,
+    PROMETHEUS_BACKFILL_START,
+    PROMETHEUS_BACKFILL_STEP,
+    PROMETHEUS_CONTAINER,
+    PROMETHEUS_CONTAINER_CONF_DIR,
+    PROMETHEUS_CONTAINER_CONF_FILE,
+    PROMETHEUS_CONTAINER_DATA_DIR,
+    PROMETHEUS_HOST,
+    PROMETHEUS_HOST_CONF_DIR,
+    PROMETHEUS_HOST_CONF_FILE,
+    PROMETHEUS_HOST_DATA_DIR,
+    PROMETHEUS_MIN_BLOCK_DURATION,
+    PROMETHEUS_PORT,
+    PROMETHEUS_RETENTION,
+    PROMETHEUS_SCRAPE_SECONDS,
+    PROMETHEUS_URL,
     REDIS_CONTAINER,
     REDIS_CONTAINER_CONF_DIR,
     REDIS_CONTAINER_CONF_FILE,
@@ -80,6 +102,7 @@ from sandbox.constants import (
     WEED_PID_FILE,
     WEED_S3_CONFIG_FILE,
     WEED_VOLUME_PORT,
+    backfill_value,
 )
 from sandbox.seed import SeedSummary
 from sandbox.seed import seed as seed_redis
@@ -88,6 +111,9 @@ __all__ = [
     "GATEWAY_CONTAINER",
     "GATEWAY_URL",
     "HOSTFS_IMAGE",
+    "PROMETHEUS_CONTAINER",
+    "PROMETHEUS_HOST_DATA_DIR",
+    "PROMETHEUS_URL",
     "REDIS_CONTAINER",
     "REDIS_HOST_CONF_FILE",
     "REDIS_HOST_DATA_DIR",
@@ -320,8 +346,100 @@ def _probe_gateway() -> str | None:
     return None
 
 
+def prometheus_config() -> str:
+    """The sandbox's prometheus.yml: scrape the gateway and Prometheus itself."""
+    every = f"{PROMETHEUS_SCRAPE_SECONDS}s"
+    return "\n".join(
+        [
+            "# proxilion-dr sandbox Prometheus (written by sandbox/stack.py on `up`)",
+            "global:",
+            f"  scrape_interval: {every}",
+            f"  evaluation_interval: {every}",
+            "scrape_configs:",
+            "  - job_name: proxilion-gateway",
+            f"    static_configs: [{{targets: ['{GATEWAY_HOST}:{GATEWAY_PORT}']}}]",
+            "  - job_name: prometheus",
+            f"    static_configs: [{{targets: ['{PROMETHEUS_HOST}:{PROMETHEUS_PORT}']}}]",
+            "",
+        ]
+    )
+
+
+def backfill_openmetrics() -> str:
+    """The known history as OpenMetrics text (timestamps in the past, `# EOF` last)."""
+    lines = [
+        f"# HELP {PROMETHEUS_BACKFILL_METRIC} Sandbox history with predictable values.",
+        f"# TYPE {PROMETHEUS_BACKFILL_METRIC} gauge",
+    ]
+    end = PROMETHEUS_BACKFILL_START + PROMETHEUS_BACKFILL_SECONDS
+    for series in range(PROMETHEUS_BACKFILL_SERIES):
+        labels = f'{{job="history",series="s{series:03d}"}}'
+        lines += [
+            f"{PROMETHEUS_BACKFILL_METRIC}{labels} {backfill_value(series, ts)} {ts}"
+            for ts in range(PROMETHEUS_BACKFILL_START, end, PROMETHEUS_BACKFILL_STEP)
+        ]
+    return "\n".join([*lines, "# EOF", ""])
+
+
+def _backfill_prometheus() -> bool:
+    """Write the known history into the data dir once (before Prometheus starts on it)."""
+    marker = PROMETHEUS_HOST_DATA_DIR / PROMETHEUS_BACKFILL_MARKER
+    if marker.exists():
+        return False
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    work = STATE_DIR / "prometheus-backfill"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        (work / "history.om").write_text(backfill_openmetrics())
+        result = subprocess.run(
+            [promtool, "tsdb", "create-blocks-from", "openmetrics", "history.om", "blocks"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise SandboxError(f"promtool backfill failed: {result.stderr or result.stdout}")
+        for block in sorted((work / "blocks").iterdir()):
+            os.replace(block, PROMETHEUS_HOST_DATA_DIR / block.name)
+    except OSError as exc:
+        raise SandboxError(f"promtool backfill failed ({exc}): is `prometheus` installed?") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    marker.write_text("history backfilled by sandbox/stack.py; see sandbox/constants.py\n")
+    log.info("prometheus: backfilled known history into %s", PROMETHEUS_HOST_DATA_DIR)
+    return True
+
+
+def _prepare_prometheus() -> tuple[str, bool]:
+    PROMETHEUS_HOST_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    PROMETHEUS_HOST_CONF_DIR.mkdir(parents=True, exist_ok=True)
+    wanted = prometheus_config()
+    try:
+        current: str | None = PROMETHEUS_HOST_CONF_FILE.read_text()
+    except FileNotFoundError:
+        current = None
+    if current != wanted:
+        PROMETHEUS_HOST_CONF_FILE.write_text(wanted)
+    backfilled = _backfill_prometheus()  # a running Prometheus must restart to see new blocks
+    return wanted + PROMETHEUS_BACKFILL_MARKER, backfilled or (
+        current is not None and current != wanted
+    )
+
+
+def _probe_prometheus() -> str | None:
+    try:
+        code, body = _http_get(f"{PROMETHEUS_URL}/-/ready")
+    except (OSError, urllib.error.URLError) as exc:
+        return f"GET /-/ready: {exc}"
+    if code != 200:
+        return f"GET /-/ready: HTTP {code} {body[:200]!r}"
+    return None
+
+
 def container_specs() -> list[ContainerSpec]:
-    """The sandbox containers, in start order (issue 3 adds Prometheus here)."""
+    """The sandbox containers, in start order."""
     host = images.host_mounts()
     redis_spec = ContainerSpec(
         name=REDIS_CONTAINER,
@@ -359,7 +477,35 @@ def container_specs() -> list[ContainerSpec]:
         prepare=lambda: (GATEWAY_SCRIPT.read_text(), False),
         probe=_probe_gateway,
     )
-    return [redis_spec, gateway_spec]
+    prometheus_spec = ContainerSpec(
+        name=PROMETHEUS_CONTAINER,
+        command=[
+            "/usr/bin/prometheus",
+            f"--config.file={PROMETHEUS_CONTAINER_CONF_FILE}",
+            f"--web.listen-address={PROMETHEUS_HOST}:{PROMETHEUS_PORT}",
+            "--web.enable-admin-api",
+            f"--storage.tsdb.path={PROMETHEUS_CONTAINER_DATA_DIR}",
+            f"--storage.tsdb.retention.time={PROMETHEUS_RETENTION}",
+            f"--storage.tsdb.min-block-duration={PROMETHEUS_MIN_BLOCK_DURATION}",
+        ],
+        mounts=host
+        + [
+            Mount(
+                target=PROMETHEUS_CONTAINER_DATA_DIR,
+                source=str(PROMETHEUS_HOST_DATA_DIR),
+                type="bind",
+            ),
+            Mount(
+                target=PROMETHEUS_CONTAINER_CONF_DIR,
+                source=str(PROMETHEUS_HOST_CONF_DIR),
+                type="bind",
+                read_only=True,
+            ),
+        ],
+        prepare=_prepare_prometheus,
+        probe=_probe_prometheus,
+    )
+    return [redis_spec, gateway_spec, prometheus_spec]
 
 
 # ---------------------------------------------------------------------- containers
@@ -716,7 +862,11 @@ def status() -> dict[str, Any]:
     report: dict[str, Any] = {"state_dir": str(STATE_DIR)}
     client = _docker_ping()
     report["dockerd"] = "ok" if client is not None else "not answering"
-    probes = {REDIS_CONTAINER: _probe_redis, GATEWAY_CONTAINER: _probe_gateway}
+    probes = {
+        REDIS_CONTAINER: _probe_redis,
+        GATEWAY_CONTAINER: _probe_gateway,
+        PROMETHEUS_CONTAINER: _probe_prometheus,
+    }
     ok = client is not None
     for name, probe in probes.items():
         entry: dict[str, Any] = {}
@@ -769,6 +919,9 @@ def env_exports() -> str:
     values = {
         "PROXILION_DR_REDIS_URL": REDIS_URL,
         "PROXILION_DR_REDIS_CONTAINER": REDIS_CONTAINER,
+        "PROXILION_DR_PROMETHEUS_URL": PROMETHEUS_URL,
+        "PROXILION_DR_PROMETHEUS_CONTAINER": PROMETHEUS_CONTAINER,
+        "PROXILION_DR_PROMETHEUS_DATA_DIR": str(PROMETHEUS_HOST_DATA_DIR),
         "PROXILION_DR_S3_BUCKET": S3_BUCKET,
         "PROXILION_DR_S3_PREFIX": "demo",
         "PROXILION_DR_S3_ENDPOINT_URL": S3_ENDPOINT,

@@ -7,6 +7,7 @@ These tests FAIL (never skip) when a service does not answer: start the stack wi
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -21,10 +22,14 @@ import redis
 from botocore import UNSIGNED
 from botocore.config import Config
 
+from sandbox import constants
 from sandbox.seed import url_for_db
 from sandbox.stack import (
     GATEWAY_CONTAINER,
     GATEWAY_URL,
+    PROMETHEUS_CONTAINER,
+    PROMETHEUS_HOST_DATA_DIR,
+    PROMETHEUS_URL,
     REDIS_CONTAINER,
     REDIS_HOST_DATA_DIR,
     REDIS_URL,
@@ -177,7 +182,7 @@ def test_gateway_logs_hold_stdout_and_stderr(
 
 
 def test_containers_are_the_sandbox_ones(docker_client: docker.DockerClient) -> None:
-    for name in (REDIS_CONTAINER, GATEWAY_CONTAINER):
+    for name in (REDIS_CONTAINER, GATEWAY_CONTAINER, PROMETHEUS_CONTAINER):
         try:
             container = docker_client.containers.get(name)
         except docker.errors.NotFound as exc:
@@ -188,6 +193,51 @@ def test_containers_are_the_sandbox_ones(docker_client: docker.DockerClient) -> 
     for setting in ("MODE=monitor", "SESSION_STORE=redis", "SESSION_TTL_HOURS=24"):
         assert setting in env
     assert any(e.startswith("GATEWAY_API_TOKEN=") for e in env)
+
+
+@pytest.fixture(scope="module")
+def prometheus() -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=PROMETHEUS_URL, timeout=5) as client:
+        try:
+            ready = client.get("/-/ready")
+        except httpx.HTTPError as exc:
+            unreachable(f"Prometheus at {PROMETHEUS_URL}", exc)
+        if ready.status_code != 200:
+            unreachable(f"Prometheus at {PROMETHEUS_URL}", f"/-/ready: HTTP {ready.status_code}")
+        yield client
+
+
+def test_prometheus_runs_with_admin_api_and_long_retention(prometheus: httpx.Client) -> None:
+    flags = prometheus.get("/api/v1/status/flags").json()["data"]
+    assert flags["web.enable-admin-api"] == "true"
+    assert flags["storage.tsdb.path"] == "/prometheus"
+    assert flags["storage.tsdb.retention.time"] == "10y"  # 3650d, as Prometheus prints it
+    assert flags["web.listen-address"] == "127.0.0.1:9090"
+
+
+def test_prometheus_scrapes_the_gateway_and_itself(prometheus: httpx.Client) -> None:
+    deadline = time.monotonic() + 3 * constants.PROMETHEUS_SCRAPE_SECONDS + 5
+    while True:
+        targets = prometheus.get("/api/v1/targets").json()["data"]["activeTargets"]
+        health = {t["labels"]["job"]: t["health"] for t in targets}
+        if health == {"proxilion-gateway": "up", "prometheus": "up"}:
+            break
+        assert time.monotonic() < deadline, f"scrape targets not all up: {targets}"
+        time.sleep(1)
+    answer = prometheus.get("/api/v1/query", params={"query": "proxilion_gateway_info"}).json()
+    assert answer["data"]["result"], "no gateway series scraped yet"
+
+
+def test_prometheus_holds_backfilled_blocks_with_known_values(prometheus: httpx.Client) -> None:
+    at = constants.PROMETHEUS_BACKFILL_START + 3600
+    answer = prometheus.get(
+        "/api/v1/query",
+        params={"query": f'{constants.PROMETHEUS_BACKFILL_METRIC}{{series="s007"}}', "time": at},
+    ).json()["data"]["result"]
+    assert [float(s["value"][1]) for s in answer] == [constants.backfill_value(7, at)]
+    blocks = [p for p in PROMETHEUS_HOST_DATA_DIR.iterdir() if (p / "meta.json").is_file()]
+    assert blocks, f"no persisted block in {PROMETHEUS_HOST_DATA_DIR}"
+    assert (PROMETHEUS_HOST_DATA_DIR / "wal").is_dir(), "no head data (wal/)"
 
 
 def test_s3_admin_credentials_work() -> None:
