@@ -36,6 +36,7 @@ class Settings(BaseSettings):
 
     prometheus_url: str = "http://localhost:9090"
     prometheus_container: str = "prometheus"
+    prometheus_fetch: Literal["auto", "container", "path"] = "auto"
     prometheus_data_dir: str = ""
     prometheus_retention_days: float = 30
 
