@@ -14,6 +14,9 @@ from pathlib import Path
 
 # Tests call some tasks (place_rdb) outside a flow run: keep their logs local quietly.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# Tests read every log and artifact of the session (e.g. "no secret in any log"): the
+# server's default page of 200 would silently cut those reads to the oldest ones.
+os.environ.setdefault("PREFECT_SERVER_API_DEFAULT_LIMIT", "1000000")
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402
