@@ -7,6 +7,7 @@ restored or counted for retention.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -83,6 +84,18 @@ def prepare_backup_dir(backup_dir: Path, kind: str) -> Path:
             "fix its permissions or free space, or choose another backup_dir"
         ) from None
     return folder
+
+
+def explain_write_error(error: OSError, path: Path) -> OSError:
+    """A full disk or quota while writing a backup, said plainly with the fix;
+    other OS errors unchanged."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    return OSError(
+        error.errno,
+        f"no space left on the device of {Path(path).parent} while writing a backup "
+        f"({error.strerror}); nothing was stored: free space or choose another backup_dir",
+    )
 
 
 def staging_path(backup_dir: Path, name: str) -> Path:
