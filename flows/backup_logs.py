@@ -1,0 +1,89 @@
+"""backup-logs: keep the gateway's recent container logs, here and off-site.
+
+Runbook steps: export the container logs of the window (stdout and stderr, with
+timestamps), compress, store (manifest last), upload, prune, report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+
+from flows.settings import resolve
+from flows.steps import Destination, keep_backup
+from tasks.archive import Compression, check_compression
+from tasks.containers import (
+    LOG_LINE_FORMAT,
+    capture_logs,
+    container_names,
+    find_log_sources,
+    logs_manifest,
+    parse_window,
+)
+from tasks.locks import exclusive, lock_name
+from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
+
+
+@flow(name="backup-logs", log_prints=True)
+def backup_logs(
+    containers: list[str] | None = None,
+    window: str | None = None,
+    read: Literal["auto", "api", "file"] = "auto",
+    backup_dir: str | None = None,
+    s3_bucket: str | None = None,
+    s3_prefix: str | None = None,
+    s3_endpoint_url: str | None = None,
+    compression: Literal["gzip", "zstd"] | None = None,
+    retention_days: float | None = None,
+    keep_min: int | None = None,
+) -> dict[str, Any]:
+    """Back up the last `window` (`30m`, `24h`, `7d`) of container logs to
+    `backup_dir/logs/gateway_<UTC>.log.gz` (and S3), then prune.
+
+    Several `containers` go into ONE file, one container after the other (each in
+    time order); every line reads `<timestamp> <container> <stream> <message>`, so
+    `zgrep ' proxilion-gateway stderr '` or `sort` work on it. `read` picks how logs
+    leave Docker: `api` (Engine API, any log driver), `file` (the json-file log on
+    this host, much faster) or `auto` (file when possible). Empty parameters take
+    their PROXILION_DR_* setting. Returns the backup's manifest.
+    """
+    p = resolve(
+        locals(),
+        containers="logs_containers",
+        window="logs_window",
+        retention_days="logs_retention_days",
+    )
+    started = time.perf_counter()
+    store = Path(p["backup_dir"])
+    codec: Compression = check_compression(p["compression"])
+    names = container_names(p["containers"])
+    until = utc_now()
+    since = until - parse_window(p["window"])
+    with exclusive(lock_name("backup-logs", str(store))):
+        prepare_backup_dir(store, "logs")
+        sources = find_log_sources(names, p["read"])
+        name = backup_name("logs", until, codec)
+        captured = capture_logs(sources, since, until, staging_path(store, name), codec)
+        manifest = logs_manifest(name, captured, p["window"], elapsed(started))
+        stored, remote = keep_backup(
+            captured.file,
+            manifest,
+            Destination.from_parameters(p),
+            {
+                "containers": ", ".join(f"{s.name} (read via {s.read})" for s in sources),
+                "window": f"{p['window']} ({captured.since} → {captured.until})",
+                "lines": captured.lines,
+                "stderr lines": sum(s.stderr_lines for s in captured.containers.values()),
+                "line format": LOG_LINE_FORMAT,
+            },
+        )
+    print(f"{captured.lines} log lines stored at {stored}" + (f" and {remote}" if remote else ""))
+    return asdict(manifest)
+
+
+if __name__ == "__main__":
+    backup_logs()
