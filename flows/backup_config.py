@@ -1,0 +1,99 @@
+"""backup-config: keep the stack's configuration, without its secrets, here and off-site.
+
+Runbook steps: copy the compose files, the allow-listed environment (excluding
+secrets), the Prometheus config and rules and the Grafana dashboards, compress,
+store (manifest last), upload, prune, report. Runs weekly and "on change": when
+nothing differs from the newest backup, the run records that and stores nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow
+
+from flows.settings import resolve
+from flows.steps import Destination, keep_backup
+from tasks.archive import Compression, check_compression
+from tasks.config import (
+    allowlist_names,
+    config_details,
+    config_digest,
+    config_manifest,
+    config_source,
+    publish_unchanged_report,
+    read_env,
+    read_project_files,
+    unchanged_since,
+    write_config_archive,
+)
+from tasks.locks import exclusive, lock_name
+from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
+
+
+@flow(name="backup-config", log_prints=True)
+def backup_config(
+    project_dir: str | None = None,
+    env_allowlist: list[str] | None = None,
+    env_container: str | None = None,
+    force: bool = False,
+    backup_dir: str | None = None,
+    s3_bucket: str | None = None,
+    s3_prefix: str | None = None,
+    s3_endpoint_url: str | None = None,
+    compression: Literal["gzip", "zstd"] | None = None,
+    retention_days: float | None = None,
+    keep_min: int | None = None,
+) -> dict[str, Any]:
+    """Back up the configuration in `project_dir` and the allow-listed environment to
+    `backup_dir/config/config_<UTC>.tar.gz` (and S3), then prune.
+
+    The environment comes from `env_container`'s config (the gateway), or from this
+    process when `env_container` is empty. Secrets are never stored: secret-looking
+    variables are withheld (named in the report), secret values in YAML files are
+    replaced. When the content equals the newest complete backup's, nothing is
+    stored and the report says "unchanged since <name>"; `force` stores anyway.
+    Empty parameters take their PROXILION_DR_* setting. Returns the new backup's
+    manifest, or `{"skipped": True, "unchanged_since": <name>, "digest": ...}`.
+    """
+    p = resolve(
+        locals(),
+        project_dir="config_project_dir",
+        env_allowlist="config_env_allowlist",
+        env_container="config_env_container",
+        retention_days="config_retention_days",
+    )
+    started = time.perf_counter()
+    store = Path(p["backup_dir"])
+    codec: Compression = check_compression(p["compression"])
+    with exclusive(lock_name("backup-config", str(store))):
+        prepare_backup_dir(store, "config")
+        files = read_project_files(Path(p["project_dir"]))
+        env = read_env(allowlist_names(p["env_allowlist"]), p["env_container"] or None)
+        digest = config_digest(files, env)
+        source = config_source(files, env, digest)
+        previous = None if p["force"] else unchanged_since(store, digest)
+        if previous:
+            publish_unchanged_report(previous, source)
+            print(f"Configuration unchanged since {previous}: nothing new stored")
+            return {"skipped": True, "unchanged_since": previous, "digest": digest}
+        name = backup_name("config", utc_now(), codec)
+        archive = write_config_archive(files, env, name, staging_path(store, name), codec)
+        manifest = config_manifest(name, archive, source, elapsed(started))
+        stored, remote = keep_backup(
+            archive, manifest, Destination.from_parameters(p), config_details(source)
+        )
+    withheld = ", ".join(env.withheld) or "none"
+    print(
+        f"Config backup stored at {stored}"
+        + (f" and {remote}" if remote else "")
+        + f" ({len(files.files)} files; env withheld: {withheld})"
+    )
+    return asdict(manifest)
+
+
+if __name__ == "__main__":
+    backup_config()
