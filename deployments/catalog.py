@@ -44,7 +44,17 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         name="weekly-sunday-0300",
         entrypoint="flows/backup_config.py:backup_config",
         cron="0 3 * * 0",
-        description="Compose files, Prometheus config, dashboards, allow-listed env; 90 days.",
+        description="Compose files, Prometheus config, dashboards, allow-listed env, stored "
+        "even when unchanged (the seed's weekly backup); 90 days.",
+        parameters={"force": True},
+        tags=("proxilion-dr", "backup", "config"),
+    ),
+    DeploymentSpec(
+        name="on-change",
+        entrypoint="flows/backup_config.py:backup_config",
+        cron="7 * * * *",
+        description="Hourly look at the configuration: a new backup only when its content "
+        "digest differs from the newest backup's, else an 'unchanged' report.",
         tags=("proxilion-dr", "backup", "config"),
     ),
     DeploymentSpec(

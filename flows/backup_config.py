@@ -67,7 +67,8 @@ def backup_config(
         retention_days="config_retention_days",
     )
     started = time.perf_counter()
-    store = Path(p["backup_dir"])
+    to = Destination.from_parameters(p)
+    store = to.backup_dir
     codec: Compression = check_compression(p["compression"])
     with exclusive(lock_name("backup-config", str(store))):
         prepare_backup_dir(store, "config")
@@ -83,9 +84,7 @@ def backup_config(
         name = backup_name("config", utc_now(), codec)
         archive = write_config_archive(files, env, name, staging_path(store, name), codec)
         manifest = config_manifest(name, archive, source, elapsed(started))
-        stored, remote = keep_backup(
-            archive, manifest, Destination.from_parameters(p), config_details(source)
-        )
+        stored, remote = keep_backup(archive, manifest, to, config_details(source))
     withheld = ", ".join(env.withheld) or "none"
     print(
         f"Config backup stored at {stored}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
@@ -16,7 +15,8 @@ from prefect import flow
 from flows.settings import resolve
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
-from tasks.containers import (
+from tasks.locks import exclusive, lock_name
+from tasks.logs import (
     LOG_LINE_FORMAT,
     capture_logs,
     container_names,
@@ -24,7 +24,6 @@ from tasks.containers import (
     logs_manifest,
     parse_window,
 )
-from tasks.locks import exclusive, lock_name
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
@@ -58,7 +57,8 @@ def backup_logs(
         retention_days="logs_retention_days",
     )
     started = time.perf_counter()
-    store = Path(p["backup_dir"])
+    to = Destination.from_parameters(p)
+    store = to.backup_dir
     codec: Compression = check_compression(p["compression"])
     names = container_names(p["containers"])
     until = utc_now()
@@ -72,7 +72,7 @@ def backup_logs(
         stored, remote = keep_backup(
             captured.file,
             manifest,
-            Destination.from_parameters(p),
+            to,
             {
                 "containers": ", ".join(f"{s.name} (read via {s.read})" for s in sources),
                 "window": f"{p['window']} ({captured.since} → {captured.until})",

@@ -25,7 +25,7 @@ from tasks.prometheus import (
     prometheus_manifest,
     take_snapshot,
 )
-from tasks.redis import redact_url
+from tasks.secrets import redact_url
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 

@@ -213,9 +213,10 @@ def extract_archive(path: Path, compression: Compression, target: Path) -> list[
     filter: nothing may land outside `target` (absolute paths, `..`, links out)."""
     target.mkdir(parents=True, exist_ok=True)
     names: list[str] = []
-    with open_decompressed(path, compression) as stream, tarfile.open(
-        fileobj=stream, mode="r|"
-    ) as archive:
+    with (
+        open_decompressed(path, compression) as stream,
+        tarfile.open(fileobj=stream, mode="r|") as archive,
+    ):
         for member in archive:
             archive.extract(member, target, filter="data")
             names.append(member.name)

@@ -52,6 +52,7 @@ from tasks.archive import (
     verify_file,
 )
 from tasks.log import run_logger
+from tasks.secrets import SECRET_VALUE, redact_urls, secret_name, secret_value, words
 from tasks.storage import BackupNotFound, explain_write_error, find_local, utc_now
 
 COMPOSE_PATTERNS = (
@@ -68,11 +69,7 @@ EXPECTED = ("prometheus.yml", "alerts.yml", "grafana/dashboards")
 ENV_FILE = "env.txt"
 PLACEHOLDER = "<redacted>"
 
-_SECRET_PARTS = ("secret", "token", "password", "passwd", "credential")
-_SECRET_ENDINGS = ("key", "keys", "pass", "pwd")
 _PATH_WORDS = ("file", "path", "dir")  # `password_file: /run/secrets/x` names a file
-_URL_CREDENTIALS = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)([^/\s@\"'<>]+)@")
-_SECRET_VALUE = re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----|(?i:\bbearer\s+[\w.~+/=-]{8,})")
 _REFERENCE = re.compile(r"\$\{[A-Za-z_]\w*(?::?\?[^}]*)?\}|\$[A-Za-z_]\w*")
 _ENV_ITEM = re.compile(r"([A-Za-z_][\w.]*)=(.*)", re.S)
 _ENV_NAME = re.compile(r"[A-Za-z_]\w*")
@@ -88,31 +85,6 @@ _LIST_LINE = re.compile(
 # ------------------------------------------------------------------ what a secret is
 
 
-def _words(name: str) -> list[str]:
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
-    return [word.lower() for word in re.split(r"[^A-Za-z0-9]+", spaced) if word]
-
-
-def secret_name(name: str) -> bool:
-    """A name that says it holds a secret: KEY, SECRET, TOKEN, PASSWORD, PASSWD,
-    CREDENTIAL (any case, camelCase too: `apiKey`, `DB_PASS`, `requirepass`)."""
-    return any(
-        any(part in word for part in _SECRET_PARTS) or word.endswith(_SECRET_ENDINGS)
-        for word in _words(name)
-    )
-
-
-def secret_value(value: str) -> bool:
-    """A value that is or holds a secret: URL credentials, a private key, a bearer token."""
-    urls = any(m.group(2) != "***" for m in _URL_CREDENTIALS.finditer(value))
-    return urls or bool(_SECRET_VALUE.search(value))
-
-
-def redact_urls(text: str) -> tuple[str, int]:
-    """`scheme://user:pass@host` → `scheme://***@host`; returns the text and the count."""
-    return _URL_CREDENTIALS.subn(lambda m: f"{m.group(1)}***@", text)
-
-
 def _is_reference(value: str) -> bool:
     """`${NAME}` (or `${NAME:?message}`): compose fills it in, it holds no secret."""
     return _REFERENCE.fullmatch(value.strip()) is not None
@@ -120,15 +92,15 @@ def _is_reference(value: str) -> bool:
 
 def _secret_key(key: str) -> bool:
     """A YAML key whose value is a secret (`password_file`, `key_file` name files)."""
-    words = _words(key)
-    return secret_name(key) and not (words and words[-1] in _PATH_WORDS)
+    parts = words(key)
+    return secret_name(key) and not (parts and parts[-1] in _PATH_WORDS)
 
 
 def _hides_secret(key: str, value: str) -> bool:
     """Whether a YAML `key: value` (or `- KEY=value`) string must be replaced whole."""
     if value == PLACEHOLDER or _is_reference(value) or not value.strip():
         return False
-    return _secret_key(key) or bool(_SECRET_VALUE.search(value))
+    return _secret_key(key) or bool(SECRET_VALUE.search(value))
 
 
 def _placeholder(key: str, compose: bool) -> str:
@@ -159,7 +131,7 @@ def _scrub(node: Any, path: str, compose: bool, found: list[str]) -> Any:
     if isinstance(node, str) and secret_value(node):
         found.append(path)
         text, _count = redact_urls(node)
-        return PLACEHOLDER if _SECRET_VALUE.search(text) else text
+        return PLACEHOLDER if SECRET_VALUE.search(text) else text
     return node
 
 

@@ -44,8 +44,8 @@ from tasks.archive import (
     verify_file,
 )
 from tasks.log import run_logger
-from tasks.redis import redact_url
-from tasks.retry import TransientError, retry_transient
+from tasks.retry import TransientError, retrying_task
+from tasks.secrets import redact_url
 from tasks.storage import find_local, utc_now
 
 Fetch = Literal["auto", "container", "path"]
@@ -154,12 +154,7 @@ class PrometheusFacts:
     retention: str
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(1, 5)
 def inspect_prometheus(prometheus_url: str) -> PrometheusFacts:
     """Version (buildinfo) and TSDB path and retention (command-line flags)."""
     build = call_api(prometheus_url, "GET", "/api/v1/status/buildinfo")
@@ -260,12 +255,7 @@ class Snapshot:
         return path if path.is_dir() else None
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(1, 5)
 def take_snapshot(
     prometheus_url: str, tsdb: Tsdb, timeout_seconds: float = SNAPSHOT_TIMEOUT
 ) -> Snapshot:
@@ -538,12 +528,7 @@ class CapturedSnapshot:
     seconds: float
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=1,
-    retry_delay_seconds=[2],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(2)
 def copy_snapshot(snapshot: Snapshot, staging: Path, compression: Compression) -> CapturedSnapshot:
     """Tar, compress and hash the snapshot in one streaming pass, then check it was
     complete. Member names are relative: `<snapshot>/<block ULID>/…`. The output is
@@ -627,12 +612,7 @@ def _remove_on_host(snapshot: Snapshot, here: Path) -> str | None:
     return f"removed {here}"
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[1, 5],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(1, 5)
 def delete_snapshot(snapshot: Snapshot) -> str:
     """Remove the snapshot folder (hard links holding disk): on this host when it is
     there, else inside the container. Returns what was done."""

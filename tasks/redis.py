@@ -33,7 +33,8 @@ from tasks.archive import (
 from tasks.log import run_logger
 from tasks.rdb import RdbInfo, validate_stream
 from tasks.redis_sync import fetch_rdb_over_network
-from tasks.retry import TransientError, retry_transient
+from tasks.retry import TransientError, retrying_task
+from tasks.secrets import redact_url
 from tasks.storage import find_local, utc_now
 
 FETCH_METHODS = ("auto", "container", "path", "network")
@@ -55,17 +56,6 @@ class SaveFailed(RuntimeError):
 
 class SaveTimeout(RuntimeError):
     """The snapshot did not finish before the deadline."""
-
-
-def redact_url(url: str) -> str:
-    """A connection URL safe to print: credentials replaced by '***'."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"***@{host}").geturl()
 
 
 def connect(redis_url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
@@ -113,12 +103,7 @@ class ServerFacts:
     aof_enabled: bool
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=[1, 5, 15],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(1, 5)
 def inspect_redis(redis_url: str) -> ServerFacts:
     """Version, role, key counts and where the RDB lives."""
     client = connect(redis_url)
@@ -194,12 +179,7 @@ def save_failure_reason(container: str | None) -> str:
     return reasons[-1].strip() if reasons else "see the Redis log"
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(2, 10)
 def trigger_save(
     redis_url: str, timeout_seconds: float, container: str | None = None
 ) -> SaveResult:
@@ -326,12 +306,7 @@ def pipe_rdb(
         raise
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(2, 10)
 def capture_rdb(
     method: str,
     redis_url: str,

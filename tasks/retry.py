@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import redis
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     ConnectionError,
@@ -28,6 +34,17 @@ def is_transient(error: BaseException | None) -> bool:
     if isinstance(flagged, bool):
         return flagged
     return isinstance(error, (TransientError, *TRANSIENT_TYPES))
+
+
+def retrying_task(*delays: float) -> Callable[[Callable[P, R]], Task[P, R]]:
+    """A side-effecting task (never cached), retried after each of `delays` seconds
+    when it fails transiently; a wrong input fails at once."""
+    return task(
+        cache_policy=NO_CACHE,
+        retries=len(delays),
+        retry_delay_seconds=list(delays),
+        retry_condition_fn=retry_transient,
+    )
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:

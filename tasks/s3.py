@@ -17,11 +17,9 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from tasks.archive import CHUNK, Manifest, manifest_name
-from tasks.retry import TransientError, retry_transient
+from tasks.retry import TransientError, retrying_task
 from tasks.storage import KINDS, RetentionPlan, plan_retention, utc_now
 
 PART_SIZE = 64 << 20
@@ -102,12 +100,7 @@ def expected_etag(path: Path, part_size: int = PART_SIZE) -> str:
     return f"{combined}-{len(parts)}"
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(2, 10)
 def upload_backup(
     local_path: Path, manifest: Manifest, bucket: str, prefix: str, endpoint_url: str | None
 ) -> RemoteCopy:
@@ -168,12 +161,7 @@ def list_remote(bucket: str, prefix: str, kind: str, endpoint_url: str | None) -
     return sorted(manifests, key=lambda m: m.created_at)
 
 
-@task(
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
-    retry_condition_fn=retry_transient,
-)
+@retrying_task(2, 10)
 def prune_remote(
     bucket: str,
     prefix: str,

@@ -25,8 +25,8 @@ from conftest import require
 from flows.backup_logs import backup_logs
 from sandbox import constants as stack
 from sandbox.images import host_mounts
-from tasks import containers
-from tasks.containers import capture_logs, find_log_sources, parse_window
+from tasks import logs
+from tasks.logs import capture_logs, find_log_sources, parse_window
 from tasks.storage import list_local, utc_now
 
 LINE = re.compile(
@@ -210,13 +210,13 @@ def test_file_read_bisects_into_a_large_log_like_the_api(
         "    if burst < 2: time.sleep(1.2)\n"
     )
     starts: list[int] = []
-    seek = containers._seek_to
+    seek = logs._seek_to
 
     def spy(stream: Any, size: int, since: str) -> None:
         seek(stream, size, since)
         starts.append(stream.tell())
 
-    monkeypatch.setattr(containers, "_seek_to", spy)
+    monkeypatch.setattr(logs, "_seek_to", spy)
     with throwaway(script) as name:
         everything = read_both_ways(name, utc_now() - timedelta(hours=1), utc_now(), tmp_path)
         lines = everything[0].splitlines()

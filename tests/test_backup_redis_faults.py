@@ -19,7 +19,7 @@ from redis_servers import running_redis
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from tasks.locks import exclusive, lock_name
-from tasks.redis import redact_url
+from tasks.secrets import redact_url
 from tasks.storage import list_local
 
 SECRET = "s3cr3t-Pa55word"

@@ -23,7 +23,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from sandbox import constants
-from sandbox.seed import url_for_db
+from sandbox.seed import seed, url_for_db
 from sandbox.stack import (
     GATEWAY_CONTAINER,
     GATEWAY_URL,
@@ -109,6 +109,7 @@ def s3(**kwargs: Any) -> Any:
 
 def test_redis_answers_and_holds_seeded_data(r0: redis.Redis, r1: redis.Redis) -> None:
     assert r0.ping() is True
+    seed(constants.REDIS_URL, sessions=200)  # rate-limit counters of the first seed expire
     sessions = list(r0.scan_iter(match="session:*", count=1000))
     assert len(sessions) >= 1000, "expected the seeded sessions in db 0"
     doc = json.loads(r0.get(sessions[0]) or b"{}")
