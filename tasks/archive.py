@@ -15,6 +15,7 @@ import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -170,6 +171,30 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     steps: dict[str, float] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
+
+    @classmethod
+    def describe(
+        cls,
+        kind: str,
+        name: str,
+        stored: CompressedFile,
+        duration_seconds: float,
+        source: dict[str, Any],
+        steps: dict[str, float] | None = None,
+    ) -> Manifest:
+        """The manifest of a file just written by `CompressedWriter`, dated now."""
+        return cls(
+            kind=kind,
+            name=name,
+            created_at=datetime.now(UTC).isoformat(),
+            size=stored.size,
+            sha256=stored.sha256,
+            compression=stored.compression,
+            raw_size=stored.raw_size,
+            duration_seconds=duration_seconds,
+            source=source,
+            steps=steps or {},
+        )
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

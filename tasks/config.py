@@ -53,7 +53,7 @@ from tasks.archive import (
 )
 from tasks.log import run_logger
 from tasks.secrets import SECRET_VALUE, redact_urls, secret_name, secret_value, words
-from tasks.storage import BackupNotFound, explain_write_error, find_local, utc_now
+from tasks.storage import BackupNotFound, explain_write_error, find_local
 
 COMPOSE_PATTERNS = (
     "docker-compose.yml",
@@ -456,15 +456,11 @@ def config_source(files: ProjectFiles, env: EnvCapture, digest: str) -> dict[str
 def config_manifest(
     name: str, archive: CompressedFile, source: dict[str, Any], duration: float
 ) -> Manifest:
-    return Manifest(
-        kind="config",
-        name=name,
-        created_at=utc_now().isoformat(),
-        size=archive.size,
-        sha256=archive.sha256,
-        compression=archive.compression,
-        raw_size=archive.raw_size,
-        duration_seconds=duration,
+    return Manifest.describe(
+        "config",
+        name,
+        archive,
+        duration,
         source=source,
     )
 

@@ -34,7 +34,7 @@ from tasks.archive import CHUNK, CompressedFile, CompressedWriter, Compression, 
 from tasks.containers import ContainerError, docker_client, get_container
 from tasks.log import run_logger
 from tasks.retry import TransientError, retrying_task
-from tasks.storage import explain_write_error, utc_now
+from tasks.storage import explain_write_error
 
 LOG_LINE_FORMAT = "<timestamp> <container> <stream> <message>"
 LOG_READS = ("auto", "api", "file")
@@ -427,15 +427,11 @@ def logs_manifest(name: str, captured: CapturedLogs, window: str, duration: floa
     per_container = {key: asdict(stats) for key, stats in captured.containers.items()}
     firsts = [s.first_timestamp for s in captured.containers.values() if s.first_timestamp]
     lasts = [s.last_timestamp for s in captured.containers.values() if s.last_timestamp]
-    return Manifest(
-        kind="logs",
-        name=name,
-        created_at=utc_now().isoformat(),
-        size=captured.file.size,
-        sha256=captured.file.sha256,
-        compression=captured.file.compression,
-        raw_size=captured.file.raw_size,
-        duration_seconds=duration,
+    return Manifest.describe(
+        "logs",
+        name,
+        captured.file,
+        duration,
         source={
             "container": ",".join(captured.containers),
             "window": window,

@@ -668,15 +668,11 @@ def prometheus_manifest(
     duration_seconds: float,
 ) -> Manifest:
     """The manifest of a Prometheus backup: the stored file plus what the TSDB held."""
-    return Manifest(
-        kind="prometheus",
-        name=name,
-        created_at=utc_now().isoformat(),
-        size=captured.file.size,
-        sha256=captured.file.sha256,
-        compression=captured.file.compression,
-        raw_size=captured.file.raw_size,
-        duration_seconds=duration_seconds,
+    return Manifest.describe(
+        "prometheus",
+        name,
+        captured.file,
+        duration_seconds,
         source={
             "server": server,
             "prometheus_version": facts.version,

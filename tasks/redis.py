@@ -347,15 +347,11 @@ def redis_manifest(
     duration_seconds: float,
 ) -> Manifest:
     """The manifest of a Redis backup: the stored file plus what it holds."""
-    return Manifest(
-        kind="redis",
-        name=name,
-        created_at=utc_now().isoformat(),
-        size=captured.file.size,
-        sha256=captured.file.sha256,
-        compression=captured.file.compression,
-        raw_size=captured.file.raw_size,
-        duration_seconds=duration_seconds,
+    return Manifest.describe(
+        "redis",
+        name,
+        captured.file,
+        duration_seconds,
         source={
             "server": server,
             "redis_version": facts.redis_version,

@@ -6,17 +6,15 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
 import tarfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
 from conftest import require
+from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
 
 from flows.backup_config import backup_config
@@ -80,16 +78,6 @@ def artifact_rows(key: str) -> dict[str, str]:
         [artifact] = [a for a in client.read_latest_artifacts() if a.key == key]
     data = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     return {row["field"]: row["value"] for row in data}
-
-
-@contextmanager
-def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import gzip
 import os
 import re
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -21,6 +20,7 @@ import docker
 import httpx
 import pytest
 from conftest import require
+from mounts import mounted_tmpfs
 
 from flows.backup_logs import backup_logs
 from sandbox import constants as stack
@@ -116,16 +116,6 @@ class CuttingProxy:
 
     def close(self) -> None:
         self.server.close()
-
-
-@contextmanager
-def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.mark.parametrize("read", ["file", "api"])

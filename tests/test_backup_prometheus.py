@@ -26,6 +26,7 @@ import docker
 import httpx
 import pytest
 from conftest import require
+from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
 
 from flows.backup_prometheus import backup_prometheus
@@ -168,17 +169,6 @@ def killing_proxy(target: Throwaway) -> Iterator[str]:
         stop.set()
         server.join(5)
         listener.close()
-
-
-@contextmanager
-def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A small tmpfs (read-only or tiny): the real kernel refusing writes, even to root."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def sandbox_snapshots() -> list[str]:

@@ -4,15 +4,13 @@ that could pass for a good backup."""
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import redis
+from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
 from redis_servers import running_redis
 
@@ -34,17 +32,6 @@ def no_backups(backup_dir: Path) -> None:
 def all_log_text() -> str:
     with get_client(sync_client=True) as client:
         return "\n".join(log.message for log in client.read_logs())
-
-
-@contextmanager
-def mounted_tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A small tmpfs (read-only or tiny): the real kernel refusing writes, even to root."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_unreachable_redis(backup_dir: Path) -> None:
@@ -238,8 +225,13 @@ def test_password_from_the_environment_never_reaches_run_parameters(
     with running_redis(tmp_path / "r", requirepass=SECRET) as server:
         url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
         monkeypatch.setenv("PROXILION_DR_REDIS_URL", url)
-        state = backup_redis(container="", fetch="network", backup_dir=str(backup_dir),
-                             s3_bucket="", return_state=True)
+        state = backup_redis(
+            container="",
+            fetch="network",
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+            return_state=True,
+        )
     assert state.is_completed() and len(list_local(backup_dir, "redis")) == 1
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(state.state_details.flow_run_id)
@@ -249,8 +241,13 @@ def test_password_from_the_environment_never_reaches_run_parameters(
 
 def test_bad_retention_is_refused_before_any_work(sandbox_redis: str, backup_dir: Path) -> None:
     with pytest.raises(ValueError, match="keep_min must be at least 1"):
-        backup_redis(redis_url=sandbox_redis, fetch="container", backup_dir=str(backup_dir),
-                     s3_bucket="", keep_min=0)
+        backup_redis(
+            redis_url=sandbox_redis,
+            fetch="container",
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+            keep_min=0,
+        )
     assert list(backup_dir.iterdir()) == []
 
 
@@ -262,9 +259,14 @@ def test_a_save_already_running_is_waited_for_then_ours_runs(
         client.mset({f"k{i}": i for i in range(50)})  # ~2 s per save
         saves_before = client.info("persistence")["rdb_saves"]
         client.bgsave()
-        manifest = backup_redis(redis_url=server.url, container="", fetch="path",
-                                data_dir=str(server.dir), backup_dir=str(backup_dir),
-                                s3_bucket="")
+        manifest = backup_redis(
+            redis_url=server.url,
+            container="",
+            fetch="path",
+            data_dir=str(server.dir),
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+        )
         assert manifest["source"]["keyspace"]["db0"]["keys"] == 50
         # the running save finished, then the backup started a save of its own
         assert client.info("persistence")["rdb_saves"] == saves_before + 2
