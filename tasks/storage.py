@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -99,9 +100,10 @@ def explain_write_error(error: OSError, path: Path) -> OSError:
 
 
 def staging_path(backup_dir: Path, name: str) -> Path:
-    """Where a backup is written before it is complete: hidden, beside its final place."""
+    """Where a backup is written before it is complete: hidden, beside its final place,
+    unique to this run (two runs never write the same partial file)."""
     final = resolve_name(backup_dir, name)
-    return final.with_name(f".{final.name}.partial")
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
 
 
 def _fsync_dir(path: Path) -> None:
