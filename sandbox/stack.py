@@ -289,22 +289,26 @@ def redis_conf() -> str:
     )
 
 
-def _prepare_redis() -> tuple[str, bool]:
-    REDIS_HOST_DATA_DIR.mkdir(parents=True, exist_ok=True)
-    REDIS_HOST_CONF_DIR.mkdir(parents=True, exist_ok=True)
-    wanted = redis_conf()
+def _write_config(path: Path, wanted: str) -> bool:
+    """Put the sandbox baseline in `path`; True when an existing, different file was
+    replaced (e.g. after a CONFIG REWRITE), so the container must be recreated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        current: str | None = REDIS_HOST_CONF_FILE.read_text()
+        current: str | None = path.read_text()
     except FileNotFoundError:
         current = None
     if current == wanted:
-        return wanted, False
-    # Differs (e.g. a CONFIG REWRITE ran): back to the sandbox baseline, and the
-    # container is recreated so that Redis runs on it.
+        return False
     if current is not None:
-        log.info("redis: %s differs from the sandbox baseline, rewriting", REDIS_HOST_CONF_FILE)
-    REDIS_HOST_CONF_FILE.write_text(wanted)
-    return wanted, current is not None
+        log.info("%s differs from the sandbox baseline, rewriting", path)
+    path.write_text(wanted)
+    return current is not None
+
+
+def _prepare_redis() -> tuple[str, bool]:
+    REDIS_HOST_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    wanted = redis_conf()
+    return wanted, _write_config(REDIS_HOST_CONF_FILE, wanted)
 
 
 def _probe_redis() -> str | None:
@@ -414,18 +418,10 @@ def _backfill_prometheus() -> bool:
 
 def _prepare_prometheus() -> tuple[str, bool]:
     PROMETHEUS_HOST_DATA_DIR.mkdir(parents=True, exist_ok=True)
-    PROMETHEUS_HOST_CONF_DIR.mkdir(parents=True, exist_ok=True)
     wanted = prometheus_config()
-    try:
-        current: str | None = PROMETHEUS_HOST_CONF_FILE.read_text()
-    except FileNotFoundError:
-        current = None
-    if current != wanted:
-        PROMETHEUS_HOST_CONF_FILE.write_text(wanted)
+    rewritten = _write_config(PROMETHEUS_HOST_CONF_FILE, wanted)
     backfilled = _backfill_prometheus()  # a running Prometheus must restart to see new blocks
-    return wanted + PROMETHEUS_BACKFILL_MARKER, backfilled or (
-        current is not None and current != wanted
-    )
+    return wanted + PROMETHEUS_BACKFILL_MARKER, backfilled or rewritten
 
 
 def _probe_prometheus() -> str | None:
