@@ -666,6 +666,7 @@ def prometheus_manifest(
     facts: PrometheusFacts,
     server: str,
     duration_seconds: float,
+    source_id: str,
 ) -> Manifest:
     """The manifest of a Prometheus backup: the stored file plus what the TSDB held."""
     return Manifest.describe(
@@ -685,6 +686,7 @@ def prometheus_manifest(
             **summarize_blocks(captured.blocks),
         },
         steps={"snapshot": snapshot.seconds, "copy": captured.seconds},
+        source_id=source_id,
     )
 
 

@@ -345,6 +345,7 @@ def redis_manifest(
     server: str,
     save: SaveResult | None,
     duration_seconds: float,
+    source_id: str,
 ) -> Manifest:
     """The manifest of a Redis backup: the stored file plus what it holds."""
     return Manifest.describe(
@@ -363,6 +364,7 @@ def redis_manifest(
             "fetch": captured.method,
         },
         steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},
+        source_id=source_id,
     )
 
 

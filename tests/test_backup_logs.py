@@ -246,6 +246,15 @@ def test_several_containers_go_into_one_file_in_order(backup_dir: Path) -> None:
     assert manifest["source"]["container"] == f"{one},{two}"
 
 
+def test_containers_as_a_comma_separated_string_like_the_setting(backup_dir: Path) -> None:
+    with throwaway("print('from one')") as one, throwaway("print('from two')") as two:
+        single = backup_logs(containers=one, window="10m", backup_dir=str(backup_dir))
+        both = backup_logs(containers=f"{one}, {two}", window="10m", backup_dir=str(backup_dir))
+    assert single["source"]["container"] == one
+    assert both["source"]["container"] == f"{one},{two}"
+    assert single["source_id"] != both["source_id"]
+
+
 def test_container_without_output_completes_with_zero_lines(backup_dir: Path) -> None:
     with throwaway("pass") as name:
         manifest = backup_logs(containers=[name], window="30m", backup_dir=str(backup_dir))

@@ -74,7 +74,7 @@ def test_an_invalid_rdb_with_a_matching_checksum_is_refused(
     make_backup(tmp_path, backup_dir)  # leaves a real dump.rdb in the source dir
     raw = (tmp_path / "src" / "dump.rdb").read_bytes()
     broken = raw[:-20] + bytes([raw[-20] ^ 0xFF]) + raw[-19:]
-    name = backup_name("redis", utc_now() - timedelta(hours=1), "gzip")
+    name = backup_name("redis", utc_now() - timedelta(hours=1), "gzip", "test:0")
     writer = CompressedWriter(backup_dir / name, "gzip")
     writer.write(broken)
     stored = writer.close()
