@@ -406,7 +406,7 @@ def unchanged_since(backup_dir: Path, digest: str, source_id: str) -> str | None
 
 
 def archive_folder(name: str) -> str:
-    """The folder inside the archive: `config_YYYYmmdd_HHMMSS` for that backup name."""
+    """The folder inside the archive: `config_YYYYmmdd_HHMMSS_<tag>` for that backup name."""
     return Path(name).name.split(".", 1)[0]
 
 

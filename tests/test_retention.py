@@ -17,6 +17,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 from redis_servers import RedisServer, free_port, running_redis
+from test_backup_redis import flow_logs
 
 import flows.backup_redis
 import tasks.s3
@@ -244,6 +245,8 @@ def test_stale_partial_files_of_killed_runs_are_removed_and_only_those(
     hidden = {p.name for p in folder.iterdir() if p.name.startswith(".")}
     assert hidden == set(kept)
     assert elsewhere.exists()
+    [report] = flow_logs("partial file(s) left by killed runs")  # said in the run's log
+    assert all(name in report for name in stale)
 
 
 class FaultyS3:
