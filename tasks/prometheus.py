@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -43,10 +44,11 @@ from tasks.archive import (
     tar_stream,
     verify_file,
 )
+from tasks.aside import move_contents_aside
 from tasks.log import run_logger
 from tasks.retry import TransientError, retrying_task
 from tasks.secrets import redact_url
-from tasks.storage import find_local, utc_now
+from tasks.storage import find_local
 
 Fetch = Literal["auto", "container", "path"]
 FETCH_METHODS = ("auto", "container", "path")
@@ -731,16 +733,19 @@ def _extracted_blocks(folder: Path) -> list[Path]:
     return blocks
 
 
-def _move_contents_aside(data_dir: Path, stamp: str) -> Path | None:
-    """Move everything in `data_dir` into a sibling folder (never delete); the folder
-    itself stays, as it may be a mount point."""
-    if not data_dir.is_dir() or not any(data_dir.iterdir()):
-        return None
-    aside = data_dir.with_name(f"{data_dir.name}.before-restore-{stamp}")
-    aside.mkdir()
-    for entry in sorted(data_dir.iterdir()):
-        shutil.move(entry, aside / entry.name)
-    return aside
+def _check_blocks_listed(manifest: Manifest, blocks: list[Path]) -> None:
+    """Refuse an archive whose blocks differ from those its manifest lists."""
+    listed = {str(b["ulid"]) for b in manifest.source.get("block_list", [])}
+    found = {block.name for block in blocks}
+    if not found:
+        raise ArchiveError(f"backup {manifest.name} holds no TSDB blocks; pick another")
+    if listed and found != listed:
+        missing, extra = sorted(listed - found), sorted(found - listed)
+        raise ArchiveError(
+            f"backup {manifest.name} does not hold the blocks its manifest lists (missing: "
+            f"{', '.join(missing) or 'none'}; not listed: {', '.join(extra) or 'none'}): "
+            "the archive is damaged; pick another backup"
+        )
 
 
 def _chown_like(path: Path, owner: os.stat_result) -> None:
@@ -765,14 +770,12 @@ def restore_snapshot(backup_dir: Path, name: str, data_dir: Path) -> RestoredSna
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(data_dir)
     _refuse_if_running(target)
-    stamp = utc_now().strftime("%Y%m%d_%H%M%S")
-    incoming = target.with_name(f".{target.name}.restoring-{stamp}")
+    incoming = target.with_name(f".{target.name}.restoring-{uuid.uuid4().hex[:8]}")
     try:
         extract_archive(stored, manifest.compression, incoming)
         blocks = _extracted_blocks(incoming)
-        if not blocks:
-            raise ArchiveError(f"backup {manifest.name} holds no TSDB blocks; pick another")
-        aside = _move_contents_aside(target, stamp)
+        _check_blocks_listed(manifest, blocks)
+        aside = move_contents_aside(target)
         target.mkdir(parents=True, exist_ok=True)
         owner = target.stat()
         for block in blocks:
