@@ -80,6 +80,10 @@ class PrometheusTimeout(PrometheusError):
     """Prometheus took longer than allowed; retrying would only add load."""
 
 
+class EmptySnapshot(PrometheusError):
+    """The snapshot holds no block: nothing persisted yet and an empty head."""
+
+
 class SnapshotCopyError(RuntimeError):
     """The snapshot changed, vanished or broke off while it was copied."""
 
@@ -543,6 +547,15 @@ def copy_snapshot(snapshot: Snapshot, staging: Path, compression: Compression) -
         else:
             archived = _tar_from_host(snapshot, writer)
         blocks, facts_from = _check_complete(snapshot, archived)
+        if not blocks:
+            raise EmptySnapshot(
+                f"snapshot {snapshot.name} holds no TSDB block, so there is nothing to back "
+                "up: Prometheus has no persisted block yet (it writes its first one about 2 h "
+                "after start, or after --storage.tsdb.min-block-duration) and its in-memory "
+                "head holds no samples (a snapshot includes the head once it has data). Check "
+                "that Prometheus scrapes its targets (its /targets page), then run the backup "
+                "again; nothing was stored"
+            )
         compressed = writer.close()
     except BaseException as error:
         writer.abort()
