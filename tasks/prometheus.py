@@ -718,18 +718,19 @@ class RestoredSnapshot:
 
 def _refuse_if_running(data_dir: Path) -> None:
     """Refuse a data dir whose lock file a running Prometheus holds
-    (`--storage.tsdb.use-lockfile`; Prometheus 2.42 has no lock file by default)."""
+    (`--storage.tsdb.use-lockfile`; Prometheus 2.42 has no lock file by default).
+    Prometheus takes it with flock(2), which POSIX record locks (lockf) never see."""
     lock = data_dir / "lock"
     if not lock.is_file():
         return
-    with open(lock, "rb+") as stream:
+    with open(lock, "rb") as stream:
         try:
-            fcntl.lockf(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             raise PrometheusError(
                 f"a running Prometheus holds {lock}: stop it before restoring into {data_dir}"
             ) from None
-        fcntl.lockf(stream, fcntl.LOCK_UN)
+        fcntl.flock(stream, fcntl.LOCK_UN)
 
 
 def _extracted_blocks(folder: Path) -> list[Path]:

@@ -4,7 +4,6 @@ replaces is moved aside, never deleted."""
 from __future__ import annotations
 
 import shutil
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,11 +16,12 @@ from redis_servers import (
     running_redis,
     seed_mixed_data,
 )
+from same_second import within_one_second
 
 from flows.backup_redis import backup_redis
 from tasks.archive import ArchiveError, CompressedWriter, Manifest, manifest_name
 from tasks.rdb import RdbError
-from tasks.redis import AofDataPresent, place_rdb
+from tasks.redis import AofDataPresent, PlacedRdb, place_rdb
 from tasks.storage import backup_name, utc_now, write_durably
 
 OLD = b"REDIS0010 the data that was there before the restore"
@@ -114,17 +114,18 @@ def test_two_restores_in_the_same_second_keep_the_original_byte_for_byte(
     must not move the first restored file over the saved original. Real clock: retried
     (each time on a fresh target) until both restores fell in the same second."""
     make_backup(tmp_path, backup_dir)
-    for attempt in range(20):
+
+    def restore_twice(attempt: int) -> tuple[Path, PlacedRdb, PlacedRdb]:
         target = tmp_path / f"target-{attempt}"
         target.mkdir()
         (target / "dump.rdb").write_bytes(OLD)
-        started = int(time.time())
-        first = place_rdb(backup_dir, "latest", target)
-        second = place_rdb(backup_dir, "latest", target)
-        if int(time.time()) == started:
-            break
-    else:
-        pytest.fail("20 tries and never two restores within one second: machine too slow?")
+        return (
+            target,
+            place_rdb(backup_dir, "latest", target),
+            place_rdb(backup_dir, "latest", target),
+        )
+
+    target, first, second = within_one_second(restore_twice)
     assert first.moved_aside is not None and second.moved_aside is not None
     assert first.moved_aside != second.moved_aside
     assert first.moved_aside.read_bytes() == OLD
