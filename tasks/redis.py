@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -417,8 +418,9 @@ def place_rdb(
 
     AOF data in `target_dir` (`aof_names`: Redis's `appenddirname` and
     `appendfilename`) would be loaded instead of the RDB: `aof="refuse"` (default)
-    refuses before touching anything, `aof="move_aside"` moves it aside too (start
-    Redis with `appendonly no` then).
+    refuses before touching anything, `aof="move_aside"` moves it aside too. Either
+    way start Redis with `appendonly no`: Redis 7.0 with `appendonly yes` and no AOF
+    starts empty (and writes an empty AOF) without reading dump.rdb.
     """
     if aof not in ("refuse", "move_aside"):
         raise ValueError(f"aof must be 'refuse' or 'move_aside', got {aof!r}")
@@ -428,7 +430,7 @@ def place_rdb(
     manifest, stored = find_local(Path(backup_dir), "redis", name)
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(target_dir) / dbfilename
-    incoming = target.with_name(f".{dbfilename}.restoring")
+    incoming = target.with_name(f".{dbfilename}.{uuid.uuid4().hex[:8]}.restoring")
     try:
         with open_decompressed(stored, manifest.compression) as source, open(incoming, "wb") as out:
             info = validate_stream(iter_chunks(source), True, out.write)
@@ -437,8 +439,12 @@ def place_rdb(
     except BaseException:
         incoming.unlink(missing_ok=True)
         raise
+    found = aof_in(target_dir, aof_names)
+    if found and aof == "refuse":  # appeared while we decompressed (Redis started?)
+        incoming.unlink()
+        _refuse_aof(found, Path(target_dir))
     stamp = utc_now().strftime("%Y%m%d_%H%M%S")
-    aof_aside = [a for a in (move_aside(p, stamp) for p in aof_in(target_dir, aof_names)) if a]
+    aof_aside = [a for a in (move_aside(p, stamp) for p in found) if a]
     aside = move_aside(target, stamp)
     os.replace(incoming, target)
     for path in aof_aside:
