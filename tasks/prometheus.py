@@ -537,8 +537,8 @@ class CapturedSnapshot:
 @retrying_task(2)
 def copy_snapshot(snapshot: Snapshot, staging: Path, compression: Compression) -> CapturedSnapshot:
     """Tar, compress and hash the snapshot in one streaming pass, then check it was
-    complete. Member names are relative: `<snapshot>/<block ULID>/…`. The output is
-    removed unless everything checks out."""
+    complete and holds a block (EmptySnapshot otherwise). Member names are relative:
+    `<snapshot>/<block ULID>/…`. The output is removed unless everything checks out."""
     started = time.perf_counter()
     writer = CompressedWriter(staging, compression)
     try:
@@ -789,6 +789,7 @@ def restore_snapshot(backup_dir: Path, name: str, data_dir: Path) -> RestoredSna
         extract_archive(stored, manifest.compression, incoming)
         blocks = _extracted_blocks(incoming)
         _check_blocks_listed(manifest, blocks)
+        _refuse_if_running(target)  # again: it may have started while we unpacked
         aside = move_contents_aside(target)
         target.mkdir(parents=True, exist_ok=True)
         owner = target.stat()
