@@ -1,5 +1,10 @@
 """`python -m deployments serve` runs every deployment's schedule in this process;
-`python -m deployments yaml` prints prefect.yaml from the same catalog."""
+`python -m deployments yaml` prints prefect.yaml from the same catalog.
+
+Schedules use the time zone of PROXILION_DR_SCHEDULE_TIMEZONE (default UTC).
+Stopping `serve` leaves the deployments and their schedules active (Prefect's
+default pauses them all): the scheduled runs wait, Late, until the runner is
+back (deploy/proxilion-dr.service keeps it up)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import yaml
 from prefect import serve
 from prefect.schedules import Cron
 
-from deployments.catalog import DEPLOYMENTS, TIMEZONE, DeploymentSpec
+from deployments.catalog import DEPLOYMENTS, DeploymentSpec
+from flows.settings import settings
 
 
 def load_flow(spec: DeploymentSpec) -> Any:
@@ -21,18 +27,25 @@ def load_flow(spec: DeploymentSpec) -> Any:
     return getattr(module, attribute)
 
 
-def to_deployment(spec: DeploymentSpec) -> Any:
-    schedules = [Cron(spec.cron, timezone=TIMEZONE)] if spec.cron else None
+def to_deployment(spec: DeploymentSpec, timezone: str) -> Any:
+    """The runner deployment of one catalog entry, its cron read in `timezone`."""
+    schedules = [Cron(spec.cron, timezone=timezone)] if spec.cron else None
     return load_flow(spec).to_deployment(
         name=spec.name,
         schedules=schedules,
         parameters=spec.parameters,
         description=spec.description,
         tags=list(spec.tags),
+        concurrency_limit=spec.concurrency_limit,
     )
 
 
-def render_yaml() -> str:
+def serve_all(timezone: str) -> None:
+    """Run every deployment's schedule here until stopped; stopping does NOT pause them."""
+    serve(*(to_deployment(spec, timezone) for spec in DEPLOYMENTS), pause_on_shutdown=False)
+
+
+def render_yaml(timezone: str) -> str:
     """prefect.yaml for `prefect deploy --all` with a process work pool."""
     document = {
         "name": "proxilion-dr",
@@ -51,7 +64,8 @@ def render_yaml() -> str:
                 "description": spec.description,
                 "tags": list(spec.tags),
                 "parameters": spec.parameters,
-                "schedules": [{"cron": spec.cron, "timezone": TIMEZONE}] if spec.cron else [],
+                "schedules": [{"cron": spec.cron, "timezone": timezone}] if spec.cron else [],
+                "concurrency_limit": spec.concurrency_limit,
                 "work_pool": {"name": "proxilion-dr"},
             }
             for spec in DEPLOYMENTS
@@ -65,10 +79,11 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m deployments")
     parser.add_argument("command", choices=["serve", "yaml"])
     args = parser.parse_args(argv)
+    timezone = settings().schedule_timezone
     if args.command == "yaml":
-        sys.stdout.write(render_yaml())
+        sys.stdout.write(render_yaml(timezone))
     else:
-        serve(*(to_deployment(spec) for spec in DEPLOYMENTS))
+        serve_all(timezone)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ from typing import Any
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    """One deployment of one flow; `cron` is None for flows launched by hand."""
+    """One deployment of one flow; `cron` is None for flows launched by hand. At most
+    `concurrency_limit` runs of it at once; a further run waits for the slot
+    (AwaitingConcurrencySlot in the UI)."""
 
     name: str
     entrypoint: str
@@ -17,13 +19,12 @@ class DeploymentSpec:
     description: str
     parameters: dict[str, Any] = field(default_factory=dict)
     tags: tuple[str, ...] = ("proxilion-dr",)
+    concurrency_limit: int = 1
 
     @property
     def flow_name(self) -> str:
         return self.entrypoint.rsplit(":", 1)[1].replace("_", "-")
 
-
-TIMEZONE = "UTC"
 
 DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
     DeploymentSpec(

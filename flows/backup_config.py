@@ -16,7 +16,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from flows.settings import resolve
-from flows.steps import Destination, keep_backup
+from flows.steps import Destination, explains_failure, keep_backup, run_name, unchanged
 from tasks.archive import Compression, check_compression
 from tasks.config import (
     allowlist_names,
@@ -35,7 +35,8 @@ from tasks.sources import config_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-config", log_prints=True)
+@flow(name="backup-config", flow_run_name=run_name("config"), log_prints=True)
+@explains_failure
 def backup_config(
     project_dir: str | None = None,
     env_allowlist: list[str] | None = None,
@@ -45,7 +46,7 @@ def backup_config(
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
-    compression: Literal["gzip", "zstd"] | None = None,
+    compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
 ) -> dict[str, Any]:
@@ -53,13 +54,39 @@ def backup_config(
     `backup_dir/config/config_<UTC>_<tag>.tar.gz` (and S3), then prune this
     project's config backups (`<tag>` names the project folder).
 
-    The environment comes from `env_container`'s config (the gateway), or from this
-    process when `env_container` is empty. Secrets are never stored: secret-looking
-    variables are withheld (named in the report), secret values in YAML files are
-    replaced. When the content equals the newest complete backup's, nothing is
-    stored and the report says "unchanged since <name>"; `force` stores anyway.
-    Empty parameters take their PROXILION_DR_* setting. Returns the new backup's
-    manifest, or `{"skipped": True, "unchanged_since": <name>, "digest": ...}`.
+    Secrets are never stored: secret-looking variables are withheld (named in the
+    report), secret values in YAML files are replaced. When the content equals the
+    newest complete backup's, nothing is stored and the run ends in a Completed state
+    named `Unchanged`. Empty parameters and `setting` take their PROXILION_DR_*
+    setting. Returns the new backup's manifest, or
+    `{"skipped": True, "unchanged_since": <name>, "digest": ...}`.
+
+    Args:
+        project_dir: Folder with the compose files, prometheus.yml, alerts.yml and
+            grafana/dashboards/. Empty: PROXILION_DR_CONFIG_PROJECT_DIR (default
+            /opt/proxilion).
+        env_allowlist: Environment variables kept (names; secret-looking ones are
+            withheld anyway). Empty: PROXILION_DR_CONFIG_ENV_ALLOWLIST (default
+            MODE, SESSION_STORE, ALERT_THRESHOLD, BLOCK_THRESHOLD, SESSION_TTL_HOURS).
+        env_container: Container whose environment is read (the gateway); this
+            process's environment when the setting is empty too. Empty:
+            PROXILION_DR_CONFIG_ENV_CONTAINER (default proxilion-gateway).
+        force: Store a backup even when nothing changed (the weekly deployment).
+        backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
+            (default /backups).
+        s3_bucket: S3 bucket for the off-site copy. Empty: PROXILION_DR_S3_BUCKET
+            (default: none, no upload).
+        s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
+            (default proxilion).
+        s3_endpoint_url: S3-compatible endpoint (MinIO, SeaweedFS). Empty:
+            PROXILION_DR_S3_ENDPOINT_URL (default: AWS S3). Credentials come only
+            from the environment (AWS_* or a profile).
+        compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
+            `setting`: PROXILION_DR_COMPRESSION (default gzip).
+        retention_days: Days a backup of this project is kept. Empty:
+            PROXILION_DR_CONFIG_RETENTION_DAYS (default 90).
+        keep_min: Newest backups always kept, whatever their age (at least 1).
+            Empty: PROXILION_DR_KEEP_MIN (default 3).
     """
     p = resolve(
         locals(),
@@ -83,7 +110,8 @@ def backup_config(
         if previous:
             publish_unchanged_report(previous, source)
             print(f"Configuration unchanged since {previous}: nothing new stored")
-            return {"skipped": True, "unchanged_since": previous, "digest": digest}
+            result = {"skipped": True, "unchanged_since": previous, "digest": digest}
+            return unchanged(f"configuration unchanged since {previous}: nothing stored", result)
         name = backup_name("config", utc_now(), codec, source_id)
         archive = write_config_archive(files, env, name, staging_path(store, name), codec)
         manifest = config_manifest(name, archive, source, elapsed(started), source_id)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from prefect import flow
 
 from flows.settings import resolve
-from flows.steps import Destination, keep_backup
+from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
 from tasks.logs import (
@@ -28,7 +28,8 @@ from tasks.sources import logs_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-logs", log_prints=True)
+@flow(name="backup-logs", flow_run_name=run_name("logs"), log_prints=True)
+@explains_failure
 def backup_logs(
     containers: list[str] | str | None = None,
     window: str | None = None,
@@ -37,21 +38,41 @@ def backup_logs(
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
-    compression: Literal["gzip", "zstd"] | None = None,
+    compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
 ) -> dict[str, Any]:
-    """Back up the last `window` (`30m`, `24h`, `7d`) of container logs to
+    """Back up the last `window` of container logs to
     `backup_dir/logs/gateway_<UTC>_<tag>.log.gz` (and S3), then prune the backups of
     the same containers (`<tag>` names the set of containers).
 
-    `containers` is a list or a comma-separated string. Several go into ONE file, one
-    container after the other (each in time order); every line reads `<timestamp>
-    <container> <stream> <message>`, so `zgrep ' proxilion-gateway stderr '` or `sort`
-    work on it. `read` picks how logs
-    leave Docker: `api` (Engine API, any log driver), `file` (the json-file log on
-    this host, much faster) or `auto` (file when possible). Empty parameters take
-    their PROXILION_DR_* setting. Returns the backup's manifest.
+    Several containers go into ONE file, one container after the other (each in time
+    order); every line reads `<timestamp> <container> <stream> <message>`, so
+    `zgrep ' proxilion-gateway stderr '` or `sort` work on it. Empty parameters and
+    `setting` take their PROXILION_DR_* setting. Returns the backup's manifest.
+
+    Args:
+        containers: Containers whose logs are kept: a list or a comma-separated
+            string. Empty: PROXILION_DR_LOGS_CONTAINERS (default proxilion-gateway).
+        window: How far back from now, with its unit: `30m`, `24h`, `7d`. Empty:
+            PROXILION_DR_LOGS_WINDOW (default 24h).
+        read: How logs leave Docker: `api` (Engine API, any log driver), `file` (the
+            json-file log on this host, much faster) or `auto` (file when possible).
+        backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
+            (default /backups).
+        s3_bucket: S3 bucket for the off-site copy. Empty: PROXILION_DR_S3_BUCKET
+            (default: none, no upload).
+        s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
+            (default proxilion).
+        s3_endpoint_url: S3-compatible endpoint (MinIO, SeaweedFS). Empty:
+            PROXILION_DR_S3_ENDPOINT_URL (default: AWS S3). Credentials come only
+            from the environment (AWS_* or a profile).
+        compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
+            `setting`: PROXILION_DR_COMPRESSION (default gzip).
+        retention_days: Days a backup of these containers is kept. Empty:
+            PROXILION_DR_LOGS_RETENTION_DAYS (default 30).
+        keep_min: Newest backups always kept, whatever their age (at least 1).
+            Empty: PROXILION_DR_KEEP_MIN (default 3).
     """
     p = resolve(
         locals(),

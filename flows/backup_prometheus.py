@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.settings import resolve, warn_about_secret_parameters
-from flows.steps import Destination, keep_backup
+from flows.settings import refuse_secret_parameters, resolve
+from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
 from tasks.prometheus import (
@@ -30,29 +30,56 @@ from tasks.sources import prometheus_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-prometheus", log_prints=True)
+@flow(name="backup-prometheus", flow_run_name=run_name("prometheus"), log_prints=True)
+@explains_failure
 def backup_prometheus(
     prometheus_url: str | None = None,
     container: str | None = None,
-    fetch: Literal["auto", "container", "path"] | None = None,
+    fetch: Literal["setting", "auto", "container", "path"] = "setting",
     data_dir: str | None = None,
     backup_dir: str | None = None,
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
-    compression: Literal["gzip", "zstd"] | None = None,
+    compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
 ) -> dict[str, Any]:
     """Back up one Prometheus to `backup_dir/prometheus/prometheus_<UTC>_<tag>.tar.gz`
     (and S3), then prune this server's backups (`<tag>` names its URL).
 
-    Empty parameters take their PROXILION_DR_* setting. `fetch` picks how the snapshot
-    leaves Prometheus: `container` (Docker archive API), `path` (the TSDB folder on
-    this host, `data_dir`) or `auto`. Giving `data_dir` with `container` also lets
-    promtool check the snapshot on this host. Returns the backup's manifest.
+    Empty parameters and `setting` take their PROXILION_DR_* setting. Returns the
+    backup's manifest.
+
+    Args:
+        prometheus_url: Prometheus to back up (its admin API must be enabled). Empty:
+            PROXILION_DR_PROMETHEUS_URL (default http://localhost:9090). A URL with a
+            password is refused here: put it in PROXILION_DR_PROMETHEUS_URL.
+        container: Docker container running that Prometheus, for `fetch` container.
+            Empty: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
+        fetch: How the snapshot leaves Prometheus: `container` (Docker archive API),
+            `path` (the TSDB folder on this host, `data_dir`), `auto` (the first that
+            works). `setting`: PROXILION_DR_PROMETHEUS_FETCH (default auto).
+        data_dir: The TSDB folder on this host, for `fetch` path (with `container`
+            it also lets promtool check the snapshot). Empty:
+            PROXILION_DR_PROMETHEUS_DATA_DIR (default: none).
+        backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
+            (default /backups).
+        s3_bucket: S3 bucket for the off-site copy. Empty: PROXILION_DR_S3_BUCKET
+            (default: none, no upload).
+        s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
+            (default proxilion).
+        s3_endpoint_url: S3-compatible endpoint (MinIO, SeaweedFS). Empty:
+            PROXILION_DR_S3_ENDPOINT_URL (default: AWS S3). Credentials come only
+            from the environment (AWS_* or a profile).
+        compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
+            `setting`: PROXILION_DR_COMPRESSION (default gzip).
+        retention_days: Days a backup of this server is kept. Empty:
+            PROXILION_DR_PROMETHEUS_RETENTION_DAYS (default 30).
+        keep_min: Newest backups always kept, whatever their age (at least 1).
+            Empty: PROXILION_DR_KEEP_MIN (default 3).
     """
-    warn_about_secret_parameters(locals(), "prometheus_url")
+    refuse_secret_parameters(locals(), "prometheus_url")
     p = resolve(
         locals(),
         container="prometheus_container",

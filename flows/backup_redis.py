@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.settings import resolve, warn_about_secret_parameters
-from flows.steps import Destination, keep_backup
+from flows.settings import refuse_secret_parameters, resolve
+from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
 from tasks.redis import (
@@ -28,31 +28,62 @@ from tasks.sources import redis_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-redis", log_prints=True)
+@flow(name="backup-redis", flow_run_name=run_name("redis"), log_prints=True)
+@explains_failure
 def backup_redis(
     redis_url: str | None = None,
     container: str | None = None,
-    fetch: Literal["auto", "container", "path", "network"] | None = None,
+    fetch: Literal["setting", "auto", "container", "path", "network"] = "setting",
     data_dir: str | None = None,
     backup_dir: str | None = None,
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
-    compression: Literal["gzip", "zstd"] | None = None,
+    compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
-    deep_check: bool | None = None,
+    deep_check: bool = False,
     save_timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Back up one Redis to `backup_dir/redis/dump_<UTC>_<tag>.rdb.gz` (and S3), then
     prune this server's backups (`<tag>` names the server: host and port).
 
-    Empty parameters take their PROXILION_DR_* setting. `fetch` picks how the RDB
-    leaves Redis: `container` (Docker archive API), `path` (Redis's folder on this
-    host, `data_dir`), `network` (replication stream, for a replica or remote host)
-    or `auto`. Returns the backup's manifest.
+    Empty parameters and `setting` take their PROXILION_DR_* setting. Returns the
+    backup's manifest.
+
+    Args:
+        redis_url: Redis to back up. Empty: PROXILION_DR_REDIS_URL (default
+            redis://localhost:6379/0). A URL with a password is refused here (the UI
+            shows parameters): put it in PROXILION_DR_REDIS_URL.
+        container: Docker container running that Redis, for `fetch` container.
+            Empty: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
+        fetch: How the RDB leaves Redis: `container` (Docker archive API), `path`
+            (Redis's folder on this host, `data_dir`), `network` (replication stream,
+            for a replica or a remote host), `auto` (the first that works).
+            `setting`: PROXILION_DR_REDIS_FETCH (default auto).
+        data_dir: Redis's data folder on this host, for `fetch` path. Empty:
+            PROXILION_DR_REDIS_DATA_DIR (default: none).
+        backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
+            (default /backups).
+        s3_bucket: S3 bucket for the off-site copy; no upload when the setting is
+            empty too. Empty: PROXILION_DR_S3_BUCKET (default: none, no upload).
+        s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
+            (default proxilion).
+        s3_endpoint_url: S3-compatible endpoint (MinIO, SeaweedFS). Empty:
+            PROXILION_DR_S3_ENDPOINT_URL (default: AWS S3). Credentials come only
+            from the environment (AWS_* or a profile).
+        compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
+            `setting`: PROXILION_DR_COMPRESSION (default gzip).
+        retention_days: Days a backup of this server is kept. Empty:
+            PROXILION_DR_REDIS_RETENTION_DAYS (default 7).
+        keep_min: Newest backups always kept, whatever their age (at least 1).
+            Empty: PROXILION_DR_KEEP_MIN (default 3).
+        deep_check: Also validate the RDB with redis-check-rdb (slower). Also on when
+            PROXILION_DR_REDIS_DEEP_CHECK is true (default false).
+        save_timeout_seconds: Seconds to wait for the BGSAVE to finish. Empty:
+            PROXILION_DR_REDIS_SAVE_TIMEOUT_SECONDS (default 600).
     """
-    warn_about_secret_parameters(locals(), "redis_url")
+    refuse_secret_parameters(locals(), "redis_url")
     p = resolve(
         locals(),
         container="redis_container",

@@ -19,6 +19,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.archive import Manifest
+from tasks.report import escape_markdown as _escape
 from tasks.storage import parse_time
 
 
@@ -152,13 +153,6 @@ class Recovery:
             key=self.flow,
             description=f"{self.flow} report" + (" (dry run)" if self.dry_run else ""),
         )
-
-
-def _escape(text: str) -> str:
-    """Markdown-safe table text: no pipes, angle brackets or newlines breaking the row."""
-    return (
-        str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
-    )
 
 
 def _age(seconds: float) -> str:

@@ -9,9 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from prefect import get_run_logger
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SETTING = "setting"  # the choice, in an enum parameter, that means "take the setting"
 
 
 class Settings(BaseSettings):
@@ -51,31 +54,52 @@ class Settings(BaseSettings):
     logs_window: str = "24h"
     logs_retention_days: float = 30
 
+    schedule_timezone: str = "UTC"
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name such as UTC or Europe/Berlin"
+            ) from None
+        return value
+
 
 def settings() -> Settings:
     """The settings as the environment says now."""
     return Settings()
 
 
-def warn_about_secret_parameters(parameters: dict[str, Any], *names: str) -> None:
-    """Prefect stores flow-run parameters as given, visible in the UI: say so when one
-    carries credentials (the PROXILION_DR_* environment variable keeps them out)."""
+class SecretParameter(ValueError):
+    """A credential given as a flow parameter, which Prefect stores and shows."""
+
+
+def refuse_secret_parameters(parameters: dict[str, Any], *names: str) -> None:
+    """Refuse a parameter that carries credentials, before any work: Prefect stores
+    flow-run parameters as given and shows them in its UI. The PROXILION_DR_*
+    environment variable keeps them out of sight."""
     for name in names:
         value = parameters.get(name)
         if isinstance(value, str) and urlsplit(value).password:
-            get_run_logger().warning(
-                "parameter %s carries a password; Prefect shows flow-run parameters in its "
-                "UI. Put the URL in PROXILION_DR_%s instead and leave the parameter empty.",
-                name,
-                name.upper(),
+            raise SecretParameter(
+                f"parameter {name} carries a password, and Prefect shows flow-run parameters "
+                f"in its UI: put the URL in PROXILION_DR_{name.upper()} instead and leave the "
+                "parameter empty (change that password if the run was shared)"
             )
 
 
 def resolve(parameters: dict[str, Any], **setting_names: str) -> dict[str, Any]:
-    """Flow parameters with every `None` replaced by its setting: the setting of the
-    same name, or the one `setting_names` maps it to (`container="redis_container"`)."""
+    """Flow parameters with every `None` or `"setting"` replaced by its setting: the
+    setting of the same name, or the one `setting_names` maps it to
+    (`container="redis_container"`). A flag left off (`False`) takes its setting."""
     current = settings()
-    return {
-        name: getattr(current, setting_names.get(name, name)) if value is None else value
-        for name, value in parameters.items()
-    }
+    resolved = {}
+    for name, value in parameters.items():
+        setting = setting_names.get(name, name)
+        flag_off = value is False and isinstance(getattr(current, setting, None), bool)
+        unset = value is None or value == SETTING or flag_off
+        resolved[name] = getattr(current, setting) if unset else value
+    return resolved

@@ -1,16 +1,88 @@
 """The steps every backup flow ends with, in the runbook's order: store (manifest
-last), upload and verify, prune here and there, report."""
+last), upload and verify, catch up earlier uploads, prune here and there, report;
+and how a backup flow fails: one line naming the step, the reason and what is safe."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
 
+from prefect.states import Completed, Failed, State
+
+import tasks
+from flows.recovery import one_line
 from tasks.archive import CompressedFile, Manifest
-from tasks.report import publish_backup_report
-from tasks.s3 import prune_remote, upload_backup
-from tasks.storage import check_retention, commit_local, prune_local
+from tasks.report import NOT_UPLOADED, publish_backup_report
+from tasks.s3 import list_remote, prune_remote, upload_backup
+from tasks.storage import check_retention, commit_local, list_local, prune_local
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+NOTHING_STORED = "nothing new was stored; earlier backups are untouched"
+TASKS_DIR = Path(tasks.__file__).resolve().parent
+# Task functions whose name alone reads poorly in a one-line failure.
+STEP_NAMES = {
+    "upload_backup": "upload to S3",
+    "prune_remote": "retention in S3",
+    "prune_local": "local retention",
+    "commit_local": "storing the backup locally",
+    "check_retention": "checking the retention parameters",
+    "check_compression": "checking the compression parameter",
+    "trigger_save": "Redis save (BGSAVE)",
+}
+_safe: ContextVar[str] = ContextVar("safe", default=NOTHING_STORED)
+
+
+def run_name(kind: str) -> Callable[[], str]:
+    """A `flow_run_name` for the runs list: the kind and the UTC start time."""
+    return lambda: f"{kind} {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def failed_step(error: BaseException) -> str:
+    """The step a failure came from: the outermost function of `tasks/` in its
+    traceback (a task or a check the flow called), else the flow's own preparation."""
+    frame: TracebackType | None = error.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        if Path(code.co_filename).resolve().parent == TASKS_DIR:
+            return STEP_NAMES.get(code.co_name, code.co_name.replace("_", " "))
+        frame = frame.tb_next
+    return "preparing the run"
+
+
+def failure_line(error: BaseException, safe: str) -> str:
+    """The failed state's message: `<step> failed: <reason>; <what is safe>`."""
+    return f"{failed_step(error)} failed: {one_line(error)}; {safe}"
+
+
+def explains_failure(fn: Callable[P, R]) -> Callable[P, R | State[Any]]:
+    """Wrap a backup flow's body: an error ends the run in a Failed state whose message
+    is one line (the runs list and run header show it), keeping the exception itself
+    as the state's data (a direct call still raises it, with its type)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R | State[Any]:
+        token = _safe.set(NOTHING_STORED)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - becomes the run's Failed state
+            return Failed(message=failure_line(error, _safe.get()), data=error)
+        finally:
+            _safe.reset(token)
+
+    return run
+
+
+def unchanged(message: str, result: dict[str, Any]) -> State[Any]:
+    """A Completed state named `Unchanged`, distinguishable in the runs list."""
+    return Completed(name="Unchanged", message=message, data=result)
 
 
 @dataclass(frozen=True)
@@ -39,23 +111,54 @@ class Destination:
         )
 
 
+def catch_up_uploads(to: Destination, kind: str, source_id: str) -> list[str]:
+    """Upload every complete local backup of this kind and source that S3 lacks (a
+    run whose upload failed left it local only), so local and S3 converge."""
+    remote = {m.name for m in list_remote(to.s3_bucket, to.s3_prefix, kind, to.s3_endpoint_url)}
+    missing = [m for m in list_local(to.backup_dir, kind, source_id) if m.name not in remote]
+    for manifest in missing:
+        path = to.backup_dir / manifest.name
+        upload_backup(path, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url)
+        print(f"uploaded {manifest.name}, which S3 lacked (an earlier upload failed)")
+    return [m.name for m in missing]
+
+
 def keep_backup(
     staged: CompressedFile, manifest: Manifest, to: Destination, details: dict[str, Any]
 ) -> tuple[Path, str | None]:
     """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
 
-    An upload failure fails the run after the local copy is complete; pruning
-    only happens once the new backup is safely everywhere it should be, and only
-    touches backups of the same source (`manifest.source_id`)."""
+    An upload failure still publishes the report ("stored locally, NOT uploaded"),
+    then fails the run; the next successful run uploads what S3 lacks. Pruning only
+    happens once the new backup is safely everywhere it should be, and only touches
+    backups of the same source (`manifest.source_id`)."""
     stored = commit_local(to.backup_dir, staged, manifest)
+    _safe.set(f"the backup is complete locally at {stored}")
     remote = None
     if to.s3_bucket:
-        remote = upload_backup(stored, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url).url
+        try:
+            remote = upload_backup(
+                stored, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url
+            ).url
+        except Exception as error:
+            _safe.set(
+                f"the backup is complete locally at {stored}; the next successful "
+                f"{manifest.kind} backup uploads it"
+            )
+            reason = f"{NOT_UPLOADED} ({one_line(error)})"
+            publish_backup_report(manifest, str(stored), reason, None, None, details)
+            raise
+        _safe.set(f"the backup is complete locally at {stored} and in {remote}")
     kept_local = prune_local(
         to.backup_dir, manifest.kind, manifest.source_id, to.retention_days, to.keep_min
     )
     kept_remote = None
     if to.s3_bucket:
+        caught_up = catch_up_uploads(to, manifest.kind, manifest.source_id)
+        details = {
+            **details,
+            "earlier backups uploaded now (S3 lacked them)": ", ".join(caught_up) or "none",
+        }
         kept_remote = prune_remote(
             to.s3_bucket,
             to.s3_prefix,

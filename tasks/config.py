@@ -38,7 +38,6 @@ from typing import Any
 
 import yaml
 from prefect import task
-from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import containers
@@ -52,6 +51,7 @@ from tasks.archive import (
     verify_file,
 )
 from tasks.log import run_logger
+from tasks.report import publish_table
 from tasks.secrets import SECRET_VALUE, redact_urls, secret_name, secret_value, words
 from tasks.storage import BackupNotFound, explain_write_error, find_local
 
@@ -484,11 +484,8 @@ def config_details(source: dict[str, Any]) -> dict[str, str]:
     }
 
 
-@task(cache_policy=NO_CACHE)
 def publish_unchanged_report(previous: str, source: dict[str, Any]) -> None:
-    """The report of a run that stored nothing because nothing changed."""
+    """The report of a run that stored nothing because nothing changed (in the flow run)."""
     rows = [{"field": "result", "value": f"unchanged since {previous}: no new backup"}]
     rows += [{"field": k, "value": v} for k, v in config_details(source).items()]
-    create_table_artifact(
-        table=rows, key="backup-config", description=f"config unchanged since {previous}"
-    )
+    publish_table(rows, "backup-config", f"config unchanged since {previous}")
