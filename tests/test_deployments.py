@@ -1,24 +1,154 @@
-"""The deployment catalog is the one source of truth: prefect.yaml and serve agree."""
+"""The deployment catalog is the one source of truth: prefect.yaml and serve agree; the
+run form explains every parameter; stopping the runner keeps the schedules."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+from pydantic import ValidationError
 
 from deployments.__main__ import load_flow, render_yaml, to_deployment
 from deployments.catalog import DEPLOYMENTS
+from flows.settings import SETTING, Settings
 
 REPO = Path(__file__).resolve().parent.parent
+# "Empty: PROXILION_DR_X (default …)" or "`setting`: PROXILION_DR_X (default …)"
+NAMED_SETTING = re.compile(r"PROXILION_DR_([A-Z0-9_]+)[^(]*\(default:? ([^)]*)\)")
 
 
 def test_prefect_yaml_is_generated_from_the_catalog() -> None:
-    assert (REPO / "prefect.yaml").read_text() == render_yaml(), (
+    assert (REPO / "prefect.yaml").read_text() == render_yaml("UTC"), (
         "prefect.yaml is stale: run `.venv/bin/python -m deployments yaml > prefect.yaml`"
     )
 
 
-def test_every_deployment_builds_with_its_schedule() -> None:
+def test_every_deployment_builds_with_its_schedule_in_the_configured_zone() -> None:
     for spec in DEPLOYMENTS:
         assert load_flow(spec).name == spec.flow_name
-        deployment = to_deployment(spec)
-        crons = [s.schedule.cron for s in deployment.schedules or []]
-        assert crons == ([spec.cron] if spec.cron else [])
+        deployment = to_deployment(spec, "Europe/Berlin")
+        schedules = [s.schedule for s in deployment.schedules or []]
+        assert [s.cron for s in schedules] == ([spec.cron] if spec.cron else [])
+        assert all(s.timezone == "Europe/Berlin" for s in schedules)
+    assert "timezone: Europe/Berlin" in render_yaml("Europe/Berlin")
+
+
+def test_unknown_schedule_timezone_is_refused_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROXILION_DR_SCHEDULE_TIMEZONE", "Mars/Olympus")
+    with pytest.raises(ValidationError, match="unknown time zone 'Mars/Olympus': use an IANA"):
+        Settings()
+
+
+def setting_default_text(name: str) -> str:
+    """A setting's built-in default as the descriptions write it."""
+    default = Settings.model_fields[name].default
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float):
+        return f"{default:g}"
+    return str(default).replace(",", ", ")
+
+
+def applied_schemas() -> dict[str, dict[str, Any]]:
+    """Each catalog deployment applied to the test server, read back: its parameter
+    schema (what the UI's run form is built from) and its concurrency limit."""
+    found = {}
+    with get_client(sync_client=True) as client:
+        for spec in DEPLOYMENTS:
+            to_deployment(spec, "UTC").apply()
+            deployment = client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}")
+            limit = deployment.global_concurrency_limit
+            found[f"{spec.flow_name}/{spec.name}"] = {
+                "schema": deployment.parameter_openapi_schema,
+                "limit": limit.limit if limit else None,
+            }
+    return found
+
+
+def test_the_run_form_explains_every_parameter_of_every_deployment() -> None:
+    problems = []
+    for deployment, applied in applied_schemas().items():
+        if applied["limit"] != 1:
+            problems.append(f"{deployment}: concurrency limit {applied['limit']}, not 1")
+        for name, prop in applied["schema"]["properties"].items():
+            where = f"{deployment} {name}"
+            description = " ".join(prop.get("description", "").split())
+            if len(description) < 20:
+                problems.append(f"{where}: no description")
+            branches = prop.get("anyOf", [prop])
+            if any("enum" in b for b in branches) and len(branches) > 1:
+                problems.append(f"{where}: the choices hide behind a type toggle")
+            if "enum" in prop and prop.get("default") not in prop["enum"]:
+                problems.append(f"{where}: default {prop.get('default')!r} is not a choice")
+            unit = re.search(r"_(seconds|days)$", name)
+            if unit and unit.group(1) not in description.lower():
+                problems.append(f"{where}: the unit is not said")
+            if prop.get("default") not in (None, SETTING):
+                continue
+            named = NAMED_SETTING.search(description)
+            if not named:
+                problems.append(f"{where}: does not name the setting that fills it")
+                continue
+            setting, said = named.group(1).lower(), named.group(2)
+            if setting not in Settings.model_fields:
+                problems.append(f"{where}: names unknown setting {named.group(1)}")
+            elif said != setting_default_text(setting) and setting_default_text(setting) != "":
+                problems.append(
+                    f"{where}: says default {said!r}, the setting's is "
+                    f"{setting_default_text(setting)!r}"
+                )
+    assert problems == []
+
+
+def all_polled() -> bool:
+    """True once a runner has polled every catalog deployment (status READY)."""
+    with get_client(sync_client=True) as client:
+        names = {f"{spec.flow_name}/{spec.name}" for spec in DEPLOYMENTS}
+        found = {
+            f"{flow.name}/{d.name}": d
+            for d in client.read_deployments()
+            for flow in [client.read_flow(d.flow_id)]
+        }
+    return all(n in found and found[n].status and found[n].status.value == "READY" for n in names)
+
+
+def test_stopping_serve_leaves_every_deployment_scheduled(tmp_path: Path) -> None:
+    environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "deployments", "serve"],
+            cwd=REPO,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not all_polled():  # the runner's poll loop runs: its handlers are set
+                assert server.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "serve did not start:\n" + log.read_text()
+                time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)  # what systemd sends on stop/restart
+            server.wait(timeout=60)
+        finally:
+            if server.poll() is None:
+                server.kill()
+    with get_client(sync_client=True) as client:
+        paused = [
+            f"{spec.flow_name}/{spec.name}"
+            for spec in DEPLOYMENTS
+            if client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}").paused
+        ]
+    assert paused == [], "stopping the runner paused them:\n" + log.read_text()[-2000:]
