@@ -5,6 +5,7 @@ and how a backup flow fails: one line naming the step, the reason and what is sa
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -77,6 +78,9 @@ def explains_failure(fn: Callable[P, R]) -> Callable[P, R | State[Any]]:
         finally:
             _safe.reset(token)
 
+    # Prefect builds the parameter schema and validation from the signature: give it
+    # the evaluated types (the flow module's string annotations mean nothing here).
+    run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
     return run
 
 
