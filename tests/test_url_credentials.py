@@ -1,4 +1,4 @@
-"""Redis URLs: one parser (redis-py's), credentials never shown, ambiguous URLs refused.
+"""Credentials in URLs: one Redis parser (redis-py's), never shown, ambiguous URLs refused.
 
 A password with an unencoded `#`, `/` or `?` makes the URL parse as something else
 (the rest becomes fragment, path or query): such a URL is refused before anything
@@ -17,6 +17,7 @@ import redis
 from prefect_records import concurrency_limit_names, prefect_records
 from redis_servers import running_redis
 
+from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from tasks.archive import open_decompressed
 from tasks.redis_url import BadRedisUrl, parse_redis_url
@@ -172,3 +173,20 @@ def test_network_fetch_over_a_unix_socket_reads_that_server(
     with open_decompressed(backup_dir / stored.name, stored.compression) as rdb:
         raw = rdb.read()
     assert raw.count(b"only-here:") == 23, "the RDB came from another server"
+
+
+@pytest.mark.parametrize("special", SPECIALS)
+def test_prometheus_url_with_unencoded_special_character_is_refused_and_never_stored(
+    special: str, backup_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    password, pieces = secret_with(special)
+    user = f"op{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("PROXILION_DR_PROMETHEUS_URL", f"http://{user}:{password}@127.0.0.1:9090")
+    state = backup_prometheus(
+        container="", fetch="path", backup_dir=str(backup_dir), s3_bucket="", return_state=True
+    )
+    with pytest.raises(AmbiguousUrl, match=r"prometheus_url \(http://…\).*%23"):
+        state.result()
+    stored = prefect_records() + "\n".join(concurrency_limit_names())
+    assert all(piece not in stored for piece in [*pieces, user])
+    assert list(backup_dir.iterdir()) == []
