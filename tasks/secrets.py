@@ -31,6 +31,11 @@ def secret_value(value: str) -> bool:
     return urls or bool(SECRET_VALUE.search(value))
 
 
+def redact_urls(text: str) -> tuple[str, int]:
+    """`scheme://user:pass@host` → `scheme://***@host`; returns the text and the count."""
+    return URL_CREDENTIALS.subn(lambda m: f"{m.group(1)}***@", text)
+
+
 class AmbiguousUrl(ValueError):
     """A URL whose credentials hold an unencoded special character: where the host
     starts cannot be told, so it is neither used nor shown."""
