@@ -120,7 +120,7 @@ def redact_url(url: str) -> str:
     scheme, authority, rest = parts
     if url_problem(url):
         return f"{scheme}://***"
-    user, at, host = authority.rpartition("@")
+    _user, at, host = authority.rpartition("@")
     if not _HOST_PORT.fullmatch(host):  # `redis://:secret` (no host): ':secret' is no port
         host = "***"
     return f"{scheme}://{'***@' if at else ''}{host}{_redact_rest(rest)}"
