@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import redis
 from prefect import task
@@ -35,6 +34,7 @@ from tasks.aside import move_aside
 from tasks.log import run_logger
 from tasks.rdb import RdbInfo, validate_stream
 from tasks.redis_sync import fetch_rdb_over_network
+from tasks.redis_url import parse_redis_url
 from tasks.retry import TransientError, retrying_task
 from tasks.secrets import redact_url
 from tasks.storage import find_local, utc_now
@@ -64,15 +64,7 @@ class SaveTimeout(RuntimeError):
 
 def connect(redis_url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
     """A client with explicit timeouts (redis-py's 5 s default is too short for admin work)."""
-    try:
-        return redis.Redis.from_url(
-            redis_url, socket_timeout=timeout, socket_connect_timeout=5, decode_responses=True
-        )
-    except ValueError as error:
-        raise ValueError(
-            f"redis_url {redact_url(redis_url)!r} is not a Redis URL ({error}): use "
-            "redis://[user:password@]host:port/db or rediss:// for TLS"
-        ) from None
+    return parse_redis_url(redis_url).client(timeout, decode_responses=True)
 
 
 def explain(error: redis.RedisError, redis_url: str) -> Exception:
@@ -271,14 +263,15 @@ def _source(
         yield from containers.stream_file(container, str(inner))
         return
     if method == "network":
-        parts = urlsplit(redis_url)
+        target = parse_redis_url(redis_url)
         fetch_rdb_over_network(
-            parts.hostname or "127.0.0.1",
-            parts.port or 6379,
+            target.host or "",
+            target.port or 0,
             raw_staging,
-            username=parts.username or None,
-            password=parts.password or None,
-            tls=parts.scheme == "rediss",
+            username=target.username,
+            password=target.password,
+            tls=target.tls,
+            unix_socket=target.socket_path,
         )
         path = raw_staging
     else:
