@@ -300,9 +300,10 @@ def container_serves(container_name: str, facts: ServerFacts, redis_url: str) ->
 
     Proof: `redis-cli` run inside the container against the server's own port
     answers with the same `run_id`, and the answering process (`process_id`, as
-    the server sees it) exists in the container as a redis-server. The second
-    check matters when the container shares the host's network: its 127.0.0.1
-    then reaches every Redis on the host, the one at `redis_url` included.
+    the server sees it) is a process of the container holding the socket that
+    listens on that port. The second check matters when the container shares the
+    host's network: its 127.0.0.1 then reaches every Redis on the host, the one
+    at `redis_url` included. Needs `redis-cli`, `cat` and `ls` in the container.
     """
     try:
         found = containers.get_container(container_name)
@@ -331,13 +332,31 @@ def container_serves(container_name: str, facts: ServerFacts, redis_url: str) ->
             f"the server at redis_url (run_id {facts.run_id[:12]}…)"
         )
     pid = fields.get("process_id", "").strip()
-    code, comm = _exec(found, ["cat", f"/proc/{pid}/comm"], {})
-    if code or "redis" not in comm:
+    if not _owns_listener(found, pid, facts.tcp_port):
         return (
-            f"the Redis at redis_url answers from inside container {container_name!r} "
-            "but is not its process (the container shares the host's network)"
+            f"the Redis at redis_url answers from inside container {container_name!r} but "
+            f"its port {facts.tcp_port} is not held by a process of the container (it shares "
+            "the host's network, where another Redis listens)"
         )
     return None
+
+
+def _owns_listener(container: Any, pid: str, port: int) -> bool:
+    """Does process `pid` of the container hold the socket listening on `port` in the
+    container's network namespace? (/proc/net/tcp* inodes against the process's fds.)"""
+    if not pid.isdigit():
+        return False
+    code, table = _exec(container, ["cat", "/proc/net/tcp", "/proc/net/tcp6"], {})
+    if code not in (0, 1):  # 1: no IPv6 table
+        return False
+    listening = {
+        fields[9]
+        for fields in (line.split() for line in table.splitlines()[1:])
+        if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(f":{port:04X}")
+    }
+    code, fds = _exec(container, ["ls", "-l", f"/proc/{pid}/fd"], {})
+    held = set(re.findall(r"socket:\[(\d+)\]", fds))
+    return code == 0 and bool(listening & held)
 
 
 def choose_fetch(

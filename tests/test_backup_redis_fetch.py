@@ -163,7 +163,7 @@ def test_explicit_container_of_another_server_is_refused(
 ) -> None:
     with running_redis(tmp_path / "b") as server_b:
         server_b.client().set("k", "v")
-        with pytest.raises(WrongServer, match="fetch='container' cannot be used.*not its process"):
+        with pytest.raises(WrongServer, match="fetch='container' cannot be used.*not held by a process of the container"):
             backup_redis(
                 redis_url=server_b.url,
                 container=stack.REDIS_CONTAINER,
@@ -408,6 +408,31 @@ def test_container_route_round_trips_through_a_throwaway_container(
         )
         assert manifest["source"]["fetch"] == "container"
         restore_and_compare(backup_dir, manifest["name"], url, tmp_path)
+
+
+def test_auto_with_a_container_of_another_server_at_the_same_path_backs_up_the_right_one(
+    backup_dir: Path, tmp_path: Path
+) -> None:
+    """Containers A and B both keep /data/dump.rdb; redis_url is B, container is A. The
+    old code saved B, copied A's file and labelled it B: the backup held A's keys."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        redis_container(tmp_path / "a", read_only=False) as (name_a, url_a),
+        redis_container(tmp_path / "b", read_only=False) as (_name_b, url_b),
+    ):
+        redis.Redis.from_url(url_a).mset({f"a:{i}": i for i in range(100)})
+        redis.Redis.from_url(url_a).save()
+        fill(url_b, sessions=200)
+        manifest = backup_redis(
+            redis_url=url_b,
+            container=name_a,
+            fetch="auto",
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+        )
+        assert manifest["source"]["fetch"] == "network"
+        restore_and_compare(backup_dir, manifest["name"], url_b, tmp_path)
 
 
 def test_a_save_kept_busy_by_a_replica_sync_fails_clearly(backup_dir: Path, tmp_path: Path) -> None:
