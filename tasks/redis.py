@@ -224,6 +224,12 @@ def _our_save_ran(state: dict[str, Any], started: _Started, before: int) -> bool
     return int(state["rdb_last_save_time"]) > before
 
 
+def _may_be_ours(state: dict[str, Any], started: _Started) -> bool:
+    """Redis < 7: a failed save leaves LASTSAVE as it was, so an error status once no
+    AOF rewrite holds our scheduled save back is taken as ours."""
+    return started.saves is None and not int(state["aof_rewrite_in_progress"])
+
+
 _LOG_PREFIX = re.compile(r"^\d+:[A-Z] .*? [.*#-] ")  # "1:C 28 Nov 2026 08:42:20.693 # "
 
 
@@ -262,15 +268,17 @@ def trigger_save(
         ours = _start_bgsave(client, deadline)
         while True:
             state = _persistence(client)
-            done = not int(state["rdb_bgsave_in_progress"]) and _our_save_ran(state, ours, before)
-            if done and state["rdb_last_bgsave_status"] == "ok":
+            idle = not int(state["rdb_bgsave_in_progress"])
+            done = idle and _our_save_ran(state, ours, before)
+            failed = state["rdb_last_bgsave_status"] == "err"
+            if done and not failed:
                 return SaveResult(
                     int(state["rdb_last_save_time"]),
                     round(time.monotonic() - started, 3),
                     ours.server_time_us // 1_000_000,
                     ours.server_time_us,
                 )
-            if done:
+            if failed and (done or (idle and _may_be_ours(state, ours))):
                 raise SaveFailed(
                     f"Redis at {where} failed to write its snapshot: "
                     f"{save_failure_reason(container)}. Check free space and that Redis "
@@ -373,6 +381,8 @@ def choose_fetch(
         raise ValueError(f"fetch must be one of {', '.join(FETCH_METHODS)}, got {fetch!r}")
     if fetch == "container" and not container:
         raise ValueError("fetch='container' needs the container parameter (e.g. proxilion-redis)")
+    if fetch == "container":
+        containers.get_container(str(container))  # a wrong name fails here, naming the others
     wanted = fetch == "container" or (
         fetch == "auto" and bool(container) and containers.container_exists(str(container))
     )
