@@ -115,6 +115,7 @@ def _recover(
         with recovery.step("check /health") as step:
             reason = health.probe(url, health.HEALTHY)
             step.detail = reason or "already healthy: nothing restarted"
+            step.outcome = "unhealthy" if reason else "ok"
         if reason is None:
             recovery.healthy()
             _check_metrics(recovery, metrics_url)
@@ -161,7 +162,9 @@ def _recover(
         recovery.healthy()
         removed = keep_replacement(replacement)
         if removed:
-            step.detail += f"; original container {removed} removed (its logs are above)"
+            step.detail += (
+                f"; original container {removed} removed (its log tail is in this report)"
+            )
     _check_metrics(recovery, metrics_url)
 
 

@@ -318,7 +318,13 @@ def test_recreated_container_unhealthy_too_puts_the_original_back(
 
 
 def write_compose_project(
-    directory: Path, name: str, port: int, redis_port: int, token: str, test_id: str
+    directory: Path,
+    name: str,
+    port: int,
+    redis_port: int,
+    token: str,
+    test_id: str,
+    before: str = "",
 ) -> Path:
     """A compose project like production's: the gateway service, its secret in .env."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -350,7 +356,7 @@ def write_compose_project(
         ).format(
             image=stack.HOSTFS_IMAGE,
             name=name,
-            command=json.dumps(["/bin/sh", "-c", start_script("").replace("$", "$$")]),
+            command=json.dumps(["/bin/sh", "-c", start_script(before).replace("$", "$$")]),
             env=env_lines,
             volumes=volume_lines,
             sandbox=stack.SANDBOX_LABEL,
@@ -364,19 +370,32 @@ def write_compose_project(
     return compose
 
 
-def test_removed_container_is_recreated_from_the_compose_file(
+@pytest.fixture
+def compose_gateway(
     tmp_path: Path, gateway_redis: RedisServer, docker_client: docker.DockerClient, test_id: str
+) -> Callable[..., tuple[Gateway, Path]]:
+    """A gateway defined by a compose project of its own; `up` starts it with compose."""
+
+    def make(before: str = "", up: bool = True) -> tuple[Gateway, Path]:
+        port, token = free_port(), TOKEN_PREFIX + uuid.uuid4().hex
+        name = f"proxilion-dr-test-gateway-{test_id}"
+        compose = write_compose_project(
+            tmp_path / "proxilion", name, port, gateway_redis.port, token, test_id, before
+        )
+        gateway = Gateway(name, port, token, docker_client)
+        if up:
+            command = [*compose_command(), "-f", str(compose), "up", "-d"]
+            subprocess.run(command, check=True, capture_output=True)
+            gateway.wait_healthy()
+        return gateway, compose
+
+    return make
+
+
+def test_removed_container_is_recreated_from_the_compose_file(
+    compose_gateway: Callable[..., tuple[Gateway, Path]], test_id: str
 ) -> None:
-    port, token = free_port(), TOKEN_PREFIX + uuid.uuid4().hex
-    name = f"proxilion-dr-test-gateway-{test_id}"
-    compose = write_compose_project(
-        tmp_path / "proxilion", name, port, gateway_redis.port, token, test_id
-    )
-    subprocess.run(
-        [*compose_command(), "-f", str(compose), "up", "-d"], check=True, capture_output=True
-    )
-    gateway = Gateway(name, port, token, docker_client)
-    gateway.wait_healthy()
+    gateway, compose = compose_gateway()
     gateway.container().remove(force=True)
     assert not gateway.exists()
 
@@ -388,7 +407,41 @@ def test_removed_container_is_recreated_from_the_compose_file(
     labels = gateway.container().labels
     assert labels["com.docker.compose.project"] == f"proxilion-dr-test-{test_id}"
     assert labels["com.docker.compose.service"] == "gateway"
-    assert token not in session_text()
+    assert gateway.token not in session_text()
+
+
+def test_compose_service_that_a_restart_cannot_fix_is_recreated_by_compose(
+    compose_gateway: Callable[..., tuple[Gateway, Path]],
+) -> None:
+    gateway, compose = compose_gateway(STALE_LOCK)
+    before = gateway.container().id
+    gateway.container().kill()
+
+    result = recover(gateway, compose_file=str(compose))
+
+    assert result["ok"] and gateway.healthy()
+    assert outcome(result, "wait for /health after restart") == "unhealthy"
+    assert outcome(result, "recreate container from compose file") == "ok"
+    assert gateway.container().id != before
+    assert gateway.container().labels["com.docker.compose.service"] == "gateway"
+
+
+def test_container_made_outside_compose_is_moved_aside_for_the_compose_service(
+    compose_gateway: Callable[..., tuple[Gateway, Path]],
+    make_gateway: Callable[..., Gateway],
+    docker_client: docker.DockerClient,
+) -> None:
+    old = make_gateway(STALE_LOCK)  # same name as the compose service's container_name
+    old.container().kill()
+    gateway, compose = compose_gateway(up=False)
+    assert gateway.name == old.name
+
+    result = recover(gateway, compose_file=str(compose))
+
+    assert result["ok"] and gateway.healthy()
+    assert gateway.container().labels["com.docker.compose.service"] == "gateway"
+    names = [c.name for c in docker_client.containers.list(all=True)]
+    assert not [n for n in names if n.startswith(f"{gateway.name}-replaced")]
 
 
 def test_removed_container_without_compose_file_fails_naming_the_fix(
