@@ -246,10 +246,17 @@ def creation_config(attrs: dict[str, Any], image: str) -> tuple[dict[str, Any], 
     if config.get("Hostname") == attrs["Id"][:12]:
         config.pop("Hostname")  # the old container's generated hostname
     host = {k: v for k, v in attrs["HostConfig"].items() if v is not None}
+    # Anonymous volumes keep their data: the new container mounts the same volumes.
+    volumes = {m["Destination"]: m["Name"] for m in attrs.get("Mounts") or [] if m.get("Name")}
+    mounts = [dict(m) for m in host.get("Mounts") or []]
+    for mount in mounts:
+        if mount.get("Type") == "volume" and not mount.get("Source"):
+            mount["Source"] = volumes.get(mount.get("Target"))
+    if mounts:
+        host["Mounts"] = mounts
     binds = list(host.get("Binds") or [])
-    covered = {b.split(":")[1] for b in binds if ":" in b}
-    covered |= {m.get("Target") for m in host.get("Mounts") or []}
-    for mount in attrs.get("Mounts") or []:  # volumes not named in HostConfig (anonymous)
+    covered = {b.split(":")[1] for b in binds if ":" in b} | {m.get("Target") for m in mounts}
+    for mount in attrs.get("Mounts") or []:  # the image's VOLUMEs, named nowhere else
         if mount.get("Type") == "volume" and mount.get("Destination") not in covered:
             mode = "" if mount.get("RW", True) else ":ro"
             binds.append(f"{mount['Name']}:{mount['Destination']}{mode}")

@@ -280,6 +280,77 @@ def test_restart_is_not_enough_so_it_is_recreated_from_its_configuration(
     assert leftovers == [], "the original is removed once the new one is healthy"
 
 
+def test_recreate_keeps_network_aliases_published_port_and_anonymous_volume(
+    docker_client: docker.DockerClient, test_id: str
+) -> None:
+    """A gateway as compose would run it on a bridge: a user-defined network with an
+    alias, its port published on 127.0.0.1, an anonymous volume holding a file."""
+    network = docker_client.networks.create(
+        f"proxilion-dr-test-{test_id}", labels={TEST_LABEL: test_id}
+    )
+    try:
+        docker_client.containers.run(  # its Redis, reached by name on the network
+            stack.HOSTFS_IMAGE,
+            ["/usr/bin/redis-server", "--port", "6379", "--protected-mode", "no", "--save", ""],
+            name=f"proxilion-dr-test-redis-{test_id}",
+            mounts=host_mounts(),
+            network=network.name,
+            labels={stack.SANDBOX_LABEL: "test-recover-gateway", TEST_LABEL: test_id},
+            detach=True,
+        )
+        port, token = free_port(), TOKEN_PREFIX + uuid.uuid4().hex
+        environment = gateway_environment(8787, 6379, token)
+        environment.update(GATEWAY_HOST="0.0.0.0", REDIS_HOST=f"proxilion-dr-test-redis-{test_id}")
+        name = f"proxilion-dr-test-gateway-{test_id}"
+        first_start = "[ -e /data/first ] || cat /proc/sys/kernel/random/uuid > /data/first"
+        docker_client.containers.run(
+            stack.HOSTFS_IMAGE,
+            ["/bin/sh", "-c", start_script(f"{first_start}; {STALE_LOCK}")],
+            name=name,
+            environment=environment,
+            mounts=host_mounts()
+            + [
+                Mount(
+                    target=stack.GATEWAY_CONTAINER_SCRIPT,
+                    source=str(stack.GATEWAY_SCRIPT),
+                    type="bind",
+                    read_only=True,
+                ),
+                Mount(target="/data", source=None, type="volume"),
+            ],
+            network=network.name,
+            ports={"8787/tcp": ("127.0.0.1", port)},
+            labels={stack.SANDBOX_LABEL: "test-recover-gateway", TEST_LABEL: test_id},
+            detach=True,
+        )
+        gateway = Gateway(name, port, token, docker_client)
+        gateway.wait_healthy()
+        docker_client.api.disconnect_container_from_network(name, network.name)
+        docker_client.api.connect_container_to_network(name, network.name, aliases=["gateway"])
+        old = gateway.container().attrs
+        gateway.container().kill()
+
+        result = recover(gateway, deadline_seconds=5)
+
+        assert result["ok"] and gateway.healthy()
+        assert outcome(result, "recreate container from its configuration") == "ok"
+        new = gateway.container().attrs
+        assert new["Id"] != old["Id"]
+        assert new["HostConfig"]["PortBindings"] == old["HostConfig"]["PortBindings"]
+        assert list(new["NetworkSettings"]["Networks"]) == [network.name]
+        assert "gateway" in new["NetworkSettings"]["Networks"][network.name]["Aliases"]
+        volume = {m["Destination"]: m.get("Name") for m in old["Mounts"]}["/data"]
+        assert (
+            volume and {m["Destination"]: m.get("Name") for m in new["Mounts"]}["/data"] == volume
+        )
+    finally:
+        for container in docker_client.containers.list(
+            all=True, filters={"label": f"{TEST_LABEL}={test_id}"}
+        ):
+            container.remove(force=True, v=True)
+        network.remove()
+
+
 def test_restart_not_enough_and_recreate_off_fails_naming_the_fix(
     make_gateway: Callable[..., Gateway],
 ) -> None:
