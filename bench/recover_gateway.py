@@ -35,10 +35,9 @@ from typing import Any
 import docker
 import httpx
 import redis
-from docker.types import Mount
 
 from sandbox import constants as stack
-from sandbox.images import host_mounts
+from sandbox.stack import gateway_mounts
 
 STALE_LOCK = (
     "if [ -e /tmp/gateway.lock ]; then echo 'stale lock' >&2; exit 4; fi; touch /tmp/gateway.lock"
@@ -93,15 +92,7 @@ def gateway(client: docker.DockerClient, redis_port: int, before: str = "") -> I
             "GATEWAY_PORT": str(port),
             "PYTHONDONTWRITEBYTECODE": "1",
         },
-        mounts=host_mounts()
-        + [
-            Mount(
-                target=stack.GATEWAY_CONTAINER_SCRIPT,
-                source=str(stack.GATEWAY_SCRIPT),
-                type="bind",
-                read_only=True,
-            )
-        ],
+        mounts=gateway_mounts(),
         network_mode="host",
         labels={stack.SANDBOX_LABEL: "bench", "proxilion-dr.bench-id": ident},
         detach=True,

@@ -24,6 +24,7 @@ from flows.recover_gateway import recover_gateway
 from flows.recovery import StepFailed
 from sandbox import constants as stack
 from sandbox.images import host_mounts
+from sandbox.stack import gateway_mounts
 from tasks.compose import compose_command
 
 TEST_LABEL = "proxilion-dr.test-id"
@@ -143,15 +144,7 @@ def make_gateway(
             ["/bin/sh", "-c", start_script(before)],
             name=name,
             environment=gateway_environment(port, gateway_redis.port, token),
-            mounts=host_mounts()
-            + [
-                Mount(
-                    target=stack.GATEWAY_CONTAINER_SCRIPT,
-                    source=str(stack.GATEWAY_SCRIPT),
-                    type="bind",
-                    read_only=True,
-                )
-            ],
+            mounts=gateway_mounts(),
             network_mode="host",
             labels={stack.SANDBOX_LABEL: "test-recover-gateway", TEST_LABEL: test_id},
             restart_policy={"Name": restart_policy},
@@ -308,16 +301,7 @@ def test_recreate_keeps_network_aliases_published_port_and_anonymous_volume(
             ["/bin/sh", "-c", start_script(f"{first_start}; {STALE_LOCK}")],
             name=name,
             environment=environment,
-            mounts=host_mounts()
-            + [
-                Mount(
-                    target=stack.GATEWAY_CONTAINER_SCRIPT,
-                    source=str(stack.GATEWAY_SCRIPT),
-                    type="bind",
-                    read_only=True,
-                ),
-                Mount(target="/data", source=None, type="volume"),
-            ],
+            mounts=[*gateway_mounts(), Mount(target="/data", source=None, type="volume")],
             network=network.name,
             ports={"8787/tcp": ("127.0.0.1", port)},
             labels={stack.SANDBOX_LABEL: "test-recover-gateway", TEST_LABEL: test_id},
@@ -399,8 +383,7 @@ def write_compose_project(
 ) -> Path:
     """A compose project like production's: the gateway service, its secret in .env."""
     directory.mkdir(parents=True, exist_ok=True)
-    volumes = [f"{m['Source']}:{m['Target']}:ro" for m in host_mounts()]
-    volumes.append(f"{stack.GATEWAY_SCRIPT}:{stack.GATEWAY_CONTAINER_SCRIPT}:ro")
+    volumes = [f"{m['Source']}:{m['Target']}:ro" for m in gateway_mounts()]  # all read-only
     environment = gateway_environment(port, redis_port, "${GATEWAY_API_TOKEN}")
     env_lines = "\n".join(f'      {k}: "{v}"' for k, v in environment.items())
     volume_lines = "\n".join(f"      - {v}" for v in volumes)
