@@ -136,14 +136,16 @@ def make_gateway(
     """Start a gateway container (hostfs image, host network, sandbox/gateway.py on a
     free port) whose start script first runs `before`; `wait` for it to be healthy."""
 
-    def make(before: str = "", wait: bool = True, restart_policy: str = "no") -> Gateway:
+    def make(
+        before: str = "", wait: bool = True, restart_policy: str = "no", redis_port: int = 0
+    ) -> Gateway:
         port, token = free_port(), TOKEN_PREFIX + uuid.uuid4().hex
         name = f"proxilion-dr-test-gateway-{test_id}"
         docker_client.containers.run(
             stack.HOSTFS_IMAGE,
             ["/bin/sh", "-c", start_script(before)],
             name=name,
-            environment=gateway_environment(port, gateway_redis.port, token),
+            environment=gateway_environment(port, redis_port or gateway_redis.port, token),
             mounts=gateway_mounts(),
             network_mode="host",
             labels={stack.SANDBOX_LABEL: "test-recover-gateway", TEST_LABEL: test_id},
@@ -157,6 +159,13 @@ def make_gateway(
         return gateway
 
     return make
+
+
+def set_aside(client: docker.DockerClient, name: str) -> list[str]:
+    """Containers renamed aside from `name` and still there (listed without inspecting
+    every container on the machine, which other engineers' runs keep busy)."""
+    found = client.containers.list(all=True, sparse=True, filters={"name": f"^/{name}-replaced"})
+    return [c.attrs["Names"][0] for c in found]
 
 
 def recover(gateway: Gateway, **parameters: Any) -> dict[str, Any]:
@@ -267,10 +276,7 @@ def test_restart_is_not_enough_so_it_is_recreated_from_its_configuration(
         ("HostConfig", "RestartPolicy"),
     ]:
         assert new[part][key] == old[part][key], f"{part}.{key} changed"
-    leftovers = docker_client.containers.list(
-        all=True, filters={"name": f"{gateway.name}-replaced"}
-    )
-    assert leftovers == [], "the original is removed once the new one is healthy"
+    assert set_aside(docker_client, gateway.name) == [], "removed once the new one is healthy"
 
 
 def test_recreate_keeps_network_aliases_published_port_and_anonymous_volume(
@@ -335,6 +341,23 @@ def test_recreate_keeps_network_aliases_published_port_and_anonymous_volume(
         network.remove()
 
 
+def test_running_but_unhealthy_gateway_that_nothing_fixes_is_left_running_as_found(
+    make_gateway: Callable[..., Gateway], docker_client: docker.DockerClient
+) -> None:
+    """Its Redis is gone: /health answers 503 whatever we do. The original container
+    is back under its name and running, as it was found."""
+    gateway = make_gateway(wait=False, redis_port=free_port())  # nothing listens there
+    before = gateway.container().id
+
+    with pytest.raises(StepFailed, match="original container is back under its name, now running"):
+        recover(gateway, deadline_seconds=3)
+
+    assert gateway.container().id == before and gateway.container().status == "running"
+    assert set_aside(docker_client, gateway.name) == []
+    report = latest_report()
+    assert "| check /health | unhealthy |" in report and "HTTP 503" in report
+
+
 def test_restart_not_enough_and_recreate_off_fails_naming_the_fix(
     make_gateway: Callable[..., Gateway],
 ) -> None:
@@ -363,8 +386,7 @@ def test_recreated_container_unhealthy_too_puts_the_original_back(
     assert "wait for /health after recreate" in message
     assert "original container is back under its name" in message
     assert gateway.container().id == before  # the very same container, not a new one
-    names = [c.name for c in docker_client.containers.list(all=True)]
-    assert not [n for n in names if n.startswith(f"{gateway.name}-replaced")]
+    assert set_aside(docker_client, gateway.name) == []
     report = latest_report()
     assert "broken for good" in report and "log lines of the recreated" in report
 
@@ -494,8 +516,7 @@ def test_container_made_outside_compose_is_moved_aside_for_the_compose_service(
 
     assert result["ok"] and gateway.healthy()
     assert gateway.container().labels["com.docker.compose.service"] == "gateway"
-    names = [c.name for c in docker_client.containers.list(all=True)]
-    assert not [n for n in names if n.startswith(f"{gateway.name}-replaced")]
+    assert set_aside(docker_client, gateway.name) == []
 
 
 def test_removed_container_without_compose_file_fails_naming_the_fix(
