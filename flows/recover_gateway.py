@@ -125,17 +125,23 @@ def _recover(
         return
     if found.state.exists:
         with recovery.step("restart container") as step:
-            step.detail = restart_container(name).summary()
-        with recovery.step("wait for /health after restart") as step:
-            waited = wait_until_container_healthy(name, url, deadline)
-            step.detail = waited.summary()
-            if not waited.healthy:
-                step.outcome = "unhealthy"
-        if waited.healthy:
-            recovery.healthy()
-            _check_metrics(recovery, metrics_url)
-            return
-        still = f"still unhealthy after the restart ({waited.reason})"
+            try:
+                step.detail = restart_container(name).summary()
+            except ContainerError as error:  # e.g. a bind mount's source is gone
+                step.outcome, step.detail = "refused", one_line(error)
+        if step.outcome == "refused":
+            still = f"docker refused to restart it ({step.detail})"
+        else:
+            with recovery.step("wait for /health after restart") as step:
+                waited = wait_until_container_healthy(name, url, deadline)
+                step.detail = waited.summary()
+                if not waited.healthy:
+                    step.outcome = "unhealthy"
+            if waited.healthy:
+                recovery.healthy()
+                _check_metrics(recovery, metrics_url)
+                return
+            still = f"still unhealthy after the restart ({waited.reason})"
     else:
         recovery.skip("restart container", "the container does not exist")
         still = f"container {name!r} does not exist"

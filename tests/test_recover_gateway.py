@@ -137,7 +137,11 @@ def make_gateway(
     free port) whose start script first runs `before`; `wait` for it to be healthy."""
 
     def make(
-        before: str = "", wait: bool = True, restart_policy: str = "no", redis_port: int = 0
+        before: str = "",
+        wait: bool = True,
+        restart_policy: str = "no",
+        redis_port: int = 0,
+        mounts: list[Mount] | None = None,
     ) -> Gateway:
         port, token = free_port(), TOKEN_PREFIX + uuid.uuid4().hex
         name = f"proxilion-dr-test-gateway-{test_id}"
@@ -146,7 +150,7 @@ def make_gateway(
             ["/bin/sh", "-c", start_script(before)],
             name=name,
             environment=gateway_environment(port, redis_port or gateway_redis.port, token),
-            mounts=gateway_mounts(),
+            mounts=[*gateway_mounts(), *(mounts or [])],
             network_mode="host",
             labels={stack.SANDBOX_LABEL: "test-recover-gateway", TEST_LABEL: test_id},
             restart_policy={"Name": restart_policy},
@@ -389,6 +393,27 @@ def test_recreated_container_unhealthy_too_puts_the_original_back(
     assert set_aside(docker_client, gateway.name) == []
     report = latest_report()
     assert "broken for good" in report and "log lines of the recreated" in report
+
+
+def test_docker_refusing_restart_and_recreate_leaves_the_original_as_found(
+    make_gateway: Callable[..., Gateway], tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """A bind mount's source directory is gone: Docker refuses to start the container,
+    and a recreated one too. The report says the original is back, exited."""
+    config = tmp_path / "gateway-config"
+    config.mkdir()
+    gateway = make_gateway(mounts=[Mount(target="/config", source=str(config), type="bind")])
+    before = gateway.container().id
+    gateway.container().stop()
+    config.rmdir()
+
+    with pytest.raises(StepFailed, match="docker refused to recreate") as failed:
+        recover(gateway)
+
+    assert "original container is back under its name, now exited" in str(failed.value)
+    assert "| restart container | refused |" in latest_report()
+    assert gateway.container().id == before and gateway.container().status == "exited"
+    assert set_aside(docker_client, gateway.name) == []
 
 
 # ----------------------------------------------------------------- removed entirely
