@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -135,15 +136,36 @@ def _redact_arguments(command: str, compose: bool) -> tuple[str, list[str]]:
 
 # ------------------------------------------------------------------ the parsed walk
 
+_SHORTEST_COPY = 4  # a shorter secret is not searched for as text (it would match anywhere)
 
-def _scrub(node: Any, path: str, compose: bool, found: list[str], secure: bool = False) -> Any:
-    """A copy of parsed YAML/JSON with every secret replaced; `found` gets their paths."""
+
+@dataclass
+class Findings:
+    """What the walk replaced: where (paths, for the report) and which values, so a
+    copy elsewhere (a YAML anchor under an innocent key) is caught too."""
+
+    paths: list[str] = field(default_factory=list)
+    values: set[str] = field(default_factory=set)
+    known: frozenset[str] = frozenset()  # replace these values wherever they appear
+
+    def add(self, path: str, value: object) -> None:
+        self.paths.append(path)
+        if _scalar(value):
+            self.values.add(str(value).strip("\"'"))
+
+    def copies_in(self, text: str) -> bool:
+        """Whether a replaced value still appears in the text."""
+        return any(len(value) >= _SHORTEST_COPY and value in text for value in self.values)
+
+
+def _scrub(node: Any, path: str, compose: bool, found: Findings, secure: bool = False) -> Any:
+    """A copy of parsed YAML/JSON with every secret replaced; `found` gets them."""
     if isinstance(node, dict):
         clean = {}
         for key, value in node.items():
             label = f"{path}.{key}" if path else str(key)
             if _hides_secret(str(key), value, secure):
-                found.append(label)
+                found.add(label, value)
                 clean[key] = _placeholder(str(key), compose)
             else:
                 inner = secure or str(key).lower() in _SECURE_KEYS
@@ -153,16 +175,18 @@ def _scrub(node: Any, path: str, compose: bool, found: list[str], secure: bool =
         return _scrub_list(node, path, compose, found, secure)
     if isinstance(node, str) and secret_value(node):
         text, _count = redact_urls(node)
+        arguments = secret_arguments(text)
         text, flags = _redact_arguments(text, compose)
-        found.append(f"{path} ({', '.join(flags)})" if flags else path)
+        found.add(f"{path} ({', '.join(flags)})" if flags else path, None)
+        found.values.update(match["value"].strip("\"'") for match in arguments)
         return PLACEHOLDER if SECRET_VALUE.search(text) else text
-    if secure and _hides_secret(path, node, secure):
-        found.append(path)
+    if _scalar(node) and (_hides_secret(path, node, secure) or str(node) in found.known):
+        found.add(path, node)
         return PLACEHOLDER
     return node
 
 
-def _scrub_list(items: list[Any], path: str, compose: bool, found: list[str], secure: bool) -> Any:
+def _scrub_list(items: list[Any], path: str, compose: bool, found: Findings, secure: bool) -> Any:
     """A list, where the item after a secret flag (`--requirepass`, `-a` after
     `redis-cli`) is a secret too: the exec form of `command:` and healthcheck `test:`."""
     clean: list[Any] = []
@@ -171,7 +195,7 @@ def _scrub_list(items: list[Any], path: str, compose: bool, found: list[str], se
         flag = items[index - 1] if index else None
         if isinstance(flag, str) and secret_flag(flag, after_cli) and _scalar(item):
             if not _kept(item):
-                found.append(f"{path} ({flag})")
+                found.add(f"{path} ({flag})", item)
                 item = _argument_placeholder(flag, compose)
             clean.append(item)
         else:
@@ -181,22 +205,22 @@ def _scrub_list(items: list[Any], path: str, compose: bool, found: list[str], se
 
 
 def _scrub_item(
-    item: Any, label: str, parent: str, compose: bool, found: list[str], secure: bool
+    item: Any, label: str, parent: str, compose: bool, found: Findings, secure: bool
 ) -> Any:
     match = _ENV_ITEM.fullmatch(item) if isinstance(item, str) else None
     if match and _hides_secret(match[1], match[2], secure):
-        found.append(f"{parent}.{match[1]}")
+        found.add(f"{parent}.{match[1]}", match[2])
         return f"{match[1]}={_placeholder(match[1], compose)}"
     return _scrub(item, label, compose, found, secure)
 
 
-def _secrets_in(text: str, compose: bool) -> list[str] | None:
-    """Key paths of the secrets left in a YAML text; None when it does not parse."""
+def _yaml_secrets(text: str, compose: bool) -> Findings | None:
+    """The secrets left in a YAML text; None when it does not parse."""
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError:
         return None
-    found: list[str] = []
+    found = Findings()
     for document in documents:
         _scrub(document, "", compose, found)
     return found
@@ -355,26 +379,28 @@ def redact_yaml(text: str, compose: bool) -> tuple[str, list[str], str]:
     text, count = redact_urls(text)
     urls = [f"{count} URL credential(s)"] if count else []
     text, comments = _redact_comments(text, compose)
-    found = _secrets_in(text, compose)
-    if found == []:
+    found = _yaml_secrets(text, compose)
+    if found is not None and not found.paths:
         return text, urls + comments, "in place"
     redacted, names = _redact_lines(text, compose)
     if found is None:
         return redacted, urls + names + comments, "line by line (not valid YAML)"
-    if _secrets_in(redacted, compose) == []:
-        return redacted, urls + found + comments, "in place"
-    clean = [_scrub(doc, "", compose, []) for doc in yaml.safe_load_all(text)]
+    left = _yaml_secrets(redacted, compose)
+    if left is not None and not left.paths and not found.copies_in(redacted):
+        return redacted, urls + found.paths + comments, "in place"
+    known = Findings(known=frozenset(found.values))
+    clean = [_scrub(doc, "", compose, known) for doc in yaml.safe_load_all(text)]
     rewritten = yaml.safe_dump_all(clean, sort_keys=False, default_flow_style=False)
-    return rewritten, urls + found + comments, "rewritten (comments and layout not kept)"
+    return rewritten, urls + found.paths + comments, "rewritten (comments and layout not kept)"
 
 
-def _json_secrets(text: str) -> tuple[Any, list[str] | None]:
-    """The parsed JSON document and the paths of its secrets (None: not valid JSON)."""
+def _json_secrets(text: str) -> tuple[Any, Findings | None]:
+    """The parsed JSON document and its secrets (None: not valid JSON)."""
     try:
         document = json.loads(text)
     except ValueError:
         return None, None
-    found: list[str] = []
+    found = Findings()
     _scrub(document, "", False, found)
     return document, found
 
@@ -417,15 +443,16 @@ def redact_json(text: str) -> tuple[str, list[str], str]:
     text, count = redact_urls(text)
     urls = [f"{count} URL credential(s)"] if count else []
     document, found = _json_secrets(text)
-    if found == []:
+    if found is not None and not found.paths:
         return text, urls, "in place"
     redacted, names = _redact_json_text(text)
     if found is None:
         return redacted, urls + names, "by pattern (not valid JSON)"
-    if _json_secrets(redacted)[1] == []:
-        return redacted, urls + found, "in place"
-    rewritten = json.dumps(_scrub(document, "", False, []), indent=2) + "\n"
-    return rewritten, urls + found, "rewritten (layout not kept)"
+    left = _json_secrets(redacted)[1]
+    if left is not None and not left.paths and not found.copies_in(redacted):
+        return redacted, urls + found.paths, "in place"
+    clean = _scrub(document, "", False, Findings(known=frozenset(found.values)))
+    return json.dumps(clean, indent=2) + "\n", urls + found.paths, "rewritten (layout not kept)"
 
 
 def redact_file(relative: str, data: bytes) -> tuple[bytes, list[str], str]:

@@ -23,7 +23,10 @@ REDIS_CLI_FLAGS = ("-a",)
 # A flag and its value: `--requirepass x`, `--requirepass=x`, `-a "x"` (redis-cli itself
 # refuses `-a=x`, but the file still holds the password, so that form counts too); a
 # flag may follow a `\n` written for printf (`printf "port 1\nrequirepass x"`).
-FLAG = r"(?:(?<![\w-])|(?<=\\[nt]))(?P<flag>(?:--)?requirepass|(?:--)?masterauth|--password|--pass|-a)"
+FLAG = (
+    r"(?:(?<![\w-])|(?<=\\[nt]))"
+    r"(?P<flag>(?:--)?requirepass|(?:--)?masterauth|--password|--pass|-a)"
+)
 FLAG_VALUE = r"(?P<value>\$\$?\{[^}]*\}|\"[^\"]*\"|'[^']*'|(?:[^\s\"',\]}\\]|\\(?![nt]))+)"
 FLAG_ARGUMENT = re.compile(rf"{FLAG}(?P<sep>=|[ \t]+){FLAG_VALUE}")
 URL_CREDENTIALS = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)([^/\s@\"'<>]+)@")

@@ -17,6 +17,7 @@ import pytest
 from conftest import require
 from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
+from prefect.logging.handlers import APILogHandler
 
 from flows.backup_config import backup_config
 from sandbox import constants as stack
@@ -69,7 +70,9 @@ def members(path: Path) -> list[tarfile.TarInfo]:
 
 
 def everything_prefect_holds() -> str:
-    """Every log line and artifact of the test server's session, as text."""
+    """Every log line and artifact of the test server's session, as text (the logs
+    still queued for the server are sent first: they are shipped in batches)."""
+    APILogHandler().flush()
     with get_client(sync_client=True) as client:
         logs = "\n".join(log.message for log in client.read_logs())
         artifacts = "\n".join(str(a.data) + str(a.description) for a in client.read_artifacts())
@@ -340,15 +343,34 @@ def test_yaml_secrets_lines_cannot_reach_are_rewritten_not_kept() -> None:
     assert "abc" not in clean and how.startswith("line by line")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x-pw: &pw anchored-pw-1\nservices:\n  r:\n    environment:\n      REDIS_PASSWORD: *pw\n",
+        "services: {r: {command: redis-server --requirepass anchored-pw-1}}\n",
+        'services:\n  r:\n    test: ["CMD", "redis-cli", "-a", "anchored-pw-1 x", "ping"]\n',
+        "services:\n  r:\n    command: >\n      redis-server --requirepass\n      anchored-pw-1\n",
+        "datasources:\n  - secureJsonData: {httpHeaderValue1: anchored-pw-1}\n",
+    ],
+    ids=["anchor copy", "flow mapping", "space in list item", "folded over lines", "flow secure"],
+)
+def test_secrets_lines_cannot_reach_are_rewritten_not_kept(text: str) -> None:
+    clean, found, how = redact_yaml(text, compose=True)
+    assert "anchored-pw-1" not in clean and found and how.startswith("rewritten")
+
+
 def test_env_from_process_withholds_secret_names_and_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MODE", "monitor")
     monkeypatch.setenv("UPSTREAM_URL", "https://svc:topsecret@upstream/api")
     monkeypatch.setenv("SIGNING_KEY", "k")
-    captured = read_env.fn(["MODE", "UPSTREAM_URL", "SIGNING_KEY", "UNSET_ONE"], None)
+    monkeypatch.setenv("REDIS_AUTH", "84736251")
+    monkeypatch.setenv("REDIS_ARGS", "--requirepass env-arg-pw")
+    names = ["MODE", "UPSTREAM_URL", "SIGNING_KEY", "REDIS_AUTH", "REDIS_ARGS", "UNSET_ONE"]
+    captured = read_env.fn(names, None)
     assert captured.values == {"MODE": "monitor"}
-    assert captured.withheld == ["UPSTREAM_URL", "SIGNING_KEY"]
+    assert captured.withheld == ["UPSTREAM_URL", "SIGNING_KEY", "REDIS_AUTH", "REDIS_ARGS"]
     assert captured.missing == ["UNSET_ONE"]
     assert captured.text() == "MODE=monitor\n"
 
@@ -481,22 +503,37 @@ SECRET_CASES = [
     ("numeric", DC, "services.gateway.environment.REDIS_PASSWORD", "84736251"),
     ("hex number", DC, "services.gateway.environment.API_KEY", "5f3759df"),
     ("basic_auth number", "prometheus.yml", "scrape_configs[0].basic_auth.password", "20240917"),
-    ("commented key", DC, "GATEWAY_API_TOKEN (comment, line 2)", "sk-live-4f9"),
-    ("commented list", DC, "OLD_DB_PASSWORD (comment, line 13)", "list-1122"),
-    ("REDIS_AUTH", DC, "services.gateway.environment.REDIS_AUTH", "9f8e7d6c"),
+    ("commented key", DC, "GATEWAY_API_TOKEN (comment, line 2)", "sk-live-4f9a8b7c6d5e"),
+    ("commented list", DC, "OLD_DB_PASSWORD (comment, line 13)", "commented-list-1122"),
+    ("REDIS_AUTH", DC, "services.gateway.environment.REDIS_AUTH", "auth-9f8e7d6c"),
     ("requirepass key", DC, "x-redis-settings.requirepass", "31415926"),
     ("masterauth key", DC, "x-redis-settings.masterauth", "ma-key-2718"),
-    ("command string", DC, "services.redis.command (--requirepass)", "4711"),
-    ("command list", DC, "services.replica.command (--masterauth)", "5678"),
-    ("command --flag=", DC, "services.replica.command[6] (--requirepass)", "1357"),
-    ("redis.conf line", DC, "services.sentinel.command (requirepass)", "3456"),
-    ("healthcheck -a", DC, "services.redis.healthcheck.test (-a)", "1234"),
-    ("healthcheck --pass", DC, "services.replica.healthcheck.test (--pass)", "9012"),
-    ("CMD-SHELL", DC, "services.sentinel.healthcheck.test[1] (-a)", "2468"),
-    ("REDISCLI_AUTH", DC, "services.redis.environment.REDISCLI_AUTH", "0815"),
-    ("dashboard", "grafana/dashboards/gateway.json", "datasource.basicAuthPassword", "8642"),
-    ("secureJsonData", DATASOURCES, "datasources[0].secureJsonData.basicAuthPassword", "7531"),
-    ("secureJsonData any", DATASOURCES, "datasources[0].secureJsonData.httpHeaderValue1", "9753"),
+    ("command string", DC, "services.redis.command (--requirepass)", "rp-string-4711"),
+    ("command list", DC, "services.replica.command (--masterauth)", "ma-list-5678"),
+    ("command --flag=", DC, "services.replica.command[6] (--requirepass)", "rp-eq-1357"),
+    ("redis.conf line", DC, "services.sentinel.command (requirepass)", "conf-line-3456"),
+    ("healthcheck -a", DC, "services.redis.healthcheck.test (-a)", "hc-flow-1234"),
+    ("healthcheck --pass", DC, "services.replica.healthcheck.test (--pass)", "hc-block-9012"),
+    ("CMD-SHELL", DC, "services.sentinel.healthcheck.test[1] (-a)", "shell-hc-2468"),
+    ("REDISCLI_AUTH", DC, "services.redis.environment.REDISCLI_AUTH", "cli-env-0815"),
+    (
+        "dashboard",
+        "grafana/dashboards/gateway.json",
+        "datasource.basicAuthPassword",
+        "dash-pw-8642",
+    ),
+    (
+        "secureJsonData",
+        DATASOURCES,
+        "datasources[0].secureJsonData.basicAuthPassword",
+        "ds-pw-7531",
+    ),
+    (
+        "secureJsonData any",
+        DATASOURCES,
+        "datasources[0].secureJsonData.httpHeaderValue1",
+        "ds-header-9753",
+    ),
 ]
 
 
