@@ -180,7 +180,7 @@ def _scrub(node: Any, path: str, compose: bool, found: Findings, secure: bool = 
         found.add(f"{path} ({', '.join(flags)})" if flags else path, None)
         found.values.update(match["value"].strip("\"'") for match in arguments)
         return PLACEHOLDER if SECRET_VALUE.search(text) else text
-    if _scalar(node) and (_hides_secret(path, node, secure) or str(node) in found.known):
+    if _scalar(node) and not _kept(node) and (secure or str(node) in found.known):
         found.add(path, node)
         return PLACEHOLDER
     return node

@@ -359,6 +359,26 @@ def test_secrets_lines_cannot_reach_are_rewritten_not_kept(text: str) -> None:
     assert "anchored-pw-1" not in clean and found and how.startswith("rewritten")
 
 
+def test_names_that_only_mention_secrets_are_not_redacted() -> None:
+    """A service's `secrets:` list names compose secrets (restoring `<redacted>` there
+    would break the stack); `monkey`, `turnkey`, `basicAuth: true` hold no secret."""
+    text = (
+        "services:\n"
+        "  turnkey:\n"
+        "    image: monkey:latest\n"
+        "    secrets:\n"
+        "      - db_password\n"
+        "    ports: [8080]\n"
+        "    labels:\n"
+        "      basicAuth: true\n"
+        "      auth_mode: token\n"
+        "secrets:\n"
+        "  db_password:\n"
+        "    file: ./db_password.txt\n"
+    )
+    assert redact_yaml(text, compose=True) == (text, [], "in place")
+
+
 def test_env_from_process_withholds_secret_names_and_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
