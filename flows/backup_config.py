@@ -57,9 +57,9 @@ def backup_config(
     variables are withheld (named in the report), secrets in the YAML and JSON files
     (values of secret keys, command-line passwords, in comments too) are replaced.
     When the content equals the newest complete backup's, nothing is stored and
-    the report says "unchanged since <name>"; `force` stores anyway. A
-    newest backup that fails its checksum is never trusted: a new one is stored and
-    the report says the newest was damaged.
+    the report says "unchanged since <name>"; `force` stores anyway. A newest
+    backup that fails its checksum is never trusted: a new one is stored and the
+    report names the damaged one.
     Empty parameters take their PROXILION_DR_* setting. Returns the new backup's
     manifest, or `{"skipped": True, "unchanged_since": <name>, "digest": ...}`.
     """
