@@ -24,6 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ COMPOSE_PATTERNS = (
     "compose.*.yaml",
 )
 PLACEHOLDER = "<redacted>"
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _PATH_WORDS = ("file", "path", "dir")  # `password_file: /run/secrets/x` names a file
 _SECURE_KEYS = ("securejsondata",)  # Grafana: every value below it is a secret
@@ -83,8 +85,10 @@ _JSON_SECURE = re.compile(r"\"secureJsonData\"\s*:\s*\{[^{}]*\}", re.IGNORECASE)
 # ------------------------------------------------------------------ what is replaced
 
 
+@lru_cache(maxsize=4096)
 def _secret_key(key: str) -> bool:
-    """A key whose value is a secret (`password_file`, `key_file` name files)."""
+    """A key whose value is a secret (`password_file`, `key_file` name files).
+    Cached: a dashboard repeats the same few keys thousands of times."""
     parts = words(key)
     return secret_name(key) and not (parts and parts[-1] in _PATH_WORDS)
 
@@ -214,11 +218,17 @@ def _scrub_item(
     return _scrub(item, label, compose, found, secure)
 
 
+def _load_all(text: str) -> list[Any]:
+    """The YAML documents of a text, parsed safely (libyaml when installed: several
+    times faster; a text it cannot encode raises ValueError)."""
+    return list(yaml.load_all(text, Loader=_YAML_LOADER))
+
+
 def _yaml_secrets(text: str, compose: bool) -> Findings | None:
     """The secrets left in a YAML text; None when it does not parse."""
     try:
-        documents = list(yaml.safe_load_all(text))
-    except yaml.YAMLError:
+        documents = _load_all(text)
+    except (yaml.YAMLError, ValueError):
         return None
     found = Findings()
     for document in documents:
@@ -232,8 +242,8 @@ def _yaml_secrets(text: str, compose: bool) -> Findings | None:
 def _scalar_text(value: str) -> object:
     """The scalar a YAML value text stands for, or None (not a scalar, not parseable)."""
     try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError:
+        parsed = yaml.load(value, Loader=_YAML_LOADER)
+    except (yaml.YAMLError, ValueError):
         return None
     return parsed if _scalar(parsed) else None
 
@@ -336,7 +346,8 @@ def _redact_lines(text: str, compose: bool) -> tuple[str, list[str]]:
             block = (secure or _secret_key(key)) and re.fullmatch(
                 r"[|>][-+0-9]*([ ]+#.*)?", value
             ) is not None
-            if block or _hides_secret(key, _scalar_text(value), secure):
+            candidate = secure or _secret_key(key) or SECRET_VALUE.search(value)
+            if block or (candidate and _hides_secret(key, _scalar_text(value), secure)):
                 names.append(key)
                 replacement = json.dumps(_placeholder(key, compose))
                 out.append(f"{mapped['head']}{mapped['gap']}{replacement}{ending}")
@@ -349,14 +360,14 @@ def _redact_lines(text: str, compose: bool) -> tuple[str, list[str]]:
         if item:
             if argv_indent != indent:
                 argv_indent, after_cli, pending_flag = indent, False, None
-            value = _scalar_text(item["item"])
+            value = _scalar_text(item["item"]) if pending_flag else None
             if pending_flag and _scalar(value) and not _kept(value):
                 names.append(pending_flag)
                 placeholder = json.dumps(_argument_placeholder(pending_flag, compose))
                 out.append(f"{item['head']}{placeholder}{item['tail']}{ending}")
                 pending_flag = None
                 continue
-            text = value if isinstance(value, str) else ""
+            text = item["item"].strip("\"'")  # flags need no decoding
             pending_flag = text if secret_flag(text, after_cli) else None
             after_cli = after_cli or "redis-cli" in text
         elif not blank:
@@ -389,7 +400,7 @@ def redact_yaml(text: str, compose: bool) -> tuple[str, list[str], str]:
     if left is not None and not left.paths and not found.copies_in(redacted):
         return redacted, urls + found.paths + comments, "in place"
     known = Findings(known=frozenset(found.values))
-    clean = [_scrub(doc, "", compose, known) for doc in yaml.safe_load_all(text)]
+    clean = [_scrub(doc, "", compose, known) for doc in _load_all(text)]
     rewritten = yaml.safe_dump_all(clean, sort_keys=False, default_flow_style=False)
     return rewritten, urls + found.paths + comments, "rewritten (comments and layout not kept)"
 
@@ -420,6 +431,8 @@ def _redact_json_text(text: str) -> tuple[str, list[str]]:
     def pairs(secure: bool) -> Callable[[re.Match[str]], str]:
         def replace(match: re.Match[str]) -> str:
             key = str(_json_literal(f'"{match["key"]}"'))
+            if not (secure or _secret_key(key) or SECRET_VALUE.search(match["value"])):
+                return match[0]  # the common case, decided without decoding the value
             if not _hides_secret(key, _json_literal(match["value"]), secure):
                 return match[0]
             names.append(key)
