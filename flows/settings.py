@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.secrets import carries_credentials
 
 SETTING = "setting"  # the choice, in an enum parameter, that means "take the setting"
 
@@ -50,6 +51,9 @@ class Settings(BaseSettings):
     config_env_container: str = "proxilion-gateway"
     config_retention_days: float = 90
 
+    gateway_container: str = "proxilion-gateway"
+    gateway_url: str = "http://localhost:8787"
+
     logs_containers: str = "proxilion-gateway"
     logs_window: str = "24h"
     logs_retention_days: float = 30
@@ -83,7 +87,7 @@ def refuse_secret_parameters(parameters: dict[str, Any], *names: str) -> None:
     environment variable keeps them out of sight."""
     for name in names:
         value = parameters.get(name)
-        if isinstance(value, str) and urlsplit(value).password:
+        if isinstance(value, str) and carries_credentials(value):
             raise SecretParameter(
                 f"parameter {name} carries a password, and Prefect shows flow-run parameters "
                 f"in its UI: put the URL in PROXILION_DR_{name.upper()} instead and leave the "
