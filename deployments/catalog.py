@@ -65,4 +65,12 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         description="Last 24 h of gateway logs, streamed and compressed; 30 days.",
         tags=("proxilion-dr", "backup", "logs"),
     ),
+    DeploymentSpec(
+        name="manual",
+        entrypoint="flows/recover_gateway.py:recover_gateway",
+        cron=None,
+        description="Runbook scenario 1, launched by hand: inspect the gateway, keep its "
+        "last logs, restart, recreate if still unhealthy, verify /health and /metrics.",
+        tags=("proxilion-dr", "recovery", "gateway"),
+    ),
 )

@@ -14,9 +14,11 @@ from contextlib import ExitStack
 from typing import Any
 
 from prefect import flow
+from prefect.states import State
 
 from flows.recovery import Recovery, StepFailed, one_line
 from flows.settings import settings
+from flows.steps import failed_state, run_name
 from tasks import health
 from tasks.compose import find_service
 from tasks.container_recovery import (
@@ -41,7 +43,7 @@ FLOW = "recover-gateway"
 LOG_LINES = 100
 
 
-@flow(name=FLOW, log_prints=True)
+@flow(name=FLOW, flow_run_name=run_name("gateway recovery"), log_prints=True)
 def recover_gateway(
     container: str | None = None,
     health_url: str | None = None,
@@ -50,7 +52,7 @@ def recover_gateway(
     recreate: bool = True,
     compose_file: str | None = None,
     dry_run: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | State[Any]:
     """Bring the gateway back (runbook scenario 1) and measure how long it was down.
 
     Inspects the container and keeps its last 100 log lines in the report, restarts
@@ -67,7 +69,7 @@ def recover_gateway(
             (default http://localhost:8787) + /health.
         metrics_url: The gateway's metrics endpoint. Empty: /metrics on the same server
             as health_url.
-        deadline_seconds: How long to wait for /health after the restart, and again
+        deadline_seconds: Seconds to wait for /health after the restart, and again
             after recreating, before giving up.
         recreate: Allow recreating the container when a restart does not make it
             healthy (the original is kept aside until the new one is healthy).
@@ -89,7 +91,7 @@ def recover_gateway(
             _recover(recovery, name, url, metrics, deadline_seconds, recreate, compose_file)
     except Exception as error:
         message = recovery.failure() if recovery.failed_step() else f"{FLOW}: {one_line(error)}"
-        raise StepFailed(message) from error
+        return failed_state(StepFailed(message), cause=error)
     finally:
         _note_final_state(recovery, name)
         recovery.publish()

@@ -63,6 +63,14 @@ def failure_line(error: BaseException, safe: str) -> str:
     return f"{failed_step(error)} failed: {one_line(error)}; {safe}"
 
 
+def failed_state(error: BaseException, cause: BaseException | None = None) -> State[Any]:
+    """A Failed state whose message is `error`'s one line (what the runs list and run
+    header show), carrying `error` itself: a direct call of the flow raises it."""
+    if cause is not None:
+        error.__cause__ = cause
+    return Failed(message=one_line(error), data=error)
+
+
 def explains_failure(fn: Callable[P, R]) -> Callable[P, R | State[Any]]:
     """Wrap a backup flow's body: an error ends the run in a Failed state whose message
     is one line (the runs list and run header show it), keeping the exception itself
@@ -74,7 +82,7 @@ def explains_failure(fn: Callable[P, R]) -> Callable[P, R | State[Any]]:
         try:
             return fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - becomes the run's Failed state
-            return Failed(message=failure_line(error, _safe.get()), data=error)
+            return Failed(message=failure_line(error, _safe.get()), data=error)  # same type
         finally:
             _safe.reset(token)
 

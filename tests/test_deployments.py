@@ -98,7 +98,8 @@ def test_the_run_form_explains_every_parameter_of_every_deployment() -> None:
                 continue
             named = NAMED_SETTING.search(description)
             if not named:
-                problems.append(f"{where}: does not name the setting that fills it")
+                if "Empty:" not in description:  # e.g. "Empty: /metrics on that server"
+                    problems.append(f"{where}: does not say what an empty value means")
                 continue
             setting, said = named.group(1).lower(), named.group(2)
             if setting not in Settings.model_fields:

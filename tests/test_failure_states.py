@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -24,6 +25,8 @@ from flows.backup_config import backup_config
 from flows.backup_logs import backup_logs
 from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
+from flows.recover_gateway import recover_gateway
+from flows.recovery import StepFailed
 from sandbox import constants as stack
 from tasks.logs import LOG_LINE_FORMAT
 from tasks.redis import RedisUnreachable
@@ -128,6 +131,26 @@ def test_bad_parameter_failure_names_the_check(backup_dir: Path) -> None:
         "checking the retention parameters failed: keep_min must be at least 1 (the newest "
         "is always kept), got 0; nothing new was stored; earlier backups are untouched"
     )
+
+
+def test_recovery_failure_is_the_state_message_without_a_traceback_prefix() -> None:
+    missing = f"proxilion-dr-test-missing-{uuid.uuid4().hex[:8]}"
+    state = recover_gateway(
+        container=missing,
+        health_url=f"http://127.0.0.1:{free_port()}/health",
+        deadline_seconds=1,
+        return_state=True,
+    )
+    run = flow_run(state)
+    assert run.name.startswith("gateway recovery ")
+    assert run.state is not None and run.state.is_failed()
+    assert run.state.message == (
+        "recover-gateway: step 'recreate container from its configuration' failed: container "
+        f"'{missing}' does not exist, so there is no configuration to recreate it from: run "
+        "again with compose_file=<path of the docker-compose.yml defining it>"
+    )
+    with pytest.raises(StepFailed):  # a direct call still raises the step failure
+        state.result()
 
 
 def test_redis_report_carries_versions_and_checks(sandbox_redis: str, backup_dir: Path) -> None:
