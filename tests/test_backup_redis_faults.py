@@ -49,12 +49,14 @@ def test_unreachable_redis(backup_dir: Path) -> None:
     no_backups(backup_dir)
 
 
-def test_wrong_password_is_clear_and_never_shown(backup_dir: Path, tmp_path: Path) -> None:
+def test_wrong_password_is_clear_and_never_shown(
+    backup_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with running_redis(tmp_path / "r", requirepass="the-right-one") as server:
         url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+        monkeypatch.setenv("PROXILION_DR_REDIS_URL", url)  # credentials: environment only
         with pytest.raises(PermissionError, match="refused the credentials") as failure:
             backup_redis(
-                redis_url=url,
                 container="",
                 fetch="network",
                 backup_dir=str(backup_dir),
