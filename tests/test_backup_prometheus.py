@@ -32,6 +32,7 @@ from prefect.client.orchestration import get_client
 from flows.backup_prometheus import backup_prometheus
 from sandbox import constants as stack
 from sandbox import images
+from tasks import prometheus as prometheus_tasks
 from tasks.archive import CompressedWriter, open_decompressed, sha256_file
 from tasks.prometheus import Snapshot, Tsdb, delete_snapshot, restore_snapshot
 from tasks.storage import list_local
@@ -61,6 +62,24 @@ def sandbox_prometheus() -> str:
     return stack.PROMETHEUS_URL
 
 
+@pytest.fixture
+def our_snapshots(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the snapshots this test's backups asked Prometheus for, recorded by a
+    spy around the real API call. The sandbox TSDB is shared (the demo, other
+    checkouts): a test checks and touches only the snapshots it made."""
+    names: list[str] = []
+    call_api = prometheus_tasks.call_api
+
+    def spy(prometheus_url: str, method: str, path: str, *args: Any) -> dict[str, Any]:
+        answer = call_api(prometheus_url, method, path, *args)
+        if path == "/api/v1/admin/tsdb/snapshot":
+            names.append(str(answer.get("name", "")))
+        return answer
+
+    monkeypatch.setattr(prometheus_tasks, "call_api", spy)
+    return names
+
+
 def query(url: str, expr: str, at: float) -> list[tuple[tuple[tuple[str, str], ...], str]]:
     """An instant query's answer as sorted (labels, value) pairs."""
     answer = httpx.get(f"{url}/api/v1/query", params={"query": expr, "time": at}, timeout=10)
@@ -86,31 +105,28 @@ class Throwaway:
 
 @contextmanager
 def running_prometheus(data_dir: Path, admin: bool = True) -> Iterator[Throwaway]:
-    """The host's `prometheus` on a free 127.0.0.1 port over `data_dir`, scraping nothing."""
-    port = free_port()
-    config = data_dir.parent / f"prometheus-{port}.yml"
-    config.write_text("scrape_configs: []\n")
-    log = data_dir.parent / f"prometheus-{port}.log"
-    args = [
-        "prometheus",
-        f"--config.file={config}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        f"--storage.tsdb.path={data_dir}",
-        f"--storage.tsdb.retention.time={stack.PROMETHEUS_RETENTION}",
-    ] + (["--web.enable-admin-api"] if admin else [])
-    with open(log, "wb") as output:
-        process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    """The host's `prometheus` on a free 127.0.0.1 port over `data_dir`, scraping nothing.
+    The port can be taken between picking and binding: then it starts again on another."""
+    for _attempt in range(5):
+        port = free_port()
+        config = data_dir.parent / f"prometheus-{port}.yml"
+        config.write_text("scrape_configs: []\n")
+        log = data_dir.parent / f"prometheus-{port}.log"
+        args = [
+            "prometheus",
+            f"--config.file={config}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={data_dir}",
+            f"--storage.tsdb.retention.time={stack.PROMETHEUS_RETENTION}",
+        ] + (["--web.enable-admin-api"] if admin else [])
+        with open(log, "wb") as output:
+            process = subprocess.Popen(args, stdout=output, stderr=subprocess.STDOUT)
+        if _wait_ready(f"http://127.0.0.1:{port}", process, log):
+            break
+    else:
+        pytest.fail(f"prometheus on {data_dir} found no free port in 5 tries", pytrace=False)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"prometheus on {data_dir} did not start:\n{log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield Throwaway(url, port, data_dir, process)
+        yield Throwaway(f"http://127.0.0.1:{port}", port, data_dir, process)
     finally:
         if process.poll() is None:
             process.terminate()
@@ -119,6 +135,23 @@ def running_prometheus(data_dir: Path, admin: bool = True) -> Iterator[Throwaway
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> bool:
+    """True once Prometheus answers /-/ready; False if it exited because its port was
+    taken meanwhile; fails the test on any other start-up failure."""
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                return True
+        if process.poll() is not None and "address already in use" in log.read_text().lower():
+            return False
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            pytest.fail(f"prometheus at {url} did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
 
 
 @contextmanager
@@ -175,6 +208,12 @@ def sandbox_snapshots() -> list[str]:
     """Snapshot folders left in the sandbox TSDB (each one holds disk)."""
     folder = stack.PROMETHEUS_HOST_DATA_DIR / "snapshots"
     return sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def left_behind(ours: list[str]) -> list[str]:
+    """Those of `ours` still in the sandbox TSDB (other runs' snapshots are not ours)."""
+    assert ours, "the backup never asked Prometheus for a snapshot"
+    return sorted(set(ours) & set(sandbox_snapshots()))
 
 
 def no_backups(backup_dir: Path) -> None:
@@ -366,7 +405,11 @@ def test_admin_api_disabled_says_how_to_fix_it(backup_dir: Path, tmp_path: Path)
 
 @pytest.mark.parametrize("fetch", ["container", "path"])
 def test_snapshot_removed_while_copying(
-    fetch: str, sandbox_prometheus: str, backup_dir: Path, monkeypatch: pytest.MonkeyPatch
+    fetch: str,
+    sandbox_prometheus: str,
+    backup_dir: Path,
+    our_snapshots: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The real snapshot folder is deleted as soon as the first archive bytes are
     written: the Docker archive API then ends its tar early without an error (checked
@@ -376,7 +419,7 @@ def test_snapshot_removed_while_copying(
 
     def write_then_remove(self: CompressedWriter, chunk: bytes | memoryview) -> None:
         if not removed:
-            for name in sandbox_snapshots():
+            for name in our_snapshots:
                 shutil.rmtree(stack.PROMETHEUS_HOST_DATA_DIR / "snapshots" / name)
                 removed.append(name)
         write(self, chunk)
@@ -393,11 +436,11 @@ def test_snapshot_removed_while_copying(
         )
     assert removed, "the copy never started"
     no_backups(backup_dir)
-    assert sandbox_snapshots() == []
+    assert left_behind(our_snapshots) == []
 
 
 def test_disk_full_removes_the_partial_file_and_the_snapshot(
-    sandbox_prometheus: str, tmp_path: Path
+    sandbox_prometheus: str, tmp_path: Path, our_snapshots: list[str]
 ) -> None:
     with mounted_tmpfs(tmp_path / "tiny", "size=64k") as tiny:
         with pytest.raises(OSError, match="no space left in .*choose another backup_dir"):
@@ -410,11 +453,11 @@ def test_disk_full_removes_the_partial_file_and_the_snapshot(
                 s3_bucket="",
             )
         no_backups(tiny)
-    assert sandbox_snapshots() == []
+    assert left_behind(our_snapshots) == []
 
 
 def test_read_only_backup_dir_fails_before_any_snapshot(
-    sandbox_prometheus: str, tmp_path: Path
+    sandbox_prometheus: str, tmp_path: Path, our_snapshots: list[str]
 ) -> None:
     with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as readonly:
         with pytest.raises(PermissionError, match="is not writable.*choose another backup_dir"):
@@ -425,11 +468,11 @@ def test_read_only_backup_dir_fails_before_any_snapshot(
                 s3_bucket="",
             )
         assert os.listdir(readonly) == []
-    assert sandbox_snapshots() == []
+    assert our_snapshots == []
 
 
 def test_s3_down_after_the_copy_still_deletes_the_snapshot(
-    sandbox_prometheus: str, backup_dir: Path
+    sandbox_prometheus: str, backup_dir: Path, s3_prefix: str, our_snapshots: list[str]
 ) -> None:
     with pytest.raises(Exception, match="S3 endpoint http://127.0.0.1:1 is unreachable"):
         backup_prometheus(
@@ -439,9 +482,10 @@ def test_s3_down_after_the_copy_still_deletes_the_snapshot(
             data_dir=str(stack.PROMETHEUS_HOST_DATA_DIR),
             backup_dir=str(backup_dir),
             s3_bucket=stack.S3_BUCKET,
+            s3_prefix=s3_prefix,
             s3_endpoint_url="http://127.0.0.1:1",
         )
-    assert sandbox_snapshots() == []
+    assert left_behind(our_snapshots) == []
     [kept] = list_local(backup_dir, "prometheus")  # the local copy is complete, as designed
     assert (backup_dir / kept.name).stat().st_size == kept.size
 
