@@ -21,6 +21,7 @@ from flows.backup_config import backup_config
 from sandbox import constants as stack
 from tasks.archive import extract_archive
 from tasks.config import read_env, redact_yaml, secret_name
+from tasks.containers import ContainerError
 from tasks.storage import list_local
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
@@ -269,7 +270,7 @@ def test_full_disk_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
 
 def test_unknown_env_container_is_named_with_the_existing_ones(tmp_path: Path) -> None:
     project = write_project(tmp_path / "project")
-    with pytest.raises(Exception, match="no container named 'gateway-nope'.*leave it empty"):
+    with pytest.raises(ContainerError, match="no container named 'gateway-nope'.*leave it empty"):
         backup_config(
             project_dir=str(project),
             env_container="gateway-nope",

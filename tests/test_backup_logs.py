@@ -26,7 +26,8 @@ from flows.backup_logs import backup_logs
 from sandbox import constants as stack
 from sandbox.images import host_mounts
 from tasks import logs
-from tasks.logs import capture_logs, find_log_sources, parse_window
+from tasks.containers import ContainerError
+from tasks.logs import LogStreamCut, capture_logs, find_log_sources, parse_window
 from tasks.storage import list_local, utc_now
 
 LINE = re.compile(
@@ -260,7 +261,8 @@ def test_container_without_output_completes_with_zero_lines(backup_dir: Path) ->
 
 
 def test_unknown_container_is_named_with_the_existing_ones(backup_dir: Path) -> None:
-    with pytest.raises(Exception, match="no container named 'proxilion-nope'.*proxilion-gateway"):
+    named = "no container named 'proxilion-nope'.*proxilion-gateway"
+    with pytest.raises(ContainerError, match=named):
         backup_logs(containers=["proxilion-nope"], backup_dir=str(backup_dir), s3_bucket="")
     nothing_stored(backup_dir)
 
@@ -286,7 +288,7 @@ def test_cut_off_stream_fails_and_stores_nothing(
         proxy = CuttingProxy(tmp_path / "docker.sock", limit=300_000)
         monkeypatch.setenv("DOCKER_HOST", f"unix://{proxy.path}")
         try:
-            with pytest.raises(Exception, match=f"log stream of container '{name}' was cut off"):
+            with pytest.raises(LogStreamCut, match=f"log stream of container '{name}' was cut off"):
                 backup_logs(
                     containers=[name],
                     window="1h",

@@ -34,7 +34,16 @@ from sandbox import constants as stack
 from sandbox import images
 from tasks import prometheus as prometheus_tasks
 from tasks.archive import CompressedWriter, open_decompressed, sha256_file
-from tasks.prometheus import Snapshot, Tsdb, delete_snapshot, restore_snapshot
+from tasks.prometheus import (
+    AdminApiDisabled,
+    PrometheusUnreachable,
+    Snapshot,
+    SnapshotCopyError,
+    Tsdb,
+    delete_snapshot,
+    restore_snapshot,
+)
+from tasks.s3 import S3Unreachable
 from tasks.storage import list_local
 
 SECRET = "pr0m-Pa55word"
@@ -359,7 +368,9 @@ def test_unreachable_prometheus_is_clear_and_hides_credentials(
     backup_dir: Path, tmp_path: Path
 ) -> None:
     url = f"http://admin:{SECRET}@127.0.0.1:1"
-    with pytest.raises(Exception, match=r"cannot reach Prometheus at http://\*\*\*@127.0.0.1:1"):
+    with pytest.raises(
+        PrometheusUnreachable, match=r"cannot reach Prometheus at http://\*\*\*@127.0.0.1:1"
+    ):
         backup_prometheus(
             prometheus_url=url,
             container="",
@@ -374,7 +385,7 @@ def test_unreachable_prometheus_is_clear_and_hides_credentials(
 
 def test_prometheus_killed_during_the_snapshot(backup_dir: Path, tmp_path: Path) -> None:
     with running_prometheus(tmp_path / "data") as prometheus, killing_proxy(prometheus) as url:
-        with pytest.raises(Exception, match="cannot reach Prometheus at .*is it running"):
+        with pytest.raises(PrometheusUnreachable, match="cannot reach Prometheus .*is it running"):
             backup_prometheus(
                 prometheus_url=url,
                 container="",
@@ -390,7 +401,7 @@ def test_prometheus_killed_during_the_snapshot(backup_dir: Path, tmp_path: Path)
 def test_admin_api_disabled_says_how_to_fix_it(backup_dir: Path, tmp_path: Path) -> None:
     with (
         running_prometheus(tmp_path / "data", admin=False) as prometheus,
-        pytest.raises(Exception, match="admin APIs disabled.*--web.enable-admin-api"),
+        pytest.raises(AdminApiDisabled, match="admin APIs disabled.*--web.enable-admin-api"),
     ):
         backup_prometheus(
             prometheus_url=prometheus.url,
@@ -425,7 +436,7 @@ def test_snapshot_removed_while_copying(
         write(self, chunk)
 
     monkeypatch.setattr(CompressedWriter, "write", write_then_remove)
-    with pytest.raises(Exception, match="(changed|vanished) .*while it was copied"):
+    with pytest.raises(SnapshotCopyError, match="(changed|vanished) .*while it was copied"):
         backup_prometheus(
             prometheus_url=sandbox_prometheus,
             container=stack.PROMETHEUS_CONTAINER,
@@ -474,7 +485,7 @@ def test_read_only_backup_dir_fails_before_any_snapshot(
 def test_s3_down_after_the_copy_still_deletes_the_snapshot(
     sandbox_prometheus: str, backup_dir: Path, s3_prefix: str, our_snapshots: list[str]
 ) -> None:
-    with pytest.raises(Exception, match="S3 endpoint http://127.0.0.1:1 is unreachable"):
+    with pytest.raises(S3Unreachable, match="S3 endpoint http://127.0.0.1:1 is unreachable"):
         backup_prometheus(
             prometheus_url=sandbox_prometheus,
             container=stack.PROMETHEUS_CONTAINER,
