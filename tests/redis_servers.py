@@ -205,8 +205,10 @@ def _seed_one(pipe: Any, rng: random.Random, i: int) -> None:
 Snapshot = dict[tuple[int, bytes], tuple[str, Any, int]]
 
 
-def keyspace_snapshot(server: RedisServer | str) -> Snapshot:
-    """Every key of every db as (db, key) -> (type, value, absolute expiry ms or -1).
+def keyspace_snapshot(server: RedisServer | str, match: str = "*") -> Snapshot:
+    """Every key (matching `match`) of every db as (db, key) -> (type, value, absolute
+    expiry ms or -1). A key that vanishes while it is read (expired, deleted by another
+    writer) is left out.
 
     `server` is a started RedisServer or any Redis URL (the sandbox's, say)."""
 
@@ -219,17 +221,21 @@ def keyspace_snapshot(server: RedisServer | str) -> Snapshot:
     for db in client(0).info("keyspace"):
         number = int(db.removeprefix("db"))
         conn = client(number)
-        keys = list(conn.scan_iter(count=1000))
+        keys = list(conn.scan_iter(match=match, count=1000))
         pipe = conn.pipeline(transaction=False)
         for key in keys:
             pipe.type(key)
             pipe.pexpiretime(key)
         meta = pipe.execute()
-        types = [t.decode() for t in meta[::2]]
-        for key, kind in zip(keys, types, strict=True):
+        found = [
+            (key, kind.decode(), expiry)
+            for key, kind, expiry in zip(keys, meta[::2], meta[1::2], strict=True)
+            if kind != b"none"  # gone since the SCAN
+        ]
+        for key, kind, _expiry in found:
             _read_value(pipe, key, kind)
         values = pipe.execute()
-        for key, kind, value, expiry in zip(keys, types, values, meta[1::2], strict=True):
+        for (key, kind, expiry), value in zip(found, values, strict=True):
             snapshot[(number, key)] = (kind, _normalise(kind, value), expiry)
         conn.close()
     return snapshot

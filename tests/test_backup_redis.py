@@ -12,7 +12,7 @@ import boto3
 import pytest
 import redis
 from prefect.client.orchestration import get_client
-from redis_servers import Snapshot, assert_same_keyspace, keyspace_snapshot, running_redis
+from redis_servers import assert_same_keyspace, keyspace_snapshot, running_redis
 
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
@@ -41,17 +41,13 @@ def restore_and_compare(
 ) -> None:
     """Put the backup into a fresh redis-server and compare every key with the source
     (only the keys starting with `keys`, when given)."""
-    expected = only(keyspace_snapshot(source_url), keys)
+    expected = keyspace_snapshot(source_url, match=keys + "*")
     target = tmp_path / "restored"
     target.mkdir()
     placed = place_rdb(backup_dir, name, target)
     assert placed.path == target / "dump.rdb"
     with running_redis(target) as restored:
-        assert_same_keyspace(expected, only(keyspace_snapshot(restored), keys))
-
-
-def only(snapshot: Snapshot, prefix: str) -> Snapshot:
-    return {key: value for key, value in snapshot.items() if key[1].startswith(prefix.encode())}
+        assert_same_keyspace(expected, keyspace_snapshot(restored, match=keys + "*"))
 
 
 # The sandbox Redis is shared (the demo, other checkouts write to it at any time): the
