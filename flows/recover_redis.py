@@ -17,10 +17,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.recovery import Recovery, StepFailed, one_line
+from flows.recovery import Recovery
+from flows.restoring import find_backup, roll_back
 from flows.settings import resolve, warn_about_secret_parameters
 from tasks.containers import container_running, start_container, stop_container
-from tasks.fetch import FoundBackup, fetch_backup
+from tasks.fetch import FoundBackup
 from tasks.locks import exclusive, lock_name
 from tasks.redis_restore import (
     RedisSetup,
@@ -37,7 +38,6 @@ from tasks.restore import (
     MovedAside,
     find_data_dir,
     move_aside,
-    put_back,
     require_free_space,
     unique_folder,
     wait_for_health,
@@ -92,30 +92,15 @@ def recover_redis(
         data_dir="redis_data_dir",
     )
     recovery = Recovery("recover-redis", dry_run=dry_run)
-    try:
-        with exclusive(lock_name("backup-redis", redact_url(p["redis_url"]))):
-            _recover(recovery, p)
-    except Exception as error:
-        message = recovery.failure() if recovery.failed_step() else one_line(error)
-        raise StepFailed(message) from error
-    finally:
-        recovery.publish()
+    lock = lock_name("backup-redis", redact_url(p["redis_url"]))  # the backup flow\'s lock
+    with recovery.reporting(), exclusive(lock):
+        _recover(recovery, p)
     return recovery.result()
 
 
 def _recover(r: Recovery, p: dict[str, Any]) -> None:
     container = p["container"]
-    with r.step("find and verify the backup") as step:
-        found = fetch_backup(
-            Path(p["backup_dir"]),
-            "redis",
-            p["backup"],
-            p["s3_bucket"],
-            p["s3_prefix"],
-            p["s3_endpoint_url"] or None,
-        )
-        r.used_backup(found.manifest, found.location)
-        step.detail = f"{found.manifest.name}: size and sha256 match the manifest"
+    found = find_backup(r, p, "redis")
     with r.step("inspect Redis") as step:
         if not container:
             raise ValueError("container is empty: name the Redis container to restore into")
@@ -207,32 +192,9 @@ def _swap(r: Recovery, t: Target, found: FoundBackup, staging: Path, p: dict[str
                 step.detail = wait_for_health(p["gateway_health_url"], GATEWAY_TIMEOUT)
         r.healthy()
     except BaseException:
-        _roll_back(r, t, moved)
+        failed_folder = unique_folder(data, "failed-restore")
+        roll_back(r, container, moved, failed_folder, setup.data_names(), t.was_running)
         raise
-
-
-def _roll_back(r: Recovery, t: Target, moved: MovedAside | None) -> None:
-    """Put the old data back and start Redis again if it ran before; never raises (the
-    original failure is what the run reports)."""
-    container = t.container
-    try:
-        with r.step("roll back") as step:
-            stop_container(container)
-            done = []
-            if moved is not None:
-                failed = put_back(
-                    moved, unique_folder(moved.data_dir, "failed-restore"), t.setup.data_names()
-                )
-                r.moved_aside.clear()
-                done.append(f"previous data put back in {moved.data_dir}")
-                if failed:
-                    r.notes.append(f"what the failed restore left is kept in {failed}")
-            if t.was_running:
-                start_container(container)
-                done.append(f"container {container} started again")
-            step.detail = "; ".join(done) or "nothing to undo"
-    except Exception as error:  # noqa: BLE001 - recorded in the step; the cause is reported
-        r.notes.append(f"roll back incomplete: {one_line(error)}; check {container} by hand")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the link under `appendfilename`, which it loads the same way.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,9 @@ from tasks.fetch import FoundBackup
 from tasks.log import run_logger
 from tasks.rdb import RdbChecker, RdbError, RdbInfo, max_rdb_for_redis, validate_stream
 from tasks.redis import RedisUnreachable, connect, explain, inspect_redis, place_rdb
-from tasks.restore import chown_like
+from tasks.restore import chown_like, wait_started
 from tasks.secrets import redact_url
 from tasks.storage import _fsync_dir as fsync_dir
-
-POLL_SECONDS = 0.1
 
 
 class RdbTooNew(RdbError):
@@ -205,29 +202,23 @@ def place_staged(staging: Path, data_dir: Path, setup: RedisSetup) -> list[str]:
 @task(cache_policy=NO_CACHE)
 def wait_until_loaded(redis_url: str, container: str, timeout_seconds: float) -> dict[str, Any]:
     """Poll until Redis answers with `loading:0`; fail at once if its container exits.
-    Returns INFO (persistence and stats)."""
-    deadline = time.monotonic() + timeout_seconds
+    Returns INFO persistence and stats (`rdb_last_load_keys_expired`…)."""
     client = connect(redis_url, timeout=10)
-    last = "no answer yet"
-    while time.monotonic() < deadline:
+
+    def loaded() -> str | None:
         try:
             info = client.info("persistence")
-            if not int(info.get("loading", 1)):
-                info.update(client.info("stats"))
-                return info
-            last = f"loading, {info.get('loading_loaded_perc', '?')}% done"
         except redis.BusyLoadingError:
-            last = "loading"
+            return "loading"
         except redis.RedisError as error:
-            last = str(explain(error, redis_url))
-            reason = containers.exit_reason(container)
-            if reason:
-                raise RestoreNotVerified(f"Redis did not start: {reason}") from None
-        time.sleep(POLL_SECONDS)
-    raise TimeoutError(
-        f"Redis at {redact_url(redis_url)} did not finish loading within "
-        f"{timeout_seconds:.0f} s ({last}): raise start_timeout_seconds or check its log"
-    )
+            return str(explain(error, redis_url))
+        return f"loading, {info.get('loading_loaded_perc')}% done" if int(info["loading"]) else None
+
+    wait_started(loaded, container, timeout_seconds, f"Redis at {redact_url(redis_url)}")
+    try:
+        return {**client.info("persistence"), **client.info("stats")}
+    except redis.RedisError as error:
+        raise explain(error, redis_url) from None
 
 
 @task(cache_policy=NO_CACHE)

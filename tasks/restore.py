@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from tasks.storage import utc_now
 
 class DataDirNotFound(FileNotFoundError):
     """The service's data directory cannot be found on this host."""
+
+
+class ServiceDidNotStart(RuntimeError):
+    """The container exited while the restored service was starting."""
 
 
 class InsufficientSpace(OSError):
@@ -158,3 +163,24 @@ def wait_for_health(url: str, timeout_seconds: float) -> str:
             )
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+def wait_started(
+    probe: Callable[[], str | None], container: str, timeout_seconds: float, what: str
+) -> None:
+    """Poll `probe` (None when ready, else why not) until the restored service is
+    ready; fail at once when its container exits, else at the deadline."""
+    deadline = time.monotonic() + timeout_seconds
+    last: str | None = "not probed"
+    while time.monotonic() < deadline:
+        last = probe()
+        if last is None:
+            return
+        reason = containers.exit_reason(container)
+        if reason:
+            raise ServiceDidNotStart(f"{what} did not start: {reason}")
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"{what} not ready within {timeout_seconds:.0f} s ({last}): raise "
+        "start_timeout_seconds or check its log"
+    )
