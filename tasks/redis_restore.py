@@ -16,6 +16,7 @@ the link under `appendfilename`, which it loads the same way.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,15 @@ def aof_manifest(appendfilename: str) -> str:
     return f"file {appendfilename}.1.base.rdb seq 1 type b\n"
 
 
+def _link_or_copy(source: Path, link: Path) -> None:
+    """A hard link (no extra disk; Redis replaces either name by rename, never in
+    place), or a copy where the filesystem has no hard links."""
+    try:
+        os.link(source, link)
+    except OSError:
+        shutil.copyfile(source, link)
+
+
 @task(cache_policy=NO_CACHE)
 def place_staged(staging: Path, data_dir: Path, setup: RedisSetup) -> list[str]:
     """Rename the staged RDB into place and, when AOF is on, make it the AOF's base so
@@ -184,14 +194,14 @@ def place_staged(staging: Path, data_dir: Path, setup: RedisSetup) -> list[str]:
         if setup.appenddirname:
             folder = data_dir / setup.appenddirname
             folder.mkdir()
-            os.link(rdb, folder / f"{setup.appendfilename}.1.base.rdb")
+            _link_or_copy(rdb, folder / f"{setup.appendfilename}.1.base.rdb")
             manifest = folder / f"{setup.appendfilename}.manifest"
             manifest.write_text(aof_manifest(setup.appendfilename))
             with open(manifest, "rb") as stream:
                 os.fsync(stream.fileno())
             fsync_dir(folder)
         else:
-            os.link(rdb, data_dir / setup.appendfilename)
+            _link_or_copy(rdb, data_dir / setup.appendfilename)
         placed.append(setup.aof_name())
     for name in placed:
         chown_like(data_dir / name, owner)
