@@ -103,9 +103,10 @@ def test_flushall_then_recover_brings_every_key_value_and_ttl_back(
         expected = keyspace_snapshot(service.url)
         flushall(service)
         redis.Redis(port=service.port).set("written-after-the-loss", "x")
-        result = recover(service, backup_dir)
+        result = recover(service, backup_dir, gateway_health_url=f"{stack.GATEWAY_URL}/health")
         assert_same_keyspace(expected, keyspace_snapshot(service.url))
         assert result["ok"] and result["backup"]["name"] == manifest.name
+        assert step(result, "check the gateway")["outcome"] == "ok"
         assert result["rto_seconds"] > 0 and result["rpo_seconds"] >= 0
         [aside] = result["moved_aside"]
         # the data that was there (the flushed Redis, saved on stop) is kept, not deleted
@@ -285,3 +286,25 @@ def test_not_enough_disk_is_refused(live: tuple[Service, Path, Manifest], tmp_pa
     service, backups, _good = live
     with mounted_tmpfs(tmp_path / "small", "size=64k") as small:
         refused(service, backups, "not enough disk", data_dir=str(small))
+
+
+def test_a_failure_after_the_data_was_moved_puts_it_back_and_starts_redis(
+    live: tuple[Service, Path, Manifest], tmp_path: Path
+) -> None:
+    """The backup is intact, but its manifest promises keys the RDB does not hold (a
+    mismatched manifest): verification fails after Redis was restarted on it."""
+    service, backups, good = live
+    with open_decompressed(backups / good.name, "gzip") as stream:
+        rdb = stream.read()
+    lying = tmp_path / "backups"
+    (lying / "redis").mkdir(parents=True)
+    source = dict(good.source, keyspace={"db0": {"keys": 10**6, "expires": 0}})
+    name = add_backup(lying, Manifest(**{**vars(good), "source": source}), good.name, rdb)
+    before = keyspace_snapshot(service.url)
+    with pytest.raises(StepFailed, match="step 'verify key counts' failed: .*missing keys"):
+        recover(service, lying, backup=name)
+    assert service.container().status == "running" and redis_ready(service)
+    assert_same_keyspace(before, keyspace_snapshot(service.url))
+    kept = [p.name for p in service.data_dir.iterdir()]
+    assert not [n for n in kept if n.startswith("before-restore-")], "old data not put back"
+    assert [n for n in kept if n.startswith("failed-restore-")], "failed restore not kept"
