@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import redis
@@ -69,10 +69,8 @@ class RedisSetup:
         return [self.dbfilename, self.aof_name()]
 
 
-def _version_from_binary(container: str) -> str:
+def _version_from_binary(container: str, argv: list[str]) -> str:
     """`redis-server --version` run from the container's own image and mounts."""
-    attrs = containers.get_container(container).attrs
-    argv = [attrs.get("Path", ""), *attrs.get("Args", [])]
     binary = next((a for a in argv if os.path.basename(a).startswith("redis-server")), None)
     output = containers.run_like(container, [binary or "redis-server", "--version"])
     for word in output.split():
@@ -81,6 +79,47 @@ def _version_from_binary(container: str) -> str:
     raise containers.ContainerError(
         f"Redis in {container!r} does not answer and its binary did not tell its version "
         f"({output.strip()[:120]!r}): start it, or check the container"
+    )
+
+
+SETTINGS = ("dir", "dbfilename", "appendonly", "appenddirname", "appendfilename")
+
+
+def _settings_from_command(container: str, argv: list[str], workdir: str) -> dict[str, str]:
+    """The persistence settings a stopped Redis would start with: its config file (the
+    first `.conf` argument, read through the container's mount), then `--name value`
+    arguments, which win. Empty when there is neither."""
+    found: dict[str, str] = {}
+    conf = next((a for a in argv[1:] if a.endswith(".conf") and not a.startswith("-")), None)
+    host = containers.host_path(container, str(PurePosixPath(workdir) / conf)) if conf else None
+    if host is not None and host.is_file():
+        for line in host.read_text(errors="replace").splitlines():
+            words = line.split(None, 1)
+            if len(words) == 2 and words[0].lower() in SETTINGS:
+                found[words[0].lower()] = words[1].strip().strip("\"'")
+    for position, arg in enumerate(argv[:-1]):
+        if arg.startswith("--") and arg[2:].lower() in SETTINGS:
+            found[arg[2:].lower()] = argv[position + 1]
+    return found
+
+
+def _setup_from_container(container: str) -> RedisSetup:
+    """What a Redis that does not answer (crashed, stopped) would start with."""
+    attrs = containers.get_container(container).attrs
+    argv = [attrs.get("Path", ""), *attrs.get("Args", [])]
+    workdir = attrs.get("Config", {}).get("WorkingDir") or "/"
+    version = _version_from_binary(container, argv)
+    found = _settings_from_command(container, argv, workdir)
+    aof = found.get("appendonly")
+    multi_part_aof = max_rdb_for_redis(version) >= 10  # Redis 7: AOF is a folder
+    return RedisSetup(
+        redis_version=version,
+        answered=False,
+        dir=str(PurePosixPath(workdir) / found.get("dir", ".")),
+        dbfilename=found.get("dbfilename", "dump.rdb"),
+        aof_enabled=None if aof is None else aof == "yes",
+        appenddirname=found.get("appenddirname", "appendonlydir" if multi_part_aof else ""),
+        appendfilename=found.get("appendfilename", "appendonly.aof"),
     )
 
 
@@ -95,17 +134,15 @@ def _aof_config(client: redis.Redis) -> dict[str, str]:
 @task(cache_policy=NO_CACHE)
 def read_redis_setup(redis_url: str, container: str | None) -> RedisSetup:
     """Version, data location and AOF settings from the running Redis; when it does not
-    answer (crashed, stopped), the version from the container's binary."""
+    answer (crashed, stopped), from the container: its binary's version, its config
+    file and arguments."""
     try:
         facts = inspect_redis.fn(redis_url)
         config = _aof_config(connect(redis_url))
     except RedisUnreachable:
         if not container:
             raise
-        return RedisSetup(
-            _version_from_binary(container), False, None, "dump.rdb", None, "appendonlydir",
-            "appendonly.aof",
-        )  # fmt: skip
+        return _setup_from_container(container)
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
     return RedisSetup(

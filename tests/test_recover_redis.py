@@ -130,6 +130,28 @@ def test_recover_with_appendonly_yes_loads_the_backup_and_keeps_it_after_a_resta
         assert_same_keyspace(expected, keyspace_snapshot(service.url))
 
 
+def test_redis_that_no_longer_starts_on_a_corrupt_aof_is_recovered(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """Redis exits at start on a broken AOF manifest: the setup is read from the stopped
+    container (binary version, config file through its mount) and the restore brings
+    it back."""
+    with redis_container(tmp_path, appendonly=True) as service:
+        seed(service)
+        back_up(service, backup_dir)
+        expected = keyspace_snapshot(service.url)
+        container = service.container()
+        container.stop()
+        (service.data_dir / "appendonlydir" / "appendonly.aof.manifest").write_text("garbage\n")
+        container.start()
+        assert container.wait(timeout=30)["StatusCode"] != 0  # Redis refuses to start
+        result = recover(service, backup_dir)
+        assert_same_keyspace(expected, keyspace_snapshot(service.url))
+        assert "not running" in step(result, "inspect Redis")["detail"]
+        restart(service, redis_ready)
+        assert_same_keyspace(expected, keyspace_snapshot(service.url))
+
+
 def test_backup_only_in_s3_is_downloaded_verified_and_restored(
     tmp_path: Path, backup_dir: Path, s3_prefix: str
 ) -> None:
