@@ -92,7 +92,7 @@ def recover_redis(
         data_dir="redis_data_dir",
     )
     recovery = Recovery("recover-redis", dry_run=dry_run)
-    lock = lock_name("backup-redis", redact_url(p["redis_url"]))  # the backup flow\'s lock
+    lock = lock_name("backup-redis", redact_url(p["redis_url"]))  # the backup flow's own lock
     with recovery.reporting(), exclusive(lock):
         _recover(recovery, p)
     return recovery.result()
