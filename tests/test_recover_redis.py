@@ -13,7 +13,14 @@ import boto3
 import pytest
 import redis
 from mounts import mounted_tmpfs
-from redis_servers import RedisServer, assert_same_keyspace, keyspace_snapshot, seed_mixed_data
+from prefect.client.orchestration import get_client
+from redis_servers import (
+    RedisServer,
+    assert_same_keyspace,
+    keyspace_snapshot,
+    seed_mixed_data,
+    start_from_rdb,
+)
 from throwaway_services import Service, redis_container, redis_ready, restart
 
 from flows.backup_redis import backup_redis
@@ -87,6 +94,13 @@ def state(service: Service) -> dict[str, Any]:
     }
 
 
+def report(key: str) -> str:
+    """The newest markdown report artifact published under `key`."""
+    with get_client(sync_client=True) as client:
+        [artifact] = [a for a in client.read_latest_artifacts() if a.key == key]
+    return str(artifact.data)
+
+
 def step(result: dict[str, Any], name: str) -> dict[str, Any]:
     return next(s for s in result["steps"] if s["name"] == name)
 
@@ -109,8 +123,12 @@ def test_flushall_then_recover_brings_every_key_value_and_ttl_back(
         assert step(result, "check the gateway")["outcome"] == "ok"
         assert result["rto_seconds"] > 0 and result["rpo_seconds"] >= 0
         [aside] = result["moved_aside"]
-        # the data that was there (the flushed Redis, saved on stop) is kept, not deleted
-        assert (Path(aside) / "dump.rdb").is_file()
+        # the data that was there (saved by Redis when it was stopped) is kept, loadable
+        with start_from_rdb(Path(aside) / "dump.rdb", tmp_path / "old") as old:
+            assert old.client().get("written-after-the-loss") == b"x"
+        published = report("recover-redis")
+        assert "# recover-redis: OK" in published and f"`{manifest.name}`" in published
+        assert "RTO measured" in published and "RPO" in published and aside in published
         assert step(result, "verify key counts")["outcome"] == "ok"
 
 
