@@ -132,7 +132,7 @@ def our_pipeline(rdb_dir: Path, out: Path, deep_check: bool, compression: str = 
     """What backup-redis does after the save, by `fetch=path` (task bodies, no engine)."""
     facts = ServerFacts("7", "master", {}, str(rdb_dir), "dump.rdb", False)
     (out / "redis").mkdir(parents=True, exist_ok=True)
-    name = backup_name("redis", utc_now(), "gzip")
+    name = backup_name("redis", utc_now(), "gzip", "bench:0")
     captured = capture_rdb.fn(
         "path",
         "redis://unused",

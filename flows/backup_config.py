@@ -31,6 +31,7 @@ from tasks.config import (
     write_config_archive,
 )
 from tasks.locks import exclusive, lock_name
+from tasks.sources import config_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
@@ -49,7 +50,8 @@ def backup_config(
     keep_min: int | None = None,
 ) -> dict[str, Any]:
     """Back up the configuration in `project_dir` and the allow-listed environment to
-    `backup_dir/config/config_<UTC>.tar.gz` (and S3), then prune.
+    `backup_dir/config/config_<UTC>_<tag>.tar.gz` (and S3), then prune this
+    project's config backups (`<tag>` names the project folder).
 
     The environment comes from `env_container`'s config (the gateway), or from this
     process when `env_container` is empty. Secrets are never stored: secret-looking
@@ -70,20 +72,21 @@ def backup_config(
     to = Destination.from_parameters(p)
     store = to.backup_dir
     codec: Compression = check_compression(p["compression"])
+    source_id = config_source_id(p["project_dir"])
     with exclusive(lock_name("backup-config", str(store))):
         prepare_backup_dir(store, "config")
         files = read_project_files(Path(p["project_dir"]))
         env = read_env(allowlist_names(p["env_allowlist"]), p["env_container"] or None)
         digest = config_digest(files, env)
         source = config_source(files, env, digest)
-        previous = None if p["force"] else unchanged_since(store, digest)
+        previous = None if p["force"] else unchanged_since(store, digest, source_id)
         if previous:
             publish_unchanged_report(previous, source)
             print(f"Configuration unchanged since {previous}: nothing new stored")
             return {"skipped": True, "unchanged_since": previous, "digest": digest}
-        name = backup_name("config", utc_now(), codec)
+        name = backup_name("config", utc_now(), codec, source_id)
         archive = write_config_archive(files, env, name, staging_path(store, name), codec)
-        manifest = config_manifest(name, archive, source, elapsed(started))
+        manifest = config_manifest(name, archive, source, elapsed(started), source_id)
         stored, remote = keep_backup(archive, manifest, to, config_details(source))
     withheld = ", ".join(env.withheld) or "none"
     print(

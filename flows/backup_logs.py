@@ -24,12 +24,13 @@ from tasks.logs import (
     logs_manifest,
     parse_window,
 )
+from tasks.sources import logs_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
 @flow(name="backup-logs", log_prints=True)
 def backup_logs(
-    containers: list[str] | None = None,
+    containers: list[str] | str | None = None,
     window: str | None = None,
     read: Literal["auto", "api", "file"] = "auto",
     backup_dir: str | None = None,
@@ -41,11 +42,13 @@ def backup_logs(
     keep_min: int | None = None,
 ) -> dict[str, Any]:
     """Back up the last `window` (`30m`, `24h`, `7d`) of container logs to
-    `backup_dir/logs/gateway_<UTC>.log.gz` (and S3), then prune.
+    `backup_dir/logs/gateway_<UTC>_<tag>.log.gz` (and S3), then prune the backups of
+    the same containers (`<tag>` names the set of containers).
 
-    Several `containers` go into ONE file, one container after the other (each in
-    time order); every line reads `<timestamp> <container> <stream> <message>`, so
-    `zgrep ' proxilion-gateway stderr '` or `sort` work on it. `read` picks how logs
+    `containers` is a list or a comma-separated string. Several go into ONE file, one
+    container after the other (each in time order); every line reads `<timestamp>
+    <container> <stream> <message>`, so `zgrep ' proxilion-gateway stderr '` or `sort`
+    work on it. `read` picks how logs
     leave Docker: `api` (Engine API, any log driver), `file` (the json-file log on
     this host, much faster) or `auto` (file when possible). Empty parameters take
     their PROXILION_DR_* setting. Returns the backup's manifest.
@@ -61,14 +64,15 @@ def backup_logs(
     store = to.backup_dir
     codec: Compression = check_compression(p["compression"])
     names = container_names(p["containers"])
+    source_id = logs_source_id(names)
     until = utc_now()
     since = until - parse_window(p["window"])
     with exclusive(lock_name("backup-logs", str(store))):
         prepare_backup_dir(store, "logs")
         sources = find_log_sources(names, p["read"])
-        name = backup_name("logs", until, codec)
+        name = backup_name("logs", until, codec, source_id)
         captured = capture_logs(sources, since, until, staging_path(store, name), codec)
-        manifest = logs_manifest(name, captured, p["window"], elapsed(started))
+        manifest = logs_manifest(name, captured, p["window"], elapsed(started), source_id)
         stored, remote = keep_backup(
             captured.file,
             manifest,

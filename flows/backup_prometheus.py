@@ -26,6 +26,7 @@ from tasks.prometheus import (
     take_snapshot,
 )
 from tasks.secrets import redact_url
+from tasks.sources import prometheus_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
@@ -43,7 +44,8 @@ def backup_prometheus(
     retention_days: float | None = None,
     keep_min: int | None = None,
 ) -> dict[str, Any]:
-    """Back up one Prometheus to `backup_dir/prometheus/prometheus_<UTC>.tar.gz` (and S3).
+    """Back up one Prometheus to `backup_dir/prometheus/prometheus_<UTC>_<tag>.tar.gz`
+    (and S3), then prune this server's backups (`<tag>` names its URL).
 
     Empty parameters take their PROXILION_DR_* setting. `fetch` picks how the snapshot
     leaves Prometheus: `container` (Docker archive API), `path` (the TSDB folder on
@@ -62,16 +64,17 @@ def backup_prometheus(
     to = Destination.from_parameters(p)
     codec: Compression = check_compression(p["compression"])
     server = redact_url(p["prometheus_url"])
+    source_id = prometheus_source_id(p["prometheus_url"])
     with exclusive(lock_name("backup-prometheus", server)):
         prepare_backup_dir(to.backup_dir, "prometheus")
         facts = inspect_prometheus(p["prometheus_url"])
         tsdb = locate_tsdb(p["fetch"], p["container"] or None, p["data_dir"] or None, facts)
         snapshot = take_snapshot(p["prometheus_url"], tsdb)
         try:
-            name = backup_name("prometheus", utc_now(), codec)
+            name = backup_name("prometheus", utc_now(), codec, source_id)
             captured = copy_snapshot(snapshot, staging_path(to.backup_dir, name), codec)
             manifest = prometheus_manifest(
-                name, captured, snapshot, facts, server, elapsed(started)
+                name, captured, snapshot, facts, server, elapsed(started), source_id
             )
             stored, remote = keep_backup(
                 captured.file,

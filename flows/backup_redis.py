@@ -24,6 +24,7 @@ from tasks.redis import (
     redis_manifest,
     trigger_save,
 )
+from tasks.sources import redis_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
@@ -43,7 +44,8 @@ def backup_redis(
     deep_check: bool | None = None,
     save_timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Back up one Redis to `backup_dir/redis/dump_<UTC>.rdb.gz` (and S3), then prune.
+    """Back up one Redis to `backup_dir/redis/dump_<UTC>_<tag>.rdb.gz` (and S3), then
+    prune this server's backups (`<tag>` names the server: host and port).
 
     Empty parameters take their PROXILION_DR_* setting. `fetch` picks how the RDB
     leaves Redis: `container` (Docker archive API), `path` (Redis's folder on this
@@ -64,6 +66,7 @@ def backup_redis(
     to = Destination.from_parameters(p)
     codec: Compression = check_compression(p["compression"])
     server = redact_url(p["redis_url"])
+    source_id = redis_source_id(p["redis_url"])
     with exclusive(lock_name("backup-redis", server)):
         prepare_backup_dir(to.backup_dir, "redis")
         facts = inspect_redis(p["redis_url"])
@@ -75,7 +78,7 @@ def backup_redis(
                 p["save_timeout_seconds"],
                 p["container"] if method == "container" else None,
             )
-        name = backup_name("redis", utc_now(), codec)
+        name = backup_name("redis", utc_now(), codec, source_id)
         captured = capture_rdb(
             method,
             p["redis_url"],
@@ -86,7 +89,7 @@ def backup_redis(
             codec,
             p["deep_check"],
         )
-        manifest = redis_manifest(name, captured, facts, server, save, elapsed(started))
+        manifest = redis_manifest(name, captured, facts, server, save, elapsed(started), source_id)
         stored, remote = keep_backup(
             captured.file,
             manifest,

@@ -45,18 +45,22 @@ def keep_backup(
     """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
 
     An upload failure fails the run after the local copy is complete; pruning
-    only happens once the new backup is safely everywhere it should be."""
+    only happens once the new backup is safely everywhere it should be, and only
+    touches backups of the same source (`manifest.source_id`)."""
     stored = commit_local(to.backup_dir, staged, manifest)
     remote = None
     if to.s3_bucket:
         remote = upload_backup(stored, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url).url
-    kept_local = prune_local(to.backup_dir, manifest.kind, to.retention_days, to.keep_min)
+    kept_local = prune_local(
+        to.backup_dir, manifest.kind, manifest.source_id, to.retention_days, to.keep_min
+    )
     kept_remote = None
     if to.s3_bucket:
         kept_remote = prune_remote(
             to.s3_bucket,
             to.s3_prefix,
             manifest.kind,
+            manifest.source_id,
             to.s3_endpoint_url,
             to.retention_days,
             to.keep_min,

@@ -171,6 +171,7 @@ class Manifest:
     source: dict[str, Any] = field(default_factory=dict)
     steps: dict[str, float] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
+    source_id: str = ""  # what was backed up (tasks.sources); "" in older manifests
 
     @classmethod
     def describe(
@@ -181,6 +182,8 @@ class Manifest:
         duration_seconds: float,
         source: dict[str, Any],
         steps: dict[str, float] | None = None,
+        *,
+        source_id: str = "",
     ) -> Manifest:
         """The manifest of a file just written by `CompressedWriter`, dated now."""
         return cls(
@@ -194,6 +197,7 @@ class Manifest:
             duration_seconds=duration_seconds,
             source=source,
             steps=steps or {},
+            source_id=source_id,
         )
 
     def to_json(self) -> str:

@@ -388,10 +388,11 @@ def config_digest(files: ProjectFiles, env: EnvCapture) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def unchanged_since(backup_dir: Path, digest: str) -> str | None:
-    """The newest complete config backup when it has this digest and is intact, else None."""
+def unchanged_since(backup_dir: Path, digest: str, source_id: str) -> str | None:
+    """The newest complete config backup of this project when it has this digest and
+    is intact, else None."""
     try:
-        manifest, path = find_local(Path(backup_dir), "config", "latest")
+        manifest, path = find_local(Path(backup_dir), "config", "latest", source_id)
     except BackupNotFound:
         return None
     if manifest.source.get("digest") != digest:
@@ -405,7 +406,7 @@ def unchanged_since(backup_dir: Path, digest: str) -> str | None:
 
 
 def archive_folder(name: str) -> str:
-    """The folder inside the archive: `config_YYYYmmdd_HHMMSS` for that backup name."""
+    """The folder inside the archive: `config_YYYYmmdd_HHMMSS_<tag>` for that backup name."""
     return Path(name).name.split(".", 1)[0]
 
 
@@ -454,15 +455,9 @@ def config_source(files: ProjectFiles, env: EnvCapture, digest: str) -> dict[str
 
 
 def config_manifest(
-    name: str, archive: CompressedFile, source: dict[str, Any], duration: float
+    name: str, archive: CompressedFile, source: dict[str, Any], duration: float, source_id: str
 ) -> Manifest:
-    return Manifest.describe(
-        "config",
-        name,
-        archive,
-        duration,
-        source=source,
-    )
+    return Manifest.describe("config", name, archive, duration, source=source, source_id=source_id)
 
 
 def config_details(source: dict[str, Any]) -> dict[str, str]:

@@ -422,7 +422,9 @@ def capture_logs(
     return captured
 
 
-def logs_manifest(name: str, captured: CapturedLogs, window: str, duration: float) -> Manifest:
+def logs_manifest(
+    name: str, captured: CapturedLogs, window: str, duration: float, source_id: str
+) -> Manifest:
     """The manifest of a log backup: the stored file plus, per container, what it holds."""
     per_container = {key: asdict(stats) for key, stats in captured.containers.items()}
     firsts = [s.first_timestamp for s in captured.containers.values() if s.first_timestamp]
@@ -444,4 +446,5 @@ def logs_manifest(name: str, captured: CapturedLogs, window: str, duration: floa
             "containers": per_container,
         },
         steps={"capture": captured.seconds},
+        source_id=source_id,
     )

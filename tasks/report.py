@@ -26,6 +26,8 @@ def retention_summary(plan: RetentionPlan | None) -> str:
     text = f"kept {len(plan.keep)}, deleted {len(plan.delete)}"
     if plan.delete:
         text += " (" + ", ".join(m.name for m in plan.delete) + ")"
+    if plan.other_sources:
+        text += f"; left {plan.other_sources} of other sources alone"
     if plan.future:
         text += f"; ignored {len(plan.future)} dated in the future: " + ", ".join(
             m.name for m in plan.future
@@ -51,6 +53,7 @@ def publish_backup_report(
         {"field": "original size", "value": human_size(manifest.raw_size)},
         {"field": "ratio", "value": f"{ratio:.3f} ({manifest.compression})"},
         {"field": "sha256", "value": manifest.sha256},
+        {"field": "source", "value": manifest.source_id},
         {"field": "stored locally", "value": stored_at},
         {"field": "uploaded", "value": remote or "no (no s3_bucket configured)"},
         {"field": "local retention", "value": retention_summary(retention_local)},

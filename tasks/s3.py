@@ -166,13 +166,19 @@ def prune_remote(
     bucket: str,
     prefix: str,
     kind: str,
+    source_id: str,
     endpoint_url: str | None,
     retention_days: float,
     keep_min: int,
 ) -> RetentionPlan:
-    """Apply retention to the bucket, deleting each manifest before its data."""
+    """Apply retention to one source's backups in the bucket, deleting each manifest
+    before its data."""
     plan = plan_retention(
-        list_remote(bucket, prefix, kind, endpoint_url), utc_now(), retention_days, keep_min
+        list_remote(bucket, prefix, kind, endpoint_url),
+        utc_now(),
+        retention_days,
+        keep_min,
+        source_id,
     )
     s3 = client(endpoint_url)
     try:

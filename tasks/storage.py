@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,17 +20,32 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.archive import SUFFIXES, CompressedFile, Compression, Manifest, manifest_name
+from tasks.log import run_logger
+from tasks.sources import derived_source_id, source_tag
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
+# A staging file untouched this long belongs to a run that died: no backup run goes this
+# long without writing to it (the lock wait is 15 min, the Redis save deadline 10 min by
+# default, and copies write continuously). Its mtime is its last write, not its start.
+STALE_PARTIAL_AGE = timedelta(hours=24)
 
 
 @dataclass(frozen=True)
 class Kind:
-    """How one kind of backup is named: `<folder>/<stem>_<UTC stamp><ext><.gz|.zst>`."""
+    """How one kind of backup is named:
+    `<folder>/<stem>_<UTC stamp>_<source tag><ext><.gz|.zst>`."""
 
     folder: str
     stem: str
     ext: str
+
+    def staging_pattern(self) -> re.Pattern[str]:
+        """Our hidden staging files in this kind's folder (see `staging_path`)."""
+        suffixes = "|".join(re.escape(s) for s in SUFFIXES.values())
+        return re.compile(
+            rf"\.{re.escape(self.stem)}_\d{{8}}_\d{{6}}(_[0-9a-f]+)?{re.escape(self.ext)}"
+            rf"(?:{suffixes})\.[0-9a-f]{{8}}\.partial"
+        )
 
 
 KINDS: dict[str, Kind] = {
@@ -48,11 +64,20 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def backup_name(kind: str, created_at: datetime, compression: Compression) -> str:
-    """The relative name of a new backup, in the seed scripts' shape (UTC)."""
+def backup_name(kind: str, created_at: datetime, compression: Compression, source_id: str) -> str:
+    """The relative name of a new backup, in the seed scripts' shape (UTC) with the
+    source's tag, so two sources' backups of the same second never collide:
+    `redis/dump_20260101_000000_1a2b3c4d.rdb.gz`."""
     spec = KINDS[kind]
     stamp = created_at.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
-    return f"{spec.folder}/{spec.stem}_{stamp}{spec.ext}{SUFFIXES[compression]}"
+    tag = source_tag(source_id)
+    return f"{spec.folder}/{spec.stem}_{stamp}_{tag}{spec.ext}{SUFFIXES[compression]}"
+
+
+def source_of(manifest: Manifest) -> str:
+    """The source identity of a backup: recorded, or for manifests written before it
+    was recorded, derived from their source facts ("" when they do not say)."""
+    return manifest.source_id or derived_source_id(manifest.kind, manifest.source)
 
 
 def resolve_name(backup_dir: Path, name: str) -> Path:
@@ -61,7 +86,7 @@ def resolve_name(backup_dir: Path, name: str) -> Path:
     if candidate.is_absolute() or ".." in candidate.parts or not name.strip():
         raise ValueError(
             f"backup name {name!r} is not a plain relative name: give one as listed "
-            "(e.g. 'redis/dump_20260101_000000.rdb.gz') or 'latest'"
+            "(e.g. 'redis/dump_20260101_000000_1a2b3c4d.rdb.gz') or 'latest'"
         )
     root = backup_dir.resolve()
     path = (root / candidate).resolve()
@@ -72,7 +97,8 @@ def resolve_name(backup_dir: Path, name: str) -> Path:
 
 @task(cache_policy=NO_CACHE)
 def prepare_backup_dir(backup_dir: Path, kind: str) -> Path:
-    """Create the kind's folder and prove it is writable before any work starts."""
+    """Create the kind's folder and prove it is writable before any work starts; remove
+    staging files that killed runs left behind (logged by name)."""
     folder = Path(backup_dir) / KINDS[kind].folder
     probe = folder / f".write-test-{os.getpid()}"
     try:
@@ -84,7 +110,33 @@ def prepare_backup_dir(backup_dir: Path, kind: str) -> Path:
             f"backup directory {folder} is not writable ({error.strerror or error}): "
             "fix its permissions or free space, or choose another backup_dir"
         ) from None
+    removed = remove_stale_partials(folder, kind, utc_now())
+    if removed:
+        run_logger().warning(
+            "Removed %d partial file(s) left by killed runs in %s (untouched for over %s): %s",
+            len(removed),
+            folder,
+            STALE_PARTIAL_AGE,
+            ", ".join(removed),
+        )
     return folder
+
+
+def remove_stale_partials(folder: Path, kind: str, now: datetime) -> list[str]:
+    """Delete our hidden staging files (and only ours: the `staging_path` pattern) not
+    written to for `STALE_PARTIAL_AGE`; a running backup's file is always younger."""
+    pattern = KINDS[kind].staging_pattern()
+    cutoff = (now - STALE_PARTIAL_AGE).timestamp()
+    removed = []
+    for path in sorted(Path(folder).glob(".*.partial")):
+        try:
+            stale = pattern.fullmatch(path.name) and path.lstat().st_mtime < cutoff
+            if stale and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path.name)
+        except FileNotFoundError:
+            continue  # another run cleaned it up at the same time
+    return removed
 
 
 def explain_write_error(error: OSError, path: Path) -> OSError:
@@ -137,8 +189,9 @@ def commit_local(backup_dir: Path, staged: CompressedFile, manifest: Manifest) -
     return final
 
 
-def list_local(backup_dir: Path, kind: str) -> list[Manifest]:
-    """Complete local backups of a kind (manifest and data present), oldest first."""
+def list_local(backup_dir: Path, kind: str, source_id: str | None = None) -> list[Manifest]:
+    """Complete local backups of a kind (manifest and data present), oldest first; only
+    those of `source_id` when given (see `source_of`)."""
     folder = Path(backup_dir) / KINDS[kind].folder
     found: list[Manifest] = []
     for sidecar in folder.glob(f"*{manifest_name('')}"):
@@ -148,16 +201,21 @@ def list_local(backup_dir: Path, kind: str) -> list[Manifest]:
             manifest = Manifest.from_json(sidecar.read_bytes())
         except (ValueError, TypeError):
             continue  # an unreadable manifest is not a complete backup
-        if manifest.kind == kind and (Path(backup_dir) / manifest.name).is_file():
+        if manifest.kind != kind or (source_id is not None and source_of(manifest) != source_id):
+            continue
+        if (Path(backup_dir) / manifest.name).is_file():
             found.append(manifest)
     return sorted(found, key=lambda m: m.created_at)
 
 
-def find_local(backup_dir: Path, kind: str, name: str = "latest") -> tuple[Manifest, Path]:
-    """A complete local backup by name, or the newest one for 'latest'."""
+def find_local(
+    backup_dir: Path, kind: str, name: str = "latest", source_id: str | None = None
+) -> tuple[Manifest, Path]:
+    """A complete local backup by name, or the newest one for 'latest' (of `source_id`
+    when given, else of any source)."""
     if name != "latest":
         resolve_name(Path(backup_dir), name)
-    complete = list_local(backup_dir, kind)
+    complete = list_local(backup_dir, kind, source_id)
     now = utc_now()
     if name == "latest":
         current = [m for m in complete if parse_time(m.created_at) <= now + FUTURE_TOLERANCE]
@@ -185,11 +243,13 @@ def parse_time(stamp: str) -> datetime:
 
 @dataclass
 class RetentionPlan:
-    """Which complete backups to keep and delete, and which were dated in the future."""
+    """Which complete backups of one source to keep and delete, which were dated in
+    the future, and how many other sources' backups were left alone."""
 
     keep: list[Manifest] = field(default_factory=list)
     delete: list[Manifest] = field(default_factory=list)
     future: list[Manifest] = field(default_factory=list)
+    other_sources: int = 0
 
 
 def check_retention(retention_days: float, keep_min: int) -> None:
@@ -201,16 +261,20 @@ def check_retention(retention_days: float, keep_min: int) -> None:
 
 
 def plan_retention(
-    backups: list[Manifest], now: datetime, retention_days: float, keep_min: int
+    backups: list[Manifest], now: datetime, retention_days: float, keep_min: int, source_id: str
 ) -> RetentionPlan:
-    """Delete what is older than `retention_days`, but never the newest complete
-    backup nor fewer than `keep_min`; backups dated in the future are left alone."""
+    """For the backups of `source_id`: delete what is older than `retention_days`, but
+    never the newest complete backup nor fewer than `keep_min`; backups dated in the
+    future are left alone, and so are other sources' (a server whose backups fail for
+    a while keeps its last ones, whatever the others do)."""
     check_retention(retention_days, keep_min)
     plan = RetentionPlan()
     cutoff = now - timedelta(days=retention_days)
     current = []
     for manifest in backups:
-        if parse_time(manifest.created_at) > now + FUTURE_TOLERANCE:
+        if source_of(manifest) != source_id:
+            plan.other_sources += 1
+        elif parse_time(manifest.created_at) > now + FUTURE_TOLERANCE:
             plan.future.append(manifest)
         else:
             current.append(manifest)
@@ -224,10 +288,14 @@ def plan_retention(
 
 
 @task(cache_policy=NO_CACHE)
-def prune_local(backup_dir: Path, kind: str, retention_days: float, keep_min: int) -> RetentionPlan:
-    """Apply retention to the local directory: manifest first, so a half-pruned
-    backup is never mistaken for a complete one."""
-    plan = plan_retention(list_local(backup_dir, kind), utc_now(), retention_days, keep_min)
+def prune_local(
+    backup_dir: Path, kind: str, source_id: str, retention_days: float, keep_min: int
+) -> RetentionPlan:
+    """Apply retention to one source's backups in the local directory: manifest first,
+    so a half-pruned backup is never mistaken for a complete one."""
+    plan = plan_retention(
+        list_local(backup_dir, kind), utc_now(), retention_days, keep_min, source_id
+    )
     for manifest in plan.delete:
         data = resolve_name(Path(backup_dir), manifest.name)
         data.with_name(manifest_name(data.name)).unlink(missing_ok=True)

@@ -177,6 +177,9 @@ def test_file_and_api_reads_store_the_same_lines(backup_dir: Path) -> None:
     assert stored[0] == stored[1]
     assert stored[0].count(b"\n") == 6 and f" {name} stderr oops\n".encode() in stored[0]
     assert stored[0].endswith(f" {name} stdout no newline at the end\n".encode())
+    # the 40000-character line: 16 KiB + 16 KiB + the rest, each a line of its own (README)
+    pieces = [m for _, _, _, m in LINE.findall(stored[0]) if m.startswith(b"xxx")]
+    assert [len(m) for m in pieces] == [16384, 16384, 40000 - 2 * 16384]
 
 
 def read_both_ways(name: str, since: datetime, until: datetime, tmp_path: Path) -> list[bytes]:
@@ -244,6 +247,15 @@ def test_several_containers_go_into_one_file_in_order(backup_dir: Path) -> None:
         [two.encode(), b"stdout from two"],
     ]
     assert manifest["source"]["container"] == f"{one},{two}"
+
+
+def test_containers_as_a_comma_separated_string_like_the_setting(backup_dir: Path) -> None:
+    with throwaway("print('from one')") as one, throwaway("print('from two')") as two:
+        single = backup_logs(containers=one, window="10m", backup_dir=str(backup_dir))
+        both = backup_logs(containers=f"{one}, {two}", window="10m", backup_dir=str(backup_dir))
+    assert single["source"]["container"] == one
+    assert both["source"]["container"] == f"{one},{two}"
+    assert single["source_id"] != both["source_id"]
 
 
 def test_container_without_output_completes_with_zero_lines(backup_dir: Path) -> None:

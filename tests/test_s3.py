@@ -15,6 +15,8 @@ from tasks.archive import Manifest, sha256_file
 from tasks.s3 import PART_SIZE, S3Error, expected_etag, list_remote, prune_remote, upload_backup
 from tasks.storage import backup_name, utc_now
 
+SOURCE = "redis.internal:6379"
+
 
 def stored_backup(
     tmp_path: Path, size: int, age: timedelta = timedelta(0)
@@ -24,13 +26,14 @@ def stored_backup(
     path.write_bytes(os.urandom(size))
     manifest = Manifest(
         kind="redis",
-        name=backup_name("redis", created, "gzip"),
+        name=backup_name("redis", created, "gzip", SOURCE),
         created_at=created.isoformat(),
         size=size,
         sha256=sha256_file(path),
         compression="gzip",
         raw_size=size,
         duration_seconds=0.0,
+        source_id=SOURCE,
     )
     return path, manifest
 
@@ -60,7 +63,7 @@ def test_remote_retention_keeps_newest_and_keep_min_and_ignores_incomplete(
     s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
     orphan = f"{s3_prefix}/redis/dump_20000101_000000.rdb.gz"  # data without manifest
     s3.put_object(Bucket=stack.S3_BUCKET, Key=orphan, Body=b"incomplete")
-    plan = prune_remote(stack.S3_BUCKET, s3_prefix, "redis", stack.S3_ENDPOINT, 7, 2)
+    plan = prune_remote(stack.S3_BUCKET, s3_prefix, "redis", SOURCE, stack.S3_ENDPOINT, 7, 2)
     assert {m.name for m in plan.delete} == {backups[2][1].name, backups[3][1].name}
     left = {m.name for m in list_remote(stack.S3_BUCKET, s3_prefix, "redis", stack.S3_ENDPOINT)}
     assert left == {backups[0][1].name, backups[1][1].name}
