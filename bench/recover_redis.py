@@ -144,8 +144,8 @@ def main() -> None:
         with redis_container(work, args.appendonly) as (name, url):
             started = time.perf_counter()
             result = recover_redis(
-                container=name, redis_url=url, backup_dir=str(backups), s3_bucket="",
-                gateway_health_url="",
+                backup=manifest.name, container=name, redis_url=url, backup_dir=str(backups),
+                s3_bucket="", gateway_health_url="",
             )  # fmt: skip
             wall = time.perf_counter() - started
             keys = redis.Redis.from_url(url).dbsize()

@@ -38,6 +38,7 @@ from tasks.restore import (
     unique_folder,
 )
 from tasks.secrets import redact_url
+from tasks.sources import prometheus_source_id
 
 
 @flow(name="recover-prometheus", log_prints=True)
@@ -99,7 +100,7 @@ class Target:
 
 def _recover(r: Recovery, p: dict[str, Any]) -> None:
     container = p["container"]
-    found = find_backup(r, p, "prometheus")
+    found = find_backup(r, p, "prometheus", prometheus_source_id(p["prometheus_url"]))
     with r.step("inspect Prometheus") as step:
         if not container:
             raise ValueError("container is empty: name the Prometheus container to restore")

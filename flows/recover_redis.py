@@ -43,6 +43,7 @@ from tasks.restore import (
     wait_for_health,
 )
 from tasks.secrets import redact_url
+from tasks.sources import redis_source_id
 
 GATEWAY_TIMEOUT = 60.0
 
@@ -100,7 +101,7 @@ def recover_redis(
 
 def _recover(r: Recovery, p: dict[str, Any]) -> None:
     container = p["container"]
-    found = find_backup(r, p, "redis")
+    found = find_backup(r, p, "redis", redis_source_id(p["redis_url"]))
     with r.step("inspect Redis") as step:
         if not container:
             raise ValueError("container is empty: name the Redis container to restore into")

@@ -13,8 +13,9 @@ from tasks.fetch import FoundBackup, fetch_backup
 from tasks.restore import MovedAside, put_back
 
 
-def find_backup(r: Recovery, p: dict[str, Any], kind: str) -> FoundBackup:
-    """The step "find and verify the backup" (here, else S3), recorded as the one used."""
+def find_backup(r: Recovery, p: dict[str, Any], kind: str, source_id: str) -> FoundBackup:
+    """The step "find and verify the backup" (here, else S3; `latest` is the newest of
+    `source_id`, the server restored), recorded as the one used."""
     with r.step("find and verify the backup") as step:
         found = fetch_backup(
             Path(p["backup_dir"]),
@@ -23,6 +24,7 @@ def find_backup(r: Recovery, p: dict[str, Any], kind: str) -> FoundBackup:
             p["s3_bucket"],
             p["s3_prefix"],
             p["s3_endpoint_url"] or None,
+            source_id,
         )
         r.used_backup(found.manifest, found.location)
         step.detail = f"{found.manifest.name}: size and sha256 match the manifest"

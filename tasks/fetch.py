@@ -28,8 +28,10 @@ from tasks.storage import (
     BackupNotFound,
     _fsync_dir,
     find_local,
+    list_local,
     parse_time,
     resolve_name,
+    source_of,
     staging_path,
     utc_now,
     write_durably,
@@ -106,6 +108,20 @@ def download(
     return final
 
 
+def _not_found(
+    kind: str, name: str, source_id: str | None, where: list[str], others: set[str]
+) -> BackupNotFound:
+    what = f"{kind} backup named {name!r}" if name != "latest" else f"complete {kind} backup"
+    of = f" of {source_id}" if source_id else ""
+    hint = f"check backup, backup_dir, s3_bucket and s3_prefix (run backup-{kind} if none exists)"
+    if others:
+        hint = (
+            f"backups of other servers exist ({', '.join(sorted(others))}): to restore one "
+            "of those here, give its name as backup"
+        )
+    return BackupNotFound(f"no {what}{of} in {' nor in '.join(where)}: {hint}")
+
+
 @retrying_task(2, 10)
 def fetch_backup(
     backup_dir: Path,
@@ -114,28 +130,31 @@ def fetch_backup(
     s3_bucket: str,
     s3_prefix: str,
     s3_endpoint_url: str | None,
+    source_id: str | None = None,
 ) -> FoundBackup:
-    """The backup `name` (or `latest`) of `kind` as a file on this host whose size and
+    """The backup `name` (or `latest`: the newest of `source_id`, the server being
+    restored, never another server's) of `kind` as a file on this host whose size and
     SHA-256 match its manifest: from `backup_dir`, else downloaded from S3 (verified
     while it streams). Raises BackupNotFound, or ArchiveError for a damaged copy."""
     check_backup_name(kind, name)
     backup_dir = Path(backup_dir)
+    wanted = source_id if name == "latest" else None
     try:
-        manifest, path = find_local(backup_dir, kind, name)
+        manifest, path = find_local(backup_dir, kind, name, wanted)
         verify_file(path, manifest.size, manifest.sha256)
         location = f"local {backup_dir}"
-    except BackupNotFound as missing:
-        if not s3_bucket:
-            raise BackupNotFound(f"{missing} (no s3_bucket given to look in)") from None
-        remote = choose(list_remote(s3_bucket, s3_prefix, kind, s3_endpoint_url), name)
+    except BackupNotFound:
+        where = [str(backup_dir / KINDS[kind].folder)]
+        remote_all: list[Manifest] = []
+        if s3_bucket:
+            remote_all = list_remote(s3_bucket, s3_prefix, kind, s3_endpoint_url)
+            where.append(f"s3://{s3_bucket}/{object_key(s3_prefix, KINDS[kind].folder)}/")
+        mine = [m for m in remote_all if wanted is None or source_of(m) == wanted]
+        remote = choose(mine, name)
         if remote is None:
-            what = "complete" if name == "latest" else f"named {name!r}"
-            raise BackupNotFound(
-                f"no {what} {kind} backup in {backup_dir} nor in "
-                f"s3://{s3_bucket}/{object_key(s3_prefix, KINDS[kind].folder)}/: check "
-                "backup, backup_dir, s3_bucket and s3_prefix (run backup-"
-                f"{kind} if there is none)"
-            ) from None
+            everything = list_local(backup_dir, kind) + remote_all
+            others = {source_of(m) for m in everything} - {wanted} if wanted else set()
+            raise _not_found(kind, name, wanted, where, others) from None
         path = download(remote, backup_dir, s3_bucket, s3_prefix, s3_endpoint_url)
         manifest = remote
         location = f"s3://{s3_bucket}/{object_key(s3_prefix, remote.name)} (downloaded)"

@@ -219,12 +219,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, Pa
         yield service, backups, back_up(service, backups)
 
 
-def add_backup(backup_dir: Path, good: Manifest, name: str, rdb: bytes) -> str:
+def add_backup(backup_dir: Path, good: Manifest, name: str, rdb: bytes, source_id: str = "") -> str:
     """A stored backup holding `rdb`, with an honest manifest (size and sha256 match)."""
     writer = CompressedWriter(backup_dir / name, "gzip")
     writer.write(rdb)
     stored = writer.close()
-    manifest = Manifest.describe("redis", name, stored, 0.0, source=good.source)
+    manifest = Manifest.describe(
+        "redis", name, stored, 0.0, source=good.source, source_id=source_id or good.source_id
+    )
     write_durably(backup_dir / manifest_name(name), manifest.to_json().encode())
     return name
 
@@ -270,7 +272,7 @@ def test_rdb_newer_than_the_server_is_refused(
 @pytest.mark.parametrize(
     ("parameters", "match"),
     [
-        ({"backup": "redis/dump_19990101_000000.rdb.gz"}, "no complete backup named"),
+        ({"backup": "redis/dump_19990101_000000.rdb.gz"}, "no redis backup named"),
         ({"backup": "../../etc/passwd"}, "not a redis backup name"),
         ({"backup": "prometheus/prometheus_20260101_000000.tar.gz"}, "not a redis backup name"),
         ({"backup": "redis/../../x.rdb.gz"}, "not a redis backup name"),
@@ -299,6 +301,19 @@ def test_latest_with_no_backup_anywhere_is_refused(
         s3_endpoint_url=stack.S3_ENDPOINT,
     )
     assert f"s3://{stack.S3_BUCKET}/{s3_prefix}/redis/" in message
+
+
+def test_latest_never_picks_another_servers_backup(
+    live: tuple[Service, Path, Manifest], tmp_path: Path
+) -> None:
+    service, backups, good = live
+    with open_decompressed(backups / good.name, "gzip") as stream:
+        rdb = stream.read()
+    shared = tmp_path / "shared-backups"
+    (shared / "redis").mkdir(parents=True)
+    add_backup(shared, good, "redis/dump_20260101_000000_0badc0de.rdb.gz", rdb, "10.0.0.9:6379")
+    message = refused(service, shared, "backups of other servers exist")
+    assert "10.0.0.9:6379" in message and "give its name as backup" in message
 
 
 def test_truncated_s3_object_is_refused_by_its_checksum(
