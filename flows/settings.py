@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from prefect import get_run_logger
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.secrets import carries_credentials
 
 
 class Settings(BaseSettings):
@@ -48,6 +49,9 @@ class Settings(BaseSettings):
     config_env_container: str = "proxilion-gateway"
     config_retention_days: float = 90
 
+    gateway_container: str = "proxilion-gateway"
+    gateway_url: str = "http://localhost:8787"
+
     logs_containers: str = "proxilion-gateway"
     logs_window: str = "24h"
     logs_retention_days: float = 30
@@ -63,7 +67,7 @@ def warn_about_secret_parameters(parameters: dict[str, Any], *names: str) -> Non
     carries credentials (the PROXILION_DR_* environment variable keeps them out)."""
     for name in names:
         value = parameters.get(name)
-        if isinstance(value, str) and urlsplit(value).password:
+        if isinstance(value, str) and carries_credentials(value):
             get_run_logger().warning(
                 "parameter %s carries a password; Prefect shows flow-run parameters in its "
                 "UI. Put the URL in PROXILION_DR_%s instead and leave the parameter empty.",

@@ -434,6 +434,15 @@ def _probe_prometheus() -> str | None:
     return None
 
 
+def gateway_mounts() -> list[Mount]:
+    """The gateway container's mounts: the host's programs, and gateway.py (read-only).
+    Tests and benchmarks make their throwaway gateways with the same."""
+    script = Mount(
+        target=GATEWAY_CONTAINER_SCRIPT, source=str(GATEWAY_SCRIPT), type="bind", read_only=True
+    )
+    return [*images.host_mounts(), script]
+
+
 def container_specs() -> list[ContainerSpec]:
     """The sandbox containers, in start order."""
     host = images.host_mounts()
@@ -461,15 +470,7 @@ def container_specs() -> list[ContainerSpec]:
             "GATEWAY_PORT": str(GATEWAY_PORT),
             "PYTHONDONTWRITEBYTECODE": "1",
         },
-        mounts=host
-        + [
-            Mount(
-                target=GATEWAY_CONTAINER_SCRIPT,
-                source=str(GATEWAY_SCRIPT),
-                type="bind",
-                read_only=True,
-            )
-        ],
+        mounts=gateway_mounts(),
         prepare=lambda: (GATEWAY_SCRIPT.read_text(), False),
         probe=_probe_gateway,
     )

@@ -12,7 +12,8 @@ stream, so this speaks the protocol on a raw socket:
 - or an error line (``-NOAUTH``, ``-NOPERM``, ...).
 
 The file appears at `dest_path` only once complete and fsynced; on any failure
-no partial file is left behind.
+no partial file is left behind. Without a `dest_path` nothing is written: the
+caller's `on_chunk` takes the stream (to validate and compress it as it arrives).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class RedisSyncError(RuntimeError):
 def fetch_rdb_over_network(
     host: str,
     port: int,
-    dest_path: str | Path,
+    dest_path: str | Path | None,
     *,
     username: str | None = None,
     password: str | None = None,
@@ -64,8 +65,10 @@ def fetch_rdb_over_network(
     io_timeout_seconds: float = 60,
     connect_timeout_seconds: float = 10,
     on_chunk: ChunkCallback | None = None,
+    unix_socket: str | None = None,
 ) -> int:
-    """Stream the server's RDB into `dest_path`; return the number of bytes written.
+    """Stream the server's RDB into `dest_path` (or only to `on_chunk` when it is
+    None); return the number of bytes received.
 
     `db_timeout_seconds` bounds the wait for the server to start sending (it
     runs a BGSAVE first); during the transfer each read may take at most
@@ -73,12 +76,13 @@ def fetch_rdb_over_network(
     `on_chunk` sees every chunk written (e.g. to validate or compress in the
     same pass); the view is only valid during the call, and an exception it
     raises aborts the fetch unchanged. `ssl_context` (implies TLS) carries a
-    custom CA or client certificate. Failures raise RedisSyncError (its
+    custom CA or client certificate. `unix_socket` (a path) connects there
+    instead of `host`:`port`. Failures raise RedisSyncError (its
     `transient` says whether a retry may help); no partial file is left.
     """
-    dest = Path(dest_path)
-    conn = _Connection(host, port, password, io_timeout_seconds)
-    with _atomic_output(dest) as out:
+    conn = _Connection(host, port, password, io_timeout_seconds, unix_socket)
+    output = _atomic_output(Path(dest_path)) if dest_path is not None else _no_output()
+    with output as out:
         conn.open(connect_timeout_seconds, tls or ssl_context is not None, ssl_context)
         try:
             _handshake(conn, username, password)
@@ -97,7 +101,7 @@ def fetch_rdb_over_network(
 class _Sink:
     """Writes chunks to the output file and hands them to the callback."""
 
-    def __init__(self, out: BinaryIO, on_chunk: ChunkCallback | None) -> None:
+    def __init__(self, out: BinaryIO | None, on_chunk: ChunkCallback | None) -> None:
         self.out = out
         self.on_chunk = on_chunk
         self.written = 0
@@ -105,10 +109,17 @@ class _Sink:
     def __call__(self, view: memoryview) -> None:
         if not view.nbytes:
             return
-        self.out.write(view)
+        if self.out is not None:
+            self.out.write(view)
         self.written += view.nbytes
         if self.on_chunk is not None:
             self.on_chunk(view)
+
+
+@contextlib.contextmanager
+def _no_output() -> Iterator[None]:
+    """No file: the chunks go to the callback only."""
+    yield None
 
 
 @contextlib.contextmanager
@@ -140,10 +151,18 @@ def _fsync_dir(directory: Path) -> None:
 class _Connection:
     """A socket speaking just enough RESP for AUTH/REPLCONF/SYNC, with error mapping."""
 
-    def __init__(self, host: str, port: int, password: str | None, io_timeout: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str | None,
+        io_timeout: float,
+        unix_socket: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
-        self.where = f"Redis at {host}:{port}"
+        self.unix_socket = unix_socket
+        self.where = f"Redis at {unix_socket or f'{host}:{port}'}"
         self.password = password
         self.io_timeout = io_timeout
         self.pending = bytearray()  # bytes received beyond the last parsed line
@@ -154,8 +173,8 @@ class _Connection:
     def open(self, timeout: float, tls: bool, context: ssl.SSLContext | None) -> None:
         """Connect (and TLS-handshake) or raise RedisSyncError."""
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        except ConnectionRefusedError as exc:
+            sock = self._connect(timeout)
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
             raise self.error(
                 "connection refused; is Redis running and listening on that address "
                 "and port (bind, port, firewall)?",
@@ -170,8 +189,21 @@ class _Connection:
             ) from exc
         except OSError as exc:
             raise self.error(f"cannot connect: {exc}", transient=True) from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = self._wrap_tls(sock, context) if tls else sock
+
+    def _connect(self, timeout: float) -> socket.socket:
+        if self.unix_socket is None:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.unix_socket)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def _wrap_tls(self, sock: socket.socket, context: ssl.SSLContext | None) -> socket.socket:
         context = context or ssl.create_default_context()
