@@ -34,7 +34,7 @@ from tasks.rdb import RdbChecker, RdbError, RdbInfo, max_rdb_for_redis, validate
 from tasks.redis import RedisUnreachable, connect, explain, inspect_redis, place_rdb
 from tasks.restore import chown_like, wait_started
 from tasks.secrets import redact_url
-from tasks.storage import fsync_dir as fsync_dir
+from tasks.storage import fsync_dir
 
 
 class RdbTooNew(RdbError):
