@@ -14,11 +14,10 @@ from contextlib import ExitStack
 from typing import Any
 
 from prefect import flow
-from prefect.states import State
 
 from flows.recovery import Recovery, StepFailed, one_line
 from flows.settings import settings
-from flows.steps import failed_state, run_name
+from flows.steps import explains_failure, run_name
 from tasks import health
 from tasks.compose import find_service
 from tasks.container_recovery import (
@@ -44,6 +43,7 @@ LOG_LINES = 100
 
 
 @flow(name=FLOW, flow_run_name=run_name("gateway recovery"), log_prints=True)
+@explains_failure
 def recover_gateway(
     container: str | None = None,
     health_url: str | None = None,
@@ -52,7 +52,7 @@ def recover_gateway(
     recreate: bool = True,
     compose_file: str | None = None,
     dry_run: bool = False,
-) -> dict[str, Any] | State[Any]:
+) -> dict[str, Any]:
     """Bring the gateway back (runbook scenario 1) and measure how long it was down.
 
     Inspects the container and keeps its last 100 log lines in the report, restarts
@@ -91,7 +91,7 @@ def recover_gateway(
             _recover(recovery, name, url, metrics, deadline_seconds, recreate, compose_file)
     except Exception as error:
         message = recovery.failure() if recovery.failed_step() else f"{FLOW}: {one_line(error)}"
-        return failed_state(StepFailed(message), cause=error)
+        raise StepFailed(message) from error
     finally:
         _note_final_state(recovery, name)
         recovery.publish()

@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 from prefect.states import Completed, Failed, State
 
 import tasks
-from flows.recovery import one_line
+from flows.recovery import StepFailed, one_line
 from tasks.archive import CompressedFile, Manifest
 from tasks.report import NOT_UPLOADED, publish_backup_report
 from tasks.s3 import list_remote, prune_remote, upload_backup
@@ -59,22 +59,18 @@ def failed_step(error: BaseException) -> str:
 
 
 def failure_line(error: BaseException, safe: str) -> str:
-    """The failed state's message: `<step> failed: <reason>; <what is safe>`."""
+    """The failed state's message: `<step> failed: <reason>; <what is safe>`. A
+    recovery's StepFailed already is that line (`Recovery.failure()`)."""
+    if isinstance(error, StepFailed):
+        return one_line(error)
     return f"{failed_step(error)} failed: {one_line(error)}; {safe}"
 
 
-def failed_state(error: BaseException, cause: BaseException | None = None) -> State[Any]:
-    """A Failed state whose message is `error`'s one line (what the runs list and run
-    header show), carrying `error` itself: a direct call of the flow raises it."""
-    if cause is not None:
-        error.__cause__ = cause
-    return Failed(message=one_line(error), data=error)
-
-
 def explains_failure(fn: Callable[P, R]) -> Callable[P, R | State[Any]]:
-    """Wrap a backup flow's body: an error ends the run in a Failed state whose message
-    is one line (the runs list and run header show it), keeping the exception itself
-    as the state's data (a direct call still raises it, with its type)."""
+    """Wrap a flow's body: an error ends the run in a Failed state whose message is one
+    line (the runs list and run header show it) instead of Prefect's "Flow run
+    encountered an exception: <type>: …", keeping the exception itself as the state's
+    data (a direct call still raises it, with its type)."""
 
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> R | State[Any]:
