@@ -37,6 +37,7 @@ STEP_NAMES = {
     "check_retention": "checking the retention parameters",
     "check_compression": "checking the compression parameter",
     "trigger_save": "Redis save (BGSAVE)",
+    "exclusive": "waiting for the lock",
 }
 _safe: ContextVar[str] = ContextVar("safe", default=NOTHING_STORED)
 

@@ -17,6 +17,8 @@ from contextlib import ExitStack, contextmanager
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 
+from tasks.log import run_logger
+
 WAIT_SECONDS = 900.0
 # The shortest lease the Prefect 3.9 server accepts (its API refuses < 60 s);
 # renewed every 45 s (Prefect renews at 75 % of the lease).
@@ -45,6 +47,14 @@ def exclusive(
     the body is that timeout, not a busy lock)."""
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
+        busy = client.read_global_concurrency_limit_by_name(name).active_slots > 0
+    if busy:  # say so in the run's log: a run waiting here otherwise looks stuck
+        run_logger().warning(
+            "waiting for %r: another run holds it (a backup or recovery of the same "
+            "target); this run starts when it ends, or fails after %.0f s",
+            name,
+            wait_seconds,
+        )
     with ExitStack() as held:
         try:
             held.enter_context(
