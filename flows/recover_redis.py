@@ -82,7 +82,7 @@ def recover_redis(
             PROXILION_DR_REDIS_DATA_DIR (default: none, found from the container's
             mount of Redis's `dir`).
         gateway_health_url: The gateway's /health URL, checked after the restore.
-            Empty: no check.
+            Empty: PROXILION_DR_GATEWAY_HEALTH_URL (default: none, no check).
         dry_run: Check everything (backup, checksum, RDB validity and version, container,
             data dir, free disk) and publish the plan, changing nothing.
         backup_dir: Local backup directory (a backup fetched from S3 is stored here).
