@@ -1,6 +1,6 @@
 """The steps every backup flow ends with, in the runbook's order: store (manifest
 last), upload and verify, catch up earlier uploads, prune here and there, report;
-and how a backup flow fails: one line naming the step, the reason and what is safe."""
+and how a flow fails: one line naming the step, the reason and what is safe."""
 
 from __future__ import annotations
 
