@@ -39,6 +39,9 @@ STEP_NAMES = {
     "trigger_save": "Redis save (BGSAVE)",
     "exclusive": "waiting for the lock",
 }
+# Modules whose frames wrap a step rather than being one (Prefect's retry condition
+# re-raises the task's error inside tasks/retry.py).
+MACHINERY = {"retry.py"}
 _safe: ContextVar[str] = ContextVar("safe", default=NOTHING_STORED)
 
 
@@ -53,7 +56,8 @@ def failed_step(error: BaseException) -> str:
     frame: TracebackType | None = error.__traceback__
     while frame is not None:
         code = frame.tb_frame.f_code
-        if Path(code.co_filename).resolve().parent == TASKS_DIR:
+        path = Path(code.co_filename).resolve()
+        if path.parent == TASKS_DIR and path.name not in MACHINERY:
             return STEP_NAMES.get(code.co_name, code.co_name.replace("_", " "))
         frame = frame.tb_next
     return "preparing the run"

@@ -291,14 +291,14 @@ def test_host_path_backup_is_listed_by_promtool_and_restores_over_old_data(
 
 
 def test_unreachable_prometheus_is_clear_and_hides_credentials(
-    backup_dir: Path, tmp_path: Path
+    backup_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"http://admin:{SECRET}@127.0.0.1:1"
+    monkeypatch.setenv("PROXILION_DR_PROMETHEUS_URL", url)  # credentials: environment only
     with pytest.raises(
         PrometheusUnreachable, match=r"cannot reach Prometheus at http://\*\*\*@127.0.0.1:1"
     ):
         backup_prometheus(
-            prometheus_url=url,
             container="",
             fetch="path",
             data_dir=str(tmp_path),

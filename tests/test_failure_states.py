@@ -18,7 +18,7 @@ from conftest import require
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
-from redis_servers import free_port
+from redis_servers import free_port, running_redis
 from test_backup_config import write_project
 
 from flows.backup_config import backup_config
@@ -123,6 +123,20 @@ def test_early_failure_names_the_step_and_says_nothing_was_stored(backup_dir: Pa
     assert "\n" not in message
     with pytest.raises(RedisUnreachable):  # a direct call still raises the error itself
         backup_redis(**parameters, backup_dir=str(backup_dir))
+
+
+def test_failure_a_retry_condition_saw_names_the_task_not_the_retry_machinery(
+    backup_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with running_redis(tmp_path / "r", requirepass="the-right-one") as server:
+        url = f"redis://:not-the-password@127.0.0.1:{server.port}/0"
+        monkeypatch.setenv("PROXILION_DR_REDIS_URL", url)
+        state = backup_redis(
+            container="", fetch="network", backup_dir=str(backup_dir), return_state=True
+        )
+    message = flow_run(state).state.message  # type: ignore[union-attr]
+    assert message.startswith("inspect redis failed: Redis at redis://***@127.0.0.1:")
+    assert "not-the-password" not in message
 
 
 def test_bad_parameter_failure_names_the_check(backup_dir: Path) -> None:
