@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     logs_window: str = "24h"
     logs_retention_days: float = 30
 
+    notify_webhook_url: str = ""  # a credential (Slack/Mattermost URLs are): never logged
+
 
 def settings() -> Settings:
     """The settings as the environment says now."""
