@@ -113,11 +113,16 @@ def notification_automations(block_id: UUID, ui_url: str) -> list[AutomationCore
 
 
 def replace_automation(automation: AutomationCore) -> UUID:
-    """Create `automation`, replacing any of the same name (apply is repeatable)."""
+    """Create `automation`, or update the one of the same name in place (apply is
+    repeatable; updating rather than deleting keeps the server's trigger state sane)."""
     with get_client(sync_client=True) as client:
-        for existing in client.read_automations_by_name(automation.name):
-            client.delete_automation(existing.id)
-        return client.create_automation(automation)
+        existing = client.read_automations_by_name(automation.name)
+        if not existing:
+            return client.create_automation(automation)
+        for extra in existing[1:]:
+            client.delete_automation(extra.id)
+        client.update_automation(existing[0].id, automation)
+        return existing[0].id
 
 
 def apply_notifications(webhook_url: str, ui_url: str) -> list[str]:
