@@ -137,7 +137,18 @@ def status_rows(
 def _schedule(interval: timedelta | None) -> str:
     if interval is None:
         return "none (late never)"
-    return f"every {age_text(interval)} (late after {age_text(2 * interval)})"
+    return f"every {_whole(interval)} (late after {_whole(2 * interval)})"
+
+
+def _whole(span: timedelta) -> str:
+    """A schedule interval in its largest whole unit: `6 h`, `1 day`, `14 days`."""
+    seconds = int(span.total_seconds())
+    if seconds % 86400 == 0:
+        days = seconds // 86400
+        return f"{days} day" if days == 1 else f"{days} days"
+    if seconds % 3600 == 0:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 60} min"
 
 
 def last_verified_restores(now: datetime) -> dict[str, str]:
