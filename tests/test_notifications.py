@@ -142,3 +142,16 @@ def test_failure_hook_warns_when_no_automation_notifies() -> None:
     run_id = state.state_details.flow_run_id
     lines = [log.message for log in logs if log.flow_run_id == run_id]
     assert any("NOBODY IS NOTIFIED" in line for line in lines), lines
+
+
+def test_every_deployed_flow_carries_the_failure_hooks() -> None:
+    from deployments.__main__ import load_flow
+    from deployments.catalog import DEPLOYMENTS
+    from flows.hooks import check_failure_notified, refresh_backup_status
+
+    for spec in DEPLOYMENTS:
+        flow = load_flow(spec)
+        assert check_failure_notified in flow.on_failure_hooks, spec.flow_name
+        assert check_failure_notified in flow.on_crashed_hooks, spec.flow_name
+        is_backup = spec.flow_name.startswith("backup-") and spec.flow_name != "backup-status"
+        assert (refresh_backup_status in flow.on_completion_hooks) == is_backup, spec.flow_name
