@@ -9,6 +9,9 @@ services an automation needs (reactive and proactive triggers, actions: classes
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,16 +23,20 @@ from typing import Any
 import pytest
 from prefect import get_client
 from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_API_URL
 
-from deployments.catalog import DeploymentSpec
+from deployments.__main__ import load_flow
+from deployments.catalog import DEPLOYMENTS, DeploymentSpec
 from deployments.notifications import (
     FAILURE_AUTOMATION,
     WEBHOOK_BLOCK,
     apply_notifications,
     late_automation,
+    late_automation_name,
     replace_automation,
     webhook_block,
 )
+from flows.hooks import check_failure_notified, refresh_backup_status
 from flows.recover_gateway import recover_gateway
 
 
@@ -145,13 +152,34 @@ def test_failure_hook_warns_when_no_automation_notifies() -> None:
 
 
 def test_every_deployed_flow_carries_the_failure_hooks() -> None:
-    from deployments.__main__ import load_flow
-    from deployments.catalog import DEPLOYMENTS
-    from flows.hooks import check_failure_notified, refresh_backup_status
-
     for spec in DEPLOYMENTS:
         flow = load_flow(spec)
         assert check_failure_notified in flow.on_failure_hooks, spec.flow_name
         assert check_failure_notified in flow.on_crashed_hooks, spec.flow_name
         is_backup = spec.flow_name.startswith("backup-") and spec.flow_name != "backup-status"
         assert (refresh_backup_status in flow.on_completion_hooks) == is_backup, spec.flow_name
+
+
+def test_apply_command_creates_every_automation_without_printing_the_url(
+    webhook: Webhook,
+) -> None:
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": PREFECT_API_URL.value(),
+        "PROXILION_DR_NOTIFY_WEBHOOK_URL": webhook.url,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "deployments", "apply"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+    with get_client(sync_client=True) as client:
+        names = {a.name for a in client.read_automations() if a.name.startswith("proxilion-dr")}
+    late = {late_automation_name(spec) for spec in DEPLOYMENTS if spec.cron}
+    assert names == {FAILURE_AUTOMATION} | late
+    assert "proxilion-dr: backup-redis/every-6-hours late" in names
+    assert "secret-token-xyz" not in done.stdout + done.stderr
