@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from prefect import get_client
+from prefect import flow, get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from flows.backup_redis import backup_redis
@@ -18,7 +18,14 @@ from flows.backup_status import ARTIFACT_KEY, backup_status
 from sandbox import constants as stack
 from tasks.archive import Manifest, manifest_name
 from tasks.s3 import object_key
+from tasks.status import Copies, status_rows
 from tasks.storage import backup_name
+
+
+@flow(name="verify-restore")
+def drill_stand_in() -> None:
+    """Stands in for the monthly drill (not on main yet): its completed run is what
+    backup-status counts as a verified restore."""
 
 
 def fake_backup(backup_dir: Path, kind: str, age: timedelta, size: int, source_id: str) -> Manifest:
@@ -80,6 +87,9 @@ def test_status_table_shows_fresh_late_missing_here_and_in_s3(
     fake_backup(backup_dir, "logs", timedelta(hours=2), 300, "proxilion-gateway")
     for manifest in (redis_old, redis_new, prometheus):
         upload(manifest, backup_dir, s3_prefix)  # S3 lacks the logs backup; no config at all
+    drill = drill_stand_in(return_state=True)
+    with get_client(sync_client=True) as client:
+        drill_end = client.read_flow_run(drill.state_details.flow_run_id).end_time
 
     state = backup_status(
         backup_dir=str(backup_dir),
@@ -100,7 +110,8 @@ def test_status_table_shows_fresh_late_missing_here_and_in_s3(
     assert prom["schedule"] == "every 1 day (late after 2 days)"
     assert (config["local"], config["S3"]) == ("MISSING", "MISSING")
     assert (log["local"], log["S3"]) == ("fresh", "MISSING")  # the upload S3 lacks
-    assert all(row["last verified restore"] == "never" for row in rows.values())
+    verified = f"{drill_end:%Y-%m-%d %H:%M} UTC by verify-restore"
+    assert all(row["last verified restore"].startswith(verified) for row in rows.values())
     published = by_kind(status_artifact_of(state.state_details.flow_run_id))
     assert published == rows
 
@@ -133,3 +144,23 @@ def test_backup_run_refreshes_the_status_table(
     assert (rows["redis"]["local"], rows["redis"]["S3"]) == ("fresh", "fresh")
     assert rows["redis"]["trend"] == "first backup"
     assert rows["prometheus"]["local"] == "MISSING"
+
+
+def test_status_says_never_restored_and_missing_with_nothing_at_all() -> None:
+    now = datetime.now(UTC)
+    rows = status_rows({"redis": Copies([], [])}, {"redis": timedelta(hours=6)}, {}, now)
+
+    assert rows == [
+        {
+            "kind": "redis",
+            "source": "—",
+            "schedule": "every 6 h (late after 12 h)",
+            "newest local": "none",
+            "local": "MISSING",
+            "newest in S3": "none",
+            "S3": "MISSING",
+            "size": "—",
+            "trend": "—",
+            "last verified restore": "never",
+        }
+    ]
