@@ -7,7 +7,7 @@ reported too and one failure is one message. The failure and crash hooks make su
 somebody would hear of it: when the Prefect server has no such automation enabled,
 the run's log says, as a warning, that nobody is notified and how to fix it.
 
-Backups also refresh the `backup-status` table when they end, completed or failed.
+Backups also run `backup-status` when they end, completed or failed.
 """
 
 from __future__ import annotations
@@ -52,15 +52,16 @@ def check_failure_notified(flow: Any, flow_run: FlowRun, state: State[Any]) -> N
 
 
 def refresh_backup_status(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
-    """At the end of a backup run: publish the `backup-status` table for the same
-    backup dir and S3 location (a failure here is logged, never the run's outcome)."""
-    from flows.backup_status import publish_status  # here: backup-status carries FLOW_HOOKS
+    """At the end of a backup run: run `backup-status` (a subflow, so its table is its
+    own artifact, not one more in the backup's run) for the same backup dir and S3
+    location. Its failure is logged here and notified as its own run's failure; the
+    backup's outcome stands."""
+    from flows.backup_status import backup_status  # here: backup-status carries FLOW_HOOKS
 
     given = {name: flow_run.parameters.get(name) for name in STATUS_PARAMETERS}
-    try:
-        publish_status(**given)
-    except Exception as error:  # noqa: BLE001 - the backup's own outcome stands
-        run_logger().warning("could not refresh the backup-status table: %s", error)
+    status = backup_status(**given, return_state=True)
+    if not status.is_completed():
+        run_logger().warning("could not refresh the backup-status table: %s", status.message)
 
 
 FLOW_HOOKS: dict[str, Any] = {

@@ -127,7 +127,7 @@ def test_status_without_s3_says_not_configured(backup_dir: Path) -> None:
     assert rows["config"]["newest in S3"] == "not configured (no s3_bucket)"
 
 
-def test_backup_run_refreshes_the_status_table(
+def test_backup_run_ends_with_a_backup_status_subflow(
     backup_dir: Path, s3_prefix: str, sandbox_redis: str
 ) -> None:
     state = backup_redis(
@@ -140,7 +140,12 @@ def test_backup_run_refreshes_the_status_table(
     )
 
     assert state.is_completed()
-    rows = by_kind(status_artifact_of(state.state_details.flow_run_id))
+    backup_run = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        steps = {t.id for t in client.read_task_runs() if t.flow_run_id == backup_run}
+        [status_run] = [r for r in client.read_flow_runs() if r.parent_task_run_id in steps]
+    assert status_run.state.is_completed()
+    rows = by_kind(status_artifact_of(status_run.id))
     assert (rows["redis"]["local"], rows["redis"]["S3"]) == ("fresh", "fresh")
     assert rows["redis"]["trend"] == "first backup"
     assert rows["prometheus"]["local"] == "MISSING"
