@@ -12,6 +12,7 @@ from typing import Any
 import boto3
 from prefect import flow, get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from redis_servers import free_port
 
 from flows.backup_redis import backup_redis
 from flows.backup_status import ARTIFACT_KEY, backup_status
@@ -127,6 +128,14 @@ def test_status_without_s3_says_not_configured(backup_dir: Path) -> None:
     assert rows["config"]["newest in S3"] == "not configured (no s3_bucket)"
 
 
+def status_subflow_of(backup_run: uuid.UUID) -> Any:
+    """The backup-status run started at the end of `backup_run`."""
+    with get_client(sync_client=True) as client:
+        steps = {t.id for t in client.read_task_runs() if t.flow_run_id == backup_run}
+        [status_run] = [r for r in client.read_flow_runs() if r.parent_task_run_id in steps]
+    return status_run
+
+
 def test_backup_run_ends_with_a_backup_status_subflow(
     backup_dir: Path, s3_prefix: str, sandbox_redis: str
 ) -> None:
@@ -140,15 +149,29 @@ def test_backup_run_ends_with_a_backup_status_subflow(
     )
 
     assert state.is_completed()
-    backup_run = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        steps = {t.id for t in client.read_task_runs() if t.flow_run_id == backup_run}
-        [status_run] = [r for r in client.read_flow_runs() if r.parent_task_run_id in steps]
+    status_run = status_subflow_of(state.state_details.flow_run_id)
     assert status_run.state.is_completed()
     rows = by_kind(status_artifact_of(status_run.id))
     assert (rows["redis"]["local"], rows["redis"]["S3"]) == ("fresh", "fresh")
     assert rows["redis"]["trend"] == "first backup"
     assert rows["prometheus"]["local"] == "MISSING"
+
+
+def test_failed_backup_run_also_refreshes_the_status(backup_dir: Path) -> None:
+    port = free_port()
+    fake_backup(backup_dir, "redis", timedelta(hours=13), 10, f"127.0.0.1:{port}")
+
+    state = backup_redis(
+        redis_url=f"redis://127.0.0.1:{port}/0",  # nothing listens: the backup fails
+        container="",
+        backup_dir=str(backup_dir),
+        s3_bucket="",
+        return_state=True,
+    )
+
+    assert state.is_failed()
+    rows = by_kind(status_artifact_of(status_subflow_of(state.state_details.flow_run_id).id))
+    assert rows["redis"]["local"] == "LATE"  # the failure left the 13 h old backup newest
 
 
 def test_status_says_never_restored_and_missing_with_nothing_at_all() -> None:
