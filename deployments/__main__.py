@@ -68,7 +68,9 @@ def render_yaml() -> str:
 
 def notify() -> None:
     """Create the notification block and automations from PROXILION_DR_NOTIFY_WEBHOOK_URL."""
-    created = apply_notifications(settings().notify_webhook_url, PREFECT_UI_URL.value() or "")
+    created = apply_notifications(
+        settings().notify_webhook_url.get_secret_value(), PREFECT_UI_URL.value() or ""
+    )
     if created:
         print("notifications to the webhook: " + "; ".join(created))
     else:
