@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
-from prefect import get_client
+from prefect import flow, get_client
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL
 
@@ -36,7 +36,7 @@ from deployments.notifications import (
     replace_automation,
     webhook_block,
 )
-from flows.hooks import check_failure_notified, refresh_backup_status
+from flows.hooks import FLOW_HOOKS, check_failure_notified, refresh_backup_status
 from flows.recover_gateway import recover_gateway
 
 
@@ -183,3 +183,20 @@ def test_apply_command_creates_every_automation_without_printing_the_url(
     assert names == {FAILURE_AUTOMATION} | late
     assert "proxilion-dr: backup-redis/every-6-hours late" in names
     assert "secret-token-xyz" not in done.stdout + done.stderr
+
+
+@flow(name="recover-crash-stand-in", **FLOW_HOOKS)
+def crashing_flow() -> None:
+    """A run that dies of a BaseException (as of SIGTERM or a sys.exit deep in a library):
+    Prefect marks it Crashed, not Failed."""
+    raise SystemExit(3)
+
+
+def test_crashed_run_reaches_the_webhook(webhook: Webhook) -> None:
+    apply_notifications(webhook.url, ui_url="")
+
+    with pytest.raises(SystemExit):
+        crashing_flow()
+
+    message = webhook.wait_for("recover-crash-stand-in")
+    assert "Crashed" in message["subject"]
