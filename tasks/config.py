@@ -1,7 +1,8 @@
 """Configuration: the project's config files and allow-listed environment, without secrets.
 
 What is collected (runbook "Configuration Backup"): compose files, prometheus.yml,
-alerts.yml, grafana/dashboards/ from the project directory, and the allow-listed
+alerts.yml and the other rule files prometheus.yml lists, grafana/dashboards/ and
+redis.conf (or redis/redis.conf) from the project directory, and the allow-listed
 environment variables (from the gateway container's config or this process) as
 env.txt. Secrets never leave this module:
 
@@ -13,6 +14,8 @@ env.txt. Secrets never leave this module:
   in compose files the replacement is `${NAME:?...}`, so a restored stack refuses
   to start until the secret is supplied again (from the environment or a .env
   file) instead of running with a wrong value;
+- in redis.conf the arguments of `requirepass`, `masterauth`… and the passwords of
+  `user` ACL lines are replaced;
 - credentials inside URLs (`scheme://user:pass@host`) become `scheme://***@host`
   in every file.
 Symlinks are followed only inside the project directory (the target's content is
@@ -66,6 +69,8 @@ COMPOSE_PATTERNS = (
     "compose.*.yaml",
 )
 EXPECTED = ("prometheus.yml", "alerts.yml", "grafana/dashboards")
+# Kept when present, not missed when absent: Redis's config file (its secrets redacted).
+OPTIONAL = ("redis.conf", "redis/redis.conf")
 ENV_FILE = "env.txt"
 PLACEHOLDER = "<redacted>"
 
@@ -218,11 +223,42 @@ def redact_yaml(text: str, compose: bool) -> tuple[str, list[str], str]:
     return rewritten, urls + found, "rewritten (comments and layout not kept)"
 
 
+# redis.conf directives holding a secret that secret_name() does not recognise.
+_REDIS_SECRET_DIRECTIVES = ("masterauth", "masteruser")
+_REDIS_ACL_PASSWORD = re.compile(r"(?<=\s)([>#<!])\S+")
+
+
+def redact_redis_conf(text: str) -> tuple[str, list[str]]:
+    """redis.conf without its secrets: the arguments of `requirepass`, `masterauth`,
+    `tls-key-file-pass`… and the passwords and hashes (`>pass`, `#sha256`) of `user`
+    ACL lines become <redacted>; comments and every other line kept."""
+    out, names = [], []
+    for line in text.splitlines(keepends=True):
+        parts = line.split(None, 1)
+        directive = parts[0].lower() if parts and not parts[0].startswith("#") else ""
+        secret = directive in _REDIS_SECRET_DIRECTIVES or (
+            secret_name(directive) and not directive.endswith(("-file", "-dir"))
+        )
+        if secret and len(parts) > 1:
+            ending = line[len(line.rstrip("\r\n")) :]
+            out.append(f"{parts[0]} {PLACEHOLDER}{ending}")
+            names.append(directive)
+        elif directive == "user" and _REDIS_ACL_PASSWORD.search(line):
+            out.append(_REDIS_ACL_PASSWORD.sub(lambda m: f"{m[1]}{PLACEHOLDER}", line))
+            names.append(f"user {line.split()[1] if len(line.split()) > 1 else ''}".strip())
+        else:
+            out.append(line)
+    return "".join(out), names
+
+
 def redact_file(relative: str, data: bytes) -> tuple[bytes, list[str], str]:
     """The bytes to store for one config file, and what was redacted from it."""
     text = data.decode("utf-8", errors="surrogateescape")
     name = Path(relative).name
-    if name.endswith((".yml", ".yaml")):
+    if name.endswith(".conf"):
+        clean, found = redact_redis_conf(redact_urls(text)[0])
+        how = "in place"
+    elif name.endswith((".yml", ".yaml")):
         compose = any(fnmatch(name, pattern) for pattern in COMPOSE_PATTERNS)
         clean, found, how = redact_yaml(text, compose)
     else:  # dashboards (JSON) hold panels, not credentials; a datasource URL still might
@@ -267,11 +303,27 @@ def check_project_dir(project_dir: Path) -> Path:
     return path.resolve()
 
 
+def rule_files(root: Path) -> list[str]:
+    """The rule files prometheus.yml lists (`rule_files:` globs, relative to it) that
+    are inside the project: a restored prometheus.yml must find its rules."""
+    try:
+        config = yaml.safe_load((root / "prometheus.yml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    found: list[str] = []
+    for pattern in config.get("rule_files") or [] if isinstance(config, dict) else []:
+        if isinstance(pattern, str) and not Path(pattern).is_absolute():
+            found += sorted(p.relative_to(root).as_posix() for p in root.glob(pattern))
+    return [name for name in dict.fromkeys(found) if name not in EXPECTED]
+
+
 def _candidates(root: Path) -> Iterator[str]:
     names = sorted(entry.name for entry in root.iterdir())
     for pattern in COMPOSE_PATTERNS:
         yield from (name for name in names if fnmatch(name, pattern))
     yield from EXPECTED
+    yield from rule_files(root)
+    yield from OPTIONAL
 
 
 def _collect(root: Path, relative: str, found: ProjectFiles, seen: set[Path]) -> None:
@@ -304,8 +356,9 @@ def _collect(root: Path, relative: str, found: ProjectFiles, seen: set[Path]) ->
 
 @task(cache_policy=NO_CACHE)
 def read_project_files(project_dir: Path) -> ProjectFiles:
-    """Compose files, prometheus.yml, alerts.yml and grafana/dashboards/ of the project,
-    redacted. Missing ones are reported; a project with none of them is an error."""
+    """Compose files, prometheus.yml, alerts.yml, the other rule files prometheus.yml
+    lists, grafana/dashboards/ and redis.conf of the project, redacted. Missing ones
+    are reported; a project with none of them is an error."""
     root = check_project_dir(project_dir)
     found = ProjectFiles(project_dir=str(root))
     seen: set[Path] = set()

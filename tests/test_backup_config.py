@@ -20,7 +20,7 @@ from prefect.client.orchestration import get_client
 from flows.backup_config import backup_config
 from sandbox import constants as stack
 from tasks.archive import extract_archive
-from tasks.config import read_env, redact_yaml, secret_name
+from tasks.config import read_env, redact_file, redact_yaml, secret_name
 from tasks.storage import list_local
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
@@ -347,3 +347,52 @@ def test_env_from_process_withholds_secret_names_and_values(
     assert captured.withheld == ["UPSTREAM_URL", "SIGNING_KEY"]
     assert captured.missing == ["UNSET_ONE"]
     assert captured.text() == "MODE=monitor\n"
+
+
+def test_sandbox_project_is_backed_up_with_its_rule_files_and_redis_conf(tmp_path: Path) -> None:
+    """The sandbox is a compose project: its real files are what backup-config keeps,
+    the rule files prometheus.yml lists and redis.conf included, its .env never."""
+    require(stack.GATEWAY_HOST, stack.GATEWAY_PORT, f"the gateway ({stack.GATEWAY_CONTAINER})")
+    manifest = backup_config(
+        project_dir=str(stack.PROJECT_DIR),
+        env_container=stack.GATEWAY_CONTAINER,
+        backup_dir=str(tmp_path),
+        s3_bucket="",
+    )
+    source = manifest["source"]
+    assert source["missing"] == []
+    assert set(source["files"]) == {
+        "docker-compose.yml",
+        "prometheus.yml",
+        "alerts.yml",
+        *stack.PROMETHEUS_RULE_FILES,
+        "grafana/dashboards/proxilion-dr-dashboard.json",
+        "grafana/dashboards/proxilion-gateway.json",
+        "redis/redis.conf",
+        "env.txt",
+    }
+    assert sorted(source["env"]) == sorted(stack.GATEWAY_SETTINGS)
+    stored = gzip.decompress((tmp_path / manifest["name"]).read_bytes())
+    assert TOKEN.encode() not in stored
+    assert b"GATEWAY_API_TOKEN: ${GATEWAY_API_TOKEN}" in stored
+
+
+def test_redis_conf_secrets_are_redacted() -> None:
+    conf = (
+        "# requirepass is commented out here\n"
+        "port 6379\n"
+        "requirepass s3cr3t-pass\n"
+        "masterauth   primary-pass\n"
+        "tls-key-file /etc/redis/key.pem\n"
+        "user backup on >backup-pass #4a1e0c0f ~* +@read\n"
+        "dir /data\n"
+    )
+    clean, found, _how = redact_file("redis/redis.conf", conf.encode())
+    text = clean.decode()
+    for secret in ("s3cr3t-pass", "primary-pass", "backup-pass", "4a1e0c0f"):
+        assert secret not in text
+    assert "requirepass <redacted>\n" in text
+    assert "user backup on ><redacted> #<redacted> ~* +@read\n" in text
+    for kept in ("# requirepass is commented out here\n", "tls-key-file /etc/redis/key.pem\n"):
+        assert kept in text
+    assert found == ["requirepass", "masterauth", "user backup"]
