@@ -502,8 +502,9 @@ def ensure_services(client: docker.DockerClient, specs: list[ServiceSpec]) -> di
     done: dict[str, str] = {}
     for name in _remove_foreign(client, specs):
         done[name] = "replaced"
-    for moved in _adopt_legacy_data():
-        done.setdefault("data", moved)
+    moved = _adopt_legacy_data()
+    if moved:
+        done["data"] = "; ".join(moved)
     forced = write_project(specs)
     before = _container_ids(client, specs)
     if forced:
