@@ -47,6 +47,7 @@ import docker
 import docker.errors
 import redis
 from docker.models.containers import Container
+from docker.types import Mount
 
 from sandbox import images, project
 from sandbox.constants import (
@@ -54,6 +55,7 @@ from sandbox.constants import (
     COMPOSE_PROJECT,
     DOCKERD_LOG_FILE,
     GATEWAY_CONTAINER,
+    GATEWAY_CONTAINER_SCRIPT,
     GATEWAY_SCRIPT,
     GATEWAY_URL,
     HOSTFS_IMAGE,
@@ -349,6 +351,15 @@ def _probe_prometheus() -> str | None:
 
 def _probe_pushgateway() -> str | None:
     return _probe_ready(PUSHGATEWAY_URL)
+
+
+def gateway_mounts() -> list[Mount]:
+    """The gateway container's mounts: the host's programs, and gateway.py (read-only).
+    Tests and benchmarks make their throwaway gateways with the same."""
+    script = Mount(
+        target=GATEWAY_CONTAINER_SCRIPT, source=str(GATEWAY_SCRIPT), type="bind", read_only=True
+    )
+    return [*images.host_mounts(), script]
 
 
 def _prepare_prometheus() -> tuple[str, bool]:
