@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     config_env_container: str = "proxilion-gateway"
     config_retention_days: float = 90
 
+    gateway_container: str = "proxilion-gateway"
+    gateway_url: str = "http://localhost:8787"
+
     logs_containers: str = "proxilion-gateway"
     logs_window: str = "24h"
     logs_retention_days: float = 30
