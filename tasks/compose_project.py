@@ -54,8 +54,10 @@ def parse_env_text(text: str, source: str) -> dict[str, str]:
                 f"{source} line {number} is not NAME=value: write one variable per line"
             )
         value = match["value"]
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        if len(value) >= 2 and value[0] == value[-1] == "'":
             value = value[1:-1]
+        elif len(value) >= 2 and value[0] == value[-1] == '"':
+            value = re.sub(r'\\(["\\])', r"\1", value[1:-1])
         values[match["name"]] = value
     return values
 
@@ -73,11 +75,14 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def env_file_text(values: dict[str, str]) -> str:
-    """A `.env` compose reads back exactly (values with spaces or quotes quoted)."""
+    """A `.env` compose reads back exactly: a value with spaces, `#` or quotes is
+    double-quoted, its `"` and `\\` escaped."""
     lines = []
     for name, value in values.items():
-        needs_quotes = value != value.strip() or any(c in value for c in "#'\" \t")
-        lines.append(f"{name}={shlex.quote(value) if needs_quotes else value}")
+        if value != value.strip() or any(c in value for c in "#'\"\\ \t"):
+            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+            value = f'"{escaped}"'
+        lines.append(f"{name}={value}")
     return "\n".join(lines) + "\n"
 
 
