@@ -25,7 +25,7 @@ from tasks.prometheus import (
     prometheus_manifest,
     take_snapshot,
 )
-from tasks.secrets import redact_url
+from tasks.secrets import check_url, redact_url, url_server
 from tasks.sources import prometheus_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
@@ -63,9 +63,9 @@ def backup_prometheus(
     started = time.perf_counter()
     to = Destination.from_parameters(p)
     codec: Compression = check_compression(p["compression"])
-    server = redact_url(p["prometheus_url"])
+    server = redact_url(check_url(p["prometheus_url"], "prometheus_url"))
     source_id = prometheus_source_id(p["prometheus_url"])
-    with exclusive(lock_name("backup-prometheus", server)):
+    with exclusive(lock_name("backup-prometheus", url_server(p["prometheus_url"]))):
         prepare_backup_dir(to.backup_dir, "prometheus")
         facts = inspect_prometheus(p["prometheus_url"])
         tsdb = locate_tsdb(p["fetch"], p["container"] or None, p["data_dir"] or None, facts)

@@ -20,10 +20,10 @@ from tasks.redis import (
     capture_rdb,
     choose_fetch,
     inspect_redis,
-    redact_url,
     redis_manifest,
     trigger_save,
 )
+from tasks.redis_url import parse_redis_url
 from tasks.sources import redis_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
@@ -65,9 +65,10 @@ def backup_redis(
     started = time.perf_counter()
     to = Destination.from_parameters(p)
     codec: Compression = check_compression(p["compression"])
-    server = redact_url(p["redis_url"])
+    target = parse_redis_url(p["redis_url"])  # refuses a URL redis-py would misread
+    server = target.where
     source_id = redis_source_id(p["redis_url"])
-    with exclusive(lock_name("backup-redis", server)):
+    with exclusive(lock_name("backup-redis", target.server)):
         prepare_backup_dir(to.backup_dir, "redis")
         facts = inspect_redis(p["redis_url"])
         method = choose_fetch(p["fetch"], p["container"] or None, p["data_dir"] or None)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from prefect import get_run_logger
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.secrets import carries_credentials
 
 
 class Settings(BaseSettings):
@@ -65,7 +66,7 @@ def warn_about_secret_parameters(parameters: dict[str, Any], *names: str) -> Non
     carries credentials (the PROXILION_DR_* environment variable keeps them out)."""
     for name in names:
         value = parameters.get(name)
-        if isinstance(value, str) and urlsplit(value).password:
+        if isinstance(value, str) and carries_credentials(value):
             get_run_logger().warning(
                 "parameter %s carries a password; Prefect shows flow-run parameters in its "
                 "UI. Put the URL in PROXILION_DR_%s instead and leave the parameter empty.",

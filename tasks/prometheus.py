@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -43,10 +44,11 @@ from tasks.archive import (
     tar_stream,
     verify_file,
 )
+from tasks.aside import move_contents_aside
 from tasks.log import run_logger
 from tasks.retry import TransientError, retrying_task
 from tasks.secrets import redact_url
-from tasks.storage import find_local, utc_now
+from tasks.storage import find_local
 
 Fetch = Literal["auto", "container", "path"]
 FETCH_METHODS = ("auto", "container", "path")
@@ -76,6 +78,10 @@ class AdminApiDisabled(PrometheusError):
 
 class PrometheusTimeout(PrometheusError):
     """Prometheus took longer than allowed; retrying would only add load."""
+
+
+class EmptySnapshot(PrometheusError):
+    """The snapshot holds no block: nothing persisted yet and an empty head."""
 
 
 class SnapshotCopyError(RuntimeError):
@@ -531,8 +537,8 @@ class CapturedSnapshot:
 @retrying_task(2)
 def copy_snapshot(snapshot: Snapshot, staging: Path, compression: Compression) -> CapturedSnapshot:
     """Tar, compress and hash the snapshot in one streaming pass, then check it was
-    complete. Member names are relative: `<snapshot>/<block ULID>/…`. The output is
-    removed unless everything checks out."""
+    complete and holds a block (EmptySnapshot otherwise). Member names are relative:
+    `<snapshot>/<block ULID>/…`. The output is removed unless everything checks out."""
     started = time.perf_counter()
     writer = CompressedWriter(staging, compression)
     try:
@@ -541,6 +547,15 @@ def copy_snapshot(snapshot: Snapshot, staging: Path, compression: Compression) -
         else:
             archived = _tar_from_host(snapshot, writer)
         blocks, facts_from = _check_complete(snapshot, archived)
+        if not blocks:
+            raise EmptySnapshot(
+                f"snapshot {snapshot.name} holds no TSDB block, so there is nothing to back "
+                "up: Prometheus has no persisted block yet (it writes its first one about 2 h "
+                "after start, or after --storage.tsdb.min-block-duration) and its in-memory "
+                "head holds no samples (a snapshot includes the head once it has data). Check "
+                "that Prometheus scrapes its targets (its /targets page), then run the backup "
+                "again; nothing was stored"
+            )
         compressed = writer.close()
     except BaseException as error:
         writer.abort()
@@ -705,18 +720,19 @@ class RestoredSnapshot:
 
 def _refuse_if_running(data_dir: Path) -> None:
     """Refuse a data dir whose lock file a running Prometheus holds
-    (`--storage.tsdb.use-lockfile`; Prometheus 2.42 has no lock file by default)."""
+    (`--storage.tsdb.use-lockfile`; Prometheus 2.42 has no lock file by default).
+    Prometheus takes it with flock(2), which POSIX record locks (lockf) never see."""
     lock = data_dir / "lock"
     if not lock.is_file():
         return
-    with open(lock, "rb+") as stream:
+    with open(lock, "rb") as stream:
         try:
-            fcntl.lockf(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             raise PrometheusError(
                 f"a running Prometheus holds {lock}: stop it before restoring into {data_dir}"
             ) from None
-        fcntl.lockf(stream, fcntl.LOCK_UN)
+        fcntl.flock(stream, fcntl.LOCK_UN)
 
 
 def _extracted_blocks(folder: Path) -> list[Path]:
@@ -733,16 +749,19 @@ def _extracted_blocks(folder: Path) -> list[Path]:
     return blocks
 
 
-def _move_contents_aside(data_dir: Path, stamp: str) -> Path | None:
-    """Move everything in `data_dir` into a sibling folder (never delete); the folder
-    itself stays, as it may be a mount point."""
-    if not data_dir.is_dir() or not any(data_dir.iterdir()):
-        return None
-    aside = data_dir.with_name(f"{data_dir.name}.before-restore-{stamp}")
-    aside.mkdir()
-    for entry in sorted(data_dir.iterdir()):
-        shutil.move(entry, aside / entry.name)
-    return aside
+def _check_blocks_listed(manifest: Manifest, blocks: list[Path]) -> None:
+    """Refuse an archive whose blocks differ from those its manifest lists."""
+    listed = {str(b["ulid"]) for b in manifest.source.get("block_list", [])}
+    found = {block.name for block in blocks}
+    if not found:
+        raise ArchiveError(f"backup {manifest.name} holds no TSDB blocks; pick another")
+    if listed and found != listed:
+        missing, extra = sorted(listed - found), sorted(found - listed)
+        raise ArchiveError(
+            f"backup {manifest.name} does not hold the blocks its manifest lists (missing: "
+            f"{', '.join(missing) or 'none'}; not listed: {', '.join(extra) or 'none'}): "
+            "the archive is damaged; pick another backup"
+        )
 
 
 def _chown_like(path: Path, owner: os.stat_result) -> None:
@@ -767,14 +786,13 @@ def restore_snapshot(backup_dir: Path, name: str, data_dir: Path) -> RestoredSna
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(data_dir)
     _refuse_if_running(target)
-    stamp = utc_now().strftime("%Y%m%d_%H%M%S")
-    incoming = target.with_name(f".{target.name}.restoring-{stamp}")
+    incoming = target.with_name(f".{target.name}.restoring-{uuid.uuid4().hex[:8]}")
     try:
         extract_archive(stored, manifest.compression, incoming)
         blocks = _extracted_blocks(incoming)
-        if not blocks:
-            raise ArchiveError(f"backup {manifest.name} holds no TSDB blocks; pick another")
-        aside = _move_contents_aside(target, stamp)
+        _check_blocks_listed(manifest, blocks)
+        _refuse_if_running(target)  # again: it may have started while we unpacked
+        aside = move_contents_aside(target)
         target.mkdir(parents=True, exist_ok=True)
         owner = target.stat()
         for block in blocks:

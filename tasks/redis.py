@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, Literal
 
 import redis
 from prefect import task
@@ -30,14 +30,18 @@ from tasks.archive import (
     open_decompressed,
     verify_file,
 )
+from tasks.aside import move_aside
 from tasks.log import run_logger
 from tasks.rdb import RdbInfo, validate_stream
 from tasks.redis_sync import fetch_rdb_over_network
+from tasks.redis_url import parse_redis_url
 from tasks.retry import TransientError, retrying_task
 from tasks.secrets import redact_url
 from tasks.storage import find_local, utc_now
 
 FETCH_METHODS = ("auto", "container", "path", "network")
+AOF_NAMES = ("appendonlydir", "appendonly.aof")  # Redis 7's folder, older single file
+AofHandling = Literal["refuse", "move_aside"]
 COMMAND_TIMEOUT = 30.0
 POLL_SECONDS = 0.1
 
@@ -60,15 +64,7 @@ class SaveTimeout(RuntimeError):
 
 def connect(redis_url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
     """A client with explicit timeouts (redis-py's 5 s default is too short for admin work)."""
-    try:
-        return redis.Redis.from_url(
-            redis_url, socket_timeout=timeout, socket_connect_timeout=5, decode_responses=True
-        )
-    except ValueError as error:
-        raise ValueError(
-            f"redis_url {redact_url(redis_url)!r} is not a Redis URL ({error}): use "
-            "redis://[user:password@]host:port/db or rediss:// for TLS"
-        ) from None
+    return parse_redis_url(redis_url).client(timeout, decode_responses=True)
 
 
 def explain(error: redis.RedisError, redis_url: str) -> Exception:
@@ -267,14 +263,15 @@ def _source(
         yield from containers.stream_file(container, str(inner))
         return
     if method == "network":
-        parts = urlsplit(redis_url)
+        target = parse_redis_url(redis_url)
         fetch_rdb_over_network(
-            parts.hostname or "127.0.0.1",
-            parts.port or 6379,
+            target.host or "",
+            target.port or 0,
             raw_staging,
-            username=parts.username or None,
-            password=parts.password or None,
-            tls=parts.scheme == "rediss",
+            username=target.username,
+            password=target.password,
+            tls=target.tls,
+            unix_socket=target.socket_path,
         )
         path = raw_staging
     else:
@@ -368,13 +365,23 @@ def redis_manifest(
     )
 
 
-def move_aside(path: Path, stamp: str) -> Path | None:
-    """Rename existing data out of the way (never delete it); return where it went."""
-    if not path.exists():
-        return None
-    aside = path.with_name(f"{path.name}.before-restore-{stamp}")
-    os.replace(path, aside)
-    return aside
+class AofDataPresent(RuntimeError):
+    """The restore target holds AOF data, which Redis would load instead of the RDB."""
+
+
+def aof_in(target_dir: Path, aof_names: Iterable[str] = AOF_NAMES) -> list[Path]:
+    """The AOF data (Redis 7's folder, an older single file) present in `target_dir`."""
+    return [Path(target_dir) / n for n in aof_names if os.path.lexists(Path(target_dir) / n)]
+
+
+def _refuse_aof(found: list[Path], target_dir: Path) -> None:
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+    raise AofDataPresent(
+        f"{target_dir} holds AOF data ({names}): a Redis with appendonly yes loads the AOF "
+        "and ignores the placed dump.rdb, so this restore would be silently lost. Use "
+        "recover-redis, or pass aof='move_aside' to move the AOF aside (kept, not "
+        "deleted) and start Redis with appendonly no"
+    )
 
 
 @dataclass
@@ -385,11 +392,17 @@ class PlacedRdb:
     path: Path
     moved_aside: Path | None
     rdb: RdbInfo
+    aof_moved_aside: list[Path] = field(default_factory=list)
 
 
 @task(cache_policy=NO_CACHE)
 def place_rdb(
-    backup_dir: Path, name: str, target_dir: Path, dbfilename: str = "dump.rdb"
+    backup_dir: Path,
+    name: str,
+    target_dir: Path,
+    dbfilename: str = "dump.rdb",
+    aof: AofHandling = "refuse",
+    aof_names: tuple[str, ...] = AOF_NAMES,
 ) -> PlacedRdb:
     """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load.
 
@@ -397,11 +410,22 @@ def place_rdb(
     decompressed (and by redis-check-rdb when installed), and only then is any
     existing RDB moved aside (never deleted) and the new one renamed into place.
     Redis must be stopped (or about to be started) for this to take effect.
+
+    AOF data in `target_dir` (`aof_names`: Redis's `appenddirname` and
+    `appendfilename`) would be loaded instead of the RDB: `aof="refuse"` (default)
+    refuses before touching anything, `aof="move_aside"` moves it aside too. Either
+    way start Redis with `appendonly no`: Redis 7.0 with `appendonly yes` and no AOF
+    starts empty (and writes an empty AOF) without reading dump.rdb.
     """
+    if aof not in ("refuse", "move_aside"):
+        raise ValueError(f"aof must be 'refuse' or 'move_aside', got {aof!r}")
+    found = aof_in(target_dir, aof_names)
+    if found and aof == "refuse":
+        _refuse_aof(found, Path(target_dir))
     manifest, stored = find_local(Path(backup_dir), "redis", name)
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(target_dir) / dbfilename
-    incoming = target.with_name(f".{dbfilename}.restoring")
+    incoming = target.with_name(f".{dbfilename}.{uuid.uuid4().hex[:8]}.restoring")
     try:
         with open_decompressed(stored, manifest.compression) as source, open(incoming, "wb") as out:
             info = validate_stream(iter_chunks(source), True, out.write)
@@ -410,6 +434,14 @@ def place_rdb(
     except BaseException:
         incoming.unlink(missing_ok=True)
         raise
-    aside = move_aside(target, utc_now().strftime("%Y%m%d_%H%M%S"))
+    found = aof_in(target_dir, aof_names)
+    if found and aof == "refuse":  # appeared while we decompressed (Redis started?)
+        incoming.unlink()
+        _refuse_aof(found, Path(target_dir))
+    stamp = utc_now().strftime("%Y%m%d_%H%M%S")
+    aof_aside = [a for a in (move_aside(p, stamp) for p in found) if a]
+    aside = move_aside(target, stamp)
     os.replace(incoming, target)
-    return PlacedRdb(backup=manifest.name, path=target, moved_aside=aside, rdb=info)
+    for path in aof_aside:
+        run_logger().warning("AOF data moved aside to %s: start Redis with appendonly no", path)
+    return PlacedRdb(manifest.name, target, aside, info, aof_aside)

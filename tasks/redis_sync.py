@@ -64,6 +64,7 @@ def fetch_rdb_over_network(
     io_timeout_seconds: float = 60,
     connect_timeout_seconds: float = 10,
     on_chunk: ChunkCallback | None = None,
+    unix_socket: str | None = None,
 ) -> int:
     """Stream the server's RDB into `dest_path`; return the number of bytes written.
 
@@ -73,11 +74,12 @@ def fetch_rdb_over_network(
     `on_chunk` sees every chunk written (e.g. to validate or compress in the
     same pass); the view is only valid during the call, and an exception it
     raises aborts the fetch unchanged. `ssl_context` (implies TLS) carries a
-    custom CA or client certificate. Failures raise RedisSyncError (its
+    custom CA or client certificate. `unix_socket` (a path) connects there
+    instead of `host`:`port`. Failures raise RedisSyncError (its
     `transient` says whether a retry may help); no partial file is left.
     """
     dest = Path(dest_path)
-    conn = _Connection(host, port, password, io_timeout_seconds)
+    conn = _Connection(host, port, password, io_timeout_seconds, unix_socket)
     with _atomic_output(dest) as out:
         conn.open(connect_timeout_seconds, tls or ssl_context is not None, ssl_context)
         try:
@@ -140,10 +142,18 @@ def _fsync_dir(directory: Path) -> None:
 class _Connection:
     """A socket speaking just enough RESP for AUTH/REPLCONF/SYNC, with error mapping."""
 
-    def __init__(self, host: str, port: int, password: str | None, io_timeout: float) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        password: str | None,
+        io_timeout: float,
+        unix_socket: str | None = None,
+    ) -> None:
         self.host = host
         self.port = port
-        self.where = f"Redis at {host}:{port}"
+        self.unix_socket = unix_socket
+        self.where = f"Redis at {unix_socket or f'{host}:{port}'}"
         self.password = password
         self.io_timeout = io_timeout
         self.pending = bytearray()  # bytes received beyond the last parsed line
@@ -154,8 +164,8 @@ class _Connection:
     def open(self, timeout: float, tls: bool, context: ssl.SSLContext | None) -> None:
         """Connect (and TLS-handshake) or raise RedisSyncError."""
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=timeout)
-        except ConnectionRefusedError as exc:
+            sock = self._connect(timeout)
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
             raise self.error(
                 "connection refused; is Redis running and listening on that address "
                 "and port (bind, port, firewall)?",
@@ -170,8 +180,21 @@ class _Connection:
             ) from exc
         except OSError as exc:
             raise self.error(f"cannot connect: {exc}", transient=True) from exc
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = self._wrap_tls(sock, context) if tls else sock
+
+    def _connect(self, timeout: float) -> socket.socket:
+        if self.unix_socket is None:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(self.unix_socket)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def _wrap_tls(self, sock: socket.socket, context: ssl.SSLContext | None) -> socket.socket:
         context = context or ssl.create_default_context()

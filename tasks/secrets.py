@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
 
 _SECRET_PARTS = ("secret", "token", "password", "passwd", "credential")
 _SECRET_ENDINGS = ("key", "keys", "pass", "pwd")
@@ -37,12 +36,96 @@ def redact_urls(text: str) -> tuple[str, int]:
     return URL_CREDENTIALS.subn(lambda m: f"{m.group(1)}***@", text)
 
 
+class AmbiguousUrl(ValueError):
+    """A URL whose credentials hold an unencoded special character: where the host
+    starts cannot be told, so it is neither used nor shown."""
+
+
+URL_ENCODING_FIX = (
+    "percent-encode special characters in the user name and password: "
+    "# → %23, / → %2F, ? → %3F, @ → %40, % → %25"
+)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]*\]|[^:\[\]]*)(:[0-9]*)?")
+_CREDENTIAL_PARAMETERS = ("user", "username")
+
+
+def _split(url: str) -> tuple[str, str, str] | None:
+    """(scheme, authority, rest) of `scheme://authority/rest`, None without a scheme."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        return None
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    return scheme, rest[:end], rest[end:]
+
+
+def url_problem(url: str) -> str | None:
+    """Why the credentials of `url` cannot be told apart from the rest, or None.
+
+    An `@` after the host part means a `#`, `/` or `?` in the password cut the URL
+    short; a second `@` in the host part means an unencoded `@`. Parsers then read
+    a different host (or none) and would show the password as a host, path or port.
+    """
+    parts = _split(url)
+    if parts is None:
+        return None
+    _scheme, authority, rest = parts
+    if "@" in rest or authority.count("@") > 1:
+        return (
+            "its user name or password holds an unencoded '#', '/', '?' or '@', so "
+            f"where the host starts cannot be told: {URL_ENCODING_FIX}"
+        )
+    return None
+
+
+def check_url(url: str, what: str) -> str:
+    """`url` when its credentials parse unambiguously; else AmbiguousUrl, a message
+    naming `what` and the fix and holding nothing of the URL past its scheme."""
+    problem = url_problem(url)
+    if problem:
+        parts = _split(url)
+        scheme = f" ({parts[0]}://…)" if parts else ""
+        raise AmbiguousUrl(f"{what}{scheme} cannot be used: {problem}")
+    return url
+
+
+def url_server(url: str) -> str:
+    """`host:port` of a URL (credentials, path and query left out), for lock names."""
+    parts = _split(check_url(url, "the URL"))
+    if parts is None:
+        return redact_url(url)
+    host = parts[1].rpartition("@")[2]
+    return host if _HOST_PORT.fullmatch(host) else "***"
+
+
+def _redact_rest(rest: str) -> str:
+    """Path kept; values of credential-like query parameters and any fragment hidden."""
+    rest, hash_, fragment = rest.partition("#")
+    path, question, query = rest.partition("?")
+    pairs = []
+    for pair in re.split(r"([&;])", query):
+        name, equals, _value = pair.partition("=")
+        hide = equals and (secret_name(name) or name.lower() in _CREDENTIAL_PARAMETERS)
+        pairs.append(f"{name}=***" if hide else pair)
+    return path + question + "".join(pairs) + (hash_ + "***" if fragment else hash_)
+
+
 def redact_url(url: str) -> str:
-    """A connection URL safe to print: credentials replaced by '***'."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"***@{host}").geturl()
+    """A URL safe to print, whatever the input: user and password become '***', as do
+    credential query parameters (`?password=`) and fragments. A URL whose host cannot
+    be told from its credentials (see `url_problem`) shows only its scheme."""
+    parts = _split(url)
+    if parts is None:
+        return url if _HOST_PORT.fullmatch(url) and "/" not in url else "***"
+    scheme, authority, rest = parts
+    if url_problem(url):
+        return f"{scheme}://***"
+    _user, at, host = authority.rpartition("@")
+    if not _HOST_PORT.fullmatch(host):  # `redis://:secret` (no host): ':secret' is no port
+        host = "***"
+    return f"{scheme}://{'***@' if at else ''}{host}{_redact_rest(rest)}"
+
+
+def carries_credentials(url: str) -> bool:
+    """True when printing `url` as is would show a credential."""
+    return redact_url(url) != url

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from redis.connection import parse_url
+from tasks.redis_url import parse_redis_url
+from tasks.secrets import check_url
 
 TAG_LENGTH = 8
 
@@ -29,20 +30,16 @@ def _unparsable(what: str) -> ValueError:
 def redis_source_id(url: str) -> str:
     """`host:port` of a Redis (or `unix:<socket path>`), read the way redis-py reads the
     URL. The database number is left out: an RDB holds every database of the server."""
-    try:
-        kwargs = parse_url(url)
-    except ValueError:
-        raise _unparsable("Redis") from None
-    if "path" in kwargs:
-        return f"unix:{kwargs['path']}"
-    host = str(kwargs.get("host") or "localhost").lower()
-    return f"{host}:{kwargs.get('port') or 6379}"
+    target = parse_redis_url(url)
+    if target.socket_path:
+        return f"unix:{target.socket_path}"
+    return f"{(target.host or 'localhost').lower()}:{target.port or 6379}"
 
 
 def prometheus_source_id(url: str) -> str:
     """The Prometheus URL without credentials, query or trailing slash."""
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(check_url(url, "prometheus_url"))
         port = parts.port
     except ValueError:
         raise _unparsable("Prometheus") from None

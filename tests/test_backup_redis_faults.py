@@ -7,16 +7,18 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.states import State
 from redis_servers import running_redis
 
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
-from tasks.locks import exclusive, lock_name
 from tasks.secrets import redact_url
 from tasks.storage import list_local
 
@@ -198,25 +200,49 @@ def test_read_only_backup_dir_fails_before_any_work(sandbox_redis: str, tmp_path
         assert os.listdir(readonly) == []
 
 
-def test_two_backups_of_one_redis_never_overlap(sandbox_redis: str, backup_dir: Path) -> None:
-    results: list[dict] = []
-    name = lock_name("backup-redis", sandbox_redis)
-    with exclusive(name):
-        runner = threading.Thread(
-            target=lambda: results.append(
-                backup_redis(
-                    redis_url=sandbox_redis,
-                    fetch="container",
-                    backup_dir=str(backup_dir),
-                    s3_bucket="",
-                )
+def task_runs_of(state: State) -> list[Any]:
+    with get_client(sync_client=True) as client:
+        run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        return client.read_task_runs(flow_run_filter=run_filter)
+
+
+def test_two_backups_of_one_redis_never_overlap(backup_dir: Path, tmp_path: Path) -> None:
+    """The second backup's first step starts after the first backup's last step ended.
+
+    The first backup's save is slowed (~7 s) and the second one starts only once that
+    save runs, so without the lock their steps would overlap."""
+    with running_redis(tmp_path / "r", **{"rdb-key-save-delay": "150000"}) as server:
+        client = server.client()
+        client.mset({f"k{i}": i for i in range(50)})
+        states: dict[str, State] = {}
+
+        def backup(label: str) -> None:
+            states[label] = backup_redis(
+                redis_url=server.url,
+                container="",
+                fetch="path",
+                data_dir=str(server.dir),
+                backup_dir=str(backup_dir),
+                s3_bucket="",
+                return_state=True,
             )
-        )
-        runner.start()
-        time.sleep(4)
-        assert list_local(backup_dir, "redis") == [], "ran while another backup held the lock"
-    runner.join(timeout=120)
-    assert len(results) == 1 and len(list_local(backup_dir, "redis")) == 1
+
+        first = threading.Thread(target=backup, args=("first",))
+        first.start()
+        deadline = time.monotonic() + 120
+        while not int(client.info("persistence")["rdb_bgsave_in_progress"]):
+            assert first.is_alive() and time.monotonic() < deadline, "the first save never ran"
+            time.sleep(0.05)
+        second = threading.Thread(target=backup, args=("second",))
+        second.start()
+        first.join(timeout=300)
+        second.join(timeout=300)
+    assert states["first"].is_completed() and states["second"].is_completed()
+    assert len(list_local(backup_dir, "redis")) == 2
+    first_steps, second_steps = task_runs_of(states["first"]), task_runs_of(states["second"])
+    first_ended = max(step.end_time for step in first_steps if step.end_time)
+    second_started = min(step.start_time for step in second_steps if step.start_time)
+    assert second_started > first_ended, "the second backup ran while the first held the lock"
 
 
 def test_password_from_the_environment_never_reaches_run_parameters(

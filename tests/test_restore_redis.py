@@ -3,17 +3,25 @@ replaces is moved aside, never deleted."""
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import redis
-from redis_servers import running_redis
+from redis_servers import (
+    Snapshot,
+    assert_same_keyspace,
+    keyspace_snapshot,
+    running_redis,
+    seed_mixed_data,
+)
+from same_second import within_one_second
 
 from flows.backup_redis import backup_redis
 from tasks.archive import ArchiveError, CompressedWriter, Manifest, manifest_name
 from tasks.rdb import RdbError
-from tasks.redis import place_rdb
+from tasks.redis import AofDataPresent, PlacedRdb, place_rdb
 from tasks.storage import backup_name, utc_now, write_durably
 
 OLD = b"REDIS0010 the data that was there before the restore"
@@ -90,3 +98,104 @@ def test_an_invalid_rdb_with_a_matching_checksum_is_refused(
 def test_a_name_outside_the_backup_dir_is_refused(tmp_path: Path, backup_dir: Path) -> None:
     with pytest.raises(ValueError, match="not a plain relative name"):
         place_rdb(backup_dir, "../../etc/passwd", target_with_old_data(tmp_path))
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    """Every file below `folder` by relative path, with its bytes."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_two_restores_in_the_same_second_keep_the_original_byte_for_byte(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """The moved-aside name has one-second resolution: the second restore of a second
+    must not move the first restored file over the saved original. Real clock: retried
+    (each time on a fresh target) until both restores fell in the same second."""
+    make_backup(tmp_path, backup_dir)
+
+    def restore_twice(attempt: int) -> tuple[Path, PlacedRdb, PlacedRdb]:
+        target = tmp_path / f"target-{attempt}"
+        target.mkdir()
+        (target / "dump.rdb").write_bytes(OLD)
+        return (
+            target,
+            place_rdb(backup_dir, "latest", target),
+            place_rdb(backup_dir, "latest", target),
+        )
+
+    target, first, second = within_one_second(restore_twice)
+    assert first.moved_aside is not None and second.moved_aside is not None
+    assert first.moved_aside != second.moved_aside
+    assert first.moved_aside.read_bytes() == OLD
+    assert second.moved_aside.read_bytes() == (target / "dump.rdb").read_bytes() != OLD
+    assert sorted(files_under(target).values()).count(OLD) == 1
+
+
+def backup_of_seeded_server(tmp_path: Path, backup_dir: Path) -> Snapshot:
+    """Back up a seeded server; return its keyspace as it was at the backup."""
+    with running_redis(tmp_path / "seeded") as server:
+        seed_mixed_data(server, n_keys=600)
+        expected = keyspace_snapshot(server)
+        backup_redis(
+            redis_url=server.url,
+            container="",
+            fetch="path",
+            data_dir=str(server.dir),
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+        )
+    return expected
+
+
+def target_with_aof(tmp_path: Path) -> Path:
+    """A data dir a real Redis ran in with `appendonly yes`: appendonlydir/, no RDB."""
+    target = tmp_path / "aof-target"
+    with running_redis(target, appendonly="yes") as live:
+        live.client().set("only-in-the-aof", "x")
+    assert (target / "appendonlydir").is_dir() and not (target / "dump.rdb").exists()
+    return target
+
+
+def test_aof_data_in_the_target_is_refused_as_redis_would_ignore_the_rdb(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    backup_of_seeded_server(tmp_path, backup_dir)
+    target = target_with_aof(tmp_path)
+    before = files_under(target)
+    with pytest.raises(AofDataPresent, match=r"appendonlydir.*ignores? the placed dump.rdb"):
+        place_rdb(backup_dir, "latest", target)
+    assert files_under(target) == before
+
+    # The trap the refusal avoids: a dump.rdb placed beside the AOF is never loaded.
+    trap = tmp_path / "trap"
+    shutil.copytree(target, trap)
+    shutil.copyfile(tmp_path / "seeded" / "dump.rdb", trap / "dump.rdb")
+    with running_redis(trap, appendonly="yes") as ignored:
+        assert ignored.client().get("only-in-the-aof") == b"x"
+        assert ignored.client().dbsize() == 1
+
+
+def test_legacy_appendonly_aof_file_is_refused_too(tmp_path: Path, backup_dir: Path) -> None:
+    make_backup(tmp_path, backup_dir)
+    target = target_with_old_data(tmp_path)
+    (target / "appendonly.aof").write_bytes(b"*1\r\n$8\r\nFLUSHALL\r\n")
+    with pytest.raises(AofDataPresent, match="appendonly.aof"):
+        place_rdb(backup_dir, "latest", target)
+    assert (target / "dump.rdb").read_bytes() == OLD
+
+
+def test_aof_move_aside_keeps_the_aof_and_redis_loads_the_backup_key_for_key(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    expected = backup_of_seeded_server(tmp_path, backup_dir)
+    target = target_with_aof(tmp_path)
+    aof_before = files_under(target / "appendonlydir")
+    placed = place_rdb(backup_dir, "latest", target, aof="move_aside")
+    [moved] = placed.aof_moved_aside
+    assert moved.parent == target and moved.name.startswith("appendonlydir.before-restore-")
+    assert files_under(moved) == aof_before  # moved aside, never deleted
+    assert not (target / "appendonlydir").exists() and placed.moved_aside is None
+    with running_redis(target, appendonly="no") as restored:
+        assert_same_keyspace(expected, keyspace_snapshot(restored))
