@@ -100,7 +100,7 @@ from sandbox.constants import (
 from sandbox.project import STATE_LABEL, prometheus_config, redis_conf
 from sandbox.seed import SeedSummary
 from sandbox.seed import seed as seed_redis
-from tasks.compose import PROJECT_LABEL, SERVICE_LABEL, ComposeError, compose_command
+from tasks.compose import PROJECT_LABEL, SERVICE_LABEL, ComposeError, _base, _run
 
 __all__ = [
     "GATEWAY_CONTAINER",
@@ -393,20 +393,9 @@ def service_specs() -> list[ServiceSpec]:
 def compose(*args: str, timeout: float = 300.0) -> str:
     """Run docker-compose (or `docker compose`) on the sandbox project; its stdout."""
     try:
-        command = compose_command()
+        return _run([*_base(COMPOSE_FILE, COMPOSE_PROJECT), *args], timeout)
     except ComposeError as exc:
         raise SandboxError(str(exc)) from None
-    argv = [*command, "-f", str(COMPOSE_FILE), "-p", COMPOSE_PROJECT, *args]
-    try:
-        done = subprocess.run(
-            argv, cwd=PROJECT_DIR, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise SandboxError(f"`{' '.join(argv[-3:])}` did not finish in {timeout:.0f}s") from None
-    if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise SandboxError(f"`{' '.join(argv)}` failed (exit {done.returncode}):\n{tail}")
-    return done.stdout
 
 
 def _get_container(client: docker.DockerClient, name: str) -> Container | None:
