@@ -136,6 +136,7 @@ log = logging.getLogger("sandbox")
 
 WORKING_DIR_LABEL = "com.docker.compose.project.working_dir"
 DOCKERD_TIMEOUT = 60.0
+DOCKER_TIMEOUT = 120  # a busy dockerd (parallel test runs) answers slowly
 READY_TIMEOUT = 45.0
 WEED_TIMEOUT = 90.0
 STOP_TIMEOUT = 30
@@ -179,7 +180,7 @@ def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 def _docker_ping() -> docker.DockerClient | None:
     try:
-        client = docker.from_env(timeout=10)
+        client = docker.from_env(timeout=DOCKER_TIMEOUT)
         client.ping()
         return client
     except (docker.errors.DockerException, OSError):
