@@ -71,7 +71,9 @@ def backup_redis(
     with exclusive(lock_name("backup-redis", target.server)):
         prepare_backup_dir(to.backup_dir, "redis")
         facts = inspect_redis(p["redis_url"])
-        method = choose_fetch(p["fetch"], p["container"] or None, p["data_dir"] or None)
+        method = choose_fetch(
+            p["fetch"], p["container"] or None, p["data_dir"] or None, facts, p["redis_url"]
+        )
         save = None
         if method != "network":  # the replication stream makes its own snapshot
             save = trigger_save(
@@ -89,6 +91,8 @@ def backup_redis(
             staging_path(to.backup_dir, name),
             codec,
             p["deep_check"],
+            save,
+            network_fallback=p["fetch"] == "auto",
         )
         manifest = redis_manifest(name, captured, facts, server, save, elapsed(started), source_id)
         stored, remote = keep_backup(
@@ -98,7 +102,7 @@ def backup_redis(
             {
                 "server": server,
                 "keys": sum(db["keys"] for db in facts.keyspace.values()),
-                "fetch": method,
+                "fetch": captured.method,
             },
         )
     print(f"Backup stored at {stored}" + (f" and {remote}" if remote else ""))

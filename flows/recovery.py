@@ -9,6 +9,7 @@ one line naming the step and the reason.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ class Recovery:
     backup: dict[str, Any] | None = None
     moved_aside: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    attachments: list[tuple[str, list[str]]] = field(default_factory=list)
     healthy_seconds: float | None = None
     error: BaseException | None = None
     _start: float = field(default_factory=time.perf_counter)
@@ -76,6 +78,10 @@ class Recovery:
 
     def skip(self, name: str, why: str) -> None:
         self.steps.append(Step(name, "planned" if self.dry_run else "skipped", 0.0, why))
+
+    def attach(self, title: str, lines: list[str]) -> None:
+        """Add verbatim text (log lines) to the report, below the steps, shown as is."""
+        self.attachments.append((title, list(lines)))
 
     def used_backup(self, manifest: Manifest, location: str) -> None:
         """Record the backup restored and its age at the start of the run (the RPO)."""
@@ -143,6 +149,8 @@ class Recovery:
             lines.append(row)
         if self.notes:
             lines += [""] + [f"- {_escape(note)}" for note in self.notes]
+        for title, text in self.attachments:
+            lines += ["", f"## {_escape(title)}", "", *_verbatim(text)]
         return "\n".join(lines) + "\n"
 
     def publish(self) -> None:
@@ -159,6 +167,14 @@ def _escape(text: str) -> str:
     return (
         str(text).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
     )
+
+
+def _verbatim(lines: list[str]) -> list[str]:
+    """A fenced block showing `lines` as they are: the fence is longer than any run of
+    backticks inside, so no line can close it early or be read as markdown."""
+    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", *lines, fence]
 
 
 def _age(seconds: float) -> str:

@@ -31,10 +31,14 @@ __all__ = [
     "RdbChecker",
     "RdbError",
     "RdbInfo",
+    "StreamValidation",
     "crc64",
     "deep_check_rdb",
     "min_redis_for_rdb",
+    "read_aux_fields",
     "validate_rdb_file",
+    "validate_stream",
+    "validating",
 ]
 
 MAGIC = b"REDIS"
@@ -45,6 +49,8 @@ FIRST_CHECKSUMMED_VERSION = 5  # RDB < 5 (Redis < 2.6) end with 0xFF and no CRC
 MIN_RDB_VERSION = 1
 MAX_RDB_VERSION = 12
 READ_CHUNK = 1 << 20
+AUX_OPCODE = 0xFA
+AUX_WINDOW = 4096  # the aux fields (redis-ver, ctime, ...) sit in the first few hundred bytes
 
 # First Redis release that writes (and therefore needs to load) each RDB version.
 _MIN_REDIS = {5: "2.6", 6: "2.8", 7: "3.2", 8: "4.0", 9: "5.0", 10: "7.0", 11: "7.2", 12: "7.4"}
@@ -83,6 +89,7 @@ class RdbInfo:
     checksum: int
     checksum_verified: bool
     deep_check: str = "not run"
+    created_at: int | None = None  # the `ctime` aux field: server clock when the save began
 
     @property
     def min_redis_version(self) -> str:
@@ -121,7 +128,7 @@ class RdbChecker:
                 f"{self.name} is longer than the announced {self.expected_size} bytes "
                 f"(got at least {self.size}); the transfer is garbled: take a new backup"
             )
-        if self.version is None:
+        if len(self._head) < AUX_WINDOW:
             self._collect_header(view)
         self._hold_back_trailer(view)
 
@@ -151,9 +158,10 @@ class RdbChecker:
         return self._info(checksum=stored, verified=True)
 
     def _collect_header(self, view: memoryview) -> None:
-        self._head += bytes(view[: HEADER_LEN - len(self._head)])
-        if len(self._head) == HEADER_LEN:
-            self.version = _parse_header(self._head, self.name)
+        """Keep the first AUX_WINDOW bytes: the header, then the aux fields."""
+        self._head += bytes(view[: AUX_WINDOW - len(self._head)])
+        if self.version is None and len(self._head) >= HEADER_LEN:
+            self.version = _parse_header(self._head[:HEADER_LEN], self.name)
 
     def _hold_back_trailer(self, view: memoryview) -> None:
         """CRC everything except the last TRAILER_LEN bytes of the stream so far."""
@@ -198,7 +206,68 @@ class RdbChecker:
 
     def _info(self, *, checksum: int, verified: bool) -> RdbInfo:
         assert self.version is not None
-        return RdbInfo(self.version, self.size, checksum, verified)
+        created = read_aux_fields(self._head[HEADER_LEN:]).get("ctime")
+        return RdbInfo(
+            self.version,
+            self.size,
+            checksum,
+            verified,
+            created_at=created if isinstance(created, int) else None,
+        )
+
+
+def _read_length(data: bytes, at: int) -> tuple[int, bool, int]:
+    """An RDB length at `at`: (value, is_special_encoding, next offset). IndexError if cut."""
+    first = data[at]
+    kind = first >> 6
+    if kind == 0:
+        return first & 0x3F, False, at + 1
+    if kind == 1:
+        return ((first & 0x3F) << 8) | data[at + 1], False, at + 2
+    if kind == 3:
+        return first & 0x3F, True, at + 1
+    width = {0x80: 4, 0x81: 8}.get(first)
+    if width is None or at + 1 + width > len(data):
+        raise IndexError("length cut off or unknown")
+    return int.from_bytes(data[at + 1 : at + 1 + width], "big"), False, at + 1 + width
+
+
+def _read_string(data: bytes, at: int) -> tuple[str | int | None, int]:
+    """An RDB string at `at`: text, an int (int encodings) or None (LZF-compressed)."""
+    value, special, at = _read_length(data, at)
+    if special:
+        widths = {0: 1, 1: 2, 2: 4}
+        if value in widths:
+            end = at + widths[value]
+            if end > len(data):
+                raise IndexError("integer cut off")
+            return int.from_bytes(data[at:end], "little", signed=True), end
+        if value == 3:  # LZF: compressed length, plain length, bytes
+            compressed, _, at = _read_length(data, at)
+            _plain, _, at = _read_length(data, at)
+            return None, at + compressed
+        raise IndexError("unknown string encoding")
+    end = at + value
+    if end > len(data):
+        raise IndexError("string cut off")
+    return data[at:end].decode("utf-8", "replace"), end
+
+
+def read_aux_fields(body: bytes) -> dict[str, str | int | None]:
+    """The aux fields (opcode 0xFA: key, value) at the start of an RDB body, as far
+    as `body` holds them complete; an unreadable field ends the list."""
+    fields: dict[str, str | int | None] = {}
+    at = 0
+    try:
+        while at < len(body) and body[at] == AUX_OPCODE:
+            key, at = _read_string(body, at + 1)
+            value, at = _read_string(body, at)
+            if at > len(body):
+                break
+            fields[str(key)] = value
+    except IndexError:
+        pass
+    return fields
 
 
 def _parse_header(head: bytes, name: str) -> int:
@@ -255,6 +324,49 @@ def validate_rdb_file(
     )
 
 
+class StreamValidation:
+    """Validation fed by the producer (push): `feed` each chunk, then `finish`.
+
+    Made by `validating`; for a source that calls back with its chunks (the
+    replication stream) instead of being iterated."""
+
+    def __init__(
+        self,
+        checker: RdbChecker,
+        deep_check: DeepCheck,
+        sink: Callable[[bytes | memoryview], object] | None,
+    ) -> None:
+        self.checker = checker
+        self.deep_check = deep_check
+        self.sink = sink
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        """Check the next bytes and hand them on to the sink."""
+        self.checker.update(chunk)
+        self.deep_check.feed(chunk)
+        if self.sink is not None:
+            self.sink(chunk)
+
+    def finish(self) -> RdbInfo:
+        """All bytes are in: raise RdbError unless the RDB is complete and intact."""
+        info = self.checker.finish()
+        verdict = self.deep_check.finish(info.rdb_version)
+        return replace(info, deep_check=verdict)
+
+
+@contextlib.contextmanager
+def validating(
+    deep: bool,
+    sink: Callable[[bytes | memoryview], object] | None = None,
+    *,
+    name: str = "RDB",
+    check_timeout_seconds: float = 600,
+) -> Iterator[StreamValidation]:
+    """A `StreamValidation` (with redis-check-rdb alongside when `deep`) for one stream."""
+    with deep_check_rdb(deep, timeout_seconds=check_timeout_seconds, name=name) as deep_check:
+        yield StreamValidation(RdbChecker(name=name), deep_check, sink)
+
+
 def validate_stream(
     chunks: Iterable[bytes | memoryview],
     deep: bool,
@@ -265,16 +377,12 @@ def validate_stream(
 ) -> RdbInfo:
     """Validate RDB bytes as they stream past, handing each chunk on to `sink`
     (a compressor, a file) in the same pass. Raises RdbError when invalid."""
-    checker = RdbChecker(name=name)
-    with deep_check_rdb(deep, timeout_seconds=check_timeout_seconds, name=name) as deep_check:
+    with validating(
+        deep, sink, name=name, check_timeout_seconds=check_timeout_seconds
+    ) as validation:
         for chunk in chunks:
-            checker.update(chunk)
-            deep_check.feed(chunk)
-            if sink is not None:
-                sink(chunk)
-        info = checker.finish()
-        verdict = deep_check.finish(info.rdb_version)
-    return replace(info, deep_check=verdict)
+            validation.feed(chunk)
+        return validation.finish()
 
 
 class DeepCheck:

@@ -8,14 +8,16 @@ them ever reach a log line, an artifact or an exception.
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import redis
+from docker.errors import DockerException
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -32,7 +34,7 @@ from tasks.archive import (
 )
 from tasks.aside import move_aside
 from tasks.log import run_logger
-from tasks.rdb import RdbInfo, validate_stream
+from tasks.rdb import RdbInfo, validate_stream, validating
 from tasks.redis_sync import fetch_rdb_over_network
 from tasks.redis_url import parse_redis_url
 from tasks.retry import TransientError, retrying_task
@@ -60,6 +62,11 @@ class SaveFailed(RuntimeError):
 
 class SaveTimeout(RuntimeError):
     """The snapshot did not finish before the deadline."""
+
+
+class WrongServer(RuntimeError):
+    """A fetch route reaches another Redis, or an RDB older than our save: the
+    backup would hold other data than the server it names. Not retried."""
 
 
 def connect(redis_url: str, timeout: float = COMMAND_TIMEOUT) -> redis.Redis:
@@ -97,6 +104,8 @@ class ServerFacts:
     rdb_dir: str | None
     rdb_filename: str | None
     aof_enabled: bool
+    run_id: str = ""  # unique per server process: proves a route reaches this server
+    tcp_port: int = 0  # the port it listens on, as the server itself sees it
 
 
 @retrying_task(1, 5)
@@ -124,38 +133,100 @@ def inspect_redis(redis_url: str) -> ServerFacts:
         rdb_dir=config.get("dir"),
         rdb_filename=config.get("dbfilename"),
         aof_enabled=bool(int(info.get("aof_enabled", 0))),
+        run_id=str(info.get("run_id", "")),
+        tcp_port=int(info.get("tcp_port", 0)),
     )
 
 
 @dataclass
 class SaveResult:
+    """The snapshot we waited for: Redis's LASTSAVE after it, the server's clock
+    when BGSAVE was sent (an RDB from this save has a `ctime` at or after it), and
+    how long it took."""
+
     last_save_time: int
     seconds: float
+    started_at: int = 0
+    started_at_us: int = 0  # the same, in microseconds (server TIME)
 
 
 def _persistence(client: redis.Redis) -> dict[str, Any]:
     return client.info("persistence")
 
 
+BUSY = (
+    "Redis is busy with a background save it did not start for us (a replica's full "
+    "sync, or another backup)"
+)
+
+
 def _wait_for_save_idle(client: redis.Redis, deadline: float) -> None:
     """Wait for a save someone else started (maybe a diskless replication child)."""
     while int(_persistence(client)["rdb_bgsave_in_progress"]):
         if time.monotonic() > deadline:
-            raise SaveTimeout("a background save already in progress did not finish in time")
+            raise SaveTimeout(
+                f"{BUSY} that did not finish before the deadline: retry later or raise "
+                "save_timeout_seconds"
+            )
         time.sleep(POLL_SECONDS)
 
 
-def _start_bgsave(client: redis.Redis, deadline: float) -> None:
+@dataclass
+class _Started:
+    """Where the save counters stood when our BGSAVE was accepted."""
+
+    saves: int | None  # INFO rdb_saves (Redis 7+; counts a save when it starts)
+    server_time_us: int
+
+
+def _start_bgsave(client: redis.Redis, deadline: float) -> _Started:
     """BGSAVE (SCHEDULE while an AOF rewrite runs), retrying once past another save."""
     for _attempt in range(2):
+        state = _persistence(client)
+        seconds, micros = client.time()
+        started = _Started(
+            int(state["rdb_saves"]) if "rdb_saves" in state else None,
+            int(seconds) * 1_000_000 + int(micros),
+        )
         try:
-            client.bgsave(schedule=bool(int(_persistence(client)["aof_rewrite_in_progress"])))
-            return
+            client.bgsave(schedule=bool(int(state["aof_rewrite_in_progress"])))
+            return started
         except redis.ResponseError as error:
             if "already in progress" not in str(error):
                 raise
             _wait_for_save_idle(client, deadline)
-    raise SaveFailed("another background save kept Redis busy; try again later")
+    raise SaveFailed(f"{BUSY} twice in a row, so ours could not start: try again later")
+
+
+def _wait_past_last_save(client: redis.Redis, before: int, deadline: float, where: str) -> None:
+    """Redis < 7 only (no rdb_saves): LASTSAVE has 1 s resolution, so wait until the
+    server clock has passed it before saving, within the deadline. A LASTSAVE ahead
+    of the clock (a clock stepped back) would otherwise be waited for forever."""
+    while (now := int(client.time()[0])) <= before:
+        if time.monotonic() > deadline:
+            raise SaveTimeout(
+                f"Redis at {where} reports its last save at {before}, {before - now} s ahead "
+                "of its own clock (was the clock set back?): a new save cannot be told "
+                "apart; run one save by hand (BGSAVE) once the clock has passed it, or "
+                "upgrade to Redis 7"
+            )
+        time.sleep(POLL_SECONDS)
+
+
+def _our_save_ran(state: dict[str, Any], started: _Started, before: int) -> bool:
+    """Has the save we started been run (it may still be in progress)?"""
+    if started.saves is not None:
+        return int(state["rdb_saves"]) > started.saves
+    return int(state["rdb_last_save_time"]) > before
+
+
+def _may_be_ours(state: dict[str, Any], started: _Started) -> bool:
+    """Redis < 7: a failed save leaves LASTSAVE as it was, so an error status once no
+    AOF rewrite holds our scheduled save back is taken as ours."""
+    return started.saves is None and not int(state["aof_rewrite_in_progress"])
+
+
+_LOG_PREFIX = re.compile(r"^\d+:[A-Z] .*? [.*#-] ")  # "1:C 28 Nov 2026 08:42:20.693 # "
 
 
 def save_failure_reason(container: str | None) -> str:
@@ -166,48 +237,52 @@ def save_failure_reason(container: str | None) -> str:
         lines = containers.log_tail(container, 80)
     except containers.ContainerError:
         return "see the Redis log"
-    reasons = [
-        line
+    reasons = [  # e.g. "Failed opening the temp RDB file … for saving: Read-only file system"
+        _LOG_PREFIX.sub("", line).strip()
         for line in lines
-        if "save" in line.lower()
-        and ("fail" in line.lower() or "error" in line.lower() or "can't" in line.lower())
+        if ("sav" in line.lower() or "rdb" in line.lower())
+        and any(word in line.lower() for word in ("fail", "error", "can't"))
     ]
-    return reasons[-1].strip() if reasons else "see the Redis log"
+    specific = [line for line in reasons if not line.startswith("Background saving error")]
+    return (specific or reasons or ["see the Redis log"])[-1]
 
 
 @retrying_task(2, 10)
 def trigger_save(
     redis_url: str, timeout_seconds: float, container: str | None = None
 ) -> SaveResult:
-    """BGSAVE and wait until Redis reports a newer successful snapshot."""
+    """BGSAVE and wait until Redis reports that save done; every wait has the deadline."""
     started = time.monotonic()
     deadline = started + timeout_seconds
+    where = redact_url(redis_url)
     client = connect(redis_url)
     try:
-        before = int(_persistence(client)["rdb_last_save_time"])
-        while int(client.time()[0]) <= before:  # LASTSAVE has 1 s resolution
-            time.sleep(POLL_SECONDS)
-        _start_bgsave(client, deadline)
+        state = _persistence(client)
+        before = int(state["rdb_last_save_time"])
+        if "rdb_saves" not in state:
+            _wait_past_last_save(client, before, deadline, where)
+        ours = _start_bgsave(client, deadline)
         while True:
             state = _persistence(client)
             idle = not int(state["rdb_bgsave_in_progress"])
-            if idle and int(state["rdb_last_save_time"]) > before:
+            done = idle and _our_save_ran(state, ours, before)
+            failed = state["rdb_last_bgsave_status"] == "err"
+            if done and not failed:
                 return SaveResult(
-                    int(state["rdb_last_save_time"]), round(time.monotonic() - started, 3)
+                    int(state["rdb_last_save_time"]),
+                    round(time.monotonic() - started, 3),
+                    ours.server_time_us // 1_000_000,
+                    ours.server_time_us,
                 )
-            if (
-                idle
-                and not int(state["aof_rewrite_in_progress"])
-                and (state["rdb_last_bgsave_status"] == "err")
-            ):
+            if failed and (done or (idle and _may_be_ours(state, ours))):
                 raise SaveFailed(
-                    f"Redis at {redact_url(redis_url)} failed to write its snapshot: "
+                    f"Redis at {where} failed to write its snapshot: "
                     f"{save_failure_reason(container)}. Check free space and that Redis "
                     "can write to its `dir`"
                 )
             if time.monotonic() > deadline:
                 raise SaveTimeout(
-                    f"Redis at {redact_url(redis_url)} did not finish its snapshot within "
+                    f"Redis at {where} did not finish its snapshot within "
                     f"{timeout_seconds:.0f} s: raise save_timeout_seconds or check the server"
                 )
             time.sleep(POLL_SECONDS)
@@ -215,19 +290,113 @@ def trigger_save(
         raise explain(error, redis_url) from None
 
 
-def choose_fetch(fetch: str, container: str | None, data_dir: str | None) -> str:
-    """Resolve `auto`: the container when one is named and exists, else the host
-    path when a data_dir is given, else the replication stream."""
+def _exec(container: Any, command: list[str], environment: dict[str, str]) -> tuple[int, str]:
+    try:
+        code, output = container.exec_run(command, environment=environment)
+    except DockerException as error:
+        return 127, str(error)
+    return int(code), output.decode(errors="replace")
+
+
+def container_serves(container_name: str, facts: ServerFacts, redis_url: str) -> str | None:
+    """None when the Redis in the container is the server at `redis_url`, else why
+    that is not proven.
+
+    Proof: `redis-cli` run inside the container against the server's own port
+    answers with the same `run_id`, and the answering process (`process_id`, as
+    the server sees it) is a process of the container holding the socket that
+    listens on that port. The second check matters when the container shares the
+    host's network: its 127.0.0.1 then reaches every Redis on the host, the one
+    at `redis_url` included. Needs `redis-cli`, `cat` and `ls` in the container.
+    """
+    try:
+        found = containers.get_container(container_name)
+    except containers.ContainerError as error:
+        return str(error)
+    if found.status != "running":
+        return f"container {container_name!r} is {found.status}"
+    if not facts.run_id or not facts.tcp_port:
+        return "the server at redis_url does not report its run_id and TCP port"
+    kwargs = connect(redis_url).connection_pool.connection_kwargs
+    if kwargs.get("ssl"):
+        return "the server speaks TLS; redis-cli in the container cannot be checked"
+    command = ["redis-cli", "-p", str(facts.tcp_port), "--no-auth-warning"]
+    if kwargs.get("username"):
+        command += ["--user", str(kwargs["username"])]
+    secret = {"REDISCLI_AUTH": str(kwargs["password"])} if kwargs.get("password") else {}
+    code, output = _exec(found, [*command, "INFO", "server"], secret)
+    fields = dict(line.split(":", 1) for line in output.splitlines() if ":" in line)
+    answer = fields.get("run_id", "").strip()
+    if code or not answer:
+        first = output.strip().splitlines()[0][:120] if output.strip() else f"exit {code}"
+        return f"redis-cli in container {container_name!r} got no answer ({first})"
+    if answer != facts.run_id:
+        return (
+            f"container {container_name!r} runs another Redis (run_id {answer[:12]}…) than "
+            f"the server at redis_url (run_id {facts.run_id[:12]}…)"
+        )
+    pid = fields.get("process_id", "").strip()
+    if not _owns_listener(found, pid, facts.tcp_port):
+        return (
+            f"the Redis at redis_url answers from inside container {container_name!r} but "
+            f"its port {facts.tcp_port} is not held by a process of the container (it shares "
+            "the host's network, where another Redis listens)"
+        )
+    return None
+
+
+def _owns_listener(container: Any, pid: str, port: int) -> bool:
+    """Does process `pid` of the container hold the socket listening on `port` in the
+    container's network namespace? (/proc/net/tcp* inodes against the process's fds.)"""
+    if not pid.isdigit():
+        return False
+    code, table = _exec(container, ["cat", "/proc/net/tcp", "/proc/net/tcp6"], {})
+    if code not in (0, 1):  # 1: no IPv6 table
+        return False
+    listening = {
+        fields[9]
+        for fields in (line.split() for line in table.splitlines()[1:])
+        if len(fields) > 9 and fields[3] == "0A" and fields[1].endswith(f":{port:04X}")
+    }
+    code, fds = _exec(container, ["ls", "-l", f"/proc/{pid}/fd"], {})
+    held = set(re.findall(r"socket:\[(\d+)\]", fds))
+    return code == 0 and bool(listening & held)
+
+
+def choose_fetch(
+    fetch: str,
+    container: str | None,
+    data_dir: str | None,
+    facts: ServerFacts | None = None,
+    redis_url: str | None = None,
+) -> str:
+    """Resolve `auto`: the container when one is named, exists and provably runs the
+    server at `redis_url`, else the host path when a data_dir is given, else the
+    replication stream. An explicit `container` that is another server is refused."""
     if fetch not in FETCH_METHODS:
         raise ValueError(f"fetch must be one of {', '.join(FETCH_METHODS)}, got {fetch!r}")
-    if fetch != "auto":
-        if fetch == "container" and not container:
-            raise ValueError(
-                "fetch='container' needs the container parameter (e.g. proxilion-redis)"
+    if fetch == "container" and not container:
+        raise ValueError("fetch='container' needs the container parameter (e.g. proxilion-redis)")
+    if fetch == "container":
+        containers.get_container(str(container))  # a wrong name fails here, naming the others
+    wanted = fetch == "container" or (
+        fetch == "auto" and bool(container) and containers.container_exists(str(container))
+    )
+    if wanted and facts is not None and redis_url is not None:
+        assert container is not None
+        why_not = container_serves(container, facts, redis_url)
+        if why_not is None:
+            return "container"
+        if fetch == "container":
+            raise WrongServer(
+                f"fetch='container' cannot be used: {why_not}. Name the container running "
+                f"the Redis at {redact_url(redis_url)}, or use fetch='network'"
             )
-        return fetch
-    if container and containers.container_exists(container):
+        run_logger().warning("Not copying from container %r: %s", container, why_not)
+    elif wanted:
         return "container"
+    if fetch != "auto":
+        return fetch
     return "path" if data_dir else "network"
 
 
@@ -248,59 +417,95 @@ def rdb_host_path(data_dir: str | None, facts: ServerFacts) -> Path:
     return Path(directory) / (facts.rdb_filename or "dump.rdb")
 
 
+Feed = Callable[[bytes | memoryview], None]
+Producer = Callable[[Feed], object]
+
+
 def _source(
     method: str,
     redis_url: str,
     container: str | None,
     data_dir: str | None,
     facts: ServerFacts,
-    raw_staging: Path,
-) -> Iterator[bytes]:
-    """The RDB's bytes from where the chosen method finds them."""
+    save: SaveResult | None = None,
+) -> Producer:
+    """The RDB's bytes from where the chosen method finds them: a producer that
+    pushes every chunk into the feed it is given (the replication stream as it
+    arrives, with no copy on disk). With `save`, a host file last written before
+    that save began is refused: it is not that save's output."""
     if method == "container":
         assert container is not None
         inner = PurePosixPath(facts.rdb_dir or "/data") / (facts.rdb_filename or "dump.rdb")
-        yield from containers.stream_file(container, str(inner))
-        return
+        return lambda feed: _each(containers.stream_file(container, str(inner)), feed)
     if method == "network":
         target = parse_redis_url(redis_url)
-        fetch_rdb_over_network(
-            target.host or "",
-            target.port or 0,
-            raw_staging,
-            username=target.username,
-            password=target.password,
-            tls=target.tls,
-            unix_socket=target.socket_path,
-        )
-        path = raw_staging
-    else:
-        path = rdb_host_path(data_dir, facts)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no RDB at {path}: set data_dir to the host folder holding Redis's "
-                f"{facts.rdb_filename or 'dump.rdb'}, or use fetch='container' or 'network'"
+
+        def receive(feed: Feed) -> int:
+            return fetch_rdb_over_network(
+                target.host or "",
+                target.port or 0,
+                None,
+                username=target.username,
+                password=target.password,
+                tls=target.tls,
+                unix_socket=target.socket_path,
+                on_chunk=feed,
             )
-    try:
+
+        return receive
+    path = rdb_host_path(data_dir, facts)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no RDB at {path}: set data_dir to the host folder holding Redis's "
+            f"{facts.rdb_filename or 'dump.rdb'}, or use fetch='container' or 'network'"
+        )
+
+    def read(feed: Feed) -> None:
         with open(path, "rb") as stream:
-            yield from iter_chunks(stream, CHUNK)
-    finally:
-        if method == "network":
-            raw_staging.unlink(missing_ok=True)
+            written_us = os.fstat(stream.fileno()).st_mtime_ns // 1000
+            if save is not None and written_us < save.started_at_us:
+                raise WrongServer(
+                    f"{path} was last written before the save Redis at {redact_url(redis_url)} "
+                    "ran: it is not that server's snapshot (does data_dir hold another "
+                    "Redis's RDB?)"
+                )
+            _each(iter_chunks(stream, CHUNK), feed)
+
+    return read
+
+
+def _each(chunks: Iterable[bytes], feed: Feed) -> None:
+    for chunk in chunks:
+        feed(chunk)
 
 
 def pipe_rdb(
-    chunks: Iterable[bytes], staging: Path, compression: Compression, deep_check: bool
+    produce: Producer, staging: Path, compression: Compression, deep_check: bool
 ) -> tuple[CompressedFile, RdbInfo]:
     """One pass: validate (header, CRC-64, optionally redis-check-rdb alongside),
-    compress and hash. The output is removed unless everything checks out."""
+    compress and hash the chunks `produce` pushes. The output is removed unless
+    everything checks out."""
     writer = CompressedWriter(staging, compression)
     try:
-        info = validate_stream(chunks, deep_check, writer.write)
+        with validating(deep_check, writer.write) as validation:
+            produce(validation.feed)
+            info = validation.finish()
         return writer.close(), info
     except BaseException:
         writer.abort()
         raise
+
+
+def check_fresh(info: RdbInfo, save: SaveResult, method: str, where: str) -> None:
+    """Refuse an RDB older than the save we waited for: it came from another server
+    (or another file) than the one that saved."""
+    if info.created_at is not None and info.created_at >= save.started_at:
+        return
+    made = "has no ctime field" if info.created_at is None else f"was made at {info.created_at}"
+    raise WrongServer(
+        f"the RDB fetched via {method} {made}, before the save Redis at {where} ran at "
+        f"{save.started_at}: it is not that server's snapshot (wrong container or data_dir?)"
+    )
 
 
 @retrying_task(2, 10)
@@ -313,13 +518,35 @@ def capture_rdb(
     staging: Path,
     compression: Compression,
     deep_check: bool,
+    save: SaveResult | None = None,
+    network_fallback: bool = False,
 ) -> CapturedRdb:
-    """Copy the RDB out, validate it, compress and checksum it, in one streaming pass."""
+    """Copy the RDB out, validate it, compress and checksum it, in one streaming pass.
+
+    With `save`, the RDB must be that save's (its ctime not older): otherwise it is
+    dropped, and refetched over the network when `network_fallback` (fetch=auto)."""
     started = time.perf_counter()
-    raw_staging = staging.with_name(staging.name + ".rdb-raw")
+
+    def attempt(how: str, proof: SaveResult | None) -> tuple[CompressedFile, RdbInfo]:
+        produce = _source(how, redis_url, container, data_dir, facts, proof)
+        compressed, info = pipe_rdb(produce, staging, compression, deep_check)
+        if proof is not None and how != "network":
+            try:
+                check_fresh(info, proof, how, redact_url(redis_url))
+            except WrongServer:
+                compressed.path.unlink(missing_ok=True)
+                raise
+        return compressed, info
+
     try:
-        chunks = _source(method, redis_url, container, data_dir, facts, raw_staging)
-        compressed, info = pipe_rdb(chunks, staging, compression, deep_check)
+        try:
+            compressed, info = attempt(method, save)
+        except WrongServer as error:
+            if not network_fallback:
+                raise
+            run_logger().warning("%s; fetching it over the network instead", error)
+            method = "network"
+            compressed, info = attempt(method, None)
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
     seconds = round(time.perf_counter() - started, 3)

@@ -12,7 +12,8 @@ stream, so this speaks the protocol on a raw socket:
 - or an error line (``-NOAUTH``, ``-NOPERM``, ...).
 
 The file appears at `dest_path` only once complete and fsynced; on any failure
-no partial file is left behind.
+no partial file is left behind. Without a `dest_path` nothing is written: the
+caller's `on_chunk` takes the stream (to validate and compress it as it arrives).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class RedisSyncError(RuntimeError):
 def fetch_rdb_over_network(
     host: str,
     port: int,
-    dest_path: str | Path,
+    dest_path: str | Path | None,
     *,
     username: str | None = None,
     password: str | None = None,
@@ -66,7 +67,8 @@ def fetch_rdb_over_network(
     on_chunk: ChunkCallback | None = None,
     unix_socket: str | None = None,
 ) -> int:
-    """Stream the server's RDB into `dest_path`; return the number of bytes written.
+    """Stream the server's RDB into `dest_path` (or only to `on_chunk` when it is
+    None); return the number of bytes received.
 
     `db_timeout_seconds` bounds the wait for the server to start sending (it
     runs a BGSAVE first); during the transfer each read may take at most
@@ -78,9 +80,9 @@ def fetch_rdb_over_network(
     instead of `host`:`port`. Failures raise RedisSyncError (its
     `transient` says whether a retry may help); no partial file is left.
     """
-    dest = Path(dest_path)
     conn = _Connection(host, port, password, io_timeout_seconds, unix_socket)
-    with _atomic_output(dest) as out:
+    output = _atomic_output(Path(dest_path)) if dest_path is not None else _no_output()
+    with output as out:
         conn.open(connect_timeout_seconds, tls or ssl_context is not None, ssl_context)
         try:
             _handshake(conn, username, password)
@@ -99,7 +101,7 @@ def fetch_rdb_over_network(
 class _Sink:
     """Writes chunks to the output file and hands them to the callback."""
 
-    def __init__(self, out: BinaryIO, on_chunk: ChunkCallback | None) -> None:
+    def __init__(self, out: BinaryIO | None, on_chunk: ChunkCallback | None) -> None:
         self.out = out
         self.on_chunk = on_chunk
         self.written = 0
@@ -107,10 +109,17 @@ class _Sink:
     def __call__(self, view: memoryview) -> None:
         if not view.nbytes:
             return
-        self.out.write(view)
+        if self.out is not None:
+            self.out.write(view)
         self.written += view.nbytes
         if self.on_chunk is not None:
             self.on_chunk(view)
+
+
+@contextlib.contextmanager
+def _no_output() -> Iterator[None]:
+    """No file: the chunks go to the callback only."""
+    yield None
 
 
 @contextlib.contextmanager

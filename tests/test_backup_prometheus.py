@@ -410,3 +410,22 @@ def test_snapshot_of_a_stopped_container_is_deleted_through_a_throwaway_one(
         assert not block.parent.exists() and (data / "snapshots").is_dir()
     finally:
         container.remove(force=True)
+
+
+def test_auto_fetch_takes_the_container_route_and_restores(
+    sandbox_prometheus: str, backup_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What every scheduled deployment runs: fetch and container left to their defaults."""
+    monkeypatch.delenv("PROXILION_DR_PROMETHEUS_FETCH", raising=False)
+    monkeypatch.delenv("PROXILION_DR_PROMETHEUS_CONTAINER", raising=False)
+    monkeypatch.delenv("PROXILION_DR_PROMETHEUS_DATA_DIR", raising=False)
+    assert stack.PROMETHEUS_CONTAINER == "prometheus"  # the setting's default
+    manifest = backup_prometheus(
+        prometheus_url=sandbox_prometheus, backup_dir=str(backup_dir), s3_bucket=""
+    )
+    assert manifest["source"]["fetch"] == "container"
+    assert manifest["source"]["snapshot"] not in sandbox_snapshots()
+    fresh = tmp_path / "fresh" / "data"
+    restore_snapshot(backup_dir, manifest["name"], fresh)
+    with running_prometheus(fresh) as prometheus:
+        assert_same_answers(prometheus.url, manifest)

@@ -280,11 +280,16 @@ def test_bad_retention_is_refused_before_any_work(sandbox_redis: str, backup_dir
 def test_a_save_already_running_is_waited_for_then_ours_runs(
     backup_dir: Path, tmp_path: Path
 ) -> None:
-    with running_redis(tmp_path / "r", **{"rdb-key-save-delay": "40000"}) as server:
+    """The save is provably running when the flow arrives: its child was forked with a
+    delay of 0.1 s per key (30 s for 300 keys), far longer than the flow's start-up;
+    the delay is then lifted for later saves (the running child keeps its own copy)."""
+    with running_redis(tmp_path / "r", **{"rdb-key-save-delay": "100000"}) as server:
         client = redis.Redis(port=server.port)
-        client.mset({f"k{i}": i for i in range(50)})  # ~2 s per save
+        client.mset({f"k{i}": i for i in range(300)})
         saves_before = client.info("persistence")["rdb_saves"]
         client.bgsave()
+        client.config_set("rdb-key-save-delay", 0)
+        assert client.info("persistence")["rdb_bgsave_in_progress"] == 1
         manifest = backup_redis(
             redis_url=server.url,
             container="",
@@ -293,6 +298,8 @@ def test_a_save_already_running_is_waited_for_then_ours_runs(
             backup_dir=str(backup_dir),
             s3_bucket="",
         )
-        assert manifest["source"]["keyspace"]["db0"]["keys"] == 50
-        # the running save finished, then the backup started a save of its own
+        assert manifest["source"]["keyspace"]["db0"]["keys"] == 300
+        # the flow's first BGSAVE was refused (a save was running), it waited, then saved
+        bgsave = client.info("commandstats")["cmdstat_bgsave"]
+        assert (bgsave["calls"], bgsave["failed_calls"]) == (3, 1)  # ours, refused, retried
         assert client.info("persistence")["rdb_saves"] == saves_before + 2

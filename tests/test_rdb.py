@@ -16,6 +16,7 @@ from tasks.rdb import (
     RdbInfo,
     crc64,
     deep_check_rdb,
+    read_aux_fields,
     validate_rdb_file,
 )
 
@@ -224,3 +225,19 @@ def test_deep_check_reports_a_missing_tool(rdb: bytes, monkeypatch: pytest.Monke
     with deep_check_rdb() as deep:
         deep.feed(rdb)
         assert deep.finish().startswith("skipped: redis-check-rdb not on PATH")
+
+
+def test_ctime_aux_field_is_the_save_time(tmp_path: Path) -> None:
+    """The `ctime` aux field (whatever the chunking) is the server's clock at the save:
+    it is how a backup proves its RDB came from the save it waited for."""
+    with running_redis(tmp_path / "r", rdbcompression="yes") as server:
+        server.client().set("k", "v" * 100)
+        before = int(server.client().time()[0])
+        server.client().save()
+        after = int(server.client().time()[0])
+        data = (server.dir / "dump.rdb").read_bytes()
+    fields = read_aux_fields(data[9:])
+    assert fields["redis-ver"] and fields["redis-bits"] == 64
+    for chunk in (1, 7, 1 << 20):
+        assert before <= check_bytes(data, chunk).created_at <= after  # type: ignore[operator]
+    assert read_aux_fields(data[9:20]) == {}  # cut inside the first field: nothing made up

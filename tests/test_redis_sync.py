@@ -389,3 +389,17 @@ def test_bad_streams(
     with pytest.raises(RedisSyncError, match=message):
         fetch_rdb_over_network("127.0.0.1", port, tmp_path / "x.rdb")
     assert leftovers(tmp_path) == []
+
+
+def test_without_a_destination_the_stream_only_reaches_the_callback(tmp_path: Path) -> None:
+    """What fetch=network uses: validate and compress as bytes arrive, no file at all."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    with running_redis(tmp_path / "src", repl_diskless_sync="no") as source:
+        seed_mixed_data(source, n_keys=500)
+        checker = RdbChecker()
+        received = fetch_rdb_over_network(
+            "127.0.0.1", source.port, None, on_chunk=lambda view: checker.update(view)
+        )
+    assert received == checker.finish().size > 0
+    assert leftovers(work) == [] and leftovers(tmp_path) == ["cwd", "src"]

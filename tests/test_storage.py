@@ -82,7 +82,7 @@ def test_prometheus_identity_drops_credentials_and_trailing_slash() -> None:
 
 @pytest.mark.parametrize("url", ["redis://:hunter#2@host:6379/0", "http://:pa?ss@prom:x/"])
 def test_unparsable_urls_are_refused_without_echoing_them(url: str) -> None:
-    with pytest.raises(ValueError, match="cannot be parsed") as refused:
+    with pytest.raises(ValueError, match="cannot be (used|parsed)") as refused:
         (redis_source_id if url.startswith("redis") else prometheus_source_id)(url)
     assert "hunter" not in str(refused.value) and "pa?ss" not in str(refused.value)
 
