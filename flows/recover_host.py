@@ -56,6 +56,7 @@ from tasks.redis_restore import place_staged, read_redis_setup, stage_rdb, verif
 from tasks.redis_restore import wait_until_loaded as wait_until_redis_loaded
 from tasks.restore import move_aside, unique_folder, wait_for_health, wait_started
 from tasks.secrets import redact_url
+from tasks.sources import config_source_id, prometheus_source_id, redis_source_id
 from tasks.storage import BackupNotFound
 
 # The runbook's "DISASTER RECOVERY RUNBOOK" checklist, section by section.
@@ -174,6 +175,7 @@ class HostRecovery(Recovery):
 def recover_host(
     target_dir: str | None = None,
     backup: str = "latest",
+    source_project_dir: str = "",
     secrets_env_file: str = "",
     redis_backup: str = "latest",
     prometheus_backup: str = "latest",
@@ -197,15 +199,20 @@ def recover_host(
     Args:
         target_dir: Folder to restore the compose project into (new or empty); empty =
             PROXILION_DR_CONFIG_PROJECT_DIR.
-        backup: Config backup to restore: `latest` or a name as listed, e.g.
+        backup: Config backup to restore: `latest` (the newest of source_project_dir's
+            project) or a name as listed, e.g.
             `config/config_20260101_000000_1a2b3c4d.tar.gz`. Looked for in backup_dir,
             then S3.
+        source_project_dir: The project folder on the lost host, as its config backups
+            name it (for `latest`); empty = target_dir (restoring to the same path).
         secrets_env_file: Path of a file of NAME=value lines holding the secrets the
             config backup withheld (the flow lists them when they are missing). Never
             put the values themselves in a parameter.
-        redis_backup: Redis backup to restore into the Redis service: `latest` or a name.
-        prometheus_backup: Prometheus backup to restore: `latest` or a name; when there
-            is none, Prometheus starts empty and the report says so.
+        redis_backup: Redis backup to restore into the Redis service: `latest` (the newest
+            of the Redis at redis_url) or a name.
+        prometheus_backup: Prometheus backup to restore: `latest` (the newest of the
+            Prometheus at prometheus_url) or a name; when there is none, Prometheus starts
+            empty and the report says so.
         project_name: Compose project name; empty = the name of target_dir.
         gateway_url: The restored gateway's base URL (its /health, /metrics, /analyze).
         redis_url: How to reach the restored Redis; credentials belong in
@@ -242,10 +249,11 @@ class Archive:
     env: dict[str, str]
 
 
-def _fetch(p: dict[str, Any], kind: str, name: str) -> FoundBackup:
+def _fetch(p: dict[str, Any], kind: str, name: str, source_id: str) -> FoundBackup:
+    """A backup by name, or the newest of `source_id`: here, else from S3, verified."""
     return fetch_backup(
         Path(p["backup_dir"]), kind, name, p["s3_bucket"], p["s3_prefix"],
-        p["s3_endpoint_url"] or None,
+        p["s3_endpoint_url"] or None, source_id,
     )  # fmt: skip
 
 
@@ -480,7 +488,8 @@ def _recover(r: HostRecovery, p: dict[str, Any]) -> None:  # noqa: PLR0915 - the
     a, g, rd, m, v = (list(RUNBOOK)[i] for i in (0, 2, 3, 4, 5))
 
     with r.step_for("find and verify the config backup", a, "Check backup availability") as step:
-        config = _fetch(p, "config", p["backup"])
+        source = config_source_id(p["source_project_dir"] or target)
+        config = _fetch(p, "config", p["backup"], source)
         archive = read_archive(config)
         step.detail = f"{config.manifest.name} from {config.location}"
     with r.step_for("check the secrets", g, "Environment variables configured") as step:
@@ -490,10 +499,12 @@ def _recover(r: HostRecovery, p: dict[str, Any]) -> None:  # noqa: PLR0915 - the
     with r.step_for(
         "find and verify the Redis and Prometheus backups", a, "Check backup availability"
     ) as step:
-        redis_found = _fetch(p, "redis", p["redis_backup"])
+        redis_found = _fetch(p, "redis", p["redis_backup"], redis_source_id(p["redis_url"]))
         r.used_backup(redis_found.manifest, redis_found.location)
         try:
-            prom_found: FoundBackup | None = _fetch(p, "prometheus", p["prometheus_backup"])
+            prom_found: FoundBackup | None = _fetch(
+                p, "prometheus", p["prometheus_backup"], prometheus_source_id(p["prometheus_url"])
+            )
         except BackupNotFound as missing:
             prom_found = None
             r.notes.append(f"no Prometheus backup ({one_line(missing)}): it starts empty")

@@ -44,6 +44,7 @@ def backups_in_s3(tmp_path: Path, s3_prefix: str) -> dict[str, Any]:
     return {
         **to,
         "backup_dir": str(tmp_path / "new-host"),
+        "source_project_dir": str(stack.PROJECT_DIR),
         "secrets_env_file": str(secrets_file),
         "gateway_url": stack.GATEWAY_URL,
         "redis_url": stack.REDIS_URL,

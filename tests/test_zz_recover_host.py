@@ -110,6 +110,7 @@ def test_recover_host_rebuilds_the_sandbox_from_s3_alone(
     fetched = tmp_path / "new-host" / "backups"  # empty: everything comes from S3
     run = {
         "target_dir": str(target),
+        "source_project_dir": str(stack.PROJECT_DIR),  # the lost host's project folder
         "project_name": PROJECT,
         "gateway_url": stack.GATEWAY_URL,
         "redis_url": stack.REDIS_URL,
