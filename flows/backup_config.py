@@ -19,7 +19,9 @@ from flows.settings import resolve
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
 from tasks.config import (
+    NewestBackup,
     allowlist_names,
+    check_newest,
     config_details,
     config_digest,
     config_manifest,
@@ -27,7 +29,6 @@ from tasks.config import (
     publish_unchanged_report,
     read_env,
     read_project_files,
-    unchanged_since,
     write_config_archive,
 )
 from tasks.locks import exclusive, lock_name
@@ -55,9 +56,12 @@ def backup_config(
 
     The environment comes from `env_container`'s config (the gateway), or from this
     process when `env_container` is empty. Secrets are never stored: secret-looking
-    variables are withheld (named in the report), secret values in YAML files are
-    replaced. When the content equals the newest complete backup's, nothing is
-    stored and the report says "unchanged since <name>"; `force` stores anyway.
+    variables are withheld (named in the report), secrets in the YAML and JSON files
+    (values of secret keys, command-line passwords, in comments too) are replaced.
+    When the content equals the newest complete backup's, nothing is stored and
+    the report says "unchanged since <name>"; `force` stores anyway. A newest
+    backup that fails its checksum is never trusted: a new one is stored and the
+    report names the damaged one.
     Empty parameters take their PROXILION_DR_* setting. Returns the new backup's
     manifest, or `{"skipped": True, "unchanged_since": <name>, "digest": ...}`.
     """
@@ -79,20 +83,25 @@ def backup_config(
         env = read_env(allowlist_names(p["env_allowlist"]), p["env_container"] or None)
         digest = config_digest(files, env)
         source = config_source(files, env, digest)
-        previous = None if p["force"] else unchanged_since(store, digest, source_id)
-        if previous:
+        newest = NewestBackup() if p["force"] else check_newest(store, digest, source_id)
+        if newest.unchanged_since:
+            previous = newest.unchanged_since
             publish_unchanged_report(previous, source)
             print(f"Configuration unchanged since {previous}: nothing new stored")
             return {"skipped": True, "unchanged_since": previous, "digest": digest}
         name = backup_name("config", utc_now(), codec, source_id)
         archive = write_config_archive(files, env, name, staging_path(store, name), codec)
         manifest = config_manifest(name, archive, source, elapsed(started), source_id)
-        stored, remote = keep_backup(archive, manifest, to, config_details(source))
+        details = config_details(source)
+        if newest.damaged:
+            details["previous backup damaged"] = newest.damaged
+        stored, remote = keep_backup(archive, manifest, to, details)
     withheld = ", ".join(env.withheld) or "none"
     print(
         f"Config backup stored at {stored}"
         + (f" and {remote}" if remote else "")
         + f" ({len(files.files)} files; env withheld: {withheld})"
+        + (" in place of the damaged newest backup" if newest.damaged else "")
     )
     return asdict(manifest)
 

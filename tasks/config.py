@@ -8,16 +8,10 @@ env.txt. Secrets never leave this module:
 
 - an environment variable whose name or value looks like a secret is withheld
   (its name is reported, never its value), even when allow-listed;
-- in YAML files (compose, Prometheus) the values of secret-looking keys
-  (`GATEWAY_API_TOKEN: ...`, `- DB_PASSWORD=...`, `password:` under basic_auth) are
-  replaced in the stored copy, keeping every other byte, comment and the layout;
-  in compose files the replacement is `${NAME:?...}`, so a restored stack refuses
-  to start until the secret is supplied again (from the environment or a .env
-  file) instead of running with a wrong value;
-- in redis.conf the arguments of `requirepass`, `masterauth`… and the passwords of
-  `user` ACL lines are replaced;
-- credentials inside URLs (`scheme://user:pass@host`) become `scheme://***@host`
-  in every file.
+- the stored copy of each file has its secrets replaced (tasks/redact.py: secret
+  keys whatever the value's type, command-line passwords, comments, Grafana's
+  secureJsonData, redis.conf passwords, URL credentials), named in the report,
+  never their values.
 Symlinks are followed only inside the project directory (the target's content is
 stored under the link's name, as `cp` does); one pointing outside is skipped and
 reported. Config files are small: each is read once into memory, so the content
@@ -28,9 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
-import re
 import tarfile
 import time
 from collections.abc import Iterator
@@ -55,216 +47,14 @@ from tasks.archive import (
     verify_file,
 )
 from tasks.log import run_logger
-from tasks.secrets import SECRET_VALUE, redact_urls, secret_name, secret_value, words
+from tasks.redact import COMPOSE_PATTERNS, redact_file
+from tasks.secrets import secret_name, secret_value
 from tasks.storage import BackupNotFound, explain_write_error, find_local
 
-COMPOSE_PATTERNS = (
-    "docker-compose.yml",
-    "docker-compose.yaml",
-    "docker-compose.*.yml",
-    "docker-compose.*.yaml",
-    "compose.yml",
-    "compose.yaml",
-    "compose.*.yml",
-    "compose.*.yaml",
-)
 EXPECTED = ("prometheus.yml", "alerts.yml", "grafana/dashboards")
 # Kept when present, not missed when absent: Redis's config file (its secrets redacted).
 OPTIONAL = ("redis.conf", "redis/redis.conf")
 ENV_FILE = "env.txt"
-PLACEHOLDER = "<redacted>"
-
-_PATH_WORDS = ("file", "path", "dir")  # `password_file: /run/secrets/x` names a file
-_REFERENCE = re.compile(r"\$\{[A-Za-z_]\w*(?::?\?[^}]*)?\}|\$[A-Za-z_]\w*")
-_ENV_ITEM = re.compile(r"([A-Za-z_][\w.]*)=(.*)", re.S)
-_ENV_NAME = re.compile(r"[A-Za-z_]\w*")
-_MAPPING_LINE = re.compile(
-    r"(?P<head>(?P<indent>[ ]*)(?:-[ ]+)?(?P<q>[\"']?)(?P<key>[\w.-]+)(?P=q)[ ]*:)"
-    r"(?P<gap>[ ]+)(?P<value>\S.*?)[ ]*$"
-)
-_LIST_LINE = re.compile(
-    r"(?P<head>[ ]*-[ ]+(?P<q>[\"']?))(?P<key>[A-Za-z_][\w.]*)=(?P<value>.*?)(?P=q)[ ]*$"
-)
-
-
-# ------------------------------------------------------------------ what a secret is
-
-
-def _is_reference(value: str) -> bool:
-    """`${NAME}` (or `${NAME:?message}`): compose fills it in, it holds no secret."""
-    return _REFERENCE.fullmatch(value.strip()) is not None
-
-
-def _secret_key(key: str) -> bool:
-    """A YAML key whose value is a secret (`password_file`, `key_file` name files)."""
-    parts = words(key)
-    return secret_name(key) and not (parts and parts[-1] in _PATH_WORDS)
-
-
-def _hides_secret(key: str, value: str) -> bool:
-    """Whether a YAML `key: value` (or `- KEY=value`) string must be replaced whole."""
-    if value == PLACEHOLDER or _is_reference(value) or not value.strip():
-        return False
-    return _secret_key(key) or bool(SECRET_VALUE.search(value))
-
-
-def _placeholder(key: str, compose: bool) -> str:
-    if compose and _ENV_NAME.fullmatch(key):
-        return f"${{{key}:?secret withheld by backup-config}}"
-    return PLACEHOLDER
-
-
-# -------------------------------------------------------------------- YAML redaction
-
-
-def _scrub(node: Any, path: str, compose: bool, found: list[str]) -> Any:
-    """A copy of parsed YAML with every secret replaced; `found` gets their key paths."""
-    if isinstance(node, dict):
-        clean = {}
-        for key, value in node.items():
-            label = f"{path}.{key}" if path else str(key)
-            if isinstance(value, str) and _hides_secret(str(key), value):
-                found.append(label)
-                clean[key] = _placeholder(str(key), compose)
-            else:
-                clean[key] = _scrub(value, label, compose, found)
-        return clean
-    if isinstance(node, list):
-        return [
-            _scrub_item(item, f"{path}[{i}]", path, compose, found) for i, item in enumerate(node)
-        ]
-    if isinstance(node, str) and secret_value(node):
-        found.append(path)
-        text, _count = redact_urls(node)
-        return PLACEHOLDER if SECRET_VALUE.search(text) else text
-    return node
-
-
-def _scrub_item(item: Any, label: str, parent: str, compose: bool, found: list[str]) -> Any:
-    match = _ENV_ITEM.fullmatch(item) if isinstance(item, str) else None
-    if match and _hides_secret(match[1], match[2]):
-        found.append(f"{parent}.{match[1]}")
-        return f"{match[1]}={_placeholder(match[1], compose)}"
-    return _scrub(item, label, compose, found)
-
-
-def _secrets_in(text: str, compose: bool) -> list[str] | None:
-    """Key paths of the secrets left in a YAML text; None when it does not parse."""
-    try:
-        documents = list(yaml.safe_load_all(text))
-    except yaml.YAMLError:
-        return None
-    found: list[str] = []
-    for document in documents:
-        _scrub(document, "", compose, found)
-    return found
-
-
-def _string_scalar(value: str) -> bool:
-    try:
-        return isinstance(yaml.safe_load(value), str)
-    except yaml.YAMLError:
-        return False
-
-
-def _redact_lines(text: str, compose: bool) -> tuple[str, list[str]]:
-    """Replace secret values line by line, keeping everything else byte for byte
-    (mapping `KEY: value`, list `- KEY=value`, block scalars `KEY: |`)."""
-    out: list[str] = []
-    names: list[str] = []
-    lines = text.splitlines(keepends=True)
-    skip_deeper_than: int | None = None
-    for line in lines:
-        body = line.rstrip("\r\n")
-        ending = line[len(body) :]
-        indent = len(body) - len(body.lstrip(" "))
-        if skip_deeper_than is not None:
-            if not body.strip() or indent > skip_deeper_than:
-                continue  # the block scalar holding the secret
-            skip_deeper_than = None
-        listed = _LIST_LINE.match(body)
-        if listed and _hides_secret(listed["key"], listed["value"]):
-            names.append(listed["key"])
-            key = listed["key"]
-            out.append(f"{listed['head']}{key}={_placeholder(key, compose)}{listed['q']}{ending}")
-            continue
-        mapped = _MAPPING_LINE.match(body)
-        if mapped:
-            key, value = mapped["key"], mapped["value"]
-            block = _secret_key(key) and re.fullmatch(r"[|>][-+0-9]*([ ]+#.*)?", value) is not None
-            if block or (_string_scalar(value) and _hides_secret(key, yaml.safe_load(value))):
-                names.append(key)
-                replacement = json.dumps(_placeholder(key, compose))
-                out.append(f"{mapped['head']}{mapped['gap']}{replacement}{ending}")
-                skip_deeper_than = len(mapped["indent"]) if block else None
-                continue
-        out.append(line)
-    return "".join(out), names
-
-
-def redact_yaml(text: str, compose: bool) -> tuple[str, list[str], str]:
-    """A YAML file with its secrets replaced: (text, key paths replaced, how).
-
-    In place when possible (comments and layout kept); when a secret hides where
-    lines cannot reach (flow mappings, anchors), the parsed document is rewritten
-    without it; a file that does not parse is redacted line by line."""
-    text, count = redact_urls(text)
-    urls = [f"{count} URL credential(s)"] if count else []
-    found = _secrets_in(text, compose)
-    if found == []:
-        return text, urls, "in place"
-    redacted, names = _redact_lines(text, compose)
-    if found is None:
-        return redacted, urls + names, "line by line (not valid YAML)"
-    if _secrets_in(redacted, compose) == []:
-        return redacted, urls + found, "in place"
-    clean = [_scrub(doc, "", compose, []) for doc in yaml.safe_load_all(text)]
-    rewritten = yaml.safe_dump_all(clean, sort_keys=False, default_flow_style=False)
-    return rewritten, urls + found, "rewritten (comments and layout not kept)"
-
-
-# redis.conf directives holding a secret that secret_name() does not recognise.
-_REDIS_SECRET_DIRECTIVES = ("masterauth", "masteruser")
-_REDIS_ACL_PASSWORD = re.compile(r"(?<=\s)([>#<!])\S+")
-
-
-def redact_redis_conf(text: str) -> tuple[str, list[str]]:
-    """redis.conf without its secrets: the arguments of `requirepass`, `masterauth`,
-    `tls-key-file-pass`… and the passwords and hashes (`>pass`, `#sha256`) of `user`
-    ACL lines become <redacted>; comments and every other line kept."""
-    out, names = [], []
-    for line in text.splitlines(keepends=True):
-        parts = line.split(None, 1)
-        directive = parts[0].lower() if parts and not parts[0].startswith("#") else ""
-        secret = directive in _REDIS_SECRET_DIRECTIVES or (
-            secret_name(directive) and not directive.endswith(("-file", "-dir"))
-        )
-        if secret and len(parts) > 1:
-            ending = line[len(line.rstrip("\r\n")) :]
-            out.append(f"{parts[0]} {PLACEHOLDER}{ending}")
-            names.append(directive)
-        elif directive == "user" and _REDIS_ACL_PASSWORD.search(line):
-            out.append(_REDIS_ACL_PASSWORD.sub(lambda m: f"{m[1]}{PLACEHOLDER}", line))
-            names.append(f"user {line.split()[1] if len(line.split()) > 1 else ''}".strip())
-        else:
-            out.append(line)
-    return "".join(out), names
-
-
-def redact_file(relative: str, data: bytes) -> tuple[bytes, list[str], str]:
-    """The bytes to store for one config file, and what was redacted from it."""
-    text = data.decode("utf-8", errors="surrogateescape")
-    name = Path(relative).name
-    if name.endswith(".conf"):
-        clean, found = redact_redis_conf(redact_urls(text)[0])
-        how = "in place"
-    elif name.endswith((".yml", ".yaml")):
-        compose = any(fnmatch(name, pattern) for pattern in COMPOSE_PATTERNS)
-        clean, found, how = redact_yaml(text, compose)
-    else:  # dashboards (JSON) hold panels, not credentials; a datasource URL still might
-        clean, count = redact_urls(text)
-        found, how = ([f"{count} URL credential(s)"] if count else []), "in place"
-    return clean.encode("utf-8", errors="surrogateescape"), found, how
 
 
 # ------------------------------------------------------------------- project files
@@ -440,22 +230,31 @@ def config_digest(files: ProjectFiles, env: EnvCapture) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class NewestBackup:
+    """What the newest complete config backup says about this run's content."""
+
+    unchanged_since: str | None = None  # intact, and holds exactly this content
+    damaged: str | None = None  # it fails its checksum: why (no secret in it)
+
+
 @task(cache_policy=NO_CACHE)
-def unchanged_since(backup_dir: Path, digest: str, source_id: str) -> str | None:
-    """The newest complete config backup of this project when it has this digest and
-    is intact, else None."""
+def check_newest(backup_dir: Path, digest: str, source_id: str) -> NewestBackup:
+    """Whether the newest complete config backup already holds this content. Its
+    stored bytes are verified against its manifest first: the digest of a damaged
+    backup is not trusted, so a damaged newest never makes a run "unchanged"."""
     try:
         manifest, path = find_local(Path(backup_dir), "config", "latest", source_id)
     except BackupNotFound:
-        return None
-    if manifest.source.get("digest") != digest:
-        return None
+        return NewestBackup()
     try:
         verify_file(path, manifest.size, manifest.sha256)
     except ArchiveError as error:
-        run_logger().warning("Newest config backup is damaged, taking a new one: %s", error)
-        return None
-    return manifest.name
+        damaged = f"{manifest.name}: {error}"
+        run_logger().warning("Newest config backup is damaged, storing a new one: %s", damaged)
+        return NewestBackup(damaged=damaged)
+    same = manifest.source.get("digest") == digest
+    return NewestBackup(unchanged_since=manifest.name if same else None)
 
 
 def archive_folder(name: str) -> str:

@@ -45,6 +45,9 @@ FETCH_METHODS = ("auto", "container", "path", "network")
 AOF_NAMES = ("appendonlydir", "appendonly.aof")  # Redis 7's folder, older single file
 AofHandling = Literal["refuse", "move_aside"]
 COMMAND_TIMEOUT = 30.0
+# The kernel stamps file times from a coarse clock (up to a tick, 4-10 ms, behind the
+# server's TIME): a save finishing within a tick of BGSAVE looks written before it.
+MTIME_SLACK_US = 50_000
 POLL_SECONDS = 0.1
 
 
@@ -463,7 +466,7 @@ def _source(
     def read(feed: Feed) -> None:
         with open(path, "rb") as stream:
             written_us = os.fstat(stream.fileno()).st_mtime_ns // 1000
-            if save is not None and written_us < save.started_at_us:
+            if save is not None and written_us + MTIME_SLACK_US < save.started_at_us:
                 raise WrongServer(
                     f"{path} was last written before the save Redis at {redact_url(redis_url)} "
                     "ran: it is not that server's snapshot (does data_dir hold another "

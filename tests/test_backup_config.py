@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -16,11 +17,14 @@ import pytest
 from conftest import require
 from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
+from prefect.logging.handlers import APILogHandler
 
 from flows.backup_config import backup_config
 from sandbox import constants as stack
-from tasks.archive import extract_archive
-from tasks.config import read_env, redact_file, redact_yaml, secret_name
+from tasks.archive import extract_archive, verify_file
+from tasks.config import read_env
+from tasks.redact import redact_file, redact_yaml
+from tasks.secrets import secret_name
 from tasks.storage import list_local
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
@@ -66,7 +70,9 @@ def members(path: Path) -> list[tarfile.TarInfo]:
 
 
 def everything_prefect_holds() -> str:
-    """Every log line and artifact of the test server's session, as text."""
+    """Every log line and artifact of the test server's session, as text (the logs
+    still queued for the server are sent first: they are shipped in batches)."""
+    APILogHandler().flush()
     with get_client(sync_client=True) as client:
         logs = "\n".join(log.message for log in client.read_logs())
         artifacts = "\n".join(str(a.data) + str(a.description) for a in client.read_artifacts())
@@ -287,7 +293,8 @@ def test_project_without_any_config_file_is_an_error(tmp_path: Path) -> None:
 
 def test_secret_names() -> None:
     secret = ["GATEWAY_API_TOKEN", "apiKey", "DB_PASSWORD", "requirepass", "AWS_ACCESS_KEY_ID"]
-    plain = [*stack.GATEWAY_SETTINGS, "keyspace", "image", "REDIS_HOST"]
+    secret += ["REDIS_AUTH", "masterauth", "REDISCLI_AUTH", "basicAuthPassword"]
+    plain = [*stack.GATEWAY_SETTINGS, "keyspace", "image", "REDIS_HOST", "AUTH_MODE", "author"]
     assert [n for n in secret + plain if secret_name(n)] == secret
 
 
@@ -336,17 +343,343 @@ def test_yaml_secrets_lines_cannot_reach_are_rewritten_not_kept() -> None:
     assert "abc" not in clean and how.startswith("line by line")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x-pw: &pw anchored-pw-1\nservices:\n  r:\n    environment:\n      REDIS_PASSWORD: *pw\n",
+        "services: {r: {command: redis-server --requirepass anchored-pw-1}}\n",
+        'services:\n  r:\n    test: ["CMD", "redis-cli", "-a", "anchored-pw-1 x", "ping"]\n',
+        "services:\n  r:\n    command: >\n      redis-server --requirepass\n      anchored-pw-1\n",
+        "datasources:\n  - secureJsonData: {httpHeaderValue1: anchored-pw-1}\n",
+    ],
+    ids=["anchor copy", "flow mapping", "space in list item", "folded over lines", "flow secure"],
+)
+def test_secrets_lines_cannot_reach_are_rewritten_not_kept(text: str) -> None:
+    clean, found, how = redact_yaml(text, compose=True)
+    assert "anchored-pw-1" not in clean and found and how.startswith("rewritten")
+
+
+def test_names_that_only_mention_secrets_are_not_redacted() -> None:
+    """A service's `secrets:` list names compose secrets (restoring `<redacted>` there
+    would break the stack); `monkey`, `turnkey`, `basicAuth: true` hold no secret."""
+    text = (
+        "services:\n"
+        "  turnkey:\n"
+        "    image: monkey:latest\n"
+        "    secrets:\n"
+        "      - db_password\n"
+        "    ports: [8080]\n"
+        "    labels:\n"
+        "      basicAuth: true\n"
+        "      auth_mode: token\n"
+        "secrets:\n"
+        "  db_password:\n"
+        "    file: ./db_password.txt\n"
+    )
+    assert redact_yaml(text, compose=True) == (text, [], "in place")
+
+
 def test_env_from_process_withholds_secret_names_and_values(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MODE", "monitor")
     monkeypatch.setenv("UPSTREAM_URL", "https://svc:topsecret@upstream/api")
     monkeypatch.setenv("SIGNING_KEY", "k")
-    captured = read_env.fn(["MODE", "UPSTREAM_URL", "SIGNING_KEY", "UNSET_ONE"], None)
+    monkeypatch.setenv("REDIS_AUTH", "84736251")
+    monkeypatch.setenv("REDIS_ARGS", "--requirepass env-arg-pw")
+    names = ["MODE", "UPSTREAM_URL", "SIGNING_KEY", "REDIS_AUTH", "REDIS_ARGS", "UNSET_ONE"]
+    captured = read_env.fn(names, None)
     assert captured.values == {"MODE": "monitor"}
-    assert captured.withheld == ["UPSTREAM_URL", "SIGNING_KEY"]
+    assert captured.withheld == ["UPSTREAM_URL", "SIGNING_KEY", "REDIS_AUTH", "REDIS_ARGS"]
     assert captured.missing == ["UNSET_ONE"]
     assert captured.text() == "MODE=monitor\n"
+
+
+# --------------------------------------- secrets in numbers, comments, commands, Grafana
+
+WITHHELD = "secret withheld by backup-config"
+SECRET_COMPOSE = """\
+# Proxilion gateway stack
+# GATEWAY_API_TOKEN: sk-live-4f9a8b7c6d5e
+services:
+  gateway:
+    image: proxilion/gateway:1.4  # pinned
+    environment:
+      MODE: monitor
+      ALERT_THRESHOLD: 50
+      REDIS_PASSWORD: 84736251
+      API_KEY: 0x5f3759df
+      REDIS_AUTH: auth-9f8e7d6c
+      SESSION_STORE: redis://redis:6379/0
+      # - OLD_DB_PASSWORD=commented-list-1122
+  redis:
+    image: redis:7
+    command: redis-server --requirepass rp-string-4711 --appendonly yes
+    environment:
+      - REDISCLI_AUTH=cli-env-0815
+    healthcheck:
+      test: ["CMD", "redis-cli", "-a", "hc-flow-1234", "ping"]
+    ports:
+      - "127.0.0.1:6379:6379"
+  replica:
+    image: redis:7
+    command: ["redis-server", "--replicaof", "redis", "6379", "--masterauth", "ma-list-5678", \
+"--requirepass=rp-eq-1357"]
+    healthcheck:
+      test:
+        - CMD
+        - redis-cli
+        - --pass
+        - hc-block-9012
+        - ping
+  sentinel:
+    image: redis:7
+    command: sh -c 'printf "port 26379\\nrequirepass conf-line-3456\\n" > /tmp/s.conf && \
+redis-server /tmp/s.conf'
+    healthcheck:
+      test: ["CMD-SHELL", "redis-cli -a shell-hc-2468 ping | grep PONG"]
+x-redis-settings:
+  requirepass: 31415926
+  masterauth: ma-key-2718
+  port: 6379
+"""
+# What is stored: every secret replaced in place, every other byte as written.
+SECRET_COMPOSE_STORED = (
+    SECRET_COMPOSE.replace("sk-live-4f9a8b7c6d5e", f"${{GATEWAY_API_TOKEN:?{WITHHELD}}}")
+    .replace("84736251", f'"${{REDIS_PASSWORD:?{WITHHELD}}}"')
+    .replace("0x5f3759df", f'"${{API_KEY:?{WITHHELD}}}"')
+    .replace("auth-9f8e7d6c", f'"${{REDIS_AUTH:?{WITHHELD}}}"')
+    .replace("commented-list-1122", f"${{OLD_DB_PASSWORD:?{WITHHELD}}}")
+    .replace("rp-string-4711", f"${{REQUIREPASS:?{WITHHELD}}}")
+    .replace("cli-env-0815", f"${{REDISCLI_AUTH:?{WITHHELD}}}")
+    .replace("hc-flow-1234", f"${{REDISCLI_AUTH:?{WITHHELD}}}")
+    .replace("ma-list-5678", f"${{MASTERAUTH:?{WITHHELD}}}")
+    .replace("rp-eq-1357", f"${{REQUIREPASS:?{WITHHELD}}}")
+    .replace("- hc-block-9012", f'- "${{REDISCLI_AUTH:?{WITHHELD}}}"')
+    .replace("conf-line-3456", f"${{REQUIREPASS:?{WITHHELD}}}")
+    .replace("shell-hc-2468", f"${{REDISCLI_AUTH:?{WITHHELD}}}")
+    .replace("31415926", f'"${{requirepass:?{WITHHELD}}}"')
+    .replace("ma-key-2718", f'"${{masterauth:?{WITHHELD}}}"')
+)
+SECRET_PROMETHEUS = """\
+scrape_configs:
+  - job_name: gateway
+    basic_auth:
+      username: prometheus
+      password: 20240917
+    static_configs:
+      - targets: ['localhost:8787']
+"""
+SECRET_DASHBOARD = json.dumps(
+    {
+        "title": "Gateway",
+        "panels": [{"type": "timeseries", "targets": [{"expr": "up"}]}],
+        "datasource": {
+            "type": "prometheus",
+            "url": "http://prometheus:9090",
+            "basicAuth": True,
+            "basicAuthUser": "grafana",
+            "basicAuthPassword": "dash-pw-8642",
+            "port": 6379,
+        },
+    },
+    indent=2,
+)
+SECRET_DATASOURCES = """\
+apiVersion: 1
+datasources:
+  - name: Prometheus
+    type: prometheus
+    url: http://prometheus:9090
+    basicAuth: true
+    basicAuthUser: grafana
+    jsonData:
+      httpHeaderName1: X-Scope
+    secureJsonData:
+      basicAuthPassword: ds-pw-7531
+      httpHeaderValue1: ds-header-9753
+    editable: false
+"""
+DATASOURCES = "grafana/dashboards/provisioning/datasources.yml"
+DC = "docker-compose.yml"
+SECRET_FILES = {
+    "docker-compose.yml": SECRET_COMPOSE,
+    "prometheus.yml": SECRET_PROMETHEUS,
+    "alerts.yml": FILES["alerts.yml"],
+    "grafana/dashboards/gateway.json": SECRET_DASHBOARD,
+    DATASOURCES: SECRET_DATASOURCES,
+}
+STORED_FILES = {
+    "docker-compose.yml": SECRET_COMPOSE_STORED,
+    "prometheus.yml": SECRET_PROMETHEUS.replace("20240917", '"<redacted>"'),
+    "alerts.yml": FILES["alerts.yml"],
+    "grafana/dashboards/gateway.json": SECRET_DASHBOARD.replace('"dash-pw-8642"', '"<redacted>"'),
+    DATASOURCES: SECRET_DATASOURCES.replace("ds-pw-7531", '"<redacted>"').replace(
+        "ds-header-9753", '"<redacted>"'
+    ),
+}
+# (case from issue 6 item 5, file, what the report names, the secret as written).
+SECRET_CASES = [
+    ("numeric", DC, "services.gateway.environment.REDIS_PASSWORD", "84736251"),
+    ("hex number", DC, "services.gateway.environment.API_KEY", "5f3759df"),
+    ("basic_auth number", "prometheus.yml", "scrape_configs[0].basic_auth.password", "20240917"),
+    ("commented key", DC, "GATEWAY_API_TOKEN (comment, line 2)", "sk-live-4f9a8b7c6d5e"),
+    ("commented list", DC, "OLD_DB_PASSWORD (comment, line 13)", "commented-list-1122"),
+    ("REDIS_AUTH", DC, "services.gateway.environment.REDIS_AUTH", "auth-9f8e7d6c"),
+    ("requirepass key", DC, "x-redis-settings.requirepass", "31415926"),
+    ("masterauth key", DC, "x-redis-settings.masterauth", "ma-key-2718"),
+    ("command string", DC, "services.redis.command (--requirepass)", "rp-string-4711"),
+    ("command list", DC, "services.replica.command (--masterauth)", "ma-list-5678"),
+    ("command --flag=", DC, "services.replica.command[6] (--requirepass)", "rp-eq-1357"),
+    ("redis.conf line", DC, "services.sentinel.command (requirepass)", "conf-line-3456"),
+    ("healthcheck -a", DC, "services.redis.healthcheck.test (-a)", "hc-flow-1234"),
+    ("healthcheck --pass", DC, "services.replica.healthcheck.test (--pass)", "hc-block-9012"),
+    ("CMD-SHELL", DC, "services.sentinel.healthcheck.test[1] (-a)", "shell-hc-2468"),
+    ("REDISCLI_AUTH", DC, "services.redis.environment.REDISCLI_AUTH", "cli-env-0815"),
+    (
+        "dashboard",
+        "grafana/dashboards/gateway.json",
+        "datasource.basicAuthPassword",
+        "dash-pw-8642",
+    ),
+    (
+        "secureJsonData",
+        DATASOURCES,
+        "datasources[0].secureJsonData.basicAuthPassword",
+        "ds-pw-7531",
+    ),
+    (
+        "secureJsonData any",
+        DATASOURCES,
+        "datasources[0].secureJsonData.httpHeaderValue1",
+        "ds-header-9753",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def secret_config(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One real backup-config run over a project holding every secret of SECRET_CASES."""
+    root = tmp_path_factory.mktemp("secrets")
+    for relative, text in SECRET_FILES.items():
+        (root / "project" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / "project" / relative).write_text(text)
+    backups = root / "backups"
+    manifest = backup_config(
+        project_dir=str(root / "project"),
+        env_allowlist=["MODE"],
+        env_container="",
+        backup_dir=str(backups),
+        s3_bucket="",
+    )
+    stored = backups / manifest["name"]
+    restored = root / "restored"
+    extract_archive(stored, "gzip", restored)
+    [folder] = restored.iterdir()
+    extracted = {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+    return {
+        "manifest": manifest,
+        "folder": folder,
+        "extracted": extracted,
+        "every byte": b"\n".join(
+            [stored.read_bytes(), gzip.decompress(stored.read_bytes()), *extracted.values()]
+        ),
+        "manifest text": (backups / (manifest["name"] + ".manifest.json")).read_text(),
+        "report": json.dumps(artifact_rows("backup-config")),
+    }
+
+
+@pytest.mark.parametrize(
+    ("relative", "label", "secret"),
+    [case[1:] for case in SECRET_CASES],
+    ids=[case[0] for case in SECRET_CASES],
+)
+def test_secret_is_stored_nowhere_and_named_in_the_report(
+    secret_config: dict, relative: str, label: str, secret: str
+) -> None:
+    assert secret.encode() not in secret_config["every byte"]
+    assert secret not in secret_config["manifest text"]
+    assert secret not in json.dumps(secret_config["manifest"])
+    assert secret not in everything_prefect_holds()  # logs and report artifacts
+    assert label in secret_config["manifest"]["source"]["redacted"][relative]
+    assert label in secret_config["report"]
+
+
+def test_everything_but_the_secrets_is_stored_as_written(secret_config: dict) -> None:
+    """No over-redaction: `MODE: monitor`, `ALERT_THRESHOLD: 50`, `port: 6379`, the
+    other command arguments and comments stay byte for byte, the secrets in place."""
+    extracted = secret_config["extracted"]
+    assert set(extracted) == {*SECRET_FILES, "env.txt"}
+    for relative, text in STORED_FILES.items():
+        assert extracted[relative].decode() == text, relative
+    redacted = secret_config["manifest"]["source"]["redacted"]
+    assert sorted(redacted) == sorted(set(SECRET_FILES) - {"alerts.yml"})
+    assert sum(len(labels) for labels in redacted.values()) == len(SECRET_CASES)
+
+
+def test_restored_compose_refuses_to_start_until_the_secrets_are_supplied(
+    secret_config: dict,
+) -> None:
+    """docker-compose itself: the withheld values stop it with a message naming the
+    variable; supplied again, they land where the secrets were."""
+    compose = ["docker-compose", "-f", str(secret_config["folder"] / "docker-compose.yml")]
+    bare = {"PATH": os.environ["PATH"]}
+    refused = subprocess.run([*compose, "config"], env=bare, capture_output=True, text=True)
+    assert refused.returncode != 0 and WITHHELD in refused.stderr
+    names = ["REDIS_PASSWORD", "API_KEY", "REDIS_AUTH", "REQUIREPASS", "REDISCLI_AUTH"]
+    names += ["MASTERAUTH", "requirepass", "masterauth"]
+    supplied = {name: f"supplied-{name.lower()}" for name in names}
+    started = subprocess.run(
+        [*compose, "config"], env=bare | supplied, capture_output=True, text=True, check=True
+    )
+    assert "--requirepass supplied-requirepass --appendonly yes" in started.stdout
+    assert "REDIS_PASSWORD: supplied-redis_password" in started.stdout
+    assert WITHHELD not in started.stdout
+
+
+# -------------------------------------------- on-change run against a damaged newest
+
+
+def _truncate(data: Path, sidecar: Path) -> None:
+    data.write_bytes(data.read_bytes()[:-16])
+
+
+def _change_a_byte(data: Path, sidecar: Path) -> None:
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    data.write_bytes(bytes(damaged))
+
+
+def _wrong_checksum(data: Path, sidecar: Path) -> None:
+    manifest = json.loads(sidecar.read_text())
+    manifest["sha256"] = "0" * 64
+    sidecar.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _change_a_byte, _wrong_checksum])
+def test_on_change_run_stores_a_new_backup_when_the_newest_is_damaged(
+    tmp_path: Path, damage: Any
+) -> None:
+    project, backups = write_project(tmp_path / "project"), tmp_path / "backups"
+    common = dict(project_dir=str(project), env_container="", backup_dir=str(backups), s3_bucket="")
+    first = backup_config(**common)
+    damage(backups / first["name"], backups / (first["name"] + ".manifest.json"))
+
+    time.sleep(1.1)  # backup names have one-second resolution
+    second = backup_config(**common)  # the same content, on change (force=False)
+    assert "skipped" not in second and second["name"] != first["name"]
+    assert second["source"]["digest"] == first["source"]["digest"]
+    verify_file(backups / second["name"], second["size"], second["sha256"])
+    damaged = artifact_rows("backup-config")["previous backup damaged"]
+    assert damaged.startswith(f"{first['name']}: backup {Path(first['name']).name}")
+    assert f"Newest config backup is damaged, storing a new one: {damaged}" in (
+        everything_prefect_holds()
+    )
+    # The new, intact backup is the one later on-change runs compare against.
+    third = backup_config(**common)
+    assert third["unchanged_since"] == second["name"]
 
 
 def test_sandbox_project_is_backed_up_with_its_rule_files_and_redis_conf(tmp_path: Path) -> None:
