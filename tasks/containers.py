@@ -38,7 +38,9 @@ def get_container(
     try:
         return client.containers.get(name)
     except NotFound:
-        names = sorted(c.name for c in client.containers.list(all=True))
+        # The raw listing: `containers.list()` inspects every container, one request each.
+        listed = client.api.containers(all=True)
+        names = sorted(n.lstrip("/") for c in listed for n in c.get("Names", [])[:1])
         raise ContainerError(
             f"no container named {name!r}; existing containers: {', '.join(names) or 'none'}. "
             + hint

@@ -17,7 +17,6 @@ import pytest
 from conftest import require
 from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
-from prefect.logging.handlers import APILogHandler
 
 from flows.backup_config import backup_config
 from sandbox import constants as stack
@@ -26,6 +25,7 @@ from tasks.config import read_env
 from tasks.redact import redact_file, redact_yaml
 from tasks.secrets import secret_name
 from tasks.storage import list_local
+from tests.prefect_records import session_text
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
 ALLOWLIST = [*stack.GATEWAY_SETTINGS, "GATEWAY_API_TOKEN"]  # a secret allow-listed by mistake
@@ -70,13 +70,7 @@ def members(path: Path) -> list[tarfile.TarInfo]:
 
 
 def everything_prefect_holds() -> str:
-    """Every log line and artifact of the test server's session, as text (the logs
-    still queued for the server are sent first: they are shipped in batches)."""
-    APILogHandler().flush()
-    with get_client(sync_client=True) as client:
-        logs = "\n".join(log.message for log in client.read_logs())
-        artifacts = "\n".join(str(a.data) + str(a.description) for a in client.read_artifacts())
-    return logs + artifacts
+    return session_text()
 
 
 def artifact_rows(key: str) -> dict[str, str]:

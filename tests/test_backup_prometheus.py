@@ -25,7 +25,6 @@ import httpx
 import pytest
 from conftest import require
 from mounts import mounted_tmpfs
-from prefect.client.orchestration import get_client
 from prometheus_servers import Throwaway, back_up, compare_blocks, query, running_prometheus
 
 from flows.backup_prometheus import backup_prometheus
@@ -34,6 +33,7 @@ from sandbox import images
 from tasks.archive import CompressedWriter, open_decompressed, sha256_file
 from tasks.prometheus import EmptySnapshot, Snapshot, Tsdb, delete_snapshot, restore_snapshot
 from tasks.storage import list_local
+from tests.prefect_records import log_messages
 
 SECRET = "pr0m-Pa55word"
 HISTORY = stack.PROMETHEUS_BACKFILL_METRIC
@@ -123,8 +123,7 @@ def no_backups(backup_dir: Path) -> None:
 
 
 def all_log_text() -> str:
-    with get_client(sync_client=True) as client:
-        return "\n".join(log.message for log in client.read_logs())
+    return "\n".join(log_messages())
 
 
 def archive_members(path: Path, compression: str) -> list[tarfile.TarInfo]:

@@ -9,13 +9,13 @@ from pathlib import Path
 import boto3
 import pytest
 import redis
-from prefect.client.orchestration import get_client
 from redis_servers import assert_same_keyspace, keyspace_snapshot, running_redis
 
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from tasks.archive import sha256_file
 from tasks.redis import place_rdb
+from tests.prefect_records import log_messages
 
 
 def fill(url: str, sessions: int = 500) -> None:
@@ -45,9 +45,7 @@ def restore_and_compare(backup_dir: Path, name: str, source_url: str, tmp_path: 
 
 def flow_logs(text: str) -> list[str]:
     """Every log line the Prefect server holds that contains `text`."""
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs()
-    return [log.message for log in logs if text in log.message]
+    return [message for message in log_messages() if text in message]
 
 
 def test_container_backup_uploads_and_restores_key_for_key(

@@ -21,6 +21,7 @@ from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from tasks.secrets import redact_url
 from tasks.storage import list_local
+from tests.prefect_records import log_messages
 
 SECRET = "s3cr3t-Pa55word"
 
@@ -32,8 +33,7 @@ def no_backups(backup_dir: Path) -> None:
 
 
 def all_log_text() -> str:
-    with get_client(sync_client=True) as client:
-        return "\n".join(log.message for log in client.read_logs())
+    return "\n".join(log_messages())
 
 
 def test_unreachable_redis(backup_dir: Path) -> None:
