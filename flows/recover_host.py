@@ -42,7 +42,6 @@ from tasks.compose_project import (
     env_file_text,
     read_env_file,
     read_services,
-    redis_settings,
     required_variables,
 )
 from tasks.config import COMPOSE_PATTERNS, ENV_FILE, archive_folder
@@ -52,10 +51,18 @@ from tasks.locks import exclusive, lock_name
 from tasks.prometheus import restore_snapshot
 from tasks.prometheus_restore import verify_history, wait_until_ready
 from tasks.redis import connect
-from tasks.redis_restore import place_staged, read_redis_setup, stage_rdb, verify_keyspace
+from tasks.redis_restore import (
+    check_gateway,
+    place_staged,
+    read_redis_setup,
+    settle_aof,
+    stage_rdb,
+    verify_keyspace,
+)
 from tasks.redis_restore import wait_until_loaded as wait_until_redis_loaded
-from tasks.restore import move_aside, unique_folder, wait_for_health, wait_started
-from tasks.secrets import redact_url
+from tasks.redis_url import parse_redis_url
+from tasks.restore import move_into_aside, unique_folder, wait_started
+from tasks.secrets import redact_url, url_server
 from tasks.sources import config_source_id, prometheus_source_id, redis_source_id
 from tasks.storage import BackupNotFound
 
@@ -231,8 +238,8 @@ def recover_host(
     recovery = HostRecovery("recover-host", dry_run=dry_run)
     with (
         recovery.reporting(),
-        exclusive(lock_name("backup-redis", redact_url(p["redis_url"]))),
-        exclusive(lock_name("backup-prometheus", redact_url(p["prometheus_url"]))),
+        exclusive(lock_name("backup-redis", parse_redis_url(p["redis_url"]).server)),
+        exclusive(lock_name("backup-prometheus", url_server(p["prometheus_url"]))),
     ):
         _recover(recovery, p)
     return recovery.result()
@@ -399,20 +406,17 @@ def data_dir(service: Service, inner: str) -> Path:
 
 
 def restore_redis(project: Project, service: Service, found: FoundBackup, url: str) -> str:
-    """Place the RDB in the Redis service's data dir (created, not started), as the
-    AOF base too when the service runs `appendonly yes`."""
-    settings = redis_settings(service)
-    data = data_dir(service, settings["dir"])
-    setup = read_redis_setup(url, project.container(service))  # not running: its binary
-    setup.dir, setup.dbfilename = settings["dir"], settings["dbfilename"]
-    setup.aof_enabled = settings["appendonly"] == "yes"
-    setup.appendfilename, setup.appenddirname = (
-        settings["appendfilename"], settings["appenddirname"],
-    )  # fmt: skip
+    """Place the RDB in the Redis service's data dir (its container created, not
+    started: its settings come from its config file and arguments), as the AOF base too
+    when the service runs `appendonly yes`."""
+    container = project.container(service)
+    setup = read_redis_setup(url, container)
+    data = data_dir(service, setup.dir or "/data")
+    settle_aof(setup, data)
     present = [name for name in setup.data_names() if (data / name).exists()]
     aside = ""
     if present:
-        moved = move_aside(data, present, unique_folder(data, "before-restore"))
+        moved = move_into_aside(data, present, data / setup.dbfilename)
         aside = f"; {', '.join(present)} moved aside to {moved.folder}"
     staging = unique_folder(data, ".restore-staging")
     try:
@@ -422,7 +426,7 @@ def restore_redis(project: Project, service: Service, found: FoundBackup, url: s
         shutil.rmtree(staging, ignore_errors=True)
     return (
         f"{found.manifest.name} → {data}: {', '.join(placed)} (RDB v{rdb.rdb_version}, "
-        f"Redis {setup.redis_version}){aside}"
+        f"Redis {setup.redis_version}, appendonly {'yes' if setup.aof_enabled else 'no'}){aside}"
     )
 
 
@@ -578,7 +582,7 @@ def _recover(r: HostRecovery, p: dict[str, Any]) -> None:  # noqa: PLR0915 - the
         with r.step_for(
             "verify the gateway is healthy", g, "curl localhost:8787/health returns OK"
         ) as step:
-            step.detail = wait_for_health(gateway_health, timeout)
+            step.detail = check_gateway(gateway_health, timeout)
         r.check(g, "curl localhost:8787/health returns OK", step.detail)
     started = []
     if "prometheus" in roles:

@@ -174,28 +174,3 @@ def compose_up(
     output = _run([*args, *services], 600.0)
     lines = [line for line in output.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "done"
-
-
-def redis_settings(service: Service) -> dict[str, str]:
-    """Redis's persistence settings for a compose service: its config file (the command's
-    `.conf` argument, read through the service's bind mount), then `--name value` flags
-    of the command; Redis's defaults for the rest."""
-    settings = {
-        "dir": "/data",  # the official image's working dir
-        "dbfilename": "dump.rdb",
-        "appendonly": "no",
-        "appendfilename": "appendonly.aof",
-        "appenddirname": "appendonlydir",
-    }
-    conf = next((a for a in service.command[1:] if a.endswith(".conf")), None)
-    host_conf = service.host_path(conf) if conf else None
-    if host_conf is not None and host_conf.is_file():
-        for line in host_conf.read_text().splitlines():
-            parts = line.split(None, 1)
-            if len(parts) == 2 and parts[0].lower() in settings:
-                settings[parts[0].lower()] = parts[1].strip().strip("\"'")
-    for name in settings:
-        value = service.flag(name)
-        if value is not None:
-            settings[name] = value
-    return settings
