@@ -22,6 +22,7 @@ from flows.backup_config import backup_config
 from sandbox import constants as stack
 from tasks.archive import extract_archive, verify_file
 from tasks.config import read_env
+from tasks.containers import ContainerError
 from tasks.redact import redact_file, redact_yaml
 from tasks.secrets import secret_name
 from tasks.storage import list_local
@@ -260,16 +261,21 @@ def test_full_disk_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
     )
     with mounted_tmpfs(tmp_path / "tiny", "size=64k") as tiny:
         with pytest.raises(OSError, match="no space left on the device of .*choose another"):
-            backup_config(project_dir=str(project), env_container="", backup_dir=str(tiny))
+            backup_config(
+                project_dir=str(project), env_container="", backup_dir=str(tiny), s3_bucket=""
+            )
         assert list_local(tiny, "config") == []
         assert [p for p in tiny.rglob("*") if p.is_file()] == []
 
 
 def test_unknown_env_container_is_named_with_the_existing_ones(tmp_path: Path) -> None:
     project = write_project(tmp_path / "project")
-    with pytest.raises(Exception, match="no container named 'gateway-nope'.*leave it empty"):
+    with pytest.raises(ContainerError, match="no container named 'gateway-nope'.*leave it empty"):
         backup_config(
-            project_dir=str(project), env_container="gateway-nope", backup_dir=str(tmp_path / "b")
+            project_dir=str(project),
+            env_container="gateway-nope",
+            backup_dir=str(tmp_path / "b"),
+            s3_bucket="",
         )
     assert list_local(tmp_path / "b", "config") == []
 
@@ -278,7 +284,10 @@ def test_project_without_any_config_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds none of the config files"):
         backup_config(
-            project_dir=str(tmp_path / "empty"), env_container="", backup_dir=str(tmp_path / "b")
+            project_dir=str(tmp_path / "empty"),
+            env_container="",
+            backup_dir=str(tmp_path / "b"),
+            s3_bucket="",
         )
 
 
