@@ -160,6 +160,8 @@ class HostRecovery(Recovery):
             lines.append(f"**{section}**")
             lines.append("")
             for item, (outcome, evidence) in items.items():
+                if outcome == "not reached" and self.dry_run:
+                    outcome, evidence = "not reached", evidence or "planned (dry run)"
                 box = "[x]" if outcome == "ok" else "[ ]"
                 text = f"- {box} {MARKS[outcome]} {item}"
                 lines.append(text + (f" — {evidence}" if evidence else f" — {outcome}"))
@@ -241,7 +243,17 @@ def recover_host(
         exclusive(lock_name("backup-redis", parse_redis_url(p["redis_url"]).server)),
         exclusive(lock_name("backup-prometheus", url_server(p["prometheus_url"]))),
     ):
-        _recover(recovery, p)
+        try:
+            _recover(recovery, p)
+        except BaseException:
+            target = Path(p["target_dir"]).absolute()
+            if not dry_run and (target / ".env").exists():
+                recovery.notes.append(
+                    f"the restored project stays in {target}, its containers as they are: fix "
+                    "the cause and finish by hand (docker-compose up -d), or `docker-compose "
+                    "down` there, empty the folder and run again"
+                )
+            raise
     return recovery.result()
 
 
