@@ -161,7 +161,7 @@ class HostRecovery(Recovery):
             lines.append("")
             for item, (outcome, evidence) in items.items():
                 if outcome == "not reached" and self.dry_run:
-                    outcome, evidence = "not reached", evidence or "planned (dry run)"
+                    evidence = evidence or "planned (dry run)"
                 box = "[x]" if outcome == "ok" else "[ ]"
                 text = f"- {box} {MARKS[outcome]} {item}"
                 lines.append(text + (f" — {evidence}" if evidence else f" — {outcome}"))
