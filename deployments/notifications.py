@@ -27,6 +27,7 @@ from deployments.catalog import DEPLOYMENTS, DeploymentSpec
 
 WEBHOOK_BLOCK = "proxilion-dr-webhook"
 FAILURE_AUTOMATION = "proxilion-dr: run failed or crashed"
+LATE_PREFIX = "proxilion-dr: "  # + "<flow>/<deployment> late"
 FLOW_NAMES = ["backup-*", "recover-*", "verify-restore"]
 
 FAILURE_SUBJECT = "proxilion-dr: {{ flow.name }} {{ flow_run.state.name }} ({{ flow_run.name }})"
@@ -68,7 +69,7 @@ def failure_automation(block_id: UUID) -> AutomationCore:
 
 
 def late_automation_name(spec: DeploymentSpec) -> str:
-    return f"proxilion-dr: {spec.flow_name}/{spec.name} late"
+    return f"{LATE_PREFIX}{spec.flow_name}/{spec.name} late"
 
 
 def late_automation(
@@ -126,12 +127,19 @@ def replace_automation(automation: AutomationCore) -> UUID:
 
 
 def apply_notifications(webhook_url: str, ui_url: str) -> list[str]:
-    """Save the webhook block and (re)create every notification automation; returns
-    the automations' names. Without a webhook URL nothing is created."""
+    """Save the webhook block and (re)create every notification automation, removing
+    late automations of deployments no longer in the catalog; returns the automations'
+    names. Without a webhook URL nothing is created."""
     if not webhook_url:
         return []
     block_id = webhook_block(webhook_url).save(WEBHOOK_BLOCK, overwrite=True)
     automations = notification_automations(block_id, ui_url)
     for automation in automations:
         replace_automation(automation)
-    return [a.name for a in automations]
+    current = {a.name for a in automations}
+    with get_client(sync_client=True) as client:
+        for stale in client.read_automations():
+            is_late = stale.name.startswith(LATE_PREFIX) and stale.name.endswith(" late")
+            if is_late and stale.name not in current:
+                client.delete_automation(stale.id)
+    return sorted(current)

@@ -163,6 +163,9 @@ def test_every_deployed_flow_carries_the_failure_hooks() -> None:
 def test_apply_command_creates_every_automation_without_printing_the_url(
     webhook: Webhook,
 ) -> None:
+    block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
+    removed = DeploymentSpec("gone", "flows/backup_logs.py:backup_logs", "0 * * * *", "gone")
+    replace_automation(late_automation(removed, block_id, ""))  # its deployment was removed
     env = {
         **os.environ,
         "PREFECT_API_URL": PREFECT_API_URL.value(),
