@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.hooks import BACKUP_HOOKS
 from flows.settings import refuse_secret_parameters, resolve
 from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
@@ -30,7 +31,9 @@ from tasks.sources import prometheus_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-prometheus", flow_run_name=run_name("prometheus"), log_prints=True)
+@flow(
+    name="backup-prometheus", flow_run_name=run_name("prometheus"), log_prints=True, **BACKUP_HOOKS
+)
 @explains_failure
 def backup_prometheus(
     prometheus_url: str | None = None,

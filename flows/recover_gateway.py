@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, StepFailed, one_line
 from flows.settings import settings
 from flows.steps import explains_failure, run_name
@@ -42,7 +43,7 @@ FLOW = "recover-gateway"
 LOG_LINES = 100
 
 
-@flow(name=FLOW, flow_run_name=run_name("gateway recovery"), log_prints=True)
+@flow(name=FLOW, flow_run_name=run_name("gateway recovery"), log_prints=True, **FLOW_HOOKS)
 @explains_failure
 def recover_gateway(
     container: str | None = None,

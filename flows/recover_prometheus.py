@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import refuse_secret_parameters, resolve
@@ -42,7 +43,12 @@ from tasks.secrets import url_server
 from tasks.sources import prometheus_source_id
 
 
-@flow(name="recover-prometheus", flow_run_name=run_name("prometheus recovery"), log_prints=True)
+@flow(
+    name="recover-prometheus",
+    flow_run_name=run_name("prometheus recovery"),
+    log_prints=True,
+    **FLOW_HOOKS,
+)
 @explains_failure
 def recover_prometheus(
     backup: str = "latest",

@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import refuse_secret_parameters, resolve
@@ -49,7 +50,7 @@ from tasks.sources import redis_source_id
 GATEWAY_TIMEOUT = 60.0
 
 
-@flow(name="recover-redis", flow_run_name=run_name("redis recovery"), log_prints=True)
+@flow(name="recover-redis", flow_run_name=run_name("redis recovery"), log_prints=True, **FLOW_HOOKS)
 @explains_failure
 def recover_redis(
     backup: str = "latest",

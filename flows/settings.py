@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import field_validator
+from pydantic import SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.secrets import carries_credentials
@@ -71,6 +71,9 @@ class Settings(BaseSettings):
                 f"unknown time zone {value!r}: use an IANA name such as UTC or Europe/Berlin"
             ) from None
         return value
+
+    # A credential (Slack and Mattermost webhook URLs are): hidden from repr and logs.
+    notify_webhook_url: SecretStr = SecretStr("")
 
 
 def settings() -> Settings:
