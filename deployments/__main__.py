@@ -13,6 +13,7 @@ from prefect import serve
 from prefect.schedules import Cron
 
 from deployments.catalog import DEPLOYMENTS, TIMEZONE, DeploymentSpec
+from deployments.hosts import BadHostName, for_host
 
 
 def load_flow(spec: DeploymentSpec) -> Any:
@@ -64,9 +65,18 @@ def render_yaml() -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m deployments")
     parser.add_argument("command", choices=["serve", "yaml"])
+    parser.add_argument(
+        "--host",
+        help="yaml: this Docker host's copy of every deployment, on its own work queue "
+        "(see deployments/hosts.py)",
+    )
     args = parser.parse_args(argv)
     if args.command == "yaml":
-        sys.stdout.write(render_yaml())
+        text = render_yaml()
+        try:
+            sys.stdout.write(for_host(text, args.host) if args.host else text)
+        except BadHostName as error:
+            parser.error(str(error))
     else:
         serve(*(to_deployment(spec) for spec in DEPLOYMENTS))
 
