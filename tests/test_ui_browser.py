@@ -49,6 +49,7 @@ CHROMIUM_ARGS = [
 ]
 RUN_TIMEOUT = 180.0
 UI_TIMEOUT_MS = 30_000
+TOOLTIP = "[role=tooltip], .p-tooltip, .tippy-box"
 BACKUP_REDIS = next(s for s in DEPLOYMENTS if s.flow_name == "backup-redis")
 
 
@@ -195,10 +196,12 @@ def schedule_text(row: Any) -> str:
     cell = row.locator("td").nth(-2)
     text = cell.inner_text().strip()
     if text.startswith("+"):
+        tooltip = row.page.locator(TOOLTIP).last
         cell.get_by_text(text).hover()
-        tooltip = row.page.locator("[role=tooltip], .p-tooltip, .tippy-box").last
         tooltip.wait_for()
         text = tooltip.inner_text().strip()
+        row.page.mouse.move(0, 0)
+        tooltip.wait_for(state="hidden")  # never read this one for the next row
     return text
 
 
@@ -259,7 +262,9 @@ def test_failed_run_shows_its_reason(ui_world: dict[str, Any], browser: Any) -> 
     page.goto(f"{ui_world['server'].url}/runs/flow-run/{run.id}")
     page.get_by_text("Failed", exact=True).first.wait_for()
     page.get_by_text("Finished in state Failed").first.wait_for()  # the logs have loaded
+    page.set_viewport_size({"width": 1440, "height": 2600})  # the logs scroll inside the page
     shoot(page, ui_world["screens"], "04-failed-run")
+    page.set_viewport_size({"width": 1440, "height": 1000})
     page.get_by_text("Details", exact=True).first.click()
     page.get_by_text("State Message", exact=True).wait_for()
     see_more = page.get_by_text("See More", exact=True)
