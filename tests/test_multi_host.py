@@ -84,7 +84,6 @@ def worker_host(
         host_yaml = tmp_path / "prefect-host-a.yaml"
         host_yaml.write_text(for_host(render_yaml(), HOST))
         run_cli(server, "work-pool", "create", POOL, "--type", "process")
-        run_cli(server, "deploy", "--all", "--prefect-file", str(host_yaml))
         settings = {
             "PROXILION_DR_HOME": str(REPO),
             "PROXILION_DR_BACKUP_DIR": str(tmp_path / "backups"),
@@ -107,6 +106,8 @@ def worker_host(
                 start_new_session=True,
             )
         try:
+            # Registered while the worker starts: it polls its queue until runs come.
+            run_cli(server, "deploy", "--all", "--prefect-file", str(host_yaml))
             yield server, service, settings
         finally:
             stop_group(worker)
@@ -144,7 +145,7 @@ def test_scheduled_backup_and_manual_recovery_go_through_the_host_worker(
     started = datetime.now(UTC) - timedelta(seconds=1)
     with api(server):
         backup = deployment_id(f"backup-redis/every-6-hours-{HOST}")
-        fire_at = (datetime.now(UTC) + timedelta(seconds=15)).strftime("%Y%m%dT%H%M%SZ")
+        fire_at = (datetime.now(UTC) + timedelta(seconds=5)).strftime("%Y%m%dT%H%M%SZ")
         with get_client(sync_client=True) as client:
             client.create_deployment_schedules(
                 backup,
