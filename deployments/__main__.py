@@ -21,6 +21,7 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_UI_URL
 
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
+from deployments.hosts import BadHostName, for_host
 from deployments.notifications import apply_notifications
 from flows.settings import settings
 
@@ -49,8 +50,8 @@ def serve_all(timezone: str) -> None:
     serve(*(to_deployment(spec, timezone) for spec in DEPLOYMENTS), pause_on_shutdown=False)
 
 
-def render_yaml(timezone: str) -> str:
-    """prefect.yaml for `prefect deploy --all` with a process work pool."""
+def render_yaml(timezone: str = "UTC") -> str:
+    """prefect.yaml for `prefect deploy --all` with a process work pool, crons in `timezone`."""
     document = {
         "name": "proxilion-dr",
         "prefect-version": "3.9.1",
@@ -96,12 +97,21 @@ def notify() -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m deployments")
     parser.add_argument("command", choices=["serve", "yaml", "apply"])
+    parser.add_argument(
+        "--host",
+        help="yaml: this Docker host's copy of every deployment, on its own work queue "
+        "(see deployments/hosts.py)",
+    )
     args = parser.parse_args(argv)
     timezone = settings().schedule_timezone
     if args.command in ("serve", "apply"):
         notify()
     if args.command == "yaml":
-        sys.stdout.write(render_yaml(timezone))
+        text = render_yaml(timezone)
+        try:
+            sys.stdout.write(for_host(text, args.host) if args.host else text)
+        except BadHostName as error:
+            parser.error(str(error))
     elif args.command == "serve":
         serve_all(timezone)
 
