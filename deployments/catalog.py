@@ -64,4 +64,20 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         description="Last 24 h of gateway logs, streamed and compressed; 30 days.",
         tags=("proxilion-dr", "backup", "logs"),
     ),
+    DeploymentSpec(
+        name="manual",
+        entrypoint="flows/recover_redis.py:recover_redis",
+        cron=None,
+        description="Scenario 2, Redis data loss: restore a backup (latest or named, here "
+        "or from S3) safely, verify, report RTO/RPO. Try dry_run first.",
+        tags=("proxilion-dr", "recovery", "redis"),
+    ),
+    DeploymentSpec(
+        name="manual",
+        entrypoint="flows/recover_prometheus.py:recover_prometheus",
+        cron=None,
+        description="Scenario 4, Prometheus corruption: restore snapshot blocks into the "
+        "data dir, verify old history answers, report RTO/RPO. Try dry_run first.",
+        tags=("proxilion-dr", "recovery", "prometheus"),
+    ),
 )

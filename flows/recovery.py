@@ -76,6 +76,18 @@ class Recovery:
             record.seconds = round(time.perf_counter() - began, 3)
             self.steps.append(record)
 
+    @contextmanager
+    def reporting(self) -> Iterator[None]:
+        """Around a flow's body: the report is published whatever happens, and any
+        failure becomes StepFailed with the one-line `failure()` message."""
+        try:
+            yield
+        except Exception as error:
+            message = self.failure() if self.failed_step() else f"{self.flow}: {one_line(error)}"
+            raise StepFailed(message) from error
+        finally:
+            self.publish()
+
     def skip(self, name: str, why: str) -> None:
         self.steps.append(Step(name, "planned" if self.dry_run else "skipped", 0.0, why))
 

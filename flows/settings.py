@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     redis_retention_days: float = 7
     redis_save_timeout_seconds: float = 600
     redis_deep_check: bool = False
+    gateway_health_url: str = ""
 
     prometheus_url: str = "http://localhost:9090"
     prometheus_container: str = "prometheus"

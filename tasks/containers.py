@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import docker
@@ -105,3 +106,89 @@ def log_tail(container_name: str, lines: int = 50) -> list[str]:
     """The last lines a container logged (both streams)."""
     output = get_container(container_name).logs(tail=lines, stdout=True, stderr=True)
     return output.decode(errors="replace").splitlines()
+
+
+# ------------------------------------------- recovery: stop, start, where data lives
+# (used by recover-redis and recover-prometheus)
+
+
+def container_running(name: str) -> bool:
+    """True when the container exists and runs (restarting counts as not running)."""
+    container = get_container(name, "Fix the container parameter")
+    container.reload()
+    return bool(container.status == "running")
+
+
+def stop_container(name: str, timeout: int = 30) -> bool:
+    """Stop a container gracefully (SIGTERM, SIGKILL after `timeout` s); True when it
+    was running, i.e. when the caller must start it again."""
+    container = get_container(name, "Fix the container parameter")
+    container.reload()
+    if container.status not in ("running", "restarting", "paused"):
+        return False
+    try:
+        container.stop(timeout=timeout)
+    except DockerException as error:
+        raise ContainerError(f"could not stop container {name!r}: {error}") from None
+    return True
+
+
+def start_container(name: str) -> None:
+    """Start a stopped container (a running one is left as it is)."""
+    container = get_container(name, "Fix the container parameter")
+    try:
+        container.start()
+    except DockerException as error:
+        raise ContainerError(f"could not start container {name!r}: {error}") from None
+
+
+def exit_reason(name: str) -> str | None:
+    """None while the container runs, else its state, exit code and last log lines."""
+    container = get_container(name, "Fix the container parameter")
+    container.reload()
+    if container.status in ("running", "created"):
+        return None
+    state = container.attrs.get("State", {})
+    tail = " | ".join(log_tail(name, 5))
+    return f"container {name!r} is {container.status} (exit code {state.get('ExitCode')}): {tail}"
+
+
+def host_path(name: str, inner: str) -> Path | None:
+    """The host path behind a path inside the container (its bind mount or volume),
+    or None when that path is not on a mount (it lives in the container's own layer)."""
+    container = get_container(name, "Fix the container parameter")
+    target = PurePosixPath(inner)
+    best: tuple[int, Path] | None = None
+    for mount in container.attrs.get("Mounts", []):
+        destination = PurePosixPath(mount.get("Destination", "/"))
+        source = mount.get("Source")
+        if not source or not target.is_relative_to(destination):
+            continue
+        depth = len(destination.parts)
+        if best is None or depth > best[0]:
+            best = (depth, Path(source) / target.relative_to(destination))
+    return best[1] if best else None
+
+
+def run_like(name: str, command: list[str], timeout: float = 60.0) -> str:
+    """Run `command` once in a throwaway container made from `name`'s image and mounts
+    (the same binaries, no network), and return its output. For facts a stopped
+    container cannot answer, e.g. `redis-server --version`."""
+    client = docker_client()
+    original = get_container(name, "Fix the container parameter")
+    throwaway = client.containers.create(
+        original.image.id,
+        command=command,
+        entrypoint=[],
+        volumes_from=[original.id],
+        network_mode="none",
+        labels={"proxilion-dr.throwaway": name},
+    )
+    try:
+        throwaway.start()
+        throwaway.wait(timeout=timeout)
+        return str(throwaway.logs(stdout=True, stderr=True).decode(errors="replace"))
+    except DockerException as error:
+        raise ContainerError(f"could not run {command[0]} like {name!r}: {error}") from None
+    finally:
+        throwaway.remove(force=True)

@@ -46,6 +46,7 @@ from tasks.archive import (
 )
 from tasks.aside import move_contents_aside
 from tasks.log import run_logger
+from tasks.restore import chown_like
 from tasks.retry import TransientError, retrying_task
 from tasks.secrets import redact_url
 from tasks.storage import find_local
@@ -764,15 +765,6 @@ def _check_blocks_listed(manifest: Manifest, blocks: list[Path]) -> None:
         )
 
 
-def _chown_like(path: Path, owner: os.stat_result) -> None:
-    """Give restored files the data dir's owner (Prometheus often runs as nobody)."""
-    if os.geteuid() != 0:
-        return
-    for root, dirs, files in os.walk(path):
-        for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
-            os.chown(name, owner.st_uid, owner.st_gid, follow_symlinks=False)
-
-
 @task(cache_policy=NO_CACHE)
 def restore_snapshot(backup_dir: Path, name: str, data_dir: Path) -> RestoredSnapshot:
     """Put a stored backup ('latest' or by name) into `data_dir` for Prometheus to load.
@@ -797,7 +789,7 @@ def restore_snapshot(backup_dir: Path, name: str, data_dir: Path) -> RestoredSna
         owner = target.stat()
         for block in blocks:
             shutil.move(block, target / block.name)
-            _chown_like(target / block.name, owner)
+            chown_like(target / block.name, owner)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     run_logger().info(

@@ -34,6 +34,7 @@ __all__ = [
     "StreamValidation",
     "crc64",
     "deep_check_rdb",
+    "max_rdb_for_redis",
     "min_redis_for_rdb",
     "read_aux_fields",
     "validate_rdb_file",
@@ -73,6 +74,18 @@ def min_redis_for_rdb(version: int) -> str:
     if version < FIRST_CHECKSUMMED_VERSION:
         return "any"
     return _MIN_REDIS.get(version, f"newer than {_MIN_REDIS[MAX_RDB_VERSION]}")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2] if part.isdigit())
+
+
+def max_rdb_for_redis(redis_version: str) -> int:
+    """The newest RDB version a Redis release loads (7.0 → 10, 7.2 → 11, 7.4 → 12);
+    a release newer than any we know loads at least what the newest known one does."""
+    release = _release(redis_version)
+    loadable = [v for v, first in _MIN_REDIS.items() if _release(first) <= release]
+    return max(loadable, default=FIRST_CHECKSUMMED_VERSION - 1)
 
 
 @dataclass(frozen=True)

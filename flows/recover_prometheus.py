@@ -1,0 +1,158 @@
+"""recover-prometheus: runbook scenario 4, Prometheus data corrupt; put a snapshot back.
+
+Runbook steps: find the backup (here, else S3) and verify it, check the target
+(container, data dir, retention covering the backup, free disk), stop Prometheus,
+move the data dir's contents aside, put the snapshot's blocks INTO the data dir (no
+wal/, no chunks_head/, the data dir's owner), start, wait for /-/ready, verify
+runtimeinfo and a query inside the oldest restored block. Any failure after the data
+was moved puts it back and starts Prometheus again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.recovery import Recovery
+from flows.restoring import find_backup, roll_back
+from flows.settings import resolve, warn_about_secret_parameters
+from tasks.containers import container_running, start_container, stop_container
+from tasks.fetch import FoundBackup
+from tasks.locks import exclusive, lock_name
+from tasks.prometheus import restore_snapshot
+from tasks.prometheus_restore import (
+    check_archive,
+    check_retention_covers,
+    read_prometheus_setup,
+    verify_history,
+    wait_until_ready,
+)
+from tasks.restore import (
+    MovedAside,
+    find_data_dir,
+    move_aside,
+    require_free_space,
+    unique_folder,
+)
+from tasks.secrets import redact_url
+from tasks.sources import prometheus_source_id
+
+
+@flow(name="recover-prometheus", log_prints=True)
+def recover_prometheus(
+    backup: str = "latest",
+    container: str | None = None,
+    prometheus_url: str | None = None,
+    data_dir: str | None = None,
+    dry_run: bool = False,
+    backup_dir: str | None = None,
+    s3_bucket: str | None = None,
+    s3_prefix: str | None = None,
+    s3_endpoint_url: str | None = None,
+    start_timeout_seconds: float = 300.0,
+) -> dict[str, Any]:
+    """Restore Prometheus's TSDB from a snapshot backup, then prove it (scenario 4).
+
+    The data dir's current contents are moved aside (never deleted; the path is in
+    the report) and put back if any later step fails. Empty parameters take their
+    PROXILION_DR_* setting. Returns RTO, RPO, the backup used, where the old data
+    went, each step.
+
+    Args:
+        backup: Backup to restore: `latest` (newest complete one) or a name as listed,
+            e.g. `prometheus/prometheus_20260101_000000.tar.gz`. Looked for in
+            backup_dir, then S3.
+        container: Docker container running Prometheus (stopped and started).
+        prometheus_url: How to reach that Prometheus, e.g. http://localhost:9090.
+        data_dir: Host folder of Prometheus's TSDB; empty = found from the container's
+            mount of --storage.tsdb.path.
+        dry_run: Check everything (backup, checksum, blocks, container, data dir,
+            retention, free disk) and publish the plan, changing nothing.
+        backup_dir: Local backup directory (a backup fetched from S3 is stored here).
+        s3_bucket: Bucket to look in when the backup is not in backup_dir; empty = none.
+        s3_prefix: Key prefix of the backups in the bucket.
+        s3_endpoint_url: S3-compatible endpoint; empty = AWS.
+        start_timeout_seconds: How long Prometheus may take to become ready.
+    """
+    warn_about_secret_parameters(locals(), "prometheus_url")
+    p = resolve(locals(), container="prometheus_container", data_dir="prometheus_data_dir")
+    recovery = Recovery("recover-prometheus", dry_run=dry_run)
+    with (
+        recovery.reporting(),
+        exclusive(lock_name("backup-prometheus", redact_url(p["prometheus_url"]))),
+    ):
+        _recover(recovery, p)
+    return recovery.result()
+
+
+@dataclass(frozen=True)
+class Target:
+    """The Prometheus being restored, as inspected before it was touched."""
+
+    container: str
+    prometheus_url: str
+    data: Path
+    was_running: bool
+
+
+def _recover(r: Recovery, p: dict[str, Any]) -> None:
+    container = p["container"]
+    found = find_backup(r, p, "prometheus", prometheus_source_id(p["prometheus_url"]))
+    with r.step("inspect Prometheus") as step:
+        if not container:
+            raise ValueError("container is empty: name the Prometheus container to restore")
+        was_running = container_running(container)
+        setup = read_prometheus_setup(p["prometheus_url"], container)
+        data = find_data_dir(container, setup.tsdb_path, p["data_dir"] or None)
+        step.detail = (
+            f"{'running' if was_running else 'not running'}, TSDB {setup.tsdb_path} = {data}; "
+            + check_retention_covers(found, setup)
+        )
+    with r.step("check free disk") as step:
+        needed = found.manifest.raw_size  # unpacked beside the data dir, then renamed in
+        free = require_free_space(data.parent, needed, f"unpacking {found.manifest.name}")
+        step.detail = f"{free / 1e6:.0f} MB free beside {data}, {needed / 1e6:.0f} MB needed"
+    if r.dry_run:
+        with r.step("check the archive's blocks (dry run)") as step:
+            step.detail = f"{len(check_archive(found))} complete blocks"
+        r.skip("stop Prometheus", f"would stop container {container}")
+        r.skip("move current data aside", f"would move the contents of {data} into "
+               f"{data.parent}/{data.name}.before-restore-<UTC>-<id>/")  # fmt: skip
+        r.skip("place the blocks", f"would put the blocks of {found.manifest.name} into {data}")
+        r.skip("start Prometheus and verify", "would wait for /-/ready and query old history")
+        return
+    _swap(r, Target(container, p["prometheus_url"], data, was_running), found, p)
+
+
+def _swap(r: Recovery, t: Target, found: FoundBackup, p: dict[str, Any]) -> None:
+    """Stop, move aside, place, start, verify; on any failure put the old data back."""
+    moved: MovedAside | None = None
+    try:
+        with r.step("stop Prometheus") as step:
+            stopped = stop_container(t.container)
+            step.detail = f"container {t.container} " + ("stopped" if stopped else "was stopped")
+        with r.step("move current data aside") as step:
+            folder = unique_folder(t.data.parent, f"{t.data.name}.before-restore")
+            moved = move_aside(t.data, None, folder)
+            r.moved_aside.append(str(moved.folder))
+            step.detail = f"{len(moved.names)} entries → {moved.folder}"
+        with r.step("place the blocks") as step:
+            restored = restore_snapshot(found.backup_dir, found.manifest.name, t.data)
+            step.detail = f"{len(restored.blocks)} blocks into {t.data} (no wal/, chunks_head/)"
+        with r.step("start Prometheus and wait for /-/ready"):
+            start_container(t.container)
+            wait_until_ready(t.prometheus_url, t.container, p["start_timeout_seconds"])
+        with r.step("verify runtimeinfo and old history") as step:
+            step.detail = verify_history(t.prometheus_url, found)
+        r.healthy()
+    except BaseException:
+        failed_folder = unique_folder(t.data.parent, f"{t.data.name}.failed-restore")
+        roll_back(r, t.container, moved, failed_folder, None, t.was_running)
+        raise
+
+
+if __name__ == "__main__":
+    recover_prometheus()

@@ -1,0 +1,162 @@
+"""Finding the backup a recovery restores: by name or `latest`, in the local backup
+directory, else in S3 (the host that held the backups may be gone).
+
+A remote backup is found by its manifest first, then its object is downloaded
+streaming into `backup_dir` under the same relative name, hashed on the way, and
+refused unless size and SHA-256 match the manifest; the local manifest is written
+last, so the download is a complete local backup only once it is proven. Nothing
+here touches a live service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from tasks.archive import CHUNK, ArchiveError, Manifest, manifest_name, verify_file
+from tasks.log import run_logger
+from tasks.restore import require_free_space
+from tasks.retry import retrying_task
+from tasks.s3 import S3Error, client, list_remote, object_key
+from tasks.storage import (
+    FUTURE_TOLERANCE,
+    KINDS,
+    BackupNotFound,
+    _fsync_dir,
+    find_local,
+    list_local,
+    parse_time,
+    resolve_name,
+    source_of,
+    staging_path,
+    utc_now,
+    write_durably,
+)
+
+
+@dataclass(frozen=True)
+class FoundBackup:
+    """A verified backup on this host: its manifest, its file, and where it came from."""
+
+    manifest: Manifest
+    path: Path
+    location: str
+    backup_dir: Path
+
+
+def check_backup_name(kind: str, name: str) -> None:
+    """Accept `latest` or a name of the kind's layout (`redis/<file>`); refuse the rest
+    (`..`, absolute paths, other folders) before anything is looked up."""
+    if name == "latest":
+        return
+    folder = KINDS[kind].folder
+    parts = PurePosixPath(name).parts
+    if len(parts) != 2 or parts[0] != folder or name.startswith("/") or ".." in parts:
+        raise ValueError(
+            f"backup name {name!r} is not a {kind} backup name: give one as listed, "
+            f"'{folder}/<file>' (no '..', no other folder), or 'latest'"
+        )
+
+
+def choose(manifests: list[Manifest], name: str) -> Manifest | None:
+    """`name` among complete backups, or for `latest` the newest not dated in the future."""
+    if name != "latest":
+        return next((m for m in manifests if m.name == name), None)
+    now = utc_now()
+    current = [m for m in manifests if parse_time(m.created_at) <= now + FUTURE_TOLERANCE]
+    return max(current, key=lambda m: parse_time(m.created_at), default=None)
+
+
+def download(
+    manifest: Manifest, backup_dir: Path, bucket: str, prefix: str, endpoint_url: str | None
+) -> Path:
+    """Stream one remote backup into `backup_dir` (same relative name), verify size and
+    SHA-256 against `manifest`, then write the manifest last. A mismatch keeps nothing."""
+    final = resolve_name(backup_dir, manifest.name)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    require_free_space(final.parent, manifest.size, f"downloading {manifest.name}")
+    staging = staging_path(backup_dir, manifest.name)
+    key = object_key(prefix, manifest.name)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        body = client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
+        with open(staging, "wb") as out:
+            for chunk in body.iter_chunks(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if size != manifest.size or digest.hexdigest() != manifest.sha256:
+            raise ArchiveError(
+                f"s3://{bucket}/{key} is {size} bytes with sha256 {digest.hexdigest()[:16]}…, "
+                f"its manifest says {manifest.size} bytes, sha256 {manifest.sha256[:16]}…: the "
+                "object is truncated or corrupt; pick another backup (nothing was changed)"
+            )
+        os.replace(staging, final)
+        _fsync_dir(final.parent)
+        write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
+    except (BotoCoreError, ClientError) as error:
+        raise S3Error(f"downloading s3://{bucket}/{key} failed: {error}") from None
+    finally:
+        staging.unlink(missing_ok=True)
+    return final
+
+
+def _not_found(
+    kind: str, name: str, source_id: str | None, where: list[str], others: set[str]
+) -> BackupNotFound:
+    what = f"{kind} backup named {name!r}" if name != "latest" else f"complete {kind} backup"
+    of = f" of {source_id}" if source_id else ""
+    hint = f"check backup, backup_dir, s3_bucket and s3_prefix (run backup-{kind} if none exists)"
+    if others:
+        hint = (
+            f"backups of other servers exist ({', '.join(sorted(others))}): to restore one "
+            "of those here, give its name as backup"
+        )
+    return BackupNotFound(f"no {what}{of} in {' nor in '.join(where)}: {hint}")
+
+
+@retrying_task(2, 10)
+def fetch_backup(
+    backup_dir: Path,
+    kind: str,
+    name: str,
+    s3_bucket: str,
+    s3_prefix: str,
+    s3_endpoint_url: str | None,
+    source_id: str | None = None,
+) -> FoundBackup:
+    """The backup `name` (or `latest`: the newest of `source_id`, the server being
+    restored, never another server's) of `kind` as a file on this host whose size and
+    SHA-256 match its manifest: from `backup_dir`, else downloaded from S3 (verified
+    while it streams). Raises BackupNotFound, or ArchiveError for a damaged copy."""
+    check_backup_name(kind, name)
+    backup_dir = Path(backup_dir)
+    wanted = source_id if name == "latest" else None
+    try:
+        manifest, path = find_local(backup_dir, kind, name, wanted)
+        verify_file(path, manifest.size, manifest.sha256)
+        location = f"local {backup_dir}"
+    except BackupNotFound:
+        where = [str(backup_dir / KINDS[kind].folder)]
+        remote_all: list[Manifest] = []
+        if s3_bucket:
+            remote_all = list_remote(s3_bucket, s3_prefix, kind, s3_endpoint_url)
+            where.append(f"s3://{s3_bucket}/{object_key(s3_prefix, KINDS[kind].folder)}/")
+        mine = [m for m in remote_all if wanted is None or source_of(m) == wanted]
+        remote = choose(mine, name)
+        if remote is None:
+            everything = list_local(backup_dir, kind) + remote_all
+            others = {source_of(m) for m in everything} - {wanted} if wanted else set()
+            raise _not_found(kind, name, wanted, where, others) from None
+        path = download(remote, backup_dir, s3_bucket, s3_prefix, s3_endpoint_url)
+        manifest = remote
+        location = f"s3://{s3_bucket}/{object_key(s3_prefix, remote.name)} (downloaded)"
+    run_logger().info("Backup %s from %s: size and sha256 verified", manifest.name, location)
+    return FoundBackup(manifest, path, location, backup_dir)

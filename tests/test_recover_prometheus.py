@@ -1,0 +1,136 @@
+"""recover-prometheus on a real Prometheus 2 in a throwaway container holding known
+history (promtool backfill): blocks deleted and corrupted, recovered from a backup
+taken by the real backup-prometheus flow, the history answers again with the known
+values; a dry run changes nothing; a retention too short for the backup is refused."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from throwaway_services import Service, prometheus_container
+
+from flows.backup_prometheus import backup_prometheus
+from flows.recover_prometheus import recover_prometheus
+from sandbox import constants as stack
+from sandbox.stack import backfill_openmetrics
+from tasks.archive import Manifest
+from tasks.fetch import FoundBackup
+from tasks.prometheus import ULID
+from tasks.prometheus_restore import (
+    PrometheusSetup,
+    RetentionTooShort,
+    check_retention_covers,
+    parse_duration,
+)
+
+HISTORY = stack.PROMETHEUS_BACKFILL_METRIC
+AT = stack.PROMETHEUS_BACKFILL_START + 3 * 3600 + 7  # inside the backfilled window
+SAMPLE = AT - (AT - stack.PROMETHEUS_BACKFILL_START) % stack.PROMETHEUS_BACKFILL_STEP
+
+
+def backfill(data_dir: Path) -> None:
+    """The sandbox's known history, written into `data_dir` as blocks by promtool."""
+    source = data_dir.parent / "history.om"
+    source.write_text(backfill_openmetrics())
+    subprocess.run(
+        ["promtool", "tsdb", "create-blocks-from", "openmetrics", str(source), str(data_dir)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def known_history() -> list[tuple[str, str]]:
+    return sorted(
+        (f"s{n:03d}", str(stack.backfill_value(n, SAMPLE)))
+        for n in range(stack.PROMETHEUS_BACKFILL_SERIES)
+    )
+
+
+def history(service: Service) -> list[tuple[str, str]]:
+    answer = httpx.get(
+        f"{service.url}/api/v1/query", params={"query": HISTORY, "time": AT}, timeout=10
+    ).json()
+    return sorted((s["metric"]["series"], s["value"][1]) for s in answer["data"]["result"])
+
+
+def blocks(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.iterdir() if p.is_dir() and ULID.fullmatch(p.name))
+
+
+def back_up(service: Service, backup_dir: Path) -> Manifest:
+    return Manifest(
+        **backup_prometheus(
+            prometheus_url=service.url,
+            container=service.name,
+            fetch="container",
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+        )
+    )
+
+
+def test_deleted_and_corrupt_blocks_are_recovered_and_history_answers_again(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    with prometheus_container(tmp_path, backfill) as service:
+        assert history(service) == known_history()
+        manifest = back_up(service, backup_dir)
+        service.container().stop()
+        old = blocks(service.data_dir)
+        assert len(old) >= 2
+        shutil.rmtree(old[0])
+        (old[1] / "index").write_bytes(b"not an index")
+        service.container().start()  # runs without its history, or exits on the bad block
+        result = recover_prometheus(
+            container=service.name,
+            prometheus_url=service.url,
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+        )
+        assert history(service) == known_history()
+        assert result["ok"] and result["backup"]["name"] == manifest.name
+        assert not (service.data_dir / "snapshots").exists()
+        [aside] = result["moved_aside"]  # the damaged data is kept, as it was
+        assert (Path(aside) / old[1].name / "index").read_bytes() == b"not an index"
+        step = next(s for s in result["steps"] if s["name"] == "verify runtimeinfo and old history")
+        assert "series answer" in step["detail"]
+
+
+def test_dry_run_checks_the_blocks_and_changes_nothing(tmp_path: Path, backup_dir: Path) -> None:
+    with prometheus_container(tmp_path, backfill) as service:
+        back_up(service, backup_dir)
+        before = sorted(p.name for p in service.data_dir.iterdir())
+        started = service.container().attrs["State"]["StartedAt"]
+        result = recover_prometheus(
+            container=service.name,
+            prometheus_url=service.url,
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+            dry_run=True,
+        )
+        assert result["dry_run"] and result["ok"] and result["moved_aside"] == []
+        assert sorted(p.name for p in service.data_dir.iterdir()) == before
+        assert service.container().attrs["State"]["StartedAt"] == started
+        assert history(service) == known_history()
+
+
+def test_a_retention_shorter_than_the_backup_is_refused() -> None:
+    """Prometheus deletes blocks older than its retention right after it starts."""
+    two_years_ago = (stack.PROMETHEUS_BACKFILL_START - 2 * 365 * 86400) * 1000
+    manifest = Manifest(
+        "prometheus", "prometheus/p.tar.gz", "2026-01-01T00:00:00+00:00", 1, "0" * 64, "gzip",
+        1, 0.0, source={"min_time_ms": two_years_ago},
+    )  # fmt: skip
+    found = FoundBackup(manifest, Path("/nonexistent"), "local", Path("/nonexistent"))
+    with pytest.raises(RetentionTooShort, match="retention.time="):
+        check_retention_covers(found, PrometheusSetup(True, "/prometheus", "15d"))
+    assert "covers" in check_retention_covers(found, PrometheusSetup(True, "/p", "10y"))
+    assert parse_duration("1y2w3d4h5m6s") == timedelta(
+        days=365 + 14 + 3, hours=4, minutes=5, seconds=6
+    )
+    assert parse_duration("banana") is None

@@ -1,0 +1,154 @@
+"""Throwaway service containers for recovery tests: built like the sandbox's (local
+hostfs image, host networking, the host's /usr and /etc read-only), but each with a
+unique name, a free port, its own data and config folders, a label, and removed
+when the test ends. The shared sandbox containers are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+import httpx
+import pytest
+import redis
+from docker.types import Mount
+from redis_servers import free_port
+
+from sandbox import constants as stack
+from sandbox import images
+
+TEST_LABEL = "proxilion-dr.test"
+START_TIMEOUT = 45.0
+
+
+@dataclass
+class Service:
+    """A throwaway container running a service on 127.0.0.1:`port`."""
+
+    name: str
+    port: int
+    url: str
+    data_dir: Path
+    conf_dir: Path
+
+    def container(self) -> docker.models.containers.Container:
+        return docker.from_env().containers.get(self.name)
+
+
+def wait_for(probe: Callable[[], bool], what: str, service: Service) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if probe():
+                return
+        time.sleep(0.1)
+    logs = service.container().logs(tail=30).decode(errors="replace")
+    pytest.fail(f"{what} in {service.name} did not come up:\n{logs}")
+
+
+@contextmanager
+def throwaway(
+    tmp_path: Path, kind: str, command: Callable[[int], list[str]], inner_data: str
+) -> Iterator[Service]:
+    """A container of `kind` running `command(port)`, data at `inner_data` bind-mounted
+    from `<tmp_path>/<kind>-data`, config folder at /conf from `<tmp_path>/<kind>-conf`."""
+    client = docker.from_env()
+    image = images.ensure_hostfs_image(client)
+    port = free_port()
+    data, conf = tmp_path / f"{kind}-data", tmp_path / f"{kind}-conf"
+    data.mkdir()
+    conf.mkdir()
+    name = f"proxilion-dr-test-{kind}-{uuid.uuid4().hex[:8]}"
+    container = client.containers.create(
+        image,
+        command(port),
+        name=name,
+        mounts=images.host_mounts()
+        + [Mount(inner_data, str(data), type="bind"), Mount("/conf", str(conf), type="bind")],
+        network_mode="host",
+        labels={stack.SANDBOX_LABEL: "test-throwaway", TEST_LABEL: kind},
+        restart_policy={"Name": "no"},
+    )
+    try:
+        yield Service(name, port, f"127.0.0.1:{port}", data, conf)
+    finally:
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+
+
+def redis_ready(service: Service) -> bool:
+    client = redis.Redis(port=service.port, socket_timeout=2)
+    try:
+        return int(client.info("persistence")["loading"]) == 0
+    finally:
+        client.close()
+
+
+@contextmanager
+def redis_container(tmp_path: Path, appendonly: bool = False) -> Iterator[Service]:
+    """Redis 7 in a throwaway container, config in /conf/redis.conf (save points on)."""
+
+    def command(port: int) -> list[str]:
+        return ["/usr/bin/redis-server", "/conf/redis.conf"]
+
+    with throwaway(tmp_path, "redis", command, "/data") as service:
+        (service.conf_dir / "redis.conf").write_text(
+            "\n".join(
+                [
+                    "bind 127.0.0.1",
+                    f"port {service.port}",
+                    "dir /data",
+                    "dbfilename dump.rdb",
+                    "save 900 1 300 10",
+                    f"appendonly {'yes' if appendonly else 'no'}",
+                    'logfile ""',
+                    "",
+                ]
+            )
+        )
+        service.url = f"redis://127.0.0.1:{service.port}/0"
+        service.container().start()
+        wait_for(lambda: redis_ready(service), "Redis", service)
+        yield service
+
+
+def restart(service: Service, ready: Callable[[Service], bool]) -> None:
+    """Restart the container (graceful stop, start) and wait until it is ready."""
+    service.container().restart(timeout=30)
+    wait_for(lambda: ready(service), service.name, service)
+
+
+def prometheus_ready(service: Service) -> bool:
+    return httpx.get(f"{service.url}/-/ready", timeout=2).status_code == 200
+
+
+@contextmanager
+def prometheus_container(tmp_path: Path, before_start: Callable[[Path], None]) -> Iterator[Service]:
+    """Prometheus 2 in a throwaway container (admin API on, long retention, scraping
+    nothing), its TSDB at /prometheus; `before_start(data_dir)` runs before it starts."""
+
+    def command(port: int) -> list[str]:
+        return [
+            "/usr/bin/prometheus",
+            "--config.file=/conf/prometheus.yml",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-admin-api",
+            "--storage.tsdb.path=/prometheus",
+            f"--storage.tsdb.retention.time={stack.PROMETHEUS_RETENTION}",
+        ]
+
+    with throwaway(tmp_path, "prometheus", command, "/prometheus") as service:
+        (service.conf_dir / "prometheus.yml").write_text("scrape_configs: []\n")
+        service.url = f"http://127.0.0.1:{service.port}"
+        before_start(service.data_dir)
+        service.container().start()
+        wait_for(lambda: prometheus_ready(service), "Prometheus", service)
+        yield service
