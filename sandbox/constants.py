@@ -87,6 +87,14 @@ def backfill_value(series: int, timestamp: int) -> int:
     return (series * 37 + step * 11) % 1000
 
 
+# Prometheus Pushgateway (Debian's /usr/bin/prometheus-pushgateway in a container): every
+# backup, recovery and drill run pushes its outcome here; Prometheus scrapes it.
+PUSHGATEWAY_CONTAINER = "pushgateway"
+PUSHGATEWAY_HOST = "127.0.0.1"
+PUSHGATEWAY_PORT = 9091
+PUSHGATEWAY_URL = f"http://{PUSHGATEWAY_HOST}:{PUSHGATEWAY_PORT}"
+
+
 # SeaweedFS (host process: master + volume + filer + S3 gateway).
 S3_HOST = "127.0.0.1"
 S3_PORT = 8333

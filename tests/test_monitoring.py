@@ -1,0 +1,193 @@
+"""Backup health in Prometheus: pushes to a real Pushgateway, alert rules under
+`promtool test rules`, and the Grafana dashboard's queries on the sandbox Prometheus."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from sandbox import constants as stack
+from tasks import metrics
+from tests.conftest import require
+from tests.redis_servers import free_port
+
+MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
+RULES = MONITORING / "proxilion-dr-alerts.yml"
+RULE_TESTS = MONITORING / "proxilion-dr-alerts.test.yml"
+DASHBOARD = MONITORING / "proxilion-dr-dashboard.json"
+PUSHGATEWAY_BINARY = "/usr/bin/prometheus-pushgateway"
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if not found:
+        pytest.fail("promtool not found: install Debian's `prometheus` (scripts/setup.sh)")
+    return found
+
+
+def test_alert_rules_pass_their_promtool_unit_tests() -> None:
+    check = subprocess.run(
+        [promtool(), "check", "rules", str(RULES)], capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    result = subprocess.run(
+        [promtool(), "test", "rules", RULE_TESTS.name],
+        cwd=MONITORING,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_every_alert_has_a_firing_and_a_silent_case() -> None:
+    alerts = {
+        rule["alert"]
+        for group in yaml.safe_load(RULES.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    cases = [
+        case
+        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for case in test["alert_rule_test"]
+    ]
+    firing = {case["alertname"] for case in cases if case["exp_alerts"]}
+    silent = {case["alertname"] for case in cases if not case["exp_alerts"]}
+    assert alerts - firing == set(), "alerts never tested firing"
+    assert alerts - silent == set(), "alerts never tested silent"
+
+
+@pytest.fixture
+def pushgateway(tmp_path: Path) -> Iterator[str]:
+    """A real Pushgateway (Debian's binary) of this test's own, on a free port."""
+    if not Path(PUSHGATEWAY_BINARY).exists():
+        pytest.fail("prometheus-pushgateway not installed: run scripts/setup.sh")
+    port = free_port()
+    log = open(tmp_path / "pushgateway.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [PUSHGATEWAY_BINARY, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"pushgateway did not start: {(tmp_path / 'pushgateway.log').read_text()}")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+        log.close()
+
+
+def pushed(url: str, name: str, **labels: str) -> float | None:
+    """The value of a metric as the Pushgateway serves it to Prometheus."""
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{key}="{value}"' in line for key, value in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_failed_run_keeps_the_last_success(pushgateway: str) -> None:
+    assert metrics.push_backup(
+        pushgateway,
+        "redis",
+        True,
+        source="127.0.0.1-6379-0",
+        size_bytes=1000,
+        previous_size_bytes=900,
+        duration_seconds=1.5,
+    )
+    labels = {"kind": "redis", "source": "127.0.0.1-6379-0"}
+    success = pushed(pushgateway, "proxilion_dr_backup_last_success_timestamp_seconds", **labels)
+    assert success is not None and abs(success - time.time()) < 60
+    assert pushed(pushgateway, "proxilion_dr_backup_size_bytes", **labels) == 1000
+    assert pushed(pushgateway, "proxilion_dr_backup_last_status", **labels) == 1
+
+    assert metrics.push_backup(pushgateway, "redis", False, source="127.0.0.1-6379-0")
+    assert pushed(pushgateway, "proxilion_dr_backup_last_status", **labels) == 0
+    kept = pushed(pushgateway, "proxilion_dr_backup_last_success_timestamp_seconds", **labels)
+    assert kept == success
+    assert pushed(pushgateway, "proxilion_dr_backup_size_bytes", **labels) == 1000
+
+
+def test_restore_and_drill_outcomes_are_pushed(pushgateway: str) -> None:
+    assert metrics.push_restore(pushgateway, "redis", True, 4.2, metrics.RESTORE_JOB)
+    assert metrics.push_drill(pushgateway, False, 30.0)
+    assert pushed(pushgateway, "proxilion_dr_restore_rto_seconds", component="redis") == 4.2
+    assert pushed(pushgateway, "proxilion_dr_drill_last_status") == 0
+
+
+def test_an_unreachable_pushgateway_is_a_warning_not_an_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING):
+        assert metrics.push_backup(closed, "redis", True, size_bytes=1) is False
+    assert "could not push proxilion_dr_backup metrics" in caplog.text
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    ]
+
+
+def test_every_dashboard_query_returns_data_from_the_sandbox_prometheus() -> None:
+    """Push one outcome of each sort to the sandbox Pushgateway, wait for Prometheus to
+    scrape it, then every panel query must parse and return at least one series."""
+    require(stack.PUSHGATEWAY_HOST, stack.PUSHGATEWAY_PORT, "the sandbox Pushgateway")
+    require(stack.PROMETHEUS_HOST, stack.PROMETHEUS_PORT, "the sandbox Prometheus")
+    source = f"dashboard-test-{time.time_ns()}"
+    assert metrics.push_backup(
+        stack.PUSHGATEWAY_URL,
+        "redis",
+        True,
+        source=source,
+        size_bytes=10,
+        previous_size_bytes=10,
+        duration_seconds=1,
+    )
+    assert metrics.push_restore(stack.PUSHGATEWAY_URL, "redis", True, 1.0, metrics.RESTORE_JOB)
+    assert metrics.push_restore(stack.PUSHGATEWAY_URL, "redis", True, 1.0, metrics.RECOVERY_JOB)
+    assert metrics.push_drill(stack.PUSHGATEWAY_URL, True, 1.0)
+    queries = dashboard_queries()
+    assert len(queries) >= 6
+    deadline = time.monotonic() + 4 * stack.PROMETHEUS_SCRAPE_SECONDS + 10
+    empty: list[str] = []
+    while time.monotonic() < deadline:
+        empty = []
+        for title, expr in queries:
+            answer = httpx.get(
+                f"{stack.PROMETHEUS_URL}/api/v1/query", params={"query": expr}, timeout=10
+            )
+            assert answer.status_code == 200, f"{title}: {expr!r} does not parse: {answer.text}"
+            if not answer.json()["data"]["result"]:
+                empty.append(f"{title}: {expr}")
+        if not empty:
+            return
+        time.sleep(1)
+    pytest.fail(f"panels without data after the push was scraped: {empty}")
