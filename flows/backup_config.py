@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.settings import resolve
+from flows.health import backup_failed, backup_succeeded, backup_unchanged
+from flows.settings import resolve, settings
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
 from tasks.config import (
@@ -35,8 +36,12 @@ from tasks.locks import exclusive, lock_name
 from tasks.sources import config_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
+FAILED = backup_failed(
+    "config", lambda p: config_source_id(p.get("project_dir") or settings().config_project_dir)
+)
 
-@flow(name="backup-config", log_prints=True)
+
+@flow(name="backup-config", log_prints=True, on_failure=[FAILED], on_crashed=[FAILED])
 def backup_config(
     project_dir: str | None = None,
     env_allowlist: list[str] | None = None,
@@ -88,6 +93,7 @@ def backup_config(
             previous = newest.unchanged_since
             publish_unchanged_report(previous, source)
             print(f"Configuration unchanged since {previous}: nothing new stored")
+            backup_unchanged("config", source_id)
             return {"skipped": True, "unchanged_since": previous, "digest": digest}
         name = backup_name("config", utc_now(), codec, source_id)
         archive = write_config_archive(files, env, name, staging_path(store, name), codec)
@@ -96,6 +102,7 @@ def backup_config(
         if newest.damaged:
             details["previous backup damaged"] = newest.damaged
         stored, remote = keep_backup(archive, manifest, to, details)
+    backup_succeeded(store, manifest, elapsed(started))
     withheld = ", ".join(env.withheld) or "none"
     print(
         f"Config backup stored at {stored}"

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.settings import resolve
+from flows.health import backup_failed, backup_succeeded
+from flows.settings import resolve, settings
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -27,8 +28,13 @@ from tasks.logs import (
 from tasks.sources import logs_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
+FAILED = backup_failed(
+    "logs",
+    lambda p: logs_source_id(container_names(p.get("containers") or settings().logs_containers)),
+)
 
-@flow(name="backup-logs", log_prints=True)
+
+@flow(name="backup-logs", log_prints=True, on_failure=[FAILED], on_crashed=[FAILED])
 def backup_logs(
     containers: list[str] | str | None = None,
     window: str | None = None,
@@ -85,6 +91,7 @@ def backup_logs(
                 "line format": LOG_LINE_FORMAT,
             },
         )
+    backup_succeeded(store, manifest, elapsed(started))
     print(f"{captured.lines} log lines stored at {stored}" + (f" and {remote}" if remote else ""))
     return asdict(manifest)
 

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.settings import resolve, warn_about_secret_parameters
+from flows.health import backup_failed, backup_succeeded
+from flows.settings import resolve, settings, warn_about_secret_parameters
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -23,14 +24,20 @@ from tasks.prometheus import (
     inspect_prometheus,
     locate_tsdb,
     prometheus_manifest,
+    record_values,
     take_snapshot,
 )
 from tasks.secrets import check_url, redact_url, url_server
 from tasks.sources import prometheus_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
+FAILED = backup_failed(
+    "prometheus",
+    lambda p: prometheus_source_id(p.get("prometheus_url") or settings().prometheus_url),
+)
 
-@flow(name="backup-prometheus", log_prints=True)
+
+@flow(name="backup-prometheus", log_prints=True, on_failure=[FAILED], on_crashed=[FAILED])
 def backup_prometheus(
     prometheus_url: str | None = None,
     container: str | None = None,
@@ -73,8 +80,9 @@ def backup_prometheus(
         try:
             name = backup_name("prometheus", utc_now(), codec, source_id)
             captured = copy_snapshot(snapshot, staging_path(to.backup_dir, name), codec)
+            recorded = record_values(p["prometheus_url"], captured.blocks)
             manifest = prometheus_manifest(
-                name, captured, snapshot, facts, server, elapsed(started), source_id
+                name, captured, snapshot, facts, server, elapsed(started), source_id, recorded
             )
             stored, remote = keep_backup(
                 captured.file,
@@ -89,6 +97,7 @@ def backup_prometheus(
             )
         finally:
             delete_snapshot(snapshot)
+    backup_succeeded(to.backup_dir, manifest, elapsed(started))
     print(f"Backup stored at {stored}" + (f" and {remote}" if remote else ""))
     return asdict(manifest)
 

@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.settings import resolve, warn_about_secret_parameters
+from flows.health import backup_failed, backup_succeeded
+from flows.settings import resolve, settings, warn_about_secret_parameters
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -23,12 +24,17 @@ from tasks.redis import (
     redis_manifest,
     trigger_save,
 )
+from tasks.redis_sample import sample_after_save, sample_before_save
 from tasks.redis_url import parse_redis_url
 from tasks.sources import redis_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
+FAILED = backup_failed(
+    "redis", lambda p: redis_source_id(p.get("redis_url") or settings().redis_url)
+)
 
-@flow(name="backup-redis", log_prints=True)
+
+@flow(name="backup-redis", log_prints=True, on_failure=[FAILED], on_crashed=[FAILED])
 def backup_redis(
     redis_url: str | None = None,
     container: str | None = None,
@@ -74,6 +80,7 @@ def backup_redis(
         method = choose_fetch(
             p["fetch"], p["container"] or None, p["data_dir"] or None, facts, p["redis_url"]
         )
+        sample = sample_before_save(p["redis_url"], facts.keyspace)
         save = None
         if method != "network":  # the replication stream makes its own snapshot
             save = trigger_save(
@@ -94,7 +101,10 @@ def backup_redis(
             save,
             network_fallback=p["fetch"] == "auto",
         )
-        manifest = redis_manifest(name, captured, facts, server, save, elapsed(started), source_id)
+        sample = sample_after_save(p["redis_url"], sample)
+        manifest = redis_manifest(
+            name, captured, facts, server, save, elapsed(started), source_id, sample
+        )
         stored, remote = keep_backup(
             captured.file,
             manifest,
@@ -105,6 +115,7 @@ def backup_redis(
                 "fetch": captured.method,
             },
         )
+    backup_succeeded(to.backup_dir, manifest, elapsed(started))
     print(f"Backup stored at {stored}" + (f" and {remote}" if remote else ""))
     return asdict(manifest)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.health import recovered, recovery_failed
 from flows.recovery import Recovery, StepFailed, one_line
 from flows.settings import settings
 from tasks import health
@@ -41,7 +42,12 @@ FLOW = "recover-gateway"
 LOG_LINES = 100
 
 
-@flow(name=FLOW, log_prints=True)
+@flow(
+    name=FLOW,
+    log_prints=True,
+    on_failure=[recovery_failed("gateway")],
+    on_crashed=[recovery_failed("gateway")],
+)
 def recover_gateway(
     container: str | None = None,
     health_url: str | None = None,
@@ -93,7 +99,9 @@ def recover_gateway(
     finally:
         _note_final_state(recovery, name)
         recovery.publish()
-    return recovery.result()
+    result = recovery.result()
+    recovered("gateway", result)
+    return result
 
 
 def _recover(

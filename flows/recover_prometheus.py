@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.health import recovered, recovery_failed
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import resolve, warn_about_secret_parameters
@@ -41,7 +42,12 @@ from tasks.secrets import redact_url
 from tasks.sources import prometheus_source_id
 
 
-@flow(name="recover-prometheus", log_prints=True)
+@flow(
+    name="recover-prometheus",
+    log_prints=True,
+    on_failure=[recovery_failed("prometheus")],
+    on_crashed=[recovery_failed("prometheus")],
+)
 def recover_prometheus(
     backup: str = "latest",
     container: str | None = None,
@@ -85,7 +91,9 @@ def recover_prometheus(
         exclusive(lock_name("backup-prometheus", redact_url(p["prometheus_url"]))),
     ):
         _recover(recovery, p)
-    return recovery.result()
+    result = recovery.result()
+    recovered("prometheus", result)
+    return result
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.health import recovered, recovery_failed
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import resolve, warn_about_secret_parameters
@@ -48,7 +49,12 @@ from tasks.sources import redis_source_id
 GATEWAY_TIMEOUT = 60.0
 
 
-@flow(name="recover-redis", log_prints=True)
+@flow(
+    name="recover-redis",
+    log_prints=True,
+    on_failure=[recovery_failed("redis")],
+    on_crashed=[recovery_failed("redis")],
+)
 def recover_redis(
     backup: str = "latest",
     container: str | None = None,
@@ -96,7 +102,9 @@ def recover_redis(
     lock = lock_name("backup-redis", redact_url(p["redis_url"]))  # the backup flow's own lock
     with recovery.reporting(), exclusive(lock):
         _recover(recovery, p)
-    return recovery.result()
+    result = recovery.result()
+    recovered("redis", result)
+    return result
 
 
 def _recover(r: Recovery, p: dict[str, Any]) -> None:

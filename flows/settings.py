@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     logs_window: str = "24h"
     logs_retention_days: float = 30
 
+    pushgateway_url: str = ""
+    drill_scratch_dir: Path = Path("/var/tmp/proxilion-dr-drill")
+
 
 def settings() -> Settings:
     """The settings as the environment says now."""

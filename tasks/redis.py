@@ -573,8 +573,10 @@ def redis_manifest(
     save: SaveResult | None,
     duration_seconds: float,
     source_id: str,
+    sample: list[dict[str, Any]] | None = None,
 ) -> Manifest:
-    """The manifest of a Redis backup: the stored file plus what it holds."""
+    """The manifest of a Redis backup: the stored file plus what it holds, and a keyed
+    sample (key, type, value digest; tasks.redis_sample) a restore can check."""
     return Manifest.describe(
         "redis",
         name,
@@ -589,6 +591,7 @@ def redis_manifest(
             "deep_check": captured.rdb.deep_check,
             "keyspace": facts.keyspace,
             "fetch": captured.method,
+            "sample": sample or [],
         },
         steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},
         source_id=source_id,
