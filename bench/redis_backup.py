@@ -6,7 +6,10 @@ from "RDB saved" to "stored locally with manifest":
 - floor: `cp dump.rdb <dir>/` (what any backup must at least do);
 - seed:  `cp` then `gzip -6` (backup-redis.sh);
 - ours:  capture (read, validate CRC-64, compress with isal, SHA-256) + commit
-         (fsync, rename, manifest), by `fetch=path`; also with `deep_check`.
+         (fsync, rename, manifest), by `fetch=path`; also with `deep_check`;
+- network: the RDB over the replication protocol (`fetch=network`, diskless, so the
+         transfer ends at the $EOF mark while Redis keeps the connection open: a
+         time near `cp` shows the mark ends the read, not a timeout).
 
 Then the peak RSS of a process running the real `backup_redis` flow on the
 dataset and on a dataset twice as large. Prints ratios against the targets:
@@ -36,6 +39,7 @@ import redis
 
 from tasks.archive import Manifest
 from tasks.redis import ServerFacts, capture_rdb
+from tasks.redis_sync import fetch_rdb_over_network
 from tasks.storage import backup_name, commit_local, staging_path, utc_now
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,6 +67,10 @@ def start_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
             "",
             "--appendonly",
             "no",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
             "--logfile",
             str(data_dir / "redis.log"),
         ],
@@ -211,6 +219,9 @@ def measure(keys: int, repeat: int, work: Path, timings: bool = True) -> dict[st
         result["ours"] = timed(lambda: our_pipeline(data, out, False), repeat, reset)
         result["ours_deep"] = timed(lambda: our_pipeline(data, out, True), repeat, reset)
         result["ours_zstd"] = timed(lambda: our_pipeline(data, out, False, "zstd"), repeat, reset)
+        result["network"] = timed(
+            lambda: fetch_rdb_over_network("127.0.0.1", port, out / "dump.rdb"), repeat, reset
+        )
         reset()
         result["rss_mb"] = flow_peak_rss_mb(port, data, out)
         return result
@@ -247,6 +258,10 @@ def main() -> None:
     print(
         f"  ours, zstd        {r['ours_zstd']:7.3f} s   {r['ours_zstd'] / r['seed']:.3f}x seed"
         f"   {r['ours_zstd'] / r['cp']:.2f}x cp"
+    )
+    print(
+        f"  network fetch     {r['network']:7.3f} s   {r['network'] / r['cp']:.2f}x cp"
+        " (raw RDB over SYNC, diskless: ends at the $EOF mark)"
     )
     print(
         f"  flow peak RSS     {r['rss_mb']:7.1f} MB at {r['rdb_mb']:.0f} MB RDB, "

@@ -34,11 +34,11 @@ from tasks.prometheus_restore import (
 from tasks.restore import (
     MovedAside,
     find_data_dir,
-    move_aside,
+    move_into_aside,
     require_free_space,
     unique_folder,
 )
-from tasks.secrets import redact_url
+from tasks.secrets import url_server
 from tasks.sources import prometheus_source_id
 
 
@@ -88,7 +88,7 @@ def recover_prometheus(
     recovery = Recovery("recover-prometheus", dry_run=dry_run)
     with (
         recovery.reporting(),
-        exclusive(lock_name("backup-prometheus", redact_url(p["prometheus_url"]))),
+        exclusive(lock_name("backup-prometheus", url_server(p["prometheus_url"]))),
     ):
         _recover(recovery, p)
     result = recovery.result()
@@ -128,7 +128,7 @@ def _recover(r: Recovery, p: dict[str, Any]) -> None:
             step.detail = f"{len(check_archive(found))} complete blocks"
         r.skip("stop Prometheus", f"would stop container {container}")
         r.skip("move current data aside", f"would move the contents of {data} into "
-               f"{data.parent}/{data.name}.before-restore-<UTC>-<id>/")  # fmt: skip
+               f"{data.parent}/{data.name}.before-restore-<UTC>/")  # fmt: skip
         r.skip("place the blocks", f"would put the blocks of {found.manifest.name} into {data}")
         r.skip("start Prometheus and verify", "would wait for /-/ready and query old history")
         return
@@ -143,8 +143,7 @@ def _swap(r: Recovery, t: Target, found: FoundBackup, p: dict[str, Any]) -> None
             stopped = stop_container(t.container)
             step.detail = f"container {t.container} " + ("stopped" if stopped else "was stopped")
         with r.step("move current data aside") as step:
-            folder = unique_folder(t.data.parent, f"{t.data.name}.before-restore")
-            moved = move_aside(t.data, None, folder)
+            moved = move_into_aside(t.data, None, t.data)
             r.moved_aside.append(str(moved.folder))
             step.detail = f"{len(moved.names)} entries → {moved.folder}"
         with r.step("place the blocks") as step:

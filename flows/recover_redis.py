@@ -26,6 +26,7 @@ from tasks.fetch import FoundBackup
 from tasks.locks import exclusive, lock_name
 from tasks.redis_restore import (
     RedisSetup,
+    check_gateway,
     check_persistence,
     check_rdb,
     place_staged,
@@ -35,15 +36,14 @@ from tasks.redis_restore import (
     verify_keyspace,
     wait_until_loaded,
 )
+from tasks.redis_url import parse_redis_url
 from tasks.restore import (
     MovedAside,
     find_data_dir,
-    move_aside,
+    move_into_aside,
     require_free_space,
     unique_folder,
-    wait_for_health,
 )
-from tasks.secrets import redact_url
 from tasks.sources import redis_source_id
 
 GATEWAY_TIMEOUT = 60.0
@@ -99,7 +99,7 @@ def recover_redis(
         data_dir="redis_data_dir",
     )
     recovery = Recovery("recover-redis", dry_run=dry_run)
-    lock = lock_name("backup-redis", redact_url(p["redis_url"]))  # the backup flow's own lock
+    lock = lock_name("backup-redis", parse_redis_url(p["redis_url"]).server)  # backup's lock
     with recovery.reporting(), exclusive(lock):
         _recover(recovery, p)
     result = recovery.result()
@@ -156,7 +156,7 @@ def _plan(r: Recovery, found: FoundBackup, setup: RedisSetup, data: Path, contai
     present = [n for n in setup.data_names() if (data / n).exists()]
     r.skip("stop Redis", f"would stop container {container}")
     r.skip("move current data aside", f"would move {', '.join(present) or 'nothing'} "
-           f"into {data}/before-restore-<UTC>-<id>/")  # fmt: skip
+           f"into {data}/{setup.dbfilename}.before-restore-<UTC>/")  # fmt: skip
     aof = " and as the AOF base" if setup.aof_enabled else ""
     r.skip("place the RDB", f"would place {found.manifest.name} as {setup.dbfilename}{aof}")
     keyspace = found.manifest.source.get("keyspace")
@@ -183,7 +183,7 @@ def _swap(r: Recovery, t: Target, found: FoundBackup, staging: Path, p: dict[str
             stopped = stop_container(container)
             step.detail = f"container {container} " + ("stopped" if stopped else "was not running")
         with r.step("move current data aside") as step:
-            moved = move_aside(data, setup.data_names(), unique_folder(data, "before-restore"))
+            moved = move_into_aside(data, setup.data_names(), data / setup.dbfilename)
             r.moved_aside.append(str(moved.folder))
             step.detail = f"{', '.join(moved.names) or 'nothing there'} → {moved.folder}"
         with r.step("place the RDB") as step:
@@ -198,7 +198,7 @@ def _swap(r: Recovery, t: Target, found: FoundBackup, staging: Path, p: dict[str
             step.detail = check_persistence(url, setup)
         if p["gateway_health_url"]:
             with r.step("check the gateway") as step:
-                step.detail = wait_for_health(p["gateway_health_url"], GATEWAY_TIMEOUT)
+                step.detail = check_gateway(p["gateway_health_url"], GATEWAY_TIMEOUT)
         r.healthy()
     except BaseException:
         failed_folder = unique_folder(data, "failed-restore")

@@ -39,9 +39,10 @@ def get_container(
     try:
         return client.containers.get(name)
     except NotFound:
-        # The raw listing: `containers.list()` inspects every container, one request each.
-        listed = client.api.containers(all=True)
-        names = sorted(n.lstrip("/") for c in listed for n in c.get("Names", [])[:1])
+        # sparse: one list call, not one inspect per container (which timed out at
+        # 120 s on a busy daemon with many containers)
+        listed = client.containers.list(all=True, sparse=True)
+        names = sorted(n.lstrip("/") for c in listed for n in c.attrs.get("Names", [])[:1])
         raise ContainerError(
             f"no container named {name!r}; existing containers: {', '.join(names) or 'none'}. "
             + hint

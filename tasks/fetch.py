@@ -26,8 +26,8 @@ from tasks.storage import (
     FUTURE_TOLERANCE,
     KINDS,
     BackupNotFound,
-    _fsync_dir,
     find_local,
+    fsync_dir,
     list_local,
     parse_time,
     resolve_name,
@@ -99,7 +99,7 @@ def download(
                 "object is truncated or corrupt; pick another backup (nothing was changed)"
             )
         os.replace(staging, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
     except (BotoCoreError, ClientError) as error:
         raise S3Error(f"downloading s3://{bucket}/{key} failed: {error}") from None

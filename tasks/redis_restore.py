@@ -28,12 +28,13 @@ from prefect.cache_policies import NO_CACHE
 from tasks import containers
 from tasks.archive import iter_chunks, open_decompressed
 from tasks.fetch import FoundBackup
+from tasks.health import HEALTHY, wait_until_healthy
 from tasks.log import run_logger
 from tasks.rdb import RdbChecker, RdbError, RdbInfo, max_rdb_for_redis, validate_stream
 from tasks.redis import RedisUnreachable, connect, explain, inspect_redis, place_rdb
 from tasks.restore import chown_like, wait_started
 from tasks.secrets import redact_url
-from tasks.storage import _fsync_dir as fsync_dir
+from tasks.storage import fsync_dir
 
 
 class RdbTooNew(RdbError):
@@ -315,3 +316,12 @@ def check_persistence(redis_url: str, setup: RedisSetup) -> str:
     if setup.aof_enabled and info.get("aof_last_write_status") != "ok":
         raise RestoreNotVerified(f"Redis cannot write its AOF: {info.get('aof_last_write_status')}")
     return f"appendonly {wanted}" + (" (restored RDB is the AOF base)" if setup.aof_enabled else "")
+
+
+@task(cache_policy=NO_CACHE)
+def check_gateway(health_url: str, timeout_seconds: float) -> str:
+    """The gateway (which keeps its sessions in this Redis) answers healthy again."""
+    wait = wait_until_healthy(health_url, timeout_seconds, HEALTHY)
+    if not wait.healthy:
+        raise RestoreNotVerified(f"gateway at {redact_url(health_url)}: {wait.summary()}")
+    return f"{redact_url(health_url)} {wait.summary()}"

@@ -17,12 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from tasks import containers
-from tasks.secrets import redact_url
+from tasks.aside import reserve_aside
 from tasks.storage import utc_now
 
 
@@ -111,17 +107,18 @@ def _entries(data_dir: Path, names: list[str] | None, skip: Path) -> list[str]:
     )
 
 
-def move_aside(data_dir: Path, names: list[str] | None, folder: Path) -> MovedAside:
-    """Move `names` (every entry when None, except `folder` itself) from `data_dir`
-    into the new `folder`. Absent names are skipped; nothing is deleted."""
+def move_into_aside(data_dir: Path, names: list[str] | None, beside: Path) -> MovedAside:
+    """Move `names` (every entry when None) from `data_dir` into a new folder
+    `<beside>.before-restore-<UTC>[-n]` (reserved by `tasks.aside`, the naming every
+    restore shares). Absent names are skipped; nothing is deleted."""
+    folder = reserve_aside(beside, directory=True)
     present = _entries(data_dir, names, folder)
-    folder.mkdir(parents=False, exist_ok=False)
     _move(present, data_dir, folder)
     return MovedAside(data_dir, folder, present)
 
 
 def put_back(moved: MovedAside, failed_folder: Path, names: list[str] | None) -> Path | None:
-    """Undo `move_aside`: what the failed restore left under `names` (every entry when
+    """Undo `move_into_aside`: what the failed restore left under `names` (every entry when
     None) goes into `failed_folder` (kept for a look, never deleted), then the old
     entries return. Returns `failed_folder` when something was kept there."""
     leftovers = _entries(moved.data_dir, names, moved.folder)
@@ -140,29 +137,6 @@ def chown_like(path: Path, owner: os.stat_result) -> None:
     for root, dirs, files in os.walk(path):
         for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
             os.chown(name, owner.st_uid, owner.st_gid, follow_symlinks=False)
-
-
-@task(cache_policy=NO_CACHE)
-def wait_for_health(url: str, timeout_seconds: float) -> str:
-    """Poll `url` until it answers 200 with `{"status": "healthy"}` (the gateway's
-    /health), backing off up to 2 s between tries; fail with the last answer."""
-    deadline = time.monotonic() + timeout_seconds
-    delay, last = 0.1, "no answer yet"
-    while True:
-        try:
-            response = httpx.get(url, timeout=5)
-            body = response.json() if response.status_code == 200 else None
-            if isinstance(body, dict) and body.get("status") == "healthy":
-                return f"{redact_url(url)} answered healthy"
-            last = f"HTTP {response.status_code} {response.text[:120]!r}"
-        except (httpx.HTTPError, ValueError) as error:
-            last = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if time.monotonic() + delay > deadline:
-            raise TimeoutError(
-                f"{redact_url(url)} not healthy within {timeout_seconds:.0f} s (last: {last})"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 2.0)
 
 
 def wait_started(

@@ -158,7 +158,7 @@ def staging_path(backup_dir: Path, name: str) -> Path:
     return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -174,7 +174,7 @@ def write_durably(path: Path, data: bytes) -> None:
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(temp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @task(cache_policy=NO_CACHE)
@@ -184,7 +184,7 @@ def commit_local(backup_dir: Path, staged: CompressedFile, manifest: Manifest) -
     if final.exists():
         raise FileExistsError(f"backup {manifest.name} already exists; not overwriting it")
     os.replace(staged.path, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
     return final
 

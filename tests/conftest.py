@@ -12,6 +12,14 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+# Settings come from PROXILION_DR_* variables; a shell prepared for the demo
+# (`eval "$(python -m sandbox env)"`) exports them, and a test that leaves a destination
+# out would then back up to, and prune, the sandbox bucket's `demo/` prefix. Clear
+# them before anything reads settings; every test passes its destination explicitly.
+SETTINGS_PREFIX = "PROXILION_DR_"
+for _name in [name for name in os.environ if name.startswith(SETTINGS_PREFIX)]:
+    del os.environ[_name]
+
 # Tests call some tasks (place_rdb) outside a flow run: keep their logs local quietly.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # Tests read every log and artifact of the session (e.g. "no secret in any log"): the
@@ -38,6 +46,20 @@ def port_open(host: str, port: int) -> bool:
 def require(host: str, port: int, what: str) -> None:
     if not port_open(host, port):
         pytest.fail(f"{what} is not answering on {host}:{port}: {START_STACK}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_settings_from_the_environment() -> None:
+    """Fail loudly when a PROXILION_DR_* variable is set as a test starts: settings
+    would then steer flows to places the test did not name (e.g. the demo's bucket).
+    A test that needs one sets it with `monkeypatch.setenv`, which undoes it."""
+    leaked = sorted(name for name in os.environ if name.startswith(SETTINGS_PREFIX))
+    if leaked:  # names only: the values may hold credentials
+        pytest.fail(
+            f"{', '.join(leaked)} set in the test session: a test set it without "
+            "monkeypatch, or the session did not clear the shell's settings",
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)

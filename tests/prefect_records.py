@@ -36,3 +36,17 @@ def prefect_records(hide_parameters_of: set[UUID] = frozenset()) -> str:
 def concurrency_limit_names() -> list[str]:
     with get_client(sync_client=True) as client:
         return [limit.name for limit in client.read_global_concurrency_limits(limit=1000, offset=0)]
+
+
+def log_messages() -> list[str]:
+    """Every log message the server holds, after sending the ones still queued here."""
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs()]
+
+
+def session_text() -> str:
+    """Every log message and artifact of the test session, as one text."""
+    with get_client(sync_client=True) as client:
+        artifacts = [str(a.data) + str(a.description) for a in client.read_artifacts()]
+    return "\n".join(log_messages() + artifacts)

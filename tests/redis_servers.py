@@ -4,7 +4,10 @@
 127.0.0.1 port (data and log in `work_dir` unless `dir=` points the data
 elsewhere; no save points, no AOF unless configured), waits until it answers
 PING, and stops it on exit. Config names take dashes or underscores:
-``running_redis(tmp_path, repl_diskless_sync="no", dir=restored_dir)``.
+``running_redis(tmp_path, repl_diskless_sync="no", dir=restored_dir)``. A port picked
+for the server can be taken by another process before the server binds it: the start is
+retried on "Address already in use" with fresh ports, also for options given as
+`FREE_PORT` (``tls_port=FREE_PORT``; the port used is in ``server.options``).
 A missing redis-server FAILS the test (it must not be skipped silently).
 """
 
@@ -18,7 +21,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import redis
 
 from sandbox.seed import url_for_db
 
+FREE_PORT = "<a free port>"  # an option value running_redis replaces with a free port
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 20.0
 
@@ -41,6 +45,7 @@ class RedisServer:
     process: subprocess.Popen[bytes]
     password: str | None = None
     log_path: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # as given to redis-server
 
     def client(self, **kwargs: Any) -> redis.Redis:
         """A redis-py client for this server (authenticated if it has a password)."""
@@ -102,7 +107,8 @@ def running_redis(work_dir: Path, **config: Any) -> Iterator[RedisServer]:
     data_dir.mkdir(parents=True, exist_ok=True)
     server = None
     for _attempt in range(5):  # retry if another process grabbed the port meanwhile
-        server = _start(exe, work_dir, data_dir, free_port(), options)
+        ports = {key: free_port() for key, value in options.items() if value == FREE_PORT}
+        server = _start(exe, work_dir, data_dir, free_port(), options | ports)
         if server is not None:
             break
     if server is None:
@@ -130,7 +136,7 @@ def _start(
     args = [exe, *_config_args(base | options)]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"redis://127.0.0.1:{port}"
-    server = RedisServer(port, url, data_dir, process, options.get("requirepass"), log)
+    server = RedisServer(port, url, data_dir, process, options.get("requirepass"), log, options)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -199,8 +205,10 @@ def _seed_one(pipe: Any, rng: random.Random, i: int) -> None:
 Snapshot = dict[tuple[int, bytes], tuple[str, Any, int]]
 
 
-def keyspace_snapshot(server: RedisServer | str) -> Snapshot:
-    """Every key of every db as (db, key) -> (type, value, absolute expiry ms or -1).
+def keyspace_snapshot(server: RedisServer | str, match: str = "*") -> Snapshot:
+    """Every key (matching `match`) of every db as (db, key) -> (type, value, absolute
+    expiry ms or -1). A key that vanishes while it is read (expired, deleted by another
+    writer) is left out.
 
     `server` is a started RedisServer or any Redis URL (the sandbox's, say)."""
 
@@ -213,17 +221,21 @@ def keyspace_snapshot(server: RedisServer | str) -> Snapshot:
     for db in client(0).info("keyspace"):
         number = int(db.removeprefix("db"))
         conn = client(number)
-        keys = list(conn.scan_iter(count=1000))
+        keys = list(conn.scan_iter(match=match, count=1000))
         pipe = conn.pipeline(transaction=False)
         for key in keys:
             pipe.type(key)
             pipe.pexpiretime(key)
         meta = pipe.execute()
-        types = [t.decode() for t in meta[::2]]
-        for key, kind in zip(keys, types, strict=True):
+        found = [
+            (key, kind.decode(), expiry)
+            for key, kind, expiry in zip(keys, meta[::2], meta[1::2], strict=True)
+            if kind != b"none"  # gone since the SCAN
+        ]
+        for key, kind, _expiry in found:
             _read_value(pipe, key, kind)
         values = pipe.execute()
-        for key, kind, value, expiry in zip(keys, types, values, meta[1::2], strict=True):
+        for (key, kind, expiry), value in zip(found, values, strict=True):
             snapshot[(number, key)] = (kind, _normalise(kind, value), expiry)
         conn.close()
     return snapshot

@@ -17,15 +17,16 @@ import pytest
 from conftest import require
 from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
-from prefect.logging.handlers import APILogHandler
 
 from flows.backup_config import backup_config
 from sandbox import constants as stack
 from tasks.archive import extract_archive, verify_file
 from tasks.config import read_env
+from tasks.containers import ContainerError
 from tasks.redact import redact_yaml
 from tasks.secrets import secret_name
 from tasks.storage import list_local
+from tests.prefect_records import session_text
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
 ALLOWLIST = [*stack.GATEWAY_SETTINGS, "GATEWAY_API_TOKEN"]  # a secret allow-listed by mistake
@@ -70,13 +71,7 @@ def members(path: Path) -> list[tarfile.TarInfo]:
 
 
 def everything_prefect_holds() -> str:
-    """Every log line and artifact of the test server's session, as text (the logs
-    still queued for the server are sent first: they are shipped in batches)."""
-    APILogHandler().flush()
-    with get_client(sync_client=True) as client:
-        logs = "\n".join(log.message for log in client.read_logs())
-        artifacts = "\n".join(str(a.data) + str(a.description) for a in client.read_artifacts())
-    return logs + artifacts
+    return session_text()
 
 
 def artifact_rows(key: str) -> dict[str, str]:
@@ -266,16 +261,21 @@ def test_full_disk_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
     )
     with mounted_tmpfs(tmp_path / "tiny", "size=64k") as tiny:
         with pytest.raises(OSError, match="no space left on the device of .*choose another"):
-            backup_config(project_dir=str(project), env_container="", backup_dir=str(tiny))
+            backup_config(
+                project_dir=str(project), env_container="", backup_dir=str(tiny), s3_bucket=""
+            )
         assert list_local(tiny, "config") == []
         assert [p for p in tiny.rglob("*") if p.is_file()] == []
 
 
 def test_unknown_env_container_is_named_with_the_existing_ones(tmp_path: Path) -> None:
     project = write_project(tmp_path / "project")
-    with pytest.raises(Exception, match="no container named 'gateway-nope'.*leave it empty"):
+    with pytest.raises(ContainerError, match="no container named 'gateway-nope'.*leave it empty"):
         backup_config(
-            project_dir=str(project), env_container="gateway-nope", backup_dir=str(tmp_path / "b")
+            project_dir=str(project),
+            env_container="gateway-nope",
+            backup_dir=str(tmp_path / "b"),
+            s3_bucket="",
         )
     assert list_local(tmp_path / "b", "config") == []
 
@@ -284,7 +284,10 @@ def test_project_without_any_config_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds none of the config files"):
         backup_config(
-            project_dir=str(tmp_path / "empty"), env_container="", backup_dir=str(tmp_path / "b")
+            project_dir=str(tmp_path / "empty"),
+            env_container="",
+            backup_dir=str(tmp_path / "b"),
+            s3_bucket="",
         )
 
 

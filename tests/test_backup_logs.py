@@ -26,7 +26,8 @@ from flows.backup_logs import backup_logs
 from sandbox import constants as stack
 from sandbox.images import host_mounts
 from tasks import logs
-from tasks.logs import capture_logs, find_log_sources, parse_window
+from tasks.containers import ContainerError
+from tasks.logs import LogStreamCut, capture_logs, find_log_sources, parse_window
 from tasks.storage import list_local, utc_now
 
 LINE = re.compile(
@@ -170,7 +171,7 @@ def test_file_and_api_reads_store_the_same_lines(backup_dir: Path) -> None:
         stored = []
         for read in ("file", "api"):
             manifest = backup_logs(
-                containers=[name], window="1h", read=read, backup_dir=str(backup_dir)
+                containers=[name], window="1h", read=read, backup_dir=str(backup_dir), s3_bucket=""
             )
             stored.append(stored_lines(backup_dir, manifest))
             time.sleep(1.1)  # backup names have one-second resolution
@@ -240,7 +241,9 @@ def test_file_read_follows_rotated_logs_like_the_api(compress: str, tmp_path: Pa
 
 def test_several_containers_go_into_one_file_in_order(backup_dir: Path) -> None:
     with throwaway("print('from one')") as one, throwaway("print('from two')") as two:
-        manifest = backup_logs(containers=[one, two], window="10m", backup_dir=str(backup_dir))
+        manifest = backup_logs(
+            containers=[one, two], window="10m", backup_dir=str(backup_dir), s3_bucket=""
+        )
     text = stored_lines(backup_dir, manifest)
     assert [line.split(b" ", 2)[1:] for line in text.splitlines()] == [
         [one.encode(), b"stdout from one"],
@@ -260,7 +263,9 @@ def test_containers_as_a_comma_separated_string_like_the_setting(backup_dir: Pat
 
 def test_container_without_output_completes_with_zero_lines(backup_dir: Path) -> None:
     with throwaway("pass") as name:
-        manifest = backup_logs(containers=[name], window="30m", backup_dir=str(backup_dir))
+        manifest = backup_logs(
+            containers=[name], window="30m", backup_dir=str(backup_dir), s3_bucket=""
+        )
     source = manifest["source"]
     assert (source["lines"], source["first_timestamp"], source["last_timestamp"]) == (0, None, None)
     assert stored_lines(backup_dir, manifest) == b""
@@ -268,15 +273,16 @@ def test_container_without_output_completes_with_zero_lines(backup_dir: Path) ->
 
 
 def test_unknown_container_is_named_with_the_existing_ones(backup_dir: Path) -> None:
-    with pytest.raises(Exception, match="no container named 'proxilion-nope'.*proxilion-gateway"):
-        backup_logs(containers=["proxilion-nope"], backup_dir=str(backup_dir))
+    named = "no container named 'proxilion-nope'.*proxilion-gateway"
+    with pytest.raises(ContainerError, match=named):
+        backup_logs(containers=["proxilion-nope"], backup_dir=str(backup_dir), s3_bucket="")
     nothing_stored(backup_dir)
 
 
 @pytest.mark.parametrize("window", ["24x", "-1h", "0m", "h", "1d2"])
 def test_bad_window_is_refused(window: str, backup_dir: Path) -> None:
     with pytest.raises(ValueError, match="(not a duration|is empty).*24h"):
-        backup_logs(window=window, backup_dir=str(backup_dir))
+        backup_logs(window=window, backup_dir=str(backup_dir), s3_bucket="")
     nothing_stored(backup_dir)
 
 
@@ -294,8 +300,14 @@ def test_cut_off_stream_fails_and_stores_nothing(
         proxy = CuttingProxy(tmp_path / "docker.sock", limit=300_000)
         monkeypatch.setenv("DOCKER_HOST", f"unix://{proxy.path}")
         try:
-            with pytest.raises(Exception, match=f"log stream of container '{name}' was cut off"):
-                backup_logs(containers=[name], window="1h", read="api", backup_dir=str(backup_dir))
+            with pytest.raises(LogStreamCut, match=f"log stream of container '{name}' was cut off"):
+                backup_logs(
+                    containers=[name],
+                    window="1h",
+                    read="api",
+                    backup_dir=str(backup_dir),
+                    s3_bucket="",
+                )
         finally:
             proxy.close()
     assert (
@@ -307,6 +319,6 @@ def test_cut_off_stream_fails_and_stores_nothing(
 def test_full_disk_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
     with throwaway(NOISY) as name, mounted_tmpfs(tmp_path / "tiny", "size=64k") as tiny:
         with pytest.raises(OSError, match="no space left on the device of .*choose another"):
-            backup_logs(containers=[name], window="1h", backup_dir=str(tiny))
+            backup_logs(containers=[name], window="1h", backup_dir=str(tiny), s3_bucket="")
         nothing_stored(tiny)
         assert os.listdir(tiny / "logs") == []

@@ -25,15 +25,26 @@ import httpx
 import pytest
 from conftest import require
 from mounts import mounted_tmpfs
-from prefect.client.orchestration import get_client
 from prometheus_servers import Throwaway, back_up, compare_blocks, query, running_prometheus
 
 from flows.backup_prometheus import backup_prometheus
 from sandbox import constants as stack
 from sandbox import images
+from tasks import prometheus as prometheus_tasks
 from tasks.archive import CompressedWriter, open_decompressed, sha256_file
-from tasks.prometheus import EmptySnapshot, Snapshot, Tsdb, delete_snapshot, restore_snapshot
+from tasks.prometheus import (
+    AdminApiDisabled,
+    EmptySnapshot,
+    PrometheusUnreachable,
+    Snapshot,
+    SnapshotCopyError,
+    Tsdb,
+    delete_snapshot,
+    restore_snapshot,
+)
+from tasks.s3 import S3Unreachable
 from tasks.storage import list_local
+from tests.prefect_records import log_messages
 
 SECRET = "pr0m-Pa55word"
 HISTORY = stack.PROMETHEUS_BACKFILL_METRIC
@@ -58,6 +69,24 @@ def sandbox_prometheus() -> str:
             pytrace=False,
         )
     return stack.PROMETHEUS_URL
+
+
+@pytest.fixture
+def our_snapshots(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the snapshots this test's backups asked Prometheus for, recorded by a
+    spy around the real API call. The sandbox TSDB is shared (the demo, other
+    checkouts): a test checks and touches only the snapshots it made."""
+    names: list[str] = []
+    call_api = prometheus_tasks.call_api
+
+    def spy(prometheus_url: str, method: str, path: str, *args: Any) -> dict[str, Any]:
+        answer = call_api(prometheus_url, method, path, *args)
+        if path == "/api/v1/admin/tsdb/snapshot":
+            names.append(str(answer.get("name", "")))
+        return answer
+
+    monkeypatch.setattr(prometheus_tasks, "call_api", spy)
+    return names
 
 
 @contextmanager
@@ -116,6 +145,12 @@ def sandbox_snapshots() -> list[str]:
     return sorted(os.listdir(folder)) if folder.is_dir() else []
 
 
+def left_behind(ours: list[str]) -> list[str]:
+    """Those of `ours` still in the sandbox TSDB (other runs' snapshots are not ours)."""
+    assert ours, "the backup never asked Prometheus for a snapshot"
+    return sorted(set(ours) & set(sandbox_snapshots()))
+
+
 def no_backups(backup_dir: Path) -> None:
     assert list_local(backup_dir, "prometheus") == []
     leftovers = [p for p in backup_dir.rglob("*") if p.is_file()]
@@ -123,8 +158,7 @@ def no_backups(backup_dir: Path) -> None:
 
 
 def all_log_text() -> str:
-    with get_client(sync_client=True) as client:
-        return "\n".join(log.message for log in client.read_logs())
+    return "\n".join(log_messages())
 
 
 def archive_members(path: Path, compression: str) -> list[tarfile.TarInfo]:
@@ -260,7 +294,9 @@ def test_unreachable_prometheus_is_clear_and_hides_credentials(
     backup_dir: Path, tmp_path: Path
 ) -> None:
     url = f"http://admin:{SECRET}@127.0.0.1:1"
-    with pytest.raises(Exception, match=r"cannot reach Prometheus at http://\*\*\*@127.0.0.1:1"):
+    with pytest.raises(
+        PrometheusUnreachable, match=r"cannot reach Prometheus at http://\*\*\*@127.0.0.1:1"
+    ):
         backup_prometheus(
             prometheus_url=url,
             container="",
@@ -275,7 +311,7 @@ def test_unreachable_prometheus_is_clear_and_hides_credentials(
 
 def test_prometheus_killed_during_the_snapshot(backup_dir: Path, tmp_path: Path) -> None:
     with running_prometheus(tmp_path / "data") as prometheus, killing_proxy(prometheus) as url:
-        with pytest.raises(Exception, match="cannot reach Prometheus at .*is it running"):
+        with pytest.raises(PrometheusUnreachable, match="cannot reach Prometheus .*is it running"):
             backup_prometheus(
                 prometheus_url=url,
                 container="",
@@ -291,7 +327,7 @@ def test_prometheus_killed_during_the_snapshot(backup_dir: Path, tmp_path: Path)
 def test_admin_api_disabled_says_how_to_fix_it(backup_dir: Path, tmp_path: Path) -> None:
     with (
         running_prometheus(tmp_path / "data", admin=False) as prometheus,
-        pytest.raises(Exception, match="admin APIs disabled.*--web.enable-admin-api"),
+        pytest.raises(AdminApiDisabled, match="admin APIs disabled.*--web.enable-admin-api"),
     ):
         back_up(prometheus, backup_dir)
     no_backups(backup_dir)
@@ -310,7 +346,11 @@ def test_a_tsdb_without_any_block_is_a_failed_backup(backup_dir: Path, tmp_path:
 
 @pytest.mark.parametrize("fetch", ["container", "path"])
 def test_snapshot_removed_while_copying(
-    fetch: str, sandbox_prometheus: str, backup_dir: Path, monkeypatch: pytest.MonkeyPatch
+    fetch: str,
+    sandbox_prometheus: str,
+    backup_dir: Path,
+    our_snapshots: list[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The real snapshot folder is deleted as soon as the first archive bytes are
     written: the Docker archive API then ends its tar early without an error (checked
@@ -320,13 +360,13 @@ def test_snapshot_removed_while_copying(
 
     def write_then_remove(self: CompressedWriter, chunk: bytes | memoryview) -> None:
         if not removed:
-            for name in sandbox_snapshots():
+            for name in our_snapshots:
                 shutil.rmtree(stack.PROMETHEUS_HOST_DATA_DIR / "snapshots" / name)
                 removed.append(name)
         write(self, chunk)
 
     monkeypatch.setattr(CompressedWriter, "write", write_then_remove)
-    with pytest.raises(Exception, match="(changed|vanished) .*while it was copied"):
+    with pytest.raises(SnapshotCopyError, match="(changed|vanished) .*while it was copied"):
         backup_prometheus(
             prometheus_url=sandbox_prometheus,
             container=stack.PROMETHEUS_CONTAINER,
@@ -337,11 +377,11 @@ def test_snapshot_removed_while_copying(
         )
     assert removed, "the copy never started"
     no_backups(backup_dir)
-    assert sandbox_snapshots() == []
+    assert left_behind(our_snapshots) == []
 
 
 def test_disk_full_removes_the_partial_file_and_the_snapshot(
-    sandbox_prometheus: str, tmp_path: Path
+    sandbox_prometheus: str, tmp_path: Path, our_snapshots: list[str]
 ) -> None:
     with mounted_tmpfs(tmp_path / "tiny", "size=64k") as tiny:
         with pytest.raises(OSError, match="no space left in .*choose another backup_dir"):
@@ -354,11 +394,11 @@ def test_disk_full_removes_the_partial_file_and_the_snapshot(
                 s3_bucket="",
             )
         no_backups(tiny)
-    assert sandbox_snapshots() == []
+    assert left_behind(our_snapshots) == []
 
 
 def test_read_only_backup_dir_fails_before_any_snapshot(
-    sandbox_prometheus: str, tmp_path: Path
+    sandbox_prometheus: str, tmp_path: Path, our_snapshots: list[str]
 ) -> None:
     with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as readonly:
         with pytest.raises(PermissionError, match="is not writable.*choose another backup_dir"):
@@ -369,13 +409,13 @@ def test_read_only_backup_dir_fails_before_any_snapshot(
                 s3_bucket="",
             )
         assert os.listdir(readonly) == []
-    assert sandbox_snapshots() == []
+    assert our_snapshots == []
 
 
 def test_s3_down_after_the_copy_still_deletes_the_snapshot(
-    sandbox_prometheus: str, backup_dir: Path
+    sandbox_prometheus: str, backup_dir: Path, s3_prefix: str, our_snapshots: list[str]
 ) -> None:
-    with pytest.raises(Exception, match="S3 endpoint http://127.0.0.1:1 is unreachable"):
+    with pytest.raises(S3Unreachable, match="S3 endpoint http://127.0.0.1:1 is unreachable"):
         backup_prometheus(
             prometheus_url=sandbox_prometheus,
             container=stack.PROMETHEUS_CONTAINER,
@@ -383,9 +423,10 @@ def test_s3_down_after_the_copy_still_deletes_the_snapshot(
             data_dir=str(stack.PROMETHEUS_HOST_DATA_DIR),
             backup_dir=str(backup_dir),
             s3_bucket=stack.S3_BUCKET,
+            s3_prefix=s3_prefix,
             s3_endpoint_url="http://127.0.0.1:1",
         )
-    assert sandbox_snapshots() == []
+    assert left_behind(our_snapshots) == []
     [kept] = list_local(backup_dir, "prometheus")  # the local copy is complete, as designed
     assert (backup_dir / kept.name).stat().st_size == kept.size
 

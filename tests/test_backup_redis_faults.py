@@ -19,8 +19,13 @@ from redis_servers import running_redis
 
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
+from tasks.containers import ContainerError
+from tasks.rdb import RdbError
+from tasks.redis import RedisUnreachable, SaveFailed, SaveTimeout
+from tasks.s3 import S3Error, S3Unreachable
 from tasks.secrets import redact_url
 from tasks.storage import list_local
+from tests.prefect_records import log_messages
 
 SECRET = "s3cr3t-Pa55word"
 
@@ -32,12 +37,11 @@ def no_backups(backup_dir: Path) -> None:
 
 
 def all_log_text() -> str:
-    with get_client(sync_client=True) as client:
-        return "\n".join(log.message for log in client.read_logs())
+    return "\n".join(log_messages())
 
 
 def test_unreachable_redis(backup_dir: Path) -> None:
-    with pytest.raises(Exception, match="cannot reach Redis at redis://127.0.0.1:1/0"):
+    with pytest.raises(RedisUnreachable, match="cannot reach Redis at redis://127.0.0.1:1/0"):
         backup_redis(
             redis_url="redis://127.0.0.1:1/0",
             container="",
@@ -94,7 +98,7 @@ def test_bgsave_failure_reports_redis_reason(backup_dir: Path, tmp_path: Path) -
     ):
         redis.Redis(port=server.port).set("k", "v")
         redis.Redis(port=server.port).config_set("dir", str(readonly))
-        with pytest.raises(Exception, match="failed to write its snapshot"):
+        with pytest.raises(SaveFailed, match="failed to write its snapshot"):
             backup_redis(
                 redis_url=server.url,
                 container="",
@@ -109,8 +113,7 @@ def test_bgsave_failure_reports_redis_reason(backup_dir: Path, tmp_path: Path) -
 def test_save_that_never_finishes_hits_the_deadline(backup_dir: Path, tmp_path: Path) -> None:
     with running_redis(tmp_path / "r", **{"rdb-key-save-delay": "1000000"}) as server:
         redis.Redis(port=server.port).mset({f"k{i}": i for i in range(50)})
-        started = time.monotonic()
-        with pytest.raises(Exception, match="did not finish its snapshot within 2 s"):
+        with pytest.raises(SaveTimeout, match="did not finish its snapshot within 2 s"):
             backup_redis(
                 redis_url=server.url,
                 container="",
@@ -120,7 +123,6 @@ def test_save_that_never_finishes_hits_the_deadline(backup_dir: Path, tmp_path: 
                 s3_bucket="",
                 save_timeout_seconds=2,
             )
-        assert time.monotonic() - started < 30
     no_backups(backup_dir)
 
 
@@ -139,7 +141,7 @@ def test_corrupt_rdb_is_refused_before_storing(
         else:
             data[len(data) // 2] ^= 0x10
         (corrupt / "dump.rdb").write_bytes(bytes(data))
-        with pytest.raises(Exception, match="(?i)corrupt|truncated|checksum"):
+        with pytest.raises(RdbError, match="(?i)corrupt|truncated|checksum"):
             backup_redis(
                 redis_url=server.url,
                 container="",
@@ -152,7 +154,8 @@ def test_corrupt_rdb_is_refused_before_storing(
 
 
 def test_unknown_container_is_named(sandbox_redis: str, backup_dir: Path) -> None:
-    with pytest.raises(Exception, match="no container named 'proxilion-nope'.*proxilion-redis"):
+    named = "no container named 'proxilion-nope'.*proxilion-redis"
+    with pytest.raises(ContainerError, match=named):
         backup_redis(
             redis_url=sandbox_redis,
             container="proxilion-nope",
@@ -166,7 +169,7 @@ def test_unknown_container_is_named(sandbox_redis: str, backup_dir: Path) -> Non
 def test_s3_down_keeps_the_local_backup_and_fails_the_run(
     sandbox_redis: str, backup_dir: Path
 ) -> None:
-    with pytest.raises(Exception, match="S3 endpoint http://127.0.0.1:1 is unreachable"):
+    with pytest.raises(S3Unreachable, match="S3 endpoint http://127.0.0.1:1 is unreachable"):
         backup_redis(
             redis_url=sandbox_redis,
             fetch="container",
@@ -179,7 +182,7 @@ def test_s3_down_keeps_the_local_backup_and_fails_the_run(
 
 
 def test_missing_bucket_is_named(sandbox_redis: str, backup_dir: Path, s3_prefix: str) -> None:
-    with pytest.raises(Exception, match="bucket 'no-such-bucket' does not exist"):
+    with pytest.raises(S3Error, match="bucket 'no-such-bucket' does not exist"):
         backup_redis(
             redis_url=sandbox_redis,
             fetch="container",

@@ -26,6 +26,7 @@ from sandbox import constants as stack
 from sandbox.images import host_mounts
 from sandbox.stack import gateway_mounts
 from tasks.compose import compose_command
+from tests.prefect_records import session_text
 
 TEST_LABEL = "proxilion-dr.test-id"
 TOKEN_PREFIX = "tok-recover-gateway-"
@@ -183,14 +184,6 @@ def step_names(result: dict[str, Any]) -> list[str]:
 
 def outcome(result: dict[str, Any], name: str) -> str:
     return next(step["outcome"] for step in result["steps"] if step["name"] == name)
-
-
-def session_text() -> str:
-    """Every log line and artifact of the test server's session."""
-    with get_client(sync_client=True) as client:
-        logs = "\n".join(log.message for log in client.read_logs())
-        artifacts = "\n".join(str(a.data) + str(a.description) for a in client.read_artifacts())
-    return logs + artifacts
 
 
 def latest_report() -> str:

@@ -10,6 +10,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import boto3
@@ -21,6 +22,7 @@ import pytest
 import redis
 from botocore import UNSIGNED
 from botocore.config import Config
+from redis_servers import running_redis
 
 from sandbox import constants
 from sandbox.seed import seed, url_for_db
@@ -108,22 +110,33 @@ def s3(**kwargs: Any) -> Any:
 
 
 def test_redis_answers_and_holds_seeded_data(r0: redis.Redis, r1: redis.Redis) -> None:
+    """Read only: the sandbox Redis is shared, and its seeded counters expire by design."""
     assert r0.ping() is True
-    seed(constants.REDIS_URL, sessions=200)  # rate-limit counters of the first seed expire
     sessions = list(r0.scan_iter(match="session:*", count=1000))
     assert len(sessions) >= 1000, "expected the seeded sessions in db 0"
-    doc = json.loads(r0.get(sessions[0]) or b"{}")
-    assert doc.get("history"), f"session document without history: {doc}"
-    assert r0.type("stats:daily") == b"hash"
-    assert r0.type("killchain:scores") == b"zset"
-    assert r0.type("alerts:recent") == b"list"
-    ttls = [r0.ttl(key) for key in sessions[:300]]
-    assert any(t == -1 for t in ttls), "some sessions must have no TTL"
-    assert any(t > 3600 for t in ttls), "some sessions must have a TTL of hours"
-    ratelimits = list(r0.scan_iter(match="ratelimit:*", count=1000))
-    assert ratelimits, "expected ratelimit:* counters"
-    assert max(r0.ttl(key) for key in ratelimits[:100]) > 60
+    assert r0.type("stats:daily") == b"hash" and r0.type("killchain:scores") == b"zset"
     assert r1.dbsize() > 0, "expected keys in db 1"
+
+
+def test_seed_writes_the_gateway_shaped_data(tmp_path: Path) -> None:
+    """The seed's data shape, on a redis-server of its own (never re-seed the shared one)."""
+    with running_redis(tmp_path / "r") as server:
+        seed(server.url, sessions=1000)
+        r0, r1 = server.client(db=0), server.client(db=1)
+        sessions = list(r0.scan_iter(match="session:*", count=1000))
+        assert len(sessions) >= 1000, "expected the seeded sessions in db 0"
+        doc = json.loads(r0.get(sessions[0]) or b"{}")
+        assert doc.get("history"), f"session document without history: {doc}"
+        assert r0.type("stats:daily") == b"hash"
+        assert r0.type("killchain:scores") == b"zset"
+        assert r0.type("alerts:recent") == b"list"
+        ttls = [r0.ttl(key) for key in sessions[:300]]
+        assert any(t == -1 for t in ttls), "some sessions must have no TTL"
+        assert any(t > 3600 for t in ttls), "some sessions must have a TTL of hours"
+        ratelimits = list(r0.scan_iter(match="ratelimit:*", count=1000))
+        assert ratelimits, "expected ratelimit:* counters"
+        assert max(r0.ttl(key) for key in ratelimits[:100]) > 60
+        assert r1.dbsize() > 0, "expected keys in db 1"
 
 
 def test_redis_persists_to_the_host_data_dir(r0: redis.Redis) -> None:
