@@ -80,4 +80,13 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         "data dir, verify old history answers, report RTO/RPO. Try dry_run first.",
         tags=("proxilion-dr", "recovery", "prometheus"),
     ),
+    DeploymentSpec(
+        name="monthly-1st-0400",
+        entrypoint="flows/verify_restore.py:verify_restore",
+        cron="0 4 1 * *",
+        description="The monthly restore drill: newest backup of each kind restored into "
+        "scratch containers (drill-redis, drill-gateway, drill-prometheus) and proven; "
+        "report with RPO/RTO per component; fails naming each failed check.",
+        tags=("proxilion-dr", "drill"),
+    ),
 )

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.health import backup_failed, backup_succeeded, backup_unchanged
+from flows.backup_health import backup_failed, backup_succeeded, backup_unchanged
 from flows.settings import resolve, settings
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.health import backup_failed, backup_succeeded
+from flows.backup_health import backup_failed, backup_succeeded
 from flows.settings import resolve, settings, warn_about_secret_parameters
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression

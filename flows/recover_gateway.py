@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.health import recovered, recovery_failed
+from flows.backup_health import recovered, recovery_failed
 from flows.recovery import Recovery, StepFailed, one_line
 from flows.settings import settings
 from tasks import health

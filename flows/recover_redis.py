@@ -17,7 +17,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.health import recovered, recovery_failed
+from flows.backup_health import recovered, recovery_failed
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import resolve, warn_about_secret_parameters

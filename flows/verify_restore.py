@@ -24,7 +24,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.health import drill_failed, pushgateway_url
+from flows.backup_health import drill_failed, pushgateway_url
 from flows.recovery import Recovery, Step, _escape, one_line
 from flows.restoring import find_backup
 from flows.settings import resolve
@@ -56,6 +56,7 @@ from tasks.prometheus_restore import (
 from tasks.redact import COMPOSE_PATTERNS
 from tasks.redis_restore import (
     RdbTooNew,
+    check_gateway,
     place_staged,
     read_redis_setup,
     stage_rdb,
@@ -63,7 +64,6 @@ from tasks.redis_restore import (
     wait_until_loaded,
 )
 from tasks.redis_sample import check_sample, open_clients
-from tasks.restore import wait_for_health
 
 Component = Literal["redis", "prometheus", "config", "logs"]
 COMPONENTS: tuple[Component, ...] = ("redis", "prometheus", "config", "logs")
@@ -251,7 +251,7 @@ def _gateway(p: dict[str, Any], scratch: Scratch, redis_host: str, redis_port: i
     env = {**live.environment, **{k: v for k, v in wanted.items() if k in live.environment}}
     env.setdefault("GATEWAY_PORT", str(port))
     start_scratch(scratch, "drill-gateway", live, live.entrypoint, live.command, port, [], env)
-    return wait_for_health(f"http://127.0.0.1:{port}/health", p["start_timeout_seconds"])
+    return check_gateway(f"http://127.0.0.1:{port}/health", p["start_timeout_seconds"])
 
 
 # -------------------------------------------------------------------- Prometheus
