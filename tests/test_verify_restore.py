@@ -133,7 +133,7 @@ def test_the_sandbox_backups_restore_and_every_check_passes(
     checks = {n: {s["name"]: s["detail"] for s in o["steps"]} for n, o in components.items()}
     assert manifests["redis"]["source"]["sample"], "backup-redis records a keyed sample"
     assert "type and value digest match" in checks["redis"]["keyed sample"]
-    assert "answered healthy" in checks["redis"]["gateway /health against the restored Redis"]
+    assert "healthy after" in checks["redis"]["gateway /health against the restored Redis"]
     assert manifests["prometheus"]["source"]["recorded"]["values"]
     assert "match" in checks["prometheus"]["values recorded at backup time"]
     assert "GATEWAY_API_TOKEN" in checks["config"]["withheld secrets listed"]
