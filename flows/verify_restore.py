@@ -138,19 +138,24 @@ def verify_restore(
     started = time.perf_counter()
     records: list[Recovery] = []
     notes: list[str] = []
-    with exclusive(lock_name(FLOW, str(p["scratch_dir"]))):
-        removed = remove_leftovers()
-        if removed:
-            notes.append(f"removed leftovers of an earlier drill: {', '.join(removed)}")
-            print(f"Removed leftovers of an earlier drill: {', '.join(removed)}")
-        scratch = new_scratch(Path(p["scratch_dir"]), str(flow_run.get_id() or time.time_ns()))
-        try:
-            for component in chosen:
-                records.append(_drill(component, p, scratch))
-        finally:
-            left = tear_down(scratch)
-            if left:
-                notes.append(f"could not remove: {', '.join(left)} (the next drill will)")
+    try:
+        with exclusive(lock_name(FLOW, str(p["scratch_dir"]))):
+            removed = remove_leftovers()
+            if removed:
+                notes.append(f"removed leftovers of an earlier drill: {', '.join(removed)}")
+                print(f"Removed leftovers of an earlier drill: {', '.join(removed)}")
+            run = str(flow_run.get_id() or time.time_ns())
+            scratch = new_scratch(Path(p["scratch_dir"]), run)
+            try:
+                for component in chosen:
+                    records.append(_drill(component, p, scratch))
+            finally:
+                left = tear_down(scratch)
+                if left:
+                    notes.append(f"could not remove: {', '.join(left)} (the next drill will)")
+    except Exception:  # the drill could not even run (Docker down, lock busy): say so
+        metrics.push_drill(pushgateway_url(), False, time.perf_counter() - started)
+        raise
     return _finish(records, notes, time.perf_counter() - started)
 
 
