@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.backup_health import backup_failed, backup_succeeded, backup_unchanged
+from flows.backup_health import backup_failed, backup_succeeded, backup_unchanged, with_hooks
+from flows.hooks import BACKUP_HOOKS
 from flows.settings import resolve, settings
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
@@ -41,7 +42,7 @@ FAILED = backup_failed(
 )
 
 
-@flow(name="backup-config", log_prints=True, on_failure=[FAILED], on_crashed=[FAILED])
+@flow(name="backup-config", log_prints=True, **with_hooks(BACKUP_HOOKS, FAILED))
 def backup_config(
     project_dir: str | None = None,
     env_allowlist: list[str] | None = None,

@@ -54,6 +54,17 @@ def backup_unchanged(kind: str, source_id: str) -> None:
     metrics.push_backup(pushgateway_url(), kind, True, source=source_id)
 
 
+def with_hooks(
+    base: dict[str, Any], failed: Hook, states: tuple[str, ...] = ("on_failure", "on_crashed")
+) -> dict[str, Any]:
+    """`base` (flows.hooks' FLOW_HOOKS or BACKUP_HOOKS) with `failed` run first on
+    `states`: the push is quick, and must not wait behind a status refresh."""
+    hooks = {name: list(value) for name, value in base.items()}
+    for state in states:
+        hooks[state] = [failed, *hooks.get(state, [])]
+    return hooks
+
+
 def _hook(push: Callable[[dict[str, Any]], None]) -> Hook:
     """A flow state hook calling `push(parameters)`; whatever goes wrong is a warning."""
 

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.backup_health import backup_failed, backup_succeeded
+from flows.backup_health import backup_failed, backup_succeeded, with_hooks
+from flows.hooks import BACKUP_HOOKS
 from flows.settings import resolve, settings, warn_about_secret_parameters
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
@@ -37,7 +38,7 @@ FAILED = backup_failed(
 )
 
 
-@flow(name="backup-prometheus", log_prints=True, on_failure=[FAILED], on_crashed=[FAILED])
+@flow(name="backup-prometheus", log_prints=True, **with_hooks(BACKUP_HOOKS, FAILED))
 def backup_prometheus(
     prometheus_url: str | None = None,
     container: str | None = None,

@@ -15,7 +15,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.backup_health import recovered, recovery_failed
+from flows.backup_health import recovered, recovery_failed, with_hooks
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, StepFailed, one_line
 from flows.settings import settings
 from tasks import health
@@ -42,12 +43,7 @@ FLOW = "recover-gateway"
 LOG_LINES = 100
 
 
-@flow(
-    name=FLOW,
-    log_prints=True,
-    on_failure=[recovery_failed("gateway")],
-    on_crashed=[recovery_failed("gateway")],
-)
+@flow(name=FLOW, log_prints=True, **with_hooks(FLOW_HOOKS, recovery_failed("gateway")))
 def recover_gateway(
     container: str | None = None,
     health_url: str | None = None,

@@ -16,7 +16,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.backup_health import recovered, recovery_failed
+from flows.backup_health import recovered, recovery_failed, with_hooks
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import resolve, warn_about_secret_parameters
@@ -45,8 +46,7 @@ from tasks.sources import prometheus_source_id
 @flow(
     name="recover-prometheus",
     log_prints=True,
-    on_failure=[recovery_failed("prometheus")],
-    on_crashed=[recovery_failed("prometheus")],
+    **with_hooks(FLOW_HOOKS, recovery_failed("prometheus")),
 )
 def recover_prometheus(
     backup: str = "latest",

@@ -17,7 +17,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.backup_health import recovered, recovery_failed
+from flows.backup_health import recovered, recovery_failed, with_hooks
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import resolve, warn_about_secret_parameters
@@ -49,12 +50,7 @@ from tasks.sources import redis_source_id
 GATEWAY_TIMEOUT = 60.0
 
 
-@flow(
-    name="recover-redis",
-    log_prints=True,
-    on_failure=[recovery_failed("redis")],
-    on_crashed=[recovery_failed("redis")],
-)
+@flow(name="recover-redis", log_prints=True, **with_hooks(FLOW_HOOKS, recovery_failed("redis")))
 def recover_redis(
     backup: str = "latest",
     container: str | None = None,

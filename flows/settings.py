@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import get_run_logger
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.secrets import carries_credentials
@@ -58,6 +59,8 @@ class Settings(BaseSettings):
 
     pushgateway_url: str = ""
     drill_scratch_dir: Path = Path("/var/tmp/proxilion-dr-drill")
+    # A credential (Slack and Mattermost webhook URLs are): hidden from repr and logs.
+    notify_webhook_url: SecretStr = SecretStr("")
 
 
 def settings() -> Settings:

@@ -24,7 +24,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.backup_health import drill_failed, pushgateway_url
+from flows.backup_health import drill_failed, pushgateway_url, with_hooks
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, Step, _escape, one_line
 from flows.restoring import find_backup
 from flows.settings import resolve
@@ -78,7 +79,7 @@ class DrillFailed(RuntimeError):
     """One or more checks of the drill failed; the message names each."""
 
 
-@flow(name=FLOW, log_prints=True, on_crashed=[drill_failed()])
+@flow(name=FLOW, log_prints=True, **with_hooks(FLOW_HOOKS, drill_failed(), states=("on_crashed",)))
 def verify_restore(
     components: list[Component] | None = None,
     redis_backup: str = "latest",
