@@ -347,8 +347,8 @@ def drill_config(r: Recovery, p: dict[str, Any], scratch: Scratch) -> None:
             checks.append(f"{name}: services {', '.join(check.services)}; dummies for {dummies}")
         step.detail = " | ".join(checks)
     r.notes.append(
-        "the restored compose project is validated, not started: bringing it up under its own "
-        "project name needs the sandbox's compose conversion (not on main yet)"
+        "the restored compose project is validated, not started: its services' ports are "
+        "the live stack's (host networking), so it cannot run beside it"
     )
 
 
