@@ -83,7 +83,9 @@ def pushgateway(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     log = open(tmp_path / "pushgateway.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [PUSHGATEWAY_BINARY, f"--web.listen-address=127.0.0.1:{port}"],
+        # Debian's build persists to /var/lib/prometheus/pushgateway.data by default,
+        # shared by every test run on this machine: keep this one in memory.
+        [PUSHGATEWAY_BINARY, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
