@@ -16,6 +16,7 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_UI_URL
 
 from deployments.catalog import DEPLOYMENTS, TIMEZONE, DeploymentSpec
+from deployments.hosts import BadHostName, for_host
 from deployments.notifications import apply_notifications
 from flows.settings import settings
 
@@ -83,11 +84,20 @@ def notify() -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m deployments")
     parser.add_argument("command", choices=["serve", "yaml", "apply"])
+    parser.add_argument(
+        "--host",
+        help="yaml: this Docker host's copy of every deployment, on its own work queue "
+        "(see deployments/hosts.py)",
+    )
     args = parser.parse_args(argv)
     if args.command in ("serve", "apply"):
         notify()
     if args.command == "yaml":
-        sys.stdout.write(render_yaml())
+        text = render_yaml()
+        try:
+            sys.stdout.write(for_host(text, args.host) if args.host else text)
+        except BadHostName as error:
+            parser.error(str(error))
     elif args.command == "serve":
         serve(*(to_deployment(spec) for spec in DEPLOYMENTS))
 
