@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.recover_redis import floor_seconds
-from bench.redis_backup import fill, start_redis
+from bench.recover_redis import backed_up_dataset, floor_seconds
 from flows.backup_config import backup_config
 from flows.backup_logs import backup_logs
 from flows.backup_prometheus import backup_prometheus
@@ -69,37 +67,19 @@ def sandbox_drill(work: Path) -> None:
 
 
 def large_drill(work: Path, keys: int) -> None:
-    source = work / "source"
-    source.mkdir()
-    process, port = start_redis(source)
-    try:
-        print(f"\nfilling {keys:,} session keys...", flush=True)
-        fill(port, keys)
-        backups = work / "large-backups"
-        manifest = backup_redis(
-            redis_url=f"redis://127.0.0.1:{port}/0",
-            container="",
-            fetch="path",
-            data_dir=str(source),
-            backup_dir=str(backups),
-            s3_bucket="",
-        )
-    finally:
-        process.terminate()
-        process.wait()
-    stored = backups / manifest["name"]
-    subprocess.run(["cat", str(stored)], stdout=subprocess.DEVNULL, check=True)  # warm
-    floor = floor_seconds(stored, work)
+    print()
+    manifest, backups = backed_up_dataset(work, keys)
+    floor = floor_seconds(backups / manifest.name, work)
     started = time.perf_counter()
     result = verify_restore(
         components=["redis"],
-        redis_backup=manifest["name"],
+        redis_backup=manifest.name,
         backup_dir=str(backups),
         s3_bucket="",
         scratch_dir=str(work / "scratch"),
     )
     wall = time.perf_counter() - started
-    print_drill(f"{keys:,} keys ({manifest['raw_size'] / 1e6:.0f} MB RDB)", result, wall)
+    print_drill(f"{keys:,} keys ({manifest.raw_size / 1e6:.0f} MB RDB)", result, wall)
     rto = result["components"]["redis"]["rto_seconds"]
     print(f"  floor: decompress + bare redis-server load {floor:7.2f} s")
     print(f"  drill's Redis restore time                 {rto:7.2f} s   {rto / floor:.2f}x floor")
@@ -115,9 +95,12 @@ def main() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     with tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp:
-        sandbox_drill(Path(tmp))
+        work = Path(tmp)
+        (work / "sandbox").mkdir()
+        sandbox_drill(work / "sandbox")
         if not args.skip_large:
-            large_drill(Path(tmp), args.keys)
+            (work / "large").mkdir()
+            large_drill(work / "large", args.keys)
 
 
 if __name__ == "__main__":
