@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     s3_bucket: str = ""
     s3_prefix: str = "proxilion"
     s3_endpoint_url: str = ""
+    backup_group_read: bool = False
+    age_recipients: str = ""
+    age_identity_file: str = ""
 
     redis_url: str = "redis://localhost:6379/0"
     redis_container: str = "proxilion-redis"

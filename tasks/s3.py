@@ -19,6 +19,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from tasks.archive import CHUNK, Manifest, manifest_name
+from tasks.encryption import SUFFIX as AGE_SUFFIX
 from tasks.retry import TransientError, retrying_task
 from tasks.storage import KINDS, RetentionPlan, plan_retention, utc_now
 
@@ -60,6 +61,18 @@ def client(endpoint_url: str | None) -> Any:
 
 def object_key(prefix: str, name: str) -> str:
     return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
+
+
+def remote_name(manifest: Manifest) -> str:
+    """The object's name in the bucket: the backup's, plus `.age` when encrypted."""
+    return manifest.name + AGE_SUFFIX if manifest.encryption else manifest.name
+
+
+def remote_facts(manifest: Manifest) -> tuple[int, str]:
+    """Size and SHA-256 of the object as stored (the encrypted one when encrypted)."""
+    if manifest.encryption:
+        return manifest.encryption["size"], manifest.encryption["sha256"]
+    return manifest.size, manifest.sha256
 
 
 def _explain(error: Exception, bucket: str, endpoint_url: str | None) -> S3Error:
@@ -104,9 +117,11 @@ def expected_etag(path: Path, part_size: int = PART_SIZE) -> str:
 def upload_backup(
     local_path: Path, manifest: Manifest, bucket: str, prefix: str, endpoint_url: str | None
 ) -> RemoteCopy:
-    """Upload data, verify its size and checksum as stored, then upload the manifest."""
+    """Upload data (`local_path`: the encrypted copy when `manifest.encryption` says
+    so), verify its size and checksum as stored, then upload the manifest."""
     s3 = client(endpoint_url)
-    key = object_key(prefix, manifest.name)
+    key = object_key(prefix, remote_name(manifest))
+    size, sha256 = remote_facts(manifest)
     try:
         s3.head_bucket(Bucket=bucket)
         s3.upload_file(
@@ -114,15 +129,15 @@ def upload_backup(
             bucket,
             key,
             Config=TRANSFER,
-            ExtraArgs={"Metadata": {"sha256": manifest.sha256}},
+            ExtraArgs={"Metadata": {"sha256": sha256}},
         )
         head = s3.head_object(Bucket=bucket, Key=key)
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
     etag = head["ETag"].strip('"')
-    if head["ContentLength"] != manifest.size:
+    if head["ContentLength"] != size:
         raise S3Error(
-            f"uploaded {key} is {head['ContentLength']} bytes, expected {manifest.size}: "
+            f"uploaded {key} is {head['ContentLength']} bytes, expected {size}: "
             "the upload is incomplete; the local backup is kept"
         )
     if etag != expected_etag(Path(local_path)):
@@ -139,7 +154,7 @@ def upload_backup(
         )
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
-    return RemoteCopy(bucket=bucket, key=key, size=manifest.size, etag=etag)
+    return RemoteCopy(bucket=bucket, key=key, size=size, etag=etag)
 
 
 def list_remote(bucket: str, prefix: str, kind: str, endpoint_url: str | None) -> list[Manifest]:
@@ -183,7 +198,7 @@ def prune_remote(
     s3 = client(endpoint_url)
     try:
         for manifest in plan.delete:
-            key = object_key(prefix, manifest.name)
+            key = object_key(prefix, remote_name(manifest))
             s3.delete_object(Bucket=bucket, Key=manifest_name(key))
             s3.delete_object(Bucket=bucket, Key=key)
     except (BotoCoreError, ClientError) as error:
