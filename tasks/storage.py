@@ -259,6 +259,10 @@ class RetentionPlan:
     delete: list[Manifest] = field(default_factory=list)
     future: list[Manifest] = field(default_factory=list)
     other_sources: int = 0
+    # In a versioned S3 bucket: backups due for deletion whose versions are still under
+    # Object Lock ("name (locked until …)"), kept for now; and the bytes really freed.
+    locked: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
 
 
 def check_retention(retention_days: float, keep_min: int) -> None:
