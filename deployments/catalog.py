@@ -80,4 +80,14 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         "data dir, verify old history answers, report RTO/RPO. Try dry_run first.",
         tags=("proxilion-dr", "recovery", "prometheus"),
     ),
+    DeploymentSpec(
+        name="manual",
+        entrypoint="flows/recover_host.py:recover_host",
+        cron=None,
+        description="Scenario 3, host lost: rebuild the compose project from the config "
+        "backup (withheld secrets from secrets_env_file), restore Redis and Prometheus, "
+        "start gateway → redis → prometheus → grafana verified; report = the runbook "
+        "checklist. Try dry_run first.",
+        tags=("proxilion-dr", "recovery", "host"),
+    ),
 )

@@ -13,6 +13,15 @@ from pathlib import Path
 REPO_DIR: Path = Path(__file__).resolve().parent.parent
 STATE_DIR: Path = Path(os.environ.get("PROXILION_SANDBOX_DIR") or (REPO_DIR / ".sandbox")).resolve()
 
+# The stack is a compose project in the production layout (docker-compose.yml,
+# prometheus.yml, alerts.yml, grafana/dashboards/, .env, data under ./data/), written
+# by sandbox/stack.py on `up` and run with docker-compose under this project name.
+PROJECT_DIR: Path = STATE_DIR / "project"
+COMPOSE_PROJECT = "proxilion"
+COMPOSE_FILE: Path = PROJECT_DIR / "docker-compose.yml"
+COMPOSE_ENV_FILE: Path = PROJECT_DIR / ".env"
+MONITORING_DIR: Path = REPO_DIR / "monitoring"
+
 # Docker image built locally (no registry can be reached).
 HOSTFS_IMAGE = "proxilion-dr/hostfs:latest"
 # Every container and image the sandbox makes carries this label.
@@ -24,14 +33,14 @@ REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 REDIS_CONTAINER_DATA_DIR = "/data"
-REDIS_HOST_DATA_DIR: Path = STATE_DIR / "redis"
+REDIS_HOST_DATA_DIR: Path = PROJECT_DIR / "data" / "redis"
 REDIS_DBFILENAME = "dump.rdb"
 REDIS_SAVE_POINTS = "900 1 300 10 60 10000"
-# redis.conf lives apart from the data, in a directory of its own (CONFIG REWRITE
-# replaces the file by renaming, which needs a writable directory).
+# redis.conf lives apart from the data, in a directory of its own in the project
+# (CONFIG REWRITE replaces the file by renaming, which needs a writable directory).
 REDIS_CONTAINER_CONF_DIR = "/conf"
 REDIS_CONTAINER_CONF_FILE = f"{REDIS_CONTAINER_CONF_DIR}/redis.conf"
-REDIS_HOST_CONF_DIR: Path = STATE_DIR / "redis-conf"
+REDIS_HOST_CONF_DIR: Path = PROJECT_DIR / "redis"
 REDIS_HOST_CONF_FILE: Path = REDIS_HOST_CONF_DIR / "redis.conf"
 
 # Stand-in gateway (sandbox/gateway.py run by the host's /usr/bin/python3).
@@ -53,18 +62,20 @@ GATEWAY_SETTINGS: dict[str, str] = {
 GATEWAY_SECRET_ENV: dict[str, str] = {"GATEWAY_API_TOKEN": "sandbox-token-not-for-backup"}
 
 # Prometheus 2.x (Debian's /usr/bin/prometheus run from the host's /usr in a container),
-# scraping the gateway and itself. Its TSDB lives in <state>/prometheus, bind-mounted at
-# /prometheus, so both the Docker archive API and the host path reach it.
+# scraping the gateway, itself and the Pushgateway. Its TSDB lives in
+# <project>/data/prometheus, bind-mounted at /prometheus, so both the Docker archive API
+# and the host path reach it; its config files are the project's, mounted under /config.
 PROMETHEUS_CONTAINER = "prometheus"
 PROMETHEUS_HOST = "127.0.0.1"
 PROMETHEUS_PORT = 9090
 PROMETHEUS_URL = f"http://{PROMETHEUS_HOST}:{PROMETHEUS_PORT}"
 PROMETHEUS_CONTAINER_DATA_DIR = "/prometheus"
-PROMETHEUS_HOST_DATA_DIR: Path = STATE_DIR / "prometheus"
+PROMETHEUS_HOST_DATA_DIR: Path = PROJECT_DIR / "data" / "prometheus"
 PROMETHEUS_CONTAINER_CONF_DIR = "/config"
 PROMETHEUS_CONTAINER_CONF_FILE = f"{PROMETHEUS_CONTAINER_CONF_DIR}/prometheus.yml"
-PROMETHEUS_HOST_CONF_DIR: Path = STATE_DIR / "prometheus-conf"
-PROMETHEUS_HOST_CONF_FILE: Path = PROMETHEUS_HOST_CONF_DIR / "prometheus.yml"
+PROMETHEUS_HOST_CONF_FILE: Path = PROJECT_DIR / "prometheus.yml"
+# Rule files beside prometheus.yml: the sandbox's own, and Proxilion DR's backup alerts.
+PROMETHEUS_RULE_FILES = ("alerts.yml", "proxilion-dr-alerts.yml")
 PROMETHEUS_SCRAPE_SECONDS = 5
 # Hidden Prometheus 2.x flag: the head is cut into a persisted block every few minutes
 # (default 2 h), so the sandbox TSDB holds real scraped blocks soon after `up`.
@@ -115,3 +126,10 @@ WEED_LOG_FILE: Path = STATE_DIR / "seaweedfs.log"
 WEED_S3_CONFIG_FILE: Path = STATE_DIR / "s3.json"
 
 DOCKERD_LOG_FILE: Path = STATE_DIR / "dockerd.log"
+
+# Where data lived before the stack became a compose project; `up` moves it into the
+# project's data dirs once (so the switch keeps the sandbox's Redis and Prometheus data).
+LEGACY_DATA_DIRS: dict[Path, Path] = {
+    STATE_DIR / "redis": REDIS_HOST_DATA_DIR,
+    STATE_DIR / "prometheus": PROMETHEUS_HOST_DATA_DIR,
+}

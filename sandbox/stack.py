@@ -1,19 +1,26 @@
 """The sandbox stack the demo and the tests share: up(), down(), status(), seed.
 
-    proxilion-redis    container, Debian's /usr/bin/redis-server on 127.0.0.1:6379,
-                       /data bind-mounted from <state>/redis, /conf from <state>/redis-conf
-    proxilion-gateway  container, sandbox/gateway.py under /usr/bin/python3 on 127.0.0.1:8787
-    prometheus         container, Debian's /usr/bin/prometheus on 127.0.0.1:9090 (admin API
-                       on), scraping the gateway and itself; TSDB /prometheus bind-mounted
-                       from <state>/prometheus, seeded once with known history (promtool)
-    SeaweedFS          host process ``weed server -s3``, S3 on 127.0.0.1:8333, bucket
-                       proxilion-backups, data under <state>/seaweedfs
+A compose project in production's layout, <state>/project/ (see sandbox.project),
+run by docker-compose 1.29 (or `docker compose`) under the project name ``proxilion``:
+
+    gateway      proxilion-gateway, sandbox/gateway.py under /usr/bin/python3 on :8787,
+                 settings and the GATEWAY_API_TOKEN secret from the project's .env
+    redis        proxilion-redis, Debian's redis-server on 127.0.0.1:6379, /data from
+                 ./data/redis, /conf (redis.conf) from ./redis
+    prometheus   prometheus, Debian's prometheus on :9090 (admin API on), scraping the
+                 gateway, itself and the Pushgateway; TSDB /prometheus from
+                 ./data/prometheus, seeded once with known history (promtool)
+    pushgateway  pushgateway, Debian's prometheus-pushgateway on :9091
+    SeaweedFS    host process ``weed server -s3``, S3 on 127.0.0.1:8333, bucket
+                 proxilion-backups, data under <state>/seaweedfs
 
 Containers come from the local image ``proxilion-dr/hostfs`` (see sandbox.images) and use
-host networking. Each container is described by a ContainerSpec; ``up()`` recreates a
-container whose state or spec differs from the one wanted (a stopped container, one
-made from another checkout's state directory, an edited spec) and keeps a healthy one.
-The stack is one per machine (fixed ports): ``up()`` from another checkout takes it over.
+host networking; they carry compose's labels (com.docker.compose.project/.service).
+``up()`` writes the project files, replaces containers with our names that this
+project did not make (the SDK-made ones of older checkouts, another checkout's),
+lets compose recreate what changed (file contents are in a label) and keeps a healthy
+container. The stack is one per machine (fixed ports): ``up()`` from another checkout
+takes it over.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +49,18 @@ import redis
 from docker.models.containers import Container
 from docker.types import Mount
 
-from sandbox import images
+from sandbox import images, project
 from sandbox.constants import (
+    COMPOSE_FILE,
+    COMPOSE_PROJECT,
     DOCKERD_LOG_FILE,
     GATEWAY_CONTAINER,
     GATEWAY_CONTAINER_SCRIPT,
-    GATEWAY_HOST,
-    GATEWAY_PORT,
     GATEWAY_SCRIPT,
-    GATEWAY_SECRET_ENV,
-    GATEWAY_SETTINGS,
     GATEWAY_URL,
     HOSTFS_IMAGE,
+    LEGACY_DATA_DIRS,
+    PROJECT_DIR,
     PROMETHEUS_BACKFILL_MARKER,
     PROMETHEUS_BACKFILL_METRIC,
     PROMETHEUS_BACKFILL_SECONDS,
@@ -61,33 +68,16 @@ from sandbox.constants import (
     PROMETHEUS_BACKFILL_START,
     PROMETHEUS_BACKFILL_STEP,
     PROMETHEUS_CONTAINER,
-    PROMETHEUS_CONTAINER_CONF_DIR,
-    PROMETHEUS_CONTAINER_CONF_FILE,
-    PROMETHEUS_CONTAINER_DATA_DIR,
-    PROMETHEUS_HOST,
-    PROMETHEUS_HOST_CONF_DIR,
-    PROMETHEUS_HOST_CONF_FILE,
     PROMETHEUS_HOST_DATA_DIR,
-    PROMETHEUS_MIN_BLOCK_DURATION,
-    PROMETHEUS_PORT,
-    PROMETHEUS_RETENTION,
-    PROMETHEUS_SCRAPE_SECONDS,
     PROMETHEUS_URL,
     PUSHGATEWAY_CONTAINER,
-    PUSHGATEWAY_HOST,
-    PUSHGATEWAY_PORT,
     PUSHGATEWAY_URL,
     REDIS_CONTAINER,
-    REDIS_CONTAINER_CONF_DIR,
-    REDIS_CONTAINER_CONF_FILE,
-    REDIS_CONTAINER_DATA_DIR,
     REDIS_DBFILENAME,
     REDIS_HOST,
-    REDIS_HOST_CONF_DIR,
     REDIS_HOST_CONF_FILE,
     REDIS_HOST_DATA_DIR,
     REDIS_PORT,
-    REDIS_SAVE_POINTS,
     REDIS_URL,
     REPO_DIR,
     S3_ACCESS_KEY,
@@ -98,7 +88,6 @@ from sandbox.constants import (
     S3_PORT,
     S3_REGION,
     S3_SECRET_KEY,
-    SANDBOX_LABEL,
     STATE_DIR,
     WEED_DATA_DIR,
     WEED_FILER_PORT,
@@ -109,8 +98,10 @@ from sandbox.constants import (
     WEED_VOLUME_PORT,
     backfill_value,
 )
+from sandbox.project import STATE_LABEL, prometheus_config, redis_conf
 from sandbox.seed import SeedSummary
 from sandbox.seed import seed as seed_redis
+from tasks.compose import PROJECT_LABEL, SERVICE_LABEL, ComposeError, _base, _run
 
 __all__ = [
     "GATEWAY_CONTAINER",
@@ -130,9 +121,11 @@ __all__ = [
     "S3_REGION",
     "S3_SECRET_KEY",
     "STATE_DIR",
-    "ContainerSpec",
     "SandboxError",
-    "container_specs",
+    "ServiceSpec",
+    "prometheus_config",
+    "redis_conf",
+    "service_specs",
     "docker_client",
     "down",
     "seed",
@@ -142,9 +135,9 @@ __all__ = [
 
 log = logging.getLogger("sandbox")
 
-STATE_LABEL = "proxilion-dr.state-dir"
-SPEC_LABEL = "proxilion-dr.spec-hash"
+WORKING_DIR_LABEL = "com.docker.compose.project.working_dir"
 DOCKERD_TIMEOUT = 60.0
+DOCKER_TIMEOUT = 120  # a busy dockerd (parallel test runs) answers slowly
 READY_TIMEOUT = 45.0
 WEED_TIMEOUT = 90.0
 STOP_TIMEOUT = 30
@@ -188,7 +181,7 @@ def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 def _docker_ping() -> docker.DockerClient | None:
     try:
-        client = docker.from_env(timeout=10)
+        client = docker.from_env(timeout=DOCKER_TIMEOUT)
         client.ping()
         return client
     except (docker.errors.DockerException, OSError):
@@ -232,88 +225,29 @@ def docker_client() -> docker.DockerClient:
     return ensure_dockerd()
 
 
-# ----------------------------------------------------------------- container specs
+# ------------------------------------------------------------------ service specs
 
 
 @dataclass
-class ContainerSpec:
-    """What one sandbox container should be. ``up()`` makes the container match it."""
+class ServiceSpec:
+    """One service of the sandbox's compose project and how ``up()`` checks it."""
 
-    name: str
-    command: list[str]
-    environment: dict[str, str] = field(default_factory=dict)
-    mounts: list[Mount] = field(default_factory=list)
-    # Write host-side files/dirs the container needs. Returns (material for the spec
-    # hash, e.g. a config file's wanted contents; True when a file had to be rewritten,
-    # which forces the container to be recreated).
+    service: str
+    container: str
+    # Write the host-side files the service reads. Returns (their contents, for the
+    # files digest in the service's labels; True when an existing file had to be
+    # rewritten to the baseline, which forces the container to be recreated).
     prepare: Callable[[], tuple[str, bool]] = lambda: ("", False)
     # None when the service answers, else why not.
     probe: Callable[[], str | None] = lambda: None
     # Called once the service answers (e.g. seed Redis).
     after_ready: Callable[[], None] | None = None
-    # Hash material that lives outside the container config (file contents...).
-    extra: dict[str, str] = field(default_factory=dict)
-
-    def spec_hash(self, image_id: str, prepared: str) -> str:
-        return _digest(
-            {
-                "image": image_id,
-                "command": self.command,
-                "environment": self.environment,
-                "mounts": [dict(m) for m in self.mounts],
-                "prepared": prepared,
-                "extra": self.extra,
-            }
-        )
-
-
-def redis_conf() -> str:
-    """The sandbox's redis.conf (persistence on, RDB only, loopback only)."""
-    return "\n".join(
-        [
-            "# proxilion-dr sandbox Redis (written by sandbox/stack.py on `up`)",
-            f"bind {REDIS_HOST} -::1",
-            "protected-mode yes",
-            f"port {REDIS_PORT}",
-            "daemonize no",
-            'logfile ""',
-            "loglevel notice",
-            "databases 16",
-            f"save {REDIS_SAVE_POINTS}",
-            "stop-writes-on-bgsave-error yes",
-            "rdbcompression yes",
-            "rdbchecksum yes",
-            f"dbfilename {REDIS_DBFILENAME}",
-            f"dir {REDIS_CONTAINER_DATA_DIR}",
-            "appendonly no",
-            'appendfilename "appendonly.aof"',
-            'appenddirname "appendonlydir"',
-            "appendfsync everysec",
-            "",
-        ]
-    )
-
-
-def _write_config(path: Path, wanted: str) -> bool:
-    """Put the sandbox baseline in `path`; True when an existing, different file was
-    replaced (e.g. after a CONFIG REWRITE), so the container must be recreated."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        current: str | None = path.read_text()
-    except FileNotFoundError:
-        current = None
-    if current == wanted:
-        return False
-    if current is not None:
-        log.info("%s differs from the sandbox baseline, rewriting", path)
-    path.write_text(wanted)
-    return current is not None
 
 
 def _prepare_redis() -> tuple[str, bool]:
     REDIS_HOST_DATA_DIR.mkdir(parents=True, exist_ok=True)
-    wanted = redis_conf()
-    return wanted, _write_config(REDIS_HOST_CONF_FILE, wanted)
+    wanted = project.redis_conf()
+    return wanted, project.write_file(REDIS_HOST_CONF_FILE, wanted)
 
 
 def _probe_redis() -> str | None:
@@ -353,28 +287,6 @@ def _probe_gateway() -> str | None:
     if code != 200:
         return f"GET /health: HTTP {code} {body[:200]!r}"
     return None
-
-
-def prometheus_config() -> str:
-    """The sandbox's prometheus.yml: scrape the gateway and Prometheus itself."""
-    every = f"{PROMETHEUS_SCRAPE_SECONDS}s"
-    return "\n".join(
-        [
-            "# proxilion-dr sandbox Prometheus (written by sandbox/stack.py on `up`)",
-            "global:",
-            f"  scrape_interval: {every}",
-            f"  evaluation_interval: {every}",
-            "scrape_configs:",
-            "  - job_name: proxilion-gateway",
-            f"    static_configs: [{{targets: ['{GATEWAY_HOST}:{GATEWAY_PORT}']}}]",
-            "  - job_name: prometheus",
-            f"    static_configs: [{{targets: ['{PROMETHEUS_HOST}:{PROMETHEUS_PORT}']}}]",
-            "  - job_name: pushgateway",
-            "    honor_labels: true",
-            f"    static_configs: [{{targets: ['{PUSHGATEWAY_HOST}:{PUSHGATEWAY_PORT}']}}]",
-            "",
-        ]
-    )
 
 
 def backfill_openmetrics() -> str:
@@ -424,14 +336,6 @@ def _backfill_prometheus() -> bool:
     return True
 
 
-def _prepare_prometheus() -> tuple[str, bool]:
-    PROMETHEUS_HOST_DATA_DIR.mkdir(parents=True, exist_ok=True)
-    wanted = prometheus_config()
-    rewritten = _write_config(PROMETHEUS_HOST_CONF_FILE, wanted)
-    backfilled = _backfill_prometheus()  # a running Prometheus must restart to see new blocks
-    return wanted + PROMETHEUS_BACKFILL_MARKER, backfilled or rewritten
-
-
 def _probe_ready(base_url: str) -> str | None:
     """None when `base_url/-/ready` answers 200 (Prometheus and the Pushgateway)."""
     try:
@@ -443,6 +347,14 @@ def _probe_ready(base_url: str) -> str | None:
     return None
 
 
+def _probe_prometheus() -> str | None:
+    return _probe_ready(PROMETHEUS_URL)
+
+
+def _probe_pushgateway() -> str | None:
+    return _probe_ready(PUSHGATEWAY_URL)
+
+
 def gateway_mounts() -> list[Mount]:
     """The gateway container's mounts: the host's programs, and gateway.py (read-only).
     Tests and benchmarks make their throwaway gateways with the same."""
@@ -452,86 +364,40 @@ def gateway_mounts() -> list[Mount]:
     return [*images.host_mounts(), script]
 
 
-def _probe_prometheus() -> str | None:
-    return _probe_ready(PROMETHEUS_URL)
+def _prepare_prometheus() -> tuple[str, bool]:
+    PROMETHEUS_HOST_DATA_DIR.mkdir(parents=True, exist_ok=True)
+    files = project.prometheus_files()
+    rewritten = [project.write_file(path, text) for path, text in files.items()]
+    backfilled = _backfill_prometheus()  # a running Prometheus must restart to see new blocks
+    return "".join(files.values()) + PROMETHEUS_BACKFILL_MARKER, backfilled or any(rewritten)
 
 
-def _probe_pushgateway() -> str | None:
-    return _probe_ready(PUSHGATEWAY_URL)
+def service_specs() -> list[ServiceSpec]:
+    """The sandbox's services, in the order ``up()`` checks them."""
+    return [
+        ServiceSpec(
+            "redis", REDIS_CONTAINER, _prepare_redis, _probe_redis, after_ready=_seed_if_empty
+        ),
+        ServiceSpec(
+            "gateway",
+            GATEWAY_CONTAINER,
+            lambda: (GATEWAY_SCRIPT.read_text(), False),
+            _probe_gateway,
+        ),
+        ServiceSpec("pushgateway", PUSHGATEWAY_CONTAINER, probe=_probe_pushgateway),
+        ServiceSpec("prometheus", PROMETHEUS_CONTAINER, _prepare_prometheus, _probe_prometheus),
+    ]
 
 
-def container_specs() -> list[ContainerSpec]:
-    """The sandbox containers, in start order."""
-    host = images.host_mounts()
-    redis_spec = ContainerSpec(
-        name=REDIS_CONTAINER,
-        command=["/usr/bin/redis-server", REDIS_CONTAINER_CONF_FILE],
-        mounts=host
-        + [
-            Mount(target=REDIS_CONTAINER_DATA_DIR, source=str(REDIS_HOST_DATA_DIR), type="bind"),
-            Mount(target=REDIS_CONTAINER_CONF_DIR, source=str(REDIS_HOST_CONF_DIR), type="bind"),
-        ],
-        prepare=_prepare_redis,
-        probe=_probe_redis,
-        after_ready=_seed_if_empty,
-    )
-    gateway_spec = ContainerSpec(
-        name=GATEWAY_CONTAINER,
-        command=["/usr/bin/python3", "-u", GATEWAY_CONTAINER_SCRIPT],
-        environment={
-            **GATEWAY_SETTINGS,
-            **GATEWAY_SECRET_ENV,
-            "REDIS_HOST": REDIS_HOST,
-            "REDIS_PORT": str(REDIS_PORT),
-            "GATEWAY_HOST": GATEWAY_HOST,
-            "GATEWAY_PORT": str(GATEWAY_PORT),
-            "PYTHONDONTWRITEBYTECODE": "1",
-        },
-        mounts=gateway_mounts(),
-        prepare=lambda: (GATEWAY_SCRIPT.read_text(), False),
-        probe=_probe_gateway,
-    )
-    prometheus_spec = ContainerSpec(
-        name=PROMETHEUS_CONTAINER,
-        command=[
-            "/usr/bin/prometheus",
-            f"--config.file={PROMETHEUS_CONTAINER_CONF_FILE}",
-            f"--web.listen-address={PROMETHEUS_HOST}:{PROMETHEUS_PORT}",
-            "--web.enable-admin-api",
-            f"--storage.tsdb.path={PROMETHEUS_CONTAINER_DATA_DIR}",
-            f"--storage.tsdb.retention.time={PROMETHEUS_RETENTION}",
-            f"--storage.tsdb.min-block-duration={PROMETHEUS_MIN_BLOCK_DURATION}",
-        ],
-        mounts=host
-        + [
-            Mount(
-                target=PROMETHEUS_CONTAINER_DATA_DIR,
-                source=str(PROMETHEUS_HOST_DATA_DIR),
-                type="bind",
-            ),
-            Mount(
-                target=PROMETHEUS_CONTAINER_CONF_DIR,
-                source=str(PROMETHEUS_HOST_CONF_DIR),
-                type="bind",
-                read_only=True,
-            ),
-        ],
-        prepare=_prepare_prometheus,
-        probe=_probe_prometheus,
-    )
-    pushgateway_spec = ContainerSpec(
-        name=PUSHGATEWAY_CONTAINER,
-        command=[
-            "/usr/bin/prometheus-pushgateway",
-            f"--web.listen-address={PUSHGATEWAY_HOST}:{PUSHGATEWAY_PORT}",
-        ],
-        mounts=host,
-        probe=_probe_pushgateway,
-    )
-    return [redis_spec, gateway_spec, pushgateway_spec, prometheus_spec]
+# --------------------------------------------------------------- compose project
 
 
-# ---------------------------------------------------------------------- containers
+def compose(*args: str, timeout: float = 300.0) -> str:
+    """Run docker-compose (or `docker compose`) on the sandbox project; its stdout."""
+    try:
+        return _run([*_base(COMPOSE_FILE, COMPOSE_PROJECT), *args], timeout)
+    except ComposeError as exc:
+        raise SandboxError(str(exc)) from None
 
 
 def _get_container(client: docker.DockerClient, name: str) -> Container | None:
@@ -557,79 +423,117 @@ def _logs_tail(container: Container, lines: int = 30) -> str:
         return f"(no logs: {exc})"
 
 
-def _create_container(
-    client: docker.DockerClient, spec: ContainerSpec, image_id: str, spec_hash: str
-) -> Container:
-    container = client.containers.create(
-        image_id,
-        command=spec.command,
-        name=spec.name,
-        environment=spec.environment,
-        mounts=spec.mounts,
-        network_mode="host",
-        labels={
-            SANDBOX_LABEL: spec.name,
-            STATE_LABEL: str(STATE_DIR),
-            SPEC_LABEL: spec_hash,
-        },
-        restart_policy={"Name": "no"},
-        detach=True,
+def _ours(container: Container) -> bool:
+    """Made by docker-compose for this project folder (not by the SDK, not by another
+    checkout's sandbox, not by a restored copy of the project elsewhere)."""
+    labels = container.labels or {}
+    return labels.get(PROJECT_LABEL) == COMPOSE_PROJECT and labels.get(WORKING_DIR_LABEL) == str(
+        PROJECT_DIR
     )
-    container.start()
-    return container
 
 
-def ensure_container(client: docker.DockerClient, spec: ContainerSpec, image_id: str) -> str:
-    """Make the container match ``spec`` and answer its probe. Returns what was done."""
-    prepared, rewritten = spec.prepare()
-    spec_hash = spec.spec_hash(image_id, prepared)
-    container = _get_container(client, spec.name)
-    action = "created"
-    if container is not None:
-        labels = container.labels or {}
-        reasons = ["host-side config rewritten"] if rewritten else []
-        if container.status != "running":
-            reasons.append(f"status {container.status}")
-        if labels.get(STATE_LABEL) != str(STATE_DIR):
-            reasons.append(f"state dir {labels.get(STATE_LABEL)!r}")
-        if labels.get(SPEC_LABEL) != spec_hash:
-            reasons.append("spec changed")
-        if reasons:
-            log.info("%s: recreating (%s)", spec.name, ", ".join(reasons))
+def _remove_foreign(client: docker.DockerClient, specs: list[ServiceSpec]) -> list[str]:
+    """Remove containers holding our names that this project did not make (compose
+    would refuse to start beside them); returns their names."""
+    removed = []
+    for spec in specs[::-1]:
+        container = _get_container(client, spec.container)
+        if container is not None and not _ours(container):
+            labels = container.labels or {}
+            where = labels.get(WORKING_DIR_LABEL) or labels.get(STATE_LABEL) or "no compose project"
+            log.info("%s: made elsewhere (%s), replacing it", spec.container, where)
             _remove_container(container)
-            container = None
-            action = "recreated"
-        else:
-            action = "kept"
-    for attempt in (1, 2):
+            removed.append(spec.container)
+    return removed
+
+
+def _adopt_legacy_data() -> list[str]:
+    """Move data from where the pre-compose sandbox kept it into the project's data
+    dirs, once (only when the new dir does not exist yet); returns what moved."""
+    moved = []
+    for old, new in LEGACY_DATA_DIRS.items():
+        if old.is_dir() and not new.exists():
+            new.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(old, new)
+            log.info("moved %s to %s (the sandbox is a compose project now)", old, new)
+            moved.append(f"{old} -> {new}")
+    return moved
+
+
+def write_project(specs: list[ServiceSpec]) -> list[str]:
+    """Write every project file; returns the services whose files had to be rewritten
+    to the baseline (recreated even though their compose config is unchanged)."""
+    PROJECT_DIR.mkdir(parents=True, exist_ok=True)
+    digests: dict[str, str] = {}
+    forced: list[str] = []
+    for spec in specs:
+        material, rewritten = spec.prepare()
+        digests[spec.service] = _digest(material)
+        if rewritten:
+            forced.append(spec.service)
+    for path, text in project.dashboard_files().items():
+        project.write_file(path, text)
+    project.write_env_file()
+    project.write_file(COMPOSE_FILE, project.compose_file(digests))
+    return forced
+
+
+def _container_ids(client: docker.DockerClient, specs: list[ServiceSpec]) -> dict[str, str]:
+    found = {s.container: _get_container(client, s.container) for s in specs}
+    return {name: c.id for name, c in found.items() if c is not None}
+
+
+def _wait_ready(client: docker.DockerClient, spec: ServiceSpec) -> None:
+    def probe() -> str | None:
+        container = _get_container(client, spec.container)
         if container is None:
-            container = _create_container(client, spec, image_id, spec_hash)
+            return "no container"
+        if container.status not in {"running", "created"}:
+            code = container.attrs.get("State", {}).get("ExitCode")
+            raise SandboxError(f"{spec.container} {container.status} (exit code {code})")
+        return spec.probe()
+
+    _wait_until(probe, READY_TIMEOUT, spec.container, interval=0.2)
+
+
+def ensure_services(client: docker.DockerClient, specs: list[ServiceSpec]) -> dict[str, str]:
+    """Compose the project up, then each service answering, in order. A container is
+    recreated when its compose config changed (compose's own config hash, which
+    includes our files digest) or its files were rewritten; a running one that does
+    not answer is recreated once."""
+    done: dict[str, str] = {}
+    for name in _remove_foreign(client, specs):
+        done[name] = "replaced"
+    moved = _adopt_legacy_data()
+    if moved:
+        done["data"] = "; ".join(moved)
+    forced = write_project(specs)
+    before = _container_ids(client, specs)
+    if forced:
+        log.info("recreating %s (files rewritten to the sandbox baseline)", ", ".join(forced))
+        compose("up", "-d", "--no-deps", "--force-recreate", *forced)
+    compose("up", "-d")
+    after = _container_ids(client, specs)
+    for spec in specs:
+        old, new = before.get(spec.container), after.get(spec.container)
+        action = "created" if old is None else ("kept" if old == new else "recreated")
         try:
-            _wait_until(
-                lambda c=container: _probe_or_dead(c, spec), READY_TIMEOUT, spec.name, interval=0.2
-            )
-            break
+            _wait_ready(client, spec)
         except SandboxError as exc:
-            tail = _logs_tail(container)
-            if attempt == 2 or action != "kept":
-                raise SandboxError(f"{exc}\n--- docker logs {spec.name} ---\n{tail}") from exc
-            log.info("%s: running but not answering (%s), recreating", spec.name, exc)
-            _remove_container(container)
-            container = None
+            container = _get_container(client, spec.container)
+            tail = _logs_tail(container) if container is not None else "(no container)"
+            if action != "kept":
+                raise SandboxError(f"{exc}\n--- docker logs {spec.container} ---\n{tail}") from exc
+            log.info("%s: running but not answering (%s), recreating", spec.container, exc)
+            compose("up", "-d", "--no-deps", "--force-recreate", spec.service)
             action = "recreated"
-    if spec.after_ready is not None:
-        spec.after_ready()
-    log.info("%s: %s, ready", spec.name, action)
-    return action
-
-
-def _probe_or_dead(container: Container, spec: ContainerSpec) -> str | None:
-    container.reload()
-    if container.status not in {"running", "created"}:
-        code = container.attrs.get("State", {}).get("ExitCode")
-        # Exited: no point waiting for the deadline.
-        raise SandboxError(f"{spec.name} {container.status} (exit code {code})")
-    return spec.probe()
+            _wait_ready(client, spec)
+        if spec.after_ready is not None:
+            spec.after_ready()
+        log.info("%s: %s, ready", spec.container, action)
+        replaced = done.get(spec.container)
+        done[spec.container] = f"{replaced}, {action}" if replaced else action
+    return done
 
 
 # ----------------------------------------------------------------------- seaweedfs
@@ -853,13 +757,14 @@ def up(*, seed_when_empty: bool = True) -> dict[str, str]:
     """Bring the whole stack up (idempotent). Returns what was done per component."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     client = ensure_dockerd()
-    done: dict[str, str] = {"dockerd": "ok"}
-    image_id = images.ensure_hostfs_image(client)
+    done: dict[str, str] = {"dockerd": "ok", "project": str(PROJECT_DIR)}
+    images.ensure_hostfs_image(client)
     done["seaweedfs"] = ensure_weed()
-    for spec in container_specs():
-        if not seed_when_empty and spec.name == REDIS_CONTAINER:
+    specs = service_specs()
+    if not seed_when_empty:
+        for spec in specs:
             spec.after_ready = None
-        done[spec.name] = ensure_container(client, spec, image_id)
+    done.update(ensure_services(client, specs))
     return done
 
 
@@ -868,13 +773,16 @@ def down(*, purge: bool = False) -> dict[str, str]:
     done: dict[str, str] = {}
     client = _docker_ping()
     if client is not None:
-        for spec_name in [s.name for s in container_specs()][::-1]:
-            container = _get_container(client, spec_name)
+        if COMPOSE_FILE.is_file():
+            compose("down", "--timeout", str(STOP_TIMEOUT))
+            done["compose"] = f"down ({COMPOSE_FILE})"
+        for spec in service_specs()[::-1]:  # left by another checkout, or by the SDK
+            container = _get_container(client, spec.container)
             if container is None:
-                done[spec_name] = "absent"
+                done[spec.container] = "removed" if COMPOSE_FILE.is_file() else "absent"
             else:
                 _remove_container(container)
-                done[spec_name] = "removed"
+                done[spec.container] = "removed"
     else:
         done["dockerd"] = "not answering; containers left as they are"
     done["seaweedfs"] = "stopped" if stop_weed() else "not running"
@@ -886,7 +794,7 @@ def down(*, purge: bool = False) -> dict[str, str]:
 
 def status() -> dict[str, Any]:
     """What runs and whether it answers. ``ok`` is True when everything does."""
-    report: dict[str, Any] = {"state_dir": str(STATE_DIR)}
+    report: dict[str, Any] = {"state_dir": str(STATE_DIR), "project_dir": str(PROJECT_DIR)}
     client = _docker_ping()
     report["dockerd"] = "ok" if client is not None else "not answering"
     probes = {
@@ -904,7 +812,10 @@ def status() -> dict[str, Any]:
                 entry["container"] = "absent"
             else:
                 entry["container"] = container.status
-                entry["state_dir"] = (container.labels or {}).get(STATE_LABEL)
+                labels = container.labels or {}
+                entry["state_dir"] = labels.get(STATE_LABEL)
+                entry["compose"] = f"{labels.get(PROJECT_LABEL)}/{labels.get(SERVICE_LABEL)}"
+                ok = ok and _ours(container)
         problem = probe()
         entry["answers"] = problem is None
         if problem:
@@ -951,6 +862,7 @@ def env_exports() -> str:
         "PROXILION_DR_PROMETHEUS_CONTAINER": PROMETHEUS_CONTAINER,
         "PROXILION_DR_PROMETHEUS_DATA_DIR": str(PROMETHEUS_HOST_DATA_DIR),
         "PROXILION_DR_PUSHGATEWAY_URL": PUSHGATEWAY_URL,
+        "PROXILION_DR_CONFIG_PROJECT_DIR": str(PROJECT_DIR),
         "PROXILION_DR_S3_BUCKET": S3_BUCKET,
         "PROXILION_DR_S3_PREFIX": "demo",
         "PROXILION_DR_S3_ENDPOINT_URL": S3_ENDPOINT,

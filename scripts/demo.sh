@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set everything up on a fresh machine and run backup-redis once against the sandbox:
-# installs packages, starts the sandbox stack (Redis, gateway, S3) and a local Prefect
-# server (SQLite), then runs the flow and says where the backup went.
+# Set everything up on a fresh machine and run backup-redis and backup-config once against
+# the sandbox: installs packages, starts the sandbox stack (a compose project: gateway,
+# Redis, Prometheus, Pushgateway; SeaweedFS S3) and a local Prefect server (SQLite), then
+# runs the flows and says where the backups went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -27,8 +28,12 @@ fi
 eval "$(.venv/bin/python -m sandbox env)"
 export PROXILION_DR_BACKUP_DIR="${PROXILION_DR_BACKUP_DIR:-$repo/backups}"
 .venv/bin/python -m flows.backup_redis
+# The sandbox's compose project (PROXILION_DR_CONFIG_PROJECT_DIR): compose file, Prometheus
+# config and rules, dashboards, redis.conf and the gateway's settings; its .env secret not.
+.venv/bin/python -m flows.backup_config
 
 echo
 echo "Backups:   $PROXILION_DR_BACKUP_DIR (and s3://$PROXILION_DR_S3_BUCKET/$PROXILION_DR_S3_PREFIX on the sandbox S3)"
-echo "Prefect UI: http://127.0.0.1:4200  (flow run, logs and the backup-redis report artifact)"
+echo "Project:   $PROXILION_DR_CONFIG_PROJECT_DIR (the sandbox stack's compose project)"
+echo "Prefect UI: http://127.0.0.1:4200  (flow runs, logs and their report artifacts)"
 echo "Schedules: .venv/bin/python -m deployments serve"

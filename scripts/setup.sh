@@ -3,8 +3,8 @@
 # Idempotent: run it as often as you like.
 #
 #   1. Debian packages docker.io docker-compose redis-server redis-tools prometheus
-#      prometheus-pushgateway (apt only when missing; docker-compose 1.29 runs compose
-#      files: Debian 12 has no compose v2),
+#      prometheus-pushgateway (apt only when missing; docker-compose 1.29 runs the
+#      sandbox's compose project: Debian 12 has no compose v2),
 #      without leaving Debian's own redis-server / prometheus services on 6379 / 9090
 #      (the sandbox runs its own, in containers).
 #   2. .venv (python3 -m venv) with this project (`pip install -e '.[test]'`) and the

@@ -1,7 +1,8 @@
 """Configuration: the project's config files and allow-listed environment, without secrets.
 
 What is collected (runbook "Configuration Backup"): compose files, prometheus.yml,
-alerts.yml, grafana/dashboards/ from the project directory, and the allow-listed
+alerts.yml and the other rule files prometheus.yml lists, grafana/dashboards/ and
+redis.conf (or redis/redis.conf) from the project directory, and the allow-listed
 environment variables (from the gateway container's config or this process) as
 env.txt. Secrets never leave this module:
 
@@ -9,7 +10,8 @@ env.txt. Secrets never leave this module:
   (its name is reported, never its value), even when allow-listed;
 - the stored copy of each file has its secrets replaced (tasks/redact.py: secret
   keys whatever the value's type, command-line passwords, comments, Grafana's
-  secureJsonData, URL credentials), named in the report, never their values.
+  secureJsonData, redis.conf passwords, URL credentials), named in the report,
+  never their values.
 Symlinks are followed only inside the project directory (the target's content is
 stored under the link's name, as `cp` does); one pointing outside is skipped and
 reported. Config files are small: each is read once into memory, so the content
@@ -29,6 +31,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -49,6 +52,8 @@ from tasks.secrets import secret_name, secret_value
 from tasks.storage import BackupNotFound, explain_write_error, find_local
 
 EXPECTED = ("prometheus.yml", "alerts.yml", "grafana/dashboards")
+# Kept when present, not missed when absent: Redis's config file (its secrets redacted).
+OPTIONAL = ("redis.conf", "redis/redis.conf")
 ENV_FILE = "env.txt"
 
 
@@ -88,11 +93,27 @@ def check_project_dir(project_dir: Path) -> Path:
     return path.resolve()
 
 
+def rule_files(root: Path) -> list[str]:
+    """The rule files prometheus.yml lists (`rule_files:` globs, relative to it) that
+    are inside the project: a restored prometheus.yml must find its rules."""
+    try:
+        config = yaml.safe_load((root / "prometheus.yml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    found: list[str] = []
+    for pattern in config.get("rule_files") or [] if isinstance(config, dict) else []:
+        if isinstance(pattern, str) and not Path(pattern).is_absolute():
+            found += sorted(p.relative_to(root).as_posix() for p in root.glob(pattern))
+    return [name for name in dict.fromkeys(found) if name not in EXPECTED]
+
+
 def _candidates(root: Path) -> Iterator[str]:
     names = sorted(entry.name for entry in root.iterdir())
     for pattern in COMPOSE_PATTERNS:
         yield from (name for name in names if fnmatch(name, pattern))
     yield from EXPECTED
+    yield from rule_files(root)
+    yield from OPTIONAL
 
 
 def _collect(root: Path, relative: str, found: ProjectFiles, seen: set[Path]) -> None:
@@ -125,8 +146,9 @@ def _collect(root: Path, relative: str, found: ProjectFiles, seen: set[Path]) ->
 
 @task(cache_policy=NO_CACHE)
 def read_project_files(project_dir: Path) -> ProjectFiles:
-    """Compose files, prometheus.yml, alerts.yml and grafana/dashboards/ of the project,
-    redacted. Missing ones are reported; a project with none of them is an error."""
+    """Compose files, prometheus.yml, alerts.yml, the other rule files prometheus.yml
+    lists, grafana/dashboards/ and redis.conf of the project, redacted. Missing ones
+    are reported; a project with none of them is an error."""
     root = check_project_dir(project_dir)
     found = ProjectFiles(project_dir=str(root))
     seen: set[Path] = set()

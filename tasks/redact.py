@@ -8,6 +8,8 @@ What is replaced (tasks/secrets.py says what a secret is):
 - the argument after a secret flag in a command line, string or list form
   (`redis-server --requirepass x`, `["redis-cli", "-a", "x", "ping"]`);
 - the same in comments (`# GATEWAY_API_TOKEN: sk-live-...`): replaced in the comment;
+- in redis.conf, the arguments of `requirepass`, `masterauth`… and the passwords of
+  `user` ACL lines;
 - credentials inside URLs (`scheme://user:pass@host` becomes `scheme://***@host`).
 Every other byte, comment and the layout are kept. In compose files the replacement
 is `${NAME:?secret withheld by backup-config}`, so a restored stack refuses to start
@@ -468,11 +470,42 @@ def redact_json(text: str) -> tuple[str, list[str], str]:
     return json.dumps(clean, indent=2) + "\n", urls + found.paths, "rewritten (layout not kept)"
 
 
+# redis.conf directives holding a secret that secret_name() does not recognise.
+_REDIS_SECRET_DIRECTIVES = ("masterauth", "masteruser")
+_REDIS_ACL_PASSWORD = re.compile(r"(?<=\s)([>#<!])\S+")
+
+
+def redact_redis_conf(text: str) -> tuple[str, list[str]]:
+    """redis.conf without its secrets: the arguments of `requirepass`, `masterauth`,
+    `tls-key-file-pass`… and the passwords and hashes (`>pass`, `#sha256`) of `user`
+    ACL lines become <redacted>; comments and every other line kept."""
+    out, names = [], []
+    for line in text.splitlines(keepends=True):
+        parts = line.split(None, 1)
+        directive = parts[0].lower() if parts and not parts[0].startswith("#") else ""
+        secret = directive in _REDIS_SECRET_DIRECTIVES or (
+            secret_name(directive) and not directive.endswith(("-file", "-dir"))
+        )
+        if secret and len(parts) > 1:
+            ending = line[len(line.rstrip("\r\n")) :]
+            out.append(f"{parts[0]} {PLACEHOLDER}{ending}")
+            names.append(directive)
+        elif directive == "user" and _REDIS_ACL_PASSWORD.search(line):
+            out.append(_REDIS_ACL_PASSWORD.sub(lambda m: f"{m[1]}{PLACEHOLDER}", line))
+            names.append(f"user {line.split()[1] if len(line.split()) > 1 else ''}".strip())
+        else:
+            out.append(line)
+    return "".join(out), names
+
+
 def redact_file(relative: str, data: bytes) -> tuple[bytes, list[str], str]:
     """The bytes to store for one config file, and what was redacted from it."""
     text = data.decode("utf-8", errors="surrogateescape")
     name = Path(relative).name
-    if name.endswith((".yml", ".yaml")):
+    if name.endswith(".conf"):
+        clean, found = redact_redis_conf(redact_urls(text)[0])
+        how = "in place"
+    elif name.endswith((".yml", ".yaml")):
         compose = any(fnmatch(name, pattern) for pattern in COMPOSE_PATTERNS)
         clean, found, how = redact_yaml(text, compose)
     elif name.endswith(".json"):

@@ -113,3 +113,21 @@ def backup_dir(tmp_path: Path) -> Path:
     path = tmp_path / "backups"
     path.mkdir()
     return path
+
+
+TAKES_THE_STACK_DOWN = "takes_the_stack_down"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{TAKES_THE_STACK_DOWN}: stops the shared sandbox stack for a while (and brings it "
+        "back); runs after every other test of the session",
+    )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that take the shared stack away run last, whatever the collection order
+    (pytest-random-order included): everything else sees the stack up."""
+    items.sort(key=lambda item: item.get_closest_marker(TAKES_THE_STACK_DOWN) is not None)

@@ -23,7 +23,7 @@ from sandbox import constants as stack
 from tasks.archive import extract_archive, verify_file
 from tasks.config import read_env
 from tasks.containers import ContainerError
-from tasks.redact import redact_yaml
+from tasks.redact import redact_file, redact_yaml
 from tasks.secrets import secret_name
 from tasks.storage import list_local
 from tests.prefect_records import session_text
@@ -683,3 +683,52 @@ def test_on_change_run_stores_a_new_backup_when_the_newest_is_damaged(
     # The new, intact backup is the one later on-change runs compare against.
     third = backup_config(**common)
     assert third["unchanged_since"] == second["name"]
+
+
+def test_sandbox_project_is_backed_up_with_its_rule_files_and_redis_conf(tmp_path: Path) -> None:
+    """The sandbox is a compose project: its real files are what backup-config keeps,
+    the rule files prometheus.yml lists and redis.conf included, its .env never."""
+    require(stack.GATEWAY_HOST, stack.GATEWAY_PORT, f"the gateway ({stack.GATEWAY_CONTAINER})")
+    manifest = backup_config(
+        project_dir=str(stack.PROJECT_DIR),
+        env_container=stack.GATEWAY_CONTAINER,
+        backup_dir=str(tmp_path),
+        s3_bucket="",
+    )
+    source = manifest["source"]
+    assert source["missing"] == []
+    assert set(source["files"]) == {
+        "docker-compose.yml",
+        "prometheus.yml",
+        "alerts.yml",
+        *stack.PROMETHEUS_RULE_FILES,
+        "grafana/dashboards/proxilion-dr-dashboard.json",
+        "grafana/dashboards/proxilion-gateway.json",
+        "redis/redis.conf",
+        "env.txt",
+    }
+    assert sorted(source["env"]) == sorted(stack.GATEWAY_SETTINGS)
+    stored = gzip.decompress((tmp_path / manifest["name"]).read_bytes())
+    assert TOKEN.encode() not in stored
+    assert b"GATEWAY_API_TOKEN: ${GATEWAY_API_TOKEN}" in stored
+
+
+def test_redis_conf_secrets_are_redacted() -> None:
+    conf = (
+        "# requirepass is commented out here\n"
+        "port 6379\n"
+        "requirepass s3cr3t-pass\n"
+        "masterauth   primary-pass\n"
+        "tls-key-file /etc/redis/key.pem\n"
+        "user backup on >backup-pass #4a1e0c0f ~* +@read\n"
+        "dir /data\n"
+    )
+    clean, found, _how = redact_file("redis/redis.conf", conf.encode())
+    text = clean.decode()
+    for secret in ("s3cr3t-pass", "primary-pass", "backup-pass", "4a1e0c0f"):
+        assert secret not in text
+    assert "requirepass <redacted>\n" in text
+    assert "user backup on ><redacted> #<redacted> ~* +@read\n" in text
+    for kept in ("# requirepass is commented out here\n", "tls-key-file /etc/redis/key.pem\n"):
+        assert kept in text
+    assert found == ["requirepass", "masterauth", "user backup"]

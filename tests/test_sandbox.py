@@ -7,6 +7,9 @@ These tests FAIL (never skip) when a service does not answer: start the stack wi
 from __future__ import annotations
 
 import json
+import stat
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 from redis_servers import running_redis
 
-from sandbox import constants
+from sandbox import constants, stack
 from sandbox.seed import seed, url_for_db
 from sandbox.stack import (
     GATEWAY_CONTAINER,
@@ -229,12 +232,14 @@ def test_prometheus_runs_with_admin_api_and_long_retention(prometheus: httpx.Cli
     assert flags["web.listen-address"] == "127.0.0.1:9090"
 
 
-def test_prometheus_scrapes_the_gateway_and_itself(prometheus: httpx.Client) -> None:
+def test_prometheus_scrapes_the_gateway_itself_and_the_pushgateway(
+    prometheus: httpx.Client,
+) -> None:
     deadline = time.monotonic() + 3 * constants.PROMETHEUS_SCRAPE_SECONDS + 5
     while True:
         targets = prometheus.get("/api/v1/targets").json()["data"]["activeTargets"]
         health = {t["labels"]["job"]: t["health"] for t in targets}
-        if health == {"proxilion-gateway": "up", "prometheus": "up"}:
+        if health == {"proxilion-gateway": "up", "prometheus": "up", "pushgateway": "up"}:
             break
         assert time.monotonic() < deadline, f"scrape targets not all up: {targets}"
         time.sleep(1)
@@ -287,3 +292,62 @@ def test_s3_refuses_anonymous_and_wrong_secret() -> None:
     wrong = s3(aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key="not-the-secret")
     with pytest.raises(botocore.exceptions.ClientError):
         wrong.list_buckets()
+
+
+SERVICES = {
+    "gateway": GATEWAY_CONTAINER,
+    "redis": REDIS_CONTAINER,
+    "prometheus": PROMETHEUS_CONTAINER,
+    "pushgateway": constants.PUSHGATEWAY_CONTAINER,
+}
+
+
+def test_containers_belong_to_the_compose_project(docker_client: docker.DockerClient) -> None:
+    for service, name in SERVICES.items():
+        try:
+            labels = docker_client.containers.get(name).labels
+        except docker.errors.NotFound as exc:
+            unreachable(f"container {name}", exc)
+        assert labels["com.docker.compose.project"] == constants.COMPOSE_PROJECT
+        assert labels["com.docker.compose.service"] == service
+        assert labels["com.docker.compose.project.working_dir"] == str(constants.PROJECT_DIR)
+    services = stack.compose("config", "--services").split()
+    assert sorted(services) == sorted(SERVICES)
+
+
+def test_project_has_the_production_layout_with_its_secret_in_env() -> None:
+    project = constants.PROJECT_DIR
+    for name in (
+        "docker-compose.yml",
+        "prometheus.yml",
+        "alerts.yml",
+        "proxilion-dr-alerts.yml",
+        "grafana/dashboards/proxilion-dr-dashboard.json",
+        "grafana/dashboards/proxilion-gateway.json",
+        "redis/redis.conf",
+    ):
+        assert (project / name).is_file(), f"{name} missing in {project}"
+    env = project / ".env"
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    token = constants.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
+    assert f"GATEWAY_API_TOKEN={token}" in env.read_text().splitlines()
+    compose_text = (project / "docker-compose.yml").read_text()
+    assert "GATEWAY_API_TOKEN: ${GATEWAY_API_TOKEN}" in compose_text
+    assert token not in compose_text
+    # Data mounted by paths relative to the project: a restored copy finds it beside it.
+    assert "./data/redis:/data" in compose_text
+    assert "./data/prometheus:/prometheus" in compose_text
+    assert constants.REDIS_HOST_DATA_DIR.parent == project / "data"
+
+
+def test_prometheus_loads_the_project_rule_files(prometheus: httpx.Client) -> None:
+    groups = prometheus.get("/api/v1/rules").json()["data"]["groups"]
+    files = {group["file"] for group in groups}
+    assert files == {f"/config/{name}" for name in constants.PROMETHEUS_RULE_FILES}
+
+
+def test_env_points_backup_config_at_the_project() -> None:
+    exports = subprocess.run(
+        [sys.executable, "-m", "sandbox", "env"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"export PROXILION_DR_CONFIG_PROJECT_DIR={constants.PROJECT_DIR}" in exports
