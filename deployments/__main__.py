@@ -1,5 +1,7 @@
 """`python -m deployments serve` runs every deployment's schedule in this process;
-`python -m deployments yaml` prints prefect.yaml from the same catalog."""
+`python -m deployments yaml` prints prefect.yaml from the same catalog;
+`python -m deployments apply` creates the failure and lateness notifications
+(deployments/notifications.py), which `serve` also does when it starts."""
 
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ from typing import Any
 import yaml
 from prefect import serve
 from prefect.schedules import Cron
+from prefect.settings import PREFECT_UI_URL
 
 from deployments.catalog import DEPLOYMENTS, TIMEZONE, DeploymentSpec
+from deployments.hosts import BadHostName, for_host
+from deployments.notifications import apply_notifications
+from flows.settings import settings
 
 
 def load_flow(spec: DeploymentSpec) -> Any:
@@ -61,13 +67,38 @@ def render_yaml() -> str:
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
+def notify() -> None:
+    """Create the notification block and automations from PROXILION_DR_NOTIFY_WEBHOOK_URL."""
+    created = apply_notifications(
+        settings().notify_webhook_url.get_secret_value(), PREFECT_UI_URL.value() or ""
+    )
+    if created:
+        print("notifications to the webhook: " + "; ".join(created))
+    else:
+        print(
+            "PROXILION_DR_NOTIFY_WEBHOOK_URL is empty: failed or late runs notify nobody",
+            file=sys.stderr,
+        )
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m deployments")
-    parser.add_argument("command", choices=["serve", "yaml"])
+    parser.add_argument("command", choices=["serve", "yaml", "apply"])
+    parser.add_argument(
+        "--host",
+        help="yaml: this Docker host's copy of every deployment, on its own work queue "
+        "(see deployments/hosts.py)",
+    )
     args = parser.parse_args(argv)
+    if args.command in ("serve", "apply"):
+        notify()
     if args.command == "yaml":
-        sys.stdout.write(render_yaml())
-    else:
+        text = render_yaml()
+        try:
+            sys.stdout.write(for_host(text, args.host) if args.host else text)
+        except BadHostName as error:
+            parser.error(str(error))
+    elif args.command == "serve":
         serve(*(to_deployment(spec) for spec in DEPLOYMENTS))
 
 

@@ -4,7 +4,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
+
+from croniter import croniter
+
+from tasks.storage import KINDS
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,38 @@ class DeploymentSpec:
     @property
     def flow_name(self) -> str:
         return self.entrypoint.rsplit(":", 1)[1].replace("_", "-")
+
+    @property
+    def interval(self) -> timedelta | None:
+        """The longest gap between two scheduled runs (None when launched by hand)."""
+        return cron_interval(self.cron) if self.cron else None
+
+
+@cache
+def cron_interval(cron: str) -> timedelta:
+    """The longest gap between consecutive times of a cron expression over a year
+    (`0 3 * * 0` → 7 days): what "2 × its interval" means for an irregular schedule."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    times = croniter(cron, start)
+    previous = times.get_next(datetime)
+    longest = timedelta(0)
+    while previous < start + timedelta(days=366):
+        current = times.get_next(datetime)
+        longest = max(longest, current - previous)
+        previous = current
+    return longest
+
+
+def backup_intervals() -> dict[str, timedelta]:
+    """Per backup kind (`redis`, …), the interval within which a scheduled run stores a
+    new backup: the longest of its flow's schedules (the hourly `on-change` config run
+    stores only on change; the weekly forced one always stores)."""
+    intervals: dict[str, timedelta] = {}
+    for spec in DEPLOYMENTS:
+        kind = spec.flow_name.removeprefix("backup-")
+        if spec.interval and kind in KINDS:
+            intervals[kind] = max(intervals.get(kind, timedelta(0)), spec.interval)
+    return intervals
 
 
 TIMEZONE = "UTC"
@@ -89,5 +127,13 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         "start gateway → redis → prometheus → grafana verified; report = the runbook "
         "checklist. Try dry_run first.",
         tags=("proxilion-dr", "recovery", "host"),
+    ),
+    DeploymentSpec(
+        name="hourly",
+        entrypoint="flows/backup_status.py:backup_status",
+        cron="30 * * * *",
+        description="The at-a-glance table (artifact backup-status): every kind's newest "
+        "backup here and in S3, fresh / LATE / MISSING, size trend, last verified restore.",
+        tags=("proxilion-dr", "status"),
     ),
 )

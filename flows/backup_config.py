@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.hooks import BACKUP_HOOKS
 from flows.settings import resolve
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
@@ -36,7 +37,7 @@ from tasks.sources import config_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-config", log_prints=True)
+@flow(name="backup-config", log_prints=True, **BACKUP_HOOKS)
 def backup_config(
     project_dir: str | None = None,
     env_allowlist: list[str] | None = None,

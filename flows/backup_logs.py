@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.hooks import BACKUP_HOOKS
 from flows.settings import resolve
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
@@ -28,7 +29,7 @@ from tasks.sources import logs_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-logs", log_prints=True)
+@flow(name="backup-logs", log_prints=True, **BACKUP_HOOKS)
 def backup_logs(
     containers: list[str] | str | None = None,
     window: str | None = None,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.hooks import BACKUP_HOOKS
 from flows.settings import resolve, warn_about_secret_parameters
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
@@ -30,7 +31,7 @@ from tasks.sources import prometheus_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-prometheus", log_prints=True)
+@flow(name="backup-prometheus", log_prints=True, **BACKUP_HOOKS)
 def backup_prometheus(
     prometheus_url: str | None = None,
     container: str | None = None,

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.hooks import BACKUP_HOOKS
 from flows.settings import resolve, warn_about_secret_parameters
 from flows.steps import Destination, keep_backup
 from tasks.archive import Compression, check_compression
@@ -28,7 +29,7 @@ from tasks.sources import redis_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
 
-@flow(name="backup-redis", log_prints=True)
+@flow(name="backup-redis", log_prints=True, **BACKUP_HOOKS)
 def backup_redis(
     redis_url: str | None = None,
     container: str | None = None,

@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, StepFailed, one_line
 from flows.settings import settings
 from tasks import health
@@ -41,7 +42,7 @@ FLOW = "recover-gateway"
 LOG_LINES = 100
 
 
-@flow(name=FLOW, log_prints=True)
+@flow(name=FLOW, log_prints=True, **FLOW_HOOKS)
 def recover_gateway(
     container: str | None = None,
     health_url: str | None = None,

@@ -31,6 +31,7 @@ import httpx
 import redis
 from prefect import flow
 
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, Step, one_line
 from flows.settings import resolve, warn_about_secret_parameters
 from tasks import containers
@@ -180,7 +181,7 @@ class HostRecovery(Recovery):
         return facts
 
 
-@flow(name="recover-host", log_prints=True)
+@flow(name="recover-host", log_prints=True, **FLOW_HOOKS)
 def recover_host(
     target_dir: str | None = None,
     backup: str = "latest",

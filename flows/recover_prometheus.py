@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import resolve, warn_about_secret_parameters
@@ -41,7 +42,7 @@ from tasks.secrets import url_server
 from tasks.sources import prometheus_source_id
 
 
-@flow(name="recover-prometheus", log_prints=True)
+@flow(name="recover-prometheus", log_prints=True, **FLOW_HOOKS)
 def recover_prometheus(
     backup: str = "latest",
     container: str | None = None,

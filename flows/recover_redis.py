@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import resolve, warn_about_secret_parameters
@@ -48,7 +49,7 @@ from tasks.sources import redis_source_id
 GATEWAY_TIMEOUT = 60.0
 
 
-@flow(name="recover-redis", log_prints=True)
+@flow(name="recover-redis", log_prints=True, **FLOW_HOOKS)
 def recover_redis(
     backup: str = "latest",
     container: str | None = None,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import get_run_logger
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.secrets import carries_credentials
@@ -59,6 +60,9 @@ class Settings(BaseSettings):
     logs_containers: str = "proxilion-gateway"
     logs_window: str = "24h"
     logs_retention_days: float = 30
+
+    # A credential (Slack and Mattermost webhook URLs are): hidden from repr and logs.
+    notify_webhook_url: SecretStr = SecretStr("")
 
 
 def settings() -> Settings:

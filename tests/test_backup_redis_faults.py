@@ -21,7 +21,7 @@ from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from tasks.containers import ContainerError
 from tasks.rdb import RdbError
-from tasks.redis import RedisUnreachable, SaveFailed, SaveTimeout
+from tasks.redis import RedisUnreachable, SaveFailed, SaveTimeout, capture_rdb, inspect_redis
 from tasks.s3 import S3Error, S3Unreachable
 from tasks.secrets import redact_url
 from tasks.storage import list_local
@@ -141,15 +141,15 @@ def test_corrupt_rdb_is_refused_before_storing(
         else:
             data[len(data) // 2] ^= 0x10
         (corrupt / "dump.rdb").write_bytes(bytes(data))
+        # Called at the capture step: the flow's own save proof refuses a file written
+        # before its BGSAVE (test_backup_redis_fetch), so a damaged file that Redis
+        # itself wrote (a bad disk) is what reaches validation.
+        staging = backup_dir / "redis" / ".dump.rdb.gz.test.partial"
+        staging.parent.mkdir()
+        facts = inspect_redis.fn(server.url)
         with pytest.raises(RdbError, match="(?i)corrupt|truncated|checksum"):
-            backup_redis(
-                redis_url=server.url,
-                container="",
-                fetch="path",
-                data_dir=str(corrupt),
-                backup_dir=str(backup_dir),
-                s3_bucket="",
-            )
+            capture_rdb.fn("path", server.url, None, str(corrupt), facts, staging, "gzip", False)
+        assert not staging.exists()
     no_backups(backup_dir)
 
 

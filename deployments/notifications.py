@@ -1,0 +1,145 @@
+"""Failures reach a person: a webhook notification block and the Prefect automations
+that use it, defined here and created by `python -m deployments apply` (and `serve`).
+
+- `proxilion-dr: run failed or crashed`: any run of a proxilion-dr flow (`backup-*`,
+  `recover-*`, `verify-restore`; by flow name, so runs started by hand count too)
+  entering Failed or Crashed. The Prefect server sends it, so a run whose process
+  died (SIGKILL, OOM, lost host) is reported too; the flows' hooks only warn in the
+  run's log when no such automation exists (flows/hooks.py), so one failure is one
+  message.
+- `proxilion-dr: <flow>/<deployment> late`, per scheduled deployment: no run of it
+  completed within 2 × its schedule interval (also when nothing runs the schedules).
+
+The webhook URL (Slack, Mattermost, ntfy…) is a credential: it is kept in the block's
+secret values, never in its plain fields, and never printed.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from uuid import UUID
+
+from prefect import get_client
+from prefect.automations import AutomationCore, EventTrigger, Posture, SendNotification
+from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+from deployments.catalog import DEPLOYMENTS, DeploymentSpec
+
+WEBHOOK_BLOCK = "proxilion-dr-webhook"
+FAILURE_AUTOMATION = "proxilion-dr: run failed or crashed"
+LATE_PREFIX = "proxilion-dr: "  # + "<flow>/<deployment> late"
+FLOW_NAMES = ["backup-*", "recover-*", "verify-restore"]
+
+FAILURE_SUBJECT = "proxilion-dr: {{ flow.name }} {{ flow_run.state.name }} ({{ flow_run.name }})"
+FAILURE_BODY = """\
+{{ flow.name }} run {{ flow_run.name }}: {{ flow_run.state.name }}
+{{ flow_run.state.message }}
+{{ flow_run|ui_url or ("flow run id " ~ flow_run.id ~ " (set PREFECT_UI_URL for a link)") }}"""
+
+
+def webhook_block(url: str) -> CustomWebhookNotificationBlock:
+    """A webhook posting `{"text": subject + body}` (what Slack and Mattermost read;
+    ntfy and others show it as is), the URL held as a secret value."""
+    return CustomWebhookNotificationBlock(
+        name="proxilion-dr",
+        url="{{webhook_url}}",
+        json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}", "body": "{{body}}"},
+        secrets={"webhook_url": url},
+    )
+
+
+def failure_automation(block_id: UUID) -> AutomationCore:
+    """Any proxilion-dr flow run entering Failed or Crashed: one message per run."""
+    return AutomationCore(
+        name=FAILURE_AUTOMATION,
+        description="A proxilion-dr run failed or crashed: tell the on-call person.",
+        trigger=EventTrigger(
+            posture=Posture.Reactive,
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOW_NAMES},
+            expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            for_each={"prefect.resource.id"},
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[
+            SendNotification(block_document_id=block_id, subject=FAILURE_SUBJECT, body=FAILURE_BODY)
+        ],
+    )
+
+
+def late_automation_name(spec: DeploymentSpec) -> str:
+    return f"{LATE_PREFIX}{spec.flow_name}/{spec.name} late"
+
+
+def late_automation(
+    spec: DeploymentSpec, block_id: UUID, ui_url: str, within: timedelta | None = None
+) -> AutomationCore:
+    """No run of this scheduled deployment completed within `within` (default 2 × its
+    schedule interval); repeats every such window while it lasts."""
+    window = within or 2 * (spec.interval or timedelta(0))
+    where = f"{ui_url.rstrip('/')}/deployments" if ui_url else "the Prefect UI, Deployments"
+    return AutomationCore(
+        name=late_automation_name(spec),
+        description=f"{spec.flow_name}/{spec.name} did not complete within {window}.",
+        trigger=EventTrigger(
+            posture=Posture.Proactive,
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related=[
+                {"prefect.resource.role": "flow", "prefect.resource.name": spec.flow_name},
+                {"prefect.resource.role": "deployment", "prefect.resource.name": spec.name},
+            ],
+            expect={"prefect.flow-run.Completed"},
+            threshold=1,
+            within=window,
+        ),
+        actions=[
+            SendNotification(
+                block_document_id=block_id,
+                subject=f"proxilion-dr: {spec.flow_name} late",
+                body=(
+                    f"{spec.flow_name} (deployment {spec.name}, schedule {spec.cron}) has not "
+                    f"completed a run in the last {window}: is the runner "
+                    f"(python -m deployments serve) up? Are its runs failing? See {where}"
+                ),
+            )
+        ],
+    )
+
+
+def notification_automations(block_id: UUID, ui_url: str) -> list[AutomationCore]:
+    """The failure automation and one late automation per scheduled deployment."""
+    late = [late_automation(spec, block_id, ui_url) for spec in DEPLOYMENTS if spec.cron]
+    return [failure_automation(block_id), *late]
+
+
+def replace_automation(automation: AutomationCore) -> UUID:
+    """Create `automation`, or update the one of the same name in place (apply is
+    repeatable; updating rather than deleting keeps the server's trigger state sane)."""
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(automation.name)
+        if not existing:
+            return client.create_automation(automation)
+        for extra in existing[1:]:
+            client.delete_automation(extra.id)
+        client.update_automation(existing[0].id, automation)
+        return existing[0].id
+
+
+def apply_notifications(webhook_url: str, ui_url: str) -> list[str]:
+    """Save the webhook block and (re)create every notification automation, removing
+    late automations of deployments no longer in the catalog; returns the automations'
+    names. Without a webhook URL nothing is created."""
+    if not webhook_url:
+        return []
+    block_id = webhook_block(webhook_url).save(WEBHOOK_BLOCK, overwrite=True)
+    automations = notification_automations(block_id, ui_url)
+    for automation in automations:
+        replace_automation(automation)
+    current = {a.name for a in automations}
+    with get_client(sync_client=True) as client:
+        for stale in client.read_automations():
+            is_late = stale.name.startswith(LATE_PREFIX) and stale.name.endswith(" late")
+            if is_late and stale.name not in current:
+                client.delete_automation(stale.id)
+    return sorted(current)

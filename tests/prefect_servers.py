@@ -1,0 +1,139 @@
+"""A real `prefect server start` (UI included) for tests that need more than the
+harness's in-process server: a browser, a worker, a PostgreSQL database.
+
+`running_prefect_server(home)` starts it on a free 127.0.0.1 port with its own
+PREFECT_HOME (SQLite there unless `database_url` names another database), waits
+until `/api/health` answers and stops the whole process group on exit.
+`prefect_env(server)` is the environment for processes that talk to it (a worker,
+`python -m deployments serve`), and `api(server)` points this process's Prefect
+client at it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.redis_servers import free_port
+
+START_TIMEOUT = 180.0
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+
+
+@dataclass
+class PrefectServer:
+    """A Prefect server process started for a test."""
+
+    url: str  # the UI's address; the API is url + "/api"
+    home: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/api"
+
+    def log_tail(self, lines: int = 30) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def prefect_env(server: PrefectServer, **extra: str) -> dict[str, str]:
+    """This process's environment pointed at `server` (and `extra` on top)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(server.home),
+        PREFECT_API_URL=server.api_url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
+    )
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def api(server: PrefectServer) -> Iterator[None]:
+    """Point this process's Prefect client (get_client, run_deployment) at `server`."""
+    with temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield
+
+
+def stop_group(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM the process group we started (the process and its children), then
+    SIGKILL what is left after `timeout`."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> None:
+    """Poll `/api/health` until it answers; fail with the server's log otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            break
+        try:
+            if httpx.get(server.api_url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(
+        f"`prefect server start` did not answer on {server.url} within {timeout:.0f} s "
+        f"(exit code {server.process.poll()}); its log:\n{server.log_tail()}",
+        pytrace=False,
+    )
+
+
+@contextmanager
+def running_prefect_server(
+    home: Path, database_url: str | None = None, **settings: str
+) -> Iterator[PrefectServer]:
+    """`prefect server start` with the UI on a free port; `settings` are extra
+    PREFECT_* variables for the server (e.g. service loop intervals)."""
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = home / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=url + "/api",
+        PREFECT_UI_API_URL=url + "/api",
+        PREFECT_UI_ENABLED="true",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **settings,
+    )
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    server = PrefectServer(url=url, home=home, log_path=log_path, process=process)
+    try:
+        wait_healthy(server)
+        yield server
+    finally:
+        stop_group(process)
