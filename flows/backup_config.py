@@ -84,7 +84,7 @@ def backup_config(
     codec: Compression = check_compression(p["compression"])
     source_id = config_source_id(p["project_dir"])
     with exclusive(lock_name("backup-config", str(store))):
-        prepare_backup_dir(store, "config")
+        prepare_backup_dir(store, "config", to.modes)
         files = read_project_files(Path(p["project_dir"]))
         env = read_env(allowlist_names(p["env_allowlist"]), p["env_container"] or None)
         digest = config_digest(files, env)

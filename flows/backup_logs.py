@@ -75,7 +75,7 @@ def backup_logs(
     until = utc_now()
     since = until - parse_window(p["window"])
     with exclusive(lock_name("backup-logs", str(store))):
-        prepare_backup_dir(store, "logs")
+        prepare_backup_dir(store, "logs", to.modes)
         sources = find_log_sources(names, p["read"])
         name = backup_name("logs", until, codec, source_id)
         captured = capture_logs(sources, since, until, staging_path(store, name), codec)

@@ -74,7 +74,7 @@ def backup_prometheus(
     server = redact_url(check_url(p["prometheus_url"], "prometheus_url"))
     source_id = prometheus_source_id(p["prometheus_url"])
     with exclusive(lock_name("backup-prometheus", url_server(p["prometheus_url"]))):
-        prepare_backup_dir(to.backup_dir, "prometheus")
+        prepare_backup_dir(to.backup_dir, "prometheus", to.modes)
         facts = inspect_prometheus(p["prometheus_url"])
         tsdb = locate_tsdb(p["fetch"], p["container"] or None, p["data_dir"] or None, facts)
         snapshot = take_snapshot(p["prometheus_url"], tsdb)

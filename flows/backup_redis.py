@@ -76,7 +76,7 @@ def backup_redis(
     server = target.where
     source_id = redis_source_id(p["redis_url"])
     with exclusive(lock_name("backup-redis", target.server)):
-        prepare_backup_dir(to.backup_dir, "redis")
+        prepare_backup_dir(to.backup_dir, "redis", to.modes)
         facts = inspect_redis(p["redis_url"])
         method = choose_fetch(
             p["fetch"], p["container"] or None, p["data_dir"] or None, facts, p["redis_url"]

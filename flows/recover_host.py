@@ -199,6 +199,7 @@ def recover_host(
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
+    age_identity_file: str | None = None,
     start_timeout_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """Rebuild the whole stack on a new host from the backups alone (scenario 3).
@@ -235,6 +236,8 @@ def recover_host(
         s3_bucket: Bucket to look in when a backup is not in backup_dir.
         s3_prefix: Key prefix of the backups in the bucket.
         s3_endpoint_url: S3-compatible endpoint; empty = AWS.
+        age_identity_file: Path of the age private key file that decrypts encrypted S3
+            copies (the key itself is never a parameter); empty = none.
         start_timeout_seconds: How long each service may take to start and verify.
     """
     warn_about_secret_parameters(locals(), "redis_url")
@@ -277,6 +280,7 @@ def _fetch(p: dict[str, Any], kind: str, name: str, source_id: str) -> FoundBack
     return fetch_backup(
         Path(p["backup_dir"]), kind, name, p["s3_bucket"], p["s3_prefix"],
         p["s3_endpoint_url"] or None, source_id,
+        Path(p["age_identity_file"]) if p.get("age_identity_file") else None,
     )  # fmt: skip
 
 

@@ -62,6 +62,7 @@ def recover_redis(
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
+    age_identity_file: str | None = None,
     start_timeout_seconds: float = 600.0,
 ) -> dict[str, Any]:
     """Restore Redis from an RDB backup, safely, then prove it (scenario 2).
@@ -86,6 +87,8 @@ def recover_redis(
         s3_bucket: Bucket to look in when the backup is not in backup_dir; empty = none.
         s3_prefix: Key prefix of the backups in the bucket.
         s3_endpoint_url: S3-compatible endpoint; empty = AWS.
+        age_identity_file: Path of the age private key file that decrypts an
+            encrypted S3 copy (the key itself is never a parameter); empty = none.
         start_timeout_seconds: How long Redis may take to start and load the data.
     """
     warn_about_secret_parameters(locals(), "redis_url")

@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     s3_bucket: str = ""
     s3_prefix: str = "proxilion"
     s3_endpoint_url: str = ""
+    s3_object_lock: Literal["", "governance", "compliance"] = ""
+    backup_group_read: bool = False
+    age_recipients: str = ""
+    age_identity_file: str = ""
 
     redis_url: str = "redis://localhost:6379/0"
     redis_container: str = "proxilion-redis"
