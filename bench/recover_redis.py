@@ -76,6 +76,35 @@ def floor_seconds(stored: Path, work: Path) -> float:
         process.wait()
 
 
+def backed_up_dataset(work: Path, keys: int) -> tuple[Manifest, Path]:
+    """`keys` session keys in a bare redis-server, backed up by backup-redis (path
+    route) into `<work>/backups`, the stored file read once (page cache warm).
+    Returns the manifest and the backup folder."""
+    source = work / "source"
+    source.mkdir()
+    process, port = start_redis(source)
+    try:
+        print(f"filling {keys:,} session keys...", flush=True)
+        fill(port, keys)
+        backups = work / "backups"
+        manifest = Manifest(
+            **backup_redis(
+                redis_url=f"redis://127.0.0.1:{port}/0",
+                container="",
+                fetch="path",
+                data_dir=str(source),
+                backup_dir=str(backups),
+                s3_bucket="",
+            )
+        )
+    finally:
+        process.terminate()
+        process.wait()
+    stored = backups / manifest.name
+    subprocess.run(["cat", str(stored)], stdout=subprocess.DEVNULL, check=True)  # warm
+    return manifest, backups
+
+
 @contextlib.contextmanager
 def redis_container(work: Path, appendonly: bool) -> Iterator[tuple[str, str]]:
     """An empty Redis 7 in a throwaway container (the data is "lost"); removed after."""
@@ -118,28 +147,8 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     with tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp:
         work = Path(tmp)
-        source = work / "source"
-        source.mkdir()
-        process, port = start_redis(source)
-        try:
-            print(f"filling {args.keys:,} session keys...", flush=True)
-            fill(port, args.keys)
-            backups = work / "backups"
-            manifest = Manifest(
-                **backup_redis(
-                    redis_url=f"redis://127.0.0.1:{port}/0",
-                    container="",
-                    fetch="path",
-                    data_dir=str(source),
-                    backup_dir=str(backups),
-                    s3_bucket="",
-                )
-            )
-        finally:
-            process.terminate()
-            process.wait()
+        manifest, backups = backed_up_dataset(work, args.keys)
         stored = backups / manifest.name
-        subprocess.run(["cat", str(stored)], stdout=subprocess.DEVNULL, check=True)  # warm
         floor = floor_seconds(stored, work)
         with redis_container(work, args.appendonly) as (name, url):
             started = time.perf_counter()

@@ -7,12 +7,16 @@ from "RDB saved" to "stored locally with manifest":
 - seed:  `cp` then `gzip -6` (backup-redis.sh);
 - ours:  capture (read, validate CRC-64, compress with isal, SHA-256) + commit
          (fsync, rename, manifest), by `fetch=path`; also with `deep_check`;
+- ours + age: the same, plus the age-encrypted copy that goes to S3 with
+         PROXILION_DR_AGE_RECIPIENTS set (a second pass over the compressed file,
+         before the commit, as `flows.steps.keep_backup` does; target <= 1.15x ours);
 - network: the RDB over the replication protocol (`fetch=network`, diskless, so the
          transfer ends at the $EOF mark while Redis keeps the connection open: a
          time near `cp` shows the mark ends the read, not a timeout).
 
 Then the peak RSS of a process running the real `backup_redis` flow on the
-dataset and on a dataset twice as large. Prints ratios against the targets:
+dataset and on a dataset twice as large, and once more with encryption on and the
+upload to the sandbox's S3 (`python -m sandbox up` first). Prints ratios against the targets:
 ours <= 0.1x seed, <= 2.5x floor, peak RSS < 300 MB and flat.
 
     .venv/bin/python -m bench.redis_backup [--keys 1500000] [--repeat 3]
@@ -35,9 +39,14 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import boto3
 import redis
+from pyrage import x25519
 
+from sandbox import constants as stack
 from tasks.archive import Manifest
+from tasks.encryption import SUFFIX as AGE_SUFFIX
+from tasks.encryption import encrypt_copy
 from tasks.redis import ServerFacts, capture_rdb
 from tasks.redis_sync import fetch_rdb_over_network
 from tasks.storage import backup_name, commit_local, staging_path, utc_now
@@ -136,8 +145,16 @@ def timed(action: Callable[[], object], repeat: int, before: Callable[[], None])
     return statistics.median(samples)
 
 
-def our_pipeline(rdb_dir: Path, out: Path, deep_check: bool, compression: str = "gzip") -> None:
-    """What backup-redis does after the save, by `fetch=path` (task bodies, no engine)."""
+def our_pipeline(
+    rdb_dir: Path,
+    out: Path,
+    deep_check: bool,
+    compression: str = "gzip",
+    recipients: list[str] | None = None,
+) -> None:
+    """What backup-redis does after the save, by `fetch=path` (task bodies, no engine);
+    with `recipients`, also the age-encrypted copy for S3 (removed after the commit,
+    where the upload would have read it)."""
     facts = ServerFacts("7", "master", {}, str(rdb_dir), "dump.rdb", False)
     (out / "redis").mkdir(parents=True, exist_ok=True)
     name = backup_name("redis", utc_now(), "gzip", "bench:0")
@@ -161,28 +178,84 @@ def our_pipeline(rdb_dir: Path, out: Path, deep_check: bool, compression: str = 
         raw_size=captured.file.raw_size,
         duration_seconds=captured.seconds,
     )
+    encrypted = None
+    if recipients:
+        encrypted = encrypt_copy(
+            captured.file.path, staging_path(out, name + AGE_SUFFIX), recipients
+        )
+        manifest.encryption = encrypted.describe()
     commit_local.fn(out, captured.file, manifest)
+    if encrypted:
+        encrypted.path.unlink()
 
 
-def flow_peak_rss_mb(port: int, rdb_dir: Path, out: Path) -> float:
-    """Peak RSS of a fresh process that runs the real backup_redis flow once."""
+def flow_peak_rss_mb(port: int, rdb_dir: Path, out: Path, recipients: str = "") -> float:
+    """Peak RSS of a fresh process that runs the real backup_redis flow once; with
+    `recipients`, encrypting and uploading to the sandbox's S3 (objects removed after)."""
+    prefix = f"bench-{uuid.uuid4().hex[:10]}" if recipients else ""
     code = (
         "import resource, sys\n"
         "from flows.backup_redis import backup_redis\n"
         "backup_redis(redis_url=sys.argv[1], container='', fetch='path', data_dir=sys.argv[2],"
-        " backup_dir=sys.argv[3], s3_bucket='')\n"
+        " backup_dir=sys.argv[3], s3_bucket=sys.argv[4], s3_prefix=sys.argv[5],"
+        " s3_endpoint_url=sys.argv[6])\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
     env = dict(os.environ, PREFECT_LOGGING_LEVEL="WARNING")
-    result = subprocess.run(
-        [sys.executable, "-c", code, f"redis://127.0.0.1:{port}/0", str(rdb_dir), str(out)],
+    bucket = endpoint = ""
+    if recipients:
+        bucket, endpoint = stack.S3_BUCKET, stack.S3_ENDPOINT
+        env.update(
+            PROXILION_DR_AGE_RECIPIENTS=recipients,
+            AWS_ACCESS_KEY_ID=stack.S3_ACCESS_KEY,
+            AWS_SECRET_ACCESS_KEY=stack.S3_SECRET_KEY,
+            AWS_DEFAULT_REGION=stack.S3_REGION,
+        )
+    try:
+        result = run_flow(code, port, rdb_dir, out, env, bucket, prefix, endpoint)
+    finally:
+        if recipients:
+            remove_prefix(prefix, env)
+    return int(result.stdout.strip().splitlines()[-1]) / 1024
+
+
+def remove_prefix(prefix: str, env: dict[str, str]) -> None:
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.S3_ENDPOINT,
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env["AWS_DEFAULT_REGION"],
+    )
+    listing = s3.list_objects_v2(Bucket=stack.S3_BUCKET, Prefix=prefix + "/")
+    for item in listing.get("Contents", []):
+        s3.delete_object(Bucket=stack.S3_BUCKET, Key=item["Key"])
+
+
+def run_flow(
+    code: str,
+    port: int,
+    rdb_dir: Path,
+    out: Path,
+    env: dict[str, str],
+    *s3: str,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            f"redis://127.0.0.1:{port}/0",
+            str(rdb_dir),
+            str(out),
+            *s3,
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     )
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
 
 
 def measure(keys: int, repeat: int, work: Path, timings: bool = True) -> dict[str, float]:
@@ -217,6 +290,10 @@ def measure(keys: int, repeat: int, work: Path, timings: bool = True) -> dict[st
             reset,
         )
         result["ours"] = timed(lambda: our_pipeline(data, out, False), repeat, reset)
+        recipients = [str(x25519.Identity.generate().to_public())]
+        result["ours_age"] = timed(
+            lambda: our_pipeline(data, out, False, recipients=recipients), repeat, reset
+        )
         result["ours_deep"] = timed(lambda: our_pipeline(data, out, True), repeat, reset)
         result["ours_zstd"] = timed(lambda: our_pipeline(data, out, False, "zstd"), repeat, reset)
         result["network"] = timed(
@@ -224,6 +301,8 @@ def measure(keys: int, repeat: int, work: Path, timings: bool = True) -> dict[st
         )
         reset()
         result["rss_mb"] = flow_peak_rss_mb(port, data, out)
+        reset()
+        result["rss_age_mb"] = flow_peak_rss_mb(port, data, out, recipients[0])
         return result
     finally:
         process.terminate()
@@ -252,6 +331,10 @@ def main() -> None:
         f"(target <= 0.1)   {r['ours'] / r['cp']:.2f}x cp (target <= 2.5)"
     )
     print(
+        f"  ours + age copy   {r['ours_age']:7.3f} s   {r['ours_age'] / r['ours']:.3f}x ours "
+        f"(target <= 1.15; +{r['ours_age'] - r['ours']:.3f} s)"
+    )
+    print(
         f"  ours + deep check {r['ours_deep']:7.3f} s   {r['ours_deep'] / r['seed']:.3f}x seed"
         f"   {r['ours_deep'] / r['cp']:.2f}x cp"
     )
@@ -267,6 +350,10 @@ def main() -> None:
         f"  flow peak RSS     {r['rss_mb']:7.1f} MB at {r['rdb_mb']:.0f} MB RDB, "
         f"{double['rss_mb']:.1f} MB at {double['rdb_mb']:.0f} MB RDB "
         f"(ratio {double['rss_mb'] / r['rss_mb']:.2f}; target < 300 MB and flat)"
+    )
+    print(
+        f"  flow peak RSS     {r['rss_age_mb']:7.1f} MB at {r['rdb_mb']:.0f} MB RDB with age "
+        "encryption and the upload to S3 (target < 300 MB)"
     )
 
 

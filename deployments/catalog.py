@@ -145,4 +145,13 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         "backup here and in S3, fresh / LATE / MISSING, size trend, last verified restore.",
         tags=("proxilion-dr", "status"),
     ),
+    DeploymentSpec(
+        name="monthly-1st-0400",
+        entrypoint="flows/verify_restore.py:verify_restore",
+        cron="0 4 1 * *",
+        description="The monthly restore drill: newest backup of each kind restored into "
+        "scratch containers (drill-redis, drill-gateway, drill-prometheus) and proven; "
+        "report with RPO/RTO per component; fails naming each failed check.",
+        tags=("proxilion-dr", "drill"),
+    ),
 )

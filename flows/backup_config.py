@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.backup_health import backup_failed, backup_succeeded, backup_unchanged, with_hooks
 from flows.hooks import BACKUP_HOOKS
-from flows.settings import resolve
+from flows.settings import resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name, unchanged
 from tasks.archive import Compression, check_compression
 from tasks.config import (
@@ -36,8 +37,17 @@ from tasks.locks import exclusive, lock_name
 from tasks.sources import config_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
+FAILED = backup_failed(
+    "config", lambda p: config_source_id(p.get("project_dir") or settings().config_project_dir)
+)
 
-@flow(name="backup-config", flow_run_name=run_name("config"), log_prints=True, **BACKUP_HOOKS)
+
+@flow(
+    name="backup-config",
+    flow_run_name=run_name("config"),
+    log_prints=True,
+    **with_hooks(BACKUP_HOOKS, FAILED),
+)
 @explains_failure
 def backup_config(
     project_dir: str | None = None,
@@ -105,7 +115,7 @@ def backup_config(
     codec: Compression = check_compression(p["compression"])
     source_id = config_source_id(p["project_dir"])
     with exclusive(lock_name("backup-config", str(store))):
-        prepare_backup_dir(store, "config")
+        prepare_backup_dir(store, "config", to.modes)
         files = read_project_files(Path(p["project_dir"]))
         env = read_env(allowlist_names(p["env_allowlist"]), p["env_container"] or None)
         digest = config_digest(files, env)
@@ -115,6 +125,7 @@ def backup_config(
             previous = newest.unchanged_since
             publish_unchanged_report(previous, source)
             print(f"Configuration unchanged since {previous}: nothing new stored")
+            backup_unchanged("config", source_id)
             result = {"skipped": True, "unchanged_since": previous, "digest": digest}
             return unchanged(f"configuration unchanged since {previous}: nothing stored", result)
         name = backup_name("config", utc_now(), codec, source_id)
@@ -124,6 +135,7 @@ def backup_config(
         if newest.damaged:
             details["previous backup damaged"] = newest.damaged
         stored, remote = keep_backup(archive, manifest, to, details)
+    backup_succeeded(store, manifest, elapsed(started))
     withheld = ", ".join(env.withheld) or "none"
     print(
         f"Config backup stored at {stored}"

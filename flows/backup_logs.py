@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.backup_health import backup_failed, backup_succeeded, with_hooks
 from flows.hooks import BACKUP_HOOKS
-from flows.settings import resolve
+from flows.settings import resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -28,8 +29,18 @@ from tasks.logs import (
 from tasks.sources import logs_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
+FAILED = backup_failed(
+    "logs",
+    lambda p: logs_source_id(container_names(p.get("containers") or settings().logs_containers)),
+)
 
-@flow(name="backup-logs", flow_run_name=run_name("logs"), log_prints=True, **BACKUP_HOOKS)
+
+@flow(
+    name="backup-logs",
+    flow_run_name=run_name("logs"),
+    log_prints=True,
+    **with_hooks(BACKUP_HOOKS, FAILED),
+)
 @explains_failure
 def backup_logs(
     containers: list[str] | str | None = None,
@@ -90,7 +101,7 @@ def backup_logs(
     until = utc_now()
     since = until - parse_window(p["window"])
     with exclusive(lock_name("backup-logs", str(store))):
-        prepare_backup_dir(store, "logs")
+        prepare_backup_dir(store, "logs", to.modes)
         sources = find_log_sources(names, p["read"])
         name = backup_name("logs", until, codec, source_id)
         captured = capture_logs(sources, since, until, staging_path(store, name), codec)
@@ -107,6 +118,7 @@ def backup_logs(
                 "line format": LOG_LINE_FORMAT,
             },
         )
+    backup_succeeded(store, manifest, elapsed(started))
     print(f"{captured.lines} log lines stored at {stored}" + (f" and {remote}" if remote else ""))
     return asdict(manifest)
 

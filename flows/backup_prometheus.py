@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.backup_health import backup_failed, backup_succeeded, with_hooks
 from flows.hooks import BACKUP_HOOKS
-from flows.settings import refuse_secret_parameters, resolve
+from flows.settings import refuse_secret_parameters, resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -24,15 +25,24 @@ from tasks.prometheus import (
     inspect_prometheus,
     locate_tsdb,
     prometheus_manifest,
+    record_values,
     take_snapshot,
 )
 from tasks.secrets import check_url, redact_url, url_server
 from tasks.sources import prometheus_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
+FAILED = backup_failed(
+    "prometheus",
+    lambda p: prometheus_source_id(p.get("prometheus_url") or settings().prometheus_url),
+)
+
 
 @flow(
-    name="backup-prometheus", flow_run_name=run_name("prometheus"), log_prints=True, **BACKUP_HOOKS
+    name="backup-prometheus",
+    flow_run_name=run_name("prometheus"),
+    log_prints=True,
+    **with_hooks(BACKUP_HOOKS, FAILED),
 )
 @explains_failure
 def backup_prometheus(
@@ -96,15 +106,16 @@ def backup_prometheus(
     server = redact_url(check_url(p["prometheus_url"], "prometheus_url"))
     source_id = prometheus_source_id(p["prometheus_url"])
     with exclusive(lock_name("backup-prometheus", url_server(p["prometheus_url"]))):
-        prepare_backup_dir(to.backup_dir, "prometheus")
+        prepare_backup_dir(to.backup_dir, "prometheus", to.modes)
         facts = inspect_prometheus(p["prometheus_url"])
         tsdb = locate_tsdb(p["fetch"], p["container"] or None, p["data_dir"] or None, facts)
         snapshot = take_snapshot(p["prometheus_url"], tsdb)
         try:
             name = backup_name("prometheus", utc_now(), codec, source_id)
             captured = copy_snapshot(snapshot, staging_path(to.backup_dir, name), codec)
+            recorded = record_values(p["prometheus_url"], captured.blocks)
             manifest = prometheus_manifest(
-                name, captured, snapshot, facts, server, elapsed(started), source_id
+                name, captured, snapshot, facts, server, elapsed(started), source_id, recorded
             )
             stored, remote = keep_backup(
                 captured.file,
@@ -119,6 +130,7 @@ def backup_prometheus(
             )
         finally:
             delete_snapshot(snapshot)
+    backup_succeeded(to.backup_dir, manifest, elapsed(started))
     print(f"Backup stored at {stored}" + (f" and {remote}" if remote else ""))
     return asdict(manifest)
 

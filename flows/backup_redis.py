@@ -12,8 +12,9 @@ from typing import Any, Literal
 
 from prefect import flow
 
+from flows.backup_health import backup_failed, backup_succeeded, with_hooks
 from flows.hooks import BACKUP_HOOKS
-from flows.settings import refuse_secret_parameters, resolve
+from flows.settings import refuse_secret_parameters, resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -24,12 +25,22 @@ from tasks.redis import (
     redis_manifest,
     trigger_save,
 )
+from tasks.redis_sample import sample_after_save, sample_before_save
 from tasks.redis_url import parse_redis_url
 from tasks.sources import redis_source_id
 from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
 
+FAILED = backup_failed(
+    "redis", lambda p: redis_source_id(p.get("redis_url") or settings().redis_url)
+)
 
-@flow(name="backup-redis", flow_run_name=run_name("redis"), log_prints=True, **BACKUP_HOOKS)
+
+@flow(
+    name="backup-redis",
+    flow_run_name=run_name("redis"),
+    log_prints=True,
+    **with_hooks(BACKUP_HOOKS, FAILED),
+)
 @explains_failure
 def backup_redis(
     redis_url: str | None = None,
@@ -101,11 +112,12 @@ def backup_redis(
     server = target.where
     source_id = redis_source_id(p["redis_url"])
     with exclusive(lock_name("backup-redis", target.server)):
-        prepare_backup_dir(to.backup_dir, "redis")
+        prepare_backup_dir(to.backup_dir, "redis", to.modes)
         facts = inspect_redis(p["redis_url"])
         method = choose_fetch(
             p["fetch"], p["container"] or None, p["data_dir"] or None, facts, p["redis_url"]
         )
+        sample = sample_before_save(p["redis_url"], facts.keyspace)
         save = None
         if method != "network":  # the replication stream makes its own snapshot
             save = trigger_save(
@@ -126,7 +138,10 @@ def backup_redis(
             save,
             network_fallback=p["fetch"] == "auto",
         )
-        manifest = redis_manifest(name, captured, facts, server, save, elapsed(started), source_id)
+        sample = sample_after_save(p["redis_url"], sample)
+        manifest = redis_manifest(
+            name, captured, facts, server, save, elapsed(started), source_id, sample
+        )
         stored, remote = keep_backup(
             captured.file,
             manifest,
@@ -137,6 +152,7 @@ def backup_redis(
                 "fetch": captured.method,
             },
         )
+    backup_succeeded(to.backup_dir, manifest, elapsed(started))
     print(f"Backup stored at {stored}" + (f" and {remote}" if remote else ""))
     return asdict(manifest)
 

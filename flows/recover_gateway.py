@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.backup_health import recovered, recovery_failed, with_hooks
 from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, StepFailed, one_line
 from flows.settings import settings
@@ -43,7 +44,12 @@ FLOW = "recover-gateway"
 LOG_LINES = 100
 
 
-@flow(name=FLOW, flow_run_name=run_name("gateway recovery"), log_prints=True, **FLOW_HOOKS)
+@flow(
+    name=FLOW,
+    flow_run_name=run_name("gateway recovery"),
+    log_prints=True,
+    **with_hooks(FLOW_HOOKS, recovery_failed("gateway")),
+)
 @explains_failure
 def recover_gateway(
     container: str | None = None,
@@ -96,7 +102,9 @@ def recover_gateway(
     finally:
         _note_final_state(recovery, name)
         recovery.publish()
-    return recovery.result()
+    result = recovery.result()
+    recovered("gateway", result)
+    return result
 
 
 def _recover(

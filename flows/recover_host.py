@@ -31,6 +31,7 @@ import httpx
 import redis
 from prefect import flow
 
+from flows.backup_health import recovered, recovery_failed, with_hooks
 from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, Step, one_line
 from flows.settings import refuse_secret_parameters, resolve
@@ -186,7 +187,7 @@ class HostRecovery(Recovery):
     name="recover-host",
     flow_run_name=run_name("host recovery"),
     log_prints=True,
-    **FLOW_HOOKS,
+    **with_hooks(FLOW_HOOKS, recovery_failed("host")),
 )
 @explains_failure
 def recover_host(
@@ -205,6 +206,7 @@ def recover_host(
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
+    age_identity_file: str | None = None,
     start_timeout_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """Rebuild the whole stack on a new host from the backups alone (scenario 3).
@@ -248,6 +250,8 @@ def recover_host(
             PROXILION_DR_S3_PREFIX (default proxilion).
         s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
             (default: AWS S3).
+        age_identity_file: Path of the age private key file that decrypts encrypted S3
+            copies (the key itself is never a parameter); empty = none.
         start_timeout_seconds: Seconds each service may take to start and verify.
     """
     refuse_secret_parameters(locals(), "redis_url")
@@ -269,7 +273,9 @@ def recover_host(
                     "down` there, empty the folder and run again"
                 )
             raise
-    return recovery.result()
+    result = recovery.result()
+    recovered("host", result)
+    return result
 
 
 # ------------------------------------------------------------------------ the steps
@@ -288,6 +294,7 @@ def _fetch(p: dict[str, Any], kind: str, name: str, source_id: str) -> FoundBack
     return fetch_backup(
         Path(p["backup_dir"]), kind, name, p["s3_bucket"], p["s3_prefix"],
         p["s3_endpoint_url"] or None, source_id,
+        Path(p["age_identity_file"]) if p.get("age_identity_file") else None,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.backup_health import recovered, recovery_failed, with_hooks
 from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
@@ -47,7 +48,7 @@ from tasks.sources import prometheus_source_id
     name="recover-prometheus",
     flow_run_name=run_name("prometheus recovery"),
     log_prints=True,
-    **FLOW_HOOKS,
+    **with_hooks(FLOW_HOOKS, recovery_failed("prometheus")),
 )
 @explains_failure
 def recover_prometheus(
@@ -60,6 +61,7 @@ def recover_prometheus(
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
+    age_identity_file: str | None = None,
     start_timeout_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """Restore Prometheus's TSDB from a snapshot backup, then prove it (scenario 4).
@@ -91,6 +93,8 @@ def recover_prometheus(
             PROXILION_DR_S3_PREFIX (default proxilion).
         s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
             (default: AWS S3).
+        age_identity_file: Path of the age private key file that decrypts an
+            encrypted S3 copy (the key itself is never a parameter); empty = none.
         start_timeout_seconds: Seconds Prometheus may take to become ready.
     """
     refuse_secret_parameters(locals(), "prometheus_url")
@@ -101,7 +105,9 @@ def recover_prometheus(
         exclusive(lock_name("backup-prometheus", url_server(p["prometheus_url"]))),
     ):
         _recover(recovery, p)
-    return recovery.result()
+    result = recovery.result()
+    recovered("prometheus", result)
+    return result
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows.backup_health import recovered, recovery_failed, with_hooks
 from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
@@ -50,7 +51,12 @@ from tasks.sources import redis_source_id
 GATEWAY_TIMEOUT = 60.0
 
 
-@flow(name="recover-redis", flow_run_name=run_name("redis recovery"), log_prints=True, **FLOW_HOOKS)
+@flow(
+    name="recover-redis",
+    flow_run_name=run_name("redis recovery"),
+    log_prints=True,
+    **with_hooks(FLOW_HOOKS, recovery_failed("redis")),
+)
 @explains_failure
 def recover_redis(
     backup: str = "latest",
@@ -63,6 +69,7 @@ def recover_redis(
     s3_bucket: str | None = None,
     s3_prefix: str | None = None,
     s3_endpoint_url: str | None = None,
+    age_identity_file: str | None = None,
     start_timeout_seconds: float = 600.0,
 ) -> dict[str, Any]:
     """Restore Redis from an RDB backup, safely, then prove it (scenario 2).
@@ -94,6 +101,8 @@ def recover_redis(
             PROXILION_DR_S3_PREFIX (default proxilion).
         s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
             (default: AWS S3).
+        age_identity_file: Path of the age private key file that decrypts an
+            encrypted S3 copy (the key itself is never a parameter); empty = none.
         start_timeout_seconds: Seconds Redis may take to start and load the data.
     """
     refuse_secret_parameters(locals(), "redis_url")
@@ -106,7 +115,9 @@ def recover_redis(
     lock = lock_name("backup-redis", parse_redis_url(p["redis_url"]).server)  # backup's lock
     with recovery.reporting(), exclusive(lock):
         _recover(recovery, p)
-    return recovery.result()
+    result = recovery.result()
+    recovered("redis", result)
+    return result
 
 
 def _recover(r: Recovery, p: dict[str, Any]) -> None:

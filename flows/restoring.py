@@ -25,6 +25,7 @@ def find_backup(r: Recovery, p: dict[str, Any], kind: str, source_id: str) -> Fo
             p["s3_prefix"],
             p["s3_endpoint_url"] or None,
             source_id,
+            Path(p["age_identity_file"]) if p.get("age_identity_file") else None,
         )
         r.used_backup(found.manifest, found.location)
         step.detail = f"{found.manifest.name}: size and sha256 match the manifest"

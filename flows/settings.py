@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     s3_bucket: str = ""
     s3_prefix: str = "proxilion"
     s3_endpoint_url: str = ""
+    s3_object_lock: Literal["", "governance", "compliance"] = ""
+    backup_group_read: bool = False
+    age_recipients: str = ""
+    age_identity_file: str = ""
 
     redis_url: str = "redis://localhost:6379/0"
     redis_container: str = "proxilion-redis"
@@ -59,6 +63,8 @@ class Settings(BaseSettings):
     logs_window: str = "24h"
     logs_retention_days: float = 30
 
+    pushgateway_url: str = ""
+    drill_scratch_dir: Path = Path("/var/tmp/proxilion-dr-drill")
     schedule_timezone: str = "UTC"
 
     @field_validator("schedule_timezone")

@@ -8,7 +8,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -18,10 +18,14 @@ from prefect.states import Completed, Failed, State
 
 import tasks
 from flows.recovery import StepFailed, one_line
+from flows.settings import settings
 from tasks.archive import CompressedFile, Manifest
+from tasks.encryption import encrypt_for_upload, parse_recipients
+from tasks.log import run_logger
+from tasks.private import OWNER_ONLY, Modes, exposure_warnings
 from tasks.report import NOT_UPLOADED, publish_backup_report
-from tasks.s3 import list_remote, prune_remote, upload_backup
-from tasks.storage import check_retention, commit_local, list_local, prune_local
+from tasks.s3 import ObjectLock, list_remote, prune_remote, require_object_lock, upload_backup
+from tasks.storage import KINDS, check_retention, commit_local, list_local, prune_local
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -108,12 +112,19 @@ class Destination:
     s3_endpoint_url: str | None
     retention_days: float
     keep_min: int
+    modes: Modes = OWNER_ONLY
+    age_recipients: tuple[str, ...] = ()  # encrypt the S3 copy to these public keys
+    object_lock: str = ""  # governance/compliance: S3 copies locked for the retention
 
     def __post_init__(self) -> None:
         check_retention(self.retention_days, self.keep_min)  # before any work is done
+        self.check_remote()
 
     @classmethod
     def from_parameters(cls, p: dict[str, Any]) -> Destination:
+        """From a flow's resolved parameters; group read and the age recipients come
+        from their settings unless the flow has such a parameter."""
+        current = settings()
         return cls(
             Path(p["backup_dir"]),
             p["s3_bucket"],
@@ -121,17 +132,36 @@ class Destination:
             p["s3_endpoint_url"] or None,
             p["retention_days"],
             p["keep_min"],
+            Modes.for_group_read(current.backup_group_read),
+            tuple(parse_recipients(p.get("age_recipients") or current.age_recipients)),
+            current.s3_object_lock if p["s3_bucket"] else "",
         )
+
+    def check_remote(self) -> None:
+        """At the start: a bucket asked to lock backups must have Object Lock."""
+        if self.s3_bucket and self.object_lock:
+            require_object_lock(self.s3_bucket, self.s3_endpoint_url)
 
 
 def catch_up_uploads(to: Destination, kind: str, source_id: str) -> list[str]:
     """Upload every complete local backup of this kind and source that S3 lacks (a
-    run whose upload failed left it local only), so local and S3 converge."""
+    run whose upload failed left it local only), so local and S3 converge. They go up
+    as this destination wants them: age-encrypted, locked."""
     remote = {m.name for m in list_remote(to.s3_bucket, to.s3_prefix, kind, to.s3_endpoint_url)}
     missing = [m for m in list_local(to.backup_dir, kind, source_id) if m.name not in remote]
     for manifest in missing:
-        path = to.backup_dir / manifest.name
-        upload_backup(path, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url)
+        lock = None
+        if to.object_lock:
+            lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
+        path, described, copy = to.backup_dir / manifest.name, manifest, None
+        if to.age_recipients:
+            copy = encrypt_for_upload(to.backup_dir, path, manifest.name, list(to.age_recipients))
+            path, described = copy.path, replace(manifest, encryption=copy.describe())
+        try:
+            upload_backup(path, described, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url, lock)
+        finally:
+            if copy is not None:
+                copy.path.unlink(missing_ok=True)
         print(f"uploaded {manifest.name}, which S3 lacked (an earlier upload failed)")
     return [m.name for m in missing]
 
@@ -141,27 +171,50 @@ def keep_backup(
 ) -> tuple[Path, str | None]:
     """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
 
+    With age recipients, the S3 copy is the age-encrypted stored file (`.age`; the
+    local copy stays plain); with an object lock mode it is locked for the retention.
     An upload failure still publishes the report ("stored locally, NOT uploaded"),
     then fails the run; the next successful run uploads what S3 lacks. Pruning only
     happens once the new backup is safely everywhere it should be, and only touches
     backups of the same source (`manifest.source_id`)."""
-    stored = commit_local(to.backup_dir, staged, manifest)
-    _safe.set(f"the backup is complete locally at {stored}")
-    remote = None
-    if to.s3_bucket:
-        try:
-            remote = upload_backup(
-                stored, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url
-            ).url
-        except Exception as error:
-            _safe.set(
-                f"the backup is complete locally at {stored}; the next successful "
-                f"{manifest.kind} backup uploads it"
-            )
-            reason = f"{NOT_UPLOADED} ({one_line(error)})"
-            publish_backup_report(manifest, str(stored), reason, None, None, details)
-            raise
-        _safe.set(f"the backup is complete locally at {stored} and in {remote}")
+    encrypted = None
+    if to.s3_bucket and to.age_recipients:  # before the commit: the manifest records it
+        copy = encrypt_for_upload(
+            to.backup_dir, staged.path, manifest.name, list(to.age_recipients)
+        )
+        manifest.encryption = copy.describe()
+        manifest.steps["encrypt"] = copy.seconds
+        encrypted = copy.path
+    try:
+        stored = commit_local(to.backup_dir, staged, manifest, to.modes)
+        _safe.set(f"the backup is complete locally at {stored}")
+        remote = None
+        if to.s3_bucket:
+            lock = None
+            if to.object_lock:
+                lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
+                details = {**details, "object lock": f"{lock.mode} until {lock.retain_until}"}
+            try:
+                remote = upload_backup(
+                    encrypted or stored,
+                    manifest,
+                    to.s3_bucket,
+                    to.s3_prefix,
+                    to.s3_endpoint_url,
+                    lock,
+                ).url
+            except Exception as error:
+                _safe.set(
+                    f"the backup is complete locally at {stored}; the next successful "
+                    f"{manifest.kind} backup uploads it"
+                )
+                reason = f"{NOT_UPLOADED} ({one_line(error)})"
+                publish_backup_report(manifest, str(stored), reason, None, None, details)
+                raise
+            _safe.set(f"the backup is complete locally at {stored} and in {remote}")
+    finally:
+        if encrypted:
+            encrypted.unlink(missing_ok=True)
     kept_local = prune_local(
         to.backup_dir, manifest.kind, manifest.source_id, to.retention_days, to.keep_min
     )
@@ -181,5 +234,15 @@ def keep_backup(
             to.retention_days,
             to.keep_min,
         )
+    details = with_exposure_warnings(to, manifest.kind, details)
     publish_backup_report(manifest, str(stored), remote, kept_local, kept_remote, details)
     return stored, remote
+
+
+def with_exposure_warnings(to: Destination, kind: str, details: dict[str, Any]) -> dict[str, Any]:
+    """The report's details plus a warning (also logged) for each backup folder open to
+    more users than the modes allow, with the fix."""
+    warnings = exposure_warnings([to.backup_dir, to.backup_dir / KINDS[kind].folder], to.modes)
+    for warning in warnings:
+        run_logger().warning(warning)
+    return {**details, "warnings": "; ".join(warnings)} if warnings else details

@@ -111,6 +111,7 @@ S3_HOST = "127.0.0.1"
 S3_PORT = 8333
 S3_ENDPOINT = f"http://{S3_HOST}:{S3_PORT}"
 S3_BUCKET = "proxilion-backups"
+S3_LOCKED_BUCKET = "proxilion-backups-locked"  # Object Lock enabled (so versioned), for tests
 S3_REGION = "us-east-1"
 S3_ACCESS_KEY = "proxilion-dr"
 S3_SECRET_KEY = "sandbox-secret-key"

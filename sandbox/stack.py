@@ -84,6 +84,7 @@ from sandbox.constants import (
     S3_BUCKET,
     S3_ENDPOINT,
     S3_HOST,
+    S3_LOCKED_BUCKET,
     S3_PORT,
     S3_REGION,
     S3_SECRET_KEY,
@@ -672,14 +673,18 @@ def _probe_s3() -> str | None:
 
 
 def _ensure_bucket() -> None:
+    """The backups' bucket, and a second one with Object Lock enabled (which makes it
+    versioned; Object Lock can only be chosen when a bucket is created)."""
     import botocore.exceptions
 
     s3 = s3_client()
-    try:
-        s3.head_bucket(Bucket=S3_BUCKET)
-    except botocore.exceptions.ClientError:
-        s3.create_bucket(Bucket=S3_BUCKET)
-        log.info("seaweedfs: bucket %s created", S3_BUCKET)
+    locked = {"ObjectLockEnabledForBucket": True}
+    for bucket, options in [(S3_BUCKET, {}), (S3_LOCKED_BUCKET, locked)]:
+        try:
+            s3.head_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError:
+            s3.create_bucket(Bucket=bucket, **options)
+            log.info("seaweedfs: bucket %s created", bucket)
 
 
 def ensure_weed() -> str:

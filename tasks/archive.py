@@ -22,6 +22,8 @@ from typing import IO, Any, Literal
 import zstandard
 from isal import igzip, igzip_threaded
 
+from tasks.private import create_file
+
 Compression = Literal["gzip", "zstd"]
 SUFFIXES: dict[str, str] = {"gzip": ".gz", "zstd": ".zst"}
 CHUNK = 1 << 20
@@ -42,7 +44,7 @@ def check_compression(compression: str) -> Compression:
     return compression  # type: ignore[return-value]
 
 
-class _HashingFile(io.RawIOBase):
+class HashingWriter(io.RawIOBase):
     """A write-only file that hashes and counts what passes into it."""
 
     def __init__(self, raw: IO[bytes]) -> None:
@@ -59,6 +61,27 @@ class _HashingFile(io.RawIOBase):
         self.size += view.nbytes
         self._raw.write(view)
         return view.nbytes
+
+
+class HashingReader(io.RawIOBase):
+    """A readable stream over `raw` (anything with `read(n)`) that hashes and counts
+    what is read from it."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha256.update(data)
+        self.size += n
+        return n
 
 
 @dataclass(frozen=True)
@@ -79,8 +102,8 @@ class CompressedWriter:
         self.path = path
         self.compression = check_compression(compression)
         self.raw_size = 0
-        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()/abort()
-        self._hashing = _HashingFile(self._file)
+        self._file = create_file(path)  # owner-only while staged; closed in close()/abort()
+        self._hashing = HashingWriter(self._file)
         self._stream: IO[bytes]
         if compression == "gzip":
             self._stream = igzip_threaded.open(  # type: ignore[assignment]
@@ -172,6 +195,10 @@ class Manifest:
     steps: dict[str, float] = field(default_factory=dict)
     format: int = MANIFEST_FORMAT
     source_id: str = ""  # what was backed up (tasks.sources); "" in older manifests
+    # The off-site copy when it is age-encrypted: {"format": "age", "recipients": [public
+    # keys], "size", "sha256"} of the encrypted object (`size`/`sha256` above are those
+    # of the plain compressed stream); empty when the copy is plain.
+    encryption: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def describe(

@@ -8,6 +8,8 @@ only service names, container names and the CLI's own error lines.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -47,10 +49,12 @@ def compose_command() -> tuple[str, ...]:
     )
 
 
-def _run(args: list[str], timeout: float) -> str:
+def _run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
     """Run the compose CLI; its stdout, or ComposeError with the last lines of its output."""
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
     except subprocess.TimeoutExpired:
         raise ComposeError(f"{' '.join(args[:4])}… did not finish within {timeout:.0f} s") from None
     if done.returncode != 0:
@@ -117,3 +121,60 @@ def compose_container_id(target: ComposeService) -> str:
     if not found:
         raise ComposeError(f"compose reports no container for service {target.service!r}")
     return found[0]
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")
+DUMMY_VALUE = "dummy-for-validation"
+
+
+@dataclass(frozen=True)
+class ComposeCheck:
+    """A compose file `config` accepted: its services, and the variables given dummies."""
+
+    services: list[str]
+    dummies: list[str]
+
+
+def validate_compose(compose_file: Path, env: dict[str, str]) -> ComposeCheck:
+    """`config` of a compose file (as a restored backup holds it), with only `env` (the
+    backup's env.txt) set and every other variable it uses given a dummy value, for
+    validation only: withheld secrets (`${NAME:?…}`) must not make it fail; an
+    `env_file` the backup does not hold (`.env` keeps secrets) is created empty. Raises
+    ComposeError with the CLI's reason when the file is not a valid compose project."""
+    text = Path(compose_file).read_text(errors="replace")
+    used = sorted({a or b for a, b in _VARIABLE.findall(text.replace("$$", ""))})
+    dummies = [name for name in used if name not in env]
+    dummies += _absent_env_files(Path(compose_file), text)
+    environment = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/root"),
+        **env,
+        **dict.fromkeys(dummies, DUMMY_VALUE),
+    }
+    project = f"drill-{Path(compose_file).parent.name}".lower()
+    output = _run([*_base(Path(compose_file), project), "config"], 60.0, environment)
+    services = sorted((yaml.safe_load(output) or {}).get("services") or {})
+    return ComposeCheck(services, dummies)
+
+
+def _absent_env_files(compose_file: Path, text: str) -> list[str]:
+    """Create, empty, each `env_file` of the compose file that is not beside it; their
+    names (as `env_file <name>`)."""
+    try:
+        services = (yaml.safe_load(text) or {}).get("services") or {}
+    except yaml.YAMLError:
+        return []  # compose itself says what is wrong
+    created = []
+    for service in services.values():
+        files = (service or {}).get("env_file") or []
+        for name in [files] if isinstance(files, str) else files:
+            path = compose_file.parent / str(name)
+            if (
+                isinstance(name, str)
+                and path.resolve().is_relative_to(compose_file.parent.resolve())
+                and not path.exists()
+            ):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+                created.append(f"env_file {name}")
+    return created

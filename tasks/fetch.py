@@ -10,18 +10,33 @@ here touches a live service.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pyrage import x25519
 
-from tasks.archive import CHUNK, ArchiveError, Manifest, manifest_name, verify_file
+from tasks.archive import (
+    ArchiveError,
+    HashingReader,
+    HashingWriter,
+    Manifest,
+    iter_chunks,
+    manifest_name,
+    verify_file,
+)
+from tasks.encryption import (
+    IdentityError,
+    check_identity,
+    decrypt_stream,
+    load_identity,
+)
 from tasks.log import run_logger
+from tasks.private import create_file, make_dirs
 from tasks.restore import require_free_space
 from tasks.retry import retrying_task
-from tasks.s3 import S3Error, client, list_remote, object_key
+from tasks.s3 import S3Error, client, list_remote, object_key, remote_facts, remote_name
 from tasks.storage import (
     FUTURE_TOLERANCE,
     KINDS,
@@ -71,33 +86,52 @@ def choose(manifests: list[Manifest], name: str) -> Manifest | None:
     return max(current, key=lambda m: parse_time(m.created_at), default=None)
 
 
+def _mismatch(where: str, size: int, sha256: str, expected: tuple[int, str]) -> ArchiveError:
+    return ArchiveError(
+        f"{where} is {size} bytes with sha256 {sha256[:16]}…, its manifest says "
+        f"{expected[0]} bytes, sha256 {expected[1][:16]}…: the object is truncated or "
+        "corrupt; pick another backup (nothing was changed)"
+    )
+
+
 def download(
-    manifest: Manifest, backup_dir: Path, bucket: str, prefix: str, endpoint_url: str | None
+    manifest: Manifest,
+    backup_dir: Path,
+    bucket: str,
+    prefix: str,
+    endpoint_url: str | None,
+    identity: x25519.Identity | None = None,
 ) -> Path:
-    """Stream one remote backup into `backup_dir` (same relative name), verify size and
-    SHA-256 against `manifest`, then write the manifest last. A mismatch keeps nothing."""
+    """Stream one remote backup into `backup_dir` (same relative name), decrypting it
+    with `identity` when it is age-encrypted, verify size and SHA-256 of the object and
+    of the plain backup against `manifest`, then write the manifest last. A mismatch
+    keeps nothing."""
     final = resolve_name(backup_dir, manifest.name)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     require_free_space(final.parent, manifest.size, f"downloading {manifest.name}")
     staging = staging_path(backup_dir, manifest.name)
-    key = object_key(prefix, manifest.name)
-    digest = hashlib.sha256()
-    size = 0
+    key = object_key(prefix, remote_name(manifest))
+    where = f"s3://{bucket}/{key}"
     try:
         body = client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
-        with open(staging, "wb") as out:
-            for chunk in body.iter_chunks(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if size != manifest.size or digest.hexdigest() != manifest.sha256:
-            raise ArchiveError(
-                f"s3://{bucket}/{key} is {size} bytes with sha256 {digest.hexdigest()[:16]}…, "
-                f"its manifest says {manifest.size} bytes, sha256 {manifest.sha256[:16]}…: the "
-                "object is truncated or corrupt; pick another backup (nothing was changed)"
-            )
+        reader = HashingReader(body)
+        with create_file(staging) as file:
+            out = HashingWriter(file)
+            if manifest.encryption:
+                if identity is None:
+                    raise IdentityError(f"{where} is age-encrypted and no identity was given")
+                decrypt_stream(reader, out, identity, where)
+            else:
+                for chunk in iter_chunks(reader):
+                    out.write(chunk)
+            file.flush()
+            os.fsync(file.fileno())
+        stored = (reader.size, reader.sha256.hexdigest())
+        if stored != remote_facts(manifest):
+            raise _mismatch(where, *stored, remote_facts(manifest))
+        plain = (out.size, out.sha256.hexdigest())
+        if plain != (manifest.size, manifest.sha256):
+            raise _mismatch(f"{where} decrypted", *plain, (manifest.size, manifest.sha256))
         os.replace(staging, final)
         fsync_dir(final.parent)
         write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
@@ -106,6 +140,21 @@ def download(
     finally:
         staging.unlink(missing_ok=True)
     return final
+
+
+def check_can_decrypt(
+    manifest: Manifest, identity: x25519.Identity | None, identity_file: Path | None
+) -> None:
+    """Refuse, before any download, an encrypted backup without an identity or with one
+    it was not encrypted to."""
+    what = f"the S3 copy of {manifest.name}"
+    if identity is None or identity_file is None:
+        raise IdentityError(
+            f"{what} is age-encrypted (to {', '.join(manifest.encryption['recipients'])}) "
+            "and no identity was given: set PROXILION_DR_AGE_IDENTITY_FILE (or "
+            "age_identity_file) to the path of the private key file"
+        )
+    check_identity(identity, manifest.encryption["recipients"], identity_file, what)
 
 
 def _not_found(
@@ -131,12 +180,16 @@ def fetch_backup(
     s3_prefix: str,
     s3_endpoint_url: str | None,
     source_id: str | None = None,
+    identity_file: Path | None = None,
 ) -> FoundBackup:
     """The backup `name` (or `latest`: the newest of `source_id`, the server being
     restored, never another server's) of `kind` as a file on this host whose size and
-    SHA-256 match its manifest: from `backup_dir`, else downloaded from S3 (verified
-    while it streams). Raises BackupNotFound, or ArchiveError for a damaged copy."""
+    SHA-256 match its manifest: from `backup_dir`, else downloaded from S3 (decrypted
+    with the age identity in `identity_file` when encrypted, verified while it
+    streams). Raises BackupNotFound, IdentityError (missing or wrong identity, before
+    anything is downloaded), or ArchiveError for a damaged copy."""
     check_backup_name(kind, name)
+    identity = load_identity(identity_file) if identity_file else None
     backup_dir = Path(backup_dir)
     wanted = source_id if name == "latest" else None
     try:
@@ -155,8 +208,10 @@ def fetch_backup(
             everything = list_local(backup_dir, kind) + remote_all
             others = {source_of(m) for m in everything} - {wanted} if wanted else set()
             raise _not_found(kind, name, wanted, where, others) from None
-        path = download(remote, backup_dir, s3_bucket, s3_prefix, s3_endpoint_url)
+        if remote.encryption:
+            check_can_decrypt(remote, identity, identity_file)
+        path = download(remote, backup_dir, s3_bucket, s3_prefix, s3_endpoint_url, identity)
         manifest = remote
-        location = f"s3://{s3_bucket}/{object_key(s3_prefix, remote.name)} (downloaded)"
+        location = f"s3://{s3_bucket}/{object_key(s3_prefix, remote_name(remote))} (downloaded)"
     run_logger().info("Backup %s from %s: size and sha256 verified", manifest.name, location)
     return FoundBackup(manifest, path, location, backup_dir)

@@ -675,6 +675,51 @@ def summarize_blocks(blocks: list[Block]) -> dict[str, Any]:
     }
 
 
+RECORDED_SERIES = 3
+
+
+def query_at(prometheus_url: str, expr: str, at_seconds: float) -> list[dict[str, Any]]:
+    """An instant query's result vector at `at_seconds` (Unix time)."""
+    params = httpx.QueryParams({"query": expr, "time": f"{at_seconds:.3f}"})
+    answer = call_api(prometheus_url, "GET", f"/api/v1/query?{params}")
+    return list(answer.get("result") or [])
+
+
+def selector(labels: dict[str, str]) -> str:
+    """The exact PromQL selector of one series (`{__name__="up",job="x"}`)."""
+    escaped = (
+        f'{name}="' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        for name, value in sorted(labels.items())
+    )
+    return "{" + ",".join(escaped) + "}"
+
+
+@task(cache_policy=NO_CACHE)
+def record_values(prometheus_url: str, blocks: list[Block]) -> dict[str, Any]:
+    """A few values the server answers at the last moment of the oldest snapshot block
+    (persisted, so in the backup): a restore drill asks the restored server the same
+    questions and must get the same answers. Series' labels and values only. A server
+    that stopped answering after its snapshot gives none (a warning), not a failure."""
+    if not blocks:
+        return {}
+    oldest = min(blocks, key=lambda b: b.min_time)
+    at = (oldest.max_time - 1) / 1000
+    try:
+        top = query_at(prometheus_url, f'topk({RECORDED_SERIES}, {{__name__=~".+"}})', at)
+        count = query_at(prometheus_url, 'count({__name__=~".+"})', at)
+    except PrometheusError as error:  # the snapshot is what matters: keep it
+        run_logger().warning("no recorded values in this backup's manifest: %s", error)
+        return {}
+    values = [
+        {"query": selector(item["metric"]), "value": item["value"][1]}
+        for item in top
+        if item["value"][1] not in ("NaN", "+Inf", "-Inf")
+    ]
+    if count:
+        values.append({"query": 'count({__name__=~".+"})', "value": count[0]["value"][1]})
+    return {"at": at, "block": oldest.ulid, "values": values}
+
+
 def prometheus_manifest(
     name: str,
     captured: CapturedSnapshot,
@@ -683,8 +728,10 @@ def prometheus_manifest(
     server: str,
     duration_seconds: float,
     source_id: str,
+    recorded: dict[str, Any] | None = None,
 ) -> Manifest:
-    """The manifest of a Prometheus backup: the stored file plus what the TSDB held."""
+    """The manifest of a Prometheus backup: the stored file plus what the TSDB held,
+    and `recorded` values at a covered timestamp (`record_values`)."""
     return Manifest.describe(
         "prometheus",
         name,
@@ -700,6 +747,7 @@ def prometheus_manifest(
             "fetch": captured.method,
             "block_facts_from": captured.facts_from,
             **summarize_blocks(captured.blocks),
+            "recorded": recorded or {},
         },
         steps={"snapshot": snapshot.seconds, "copy": captured.seconds},
         source_id=source_id,

@@ -28,6 +28,7 @@ from tasks.prometheus import (
     PrometheusUnreachable,
     call_api,
     inspect_prometheus,
+    query_at,
 )
 from tasks.restore import wait_started
 from tasks.secrets import redact_url
@@ -176,4 +177,29 @@ def verify_history(prometheus_url: str, found: FoundBackup) -> str:
     return (
         f"{series} series answer at {at:.0f} (block {oldest['ulid']} holds "
         f"{oldest['series']}); retention {runtime.get('storageRetention')}"
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def check_recorded_values(prometheus_url: str, recorded: dict[str, Any]) -> str:
+    """Ask the restored server what the live one answered at backup time (the
+    manifest's `recorded` values, at a timestamp inside the oldest block): every
+    answer must be the same. Raises HistoryMissing naming the first that differs."""
+    values = recorded.get("values") or []
+    if not values:
+        raise HistoryMissing(
+            "the backup's manifest records no values to compare (made before backup-prometheus "
+            "recorded them): take a new backup, then drill it"
+        )
+    at = float(recorded["at"])
+    for item in values:
+        result = query_at(prometheus_url, item["query"], at)
+        got = result[0]["value"][1] if len(result) == 1 else f"{len(result)} series"
+        if got != item["value"]:
+            raise HistoryMissing(
+                f"at {at:.3f} {item['query']} answers {got}, the backup recorded {item['value']}"
+            )
+    return (
+        f"{len(values)} recorded answers at {at:.0f} match (e.g. {values[0]['query']} = "
+        f"{values[0]['value']})"
     )

@@ -34,6 +34,7 @@ from tasks.archive import (
 )
 from tasks.aside import move_aside
 from tasks.log import run_logger
+from tasks.private import create_file, mode_like
 from tasks.rdb import RdbInfo, validate_stream, validating
 from tasks.redis_sync import fetch_rdb_over_network
 from tasks.redis_url import parse_redis_url
@@ -573,8 +574,10 @@ def redis_manifest(
     save: SaveResult | None,
     duration_seconds: float,
     source_id: str,
+    sample: list[dict[str, Any]] | None = None,
 ) -> Manifest:
-    """The manifest of a Redis backup: the stored file plus what it holds."""
+    """The manifest of a Redis backup: the stored file plus what it holds, and a keyed
+    sample (key, type, value digest; tasks.redis_sample) a restore can check."""
     return Manifest.describe(
         "redis",
         name,
@@ -589,6 +592,7 @@ def redis_manifest(
             "deep_check": captured.rdb.deep_check,
             "keyspace": facts.keyspace,
             "fetch": captured.method,
+            "sample": sample or [],
         },
         steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},
         source_id=source_id,
@@ -633,6 +637,7 @@ def place_rdb(
     dbfilename: str = "dump.rdb",
     aof: AofHandling = "refuse",
     aof_names: tuple[str, ...] = AOF_NAMES,
+    mode_of: Path | None = None,
 ) -> PlacedRdb:
     """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load.
 
@@ -646,6 +651,9 @@ def place_rdb(
     refuses before touching anything, `aof="move_aside"` moves it aside too. Either
     way start Redis with `appendonly no`: Redis 7.0 with `appendonly yes` and no AOF
     starts empty (and writes an empty AOF) without reading dump.rdb.
+
+    The placed file takes the mode of `mode_of` (default: the RDB it replaces), or
+    0600 when there is none; never the process umask's.
     """
     if aof not in ("refuse", "move_aside"):
         raise ValueError(f"aof must be 'refuse' or 'move_aside', got {aof!r}")
@@ -656,8 +664,12 @@ def place_rdb(
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(target_dir) / dbfilename
     incoming = target.with_name(f".{dbfilename}.{uuid.uuid4().hex[:8]}.restoring")
+    mode = mode_like(mode_of or target)
     try:
-        with open_decompressed(stored, manifest.compression) as source, open(incoming, "wb") as out:
+        with (
+            open_decompressed(stored, manifest.compression) as source,
+            create_file(incoming, mode) as out,
+        ):
             info = validate_stream(iter_chunks(source), True, out.write)
             out.flush()
             os.fsync(out.fileno())

@@ -30,6 +30,7 @@ from tasks.archive import iter_chunks, open_decompressed
 from tasks.fetch import FoundBackup
 from tasks.health import HEALTHY, wait_until_healthy
 from tasks.log import run_logger
+from tasks.private import OWNER_ONLY, create_file, folder_mode, mode_like
 from tasks.rdb import RdbChecker, RdbError, RdbInfo, max_rdb_for_redis, validate_stream
 from tasks.redis import RedisUnreachable, connect, explain, inspect_redis, place_rdb
 from tasks.restore import chown_like, wait_started
@@ -200,8 +201,15 @@ def stage_rdb(found: FoundBackup, setup: RedisSetup, staging: Path) -> RdbInfo:
     """Decompress and validate the RDB into `staging` (inside the data dir, so placing
     it later is a rename), after checking the target Redis loads its version."""
     check_loadable(rdb_version_of(found), setup, found.manifest.name)
-    staging.mkdir()
-    placed = place_rdb.fn(found.backup_dir, found.manifest.name, staging, setup.dbfilename)
+    staging.mkdir(OWNER_ONLY.directory)
+    os.chmod(staging, OWNER_ONLY.directory)
+    placed = place_rdb.fn(
+        found.backup_dir,
+        found.manifest.name,
+        staging,
+        setup.dbfilename,
+        mode_of=staging.parent / setup.dbfilename,  # the data dir's RDB keeps its mode
+    )
     return placed.rdb
 
 
@@ -228,14 +236,17 @@ def place_staged(staging: Path, data_dir: Path, setup: RedisSetup) -> list[str]:
     os.replace(staging / setup.dbfilename, rdb)
     staging.rmdir()
     placed = [setup.dbfilename]
+    mode = mode_like(rdb)  # as stage_rdb kept it: the replaced RDB's
     if setup.aof_enabled:
         if setup.appenddirname:
             folder = data_dir / setup.appenddirname
-            folder.mkdir()
+            folder.mkdir(folder_mode(mode))
+            os.chmod(folder, folder_mode(mode))
             _link_or_copy(rdb, folder / f"{setup.appendfilename}.1.base.rdb")
             manifest = folder / f"{setup.appendfilename}.manifest"
-            manifest.write_text(aof_manifest(setup.appendfilename))
-            with open(manifest, "rb") as stream:
+            with create_file(manifest, mode) as stream:
+                stream.write(aof_manifest(setup.appendfilename).encode())
+                stream.flush()
                 os.fsync(stream.fileno())
             fsync_dir(folder)
         else:

@@ -14,6 +14,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.log import run_logger
+from tasks.secrets import redact_urls
 
 SAMPLE_SIZE = 32
 # Keys whose TTL ends this soon after the sample was taken are left out: they may be
@@ -157,3 +162,31 @@ def check_sample(
         elif found[1] != entry["sha256"]:
             problems.append(f"db{entry['db']} key {name!r} has a different value")
     return problems
+
+
+def _dbs(keyspace: dict[str, Any]) -> list[int]:
+    return sorted(int(name.removeprefix("db")) for name in keyspace if name.startswith("db"))
+
+
+@task(cache_policy=NO_CACHE)
+def sample_before_save(redis_url: str, keyspace: dict[str, Any]) -> Sample:
+    """`pick_sample` of the live server's populated dbs, read just before the save (or,
+    for the network route, before the replication stream makes its snapshot). A
+    server that cannot be read gives no sample (a warning), never a failed backup."""
+    try:
+        return pick_sample(open_clients(redis_url, _dbs(keyspace)))
+    except redis.RedisError as error:
+        run_logger().warning("no keyed sample for this backup: %s", redact_urls(str(error))[0])
+        return []
+
+
+@task(cache_policy=NO_CACHE)
+def sample_after_save(redis_url: str, sample: Sample) -> Sample:
+    """`confirm_sample` after the snapshot: only keys unchanged across it are kept."""
+    if not sample:
+        return []
+    try:
+        return confirm_sample(open_clients(redis_url, sorted({e["db"] for e in sample})), sample)
+    except redis.RedisError as error:
+        run_logger().warning("no keyed sample for this backup: %s", redact_urls(str(error))[0])
+        return []

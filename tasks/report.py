@@ -40,6 +40,10 @@ def retention_summary(plan: RetentionPlan | None) -> str:
         text += " (" + ", ".join(m.name for m in plan.delete) + ")"
     if plan.other_sources:
         text += f"; left {plan.other_sources} of other sources alone"
+    if plan.locked:
+        text += f"; {len(plan.locked)} still under Object Lock: " + ", ".join(plan.locked)
+    if plan.freed_bytes:
+        text += f"; freed {human_size(plan.freed_bytes)}"
     if plan.future:
         text += f"; ignored {len(plan.future)} dated in the future: " + ", ".join(
             m.name for m in plan.future

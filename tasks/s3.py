@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -19,8 +20,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from tasks.archive import CHUNK, Manifest, manifest_name
+from tasks.encryption import SUFFIX as AGE_SUFFIX
 from tasks.retry import TransientError, retrying_task
-from tasks.storage import KINDS, RetentionPlan, plan_retention, utc_now
+from tasks.storage import KINDS, RetentionPlan, parse_time, plan_retention, utc_now
 
 PART_SIZE = 64 << 20
 TRANSFER = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
@@ -62,6 +64,18 @@ def object_key(prefix: str, name: str) -> str:
     return f"{prefix.strip('/')}/{name}" if prefix.strip("/") else name
 
 
+def remote_name(manifest: Manifest) -> str:
+    """The object's name in the bucket: the backup's, plus `.age` when encrypted."""
+    return manifest.name + AGE_SUFFIX if manifest.encryption else manifest.name
+
+
+def remote_facts(manifest: Manifest) -> tuple[int, str]:
+    """Size and SHA-256 of the object as stored (the encrypted one when encrypted)."""
+    if manifest.encryption:
+        return manifest.encryption["size"], manifest.encryption["sha256"]
+    return manifest.size, manifest.sha256
+
+
 def _explain(error: Exception, bucket: str, endpoint_url: str | None) -> S3Error:
     where = endpoint_url or "AWS S3"
     if isinstance(error, EndpointConnectionError):
@@ -100,13 +114,66 @@ def expected_etag(path: Path, part_size: int = PART_SIZE) -> str:
     return f"{combined}-{len(parts)}"
 
 
+@dataclass(frozen=True)
+class ObjectLock:
+    """S3 Object Lock retention for one backup's objects: until then neither a mistake
+    nor a stolen credential deletes or overwrites them (COMPLIANCE: not even the root
+    account; GOVERNANCE: only with the bypass permission)."""
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    retain_until: datetime
+
+    @classmethod
+    def for_backup(cls, mode: str, created_at: str, retention_days: float) -> ObjectLock:
+        """Locked for the kind's retention from the backup's creation."""
+        upper = mode.upper()
+        if upper not in ("GOVERNANCE", "COMPLIANCE"):
+            raise ValueError(f"object lock mode {mode!r}: use governance or compliance")
+        until = parse_time(created_at) + timedelta(days=retention_days)
+        return cls(upper, until)  # type: ignore[arg-type]
+
+    def args(self) -> dict[str, Any]:
+        return {"ObjectLockMode": self.mode, "ObjectLockRetainUntilDate": self.retain_until}
+
+
+def require_object_lock(bucket: str, endpoint_url: str | None) -> None:
+    """Refuse, before any work, a bucket without Object Lock when locking is asked for
+    (a lock on an object in such a bucket is refused or, worse, ignored)."""
+    where = endpoint_url or "AWS S3"
+    try:
+        answer = client(endpoint_url).get_object_lock_configuration(Bucket=bucket)
+        enabled = answer.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") != "ObjectLockConfigurationNotFoundError":
+            raise _explain(error, bucket, endpoint_url) from None
+        enabled = None
+    except BotoCoreError as error:
+        raise _explain(error, bucket, endpoint_url) from None
+    if enabled != "Enabled":
+        raise S3Error(
+            f"S3 bucket {bucket!r} at {where} does not have Object Lock enabled, so backups "
+            "cannot be made undeletable there: create a bucket with Object Lock enabled "
+            "(`aws s3api create-bucket --object-lock-enabled-for-bucket`) and point "
+            "s3_bucket at it, or unset PROXILION_DR_S3_OBJECT_LOCK"
+        )
+
+
 @retrying_task(2, 10)
 def upload_backup(
-    local_path: Path, manifest: Manifest, bucket: str, prefix: str, endpoint_url: str | None
+    local_path: Path,
+    manifest: Manifest,
+    bucket: str,
+    prefix: str,
+    endpoint_url: str | None,
+    lock: ObjectLock | None = None,
 ) -> RemoteCopy:
-    """Upload data, verify its size and checksum as stored, then upload the manifest."""
+    """Upload data (`local_path`: the encrypted copy when `manifest.encryption` says
+    so), verify its size and checksum (and lock) as stored, then upload the manifest
+    (locked alike)."""
     s3 = client(endpoint_url)
-    key = object_key(prefix, manifest.name)
+    key = object_key(prefix, remote_name(manifest))
+    size, sha256 = remote_facts(manifest)
+    locking = lock.args() if lock else {}
     try:
         s3.head_bucket(Bucket=bucket)
         s3.upload_file(
@@ -114,15 +181,20 @@ def upload_backup(
             bucket,
             key,
             Config=TRANSFER,
-            ExtraArgs={"Metadata": {"sha256": manifest.sha256}},
+            ExtraArgs={"Metadata": {"sha256": sha256}, **locking},
         )
         head = s3.head_object(Bucket=bucket, Key=key)
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
-    etag = head["ETag"].strip('"')
-    if head["ContentLength"] != manifest.size:
+    if lock and head.get("ObjectLockMode") != lock.mode:
         raise S3Error(
-            f"uploaded {key} is {head['ContentLength']} bytes, expected {manifest.size}: "
+            f"uploaded {key} carries no {lock.mode} lock (the store ignored it): check that "
+            f"bucket {bucket!r} has Object Lock enabled; the local backup is kept"
+        )
+    etag = head["ETag"].strip('"')
+    if head["ContentLength"] != size:
+        raise S3Error(
+            f"uploaded {key} is {head['ContentLength']} bytes, expected {size}: "
             "the upload is incomplete; the local backup is kept"
         )
     if etag != expected_etag(Path(local_path)):
@@ -136,10 +208,11 @@ def upload_backup(
             Key=manifest_name(key),
             Body=manifest.to_json().encode(),
             ContentType="application/json",
+            **locking,
         )
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
-    return RemoteCopy(bucket=bucket, key=key, size=manifest.size, etag=etag)
+    return RemoteCopy(bucket=bucket, key=key, size=size, etag=etag)
 
 
 def list_remote(bucket: str, prefix: str, kind: str, endpoint_url: str | None) -> list[Manifest]:
@@ -182,10 +255,57 @@ def prune_remote(
     )
     s3 = client(endpoint_url)
     try:
+        versioned = s3.get_bucket_versioning(Bucket=bucket).get("Status") in (
+            "Enabled",
+            "Suspended",
+        )
+        deleted = []
         for manifest in plan.delete:
-            key = object_key(prefix, manifest.name)
-            s3.delete_object(Bucket=bucket, Key=manifest_name(key))
-            s3.delete_object(Bucket=bucket, Key=key)
+            key = object_key(prefix, remote_name(manifest))
+            if not versioned:
+                s3.delete_object(Bucket=bucket, Key=manifest_name(key))
+                s3.delete_object(Bucket=bucket, Key=key)
+            elif not _delete_versions(s3, bucket, manifest, [manifest_name(key), key], plan):
+                continue
+            deleted.append(manifest)
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
+    plan.delete = deleted
     return plan
+
+
+def _versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
+    """Every version and delete marker of exactly `key`."""
+    found: list[dict[str, Any]] = []
+    for page in s3.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=key):
+        for entry in page.get("Versions", []) + page.get("DeleteMarkers", []):
+            if entry["Key"] == key:
+                found.append(entry)
+    return found
+
+
+def _delete_versions(
+    s3: Any, bucket: str, manifest: Manifest, keys: list[str], plan: RetentionPlan
+) -> bool:
+    """In a versioned bucket, delete every version of a backup's objects for real (a
+    plain delete only hides them behind a delete marker, freeing nothing), unless one
+    is still under Object Lock: then nothing of the backup is touched (no error, no
+    marker) and it is listed in `plan.locked` until a later run. True when deleted."""
+    now = utc_now()
+    entries = [(key, entry) for key in keys for entry in _versions(s3, bucket, key)]
+    until = []
+    for key, entry in entries:
+        if "Size" not in entry:
+            continue  # a delete marker holds no data and no lock
+        head = s3.head_object(Bucket=bucket, Key=key, VersionId=entry["VersionId"])
+        retain = head.get("ObjectLockRetainUntilDate")
+        if retain is not None and retain > now or head.get("ObjectLockLegalHoldStatus") == "ON":
+            until.append(retain)
+    if until:
+        latest = max((u for u in until if u is not None), default=None)
+        plan.locked.append(f"{manifest.name} (locked until {latest or 'legal hold'})")
+        return False
+    for key, entry in entries:  # the manifest's versions first, as `keys` lists them
+        s3.delete_object(Bucket=bucket, Key=key, VersionId=entry["VersionId"])
+        plan.freed_bytes += entry.get("Size", 0)
+    return True

@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.archive import SUFFIXES, CompressedFile, Compression, Manifest, manifest_name
 from tasks.log import run_logger
+from tasks.private import OWNER_ONLY, Modes, create_file, make_dirs
 from tasks.sources import derived_source_id, source_tag
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -44,7 +45,7 @@ class Kind:
         suffixes = "|".join(re.escape(s) for s in SUFFIXES.values())
         return re.compile(
             rf"\.{re.escape(self.stem)}_\d{{8}}_\d{{6}}(_[0-9a-f]+)?{re.escape(self.ext)}"
-            rf"(?:{suffixes})\.[0-9a-f]{{8}}\.partial"
+            rf"(?:{suffixes})(?:\.age)?\.[0-9a-f]{{8}}\.partial"
         )
 
 
@@ -96,13 +97,14 @@ def resolve_name(backup_dir: Path, name: str) -> Path:
 
 
 @task(cache_policy=NO_CACHE)
-def prepare_backup_dir(backup_dir: Path, kind: str) -> Path:
-    """Create the kind's folder and prove it is writable before any work starts; remove
-    staging files that killed runs left behind (logged by name)."""
+def prepare_backup_dir(backup_dir: Path, kind: str, modes: Modes = OWNER_ONLY) -> Path:
+    """Create the kind's folder (missing folders with `modes.directory`, whatever the
+    umask) and prove it is writable before any work starts; remove staging files that
+    killed runs left behind (logged by name)."""
     folder = Path(backup_dir) / KINDS[kind].folder
     probe = folder / f".write-test-{os.getpid()}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        make_dirs(folder, modes.directory)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
@@ -166,10 +168,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Write a small file atomically: temp file, fsync, rename, fsync the folder."""
+def write_durably(path: Path, data: bytes, mode: int = OWNER_ONLY.file) -> None:
+    """Write a small file atomically (temp file with `mode`, fsync, rename, fsync the
+    folder)."""
     temp = path.with_name(f".{path.name}.tmp")
-    with open(temp, "wb") as stream:
+    with create_file(temp, mode) as stream:
         stream.write(data)
         stream.flush()
         os.fsync(stream.fileno())
@@ -178,14 +181,20 @@ def write_durably(path: Path, data: bytes) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def commit_local(backup_dir: Path, staged: CompressedFile, manifest: Manifest) -> Path:
-    """Move a finished, fsynced file to its name, then write its manifest last."""
+def commit_local(
+    backup_dir: Path, staged: CompressedFile, manifest: Manifest, modes: Modes = OWNER_ONLY
+) -> Path:
+    """Move a finished, fsynced file to its name with `modes.file`, then write its
+    manifest (same mode) last."""
     final = resolve_name(Path(backup_dir), manifest.name)
     if final.exists():
         raise FileExistsError(f"backup {manifest.name} already exists; not overwriting it")
+    os.chmod(staged.path, modes.file)
     os.replace(staged.path, final)
     fsync_dir(final.parent)
-    write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
+    write_durably(
+        final.with_name(manifest_name(final.name)), manifest.to_json().encode(), modes.file
+    )
     return final
 
 
@@ -250,6 +259,10 @@ class RetentionPlan:
     delete: list[Manifest] = field(default_factory=list)
     future: list[Manifest] = field(default_factory=list)
     other_sources: int = 0
+    # In a versioned S3 bucket: backups due for deletion whose versions are still under
+    # Object Lock ("name (locked until …)"), kept for now; and the bytes really freed.
+    locked: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
 
 
 def check_retention(retention_days: float, keep_min: int) -> None:

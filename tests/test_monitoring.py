@@ -14,9 +14,16 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogHandler
 
+from flows.backup_config import backup_config
+from flows.recover_redis import recover_redis
+from flows.recovery import StepFailed
 from sandbox import constants as stack
 from tasks import metrics
+from tasks.sources import config_source_id
 from tests.conftest import require
 from tests.redis_servers import free_port
 
@@ -76,7 +83,9 @@ def pushgateway(tmp_path: Path) -> Iterator[str]:
     port = free_port()
     log = open(tmp_path / "pushgateway.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [PUSHGATEWAY_BINARY, f"--web.listen-address=127.0.0.1:{port}"],
+        # Debian's build persists to /var/lib/prometheus/pushgateway.data by default,
+        # shared by every test run on this machine: keep this one in memory.
+        [PUSHGATEWAY_BINARY, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -191,3 +200,87 @@ def test_every_dashboard_query_returns_data_from_the_sandbox_prometheus() -> Non
             return
         time.sleep(1)
     pytest.fail(f"panels without data after the push was scraped: {empty}")
+
+
+# ------------------------------------------------- the flows push their outcomes
+
+
+def config_project(root: Path) -> Path:
+    """A small project folder backup-config can store (no service needed)."""
+    (root / "grafana" / "dashboards").mkdir(parents=True)
+    (root / "docker-compose.yml").write_text("services:\n  redis:\n    image: redis:7\n")
+    (root / "prometheus.yml").write_text("scrape_configs: []\n")
+    return root
+
+
+def run_logs(flow_run_id: str) -> str:
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        found = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return "\n".join(log.message for log in found)
+
+
+def test_each_backup_pushes_its_size_the_previous_size_and_its_duration(
+    pushgateway: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROXILION_DR_PUSHGATEWAY_URL", pushgateway)
+    project = config_project(tmp_path / "project")
+    common = {"project_dir": str(project), "env_container": "", "s3_bucket": ""}
+    first = backup_config(backup_dir=str(tmp_path / "b"), force=True, **common)
+    (project / "alerts.yml").write_text("groups: []\n" + "# more\n" * 500)
+    second = backup_config(backup_dir=str(tmp_path / "b"), force=True, **common)
+    labels = {"kind": "config", "source": second["source_id"]}
+    assert pushed(pushgateway, "proxilion_dr_backup_last_status", **labels) == 1
+    assert pushed(pushgateway, "proxilion_dr_backup_size_bytes", **labels) == second["size"]
+    previous = pushed(pushgateway, "proxilion_dr_backup_previous_size_bytes", **labels)
+    assert previous == first["size"]
+    assert pushed(pushgateway, "proxilion_dr_backup_duration_seconds", **labels) > 0
+
+
+def test_a_failed_backup_pushes_its_failure_through_the_flow_hook(
+    pushgateway: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROXILION_DR_PUSHGATEWAY_URL", pushgateway)
+    missing = tmp_path / "no-such-project"
+    with pytest.raises(FileNotFoundError):
+        backup_config(project_dir=str(missing), backup_dir=str(tmp_path / "b"), s3_bucket="")
+    labels = {"kind": "config", "source": config_source_id(missing)}
+    assert pushed(pushgateway, "proxilion_dr_backup_last_status", **labels) == 0
+    assert (
+        pushed(pushgateway, "proxilion_dr_backup_last_success_timestamp_seconds", **labels) is None
+    )
+
+
+def test_a_failed_recovery_pushes_its_failure_a_dry_run_pushes_nothing(
+    pushgateway: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROXILION_DR_PUSHGATEWAY_URL", pushgateway)
+    common = {"backup_dir": str(tmp_path), "s3_bucket": "", "container": "none"}
+    with pytest.raises(StepFailed):
+        recover_redis(backup="redis/../etc", dry_run=True, **common)
+    assert pushed(pushgateway, "proxilion_dr_recovery_last_status", component="redis") is None
+    with pytest.raises(StepFailed):
+        recover_redis(backup="redis/../etc", **common)
+    assert pushed(pushgateway, "proxilion_dr_recovery_last_status", component="redis") == 0
+
+
+def test_pushgateway_down_the_backup_still_succeeds_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PROXILION_DR_PUSHGATEWAY_URL", f"http://127.0.0.1:{free_port()}")
+    project = config_project(tmp_path / "project")
+    state = backup_config(
+        project_dir=str(project),
+        env_container="",
+        backup_dir=str(tmp_path / "b"),
+        s3_bucket="",
+        return_state=True,
+    )
+    assert state.is_completed()
+    manifest = state.result()
+    assert (tmp_path / "b" / manifest["name"]).is_file()
+    assert "could not push proxilion_dr_backup metrics" in run_logs(
+        str(state.state_details.flow_run_id)
+    )

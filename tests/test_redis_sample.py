@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from flows.backup_redis import backup_redis
+from tasks.archive import open_decompressed
 from tasks.redis_sample import check_sample, confirm_sample, open_clients, pick_sample
 from tests.redis_servers import running_redis, seed_mixed_data, start_from_rdb
 
@@ -51,3 +55,27 @@ def test_a_sampled_key_whose_ttl_passed_may_be_missing(tmp_path: Path) -> None:
         expiry = sample[0]["expires_at_ms"]
         assert check_sample(clients, sample, now_ms=expiry - 1) != []
         assert check_sample(clients, sample, now_ms=expiry + 1) == []
+
+
+@pytest.mark.parametrize("fetch", ["network", "path"])
+def test_backup_redis_records_a_sample_that_its_restore_matches(fetch: str, tmp_path: Path) -> None:
+    """The sample goes into the manifest on every fetch route (the network route's
+    snapshot is made by the replication stream: sampled before it, confirmed after)."""
+    with running_redis(tmp_path / "live") as live:
+        seed_mixed_data(live, n_keys=400)
+        manifest = backup_redis(
+            redis_url=live.url,
+            container="",
+            fetch=fetch,
+            data_dir=str(live.dir) if fetch == "path" else "",
+            backup_dir=str(tmp_path / "backups"),
+            s3_bucket="",
+        )
+    sample = manifest["source"]["sample"]
+    assert len(sample) >= 16 and all("value" not in entry for entry in sample)
+    rdb = tmp_path / "restored.rdb"
+    with open_decompressed(tmp_path / "backups" / manifest["name"], "gzip") as stream:
+        rdb.write_bytes(stream.read())
+    with start_from_rdb(rdb, tmp_path / "restored") as restored:
+        clients = open_clients(restored.url, sorted({e["db"] for e in sample}))
+        assert check_sample(clients, sample) == []

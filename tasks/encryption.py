@@ -1,0 +1,154 @@
+"""age encryption of the off-site copies (pyrage, streamed; Debian's `age` reads them).
+
+Recipients are age public keys (`age1…`): not secrets, so they may be settings,
+parameters and manifest entries. The identity (the private key) is only ever read
+from a file whose path is given; it never appears in a message, a log or a manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+import pyrage
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pyrage import x25519
+
+from tasks.archive import ArchiveError, HashingWriter
+from tasks.private import create_file
+from tasks.storage import elapsed, staging_path
+
+SUFFIX = ".age"
+
+
+class IdentityError(ValueError):
+    """The age identity is missing, unreadable or not one the backup was encrypted to."""
+
+
+class RecipientError(ValueError):
+    """An age recipient (public key) is malformed."""
+
+
+@dataclass(frozen=True)
+class EncryptedFile:
+    """An age-encrypted copy as written: where, how big, its SHA-256."""
+
+    path: Path
+    size: int
+    sha256: str
+    recipients: tuple[str, ...]
+    seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's `encryption` entry: public keys and the object's facts."""
+        return {
+            "format": "age",
+            "recipients": list(self.recipients),
+            "size": self.size,
+            "sha256": self.sha256,
+        }
+
+
+def parse_recipients(value: str | Iterable[str]) -> list[str]:
+    """age public keys from a comma- or space-separated text (or a list); refuses a
+    malformed key by naming it, and a private key without showing it."""
+    items = re.split(r"[\s,]+", value) if isinstance(value, str) else list(value)
+    keys = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        if item.upper().startswith("AGE-SECRET-KEY-"):
+            raise RecipientError(
+                "an age PRIVATE key was given as a recipient: give its public key "
+                "(`age-keygen -y key.txt` prints it, `age1…`) and keep the private key "
+                "in the identity file only"
+            )
+        try:
+            x25519.Recipient.from_str(item)
+        except pyrage.RecipientError:
+            raise RecipientError(
+                f"{item!r} is not an age public key (`age1…`, as `age-keygen` prints it)"
+            ) from None
+        keys.append(item)
+    return keys
+
+
+def load_identity(path: Path | str) -> x25519.Identity:
+    """The age identity in the file at `path` (`age-keygen` format: comments and one
+    `AGE-SECRET-KEY-1…` line). Errors name the file, never its content."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise IdentityError(
+            f"age identity file {path} does not exist: set PROXILION_DR_AGE_IDENTITY_FILE "
+            "(or age_identity_file) to the file holding the private key"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise IdentityError(
+            f"age identity file {path} cannot be read ({type(error).__name__}): check the "
+            "path and that this user may read it"
+        ) from None
+    keys = [line.strip() for line in lines if line.strip().startswith("AGE-SECRET-KEY-")]
+    try:
+        [key] = keys
+        return x25519.Identity.from_str(key)
+    except (ValueError, pyrage.IdentityError):
+        raise IdentityError(
+            f"age identity file {path} does not hold exactly one valid age private key "
+            "(`AGE-SECRET-KEY-1…`, as `age-keygen -o key.txt` writes it)"
+        ) from None
+
+
+def check_identity(identity: x25519.Identity, recipients: list[str], path: Path, what: str) -> None:
+    """Refuse an identity whose public key is not among the backup's recipients."""
+    public = str(identity.to_public())
+    if public not in recipients:
+        raise IdentityError(
+            f"the age identity in {path} (public key {public}) cannot decrypt {what}, "
+            f"which was encrypted to {', '.join(recipients)}: use the identity file of one "
+            "of those keys"
+        )
+
+
+def encrypt_copy(source: Path, dest: Path, recipients: list[str]) -> EncryptedFile:
+    """Encrypt `source` to `dest` (owner-only, fsynced), streamed and hashed on the way."""
+    keys = [x25519.Recipient.from_str(r) for r in recipients]
+    try:
+        with open(source, "rb") as plain, create_file(dest) as out:
+            hashing = HashingWriter(out)
+            pyrage.encrypt_io(plain, hashing, keys)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+    return EncryptedFile(dest, hashing.size, hashing.sha256.hexdigest(), tuple(recipients))
+
+
+def decrypt_stream(source: IO[bytes], out: IO[bytes], identity: x25519.Identity, what: str) -> None:
+    """Decrypt an age stream into `out`; a damaged stream is an ArchiveError."""
+    try:
+        pyrage.decrypt_io(source, out, [identity])
+    except pyrage.DecryptError as error:
+        raise ArchiveError(
+            f"{what} does not decrypt ({error}): the object is damaged or not ours; pick "
+            "another backup (nothing was changed)"
+        ) from None
+
+
+@task(cache_policy=NO_CACHE)
+def encrypt_for_upload(
+    backup_dir: Path, staged: Path, name: str, recipients: list[str]
+) -> EncryptedFile:
+    """The age-encrypted copy of the staged backup `name`, for the upload (hidden
+    beside it, a staging name; the caller removes it)."""
+    started = time.perf_counter()
+    encrypted = encrypt_copy(staged, staging_path(backup_dir, name + SUFFIX), recipients)
+    return replace(encrypted, seconds=elapsed(started))

@@ -1,0 +1,226 @@
+"""age-encrypted off-site copies: with recipients set every S3 object is age-encrypted
+(`.age`), the manifest records public keys and both checksums (never a private key),
+Debian's `age` decrypts what we wrote, recoveries decrypt with the identity file, and a
+missing or wrong identity is refused before anything is touched."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from pyrage import x25519
+from redis_servers import assert_same_keyspace, keyspace_snapshot
+from test_backup_config import ALLOWLIST, write_project
+from test_recover_prometheus import backfill, blocks, history, known_history
+from test_recover_redis import back_up, flushall, recover, seed, state
+from throwaway_services import prometheus_container, redis_container
+
+from flows.backup_config import backup_config
+from flows.backup_logs import backup_logs
+from flows.backup_prometheus import backup_prometheus
+from flows.recover_prometheus import recover_prometheus
+from flows.recovery import StepFailed
+from sandbox import constants as stack
+from tasks.archive import Manifest, manifest_name, sha256_file
+from tasks.encryption import IdentityError, RecipientError, parse_recipients
+from tasks.fetch import fetch_backup
+from tasks.s3 import object_key
+from tasks.storage import KINDS
+
+AGE_HEADER = b"age-encryption.org/v1\n"
+
+
+def write_identity(path: Path) -> str:
+    """An identity file as `age-keygen -o` writes it; returns its public key."""
+    identity = x25519.Identity.generate()
+    public = str(identity.to_public())
+    path.write_text(f"# created: 2026-01-01T00:00:00Z\n# public key: {public}\n{identity}\n")
+    path.chmod(0o600)
+    return public
+
+
+@pytest.fixture
+def age_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """A fresh identity file, its public key as PROXILION_DR_AGE_RECIPIENTS (with a
+    second recipient: any one of them decrypts)."""
+    key = tmp_path / "key.txt"
+    public = write_identity(key)
+    other = str(x25519.Identity.generate().to_public())
+    monkeypatch.setenv("PROXILION_DR_AGE_RECIPIENTS", f"{public}, {other}")
+    return key, public
+
+
+def s3_args(prefix: str) -> dict[str, Any]:
+    return {
+        "s3_bucket": stack.S3_BUCKET,
+        "s3_prefix": prefix,
+        "s3_endpoint_url": stack.S3_ENDPOINT,
+    }
+
+
+def remote_objects(prefix: str) -> dict[str, bytes]:
+    s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
+    listing = s3.list_objects_v2(Bucket=stack.S3_BUCKET, Prefix=prefix + "/")
+    return {
+        item["Key"]: s3.get_object(Bucket=stack.S3_BUCKET, Key=item["Key"])["Body"].read()
+        for item in listing.get("Contents", [])
+    }
+
+
+def assert_encrypted_copy(manifest: Manifest, backup_dir: Path, prefix: str, public: str) -> None:
+    """Only `.age` data in the bucket, the manifest's facts match both streams, the
+    local copy stays plain, and no private key anywhere."""
+    objects = remote_objects(prefix)
+    key = object_key(prefix, manifest.name + ".age")
+    assert sorted(objects) == [key, manifest_name(key)]
+    stored = objects[key]
+    assert stored.startswith(AGE_HEADER)
+    remote = json.loads(objects[manifest_name(key)])
+    assert remote["encryption"]["format"] == "age"
+    assert public in remote["encryption"]["recipients"]
+    assert remote["encryption"]["size"] == len(stored)
+    assert remote["encryption"]["sha256"] == hashlib.sha256(stored).hexdigest()
+    assert remote["sha256"] == sha256_file(backup_dir / manifest.name)  # the plain stream
+    assert "AGE-SECRET-KEY" not in objects[manifest_name(key)].decode()
+    assert not (backup_dir / manifest.name).read_bytes().startswith(AGE_HEADER)
+
+
+def test_redis_round_trip_and_debians_age_decrypts_by_hand(
+    age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
+) -> None:
+    key, public = age_key
+    with redis_container(tmp_path) as service:
+        seed(service)
+        manifest = back_up(service, backup_dir, **s3_args(s3_prefix))
+        assert_encrypted_copy(manifest, backup_dir, s3_prefix, public)
+        # The README's by-hand way, with Debian's age: age -d -i key.txt x.age | gunzip
+        encrypted = tmp_path / "x.rdb.gz.age"
+        encrypted.write_bytes(remote_objects(s3_prefix)[f"{s3_prefix}/{manifest.name}.age"])
+        dump = tmp_path / "dump.rdb"
+        subprocess.run(f"age -d -i {key} {encrypted} | gunzip > {dump}", shell=True, check=True)
+        assert dump.read_bytes() == gzip.decompress((backup_dir / manifest.name).read_bytes())
+        # recover-redis on a host without the local backups, with the identity file
+        expected = keyspace_snapshot(service.url)
+        flushall(service)
+        fresh = tmp_path / "new-host-backups"
+        result = recover(service, fresh, age_identity_file=str(key), **s3_args(s3_prefix))
+        assert_same_keyspace(expected, keyspace_snapshot(service.url))
+        assert result["backup"]["from"].endswith(".age (downloaded)")
+        assert (fresh / manifest.name).read_bytes() == (backup_dir / manifest.name).read_bytes()
+
+
+def test_missing_or_wrong_identity_is_refused_before_anything_is_touched(
+    age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
+) -> None:
+    wrong = tmp_path / "wrong.txt"
+    write_identity(wrong)
+    with redis_container(tmp_path) as service:
+        seed(service)
+        manifest = back_up(service, backup_dir, **s3_args(s3_prefix))
+        before = state(service)
+        fresh = tmp_path / "fresh"
+        for identity, says in [
+            (None, "is age-encrypted (to "),
+            (str(tmp_path / "nowhere.txt"), "nowhere.txt does not exist"),
+            (str(wrong), "cannot decrypt the S3 copy of " + manifest.name),
+        ]:
+            with pytest.raises(StepFailed, match="find and verify the backup") as failed:
+                recover(service, fresh, age_identity_file=identity, **s3_args(s3_prefix))
+            assert says in str(failed.value)
+            assert "AGE-SECRET-KEY" not in str(failed.value)
+            assert state(service) == before
+            assert not (fresh / manifest.name).exists()
+
+
+def test_prometheus_round_trip(
+    age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
+) -> None:
+    key, public = age_key
+    with prometheus_container(tmp_path, backfill) as service:
+        manifest = Manifest(
+            **backup_prometheus(
+                prometheus_url=service.url,
+                container=service.name,
+                fetch="container",
+                backup_dir=str(backup_dir),
+                **s3_args(s3_prefix),
+            )
+        )
+        assert_encrypted_copy(manifest, backup_dir, s3_prefix, public)
+        service.container().stop()
+        for block in blocks(service.data_dir):
+            (block / "index").write_bytes(b"not an index")
+        service.container().start()
+        result = recover_prometheus(
+            container=service.name,
+            prometheus_url=service.url,
+            backup_dir=str(tmp_path / "new-host-backups"),
+            age_identity_file=str(key),
+            **s3_args(s3_prefix),
+        )
+        assert result["ok"] and history(service) == known_history()
+
+
+def fetched_from_s3(kind: str, manifest: Manifest, key: Path, prefix: str, where: Path) -> Path:
+    """The recovery flows' fetch step, on a host without the local backups."""
+    found = fetch_backup(where, kind, manifest.name, identity_file=key, **s3_args(prefix))
+    assert found.location.endswith(".age (downloaded)")
+    return found.path
+
+
+def test_config_round_trip(
+    age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
+) -> None:
+    key, public = age_key
+    manifest = Manifest(
+        **backup_config(
+            project_dir=str(write_project(tmp_path / "project")),
+            env_allowlist=ALLOWLIST,
+            env_container="",
+            backup_dir=str(backup_dir),
+            **s3_args(s3_prefix),
+        )
+    )
+    assert_encrypted_copy(manifest, backup_dir, s3_prefix, public)
+    path = fetched_from_s3("config", manifest, key, s3_prefix, tmp_path / "fresh")
+    assert path.read_bytes() == (backup_dir / manifest.name).read_bytes()
+
+
+def test_logs_round_trip(
+    age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
+) -> None:
+    key, public = age_key
+    manifest = Manifest(
+        **backup_logs(
+            containers=[stack.GATEWAY_CONTAINER],
+            window="5m",
+            backup_dir=str(backup_dir),
+            **s3_args(s3_prefix),
+        )
+    )
+    assert manifest.name.startswith(KINDS["logs"].folder + "/")
+    assert_encrypted_copy(manifest, backup_dir, s3_prefix, public)
+    path = fetched_from_s3("logs", manifest, key, s3_prefix, tmp_path / "fresh")
+    assert path.read_bytes() == (backup_dir / manifest.name).read_bytes()
+
+
+def test_recipients_are_checked_and_a_private_key_is_never_echoed() -> None:
+    secret = str(x25519.Identity.generate())
+    with pytest.raises(RecipientError) as refused:
+        parse_recipients(secret)
+    assert secret not in str(refused.value) and "PRIVATE key" in str(refused.value)
+    with pytest.raises(RecipientError, match="'age1nope' is not an age public key"):
+        parse_recipients("age1nope")
+
+
+def test_identity_file_with_no_key_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "key.txt"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(IdentityError, match="does not hold exactly one valid age private key"):
+        fetch_backup(tmp_path, "redis", "latest", "", "", None, identity_file=empty)

@@ -1,0 +1,277 @@
+"""verify-restore, the restore drill, on real backups: the sandbox's (Redis, Prometheus,
+gateway logs, a config project with a withheld secret) and throwaway servers'. Scratch
+containers from the live containers' images; the live stack is only read."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import docker
+import pytest
+import redis as redis_py
+from conftest import require
+from prefect.client.orchestration import get_client
+from test_monitoring import pushed, pushgateway  # noqa: F401 - the fixture
+from throwaway_services import redis_container
+
+from flows.backup_config import backup_config
+from flows.backup_logs import backup_logs
+from flows.backup_prometheus import backup_prometheus
+from flows.backup_redis import backup_redis
+from flows.verify_restore import DrillFailed, verify_restore
+from sandbox import constants as stack
+from tasks.archive import CompressedWriter, Manifest, manifest_name
+from tasks.drill import DRILL_LABEL, Scratch, inspect_live, program_argv, start_scratch
+from tasks.s3 import object_key
+from tasks.storage import write_durably
+
+TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
+COMPOSE = f"""\
+services:
+  gateway:
+    image: {stack.HOSTFS_IMAGE}
+    network_mode: host
+    command: [/usr/bin/python3, -u, /app/gateway.py]
+    environment:
+      MODE: ${{MODE}}
+      GATEWAY_API_TOKEN: "{TOKEN}"
+    env_file: .env
+    depends_on: [redis]
+  redis:
+    image: {stack.HOSTFS_IMAGE}
+    network_mode: host
+    command: [/usr/bin/redis-server, /conf/redis.conf]
+"""
+PROJECT = {
+    "docker-compose.yml": COMPOSE,
+    "prometheus.yml": "scrape_configs: []\n",
+    "alerts.yml": "groups: []\n",
+    "grafana/dashboards/gateway.json": '{"title": "Gateway"}',
+}
+
+
+def drill_containers() -> list[str]:
+    listed = docker.from_env().containers.list(all=True, filters={"label": DRILL_LABEL})
+    return sorted(c.name for c in listed)
+
+
+def drill_report() -> str:
+    with get_client(sync_client=True) as client:
+        found = [a for a in client.read_latest_artifacts() if a.key == "verify-restore"]
+    return str(found[0].data) if found else ""
+
+
+@pytest.fixture(scope="module")
+def sandbox_backups(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One backup of each kind from the sandbox (config: a project beside the sandbox
+    gateway's environment), in a local folder and under a fresh S3 prefix."""
+    for host, port, what in [
+        (stack.REDIS_HOST, stack.REDIS_PORT, "Redis"),
+        (stack.PROMETHEUS_HOST, stack.PROMETHEUS_PORT, "Prometheus"),
+        (stack.GATEWAY_HOST, stack.GATEWAY_PORT, "the gateway"),
+        (stack.S3_HOST, stack.S3_PORT, "SeaweedFS S3"),
+    ]:
+        require(host, port, what)
+    root = tmp_path_factory.mktemp("drill")
+    project = root / "project"
+    for relative, text in PROJECT.items():
+        (project / relative).parent.mkdir(parents=True, exist_ok=True)
+        (project / relative).write_text(text)
+    backups = root / "backups"
+    prefix = f"test-drill-{os.getpid()}"
+    s3 = {
+        "backup_dir": str(backups),
+        "s3_bucket": stack.S3_BUCKET,
+        "s3_prefix": prefix,
+        "s3_endpoint_url": stack.S3_ENDPOINT,
+    }
+    manifests = {
+        "redis": backup_redis(redis_url=stack.REDIS_URL, **s3),
+        "prometheus": backup_prometheus(prometheus_url=stack.PROMETHEUS_URL, **s3),
+        "config": backup_config(
+            project_dir=str(project), env_container=stack.GATEWAY_CONTAINER, **s3
+        ),
+        "logs": backup_logs(containers=stack.GATEWAY_CONTAINER, window="1h", **s3),
+    }
+    yield {"manifests": manifests, "s3": s3, "root": root}
+    client = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
+    for item in client.list_objects_v2(Bucket=stack.S3_BUCKET, Prefix=prefix + "/").get(
+        "Contents", []
+    ):
+        client.delete_object(Bucket=stack.S3_BUCKET, Key=item["Key"])
+
+
+def drill(backups: dict[str, Any], tmp_path: Path, **parameters: Any) -> dict[str, Any]:
+    return verify_restore(
+        **({"scratch_dir": str(tmp_path / "scratch")} | backups["s3"] | parameters)
+    )
+
+
+def test_the_sandbox_backups_restore_and_every_check_passes(
+    sandbox_backups: dict[str, Any],
+    tmp_path: Path,
+    pushgateway: str,  # noqa: F811 - the fixture
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROXILION_DR_PUSHGATEWAY_URL", pushgateway)
+    result = drill(sandbox_backups, tmp_path)
+
+    assert result["ok"]
+    components = result["components"]
+    assert set(components) == {"redis", "prometheus", "config", "logs"}
+    manifests = sandbox_backups["manifests"]
+    for name, outcome in components.items():
+        assert outcome["backup"]["name"] == manifests[name]["name"]
+        assert outcome["rto_seconds"] > 0 and outcome["rpo_seconds"] >= 0
+        assert all(s["outcome"] == "ok" for s in outcome["steps"]), outcome["steps"]
+    checks = {n: {s["name"]: s["detail"] for s in o["steps"]} for n, o in components.items()}
+    assert manifests["redis"]["source"]["sample"], "backup-redis records a keyed sample"
+    assert "type and value digest match" in checks["redis"]["keyed sample"]
+    assert "healthy after" in checks["redis"]["gateway /health against the restored Redis"]
+    assert manifests["prometheus"]["source"]["recorded"]["values"]
+    assert "match" in checks["prometheus"]["values recorded at backup time"]
+    assert "GATEWAY_API_TOKEN" in checks["config"]["withheld secrets listed"]
+    assert "GATEWAY_API_TOKEN" in checks["config"]["compose file validates"]
+    lines = manifests["logs"]["source"]["lines"]
+    assert f"{lines} lines" in checks["logs"]["decompress fully and count lines"]
+
+    assert drill_containers() == []  # torn down
+    assert not any((tmp_path / "scratch").iterdir())
+    report = drill_report()
+    assert "verify-restore: OK" in report and manifests["redis"]["name"] in report
+    assert TOKEN not in report
+    for component in components:
+        assert pushed(pushgateway, "proxilion_dr_restore_last_status", component=component) == 1
+        assert pushed(pushgateway, "proxilion_dr_restore_rto_seconds", component=component)
+    assert pushed(pushgateway, "proxilion_dr_drill_last_status") == 1
+
+
+def test_a_truncated_s3_object_fails_the_drill_naming_it(
+    sandbox_backups: dict[str, Any], tmp_path: Path
+) -> None:
+    """The only copy is in S3, and it was cut short after its upload was verified."""
+    manifest = sandbox_backups["manifests"]["logs"]
+    s3 = sandbox_backups["s3"]
+    key = object_key(s3["s3_prefix"], manifest["name"])
+    client = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
+    whole = client.get_object(Bucket=stack.S3_BUCKET, Key=key)["Body"].read()
+    client.put_object(Bucket=stack.S3_BUCKET, Key=key, Body=whole[: len(whole) // 2])
+    empty = tmp_path / "empty-backups"
+    empty.mkdir()
+    try:
+        with pytest.raises(DrillFailed) as failed:
+            drill(sandbox_backups, tmp_path, components=["logs"], backup_dir=str(empty))
+    finally:
+        client.put_object(Bucket=stack.S3_BUCKET, Key=key, Body=whole)
+    message = str(failed.value)
+    assert "logs: step 'find and verify the backup' failed" in message
+    assert key in message and "truncated or corrupt" in message
+    assert drill_containers() == []
+
+
+def test_a_backup_of_a_newer_rdb_version_says_so(
+    sandbox_backups: dict[str, Any], tmp_path: Path
+) -> None:
+    """An RDB whose header says version 12 (Redis 7.4), drilled on Redis 7.0."""
+    real = Path(sandbox_backups["s3"]["backup_dir"]) / sandbox_backups["manifests"]["redis"]["name"]
+    backups = tmp_path / "backups"
+    (backups / "redis").mkdir(parents=True)
+    rdb = gzip.decompress(real.read_bytes())
+    newer = b"REDIS0012" + rdb[9:]
+    write_backup(backups, "redis", newer, sandbox_backups["manifests"]["redis"])
+    with pytest.raises(DrillFailed) as failed:
+        drill(
+            sandbox_backups, tmp_path, components=["redis"], backup_dir=str(backups), s3_bucket=""
+        )
+    message = str(failed.value)
+    assert "redis: step 'validate the RDB" in message
+    assert "RDB version 12" in message and "redis_image of a newer Redis" in message
+    assert drill_containers() == []
+
+
+def write_backup(backups: Path, kind: str, raw: bytes, like: dict[str, Any]) -> None:
+    """A complete backup of `raw` (gzip) with a manifest copied from `like`."""
+    final = backups / like["name"]
+    writer = CompressedWriter(final, "gzip")
+    writer.write(raw)
+    stored = writer.close()
+    manifest = Manifest(**(like | {"size": stored.size, "sha256": stored.sha256}))
+    manifest.raw_size = stored.raw_size
+    write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
+
+
+def test_the_drill_redis_that_does_not_start_fails_the_drill_and_leaves_nothing(
+    sandbox_backups: dict[str, Any], tmp_path: Path
+) -> None:
+    """The 'live' Redis container's program does not exist in the drill's image."""
+    client = docker.from_env()
+    broken = client.containers.create(
+        stack.HOSTFS_IMAGE,
+        ["/usr/bin/redis-server-gone", "--port", "0"],
+        name=f"proxilion-dr-test-broken-redis-{os.getpid()}",
+        labels={stack.SANDBOX_LABEL: "test-throwaway"},
+    )
+    try:
+        with pytest.raises(DrillFailed) as failed:
+            drill(sandbox_backups, tmp_path, components=["redis"], redis_container=broken.name)
+    finally:
+        broken.remove(force=True)
+    message = str(failed.value)
+    assert "redis: step 'start drill-redis (empty)' failed" in message
+    assert "drill-redis" in message
+    assert drill_containers() == []
+
+
+def test_leftovers_of_a_killed_drill_are_removed_by_the_next(
+    sandbox_backups: dict[str, Any], tmp_path: Path
+) -> None:
+    """A drill killed halfway: its container still runs, its scratch folder remains."""
+    folder = tmp_path / "scratch" / "drill-killed"
+    folder.mkdir(parents=True)
+    live = inspect_live(stack.REDIS_CONTAINER)
+    entrypoint, command = program_argv(live, "redis-server", ["--port", "0", "--save", ""])
+    start_scratch(Scratch(folder), "drill-redis", live, entrypoint, command, 0, [])
+    assert drill_containers() == ["drill-redis"]
+
+    result = drill(sandbox_backups, tmp_path, components=["redis", "logs"])
+    assert result["ok"]
+    assert any("drill-redis" in note for note in result["notes"])
+    assert not folder.exists()
+    assert drill_containers() == []
+
+
+def test_a_throwaway_servers_backup_with_a_changed_key_fails_the_sample(
+    sandbox_backups: dict[str, Any], tmp_path: Path
+) -> None:
+    """A throwaway Redis backed up; its manifest's sample then claims another value for
+    one key (as if the RDB held other data): the drill names the key."""
+    with redis_container(tmp_path) as service:
+        client = redis_py.Redis(port=service.port)
+        for i in range(200):
+            client.set(f"session:{i}", f"value-{i}")
+        backups = tmp_path / "backups"
+        manifest = backup_redis(
+            redis_url=service.url,
+            container=service.name,
+            fetch="container",
+            backup_dir=str(backups),
+            s3_bucket="",
+        )
+    assert manifest["source"]["sample"]
+    sidecar = backups / (manifest["name"] + ".manifest.json")
+    data = json.loads(sidecar.read_text())
+    data["source"]["sample"][0]["sha256"] = "0" * 64
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(DrillFailed) as failed:
+        drill(
+            sandbox_backups, tmp_path, components=["redis"], backup_dir=str(backups), s3_bucket=""
+        )
+    wrong = data["source"]["sample"][0]["key"]
+    assert "redis: step 'keyed sample' failed" in str(failed.value)
+    assert wrong in str(failed.value) and "different value" in str(failed.value)
