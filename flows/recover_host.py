@@ -251,7 +251,8 @@ def recover_host(
         s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
             (default: AWS S3).
         age_identity_file: Path of the age private key file that decrypts encrypted S3
-            copies (the key itself is never a parameter); empty = none.
+            copies (the key itself is never a parameter). Empty:
+            PROXILION_DR_AGE_IDENTITY_FILE (default: none).
         start_timeout_seconds: Seconds each service may take to start and verify.
     """
     refuse_secret_parameters(locals(), "redis_url")

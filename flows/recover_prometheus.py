@@ -94,7 +94,8 @@ def recover_prometheus(
         s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
             (default: AWS S3).
         age_identity_file: Path of the age private key file that decrypts an
-            encrypted S3 copy (the key itself is never a parameter); empty = none.
+            encrypted S3 copy (the key itself is never a parameter). Empty:
+            PROXILION_DR_AGE_IDENTITY_FILE (default: none).
         start_timeout_seconds: Seconds Prometheus may take to become ready.
     """
     refuse_secret_parameters(locals(), "prometheus_url")

@@ -102,7 +102,8 @@ def recover_redis(
         s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
             (default: AWS S3).
         age_identity_file: Path of the age private key file that decrypts an
-            encrypted S3 copy (the key itself is never a parameter); empty = none.
+            encrypted S3 copy (the key itself is never a parameter). Empty:
+            PROXILION_DR_AGE_IDENTITY_FILE (default: none).
         start_timeout_seconds: Seconds Redis may take to start and load the data.
     """
     refuse_secret_parameters(locals(), "redis_url")

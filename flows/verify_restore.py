@@ -107,31 +107,36 @@ def verify_restore(
 
     Args:
         components: What to drill: redis (with a gateway against it), prometheus,
-            config, logs. Empty = all four.
+            config, logs. Empty: all four.
         redis_backup: `latest` (newest complete Redis backup of any server) or a name
             as listed, e.g. `redis/dump_20260101_000000_1a2b3c4d.rdb.gz`.
         prometheus_backup: `latest` or a Prometheus backup's name.
         config_backup: `latest` or a config backup's name.
         logs_backup: `latest` or a log backup's name.
         redis_container: Live Redis container whose image the drill's Redis runs.
-            Empty: PROXILION_DR_REDIS_CONTAINER.
+            Empty: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
         gateway_container: Live gateway container whose image, command and settings the
             drill's gateway uses (its Redis and port replaced by the drill's).
-            Empty: PROXILION_DR_GATEWAY_CONTAINER.
+            Empty: PROXILION_DR_GATEWAY_CONTAINER (default proxilion-gateway).
         prometheus_container: Live Prometheus container whose image the drill uses.
-            Empty: PROXILION_DR_PROMETHEUS_CONTAINER.
+            Empty: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
         redis_image: Run the drill's Redis from this image instead (e.g. a newer Redis);
             empty = the live container's image.
         gateway_image: Run the drill's gateway from this image instead; empty = live's.
         prometheus_image: Run the drill's Prometheus from this image instead; empty =
             the live container's image.
         scratch_dir: Host folder for the drill's data (a `drill-<run>` folder inside,
-            removed afterwards). Empty: PROXILION_DR_DRILL_SCRATCH_DIR.
+            removed afterwards). Empty: PROXILION_DR_DRILL_SCRATCH_DIR
+            (default /var/tmp/proxilion-dr-drill).
         backup_dir: Local backup directory (a backup fetched from S3 is stored here).
-        s3_bucket: Bucket to look in when a backup is not in backup_dir; empty = none.
-        s3_prefix: Key prefix of the backups in the bucket.
-        s3_endpoint_url: S3-compatible endpoint; empty = AWS.
-        start_timeout_seconds: How long each scratch service may take to start and load.
+            Empty: PROXILION_DR_BACKUP_DIR (default /backups).
+        s3_bucket: Bucket to look in when a backup is not in backup_dir. Empty:
+            PROXILION_DR_S3_BUCKET (default: none, local backups only).
+        s3_prefix: Key prefix of the backups in the bucket. Empty:
+            PROXILION_DR_S3_PREFIX (default proxilion).
+        s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
+            (default: AWS S3).
+        start_timeout_seconds: Seconds each scratch service may take to start and load.
     """
     chosen = list(dict.fromkeys(components or COMPONENTS))
     parameters = {k: v for k, v in locals().items() if k not in ("components", "chosen")}
