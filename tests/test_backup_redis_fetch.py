@@ -110,7 +110,8 @@ class RelayProxy:
             while data := upstream.recv(65536):
                 if syncing.is_set() and self.cuts < self.cut_syncs:
                     sent += len(data)
-                    if sent > self.cut_after:
+                    if sent > self.cut_after:  # pass on what came before the cut point,
+                        client.sendall(data[: len(data) - (sent - self.cut_after)])  # header incl.
                         self.cuts += 1
                         break
                 if self.rewrite is None:
