@@ -149,7 +149,9 @@ def test_scheduled_backup_and_manual_recovery_go_through_the_host_worker(
     started = datetime.now(UTC) - timedelta(seconds=1)
     with api(server):
         backup = deployment_id(f"backup-redis/every-6-hours-{HOST}")
-        fire_at = (datetime.now(UTC) + timedelta(seconds=5)).strftime("%Y%m%dT%H%M%SZ")
+        # far enough ahead that the scheduler (every 5 s here) sees it before it is due:
+        # an occurrence already past when the scheduler looks is never created
+        fire_at = (datetime.now(UTC) + timedelta(seconds=20)).strftime("%Y%m%dT%H%M%SZ")
         with get_client(sync_client=True) as client:
             client.create_deployment_schedules(
                 backup,
