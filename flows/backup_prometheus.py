@@ -26,6 +26,7 @@ from tasks.prometheus import (
     locate_tsdb,
     prometheus_manifest,
     record_values,
+    remove_leftover_snapshot,
     take_snapshot,
 )
 from tasks.secrets import check_url, redact_url, url_server
@@ -128,8 +129,10 @@ def backup_prometheus(
                     "fetch": captured.method,
                 },
             )
-        finally:
-            delete_snapshot(snapshot)
+        except BaseException:
+            remove_leftover_snapshot(snapshot)  # the first error is the one to show
+            raise
+        delete_snapshot(snapshot)
     backup_succeeded(to.backup_dir, manifest, elapsed(started))
     print(f"Backup stored at {stored}" + (f" and {remote}" if remote else ""))
     return asdict(manifest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 from collections.abc import Iterator
@@ -101,8 +102,9 @@ def stream_archive(container_name: str, path: str) -> Iterator[bytes]:
 
 def stream_file(container_name: str, path: str) -> Iterator[bytes]:
     """The bytes of one regular file inside a container, streamed (Docker archive API)."""
-    raw = io.BufferedReader(_ChunkStream(stream_archive(container_name, path)), buffer_size=CHUNK)
-    with tarfile.open(fileobj=raw, mode="r|") as archive:
+    chunks = stream_archive(container_name, path)
+    raw = io.BufferedReader(_ChunkStream(chunks), buffer_size=CHUNK)
+    with contextlib.closing(chunks), tarfile.open(fileobj=raw, mode="r|") as archive:
         member = archive.next()
         if member is None or not member.isfile():
             raise ContainerError(f"{path} in container {container_name!r} is not a regular file")

@@ -9,6 +9,7 @@ credentials: only `redact_url` forms of them reach a log line, artifact or error
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -390,8 +391,13 @@ def _tar_from_container(snapshot: Snapshot, writer: CompressedWriter) -> dict[st
     chunks = containers.stream_archive(snapshot.tsdb.container, snapshot.container_dir)
     tee = _TeeReader(chunks, writer.write)
     seen = _BlockCollector(snapshot.name)
+    # Closed here, whatever the writer raised (disk full): an error's traceback would
+    # keep the stream open, and dockerd locks the container while it is.
     try:
-        with tarfile.open(fileobj=io.BufferedReader(tee, CHUNK), mode="r|") as archive:
+        with (
+            contextlib.closing(chunks),
+            tarfile.open(fileobj=io.BufferedReader(tee, CHUNK), mode="r|") as archive,
+        ):
             for member in archive:
                 seen.add(
                     member.name,
@@ -648,6 +654,21 @@ def delete_snapshot(snapshot: Snapshot) -> str:
         return "not found"
     run_logger().info("Snapshot %s deleted: %s", snapshot.name, done)
     return done
+
+
+def remove_leftover_snapshot(snapshot: Snapshot) -> None:
+    """Delete the snapshot of a backup that already failed: a removal that fails too
+    is a warning naming the folder, so the run's reason stays the first failure."""
+    try:
+        delete_snapshot(snapshot)
+    except Exception as error:  # noqa: BLE001 - reported, the backup's own error follows
+        run_logger().warning(
+            "Snapshot %s was not removed (%s): remove snapshots/%s under %s by hand, it holds disk",
+            snapshot.name,
+            error,
+            snapshot.name,
+            snapshot.tsdb.host_dir or "Prometheus's data folder",
+        )
 
 
 # ------------------------------------------------------------------------ manifest

@@ -7,11 +7,12 @@ them ever reach a log line, an artifact or an exception.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -478,9 +479,10 @@ def _source(
     return read
 
 
-def _each(chunks: Iterable[bytes], feed: Feed) -> None:
-    for chunk in chunks:
-        feed(chunk)
+def _each(chunks: Iterator[bytes], feed: Feed) -> None:
+    with contextlib.closing(chunks):  # now, even when `feed` raised (see stream_archive)
+        for chunk in chunks:
+            feed(chunk)
 
 
 def pipe_rdb(

@@ -397,6 +397,38 @@ def test_disk_full_removes_the_partial_file_and_the_snapshot(
     assert left_behind(our_snapshots) == []
 
 
+def test_a_snapshot_that_cannot_be_removed_does_not_hide_why_the_backup_failed(
+    sandbox_prometheus: str,
+    tmp_path: Path,
+    our_snapshots: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The disk fills during the copy and then the snapshot cannot be removed: the run
+    fails with the disk-full reason, and the leftover snapshot is a warning naming it.
+    The removal failure is faked (raised where `rm` would fail): as root, the real
+    Prometheus never refuses a removal."""
+
+    def refuse(snapshot: Snapshot, here: Path) -> str:
+        raise prometheus_tasks.SnapshotCopyError(f"could not remove snapshot {here} (faked)")
+
+    monkeypatch.setattr(prometheus_tasks, "_remove_on_host", refuse)
+    with mounted_tmpfs(tmp_path / "tiny", "size=64k") as tiny:
+        with pytest.raises(OSError, match="no space left in .*choose another backup_dir"):
+            backup_prometheus(
+                prometheus_url=sandbox_prometheus,
+                container=stack.PROMETHEUS_CONTAINER,
+                fetch="path",
+                data_dir=str(stack.PROMETHEUS_HOST_DATA_DIR),
+                backup_dir=str(tiny),
+                s3_bucket="",
+            )
+        no_backups(tiny)
+    [name] = our_snapshots
+    assert any(f"Snapshot {name} was not removed" in m and "by hand" in m for m in log_messages())
+    assert left_behind(our_snapshots) == [name]  # as the warning says: removed by hand
+    shutil.rmtree(stack.PROMETHEUS_HOST_DATA_DIR / "snapshots" / name)
+
+
 def test_read_only_backup_dir_fails_before_any_snapshot(
     sandbox_prometheus: str, tmp_path: Path, our_snapshots: list[str]
 ) -> None:
