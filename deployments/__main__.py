@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 from prefect import serve
-from prefect.schedules import Cron
+from prefect.schedules import Cron, Interval, Schedule
 from prefect.settings import PREFECT_UI_URL
 
-from deployments.catalog import DEPLOYMENTS, DeploymentSpec
+from deployments.catalog import DEPLOYMENTS, DeploymentSpec, steady_interval
 from deployments.hosts import BadHostName, for_host
 from deployments.notifications import apply_notifications
 from flows.settings import settings
@@ -32,9 +32,30 @@ def load_flow(spec: DeploymentSpec) -> Any:
     return getattr(module, attribute)
 
 
+def schedule(cron: str, timezone: str) -> Schedule:
+    """The Prefect schedule of a catalog cron read in `timezone`: an interval when it is
+    one (the deployments page shows it in a few words), else the cron."""
+    steady = steady_interval(cron)
+    if steady is None:
+        return Cron(cron, timezone=timezone)
+    return Interval(steady.every, anchor_date=steady.anchor_in(timezone), timezone=timezone)
+
+
+def yaml_schedule(cron: str, timezone: str) -> dict[str, Any]:
+    """`schedule()` as a prefect.yaml schedule entry."""
+    steady = steady_interval(cron)
+    if steady is None:
+        return {"cron": cron, "timezone": timezone}
+    return {
+        "interval": int(steady.every.total_seconds()),
+        "anchor_date": steady.anchor_in(timezone).isoformat(),
+        "timezone": timezone,
+    }
+
+
 def to_deployment(spec: DeploymentSpec, timezone: str) -> Any:
     """The runner deployment of one catalog entry, its cron read in `timezone`."""
-    schedules = [Cron(spec.cron, timezone=timezone)] if spec.cron else None
+    schedules = [schedule(spec.cron, timezone)] if spec.cron else None
     return load_flow(spec).to_deployment(
         name=spec.name,
         schedules=schedules,
@@ -69,7 +90,7 @@ def render_yaml(timezone: str = "UTC") -> str:
                 "description": spec.description,
                 "tags": list(spec.tags),
                 "parameters": spec.parameters,
-                "schedules": [{"cron": spec.cron, "timezone": timezone}] if spec.cron else [],
+                "schedules": [yaml_schedule(spec.cron, timezone)] if spec.cron else [],
                 "concurrency_limit": spec.concurrency_limit,
                 "work_pool": {"name": "proxilion-dr"},
             }

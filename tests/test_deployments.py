@@ -3,22 +3,26 @@ run form explains every parameter; stopping the runner keeps the schedules."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
+from croniter import croniter
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 from pydantic import ValidationError
 
-from deployments.__main__ import load_flow, render_yaml, to_deployment
-from deployments.catalog import DEPLOYMENTS
+from deployments.__main__ import load_flow, render_yaml, schedule, to_deployment
+from deployments.catalog import DEPLOYMENTS, steady_interval
 from flows.settings import SETTING, Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,9 +41,40 @@ def test_every_deployment_builds_with_its_schedule_in_the_configured_zone() -> N
         assert load_flow(spec).name == spec.flow_name
         deployment = to_deployment(spec, "Europe/Berlin")
         schedules = [s.schedule for s in deployment.schedules or []]
-        assert [s.cron for s in schedules] == ([spec.cron] if spec.cron else [])
+        assert len(schedules) == (1 if spec.cron else 0)
         assert all(s.timezone == "Europe/Berlin" for s in schedules)
     assert "timezone: Europe/Berlin" in render_yaml("Europe/Berlin")
+
+
+@pytest.mark.parametrize("timezone", ["UTC", "Europe/Berlin"])
+def test_every_schedule_fires_at_its_cron_times(timezone: str) -> None:
+    """A cron that is a steady interval is deployed as one (the deployments page names
+    it in a few words): the same times as the catalog's cron, over a year's weeks."""
+    start = datetime(2026, 3, 1, tzinfo=ZoneInfo(timezone))
+    for spec in DEPLOYMENTS:
+        if not spec.cron:
+            continue
+        deployed = server_schedule(schedule(spec.cron, timezone))
+        dates = asyncio.run(deployed.get_dates(60, start=start))
+        crons = croniter(spec.cron, start - timedelta(microseconds=1))
+        expected = [crons.get_next(datetime) for _ in dates]
+        if timezone == "UTC" or spec.interval is None or spec.interval >= timedelta(days=1):
+            assert [d.timestamp() for d in dates] == [e.timestamp() for e in expected], spec.name
+        kind = "interval" if steady_interval(spec.cron) else "cron"
+        assert kind == ("cron" if spec.name.startswith(("daily", "monthly")) else "interval")
+
+
+def server_schedule(client_schedule: Any) -> Any:
+    """The Prefect server's schedule object for a client-side one (it computes dates)."""
+    from prefect.server.schemas.schedules import CronSchedule, IntervalSchedule
+
+    if client_schedule.interval is not None:
+        return IntervalSchedule(
+            interval=client_schedule.interval,
+            anchor_date=client_schedule.anchor_date,
+            timezone=client_schedule.timezone,
+        )
+    return CronSchedule(cron=client_schedule.cron, timezone=client_schedule.timezone)
 
 
 def test_unknown_schedule_timezone_is_refused_with_the_fix(
