@@ -21,7 +21,7 @@ from prefect.schedules import Cron, Interval, Schedule
 from prefect.settings import PREFECT_UI_URL
 
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec, steady_interval
-from deployments.hosts import BadHostName, for_host
+from deployments.hosts import BadHostName, check_host, for_host
 from deployments.notifications import apply_notifications
 from flows.settings import settings
 
@@ -101,10 +101,11 @@ def render_yaml(timezone: str = "UTC") -> str:
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
-def notify() -> None:
-    """Create the notification block and automations from PROXILION_DR_NOTIFY_WEBHOOK_URL."""
+def notify(host: str | None = None) -> None:
+    """Create the notification block and automations from PROXILION_DR_NOTIFY_WEBHOOK_URL
+    (the late ones for host `host`'s deployments, when given)."""
     created = apply_notifications(
-        settings().notify_webhook_url.get_secret_value(), PREFECT_UI_URL.value() or ""
+        settings().notify_webhook_url.get_secret_value(), PREFECT_UI_URL.value() or "", host
     )
     if created:
         print("notifications to the webhook: " + "; ".join(created))
@@ -121,18 +122,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--host",
         help="yaml: this Docker host's copy of every deployment, on its own work queue "
-        "(see deployments/hosts.py)",
+        "(see deployments/hosts.py); apply: watch that copy for lateness",
     )
     args = parser.parse_args(argv)
     timezone = settings().schedule_timezone
-    if args.command in ("serve", "apply"):
-        notify()
-    if args.command == "yaml":
-        text = render_yaml(timezone)
+    if args.host:
         try:
-            sys.stdout.write(for_host(text, args.host) if args.host else text)
+            check_host(args.host)
         except BadHostName as error:
             parser.error(str(error))
+    if args.command in ("serve", "apply"):
+        notify(args.host if args.command == "apply" else None)
+    if args.command == "yaml":
+        text = render_yaml(timezone)
+        sys.stdout.write(for_host(text, args.host) if args.host else text)
     elif args.command == "serve":
         serve_all(timezone)
 
