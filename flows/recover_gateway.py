@@ -84,7 +84,13 @@ def recover_gateway(
             with `docker compose up --force-recreate` of its service (the only way when
             the container no longer exists). Empty: recreate from the container's own
             inspected configuration.
-        dry_run: Only inspect and plan: nothing is restarted or recreated.
+        dry_run: ON: inspect the container, keep its log tail and check the recreate
+            path; nothing is restarted or recreated. OFF (the default): an unhealthy
+            gateway is RESTARTED (its open sessions drop); still unhealthy and
+            `recreate` on, the container is REPLACED by a new one: the original is
+            stopped and renamed `<name>-replaced-<UTC>`, put back if the new one is
+            not healthy, and removed once it is (its volumes are kept). A healthy
+            gateway is never touched.
     """
     current = settings()
     name = container or current.gateway_container

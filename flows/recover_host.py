@@ -240,8 +240,13 @@ def recover_host(
             credentials belong in PROXILION_DR_REDIS_URL.
         prometheus_url: The restored Prometheus's URL. Empty:
             PROXILION_DR_PROMETHEUS_URL (default http://localhost:9090).
-        dry_run: Find and verify the backups, check the secrets and the new host, and
-            publish the plan; change nothing.
+        dry_run: ON: find and verify the backups, check the secrets and the new host
+            (target_dir new or empty, nothing answering at the three URLs), publish the
+            plan; nothing is written or started. OFF (the default): the project is
+            unpacked into target_dir, its containers are created, the Redis and
+            Prometheus backups placed in their data folders and the services started.
+            Nothing is replaced: a target_dir holding files, or a gateway, Redis or
+            Prometheus already answering, stops the run before anything is written.
         backup_dir: Local backup directory (backups fetched from S3 are stored here).
             Empty: PROXILION_DR_BACKUP_DIR (default /backups).
         s3_bucket: Bucket to look in when a backup is not in backup_dir. Empty:

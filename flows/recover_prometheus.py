@@ -83,8 +83,13 @@ def recover_prometheus(
         data_dir: Host folder of Prometheus's TSDB. Empty:
             PROXILION_DR_PROMETHEUS_DATA_DIR (default: none, found from the
             container's mount of --storage.tsdb.path).
-        dry_run: Check everything (backup, checksum, blocks, container, data dir,
-            retention, free disk) and publish the plan, changing nothing.
+        dry_run: ON: check everything (backup, checksum, blocks, container, data dir,
+            retention, free disk) and publish the plan; nothing is stopped, moved or
+            written. OFF (the default): a LIVE RESTORE. Prometheus is stopped and its
+            TSDB is REPLACED by the backup's blocks: the data dir's current contents
+            are moved aside to `<data dir>.before-restore-<UTC>/` (never deleted;
+            remove it by hand once satisfied), so samples scraped since the backup
+            are no longer served. Any failure after the move puts them back.
         backup_dir: Local backup directory (a backup fetched from S3 is stored here).
             Empty: PROXILION_DR_BACKUP_DIR (default /backups).
         s3_bucket: Bucket to look in when the backup is not in backup_dir. Empty:

@@ -91,8 +91,14 @@ def recover_redis(
             mount of Redis's `dir`).
         gateway_health_url: The gateway's /health URL, checked after the restore.
             Empty: PROXILION_DR_GATEWAY_HEALTH_URL (default: none, no check).
-        dry_run: Check everything (backup, checksum, RDB validity and version, container,
-            data dir, free disk) and publish the plan, changing nothing.
+        dry_run: ON: check everything (backup, checksum, RDB validity and version,
+            container, data dir, free disk) and publish the plan; nothing is stopped,
+            moved or written. OFF (the default): a LIVE RESTORE. Redis is stopped and
+            its current data (dump.rdb and the AOF) is REPLACED by the backup: the old
+            files are moved aside into `<data dir>/dump.rdb.before-restore-<UTC>/`
+            (never deleted; remove that folder by hand once satisfied), Redis is
+            started on the backup, and keys written since the backup are gone. Any
+            failure after the move puts the old data back and starts Redis again.
         backup_dir: Local backup directory (a backup fetched from S3 is stored here).
             Empty: PROXILION_DR_BACKUP_DIR (default /backups).
         s3_bucket: Bucket to look in when the backup is not in backup_dir. Empty:

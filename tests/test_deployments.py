@@ -126,6 +126,10 @@ def test_the_run_form_explains_every_parameter_of_every_deployment() -> None:
                 problems.append(f"{where}: the choices hide behind a type toggle")
             if "enum" in prop and prop.get("default") not in prop["enum"]:
                 problems.append(f"{where}: default {prop.get('default')!r} is not a choice")
+            if name == "dry_run" and not re.search(
+                r"ON: .+OFF \(the default\): .*REPLACE", description, re.I
+            ):
+                problems.append(f"{where}: does not say loudly what a run with it off replaces")
             unit = re.search(r"_(seconds|days)$", name)
             if unit and unit.group(1) not in description.lower():
                 problems.append(f"{where}: the unit is not said")
