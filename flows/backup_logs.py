@@ -43,13 +43,13 @@ FAILED = backup_failed(
 )
 @explains_failure
 def backup_logs(
-    containers: list[str] | str | None = None,
-    window: str | None = None,
+    containers: list[str] | str = "",
+    window: str = "",
     read: Literal["auto", "api", "file"] = "auto",
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,

@@ -44,10 +44,10 @@ def find_copies(
 
 
 def publish_status(
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
 ) -> list[dict[str, Any]]:
     """Build the status table and publish it under the key `backup-status` (in the
     current run); empty arguments take their PROXILION_DR_* setting."""
@@ -77,10 +77,10 @@ def publish_status(
 
 @flow(name="backup-status", log_prints=True, **FLOW_HOOKS)
 def backup_status(
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
 ) -> list[dict[str, Any]]:
     """Show every kind's newest backup here and in S3, fresh / LATE / MISSING against
     its schedule, with size, trend and the last verified restore (artifact

@@ -52,12 +52,12 @@ LOG_LINES = 100
 )
 @explains_failure
 def recover_gateway(
-    container: str | None = None,
-    health_url: str | None = None,
-    metrics_url: str | None = None,
+    container: str = "",
+    health_url: str = "",
+    metrics_url: str = "",
     deadline_seconds: float = 60.0,
     recreate: bool = True,
-    compose_file: str | None = None,
+    compose_file: str = "",
     dry_run: bool = False,
 ) -> dict[str, Any]:
     """Bring the gateway back (runbook scenario 1) and measure how long it was down.

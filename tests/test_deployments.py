@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from deployments.__main__ import load_flow, render_yaml, schedule, to_deployment
 from deployments.catalog import DEPLOYMENTS, steady_interval
-from flows.settings import SETTING, Settings
+from flows.settings import EMPTY_MEANS_SETTING, SETTING, Settings, resolve
 
 REPO = Path(__file__).resolve().parent.parent
 # "Empty: PROXILION_DR_X (default …)" or "`setting`: PROXILION_DR_X (default …)"
@@ -85,6 +85,11 @@ def test_unknown_schedule_timezone_is_refused_with_the_fix(
         Settings()
 
 
+# Parameters whose empty value can only be None: a number or a list box cannot hold
+# "take the setting" (their description names the setting).
+NULL_ALLOWED = {"retention_days", "keep_min", "save_timeout_seconds", "env_allowlist", "components"}
+
+
 def setting_default_text(name: str) -> str:
     """A setting's built-in default as the descriptions write it."""
     default = Settings.model_fields[name].default
@@ -133,13 +138,19 @@ def test_the_run_form_explains_every_parameter_of_every_deployment() -> None:
             unit = re.search(r"_(seconds|days)$", name)
             if unit and unit.group(1) not in description.lower():
                 problems.append(f"{where}: the unit is not said")
-            if prop.get("default") not in (None, SETTING):
+            if any(b.get("type") == "null" for b in branches) and name not in NULL_ALLOWED:
+                problems.append(f"{where}: a type toggle with 'None' (make the default \"\")")
+            if prop.get("default") not in (None, SETTING, ""):
                 continue
             named = NAMED_SETTING.search(description)
             if not named:
-                if "Empty:" not in description:  # e.g. "Empty: /metrics on that server"
+                if not re.search(r"\bempty\b", description, re.I):  # "Empty: /metrics on …"
                     problems.append(f"{where}: does not say what an empty value means")
                 continue
+            # recover-gateway reads its settings itself (`container or the setting`)
+            resolves = not deployment.startswith("recover-gateway/")
+            if prop.get("default") == "" and resolves and name not in EMPTY_MEANS_SETTING:
+                problems.append(f"{where}: empty is said to take a setting, resolve() disagrees")
             setting, said = named.group(1).lower(), named.group(2)
             if setting not in Settings.model_fields:
                 problems.append(f"{where}: names unknown setting {named.group(1)}")
@@ -148,7 +159,7 @@ def test_the_run_form_explains_every_parameter_of_every_deployment() -> None:
                     f"{where}: says default {said!r}, the setting's is "
                     f"{setting_default_text(setting)!r}"
                 )
-    assert problems == []
+    assert problems == [], "\n".join(problems)
 
 
 def all_polled() -> bool:
@@ -192,3 +203,20 @@ def test_stopping_serve_leaves_every_deployment_scheduled(tmp_path: Path) -> Non
             if client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}").paused
         ]
     assert paused == [], "stopping the runner paused them:\n" + log.read_text()[-2000:]
+
+
+def test_an_empty_text_parameter_takes_its_setting_as_none_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROXILION_DR_BACKUP_DIR", "/srv/backups")
+    monkeypatch.setenv("PROXILION_DR_S3_BUCKET", "dr-bucket")
+    for empty in ("", None, SETTING):
+        assert resolve({"backup_dir": empty, "s3_bucket": empty}) == {
+            "backup_dir": Path("/srv/backups"),
+            "s3_bucket": "dr-bucket",
+        }
+    # A container's empty value keeps meaning "no container"; `setting` takes the setting.
+    assert resolve({"container": ""}, container="redis_container") == {"container": ""}
+    assert resolve({"container": SETTING}, container="redis_container") == {
+        "container": "proxilion-redis"
+    }

@@ -223,4 +223,4 @@ def test_each_host_watches_its_own_deployments_for_lateness(webhook: Webhook) ->
     assert {
         "prefect.resource.role": "deployment",
         "prefect.resource.name": "every-6-hours-db-1",
-    } in ([dict(r) for r in related] if isinstance(related, list) else [dict(related)])
+    } in [dict(r.root) for r in related]
