@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from playwright.sync_api import expect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
@@ -210,10 +211,10 @@ def test_deployments_page_lists_every_deployment_with_its_schedule(
     ui_world: dict[str, Any], browser: Any
 ) -> None:
     """Each row's schedule is readable in the row itself, no "+1" badge hiding it (the
-    monthly drill's description needs a window 1600 px wide), and each recovery row is
-    named after its situation."""
+    monthly drill's description needs a full-HD window, 1920 px wide), and each recovery
+    row is named after its situation."""
     page = browser
-    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.set_viewport_size({"width": 1920, "height": 1080})
     page.goto(ui_world["server"].url + "/deployments")
     page.get_by_text(BACKUP_REDIS.flow_name, exact=True).first.wait_for()
     shoot(page, ui_world["screens"], "01-deployments")
@@ -224,6 +225,7 @@ def test_deployments_page_lists_every_deployment_with_its_schedule(
             has=page.get_by_text(spec.name, exact=True)
         )
         row.wait_for()
+        expect(page.locator("tbody tr")).to_have_count(1)  # the search has settled
         schedule = schedule_text(row)
         assert not schedule.startswith("+"), (spec.name, "hidden behind a badge", schedule)
         if spec.cron:
