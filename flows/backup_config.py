@@ -80,7 +80,7 @@ def backup_config(
             grafana/dashboards/. Empty: PROXILION_DR_CONFIG_PROJECT_DIR (default
             /opt/proxilion).
         env_allowlist: Environment variables kept (names; secret-looking ones are
-            withheld anyway). Empty: PROXILION_DR_CONFIG_ENV_ALLOWLIST (default
+            withheld anyway). None: PROXILION_DR_CONFIG_ENV_ALLOWLIST (default
             MODE, SESSION_STORE, ALERT_THRESHOLD, BLOCK_THRESHOLD, SESSION_TTL_HOURS).
         env_container: Container whose environment is read (the gateway).
             `setting`: PROXILION_DR_CONFIG_ENV_CONTAINER (default proxilion-gateway).
@@ -97,10 +97,10 @@ def backup_config(
             from the environment (AWS_* or a profile).
         compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
             `setting`: PROXILION_DR_COMPRESSION (default gzip).
-        retention_days: Days a backup of this project is kept. Empty:
+        retention_days: Days a backup of this project is kept. None:
             PROXILION_DR_CONFIG_RETENTION_DAYS (default 90).
         keep_min: Newest backups always kept, whatever their age (at least 1).
-            Empty: PROXILION_DR_KEEP_MIN (default 3).
+            None: PROXILION_DR_KEEP_MIN (default 3).
     """
     p = resolve(
         locals(),

@@ -81,10 +81,10 @@ def backup_logs(
             from the environment (AWS_* or a profile).
         compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
             `setting`: PROXILION_DR_COMPRESSION (default gzip).
-        retention_days: Days a backup of these containers is kept. Empty:
+        retention_days: Days a backup of these containers is kept. None:
             PROXILION_DR_LOGS_RETENTION_DAYS (default 30).
         keep_min: Newest backups always kept, whatever their age (at least 1).
-            Empty: PROXILION_DR_KEEP_MIN (default 3).
+            None: PROXILION_DR_KEEP_MIN (default 3).
     """
     p = resolve(
         locals(),

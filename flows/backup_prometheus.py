@@ -88,10 +88,10 @@ def backup_prometheus(
             from the environment (AWS_* or a profile).
         compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
             `setting`: PROXILION_DR_COMPRESSION (default gzip).
-        retention_days: Days a backup of this server is kept. Empty:
+        retention_days: Days a backup of this server is kept. None:
             PROXILION_DR_PROMETHEUS_RETENTION_DAYS (default 30).
         keep_min: Newest backups always kept, whatever their age (at least 1).
-            Empty: PROXILION_DR_KEEP_MIN (default 3).
+            None: PROXILION_DR_KEEP_MIN (default 3).
     """
     refuse_secret_parameters(locals(), "prometheus_url")
     p = resolve(

@@ -87,13 +87,13 @@ def backup_redis(
             from the environment (AWS_* or a profile).
         compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
             `setting`: PROXILION_DR_COMPRESSION (default gzip).
-        retention_days: Days a backup of this server is kept. Empty:
+        retention_days: Days a backup of this server is kept. None:
             PROXILION_DR_REDIS_RETENTION_DAYS (default 7).
         keep_min: Newest backups always kept, whatever their age (at least 1).
-            Empty: PROXILION_DR_KEEP_MIN (default 3).
+            None: PROXILION_DR_KEEP_MIN (default 3).
         deep_check: Also validate the RDB with redis-check-rdb (slower). Also on when
             PROXILION_DR_REDIS_DEEP_CHECK is true (default false).
-        save_timeout_seconds: Seconds to wait for the BGSAVE to finish. Empty:
+        save_timeout_seconds: Seconds to wait for the BGSAVE to finish. None:
             PROXILION_DR_REDIS_SAVE_TIMEOUT_SECONDS (default 600).
     """
     refuse_secret_parameters(locals(), "redis_url")
