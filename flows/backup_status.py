@@ -18,6 +18,7 @@ from prefect.artifacts import create_table_artifact
 from deployments.catalog import backup_intervals
 from flows.hooks import FLOW_HOOKS
 from flows.settings import resolve
+from flows.steps import run_name
 from tasks.s3 import S3Error, list_remote
 from tasks.status import Copies, last_verified_restores, status_rows
 from tasks.storage import KINDS, list_local, utc_now
@@ -75,7 +76,7 @@ def publish_status(
     return rows
 
 
-@flow(name="backup-status", log_prints=True, **FLOW_HOOKS)
+@flow(name="backup-status", flow_run_name=run_name("status"), log_prints=True, **FLOW_HOOKS)
 def backup_status(
     backup_dir: str = "",
     s3_bucket: str = "",
