@@ -17,11 +17,11 @@ from typing import Any
 
 import yaml
 from prefect import serve
-from prefect.schedules import Cron
+from prefect.schedules import Cron, Interval, Schedule
 from prefect.settings import PREFECT_UI_URL
 
-from deployments.catalog import DEPLOYMENTS, DeploymentSpec
-from deployments.hosts import BadHostName, for_host
+from deployments.catalog import DEPLOYMENTS, DeploymentSpec, steady_interval
+from deployments.hosts import BadHostName, check_host, for_host
 from deployments.notifications import apply_notifications
 from flows.settings import settings
 
@@ -32,9 +32,30 @@ def load_flow(spec: DeploymentSpec) -> Any:
     return getattr(module, attribute)
 
 
+def schedule(cron: str, timezone: str) -> Schedule:
+    """The Prefect schedule of a catalog cron read in `timezone`: an interval when it is
+    one (the deployments page shows it in a few words), else the cron."""
+    steady = steady_interval(cron)
+    if steady is None:
+        return Cron(cron, timezone=timezone)
+    return Interval(steady.every, anchor_date=steady.anchor_in(timezone), timezone=timezone)
+
+
+def yaml_schedule(cron: str, timezone: str) -> dict[str, Any]:
+    """`schedule()` as a prefect.yaml schedule entry."""
+    steady = steady_interval(cron)
+    if steady is None:
+        return {"cron": cron, "timezone": timezone}
+    return {
+        "interval": int(steady.every.total_seconds()),
+        "anchor_date": steady.anchor_in(timezone).isoformat(),
+        "timezone": timezone,
+    }
+
+
 def to_deployment(spec: DeploymentSpec, timezone: str) -> Any:
     """The runner deployment of one catalog entry, its cron read in `timezone`."""
-    schedules = [Cron(spec.cron, timezone=timezone)] if spec.cron else None
+    schedules = [schedule(spec.cron, timezone)] if spec.cron else None
     return load_flow(spec).to_deployment(
         name=spec.name,
         schedules=schedules,
@@ -69,7 +90,7 @@ def render_yaml(timezone: str = "UTC") -> str:
                 "description": spec.description,
                 "tags": list(spec.tags),
                 "parameters": spec.parameters,
-                "schedules": [{"cron": spec.cron, "timezone": timezone}] if spec.cron else [],
+                "schedules": [yaml_schedule(spec.cron, timezone)] if spec.cron else [],
                 "concurrency_limit": spec.concurrency_limit,
                 "work_pool": {"name": "proxilion-dr"},
             }
@@ -80,10 +101,11 @@ def render_yaml(timezone: str = "UTC") -> str:
     return header + yaml.safe_dump(document, sort_keys=False)
 
 
-def notify() -> None:
-    """Create the notification block and automations from PROXILION_DR_NOTIFY_WEBHOOK_URL."""
+def notify(host: str | None = None) -> None:
+    """Create the notification block and automations from PROXILION_DR_NOTIFY_WEBHOOK_URL
+    (the late ones for host `host`'s deployments, when given)."""
     created = apply_notifications(
-        settings().notify_webhook_url.get_secret_value(), PREFECT_UI_URL.value() or ""
+        settings().notify_webhook_url.get_secret_value(), PREFECT_UI_URL.value() or "", host
     )
     if created:
         print("notifications to the webhook: " + "; ".join(created))
@@ -100,18 +122,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument(
         "--host",
         help="yaml: this Docker host's copy of every deployment, on its own work queue "
-        "(see deployments/hosts.py)",
+        "(see deployments/hosts.py); apply: watch that copy for lateness",
     )
     args = parser.parse_args(argv)
     timezone = settings().schedule_timezone
-    if args.command in ("serve", "apply"):
-        notify()
-    if args.command == "yaml":
-        text = render_yaml(timezone)
+    if args.host:
         try:
-            sys.stdout.write(for_host(text, args.host) if args.host else text)
+            check_host(args.host)
         except BadHostName as error:
             parser.error(str(error))
+    if args.command in ("serve", "apply"):
+        notify(args.host if args.command == "apply" else None)
+    if args.command == "yaml":
+        text = render_yaml(timezone)
+        sys.stdout.write(for_host(text, args.host) if args.host else text)
     elif args.command == "serve":
         serve_all(timezone)
 

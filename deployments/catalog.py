@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
@@ -50,6 +52,45 @@ def cron_interval(cron: str) -> timedelta:
         longest = max(longest, current - previous)
         previous = current
     return longest
+
+
+HOURLY_STEP = re.compile(r"(\d+) \*(?:/(\d+))? \* \* \*")  # M * * * *, M */N * * *
+WEEKLY = re.compile(r"(\d+) (\d+) \* \* ([0-6])")  # M H * * D
+A_SUNDAY = datetime(2026, 1, 4)
+
+
+@dataclass(frozen=True)
+class Steady:
+    """A cron that is a fixed interval from an anchor (wall-clock time in the schedule's
+    time zone). Prefect's deployments page names an interval in a few words ("Every 6
+    hours", "Hourly", "Every 7 days") but hides a cron's longer description ("At 0
+    minutes past the hour, every 6 hours") behind a "+1" badge."""
+
+    every: timedelta
+    anchor: datetime
+
+    def anchor_in(self, timezone: str) -> datetime:
+        """The anchor as that wall-clock time in `timezone` (Prefect reads a naive one
+        as UTC)."""
+        return self.anchor.replace(tzinfo=ZoneInfo(timezone))
+
+
+def steady_interval(cron: str) -> Steady | None:
+    """`cron` as the same times at a fixed interval, or None when it is not one: an
+    hour step dividing the day (`7 * * * *`, `0 */6 * * *`) or one weekday (`0 3 * * 0`).
+    Sub-day intervals are counted in real hours, so in a zone with daylight saving
+    time they keep 6 h apart across the change (a cron would jump by an hour)."""
+    if hourly := HOURLY_STEP.fullmatch(cron):
+        minute, step = int(hourly.group(1)), int(hourly.group(2) or 1)
+        if minute < 60 and 24 % step == 0:
+            return Steady(timedelta(hours=step), datetime(2026, 1, 1, 0, minute))
+    if weekly := WEEKLY.fullmatch(cron):
+        minute, hour, weekday = (int(g) for g in weekly.groups())
+        if minute < 60 and hour < 24:
+            return Steady(
+                timedelta(days=7), A_SUNDAY + timedelta(days=weekday, hours=hour, minutes=minute)
+            )
+    return None
 
 
 def backup_intervals() -> dict[str, timedelta]:
@@ -104,7 +145,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         tags=("proxilion-dr", "backup", "logs"),
     ),
     DeploymentSpec(
-        name="manual",
+        name="gateway-down",
         entrypoint="flows/recover_gateway.py:recover_gateway",
         cron=None,
         description="Runbook scenario 1, launched by hand: inspect the gateway, keep its "
@@ -112,7 +153,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         tags=("proxilion-dr", "recovery", "gateway"),
     ),
     DeploymentSpec(
-        name="manual",
+        name="redis-data-lost",
         entrypoint="flows/recover_redis.py:recover_redis",
         cron=None,
         description="Scenario 2, Redis data loss: restore a backup (latest or named, here "
@@ -120,7 +161,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         tags=("proxilion-dr", "recovery", "redis"),
     ),
     DeploymentSpec(
-        name="manual",
+        name="prometheus-corrupt",
         entrypoint="flows/recover_prometheus.py:recover_prometheus",
         cron=None,
         description="Scenario 4, Prometheus corruption: restore snapshot blocks into the "
@@ -128,7 +169,7 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         tags=("proxilion-dr", "recovery", "prometheus"),
     ),
     DeploymentSpec(
-        name="manual",
+        name="host-lost",
         entrypoint="flows/recover_host.py:recover_host",
         cron=None,
         description="Scenario 3, host lost: rebuild the compose project from the config "

@@ -16,6 +16,7 @@ secret values, never in its plain fields, and never printed.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from uuid import UUID
 
@@ -107,9 +108,19 @@ def late_automation(
     )
 
 
-def notification_automations(block_id: UUID, ui_url: str) -> list[AutomationCore]:
-    """The failure automation and one late automation per scheduled deployment."""
-    late = [late_automation(spec, block_id, ui_url) for spec in DEPLOYMENTS if spec.cron]
+def scheduled(host: str | None = None) -> list[DeploymentSpec]:
+    """The scheduled deployments as registered: the catalog's, or host `host`'s copies
+    (named `<name>-<host>`, deployments/hosts.py)."""
+    specs = [spec for spec in DEPLOYMENTS if spec.cron]
+    return [replace(spec, name=f"{spec.name}-{host}") for spec in specs] if host else specs
+
+
+def notification_automations(
+    block_id: UUID, ui_url: str, host: str | None = None
+) -> list[AutomationCore]:
+    """The failure automation and one late automation per scheduled deployment (of
+    host `host`, when given)."""
+    late = [late_automation(spec, block_id, ui_url) for spec in scheduled(host)]
     return [failure_automation(block_id), *late]
 
 
@@ -126,20 +137,23 @@ def replace_automation(automation: AutomationCore) -> UUID:
         return existing[0].id
 
 
-def apply_notifications(webhook_url: str, ui_url: str) -> list[str]:
+def apply_notifications(webhook_url: str, ui_url: str, host: str | None = None) -> list[str]:
     """Save the webhook block and (re)create every notification automation, removing
     late automations of deployments no longer in the catalog; returns the automations'
-    names. Without a webhook URL nothing is created."""
+    names. Without a webhook URL nothing is created. With `host`, the late automations
+    watch that host's deployments (`every-6-hours-db-1`), and only that host's stale
+    ones are removed: every host runs this for its own."""
     if not webhook_url:
         return []
     block_id = webhook_block(webhook_url).save(WEBHOOK_BLOCK, overwrite=True)
-    automations = notification_automations(block_id, ui_url)
+    automations = notification_automations(block_id, ui_url, host)
     for automation in automations:
         replace_automation(automation)
     current = {a.name for a in automations}
     with get_client(sync_client=True) as client:
         for stale in client.read_automations():
-            is_late = stale.name.startswith(LATE_PREFIX) and stale.name.endswith(" late")
+            ending = f"-{host} late" if host else " late"
+            is_late = stale.name.startswith(LATE_PREFIX) and stale.name.endswith(ending)
             if is_late and stale.name not in current:
                 client.delete_automation(stale.id)
     return sorted(current)

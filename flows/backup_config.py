@@ -17,7 +17,7 @@ from prefect import flow
 
 from flows.backup_health import backup_failed, backup_succeeded, backup_unchanged, with_hooks
 from flows.hooks import BACKUP_HOOKS
-from flows.settings import resolve, settings
+from flows.settings import SETTING, resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name, unchanged
 from tasks.archive import Compression, check_compression
 from tasks.config import (
@@ -50,14 +50,14 @@ FAILED = backup_failed(
 )
 @explains_failure
 def backup_config(
-    project_dir: str | None = None,
+    project_dir: str = "",
     env_allowlist: list[str] | None = None,
-    env_container: str | None = None,
+    env_container: str = SETTING,
     force: bool = False,
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
@@ -80,11 +80,11 @@ def backup_config(
             grafana/dashboards/. Empty: PROXILION_DR_CONFIG_PROJECT_DIR (default
             /opt/proxilion).
         env_allowlist: Environment variables kept (names; secret-looking ones are
-            withheld anyway). Empty: PROXILION_DR_CONFIG_ENV_ALLOWLIST (default
+            withheld anyway). None: PROXILION_DR_CONFIG_ENV_ALLOWLIST (default
             MODE, SESSION_STORE, ALERT_THRESHOLD, BLOCK_THRESHOLD, SESSION_TTL_HOURS).
-        env_container: Container whose environment is read (the gateway); this
-            process's environment when the setting is empty too. Empty:
-            PROXILION_DR_CONFIG_ENV_CONTAINER (default proxilion-gateway).
+        env_container: Container whose environment is read (the gateway).
+            `setting`: PROXILION_DR_CONFIG_ENV_CONTAINER (default proxilion-gateway).
+            Empty (here or in the setting): this process's environment.
         force: Store a backup even when nothing changed (the weekly deployment).
         backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
             (default /backups).
@@ -97,10 +97,10 @@ def backup_config(
             from the environment (AWS_* or a profile).
         compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
             `setting`: PROXILION_DR_COMPRESSION (default gzip).
-        retention_days: Days a backup of this project is kept. Empty:
+        retention_days: Days a backup of this project is kept. None:
             PROXILION_DR_CONFIG_RETENTION_DAYS (default 90).
         keep_min: Newest backups always kept, whatever their age (at least 1).
-            Empty: PROXILION_DR_KEEP_MIN (default 3).
+            None: PROXILION_DR_KEEP_MIN (default 3).
     """
     p = resolve(
         locals(),

@@ -68,7 +68,8 @@ def with_hooks(
 def _hook(push: Callable[[dict[str, Any]], None]) -> Hook:
     """A flow state hook calling `push(parameters)`; whatever goes wrong is a warning."""
 
-    def hook(flow: Any, flow_run: Any, state: Any) -> None:
+    # The run log names a hook by its function: "Running hook 'push_outcome_metrics'".
+    def push_outcome_metrics(flow: Any, flow_run: Any, state: Any) -> None:
         try:
             push(dict(flow_run.parameters or {}))
         except Exception as error:  # noqa: BLE001 - a hook must never raise
@@ -77,7 +78,7 @@ def _hook(push: Callable[[dict[str, Any]], None]) -> Hook:
                 type(error).__name__,
             )
 
-    return hook
+    return push_outcome_metrics
 
 
 def backup_failed(kind: str, source_id: Callable[[dict[str, Any]], str]) -> Hook:

@@ -43,13 +43,13 @@ FAILED = backup_failed(
 )
 @explains_failure
 def backup_logs(
-    containers: list[str] | str | None = None,
-    window: str | None = None,
+    containers: list[str] | str = "",
+    window: str = "",
     read: Literal["auto", "api", "file"] = "auto",
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
@@ -81,10 +81,10 @@ def backup_logs(
             from the environment (AWS_* or a profile).
         compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
             `setting`: PROXILION_DR_COMPRESSION (default gzip).
-        retention_days: Days a backup of these containers is kept. Empty:
+        retention_days: Days a backup of these containers is kept. None:
             PROXILION_DR_LOGS_RETENTION_DAYS (default 30).
         keep_min: Newest backups always kept, whatever their age (at least 1).
-            Empty: PROXILION_DR_KEEP_MIN (default 3).
+            None: PROXILION_DR_KEEP_MIN (default 3).
     """
     p = resolve(
         locals(),

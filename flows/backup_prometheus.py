@@ -15,7 +15,7 @@ from prefect import flow
 
 from flows.backup_health import backup_failed, backup_succeeded, with_hooks
 from flows.hooks import BACKUP_HOOKS
-from flows.settings import refuse_secret_parameters, resolve, settings
+from flows.settings import SETTING, refuse_secret_parameters, resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -47,14 +47,14 @@ FAILED = backup_failed(
 )
 @explains_failure
 def backup_prometheus(
-    prometheus_url: str | None = None,
-    container: str | None = None,
+    prometheus_url: str = "",
+    container: str = SETTING,
     fetch: Literal["setting", "auto", "container", "path"] = "setting",
-    data_dir: str | None = None,
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    data_dir: str = "",
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
@@ -70,7 +70,8 @@ def backup_prometheus(
             PROXILION_DR_PROMETHEUS_URL (default http://localhost:9090). A URL with a
             password is refused here: put it in PROXILION_DR_PROMETHEUS_URL.
         container: Docker container running that Prometheus, for `fetch` container.
-            Empty: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
+            `setting`: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
+            Empty: no container (Prometheus runs on a host; `fetch` path).
         fetch: How the snapshot leaves Prometheus: `container` (Docker archive API),
             `path` (the TSDB folder on this host, `data_dir`), `auto` (the first that
             works). `setting`: PROXILION_DR_PROMETHEUS_FETCH (default auto).
@@ -88,10 +89,10 @@ def backup_prometheus(
             from the environment (AWS_* or a profile).
         compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
             `setting`: PROXILION_DR_COMPRESSION (default gzip).
-        retention_days: Days a backup of this server is kept. Empty:
+        retention_days: Days a backup of this server is kept. None:
             PROXILION_DR_PROMETHEUS_RETENTION_DAYS (default 30).
         keep_min: Newest backups always kept, whatever their age (at least 1).
-            Empty: PROXILION_DR_KEEP_MIN (default 3).
+            None: PROXILION_DR_KEEP_MIN (default 3).
     """
     refuse_secret_parameters(locals(), "prometheus_url")
     p = resolve(

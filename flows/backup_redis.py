@@ -14,7 +14,7 @@ from prefect import flow
 
 from flows.backup_health import backup_failed, backup_succeeded, with_hooks
 from flows.hooks import BACKUP_HOOKS
-from flows.settings import refuse_secret_parameters, resolve, settings
+from flows.settings import SETTING, refuse_secret_parameters, resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
 from tasks.locks import exclusive, lock_name
@@ -43,14 +43,14 @@ FAILED = backup_failed(
 )
 @explains_failure
 def backup_redis(
-    redis_url: str | None = None,
-    container: str | None = None,
+    redis_url: str = "",
+    container: str = SETTING,
     fetch: Literal["setting", "auto", "container", "path", "network"] = "setting",
-    data_dir: str | None = None,
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    data_dir: str = "",
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
@@ -68,7 +68,8 @@ def backup_redis(
             redis://localhost:6379/0). A URL with a password is refused here (the UI
             shows parameters): put it in PROXILION_DR_REDIS_URL.
         container: Docker container running that Redis, for `fetch` container.
-            Empty: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
+            `setting`: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
+            Empty: no container (Redis runs on a host; fetch by path or network).
         fetch: How the RDB leaves Redis: `container` (Docker archive API), `path`
             (Redis's folder on this host, `data_dir`), `network` (replication stream,
             for a replica or a remote host), `auto` (the first that works).
@@ -86,13 +87,13 @@ def backup_redis(
             from the environment (AWS_* or a profile).
         compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
             `setting`: PROXILION_DR_COMPRESSION (default gzip).
-        retention_days: Days a backup of this server is kept. Empty:
+        retention_days: Days a backup of this server is kept. None:
             PROXILION_DR_REDIS_RETENTION_DAYS (default 7).
         keep_min: Newest backups always kept, whatever their age (at least 1).
-            Empty: PROXILION_DR_KEEP_MIN (default 3).
+            None: PROXILION_DR_KEEP_MIN (default 3).
         deep_check: Also validate the RDB with redis-check-rdb (slower). Also on when
             PROXILION_DR_REDIS_DEEP_CHECK is true (default false).
-        save_timeout_seconds: Seconds to wait for the BGSAVE to finish. Empty:
+        save_timeout_seconds: Seconds to wait for the BGSAVE to finish. None:
             PROXILION_DR_REDIS_SAVE_TIMEOUT_SECONDS (default 600).
     """
     refuse_secret_parameters(locals(), "redis_url")

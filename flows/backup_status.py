@@ -18,6 +18,7 @@ from prefect.artifacts import create_table_artifact
 from deployments.catalog import backup_intervals
 from flows.hooks import FLOW_HOOKS
 from flows.settings import resolve
+from flows.steps import run_name
 from tasks.s3 import S3Error, list_remote
 from tasks.status import Copies, last_verified_restores, status_rows
 from tasks.storage import KINDS, list_local, utc_now
@@ -44,10 +45,10 @@ def find_copies(
 
 
 def publish_status(
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
 ) -> list[dict[str, Any]]:
     """Build the status table and publish it under the key `backup-status` (in the
     current run); empty arguments take their PROXILION_DR_* setting."""
@@ -75,12 +76,12 @@ def publish_status(
     return rows
 
 
-@flow(name="backup-status", log_prints=True, **FLOW_HOOKS)
+@flow(name="backup-status", flow_run_name=run_name("status"), log_prints=True, **FLOW_HOOKS)
 def backup_status(
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
 ) -> list[dict[str, Any]]:
     """Show every kind's newest backup here and in S3, fresh / LATE / MISSING against
     its schedule, with size, trend and the last verified restore (artifact

@@ -58,7 +58,7 @@ def refresh_backup_status(flow: Any, flow_run: FlowRun, state: State[Any]) -> No
     backup's outcome stands."""
     from flows.backup_status import backup_status  # here: backup-status carries FLOW_HOOKS
 
-    given = {name: flow_run.parameters.get(name) for name in STATUS_PARAMETERS}
+    given = {name: flow_run.parameters.get(name) or "" for name in STATUS_PARAMETERS}
     status = backup_status(**given, return_state=True)
     if not status.is_completed():
         run_logger().warning("could not refresh the backup-status table: %s", status.message)

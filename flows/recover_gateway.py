@@ -52,12 +52,12 @@ LOG_LINES = 100
 )
 @explains_failure
 def recover_gateway(
-    container: str | None = None,
-    health_url: str | None = None,
-    metrics_url: str | None = None,
+    container: str = "",
+    health_url: str = "",
+    metrics_url: str = "",
     deadline_seconds: float = 60.0,
     recreate: bool = True,
-    compose_file: str | None = None,
+    compose_file: str = "",
     dry_run: bool = False,
 ) -> dict[str, Any]:
     """Bring the gateway back (runbook scenario 1) and measure how long it was down.
@@ -84,7 +84,13 @@ def recover_gateway(
             with `docker compose up --force-recreate` of its service (the only way when
             the container no longer exists). Empty: recreate from the container's own
             inspected configuration.
-        dry_run: Only inspect and plan: nothing is restarted or recreated.
+        dry_run: ON: inspect the container, keep its log tail and check the recreate
+            path; nothing is restarted or recreated. OFF (the default): an unhealthy
+            gateway is RESTARTED (its open sessions drop); still unhealthy and
+            `recreate` on, the container is REPLACED by a new one: the original is
+            stopped and renamed `<name>-replaced-<UTC>`, put back if the new one is
+            not healthy, and removed once it is (its volumes are kept). A healthy
+            gateway is never touched.
     """
     current = settings()
     name = container or current.gateway_container

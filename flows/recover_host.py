@@ -191,22 +191,22 @@ class HostRecovery(Recovery):
 )
 @explains_failure
 def recover_host(
-    target_dir: str | None = None,
+    target_dir: str = "",
     backup: str = "latest",
     source_project_dir: str = "",
     secrets_env_file: str = "",
     redis_backup: str = "latest",
     prometheus_backup: str = "latest",
     project_name: str = "",
-    gateway_url: str | None = None,
-    redis_url: str | None = None,
-    prometheus_url: str | None = None,
+    gateway_url: str = "",
+    redis_url: str = "",
+    prometheus_url: str = "",
     dry_run: bool = False,
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
-    age_identity_file: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
+    age_identity_file: str = "",
     start_timeout_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """Rebuild the whole stack on a new host from the backups alone (scenario 3).
@@ -226,7 +226,8 @@ def recover_host(
             name it (for `latest`); empty = target_dir (restoring to the same path).
         secrets_env_file: Path of a file of NAME=value lines holding the secrets the
             config backup withheld (the flow lists them when they are missing). Never
-            put the values themselves in a parameter.
+            put the values themselves in a parameter. Empty: none (enough when the
+            backup withheld no secret).
         redis_backup: Redis backup to restore into the Redis service: `latest` (the newest
             of the Redis at redis_url) or a name.
         prometheus_backup: Prometheus backup to restore: `latest` (the newest of the
@@ -240,8 +241,13 @@ def recover_host(
             credentials belong in PROXILION_DR_REDIS_URL.
         prometheus_url: The restored Prometheus's URL. Empty:
             PROXILION_DR_PROMETHEUS_URL (default http://localhost:9090).
-        dry_run: Find and verify the backups, check the secrets and the new host, and
-            publish the plan; change nothing.
+        dry_run: ON: find and verify the backups, check the secrets and the new host
+            (target_dir new or empty, nothing answering at the three URLs), publish the
+            plan; nothing is written or started. OFF (the default): the project is
+            unpacked into target_dir, its containers are created, the Redis and
+            Prometheus backups placed in their data folders and the services started.
+            Nothing is replaced: a target_dir holding files, or a gateway, Redis or
+            Prometheus already answering, stops the run before anything is written.
         backup_dir: Local backup directory (backups fetched from S3 are stored here).
             Empty: PROXILION_DR_BACKUP_DIR (default /backups).
         s3_bucket: Bucket to look in when a backup is not in backup_dir. Empty:

@@ -20,7 +20,7 @@ from flows.backup_health import recovered, recovery_failed, with_hooks
 from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
-from flows.settings import refuse_secret_parameters, resolve
+from flows.settings import SETTING, refuse_secret_parameters, resolve
 from flows.steps import explains_failure, run_name
 from tasks.containers import container_running, start_container, stop_container
 from tasks.fetch import FoundBackup
@@ -53,21 +53,21 @@ from tasks.sources import prometheus_source_id
 @explains_failure
 def recover_prometheus(
     backup: str = "latest",
-    container: str | None = None,
-    prometheus_url: str | None = None,
-    data_dir: str | None = None,
+    container: str = SETTING,
+    prometheus_url: str = "",
+    data_dir: str = "",
     dry_run: bool = False,
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
-    age_identity_file: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
+    age_identity_file: str = "",
     start_timeout_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """Restore Prometheus's TSDB from a snapshot backup, then prove it (scenario 4).
 
     The data dir's current contents are moved aside (never deleted; the path is in
-    the report) and put back if any later step fails. Empty parameters take their
+    the report) and put back if any later step fails. Empty parameters and `setting` take their
     PROXILION_DR_* setting. Returns RTO, RPO, the backup used, where the old data
     went, each step.
 
@@ -75,16 +75,21 @@ def recover_prometheus(
         backup: Backup to restore: `latest` (newest complete one) or a name as listed,
             e.g. `prometheus/prometheus_20260101_000000.tar.gz`. Looked for in
             backup_dir, then S3.
-        container: Docker container running Prometheus (stopped and started). Empty:
-            PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
+        container: Docker container running Prometheus (stopped and started).
+            `setting`: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
         prometheus_url: How to reach that Prometheus. Empty:
             PROXILION_DR_PROMETHEUS_URL (default http://localhost:9090). A URL with a
             password is refused here: put it in PROXILION_DR_PROMETHEUS_URL.
         data_dir: Host folder of Prometheus's TSDB. Empty:
             PROXILION_DR_PROMETHEUS_DATA_DIR (default: none, found from the
             container's mount of --storage.tsdb.path).
-        dry_run: Check everything (backup, checksum, blocks, container, data dir,
-            retention, free disk) and publish the plan, changing nothing.
+        dry_run: ON: check everything (backup, checksum, blocks, container, data dir,
+            retention, free disk) and publish the plan; nothing is stopped, moved or
+            written. OFF (the default): a LIVE RESTORE. Prometheus is stopped and its
+            TSDB is REPLACED by the backup's blocks: the data dir's current contents
+            are moved aside to `<data dir>.before-restore-<UTC>/` (never deleted;
+            remove it by hand once satisfied), so samples scraped since the backup
+            are no longer served. Any failure after the move puts them back.
         backup_dir: Local backup directory (a backup fetched from S3 is stored here).
             Empty: PROXILION_DR_BACKUP_DIR (default /backups).
         s3_bucket: Bucket to look in when the backup is not in backup_dir. Empty:

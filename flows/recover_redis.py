@@ -21,7 +21,7 @@ from flows.backup_health import recovered, recovery_failed, with_hooks
 from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
-from flows.settings import refuse_secret_parameters, resolve
+from flows.settings import SETTING, refuse_secret_parameters, resolve
 from flows.steps import explains_failure, run_name
 from tasks.containers import container_running, start_container, stop_container
 from tasks.fetch import FoundBackup
@@ -60,29 +60,29 @@ GATEWAY_TIMEOUT = 60.0
 @explains_failure
 def recover_redis(
     backup: str = "latest",
-    container: str | None = None,
-    redis_url: str | None = None,
-    data_dir: str | None = None,
-    gateway_health_url: str | None = None,
+    container: str = SETTING,
+    redis_url: str = "",
+    data_dir: str = "",
+    gateway_health_url: str = "",
     dry_run: bool = False,
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
-    age_identity_file: str | None = None,
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
+    age_identity_file: str = "",
     start_timeout_seconds: float = 600.0,
 ) -> dict[str, Any]:
     """Restore Redis from an RDB backup, safely, then prove it (scenario 2).
 
     The current data is moved aside (never deleted; its path is in the report) and
-    put back if any later step fails. Empty parameters take their PROXILION_DR_*
+    put back if any later step fails. Empty parameters and `setting` take their PROXILION_DR_*
     setting. Returns RTO, RPO, the backup used, where the old data went, each step.
 
     Args:
         backup: Backup to restore: `latest` (newest complete one) or a name as listed,
             e.g. `redis/dump_20260101_000000.rdb.gz`. Looked for in backup_dir, then S3.
         container: Docker container running Redis (stopped and started by the restore).
-            Empty: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
+            `setting`: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
         redis_url: How to reach that Redis (redis://host:port/db). Empty:
             PROXILION_DR_REDIS_URL (default redis://localhost:6379/0). A URL with a
             password is refused here: credentials belong in PROXILION_DR_REDIS_URL.
@@ -91,8 +91,14 @@ def recover_redis(
             mount of Redis's `dir`).
         gateway_health_url: The gateway's /health URL, checked after the restore.
             Empty: PROXILION_DR_GATEWAY_HEALTH_URL (default: none, no check).
-        dry_run: Check everything (backup, checksum, RDB validity and version, container,
-            data dir, free disk) and publish the plan, changing nothing.
+        dry_run: ON: check everything (backup, checksum, RDB validity and version,
+            container, data dir, free disk) and publish the plan; nothing is stopped,
+            moved or written. OFF (the default): a LIVE RESTORE. Redis is stopped and
+            its current data (dump.rdb and the AOF) is REPLACED by the backup: the old
+            files are moved aside into `<data dir>/dump.rdb.before-restore-<UTC>/`
+            (never deleted; remove that folder by hand once satisfied), Redis is
+            started on the backup, and keys written since the backup are gone. Any
+            failure after the move puts the old data back and starts Redis again.
         backup_dir: Local backup directory (a backup fetched from S3 is stored here).
             Empty: PROXILION_DR_BACKUP_DIR (default /backups).
         s3_bucket: Bucket to look in when the backup is not in backup_dir. Empty:

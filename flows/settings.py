@@ -16,6 +16,28 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tasks.secrets import carries_credentials
 
 SETTING = "setting"  # the choice, in an enum parameter, that means "take the setting"
+# Text parameters whose empty value also means "take the setting" (the run form then
+# shows a plain text box). A container name's empty value means "no container", so
+# those parameters default to SETTING instead.
+EMPTY_MEANS_SETTING = frozenset(
+    {
+        "redis_url",
+        "prometheus_url",
+        "gateway_url",
+        "gateway_health_url",
+        "backup_dir",
+        "s3_bucket",
+        "s3_prefix",
+        "s3_endpoint_url",
+        "data_dir",
+        "window",
+        "containers",
+        "project_dir",
+        "scratch_dir",
+        "target_dir",
+        "age_identity_file",
+    }
+)
 
 
 class Settings(BaseSettings):
@@ -106,14 +128,16 @@ def refuse_secret_parameters(parameters: dict[str, Any], *names: str) -> None:
 
 
 def resolve(parameters: dict[str, Any], **setting_names: str) -> dict[str, Any]:
-    """Flow parameters with every `None` or `"setting"` replaced by its setting: the
-    setting of the same name, or the one `setting_names` maps it to
-    (`container="redis_container"`). A flag left off (`False`) takes its setting."""
+    """Flow parameters with every `None` or `"setting"` (or `""`, for the parameters
+    in EMPTY_MEANS_SETTING) replaced by its setting: the setting of the same name, or
+    the one `setting_names` maps it to (`container="redis_container"`). A flag left off
+    (`False`) takes its setting."""
     current = settings()
     resolved = {}
     for name, value in parameters.items():
         setting = setting_names.get(name, name)
         flag_off = value is False and isinstance(getattr(current, setting, None), bool)
-        unset = value is None or value == SETTING or flag_off
+        empty = value == "" and name in EMPTY_MEANS_SETTING
+        unset = value is None or value == SETTING or flag_off or empty
         resolved[name] = getattr(current, setting) if unset else value
     return resolved

@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 from prefect.states import Completed, Failed, State
 
 import tasks
+from flows.explained import is_explained
 from flows.recovery import StepFailed, one_line
 from flows.settings import settings
 from tasks.archive import CompressedFile, Manifest
@@ -87,7 +88,10 @@ def explains_failure(fn: Callable[P, R]) -> Callable[P, R | State[Any]]:
         try:
             return fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - becomes the run's Failed state
-            return Failed(message=failure_line(error, _safe.get()), data=error)  # same type
+            line = failure_line(error, _safe.get())
+            # The Logs tab's reason; a bug's traceback too (flows/explained.py)
+            run_logger().error("%s", line, exc_info=not is_explained(error))
+            return Failed(message=line, data=error)  # same type
         finally:
             _safe.reset(token)
 

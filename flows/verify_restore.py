@@ -28,7 +28,7 @@ from flows.backup_health import drill_failed, pushgateway_url, with_hooks
 from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, Step, _escape, one_line
 from flows.restoring import find_backup
-from flows.settings import resolve
+from flows.settings import SETTING, resolve
 from tasks import metrics
 from tasks.archive import extract_archive, iter_chunks, open_decompressed
 from tasks.compose import validate_compose
@@ -86,17 +86,17 @@ def verify_restore(
     prometheus_backup: str = "latest",
     config_backup: str = "latest",
     logs_backup: str = "latest",
-    redis_container: str | None = None,
-    gateway_container: str | None = None,
-    prometheus_container: str | None = None,
+    redis_container: str = SETTING,
+    gateway_container: str = SETTING,
+    prometheus_container: str = SETTING,
     redis_image: str = "",
     gateway_image: str = "",
     prometheus_image: str = "",
-    scratch_dir: str | None = None,
-    backup_dir: str | None = None,
-    s3_bucket: str | None = None,
-    s3_prefix: str | None = None,
-    s3_endpoint_url: str | None = None,
+    scratch_dir: str = "",
+    backup_dir: str = "",
+    s3_bucket: str = "",
+    s3_prefix: str = "",
+    s3_endpoint_url: str = "",
     start_timeout_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """Restore backups into scratch containers beside the live stack and prove them.
@@ -114,12 +114,12 @@ def verify_restore(
         config_backup: `latest` or a config backup's name.
         logs_backup: `latest` or a log backup's name.
         redis_container: Live Redis container whose image the drill's Redis runs.
-            Empty: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
+            `setting`: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
         gateway_container: Live gateway container whose image, command and settings the
             drill's gateway uses (its Redis and port replaced by the drill's).
-            Empty: PROXILION_DR_GATEWAY_CONTAINER (default proxilion-gateway).
+            `setting`: PROXILION_DR_GATEWAY_CONTAINER (default proxilion-gateway).
         prometheus_container: Live Prometheus container whose image the drill uses.
-            Empty: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
+            `setting`: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
         redis_image: Run the drill's Redis from this image instead (e.g. a newer Redis);
             empty = the live container's image.
         gateway_image: Run the drill's gateway from this image instead; empty = live's.

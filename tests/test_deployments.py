@@ -3,23 +3,27 @@ run form explains every parameter; stopping the runner keeps the schedules."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
+from croniter import croniter
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 from pydantic import ValidationError
 
-from deployments.__main__ import load_flow, render_yaml, to_deployment
-from deployments.catalog import DEPLOYMENTS
-from flows.settings import SETTING, Settings
+from deployments.__main__ import load_flow, render_yaml, schedule, to_deployment
+from deployments.catalog import DEPLOYMENTS, steady_interval
+from flows.settings import EMPTY_MEANS_SETTING, SETTING, Settings, resolve
 
 REPO = Path(__file__).resolve().parent.parent
 # "Empty: PROXILION_DR_X (default …)" or "`setting`: PROXILION_DR_X (default …)"
@@ -37,9 +41,40 @@ def test_every_deployment_builds_with_its_schedule_in_the_configured_zone() -> N
         assert load_flow(spec).name == spec.flow_name
         deployment = to_deployment(spec, "Europe/Berlin")
         schedules = [s.schedule for s in deployment.schedules or []]
-        assert [s.cron for s in schedules] == ([spec.cron] if spec.cron else [])
+        assert len(schedules) == (1 if spec.cron else 0)
         assert all(s.timezone == "Europe/Berlin" for s in schedules)
     assert "timezone: Europe/Berlin" in render_yaml("Europe/Berlin")
+
+
+@pytest.mark.parametrize("timezone", ["UTC", "Europe/Berlin"])
+def test_every_schedule_fires_at_its_cron_times(timezone: str) -> None:
+    """A cron that is a steady interval is deployed as one (the deployments page names
+    it in a few words): the same times as the catalog's cron, over a year's weeks."""
+    start = datetime(2026, 3, 1, tzinfo=ZoneInfo(timezone))
+    for spec in DEPLOYMENTS:
+        if not spec.cron:
+            continue
+        deployed = server_schedule(schedule(spec.cron, timezone))
+        dates = asyncio.run(deployed.get_dates(60, start=start))
+        crons = croniter(spec.cron, start - timedelta(microseconds=1))
+        expected = [crons.get_next(datetime) for _ in dates]
+        if timezone == "UTC" or spec.interval is None or spec.interval >= timedelta(days=1):
+            assert [d.timestamp() for d in dates] == [e.timestamp() for e in expected], spec.name
+        kind = "interval" if steady_interval(spec.cron) else "cron"
+        assert kind == ("cron" if spec.name.startswith(("daily", "monthly")) else "interval")
+
+
+def server_schedule(client_schedule: Any) -> Any:
+    """The Prefect server's schedule object for a client-side one (it computes dates)."""
+    from prefect.server.schemas.schedules import CronSchedule, IntervalSchedule
+
+    if client_schedule.interval is not None:
+        return IntervalSchedule(
+            interval=client_schedule.interval,
+            anchor_date=client_schedule.anchor_date,
+            timezone=client_schedule.timezone,
+        )
+    return CronSchedule(cron=client_schedule.cron, timezone=client_schedule.timezone)
 
 
 def test_unknown_schedule_timezone_is_refused_with_the_fix(
@@ -48,6 +83,11 @@ def test_unknown_schedule_timezone_is_refused_with_the_fix(
     monkeypatch.setenv("PROXILION_DR_SCHEDULE_TIMEZONE", "Mars/Olympus")
     with pytest.raises(ValidationError, match="unknown time zone 'Mars/Olympus': use an IANA"):
         Settings()
+
+
+# Parameters whose empty value can only be None: a number or a list box cannot hold
+# "take the setting" (their description names the setting).
+NULL_ALLOWED = {"retention_days", "keep_min", "save_timeout_seconds", "env_allowlist", "components"}
 
 
 def setting_default_text(name: str) -> str:
@@ -91,16 +131,26 @@ def test_the_run_form_explains_every_parameter_of_every_deployment() -> None:
                 problems.append(f"{where}: the choices hide behind a type toggle")
             if "enum" in prop and prop.get("default") not in prop["enum"]:
                 problems.append(f"{where}: default {prop.get('default')!r} is not a choice")
+            if name == "dry_run" and not re.search(
+                r"ON: .+OFF \(the default\): .*REPLACE", description, re.I
+            ):
+                problems.append(f"{where}: does not say loudly what a run with it off replaces")
             unit = re.search(r"_(seconds|days)$", name)
             if unit and unit.group(1) not in description.lower():
                 problems.append(f"{where}: the unit is not said")
-            if prop.get("default") not in (None, SETTING):
+            if any(b.get("type") == "null" for b in branches) and name not in NULL_ALLOWED:
+                problems.append(f"{where}: a type toggle with 'None' (make the default \"\")")
+            if prop.get("default") not in (None, SETTING, ""):
                 continue
             named = NAMED_SETTING.search(description)
             if not named:
-                if "Empty:" not in description:  # e.g. "Empty: /metrics on that server"
+                if not re.search(r"\bempty\b", description, re.I):  # "Empty: /metrics on …"
                     problems.append(f"{where}: does not say what an empty value means")
                 continue
+            # recover-gateway reads its settings itself (`container or the setting`)
+            resolves = not deployment.startswith("recover-gateway/")
+            if prop.get("default") == "" and resolves and name not in EMPTY_MEANS_SETTING:
+                problems.append(f"{where}: empty is said to take a setting, resolve() disagrees")
             setting, said = named.group(1).lower(), named.group(2)
             if setting not in Settings.model_fields:
                 problems.append(f"{where}: names unknown setting {named.group(1)}")
@@ -109,7 +159,7 @@ def test_the_run_form_explains_every_parameter_of_every_deployment() -> None:
                     f"{where}: says default {said!r}, the setting's is "
                     f"{setting_default_text(setting)!r}"
                 )
-    assert problems == []
+    assert problems == [], "\n".join(problems)
 
 
 def all_polled() -> bool:
@@ -153,3 +203,20 @@ def test_stopping_serve_leaves_every_deployment_scheduled(tmp_path: Path) -> Non
             if client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}").paused
         ]
     assert paused == [], "stopping the runner paused them:\n" + log.read_text()[-2000:]
+
+
+def test_an_empty_text_parameter_takes_its_setting_as_none_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROXILION_DR_BACKUP_DIR", "/srv/backups")
+    monkeypatch.setenv("PROXILION_DR_S3_BUCKET", "dr-bucket")
+    for empty in ("", None, SETTING):
+        assert resolve({"backup_dir": empty, "s3_bucket": empty}) == {
+            "backup_dir": Path("/srv/backups"),
+            "s3_bucket": "dr-bucket",
+        }
+    # A container's empty value keeps meaning "no container"; `setting` takes the setting.
+    assert resolve({"container": ""}, container="redis_container") == {"container": ""}
+    assert resolve({"container": SETTING}, container="redis_container") == {
+        "container": "proxilion-redis"
+    }

@@ -6,6 +6,7 @@ manifest's facts. Everything is read back from the (test) Prefect server."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -15,9 +16,16 @@ from uuid import UUID
 import boto3
 import pytest
 from conftest import require
+from prefect import flow
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.client.schemas.objects import FlowRun
+from prefect.logging.handlers import APILogWorker
 from redis_servers import free_port, running_redis
 from test_backup_config import write_project
 
@@ -27,6 +35,7 @@ from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from flows.recover_gateway import recover_gateway
 from flows.recovery import StepFailed
+from flows.steps import explains_failure
 from sandbox import constants as stack
 from tasks.logs import LOG_LINE_FORMAT
 from tasks.redis import RedisUnreachable
@@ -123,6 +132,41 @@ def test_early_failure_names_the_step_and_says_nothing_was_stored(backup_dir: Pa
     assert "\n" not in message
     with pytest.raises(RedisUnreachable):  # a direct call still raises the error itself
         backup_redis(**parameters, backup_dir=str(backup_dir))
+
+
+def run_logs(run_id: UUID) -> list[Any]:
+    """Every log line of a flow run and its task runs, oldest first, as the Logs tab."""
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return sorted(logs, key=lambda log: log.timestamp)
+
+
+def test_failed_run_logs_its_reason_as_an_error_without_tracebacks(backup_dir: Path) -> None:
+    """An expected, explained failure (an error of ours, with its reason) reads as
+    that reason in the Logs tab: one ERROR line equal to the failed state's message,
+    and no Prefect traceback above it; an unexpected error keeps its traceback."""
+    state = backup_redis(
+        redis_url="redis://127.0.0.1:1/0",
+        container="",
+        fetch="network",
+        s3_bucket="",
+        backup_dir=str(backup_dir),
+        return_state=True,
+    )
+    run = flow_run(state)
+    logs = run_logs(run.id)
+    errors = [log.message for log in logs if log.level >= logging.ERROR]
+    assert run.state is not None and run.state.message in errors, errors
+    assert not [log.message for log in logs if "Traceback" in log.message]
+
+    @flow(name="unexpected-failure-stand-in")
+    @explains_failure
+    def buggy() -> None:
+        raise KeyError("a bug, not an explained failure")
+
+    logs = run_logs(flow_run(buggy(return_state=True)).id)
+    assert any("Traceback" in log.message for log in logs), [log.message for log in logs]
 
 
 def test_failure_a_retry_condition_saw_names_the_task_not_the_retry_machinery(

@@ -166,12 +166,12 @@ def test_scheduled_backup_and_manual_recovery_go_through_the_host_worker(
             server,
             "deployment",
             "run",
-            f"recover-redis/manual-{HOST}",
+            f"recover-redis/redis-data-lost-{HOST}",
             "--param",
             "dry_run=true",
         )
         recovery = wait_for_run(
-            deployment_id(f"recover-redis/manual-{HOST}"), started, "recover-redis"
+            deployment_id(f"recover-redis/redis-data-lost-{HOST}"), started, "recover-redis"
         )
         assert recovery.state.is_completed(), recovery.state
         assert recovery.work_queue_name == HOST

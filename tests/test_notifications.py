@@ -34,6 +34,7 @@ from deployments.notifications import (
     late_automation,
     late_automation_name,
     replace_automation,
+    scheduled,
     webhook_block,
 )
 from flows.hooks import FLOW_HOOKS, check_failure_notified, refresh_backup_status
@@ -203,3 +204,23 @@ def test_crashed_run_reaches_the_webhook(webhook: Webhook) -> None:
 
     message = webhook.wait_for("recover-crash-stand-in")
     assert "Crashed" in message["subject"]
+
+
+def test_each_host_watches_its_own_deployments_for_lateness(webhook: Webhook) -> None:
+    """`apply --host` (the compose register service) watches that host's copies
+    (`every-6-hours-db-1`) and leaves the other hosts' late automations alone."""
+    apply_notifications(webhook.url, ui_url="", host="db-1")
+    apply_notifications(webhook.url, ui_url="", host="db-2")
+    with get_client(sync_client=True) as client:
+        names = {a.name for a in client.read_automations() if a.name.endswith(" late")}
+        watched = client.read_automations_by_name(
+            "proxilion-dr: backup-redis/every-6-hours-db-1 late"
+        )
+    for host in ("db-1", "db-2"):
+        assert {f"proxilion-dr: {s.flow_name}/{s.name}-{host} late" for s in scheduled()} <= names
+    (automation,) = watched
+    related = automation.trigger.match_related
+    assert {
+        "prefect.resource.role": "deployment",
+        "prefect.resource.name": "every-6-hours-db-1",
+    } in [dict(r.root) for r in related]
