@@ -11,7 +11,7 @@
 Needs the sandbox stack up (`python -m sandbox up`): the drill's containers copy the
 images and settings of `proxilion-redis`, `proxilion-gateway` and `prometheus`.
 
-    .venv/bin/python -m bench.verify_restore [--keys 1500000] [--skip-large]
+    .venv/bin/python -m bench.verify_restore [--keys 1500000] [--skip-large | --only-large]
 """
 
 from __future__ import annotations
@@ -89,15 +89,18 @@ def large_drill(work: Path, keys: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=1_500_000)
-    parser.add_argument("--skip-large", action="store_true", help="only the sandbox's backups")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--skip-large", action="store_true", help="only the sandbox's backups")
+    only.add_argument("--only-large", action="store_true", help="only the large dataset")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     with tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp:
         work = Path(tmp)
-        (work / "sandbox").mkdir()
-        sandbox_drill(work / "sandbox")
+        if not args.only_large:
+            (work / "sandbox").mkdir()
+            sandbox_drill(work / "sandbox")
         if not args.skip_large:
             (work / "large").mkdir()
             large_drill(work / "large", args.keys)
