@@ -57,9 +57,11 @@ from tasks.redact import COMPOSE_PATTERNS
 from tasks.redis_restore import (
     RdbTooNew,
     check_gateway,
+    check_loadable,
+    decompress_staged,
     load_while_checking,
+    rdb_version_of,
     read_redis_setup,
-    stage_rdb,
     verify_keyspace,
     wait_until_loaded,
 )
@@ -188,33 +190,43 @@ def _listen(live: LiveShape) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------- Redis
 
+DRILL_RDB = "dump.rdb"  # drill-redis's dbfilename
+
 
 def drill_redis(r: Recovery, p: dict[str, Any], scratch: Scratch) -> None:
     found = _backup(r, p, "redis")
     timeout = p["start_timeout_seconds"]
     data = scratch.data_dir("redis")
-    with r.step("start drill-redis (empty)") as step:
-        live = inspect_live(p["redis_container"], p["redis_image"] or None)
-        port = free_port()
-        listen, peer = _listen(live)
-        flags = ["--bind", listen, "--port", str(port), "--dir", "/data"]
-        flags += ["--dbfilename", "dump.rdb", "--appendonly", "no", "--save", ""]
-        flags += ["--protected-mode", "yes" if live.host_network else "no"]
-        entrypoint, command = program_argv(live, "redis-server", flags)
-        mounts = [Mount("/data", str(data), type="bind")]
-        name = start_scratch(scratch, "drill-redis", live, entrypoint, command, port, mounts)
-        url = f"redis://127.0.0.1:{port}/0"
-        wait_until_loaded(url, name, timeout)
-        setup = read_redis_setup(url, name)
-        step.detail = f"{name} from image {live.image}: Redis {setup.redis_version} on :{port}"
     staging = data / ".staging"
-    with r.step("validate the RDB (version, CRC-64) and stage it") as step:
-        try:
-            rdb = stage_rdb(found, setup, staging, deep=False, durable=False)
-        except RdbTooNew as error:
-            raise RdbTooNew(f"{error}; for the drill, give redis_image of a newer Redis") from None
-        step.detail = f"RDB v{rdb.rdb_version}, {rdb.size} bytes, CRC-64 ok"
-    # drill-redis is scratch: it may load the RDB while redis-check-rdb still parses it
+    # The RDB is decompressed (and its CRC-64 checked) while drill-redis starts empty to
+    # tell its version; drill-redis then loads it while redis-check-rdb parses it.
+    staged = decompress_staged.submit(found, staging, DRILL_RDB, deep=False, durable=False)
+    try:
+        with r.step("start drill-redis (empty)") as step:
+            live = inspect_live(p["redis_container"], p["redis_image"] or None)
+            port = free_port()
+            listen, peer = _listen(live)
+            flags = ["--bind", listen, "--port", str(port), "--dir", "/data"]
+            flags += ["--dbfilename", DRILL_RDB, "--appendonly", "no", "--save", ""]
+            flags += ["--protected-mode", "yes" if live.host_network else "no"]
+            entrypoint, command = program_argv(live, "redis-server", flags)
+            mounts = [Mount("/data", str(data), type="bind")]
+            name = start_scratch(scratch, "drill-redis", live, entrypoint, command, port, mounts)
+            url = f"redis://127.0.0.1:{port}/0"
+            wait_until_loaded(url, name, timeout)
+            setup = read_redis_setup(url, name)
+            step.detail = f"{name} from image {live.image}: Redis {setup.redis_version} on :{port}"
+        with r.step("validate the RDB (version, CRC-64) and stage it") as step:
+            try:
+                check_loadable(rdb_version_of(found), setup, found.manifest.name)
+            except RdbTooNew as error:
+                raise RdbTooNew(
+                    f"{error}; for the drill, give redis_image of a newer Redis"
+                ) from None
+            rdb = staged.result()
+            step.detail = f"RDB v{rdb.rdb_version}, {rdb.size} bytes, CRC-64 ok"
+    finally:
+        staged.wait()  # never tear the scratch folder down under it
     with r.step("load the RDB, redis-check-rdb alongside") as step:
         checked = load_while_checking(found, rdb, staging, data, setup, url, name, timeout)
         load = checked.load

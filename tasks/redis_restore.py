@@ -204,25 +204,32 @@ def check_rdb(found: FoundBackup, setup: RedisSetup) -> RdbInfo:
 
 
 @task(cache_policy=NO_CACHE)
-def stage_rdb(
+def stage_rdb(found: FoundBackup, setup: RedisSetup, staging: Path) -> RdbInfo:
+    """Decompress and validate the RDB into `staging` (inside the data dir, so placing
+    it later is a rename), after checking the target Redis loads its version."""
+    check_loadable(rdb_version_of(found), setup, found.manifest.name)
+    mode = mode_like(staging.parent / setup.dbfilename)  # the data dir's RDB keeps its mode
+    return decompress_staged.fn(found, staging, setup.dbfilename, mode)
+
+
+@task(cache_policy=NO_CACHE)
+def decompress_staged(
     found: FoundBackup,
-    setup: RedisSetup,
     staging: Path,
+    dbfilename: str,
+    mode: int = OWNER_ONLY.file,
     deep: bool = True,
     durable: bool = True,
 ) -> RdbInfo:
-    """Decompress and validate the verified backup's RDB into `staging` (inside the data
-    dir, so placing it later is a rename), after checking the target Redis loads its
-    version. The file keeps the mode of the data dir's RDB. A scratch restore (the
-    drill) passes `deep=False` (`load_while_checking` runs redis-check-rdb) and
-    `durable=False` (no fsync)."""
-    check_loadable(rdb_version_of(found), setup, found.manifest.name)
+    """Decompress the verified backup's RDB into the new folder `staging`, validating it
+    in the same pass (header, CRC-64, and redis-check-rdb when `deep`; fsynced when
+    `durable`). The drill stages with neither: its scratch Redis needs no durable copy,
+    and `load_while_checking` runs redis-check-rdb beside the load."""
     staging.mkdir(OWNER_ONLY.directory)
     os.chmod(staging, OWNER_ONLY.directory)
-    mode = mode_like(staging.parent / setup.dbfilename)
     manifest = found.manifest
     return decompress_rdb(
-        found.path, manifest.compression, staging / setup.dbfilename, mode, deep, durable
+        found.path, manifest.compression, staging / dbfilename, mode, deep, durable
     )
 
 
@@ -312,7 +319,7 @@ def load_while_checking(
     container: str,
     timeout_seconds: float,
 ) -> CheckedLoad:
-    """Restart the SCRATCH Redis `container` on the RDB staged by `stage_rdb(deep=False)`
+    """Restart the SCRATCH Redis `container` on the RDB staged by `decompress_staged`
     while redis-check-rdb parses the same file: this takes as long as the slower of
     the two, not both. A rejection fails the load even when Redis loaded the file, and
     is the reason given when Redis failed on it. Never for a live Redis: it loads the
