@@ -33,7 +33,6 @@ from tasks import metrics
 from tasks.archive import extract_archive, iter_chunks, open_decompressed
 from tasks.compose import validate_compose
 from tasks.config import ENV_FILE, archive_folder
-from tasks.containers import start_container, stop_container
 from tasks.drill import (
     LiveShape,
     Scratch,
@@ -58,9 +57,11 @@ from tasks.redact import COMPOSE_PATTERNS
 from tasks.redis_restore import (
     RdbTooNew,
     check_gateway,
-    place_staged,
+    check_loadable,
+    decompress_staged,
+    load_while_checking,
+    rdb_version_of,
     read_redis_setup,
-    stage_rdb,
     verify_keyspace,
     wait_until_loaded,
 )
@@ -189,39 +190,50 @@ def _listen(live: LiveShape) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------- Redis
 
+DRILL_RDB = "dump.rdb"  # drill-redis's dbfilename
+
 
 def drill_redis(r: Recovery, p: dict[str, Any], scratch: Scratch) -> None:
     found = _backup(r, p, "redis")
     timeout = p["start_timeout_seconds"]
     data = scratch.data_dir("redis")
-    with r.step("start drill-redis (empty)") as step:
-        live = inspect_live(p["redis_container"], p["redis_image"] or None)
-        port = free_port()
-        listen, peer = _listen(live)
-        flags = ["--bind", listen, "--port", str(port), "--dir", "/data"]
-        flags += ["--dbfilename", "dump.rdb", "--appendonly", "no", "--save", ""]
-        flags += ["--protected-mode", "yes" if live.host_network else "no"]
-        entrypoint, command = program_argv(live, "redis-server", flags)
-        mounts = [Mount("/data", str(data), type="bind")]
-        name = start_scratch(scratch, "drill-redis", live, entrypoint, command, port, mounts)
-        url = f"redis://127.0.0.1:{port}/0"
-        wait_until_loaded(url, name, timeout)
-        setup = read_redis_setup(url, name)
-        step.detail = f"{name} from image {live.image}: Redis {setup.redis_version} on :{port}"
-    with r.step("validate the RDB (CRC-64, redis-check-rdb, version)") as step:
-        try:
-            rdb = stage_rdb(found, setup, data / ".staging")
-        except RdbTooNew as error:
-            raise RdbTooNew(f"{error}; for the drill, give redis_image of a newer Redis") from None
-        step.detail = f"RDB v{rdb.rdb_version}, {rdb.size} bytes, CRC-64 ok, {rdb.deep_check}"
-    with r.step("load the RDB") as step:
-        stop_container(name)
-        place_staged(data / ".staging", data, setup)
-        start_container(name)
-        load = wait_until_loaded(url, name, timeout)
+    staging = data / ".staging"
+    # The RDB is decompressed (and its CRC-64 checked) while drill-redis starts empty to
+    # tell its version; drill-redis then loads it while redis-check-rdb parses it.
+    staged = decompress_staged.submit(found, staging, DRILL_RDB, deep=False, durable=False)
+    try:
+        with r.step("start drill-redis (empty)") as step:
+            live = inspect_live(p["redis_container"], p["redis_image"] or None)
+            port = free_port()
+            listen, peer = _listen(live)
+            flags = ["--bind", listen, "--port", str(port), "--dir", "/data"]
+            flags += ["--dbfilename", DRILL_RDB, "--appendonly", "no", "--save", ""]
+            flags += ["--protected-mode", "yes" if live.host_network else "no"]
+            entrypoint, command = program_argv(live, "redis-server", flags)
+            mounts = [Mount("/data", str(data), type="bind")]
+            name = start_scratch(scratch, "drill-redis", live, entrypoint, command, port, mounts)
+            url = f"redis://127.0.0.1:{port}/0"
+            wait_until_loaded(url, name, timeout)
+            setup = read_redis_setup(url, name)
+            step.detail = f"{name} from image {live.image}: Redis {setup.redis_version} on :{port}"
+        with r.step("validate the RDB (version, CRC-64) and stage it") as step:
+            try:
+                check_loadable(rdb_version_of(found), setup, found.manifest.name)
+            except RdbTooNew as error:
+                raise RdbTooNew(
+                    f"{error}; for the drill, give redis_image of a newer Redis"
+                ) from None
+            rdb = staged.result()
+            step.detail = f"RDB v{rdb.rdb_version}, {rdb.size} bytes, CRC-64 ok"
+    finally:
+        staged.wait()  # never tear the scratch folder down under it
+    with r.step("load the RDB, redis-check-rdb alongside") as step:
+        checked = load_while_checking(found, rdb, staging, data, setup, url, name, timeout)
+        load = checked.load
         step.detail = (
             f"loaded {load.get('rdb_last_load_keys_loaded', '?')} keys "
-            f"({load.get('rdb_last_load_keys_expired', 0)} expired on load)"
+            f"({load.get('rdb_last_load_keys_expired', 0)} expired on load); "
+            f"{checked.deep_check}"
         )
     with r.step("key counts per db") as step:
         step.detail = verify_keyspace(url, found.manifest.source.get("keyspace", {}), load)

@@ -451,10 +451,10 @@ class DeepCheck:
         )
 
     def _wait(self) -> str:
-        assert self.proc is not None and self.proc.stdin is not None
-        assert self._output is not None
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
+        assert self.proc is not None and self._output is not None
+        if self.proc.stdin is not None:  # None: it reads a file (deep_check_rdb's `path`)
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
         try:
             self.proc.wait(self.timeout)
         except subprocess.TimeoutExpired as exc:
@@ -479,21 +479,33 @@ class DeepCheck:
 
 @contextlib.contextmanager
 def deep_check_rdb(
-    enabled: bool = True, *, timeout_seconds: float = 600, name: str = "RDB"
+    enabled: bool = True,
+    *,
+    timeout_seconds: float = 600,
+    name: str = "RDB",
+    path: Path | None = None,
 ) -> Iterator[DeepCheck]:
     """Run `redis-check-rdb` alongside a stream of RDB bytes (one pass, no temp copy).
 
     Feed it the same chunks as an `RdbChecker`, then call `finish()`; leaving
     the block early kills the checker. A no-op when disabled or not installed.
+    With `path`, it reads that file instead (opened here: renaming the file while
+    it is checked is safe) and `feed` does nothing.
     """
     exe = shutil.which("redis-check-rdb") if enabled else None
     if exe is None:
         verdict = "skipped: redis-check-rdb not on PATH" if enabled else "not run"
         yield DeepCheck(None, None, verdict=verdict, timeout=timeout_seconds, name=name)
         return
-    with tempfile.TemporaryFile() as output:
+    with (
+        tempfile.TemporaryFile() as output,
+        open(path, "rb") if path is not None else contextlib.nullcontext() as source,
+    ):
         proc = subprocess.Popen(
-            [exe, "/dev/stdin"], stdin=subprocess.PIPE, stdout=output, stderr=subprocess.STDOUT
+            [exe, "/dev/stdin"],
+            stdin=subprocess.PIPE if source is None else source,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
         check = DeepCheck(proc, output, verdict="", timeout=timeout_seconds, name=name)
         try:

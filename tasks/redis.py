@@ -631,6 +631,29 @@ class PlacedRdb:
     aof_moved_aside: list[Path] = field(default_factory=list)
 
 
+def decompress_rdb(
+    stored: Path,
+    compression: Compression,
+    path: Path,
+    mode: int,
+    deep: bool = True,
+    durable: bool = True,
+) -> RdbInfo:
+    """Decompress a stored RDB backup into `path` (created with `mode`), validating it
+    in the same pass (redis-check-rdb too when `deep`); fsynced when `durable`. A
+    partial file is removed when it fails."""
+    try:
+        with open_decompressed(stored, compression) as source, create_file(path, mode) as out:
+            info = validate_stream(iter_chunks(source), deep, out.write)
+            out.flush()
+            if durable:
+                os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return info
+
+
 @task(cache_policy=NO_CACHE)
 def place_rdb(
     backup_dir: Path,
@@ -666,18 +689,7 @@ def place_rdb(
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(target_dir) / dbfilename
     incoming = target.with_name(f".{dbfilename}.{uuid.uuid4().hex[:8]}.restoring")
-    mode = mode_like(mode_of or target)
-    try:
-        with (
-            open_decompressed(stored, manifest.compression) as source,
-            create_file(incoming, mode) as out,
-        ):
-            info = validate_stream(iter_chunks(source), True, out.write)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        incoming.unlink(missing_ok=True)
-        raise
+    info = decompress_rdb(stored, manifest.compression, incoming, mode_like(mode_of or target))
     found = aof_in(target_dir, aof_names)
     if found and aof == "refuse":  # appeared while we decompressed (Redis started?)
         incoming.unlink()

@@ -31,8 +31,15 @@ from tasks.fetch import FoundBackup
 from tasks.health import HEALTHY, wait_until_healthy
 from tasks.log import run_logger
 from tasks.private import OWNER_ONLY, create_file, folder_mode, mode_like
-from tasks.rdb import RdbChecker, RdbError, RdbInfo, max_rdb_for_redis, validate_stream
-from tasks.redis import RedisUnreachable, connect, explain, inspect_redis, place_rdb
+from tasks.rdb import (
+    RdbChecker,
+    RdbError,
+    RdbInfo,
+    deep_check_rdb,
+    max_rdb_for_redis,
+    validate_stream,
+)
+from tasks.redis import RedisUnreachable, connect, decompress_rdb, explain, inspect_redis
 from tasks.restore import chown_like, wait_started
 from tasks.secrets import redact_url
 from tasks.storage import fsync_dir
@@ -201,16 +208,29 @@ def stage_rdb(found: FoundBackup, setup: RedisSetup, staging: Path) -> RdbInfo:
     """Decompress and validate the RDB into `staging` (inside the data dir, so placing
     it later is a rename), after checking the target Redis loads its version."""
     check_loadable(rdb_version_of(found), setup, found.manifest.name)
+    mode = mode_like(staging.parent / setup.dbfilename)  # the data dir's RDB keeps its mode
+    return decompress_staged.fn(found, staging, setup.dbfilename, mode)
+
+
+@task(cache_policy=NO_CACHE)
+def decompress_staged(
+    found: FoundBackup,
+    staging: Path,
+    dbfilename: str,
+    mode: int = OWNER_ONLY.file,
+    deep: bool = True,
+    durable: bool = True,
+) -> RdbInfo:
+    """Decompress the verified backup's RDB into the new folder `staging`, validating it
+    in the same pass (header, CRC-64, and redis-check-rdb when `deep`; fsynced when
+    `durable`). The drill stages with neither: its scratch Redis needs no durable copy,
+    and `load_while_checking` runs redis-check-rdb beside the load."""
     staging.mkdir(OWNER_ONLY.directory)
     os.chmod(staging, OWNER_ONLY.directory)
-    placed = place_rdb.fn(
-        found.backup_dir,
-        found.manifest.name,
-        staging,
-        setup.dbfilename,
-        mode_of=staging.parent / setup.dbfilename,  # the data dir's RDB keeps its mode
+    manifest = found.manifest
+    return decompress_rdb(
+        found.path, manifest.compression, staging / dbfilename, mode, deep, durable
     )
-    return placed.rdb
 
 
 def aof_manifest(appendfilename: str) -> str:
@@ -278,6 +298,44 @@ def wait_until_loaded(redis_url: str, container: str, timeout_seconds: float) ->
         return {**client.info("persistence"), **client.info("stats")}
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
+
+
+@dataclass(frozen=True)
+class CheckedLoad:
+    """A staged RDB loaded by a scratch Redis, with redis-check-rdb's verdict on it."""
+
+    load: dict[str, Any]  # INFO persistence and stats after loading
+    deep_check: str
+
+
+@task(cache_policy=NO_CACHE)
+def load_while_checking(
+    found: FoundBackup,
+    rdb: RdbInfo,
+    staging: Path,
+    data_dir: Path,
+    setup: RedisSetup,
+    redis_url: str,
+    container: str,
+    timeout_seconds: float,
+) -> CheckedLoad:
+    """Restart the SCRATCH Redis `container` on the RDB staged by `decompress_staged`
+    while redis-check-rdb parses the same file: this takes as long as the slower of
+    the two, not both. A rejection fails the load even when Redis loaded the file, and
+    is the reason given when Redis failed on it. Never for a live Redis: it loads the
+    RDB before the full check has passed."""
+    staged = staging / setup.dbfilename
+    name = f"backup {found.manifest.name}"
+    with deep_check_rdb(timeout_seconds=timeout_seconds, name=name, path=staged) as deep:
+        try:
+            containers.stop_container(container)
+            place_staged.fn(staging, data_dir, setup)
+            containers.start_container(container)
+            load = wait_until_loaded.fn(redis_url, container, timeout_seconds)
+        except Exception:
+            deep.finish(rdb.rdb_version)  # a corrupt RDB is why Redis failed: say so
+            raise
+        return CheckedLoad(load, deep.finish(rdb.rdb_version))
 
 
 @task(cache_policy=NO_CACHE)

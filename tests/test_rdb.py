@@ -220,6 +220,20 @@ def test_deep_check_streams_and_is_killed_when_abandoned(rdb: bytes) -> None:
         assert deep.finish() == "not run"
 
 
+def test_deep_check_of_a_file_renamed_while_it_runs(rdb: bytes, tmp_path: Path) -> None:
+    """The drill renames the staged RDB into place while redis-check-rdb reads it."""
+    path = write(tmp_path, rdb, "staged.rdb")
+    with deep_check_rdb(path=path) as deep:
+        path.rename(tmp_path / "dump.rdb")
+        assert deep.finish(10) == "passed: redis-check-rdb"
+    data = bytearray(rdb)
+    data[len(data) // 2] ^= 0x10
+    bad = write(tmp_path, bytes(data), "bad.rdb")
+    rejected = pytest.raises(RdbError, match="redis-check-rdb rejected backup b")
+    with deep_check_rdb(path=bad, name="backup b") as deep, rejected:
+        deep.finish(10)
+
+
 def test_deep_check_reports_a_missing_tool(rdb: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("tasks.rdb.shutil.which", lambda _name: None)
     with deep_check_rdb() as deep:

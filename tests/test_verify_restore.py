@@ -17,6 +17,7 @@ import pytest
 import redis as redis_py
 from conftest import require
 from prefect.client.orchestration import get_client
+from redis_servers import running_redis, start_from_rdb
 from test_monitoring import pushed, pushgateway  # noqa: F401 - the fixture
 from throwaway_services import redis_container
 
@@ -28,6 +29,7 @@ from flows.verify_restore import DrillFailed, verify_restore
 from sandbox import constants as stack
 from tasks.archive import CompressedWriter, Manifest, manifest_name
 from tasks.drill import DRILL_LABEL, Scratch, inspect_live, program_argv, start_scratch
+from tasks.rdb import crc64
 from tasks.s3 import object_key
 from tasks.storage import write_durably
 
@@ -204,6 +206,47 @@ def write_backup(backups: Path, kind: str, raw: bytes, like: dict[str, Any]) -> 
     manifest = Manifest(**(like | {"size": stored.size, "sha256": stored.sha256}))
     manifest.raw_size = stored.raw_size
     write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
+
+
+def test_a_corrupt_rdb_that_redis_loads_is_refused_by_redis_check_rdb(
+    sandbox_backups: dict[str, Any], tmp_path: Path
+) -> None:
+    """A hash's listpack damaged inside (one back-length byte; CRC-64 recomputed): Redis
+    7.0 loads it (it checks payloads deeply only with sanitize-dump-payload yes),
+    redis-check-rdb does not. The drill's Redis loads while redis-check-rdb runs: the
+    rejection still fails the drill, naming the backup and the damaged key."""
+    with running_redis(tmp_path / "source", rdbcompression="no") as server:
+        for i in range(100):
+            server.client().set(f"session:{i}", f"value-{i}")
+        server.client().hset("damaged", mapping={"field": "value-abcdef"})
+        backups = tmp_path / "backups"
+        manifest = backup_redis(
+            redis_url=server.url,
+            container="",
+            fetch="path",
+            data_dir=str(server.dir),
+            backup_dir=str(backups),
+            s3_bucket="",
+        )
+    rdb = bytearray(gzip.decompress((backups / manifest["name"]).read_bytes()))
+    at = rdb.index(b"value-abcdef") + len(b"value-abcdef")
+    assert rdb[at] == 13, "the listpack entry's back-length: its encoding byte + 12"
+    rdb[at] ^= 0x40
+    body = bytes(rdb[:-8])
+    damaged = body + crc64(body).to_bytes(8, "little")
+    (tmp_path / "damaged.rdb").write_bytes(damaged)
+    with start_from_rdb(tmp_path / "damaged.rdb", tmp_path / "loads") as loaded:
+        assert loaded.client().dbsize() == 101, "redis-server loads the damaged RDB"
+    write_backup(backups, "redis", damaged, manifest)
+
+    with pytest.raises(DrillFailed) as failed:
+        drill(
+            sandbox_backups, tmp_path, components=["redis"], backup_dir=str(backups), s3_bucket=""
+        )
+    message = str(failed.value)
+    assert f"redis-check-rdb rejected backup {manifest['name']}" in message
+    assert "Reading key 'damaged'" in message, message
+    assert drill_containers() == []
 
 
 def test_the_drill_redis_that_does_not_start_fails_the_drill_and_leaves_nothing(
