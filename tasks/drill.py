@@ -196,8 +196,8 @@ def tear_down(scratch: Scratch) -> list[str]:
 
 
 def remove_leftovers() -> list[str]:
-    """Containers (and their scratch folders) of earlier drills, found by label and
-    removed; returns their names. Run at the start of every drill."""
+    """Containers (and their scratch folders), networks and volumes of earlier drills,
+    found by label and removed; returns their names. Run at the start of every drill."""
     client = docker_client()
     removed = []
     for container in client.containers.list(all=True, filters={"label": DRILL_LABEL}):
@@ -207,4 +207,13 @@ def remove_leftovers() -> list[str]:
             removed.append(container.name)
         if folder and _remove_folder(Path(folder)):
             removed.append(folder)
+    # a drill's compose project (tasks/drill_compose.py) also leaves its network and
+    # volumes; one still in use (another drill running) is left to its own drill
+    for kind in (client.networks, client.volumes):
+        for item in kind.list(filters={"label": DRILL_LABEL}):
+            if item.name == DRILL_NETWORK:
+                continue  # shared by the drill's own containers, made again when needed
+            with contextlib.suppress(NotFound, APIError):
+                item.remove()
+                removed.append(item.name)
     return removed
