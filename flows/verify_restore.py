@@ -377,10 +377,12 @@ def _project_up(
                 f"compose project {project.name}: services {', '.join(project.services)}; "
                 f"placeholders for {filled}; isolation: {drill_compose.summary(project.changes)}"
             )
-        results = drill_compose.wait_until_up(project, p["start_timeout_seconds"])
-        failed = [s for s in results if not s.up]
+        results: list[drill_compose.ServiceUp] = []
+        failed: list[drill_compose.ServiceUp] = []
         try:
             with r.step("every service of the restored project up") as step:
+                results = drill_compose.wait_until_up(project, p["start_timeout_seconds"])
+                failed = [s for s in results if not s.up]
                 services = [s for s in results if s.service != project.holder]
                 step.detail = f"{sum(s.up for s in services)} of {len(services)} up"
                 if failed:

@@ -25,7 +25,7 @@ from flows.verify_restore import DrillFailed, verify_restore
 from sandbox import constants as stack
 from tasks import drill_compose
 from tasks.compose import PROJECT_LABEL
-from tasks.drill import DRILL_LABEL
+from tasks.drill import DRILL_DIR_LABEL, DRILL_LABEL
 
 LIVE = (
     stack.REDIS_CONTAINER,
@@ -138,6 +138,10 @@ def test_a_restored_project_whose_service_exits_fails_the_drill_naming_it(
 ) -> None:
     def break_pushgateway(compose: dict[str, Any]) -> None:
         compose["services"]["pushgateway"]["command"].append("--no-such-flag")
+        compose["services"]["redis"]["healthcheck"] = {
+            "test": ["CMD", "/usr/bin/redis-cli", "ping"],
+            "interval": "1s",
+        }
 
     project = copy_project(tmp_path / "project", break_pushgateway)
     config_backup(project, tmp_path / "backups")
@@ -151,6 +155,7 @@ def test_a_restored_project_whose_service_exits_fails_the_drill_naming_it(
     report = drill_report()
     assert "service pushgateway up | failed" in report
     assert "log lines of service pushgateway" in report and "no-such-flag" in report
+    assert "docker health healthy" in report  # redis: its healthcheck passed
     assert not drill_projects()
 
 
@@ -175,3 +180,58 @@ def test_a_killed_drills_compose_project_is_removed_by_the_next(
     assert not drill_projects()
     assert not docker.from_env().networks.list(names=[network])
     assert not killed.exists()
+
+
+def test_the_derivation_isolates_every_way_a_project_reaches_the_host(tmp_path: Path) -> None:
+    """`isolate` on a resolved config (as `docker-compose config` prints it) of a bridge
+    project: published ports, a read-write host path, external network and volume."""
+    live_data = tmp_path / "live-data"
+    live_data.mkdir()
+    (live_data / "keep").write_text("live")
+    config = {
+        "version": "2.4",
+        "services": {
+            "web": {
+                "image": "web:1",
+                "container_name": "web",
+                "ports": [{"published": 8787, "target": 8787}, "127.0.0.1:9000:9000/udp"],
+                "volumes": [
+                    f"{live_data}:/data:rw",
+                    "/usr:/usr:ro",
+                    f"{tmp_path / 'project' / 'conf'}:/conf:rw",
+                    "cache:/cache:rw",
+                ],
+                "networks": {"front": None},
+                "labels": {"traefik.enable": "true"},
+            }
+        },
+        "networks": {"front": {"external": True, "name": "front"}},
+        "volumes": {"cache": {"external": True, "name": "live_cache"}},
+    }
+    folder = tmp_path / "project"
+
+    derived, changes, holder = drill_compose.isolate(config, folder, "proxilion-dr-drill-t", "/x")
+
+    web = derived["services"]["web"]
+    assert holder is None and "container_name" not in web
+    assert web["ports"] == ["127.0.0.1::8787/tcp", "127.0.0.1::9000/udp"]
+    redirected = folder / ".drill-mounts" / str(live_data).lstrip("/")
+    assert web["volumes"] == [
+        f"{redirected}:/data:rw",
+        "/usr:/usr:ro",
+        f"{folder / 'conf'}:/conf:rw",
+        "cache:/cache:rw",
+    ]
+    assert redirected.is_dir() and not (redirected / "keep").exists()  # live data not copied
+    assert web["labels"] == {DRILL_LABEL: "proxilion-dr-drill-t", DRILL_DIR_LABEL: "/x"}
+    assert derived["networks"]["front"] == {"labels": web["labels"]}
+    assert derived["volumes"]["cache"] == {"labels": web["labels"]}
+    assert any("read-write" in c for c in changes)
+    assert any("external network front" in c for c in changes)
+
+
+def test_joining_a_live_containers_namespace_is_refused() -> None:
+    config = {"services": {"sidecar": {"image": "x", "network_mode": "container:proxilion-redis"}}}
+    with pytest.raises(drill_compose.DrillComposeError) as refused:
+        drill_compose.isolate(config, Path("/tmp/p"), "proxilion-dr-drill-t", "/x")
+    assert "sidecar" in str(refused.value) and "container:proxilion-redis" in str(refused.value)
