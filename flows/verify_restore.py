@@ -5,7 +5,9 @@ for each component — find the backup (newest complete one, or the one named; h
 else S3) and verify its checksum, restore it into a scratch environment beside the
 live stack (`drill-redis`, `drill-gateway`, `drill-prometheus`: the live containers'
 images, free ports, their own data folders, the `proxilion-dr.drill` label) and prove
-it; tear the scratch environment down whatever happened; publish one report (per
+it (the config backup's compose project is brought up too, isolated under its own
+project name: tasks/drill_compose.py); tear the scratch environment down whatever
+happened; publish one report (per
 component: backup used, its age = RPO, restore time = RTO, each check with its
 evidence), push the outcome to the Pushgateway, and fail naming every failed check.
 """
