@@ -243,6 +243,8 @@ def isolate(
                 f"{name}: host networking → the drill's private namespace"
                 + (f" ({', '.join(gone)} dropped)" if gone else "")
             )
+        elif str(spec.get("network_mode")).removeprefix("service:") in host_mode:
+            spec["network_mode"] = f"service:{holder}"  # it shared a host-mode service's
         elif spec.get("ports"):
             spec["ports"] = [_loopback_port(p) for p in spec["ports"]]
             changes.append(f"{name}: published ports → ephemeral on 127.0.0.1")

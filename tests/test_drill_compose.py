@@ -235,3 +235,27 @@ def test_joining_a_live_containers_namespace_is_refused() -> None:
     with pytest.raises(drill_compose.DrillComposeError) as refused:
         drill_compose.isolate(config, Path("/tmp/p"), "proxilion-dr-drill-t", "/x")
     assert "sidecar" in str(refused.value) and "container:proxilion-redis" in str(refused.value)
+
+
+def test_host_networking_becomes_one_private_namespace(tmp_path: Path) -> None:
+    config = {
+        "services": {
+            "redis": {
+                "image": "hostfs",
+                "network_mode": "host",
+                "ports": ["6379:6379"],
+                "volumes": ["/usr:/usr:ro", "/srv/redis:/data:rw"],
+            },
+            "exporter": {"image": "exp", "network_mode": "service:redis"},
+        }
+    }
+    derived, changes, holder = drill_compose.isolate(config, tmp_path, "proxilion-dr-drill-t", "/x")
+
+    services = derived["services"]
+    assert holder == drill_compose.HOLDER
+    assert services["redis"]["network_mode"] == f"service:{holder}"
+    assert services["exporter"]["network_mode"] == f"service:{holder}"
+    assert "ports" not in services["redis"]
+    assert services[holder]["entrypoint"][0] == "sleep"
+    assert services[holder]["volumes"] == ["/usr:/usr:ro"]  # its programs, never data
+    assert "labels" in derived["networks"]["default"]
