@@ -31,7 +31,7 @@ from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, Step, _escape, one_line
 from flows.restoring import find_backup
 from flows.settings import resolve
-from tasks import drill_compose, metrics
+from tasks import drill_compose, drill_services, metrics
 from tasks.archive import extract_archive, iter_chunks, open_decompressed
 from tasks.compose import validate_compose
 from tasks.config import ENV_FILE, archive_folder
@@ -379,11 +379,11 @@ def _project_up(
                 f"compose project {project.name}: services {', '.join(project.services)}; "
                 f"placeholders for {filled}; isolation: {drill_compose.summary(project.changes)}"
             )
-        results: list[drill_compose.ServiceUp] = []
-        failed: list[drill_compose.ServiceUp] = []
+        results: list[drill_services.ServiceUp] = []
+        failed: list[drill_services.ServiceUp] = []
         try:
             with r.step("every service of the restored project up") as step:
-                results = drill_compose.wait_until_up(project, p["start_timeout_seconds"])
+                results = drill_services.wait_until_up(project, p["start_timeout_seconds"])
                 failed = [s for s in results if not s.up]
                 services = [s for s in results if s.service != project.holder]
                 step.detail = f"{sum(s.up for s in services)} of {len(services)} up"
