@@ -357,8 +357,11 @@ def up(project: DrillProject, timeout: float) -> str:
     args += ["--project-directory", str(project.folder), "up", "-d", "--no-build"]
     try:
         output = _run(args, timeout, _cli_environment({}))
-    except ComposeError as error:
-        raise DrillComposeError(str(error)) from None
+    except ComposeError as error:  # `<the whole command line>` failed (exit 1): <why>
+        why = re.sub(r"^`.*?` failed ", "", str(error))
+        raise DrillComposeError(
+            f"`up` of the restored project {project.name} failed {why}"
+        ) from None
     lines = [line for line in output.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "done"
 

@@ -159,6 +159,29 @@ def test_a_restored_project_whose_service_exits_fails_the_drill_naming_it(
     assert not drill_projects()
 
 
+def test_a_restored_project_that_cannot_be_brought_up_fails_the_drill_saying_why(
+    tmp_path: Path,
+) -> None:
+    """The image of a service is not on this host (and no registry can be reached)."""
+
+    def gone_image(compose: dict[str, Any]) -> None:
+        compose["services"]["pushgateway"]["image"] = "proxilion-dr/no-such-image:1"
+
+    project = copy_project(tmp_path / "project", gone_image)
+    config_backup(project, tmp_path / "backups")
+
+    with pytest.raises(DrillFailed) as failed:
+        drill_config(tmp_path / "backups", tmp_path)
+
+    message = str(failed.value)
+    assert "\n" not in message
+    assert "config: step 'bring up the restored project (isolated)' failed" in message
+    assert "`up` of the restored project proxilion-dr-drill-" in message
+    assert "no-such-image" in message
+    assert not drill_projects()
+    assert not any((tmp_path / "scratch").iterdir())
+
+
 def test_a_killed_drills_compose_project_is_removed_by_the_next(
     sandbox_config: Path, tmp_path: Path
 ) -> None:
