@@ -28,6 +28,10 @@ scratch copy, with these changes (each one listed in the drill's report):
   `dns*`, `extra_hosts`, `mac_address`, `networks`, `links`) are dropped for them.
 - Published ports of the other services become `127.0.0.1::<container port>`:
   ephemeral host ports on loopback only, never the live ones.
+- Every network of the drill project is `internal`: its services reach each other
+  and nothing else, so a restored Prometheus cannot page the live Alertmanager and a
+  service cannot write to a live database it names by host name. (A service that
+  needs the internet to start fails the drill, named, with its log lines.)
 - Bind mounts: relative paths already resolve inside the scratch copy; a read-only
   absolute host path (programs, /usr, /etc, a script) is kept, since it cannot be
   written; a read-WRITE absolute host path is REDIRECTED into the scratch copy
@@ -244,6 +248,9 @@ def isolate(
     networks = {n: dict(c or {}) for n, c in (config.get("networks") or {}).items()}
     networks.setdefault("default", {})
     derived["networks"] = {n: _own(n, c, labels, "network", changes) for n, c in networks.items()}
+    for spec in derived["networks"].values():
+        spec["internal"] = True  # nothing beyond the project: no live database, no alerts
+    changes.append("networks internal: the project reaches nothing beyond itself")
     volumes = {n: dict(c or {}) for n, c in (config.get("volumes") or {}).items()}
     if volumes:
         derived["volumes"] = {n: _own(n, c, labels, "volume", changes) for n, c in volumes.items()}
