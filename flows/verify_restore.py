@@ -148,7 +148,7 @@ def verify_restore(
     notes: list[str] = []
     try:
         with exclusive(lock_name(FLOW, str(p["scratch_dir"]))):
-            removed = remove_leftovers()
+            removed = remove_leftovers(Path(p["scratch_dir"]))
             if removed:
                 notes.append(f"removed leftovers of an earlier drill: {', '.join(removed)}")
                 print(f"Removed leftovers of an earlier drill: {', '.join(removed)}")

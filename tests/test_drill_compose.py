@@ -247,7 +247,8 @@ def test_the_derivation_isolates_every_way_a_project_reaches_the_host(tmp_path: 
     ]
     assert redirected.is_dir() and not (redirected / "keep").exists()  # live data not copied
     assert web["labels"] == {DRILL_LABEL: "proxilion-dr-drill-t", DRILL_DIR_LABEL: "/x"}
-    assert derived["networks"]["front"] == {"labels": web["labels"]}
+    assert derived["networks"]["front"] == {"labels": web["labels"], "internal": True}
+    assert derived["networks"]["default"]["internal"]
     assert derived["volumes"]["cache"] == {"labels": web["labels"]}
     assert any("read-write" in c for c in changes)
     assert any("external network front" in c for c in changes)
@@ -282,3 +283,24 @@ def test_host_networking_becomes_one_private_namespace(tmp_path: Path) -> None:
     assert services[holder]["entrypoint"][0] == "sleep"
     assert services[holder]["volumes"] == ["/usr:/usr:ro"]  # its programs, never data
     assert "labels" in derived["networks"]["default"]
+
+
+def test_a_drill_with_another_scratch_root_keeps_its_project_running(
+    sandbox_config: Path, tmp_path: Path
+) -> None:
+    """Two drills with different scratch roots may run at once (the lock is per root):
+    one's start must not remove what the other is running."""
+    running = tmp_path / "other-root" / "drill-running"
+    folder = copy_project(running / "config" / "project")
+    project = drill_compose.prepare(folder, running, {}, ["GATEWAY_API_TOKEN"])
+    try:
+        drill_compose.up(project, 120.0)
+
+        result = drill_config(sandbox_config, tmp_path)
+
+        assert result["ok"] and not result["notes"]
+        assert project.name in drill_projects()
+        assert folder.is_dir()
+    finally:
+        assert drill_compose.down(project) is None
+    assert project.name not in drill_projects()
