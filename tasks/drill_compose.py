@@ -235,7 +235,10 @@ def isolate(
             )
         elif str(spec.get("network_mode")).removeprefix("service:") in host_mode:
             spec["network_mode"] = f"service:{holder}"  # it shared a host-mode service's
-        elif spec.get("ports"):
+        if spec.get("network_mode") == "bridge":  # Docker's own bridge reaches out
+            del spec["network_mode"]
+            changes.append(f"{name}: Docker's bridge → the drill project's network")
+        if spec.get("ports") and not str(spec.get("network_mode")).startswith("service:"):
             spec["ports"] = [_loopback_port(p) for p in spec["ports"]]
             changes.append(f"{name}: published ports → ephemeral on 127.0.0.1")
         spec["volumes"] = [

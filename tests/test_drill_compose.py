@@ -226,7 +226,8 @@ def test_the_derivation_isolates_every_way_a_project_reaches_the_host(tmp_path: 
                 ],
                 "networks": {"front": None},
                 "labels": {"traefik.enable": "true"},
-            }
+            },
+            "worker": {"image": "worker:1", "network_mode": "bridge", "ports": ["9100:9100"]},
         },
         "networks": {"front": {"external": True, "name": "front"}},
         "volumes": {"cache": {"external": True, "name": "live_cache"}},
@@ -250,6 +251,8 @@ def test_the_derivation_isolates_every_way_a_project_reaches_the_host(tmp_path: 
     assert derived["networks"]["front"] == {"labels": web["labels"], "internal": True}
     assert derived["networks"]["default"]["internal"]
     assert derived["volumes"]["cache"] == {"labels": web["labels"]}
+    worker = derived["services"]["worker"]
+    assert "network_mode" not in worker and worker["ports"] == ["127.0.0.1::9100/tcp"]
     assert any("read-write" in c for c in changes)
     assert any("external network front" in c for c in changes)
 
