@@ -88,7 +88,9 @@ def wait_until_up(
         found = _containers(project.name)
         for service in [s for s in pending if s not in decided]:
             container = found.get(service)
-            if container is None:
+            if container is None:  # `up -d` created every container before the wait
+                gone = "no container: removed while the drill waited, or never created"
+                decided[service] = _record(service, None, False, gone, began)
                 continue
             verdict, state = _verdict(container.attrs, settle_seconds)
             if verdict is not None:
@@ -97,8 +99,8 @@ def wait_until_up(
             break
         time.sleep(0.5)
     for service in [s for s in pending if s not in decided]:
-        container = found.get(service)
-        state = _verdict(container.attrs, settle_seconds)[1] if container else "no container"
+        container = found[service]
+        state = _verdict(container.attrs, settle_seconds)[1]
         decided[service] = _record(
             service, container, False, f"not up within {deadline_seconds:.0f} s ({state})", began
         )
