@@ -5,7 +5,9 @@ for each component — find the backup (newest complete one, or the one named; h
 else S3) and verify its checksum, restore it into a scratch environment beside the
 live stack (`drill-redis`, `drill-gateway`, `drill-prometheus`: the live containers'
 images, free ports, their own data folders, the `proxilion-dr.drill` label) and prove
-it; tear the scratch environment down whatever happened; publish one report (per
+it (the config backup's compose project is brought up too, isolated under its own
+project name: tasks/drill_compose.py); tear the scratch environment down whatever
+happened; publish one report (per
 component: backup used, its age = RPO, restore time = RTO, each check with its
 evidence), push the outcome to the Pushgateway, and fail naming every failed check.
 """
@@ -29,7 +31,7 @@ from flows.hooks import FLOW_HOOKS
 from flows.recovery import Recovery, Step, _escape, one_line
 from flows.restoring import find_backup
 from flows.settings import SETTING, resolve
-from tasks import metrics
+from tasks import drill_compose, drill_services, metrics
 from tasks.archive import extract_archive, iter_chunks, open_decompressed
 from tasks.compose import validate_compose
 from tasks.config import ENV_FILE, archive_folder
@@ -147,7 +149,7 @@ def verify_restore(
     notes: list[str] = []
     try:
         with exclusive(lock_name(FLOW, str(p["scratch_dir"]))):
-            removed = remove_leftovers()
+            removed = remove_leftovers(Path(p["scratch_dir"]))
             if removed:
                 notes.append(f"removed leftovers of an earlier drill: {', '.join(removed)}")
                 print(f"Removed leftovers of an earlier drill: {', '.join(removed)}")
@@ -363,10 +365,55 @@ def drill_config(r: Recovery, p: dict[str, Any], scratch: Scratch) -> None:
             dummies = ", ".join(check.dummies) or "none"
             checks.append(f"{name}: services {', '.join(check.services)}; dummies for {dummies}")
         step.detail = " | ".join(checks)
-    r.notes.append(
-        "the restored compose project is validated, not started: its services' ports are "
-        "the live stack's (host networking), so it cannot run beside it"
-    )
+    if not drill_compose.compose_files(folder):
+        r.skip("restored project up", "no default compose file (compose.yaml, docker-compose.yml)")
+        return
+    _project_up(r, folder, scratch, env, list(source.get("env_withheld") or []), p)
+
+
+def _project_up(
+    r: Recovery,
+    folder: Path,
+    scratch: Scratch,
+    env: dict[str, str],
+    withheld: list[str],
+    p: dict[str, Any],
+) -> None:
+    """Bring the restored project up isolated (tasks/drill_compose.py), check each of its
+    services comes up, and take it down again (`down -v`, its folder) whatever happened."""
+    project = None
+    try:
+        with r.step("bring up the restored project (isolated)") as step:
+            project = drill_compose.prepare(folder, scratch.folder, env, withheld)
+            drill_compose.up(project, p["start_timeout_seconds"])
+            filled = ", ".join(project.placeholders) or "none"
+            step.detail = (
+                f"compose project {project.name}: services {', '.join(project.services)}; "
+                f"placeholders for {filled}; isolation: {drill_compose.summary(project.changes)}"
+            )
+        results: list[drill_services.ServiceUp] = []
+        failed: list[drill_services.ServiceUp] = []
+        try:
+            with r.step("every service of the restored project up") as step:
+                results = drill_services.wait_until_up(project, p["start_timeout_seconds"])
+                failed = [s for s in results if not s.up]
+                services = [s for s in results if s.service != project.holder]
+                step.detail = f"{sum(s.up for s in services)} of {len(services)} up"
+                if failed:
+                    step.detail += ": " + "; ".join(f"{s.service} {s.evidence}" for s in failed)
+                    raise DrillCheckFailed(step.detail)
+        finally:
+            for s in results:
+                outcome = "ok" if s.up else "failed"
+                what = "the drill's network namespace" if s.service == project.holder else "service"
+                r.steps.append(Step(f"{what} {s.service} up", outcome, s.seconds, s.evidence))
+            for s in failed:
+                title = f"last {len(s.log_lines)} log lines of service {s.service} (restored)"
+                r.attach(title, s.log_lines)
+    finally:
+        left = drill_compose.down(project) if project else None
+        if left:
+            r.notes.append(f"could not take down {left}; the next drill removes it")
 
 
 def _is_compose(name: str) -> bool:

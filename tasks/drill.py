@@ -195,16 +195,40 @@ def tear_down(scratch: Scratch) -> list[str]:
     return left
 
 
-def remove_leftovers() -> list[str]:
-    """Containers (and their scratch folders) of earlier drills, found by label and
-    removed; returns their names. Run at the start of every drill."""
+def _drill_dir(attrs: dict[str, Any]) -> str | None:
+    """The scratch folder a drill container, network or volume is labelled with."""
+    labels = attrs.get("Labels") or (attrs.get("Config") or {}).get("Labels") or {}
+    return labels.get(DRILL_DIR_LABEL)
+
+
+def remove_leftovers(scratch_root: Path) -> list[str]:
+    """Containers (and their scratch folders), networks and volumes of earlier drills
+    that used `scratch_root`, found by label and removed; returns their names. Run at
+    the start of every drill, under the lock on `scratch_root`: a drill with another
+    scratch root may be running right now, and what it started is its own."""
     client = docker_client()
+    root = Path(scratch_root).resolve()
+
+    def ours(item: Any) -> bool:
+        folder = _drill_dir(item.attrs)
+        return bool(folder) and Path(str(folder)).resolve().is_relative_to(root)
+
     removed = []
     for container in client.containers.list(all=True, filters={"label": DRILL_LABEL}):
-        folder = (container.labels or {}).get(DRILL_DIR_LABEL)
+        if not ours(container):
+            continue
+        folder = str(_drill_dir(container.attrs))
         with contextlib.suppress(NotFound, APIError):
             container.remove(force=True)
             removed.append(container.name)
-        if folder and _remove_folder(Path(folder)):
+        if _remove_folder(Path(folder)):
             removed.append(folder)
+    # a drill's compose project (tasks/drill_compose.py) also leaves its network and
+    # volumes, labelled like its containers
+    for kind in (client.networks, client.volumes):
+        for item in kind.list(filters={"label": DRILL_LABEL}):
+            if ours(item):
+                with contextlib.suppress(NotFound, APIError):
+                    item.remove()
+                    removed.append(item.name)
     return removed

@@ -27,6 +27,7 @@ from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from flows.verify_restore import DrillFailed, verify_restore
 from sandbox import constants as stack
+from sandbox import images
 from tasks.archive import CompressedWriter, Manifest, manifest_name
 from tasks.drill import DRILL_LABEL, Scratch, inspect_live, program_argv, start_scratch
 from tasks.rdb import crc64
@@ -34,6 +35,8 @@ from tasks.s3 import object_key
 from tasks.storage import write_durably
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
+# The drill brings this project up (beside the live stack): it must be runnable.
+HOST = ", ".join(f'"{m["Source"]}:{m["Target"]}:ro"' for m in images.host_mounts())
 COMPOSE = f"""\
 services:
   gateway:
@@ -44,14 +47,17 @@ services:
       MODE: ${{MODE}}
       GATEWAY_API_TOKEN: "{TOKEN}"
     env_file: .env
+    volumes: [{HOST}, "{stack.GATEWAY_SCRIPT}:/app/gateway.py:ro"]
     depends_on: [redis]
   redis:
     image: {stack.HOSTFS_IMAGE}
     network_mode: host
     command: [/usr/bin/redis-server, /conf/redis.conf]
+    volumes: [{HOST}, "./redis:/conf"]
 """
 PROJECT = {
     "docker-compose.yml": COMPOSE,
+    "redis/redis.conf": 'bind 127.0.0.1\nport 6379\nsave ""\n',
     "prometheus.yml": "scrape_configs: []\n",
     "alerts.yml": "groups: []\n",
     "grafana/dashboards/gateway.json": '{"title": "Gateway"}',
@@ -140,6 +146,7 @@ def test_the_sandbox_backups_restore_and_every_check_passes(
     assert "match" in checks["prometheus"]["values recorded at backup time"]
     assert "GATEWAY_API_TOKEN" in checks["config"]["withheld secrets listed"]
     assert "GATEWAY_API_TOKEN" in checks["config"]["compose file validates"]
+    assert checks["config"]["every service of the restored project up"] == "2 of 2 up"
     lines = manifests["logs"]["source"]["lines"]
     assert f"{lines} lines" in checks["logs"]["decompress fully and count lines"]
 
