@@ -41,6 +41,7 @@ from tasks.drill import (
     free_port,
     inspect_live,
     new_scratch,
+    one_drill_per_host,
     program_argv,
     remove_leftovers,
     start_scratch,
@@ -148,7 +149,7 @@ def verify_restore(
     records: list[Recovery] = []
     notes: list[str] = []
     try:
-        with exclusive(lock_name(FLOW, str(p["scratch_dir"]))):
+        with exclusive(lock_name(FLOW, str(p["scratch_dir"]))), one_drill_per_host():
             removed = remove_leftovers(Path(p["scratch_dir"]))
             if removed:
                 notes.append(f"removed leftovers of an earlier drill: {', '.join(removed)}")

@@ -12,9 +12,12 @@ Nothing here touches a live container beyond reading its configuration.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,33 @@ SCRATCH_PREFIX = "drill-"
 
 class ScratchError(ContainerError):
     """A scratch container could not be made or started; says which and why."""
+
+
+class DrillBusy(RuntimeError):
+    """Another restore drill holds this host's drill containers."""
+
+
+# Host-wide, not per Prefect server or scratch_dir: the containers' names are.
+HOST_LOCK = Path(tempfile.gettempdir()) / "proxilion-dr-drill.lock"
+
+
+@contextlib.contextmanager
+def one_drill_per_host() -> Iterator[None]:
+    """Hold this host's drill lock for the drill's lifetime. Scratch containers have
+    fixed names (`drill-redis`…): a second drill would remove the first one's, so it
+    is refused instead. The lock dies with its process: a killed drill frees it."""
+    with open(HOST_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DrillBusy(
+                f"another restore drill is running on this host (it holds {HOST_LOCK}): "
+                "run this one when it has finished"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

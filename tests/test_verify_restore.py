@@ -29,7 +29,16 @@ from flows.verify_restore import DrillFailed, verify_restore
 from sandbox import constants as stack
 from sandbox import images
 from tasks.archive import CompressedWriter, Manifest, manifest_name
-from tasks.drill import DRILL_LABEL, Scratch, inspect_live, program_argv, start_scratch
+from tasks.drill import (
+    DRILL_LABEL,
+    DrillBusy,
+    Scratch,
+    inspect_live,
+    one_drill_per_host,
+    program_argv,
+    remove_container,
+    start_scratch,
+)
 from tasks.rdb import crc64
 from tasks.s3 import object_key
 from tasks.storage import write_durably
@@ -294,6 +303,27 @@ def test_leftovers_of_a_killed_drill_are_removed_by_the_next(
     assert any("drill-redis" in note for note in result["notes"])
     assert not folder.exists()
     assert drill_containers() == []
+
+
+def test_a_second_drill_on_the_same_host_is_refused_and_leaves_the_first_alone(
+    sandbox_backups: dict[str, Any], tmp_path: Path
+) -> None:
+    """Drill containers have fixed names on the Docker host: a second drill, even with
+    another scratch_dir (so another Prefect lock), would remove the first one's. The
+    running drill is stood in for by its host lock and a container of its own."""
+    folder = tmp_path / "first" / "drill-running"
+    folder.mkdir(parents=True)
+    live = inspect_live(stack.REDIS_CONTAINER)
+    entrypoint, command = program_argv(live, "redis-server", ["--port", "0", "--save", ""])
+    with one_drill_per_host():
+        start_scratch(Scratch(folder), "drill-redis", live, entrypoint, command, 0, [])
+        try:
+            with pytest.raises(DrillBusy, match="another restore drill is running on this host"):
+                drill(sandbox_backups, tmp_path, components=["redis"])
+            assert drill_containers() == ["drill-redis"]  # the first drill's, untouched
+        finally:
+            remove_container("drill-redis")
+    assert drill(sandbox_backups, tmp_path, components=["logs"])["ok"]  # free again
 
 
 def test_a_throwaway_servers_backup_with_a_changed_key_fails_the_sample(
