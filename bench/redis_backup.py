@@ -8,8 +8,8 @@ from "RDB saved" to "stored locally with manifest":
 - ours:  capture (read, validate CRC-64, compress with isal, SHA-256) + commit
          (fsync, rename, manifest), by `fetch=path`; also with `deep_check`;
 - ours + age: the same, plus the age-encrypted copy that goes to S3 with
-         PROXILION_DR_AGE_RECIPIENTS set (a second pass over the compressed file,
-         before the commit, as `flows.steps.keep_backup` does; target <= 1.15x ours);
+         PROXILION_DR_AGE_RECIPIENTS set (made in the same pass as compression and
+         hashing, as backup-redis makes it; target <= 1.15x ours);
 - network: the RDB over the replication protocol (`fetch=network`, diskless, so the
          transfer ends at the $EOF mark while Redis keeps the connection open: a
          time near `cp` shows the mark ends the read, not a timeout).
@@ -44,9 +44,7 @@ import redis
 from pyrage import x25519
 
 from sandbox import constants as stack
-from tasks.archive import Manifest
-from tasks.encryption import SUFFIX as AGE_SUFFIX
-from tasks.encryption import encrypt_copy
+from tasks.archive import Manifest, check_compression
 from tasks.redis import ServerFacts, capture_rdb
 from tasks.redis_sync import fetch_rdb_over_network
 from tasks.storage import backup_name, commit_local, staging_path, utc_now
@@ -153,11 +151,13 @@ def our_pipeline(
     recipients: list[str] | None = None,
 ) -> None:
     """What backup-redis does after the save, by `fetch=path` (task bodies, no engine);
-    with `recipients`, also the age-encrypted copy for S3 (removed after the commit,
-    where the upload would have read it)."""
+    with `recipients`, also the age-encrypted copy for S3, made in the same pass as
+    `flows.backup_redis` makes it (removed after the commit, where the upload would
+    have read it)."""
+    codec = check_compression(compression)
     facts = ServerFacts("7", "master", {}, str(rdb_dir), "dump.rdb", False)
     (out / "redis").mkdir(parents=True, exist_ok=True)
-    name = backup_name("redis", utc_now(), "gzip", "bench:0")
+    name = backup_name("redis", utc_now(), codec, "bench:0")
     captured = capture_rdb.fn(
         "path",
         "redis://unused",
@@ -165,8 +165,9 @@ def our_pipeline(
         str(rdb_dir),
         facts,
         staging_path(out, name),
-        "gzip",
+        codec,
         deep_check,
+        encrypt_to=tuple(recipients or ()),
     )
     manifest = Manifest(
         kind="redis",
@@ -174,15 +175,12 @@ def our_pipeline(
         created_at=utc_now().isoformat(),
         size=captured.file.size,
         sha256=captured.file.sha256,
-        compression="gzip",
+        compression=codec,
         raw_size=captured.file.raw_size,
         duration_seconds=captured.seconds,
     )
-    encrypted = None
-    if recipients:
-        encrypted = encrypt_copy(
-            captured.file.path, staging_path(out, name + AGE_SUFFIX), recipients
-        )
+    encrypted = captured.file.encrypted
+    if encrypted:
         manifest.encryption = encrypted.describe()
     commit_local.fn(out, captured.file, manifest)
     if encrypted:

@@ -137,6 +137,16 @@ class Destination:
             current.s3_object_lock if p["s3_bucket"] else "",
         )
 
+    @property
+    def uploads_encrypted(self) -> bool:
+        """The S3 copy is age-encrypted (a bucket and recipients are set)."""
+        return bool(self.s3_bucket and self.age_recipients)
+
+    @property
+    def encrypt_to(self) -> tuple[str, ...]:
+        """The recipients a capture encrypts to in its pass (none without an upload)."""
+        return self.age_recipients if self.uploads_encrypted else ()
+
     def check_remote(self) -> None:
         """At the start: a bucket asked to lock backups must have Object Lock."""
         if self.s3_bucket and self.object_lock:
@@ -172,18 +182,21 @@ def keep_backup(
     """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
 
     With age recipients, the S3 copy is the age-encrypted stored file (`.age`; the
-    local copy stays plain); with an object lock mode it is locked for the retention.
+    local copy stays plain), made in the capture's pass (`staged.encrypted`) or else
+    here in a second pass; with an object lock mode it is locked for the retention.
     An upload failure still publishes the report ("stored locally, NOT uploaded"),
     then fails the run; the next successful run uploads what S3 lacks. Pruning only
     happens once the new backup is safely everywhere it should be, and only touches
     backups of the same source (`manifest.source_id`)."""
     encrypted = None
-    if to.s3_bucket and to.age_recipients:  # before the commit: the manifest records it
-        copy = encrypt_for_upload(
-            to.backup_dir, staged.path, manifest.name, list(to.age_recipients)
-        )
+    if to.uploads_encrypted:  # before the commit: the manifest records it
+        copy = staged.encrypted  # made in the capture's pass, else a second pass here
+        if copy is None:
+            copy = encrypt_for_upload(
+                to.backup_dir, staged.path, manifest.name, list(to.age_recipients)
+            )
+            manifest.steps["encrypt"] = copy.seconds
         manifest.encryption = copy.describe()
-        manifest.steps["encrypt"] = copy.seconds
         encrypted = copy.path
     try:
         stored = commit_local(to.backup_dir, staged, manifest, to.modes)

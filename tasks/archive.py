@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 import zstandard
 from isal import igzip, igzip_threaded
@@ -85,25 +85,84 @@ class HashingReader(io.RawIOBase):
 
 
 @dataclass(frozen=True)
+class EncryptedFile:
+    """An age-encrypted copy as written: where, how big, its SHA-256, to whom."""
+
+    path: Path
+    size: int
+    sha256: str
+    recipients: tuple[str, ...]
+    seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's `encryption` entry: public keys and the object's facts."""
+        return {
+            "format": "age",
+            "recipients": list(self.recipients),
+            "size": self.size,
+            "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True)
 class CompressedFile:
-    """A compressed file as written: where, how big, its SHA-256."""
+    """A compressed file as written: where, how big, its SHA-256; with `encrypted`, its
+    age-encrypted copy made in the same pass."""
 
     path: Path
     size: int
     sha256: str
     raw_size: int
     compression: Compression
+    encrypted: EncryptedFile | None = None
+
+
+class EncryptedCopy(Protocol):
+    """Where the compressed stream is also written, encrypted (tasks.encryption)."""
+
+    def write(self, data: Any) -> int: ...
+    def close(self) -> EncryptedFile: ...
+    def abort(self) -> None: ...
+
+
+class _Tee(io.RawIOBase):
+    """Write to the file and to the encrypted copy."""
+
+    def __init__(self, file: IO[bytes], copy: EncryptedCopy) -> None:
+        self._file = file
+        self._copy = copy
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._file.write(view)
+        self._copy.write(data if isinstance(data, bytes) else bytes(view))  # kept queued
+        return view.nbytes
 
 
 class CompressedWriter:
-    """Compress, hash and write chunks to `path` in one pass; fsync on close."""
+    """Compress, hash and write chunks to `path` in one pass; fsync on close. With
+    `encrypted_copy`, the compressed stream also flows into it in the same pass (the
+    hash stays that of the plain compressed stream)."""
 
-    def __init__(self, path: Path, compression: Compression, threads: int = 2) -> None:
+    def __init__(
+        self,
+        path: Path,
+        compression: Compression,
+        threads: int = 2,
+        encrypted_copy: EncryptedCopy | None = None,
+    ) -> None:
         self.path = path
         self.compression = check_compression(compression)
         self.raw_size = 0
+        self._copy = encrypted_copy
         self._file = create_file(path)  # owner-only while staged; closed in close()/abort()
-        self._hashing = HashingWriter(self._file)
+        sink: IO[bytes] = self._file
+        if encrypted_copy is not None:
+            sink = _Tee(self._file, encrypted_copy)  # type: ignore[assignment]
+        self._hashing = HashingWriter(sink)
         self._stream: IO[bytes]
         if compression == "gzip":
             self._stream = igzip_threaded.open(  # type: ignore[assignment]
@@ -120,6 +179,7 @@ class CompressedWriter:
     def close(self) -> CompressedFile:
         """Finish the stream, flush it to disk and describe the result."""
         self._stream.close()
+        encrypted = self._copy.close() if self._copy is not None else None
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -129,12 +189,15 @@ class CompressedWriter:
             sha256=self._hashing.sha256.hexdigest(),
             raw_size=self.raw_size,
             compression=self.compression,
+            encrypted=encrypted,
         )
 
     def abort(self) -> None:
-        """Drop the partial output."""
+        """Drop the partial output (and the encrypted copy's)."""
         with contextlib.suppress(Exception):  # the output is discarded anyway
             self._stream.close()
+        if self._copy is not None:
+            self._copy.abort()
         self._file.close()
         self.path.unlink(missing_ok=True)
 

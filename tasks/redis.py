@@ -40,6 +40,7 @@ from tasks.redis_sync import fetch_rdb_over_network
 from tasks.redis_url import parse_redis_url
 from tasks.retry import TransientError, retrying_task
 from tasks.secrets import redact_url
+from tasks.encryption import same_pass_copy
 from tasks.storage import find_local, utc_now
 
 FETCH_METHODS = ("auto", "container", "path", "network")
@@ -484,12 +485,19 @@ def _each(chunks: Iterable[bytes], feed: Feed) -> None:
 
 
 def pipe_rdb(
-    produce: Producer, staging: Path, compression: Compression, deep_check: bool
+    produce: Producer,
+    staging: Path,
+    compression: Compression,
+    deep_check: bool,
+    encrypt_to: tuple[str, ...] = (),
 ) -> tuple[CompressedFile, RdbInfo]:
     """One pass: validate (header, CRC-64, optionally redis-check-rdb alongside),
-    compress and hash the chunks `produce` pushes. The output is removed unless
-    everything checks out."""
-    writer = CompressedWriter(staging, compression)
+    compress and hash the chunks `produce` pushes (and age-encrypt the compressed
+    stream to `encrypt_to`, beside it). The output is removed unless everything
+    checks out."""
+    writer = CompressedWriter(
+        staging, compression, encrypted_copy=same_pass_copy(staging, encrypt_to)
+    )
     try:
         with validating(deep_check, writer.write) as validation:
             produce(validation.feed)
@@ -524,8 +532,11 @@ def capture_rdb(
     deep_check: bool,
     save: SaveResult | None = None,
     network_fallback: bool = False,
+    encrypt_to: tuple[str, ...] = (),
 ) -> CapturedRdb:
-    """Copy the RDB out, validate it, compress and checksum it, in one streaming pass.
+    """Copy the RDB out, validate it, compress and checksum it, in one streaming pass;
+    with `encrypt_to` (age public keys), the compressed stream is also age-encrypted
+    in that pass (`captured.file.encrypted`, the copy for S3).
 
     With `save`, the RDB must be that save's (its ctime not older): otherwise it is
     dropped, and refetched over the network when `network_fallback` (fetch=auto)."""
@@ -533,12 +544,14 @@ def capture_rdb(
 
     def attempt(how: str, proof: SaveResult | None) -> tuple[CompressedFile, RdbInfo]:
         produce = _source(how, redis_url, container, data_dir, facts, proof)
-        compressed, info = pipe_rdb(produce, staging, compression, deep_check)
+        compressed, info = pipe_rdb(produce, staging, compression, deep_check, encrypt_to)
         if proof is not None and how != "network":
             try:
                 check_fresh(info, proof, how, redact_url(redis_url))
             except WrongServer:
                 compressed.path.unlink(missing_ok=True)
+                if compressed.encrypted is not None:
+                    compressed.encrypted.path.unlink(missing_ok=True)
                 raise
         return compressed, info
 
