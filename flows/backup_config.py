@@ -129,7 +129,8 @@ def backup_config(
             result = {"skipped": True, "unchanged_since": previous, "digest": digest}
             return unchanged(f"configuration unchanged since {previous}: nothing stored", result)
         name = backup_name("config", utc_now(), codec, source_id)
-        archive = write_config_archive(files, env, name, staging_path(store, name), codec)
+        staging = staging_path(store, name)
+        archive = write_config_archive(files, env, name, staging, codec, to.age_copy)
         manifest = config_manifest(name, archive, source, elapsed(started), source_id)
         details = config_details(source)
         if newest.damaged:

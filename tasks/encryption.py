@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,11 +24,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pyrage import x25519
 
-from tasks.archive import ArchiveError, EncryptedFile, HashingWriter
+from tasks.archive import (
+    AGE_SUFFIX,
+    ArchiveError,
+    CompressedWriter,
+    Compression,
+    EncryptedFile,
+    HashingWriter,
+)
 from tasks.private import create_file
 from tasks.storage import elapsed, staging_path
 
-SUFFIX = ".age"
+SUFFIX = AGE_SUFFIX
 
 
 class IdentityError(ValueError):
@@ -224,11 +231,25 @@ def encrypted_staging(staging: Path) -> Path:
     return staging.with_name(f"{stem}{SUFFIX}.{token}.{partial}")
 
 
-def same_pass_copy(staging: Path, recipients: Iterable[str]) -> EncryptingWriter | None:
-    """The encrypted copy to write alongside the backup staged at `staging`, in the same
-    pass; None without recipients."""
-    keys = tuple(recipients)
-    return EncryptingWriter(encrypted_staging(staging), keys) if keys else None
+@dataclass(frozen=True)
+class AgeCopy:
+    """How a backup is encrypted as it is written: to whom, and whether the local copy
+    is the encrypted one (no plain file on disk) or only the copy for S3."""
+
+    recipients: tuple[str, ...]
+    local: bool = False
+
+
+def staged_writer(
+    staging: Path, compression: Compression, encrypt: AgeCopy | None = None
+) -> CompressedWriter:
+    """The writer a capture stages its backup with: compressed and hashed, and with
+    `encrypt` age-encrypted in the same pass (beside it, `encrypted_staging`; durable
+    and alone when it is the local copy)."""
+    if encrypt is None or not encrypt.recipients:
+        return CompressedWriter(staging, compression)
+    copy = EncryptingWriter(encrypted_staging(staging), encrypt.recipients, encrypt.local)
+    return CompressedWriter(staging, compression, encrypted_copy=copy, keep_plain=not encrypt.local)
 
 
 def decrypt_stream(source: IO[bytes], out: IO[bytes], identity: x25519.Identity, what: str) -> None:

@@ -25,7 +25,6 @@ from tasks import containers
 from tasks.archive import (
     CHUNK,
     CompressedFile,
-    CompressedWriter,
     Compression,
     Manifest,
     iter_chunks,
@@ -33,6 +32,7 @@ from tasks.archive import (
     verify_file,
 )
 from tasks.aside import move_aside
+from tasks.encryption import AgeCopy, staged_writer
 from tasks.log import run_logger
 from tasks.private import create_file, mode_like
 from tasks.rdb import RdbInfo, validate_stream, validating
@@ -40,7 +40,6 @@ from tasks.redis_sync import fetch_rdb_over_network
 from tasks.redis_url import parse_redis_url
 from tasks.retry import TransientError, retrying_task
 from tasks.secrets import redact_url
-from tasks.encryption import same_pass_copy
 from tasks.storage import find_local, utc_now
 
 FETCH_METHODS = ("auto", "container", "path", "network")
@@ -489,15 +488,12 @@ def pipe_rdb(
     staging: Path,
     compression: Compression,
     deep_check: bool,
-    encrypt_to: tuple[str, ...] = (),
+    encrypt: AgeCopy | None = None,
 ) -> tuple[CompressedFile, RdbInfo]:
     """One pass: validate (header, CRC-64, optionally redis-check-rdb alongside),
     compress and hash the chunks `produce` pushes (and age-encrypt the compressed
-    stream to `encrypt_to`, beside it). The output is removed unless everything
-    checks out."""
-    writer = CompressedWriter(
-        staging, compression, encrypted_copy=same_pass_copy(staging, encrypt_to)
-    )
+    stream as `encrypt` says). The output is removed unless everything checks out."""
+    writer = staged_writer(staging, compression, encrypt)
     try:
         with validating(deep_check, writer.write) as validation:
             produce(validation.feed)
@@ -532,11 +528,11 @@ def capture_rdb(
     deep_check: bool,
     save: SaveResult | None = None,
     network_fallback: bool = False,
-    encrypt_to: tuple[str, ...] = (),
+    encrypt: AgeCopy | None = None,
 ) -> CapturedRdb:
     """Copy the RDB out, validate it, compress and checksum it, in one streaming pass;
-    with `encrypt_to` (age public keys), the compressed stream is also age-encrypted
-    in that pass (`captured.file.encrypted`, the copy for S3).
+    with `encrypt`, the compressed stream is also age-encrypted in that pass
+    (`captured.file.encrypted`: the copy for S3, or the local copy itself).
 
     With `save`, the RDB must be that save's (its ctime not older): otherwise it is
     dropped, and refetched over the network when `network_fallback` (fetch=auto)."""
@@ -544,7 +540,7 @@ def capture_rdb(
 
     def attempt(how: str, proof: SaveResult | None) -> tuple[CompressedFile, RdbInfo]:
         produce = _source(how, redis_url, container, data_dir, facts, proof)
-        compressed, info = pipe_rdb(produce, staging, compression, deep_check, encrypt_to)
+        compressed, info = pipe_rdb(produce, staging, compression, deep_check, encrypt)
         if proof is not None and how != "network":
             try:
                 check_fresh(info, proof, how, redact_url(redis_url))
@@ -651,8 +647,10 @@ def place_rdb(
     aof: AofHandling = "refuse",
     aof_names: tuple[str, ...] = AOF_NAMES,
     mode_of: Path | None = None,
+    plain: Path | None = None,
 ) -> PlacedRdb:
-    """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load.
+    """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load
+    (from `plain`, its decrypted copy, when the stored file is age-encrypted).
 
     The stored file's checksum is verified first, the RDB is validated while it is
     decompressed (and by redis-check-rdb when installed), and only then is any
@@ -674,6 +672,7 @@ def place_rdb(
     if found and aof == "refuse":
         _refuse_aof(found, Path(target_dir))
     manifest, stored = find_local(Path(backup_dir), "redis", name)
+    stored = manifest.plain_file(stored, plain)
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(target_dir) / dbfilename
     incoming = target.with_name(f".{dbfilename}.{uuid.uuid4().hex[:8]}.restoring")

@@ -209,6 +209,7 @@ def stage_rdb(found: FoundBackup, setup: RedisSetup, staging: Path) -> RdbInfo:
         staging,
         setup.dbfilename,
         mode_of=staging.parent / setup.dbfilename,  # the data dir's RDB keeps its mode
+        plain=found.path,
     )
     return placed.rdb
 
