@@ -200,6 +200,7 @@ def keep_backup(
     then fails the run; the next successful run uploads what S3 lacks. Pruning only
     happens once the new backup is safely everywhere it should be, and only touches
     backups of the same source (`manifest.source_id`)."""
+    details = with_exposure_warnings(to, manifest.kind, details)  # in every report
     encrypted = None
     if to.encrypt_local:  # the staged file is the encrypted one: stored and uploaded
         assert staged.encrypted is not None, "a capture ignored the age_copy it was given"
@@ -262,7 +263,6 @@ def keep_backup(
             to.retention_days,
             to.keep_min,
         )
-    details = with_exposure_warnings(to, manifest.kind, details)
     publish_backup_report(manifest, str(stored), remote, kept_local, kept_remote, details)
     return stored, remote
 

@@ -342,8 +342,12 @@ def config_details(source: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def publish_unchanged_report(previous: str, source: dict[str, Any]) -> None:
-    """The report of a run that stored nothing because nothing changed (in the flow run)."""
+def publish_unchanged_report(
+    previous: str, source: dict[str, Any], details: dict[str, Any] | None = None
+) -> None:
+    """The report of a run that stored nothing because nothing changed (in the flow
+    run), with the run's `details` (its warnings)."""
     rows = [{"field": "result", "value": f"unchanged since {previous}: no new backup"}]
-    rows += [{"field": k, "value": v} for k, v in config_details(source).items()]
+    facts = config_details(source) | (details or {})
+    rows += [{"field": k, "value": v} for k, v in facts.items()]
     publish_table(rows, "backup-config", f"config unchanged since {previous}")
