@@ -18,7 +18,14 @@ from prefect import flow
 from flows.backup_health import backup_failed, backup_succeeded, backup_unchanged, with_hooks
 from flows.hooks import BACKUP_HOOKS
 from flows.settings import SETTING, resolve, settings
-from flows.steps import Destination, explains_failure, keep_backup, run_name, unchanged
+from flows.steps import (
+    Destination,
+    explains_failure,
+    keep_backup,
+    run_name,
+    unchanged,
+    with_exposure_warnings,
+)
 from tasks.archive import Compression, check_compression
 from tasks.config import (
     NewestBackup,
@@ -123,13 +130,14 @@ def backup_config(
         newest = NewestBackup() if p["force"] else check_newest(store, digest, source_id)
         if newest.unchanged_since:
             previous = newest.unchanged_since
-            publish_unchanged_report(previous, source)
+            publish_unchanged_report(previous, source, with_exposure_warnings(to, "config", {}))
             print(f"Configuration unchanged since {previous}: nothing new stored")
             backup_unchanged("config", source_id)
             result = {"skipped": True, "unchanged_since": previous, "digest": digest}
             return unchanged(f"configuration unchanged since {previous}: nothing stored", result)
         name = backup_name("config", utc_now(), codec, source_id)
-        archive = write_config_archive(files, env, name, staging_path(store, name), codec)
+        staging = staging_path(store, name)
+        archive = write_config_archive(files, env, name, staging, codec, to.age_copy)
         manifest = config_manifest(name, archive, source, elapsed(started), source_id)
         details = config_details(source)
         if newest.damaged:

@@ -104,7 +104,8 @@ def backup_logs(
         prepare_backup_dir(store, "logs", to.modes)
         sources = find_log_sources(names, p["read"])
         name = backup_name("logs", until, codec, source_id)
-        captured = capture_logs(sources, since, until, staging_path(store, name), codec)
+        staging = staging_path(store, name)
+        captured = capture_logs(sources, since, until, staging, codec, to.age_copy)
         manifest = logs_manifest(name, captured, p["window"], elapsed(started), source_id)
         stored, remote = keep_backup(
             captured.file,

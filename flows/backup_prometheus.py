@@ -114,7 +114,8 @@ def backup_prometheus(
         snapshot = take_snapshot(p["prometheus_url"], tsdb)
         try:
             name = backup_name("prometheus", utc_now(), codec, source_id)
-            captured = copy_snapshot(snapshot, staging_path(to.backup_dir, name), codec)
+            staging = staging_path(to.backup_dir, name)
+            captured = copy_snapshot(snapshot, staging, codec, to.age_copy)
             recorded = record_values(p["prometheus_url"], captured.blocks)
             manifest = prometheus_manifest(
                 name, captured, snapshot, facts, server, elapsed(started), source_id, recorded

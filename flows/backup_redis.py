@@ -138,6 +138,7 @@ def backup_redis(
             p["deep_check"],
             save,
             network_fallback=p["fetch"] == "auto",
+            encrypt=to.age_copy,
         )
         sample = sample_after_save(p["redis_url"], sample)
         manifest = redis_manifest(

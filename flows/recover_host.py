@@ -296,13 +296,13 @@ class Archive:
     env: dict[str, str]
 
 
-def _fetch(p: dict[str, Any], kind: str, name: str, source_id: str) -> FoundBackup:
+def _fetch(r: Recovery, p: dict[str, Any], kind: str, name: str, source_id: str) -> FoundBackup:
     """A backup by name, or the newest of `source_id`: here, else from S3, verified."""
-    return fetch_backup(
+    return r.found(fetch_backup(
         Path(p["backup_dir"]), kind, name, p["s3_bucket"], p["s3_prefix"],
         p["s3_endpoint_url"] or None, source_id,
         Path(p["age_identity_file"]) if p.get("age_identity_file") else None,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def read_archive(found: FoundBackup) -> Archive:
@@ -473,7 +473,7 @@ def restore_redis(project: Project, service: Service, found: FoundBackup, url: s
 
 def restore_prometheus(service: Service, found: FoundBackup) -> str:
     data = data_dir(service, service.flag("storage.tsdb.path") or "/prometheus")
-    restored = restore_snapshot(found.backup_dir, found.manifest.name, data)
+    restored = restore_snapshot(found.backup_dir, found.manifest.name, data, found.path)
     return f"{found.manifest.name} → {data}: {len(restored.blocks)} blocks"
 
 
@@ -534,7 +534,7 @@ def _recover(r: HostRecovery, p: dict[str, Any]) -> None:  # noqa: PLR0915 - the
 
     with r.step_for("find and verify the config backup", a, "Check backup availability") as step:
         source = config_source_id(p["source_project_dir"] or target)
-        config = _fetch(p, "config", p["backup"], source)
+        config = _fetch(r, p, "config", p["backup"], source)
         archive = read_archive(config)
         step.detail = f"{config.manifest.name} from {config.location}"
     with r.step_for("check the secrets", g, "Environment variables configured") as step:
@@ -544,11 +544,15 @@ def _recover(r: HostRecovery, p: dict[str, Any]) -> None:  # noqa: PLR0915 - the
     with r.step_for(
         "find and verify the Redis and Prometheus backups", a, "Check backup availability"
     ) as step:
-        redis_found = _fetch(p, "redis", p["redis_backup"], redis_source_id(p["redis_url"]))
+        redis_found = _fetch(r, p, "redis", p["redis_backup"], redis_source_id(p["redis_url"]))
         r.used_backup(redis_found.manifest, redis_found.location)
         try:
             prom_found: FoundBackup | None = _fetch(
-                p, "prometheus", p["prometheus_backup"], prometheus_source_id(p["prometheus_url"])
+                r,
+                p,
+                "prometheus",
+                p["prometheus_backup"],
+                prometheus_source_id(p["prometheus_url"]),
             )
         except BackupNotFound as missing:
             prom_found = None

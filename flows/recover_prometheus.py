@@ -167,7 +167,7 @@ def _swap(r: Recovery, t: Target, found: FoundBackup, p: dict[str, Any]) -> None
             r.moved_aside.append(str(moved.folder))
             step.detail = f"{len(moved.names)} entries → {moved.folder}"
         with r.step("place the blocks") as step:
-            restored = restore_snapshot(found.backup_dir, found.manifest.name, t.data)
+            restored = restore_snapshot(found.backup_dir, found.manifest.name, t.data, found.path)
             step.detail = f"{len(restored.blocks)} blocks into {t.data} (no wal/, chunks_head/)"
         with r.step("start Prometheus and wait for /-/ready"):
             start_container(t.container)

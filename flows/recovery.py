@@ -20,6 +20,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact
 
 from tasks.archive import Manifest
+from tasks.fetch import FoundBackup
 from tasks.report import escape_markdown as _escape
 from tasks.storage import parse_time
 
@@ -58,6 +59,8 @@ class Recovery:
     attachments: list[tuple[str, list[str]]] = field(default_factory=list)
     healthy_seconds: float | None = None
     error: BaseException | None = None
+    # Decrypted copies of locally encrypted backups (FoundBackup.discard), removed at the end.
+    temporary: list[FoundBackup] = field(default_factory=list)
     _start: float = field(default_factory=time.perf_counter)
 
     @contextmanager
@@ -87,7 +90,19 @@ class Recovery:
             message = self.failure() if self.failed_step() else f"{self.flow}: {one_line(error)}"
             raise StepFailed(message) from error
         finally:
+            self.discard_temporary()
             self.publish()
+
+    def found(self, backup: FoundBackup) -> FoundBackup:
+        """A backup this run restores from; a decrypted copy is removed at the end."""
+        if backup.temporary:
+            self.temporary.append(backup)
+        return backup
+
+    def discard_temporary(self) -> None:
+        """Remove the decrypted copies this run made (no plain copy is left behind)."""
+        while self.temporary:
+            self.temporary.pop().discard()
 
     def skip(self, name: str, why: str) -> None:
         self.steps.append(Step(name, "planned" if self.dry_run else "skipped", 0.0, why))

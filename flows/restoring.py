@@ -17,15 +17,17 @@ def find_backup(r: Recovery, p: dict[str, Any], kind: str, source_id: str) -> Fo
     """The step "find and verify the backup" (here, else S3; `latest` is the newest of
     `source_id`, the server restored), recorded as the one used."""
     with r.step("find and verify the backup") as step:
-        found = fetch_backup(
-            Path(p["backup_dir"]),
-            kind,
-            p["backup"],
-            p["s3_bucket"],
-            p["s3_prefix"],
-            p["s3_endpoint_url"] or None,
-            source_id,
-            Path(p["age_identity_file"]) if p.get("age_identity_file") else None,
+        found = r.found(
+            fetch_backup(
+                Path(p["backup_dir"]),
+                kind,
+                p["backup"],
+                p["s3_bucket"],
+                p["s3_prefix"],
+                p["s3_endpoint_url"] or None,
+                source_id,
+                Path(p["age_identity_file"]) if p.get("age_identity_file") else None,
+            )
         )
         r.used_backup(found.manifest, found.location)
         step.detail = f"{found.manifest.name}: size and sha256 match the manifest"

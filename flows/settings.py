@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     backup_group_read: bool = False
     age_recipients: str = ""
     age_identity_file: str = ""
+    age_encrypt_local: bool = False
 
     redis_url: str = "redis://localhost:6379/0"
     redis_container: str = "proxilion-redis"

@@ -21,7 +21,7 @@ from flows.explained import is_explained
 from flows.recovery import StepFailed, one_line
 from flows.settings import settings
 from tasks.archive import CompressedFile, Manifest
-from tasks.encryption import encrypt_for_upload, parse_recipients
+from tasks.encryption import AgeCopy, RecipientError, encrypt_for_upload, parse_recipients
 from tasks.log import run_logger
 from tasks.private import OWNER_ONLY, Modes, exposure_warnings
 from tasks.report import NOT_UPLOADED, publish_backup_report
@@ -119,15 +119,22 @@ class Destination:
     modes: Modes = OWNER_ONLY
     age_recipients: tuple[str, ...] = ()  # encrypt the S3 copy to these public keys
     object_lock: str = ""  # governance/compliance: S3 copies locked for the retention
+    encrypt_local: bool = False  # the local copy is the age-encrypted file too
 
     def __post_init__(self) -> None:
         check_retention(self.retention_days, self.keep_min)  # before any work is done
+        if self.encrypt_local and not self.age_recipients:
+            raise RecipientError(
+                "PROXILION_DR_AGE_ENCRYPT_LOCAL is on but no age recipient is set: set "
+                "PROXILION_DR_AGE_RECIPIENTS (or age_recipients) to the public keys to "
+                "encrypt to, or turn PROXILION_DR_AGE_ENCRYPT_LOCAL off"
+            )
         self.check_remote()
 
     @classmethod
     def from_parameters(cls, p: dict[str, Any]) -> Destination:
-        """From a flow's resolved parameters; group read and the age recipients come
-        from their settings unless the flow has such a parameter."""
+        """From a flow's resolved parameters; group read, the age recipients and local
+        encryption come from their settings unless the flow has such a parameter."""
         current = settings()
         return cls(
             Path(p["backup_dir"]),
@@ -139,7 +146,21 @@ class Destination:
             Modes.for_group_read(current.backup_group_read),
             tuple(parse_recipients(p.get("age_recipients") or current.age_recipients)),
             current.s3_object_lock if p["s3_bucket"] else "",
+            current.age_encrypt_local,
         )
+
+    @property
+    def uploads_encrypted(self) -> bool:
+        """The S3 copy is age-encrypted (a bucket and recipients are set)."""
+        return bool(self.s3_bucket and self.age_recipients)
+
+    @property
+    def age_copy(self) -> AgeCopy | None:
+        """How a capture encrypts in its pass: the local copy itself, or the copy for
+        S3, or not at all."""
+        if self.encrypt_local:
+            return AgeCopy(self.age_recipients, local=True)
+        return AgeCopy(self.age_recipients) if self.uploads_encrypted else None
 
     def check_remote(self) -> None:
         """At the start: a bucket asked to lock backups must have Object Lock."""
@@ -157,8 +178,8 @@ def catch_up_uploads(to: Destination, kind: str, source_id: str) -> list[str]:
         lock = None
         if to.object_lock:
             lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
-        path, described, copy = to.backup_dir / manifest.name, manifest, None
-        if to.age_recipients:
+        path, described, copy = to.backup_dir / manifest.local_name, manifest, None
+        if to.age_recipients and not manifest.encryption.get("local"):  # else: as it is
             copy = encrypt_for_upload(to.backup_dir, path, manifest.name, list(to.age_recipients))
             path, described = copy.path, replace(manifest, encryption=copy.describe())
         try:
@@ -176,18 +197,26 @@ def keep_backup(
     """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
 
     With age recipients, the S3 copy is the age-encrypted stored file (`.age`; the
-    local copy stays plain); with an object lock mode it is locked for the retention.
+    local copy stays plain unless `to.encrypt_local`: then the local file is that
+    `.age` too), made in the capture's pass (`staged.encrypted`) or else here in a
+    second pass; with an object lock mode it is locked for the retention.
     An upload failure still publishes the report ("stored locally, NOT uploaded"),
     then fails the run; the next successful run uploads what S3 lacks. Pruning only
     happens once the new backup is safely everywhere it should be, and only touches
     backups of the same source (`manifest.source_id`)."""
+    details = with_exposure_warnings(to, manifest.kind, details)  # in every report
     encrypted = None
-    if to.s3_bucket and to.age_recipients:  # before the commit: the manifest records it
-        copy = encrypt_for_upload(
-            to.backup_dir, staged.path, manifest.name, list(to.age_recipients)
-        )
+    if to.encrypt_local:  # the staged file is the encrypted one: stored and uploaded
+        assert staged.encrypted is not None, "a capture ignored the age_copy it was given"
+        manifest.encryption = {**staged.encrypted.describe(), "local": True}
+    elif to.uploads_encrypted:  # before the commit: the manifest records it
+        copy = staged.encrypted  # made in the capture's pass, else a second pass here
+        if copy is None:
+            copy = encrypt_for_upload(
+                to.backup_dir, staged.path, manifest.name, list(to.age_recipients)
+            )
+            manifest.steps["encrypt"] = copy.seconds
         manifest.encryption = copy.describe()
-        manifest.steps["encrypt"] = copy.seconds
         encrypted = copy.path
     try:
         stored = commit_local(to.backup_dir, staged, manifest, to.modes)
@@ -238,7 +267,6 @@ def keep_backup(
             to.retention_days,
             to.keep_min,
         )
-    details = with_exposure_warnings(to, manifest.kind, details)
     publish_backup_report(manifest, str(stored), remote, kept_local, kept_remote, details)
     return stored, remote
 

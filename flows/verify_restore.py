@@ -144,7 +144,8 @@ def verify_restore(
     """
     chosen = list(dict.fromkeys(components or COMPONENTS))
     parameters = {k: v for k, v in locals().items() if k not in ("components", "chosen")}
-    p = resolve(parameters, scratch_dir="drill_scratch_dir")
+    # No run parameter (yet) for the age identity: the drill decrypts with the setting.
+    p = resolve({**parameters, "age_identity_file": None}, scratch_dir="drill_scratch_dir")
     started = time.perf_counter()
     records: list[Recovery] = []
     notes: list[str] = []
@@ -178,6 +179,8 @@ def _drill(component: Component, p: dict[str, Any], scratch: Scratch) -> Recover
     except Exception as error:  # noqa: BLE001 - recorded; the drill goes on
         if r.failed_step() is None:
             r.steps.append(Step("drill", "failed", 0.0, one_line(error)))
+    finally:
+        r.discard_temporary()
     return r
 
 
@@ -289,7 +292,7 @@ def drill_prometheus(r: Recovery, p: dict[str, Any], scratch: Scratch) -> None:
         step.detail = f"{len(check_archive(found))} complete blocks"
     data = scratch.data_dir("prometheus")
     with r.step("place the blocks") as step:
-        restored = restore_snapshot(found.backup_dir, found.manifest.name, data)
+        restored = restore_snapshot(found.backup_dir, found.manifest.name, data, found.path)
         step.detail = f"{len(restored.blocks)} blocks into the drill's data dir"
     with r.step("start drill-prometheus and wait for /-/ready") as step:
         live = inspect_live(p["prometheus_container"], p["prometheus_image"] or None)

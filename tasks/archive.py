@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 import zstandard
 from isal import igzip, igzip_threaded
@@ -30,6 +30,7 @@ CHUNK = 1 << 20
 GZIP_LEVEL = 1  # isal level 1: ~1.5 GB/s, ratio close to gzip -6 on session data
 ZSTD_LEVEL = 3
 MANIFEST_SUFFIX = ".manifest.json"
+AGE_SUFFIX = ".age"  # an age-encrypted file: the backup's name plus this
 MANIFEST_FORMAT = 1
 
 
@@ -85,25 +86,87 @@ class HashingReader(io.RawIOBase):
 
 
 @dataclass(frozen=True)
+class EncryptedFile:
+    """An age-encrypted copy as written: where, how big, its SHA-256, to whom."""
+
+    path: Path
+    size: int
+    sha256: str
+    recipients: tuple[str, ...]
+    seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's `encryption` entry: public keys and the object's facts."""
+        return {
+            "format": "age",
+            "recipients": list(self.recipients),
+            "size": self.size,
+            "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True)
 class CompressedFile:
-    """A compressed file as written: where, how big, its SHA-256."""
+    """A compressed file as written: where, how big, its SHA-256; with `encrypted`, its
+    age-encrypted copy made in the same pass."""
 
     path: Path
     size: int
     sha256: str
     raw_size: int
     compression: Compression
+    encrypted: EncryptedFile | None = None
+
+
+class EncryptedCopy(Protocol):
+    """Where the compressed stream is also written, encrypted (tasks.encryption)."""
+
+    def write(self, data: Any) -> int: ...
+    def close(self) -> EncryptedFile: ...
+    def abort(self) -> None: ...
+
+
+class _Tee(io.RawIOBase):
+    """Write to the file and to the encrypted copy."""
+
+    def __init__(self, file: IO[bytes], copy: EncryptedCopy) -> None:
+        self._file = file
+        self._copy = copy
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._file.write(view)
+        self._copy.write(data if isinstance(data, bytes) else bytes(view))  # kept queued
+        return view.nbytes
 
 
 class CompressedWriter:
-    """Compress, hash and write chunks to `path` in one pass; fsync on close."""
+    """Compress, hash and write chunks to `path` in one pass; fsync on close. With
+    `encrypted_copy`, the compressed stream also flows into it in the same pass (the
+    hash stays that of the plain compressed stream); with `keep_plain` off, only there
+    (no plain file: `path` is unused and the result's path is the encrypted copy's)."""
 
-    def __init__(self, path: Path, compression: Compression, threads: int = 2) -> None:
+    def __init__(
+        self,
+        path: Path,
+        compression: Compression,
+        threads: int = 2,
+        encrypted_copy: EncryptedCopy | None = None,
+        keep_plain: bool = True,
+    ) -> None:
         self.path = path
         self.compression = check_compression(compression)
         self.raw_size = 0
-        self._file = create_file(path)  # owner-only while staged; closed in close()/abort()
-        self._hashing = HashingWriter(self._file)
+        self._copy = encrypted_copy
+        self._file: IO[bytes] | None = None
+        sink: Any = encrypted_copy
+        if keep_plain or encrypted_copy is None:
+            self._file = create_file(path)  # owner-only while staged; closed in close/abort
+            sink = self._file if encrypted_copy is None else _Tee(self._file, encrypted_copy)
+        self._hashing = HashingWriter(sink)
         self._stream: IO[bytes]
         if compression == "gzip":
             self._stream = igzip_threaded.open(  # type: ignore[assignment]
@@ -120,23 +183,29 @@ class CompressedWriter:
     def close(self) -> CompressedFile:
         """Finish the stream, flush it to disk and describe the result."""
         self._stream.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        encrypted = self._copy.close() if self._copy is not None else None
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         return CompressedFile(
-            path=self.path,
+            path=self.path if self._file is not None or encrypted is None else encrypted.path,
             size=self._hashing.size,
             sha256=self._hashing.sha256.hexdigest(),
             raw_size=self.raw_size,
             compression=self.compression,
+            encrypted=encrypted,
         )
 
     def abort(self) -> None:
-        """Drop the partial output."""
+        """Drop the partial output (and the encrypted copy's)."""
         with contextlib.suppress(Exception):  # the output is discarded anyway
             self._stream.close()
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        if self._copy is not None:
+            self._copy.abort()
+        if self._file is not None:
+            self._file.close()
+            self.path.unlink(missing_ok=True)
 
 
 def open_decompressed(path: Path, compression: Compression) -> IO[bytes]:
@@ -197,7 +266,8 @@ class Manifest:
     source_id: str = ""  # what was backed up (tasks.sources); "" in older manifests
     # The off-site copy when it is age-encrypted: {"format": "age", "recipients": [public
     # keys], "size", "sha256"} of the encrypted object (`size`/`sha256` above are those
-    # of the plain compressed stream); empty when the copy is plain.
+    # of the plain compressed stream), and "local": true when the local copy is that
+    # encrypted file too (`local_name`); empty when the copies are plain.
     encryption: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -226,6 +296,30 @@ class Manifest:
             steps=steps or {},
             source_id=source_id,
         )
+
+    @property
+    def local_name(self) -> str:
+        """The file's name in the backup directory: `.age` added when the local copy is
+        encrypted too (`encryption["local"]`)."""
+        return self.name + AGE_SUFFIX if self.encryption.get("local") else self.name
+
+    @property
+    def local_facts(self) -> tuple[int, str]:
+        """Size and SHA-256 of the file in the backup directory (the encrypted one's
+        when the local copy is encrypted)."""
+        if self.encryption.get("local"):
+            return self.encryption["size"], self.encryption["sha256"]
+        return self.size, self.sha256
+
+    def plain_file(self, found: Path, given: Path | None) -> Path:
+        """The plain compressed file to read: `given` (a verified decrypted copy), else
+        the stored file `found`, which must not be encrypted."""
+        if given is None and self.encryption.get("local"):
+            raise ArchiveError(
+                f"backup {self.local_name} is age-encrypted: decrypt it first (the recovery "
+                "flows do, with PROXILION_DR_AGE_IDENTITY_FILE)"
+            )
+        return given or found
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -39,12 +39,12 @@ from tasks import containers
 from tasks.archive import (
     ArchiveError,
     CompressedFile,
-    CompressedWriter,
     Compression,
     Manifest,
     tar_stream,
     verify_file,
 )
+from tasks.encryption import AgeCopy, staged_writer
 from tasks.log import run_logger
 from tasks.redact import COMPOSE_PATTERNS, redact_file
 from tasks.report import publish_table
@@ -248,7 +248,7 @@ def check_newest(backup_dir: Path, digest: str, source_id: str) -> NewestBackup:
     except BackupNotFound:
         return NewestBackup()
     try:
-        verify_file(path, manifest.size, manifest.sha256)
+        verify_file(path, *manifest.local_facts)
     except ArchiveError as error:
         damaged = f"{manifest.name}: {error}"
         run_logger().warning("Newest config backup is damaged, storing a new one: %s", damaged)
@@ -270,12 +270,18 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes, mode: int, mtime: flo
 
 @task(cache_policy=NO_CACHE)
 def write_config_archive(
-    files: ProjectFiles, env: EnvCapture, name: str, staging: Path, compression: Compression
+    files: ProjectFiles,
+    env: EnvCapture,
+    name: str,
+    staging: Path,
+    compression: Compression,
+    encrypt: AgeCopy | None = None,
 ) -> CompressedFile:
     """Tar the files and env.txt under `config_<stamp>/` (relative names only) straight
-    into the compressor; the partial file is removed on any failure."""
+    into the compressor (age-encrypted in the same pass as `encrypt` says); the partial
+    file is removed on any failure."""
     folder = archive_folder(name)
-    writer = CompressedWriter(staging, compression)
+    writer = staged_writer(staging, compression, encrypt)
     try:
         with tar_stream(writer) as archive:
             for item in files.files:
@@ -336,8 +342,12 @@ def config_details(source: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def publish_unchanged_report(previous: str, source: dict[str, Any]) -> None:
-    """The report of a run that stored nothing because nothing changed (in the flow run)."""
+def publish_unchanged_report(
+    previous: str, source: dict[str, Any], details: dict[str, Any] | None = None
+) -> None:
+    """The report of a run that stored nothing because nothing changed (in the flow
+    run), with the run's `details` (its warnings)."""
     rows = [{"field": "result", "value": f"unchanged since {previous}: no new backup"}]
-    rows += [{"field": k, "value": v} for k, v in config_details(source).items()]
+    facts = config_details(source) | (details or {})
+    rows += [{"field": k, "value": v} for k, v in facts.items()]
     publish_table(rows, "backup-config", f"config unchanged since {previous}")

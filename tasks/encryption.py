@@ -7,8 +7,12 @@ from a file whose path is given; it never appears in a message, a log or a manif
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -20,11 +24,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pyrage import x25519
 
-from tasks.archive import ArchiveError, HashingWriter
+from tasks.archive import (
+    AGE_SUFFIX,
+    ArchiveError,
+    CompressedWriter,
+    Compression,
+    EncryptedFile,
+    HashingWriter,
+)
 from tasks.private import create_file
 from tasks.storage import elapsed, staging_path
 
-SUFFIX = ".age"
+SUFFIX = AGE_SUFFIX
 
 
 class IdentityError(ValueError):
@@ -33,26 +44,6 @@ class IdentityError(ValueError):
 
 class RecipientError(ValueError):
     """An age recipient (public key) is malformed."""
-
-
-@dataclass(frozen=True)
-class EncryptedFile:
-    """An age-encrypted copy as written: where, how big, its SHA-256."""
-
-    path: Path
-    size: int
-    sha256: str
-    recipients: tuple[str, ...]
-    seconds: float = 0.0
-
-    def describe(self) -> dict[str, Any]:
-        """The manifest's `encryption` entry: public keys and the object's facts."""
-        return {
-            "format": "age",
-            "recipients": list(self.recipients),
-            "size": self.size,
-            "sha256": self.sha256,
-        }
 
 
 def parse_recipients(value: str | Iterable[str]) -> list[str]:
@@ -130,6 +121,135 @@ def encrypt_copy(source: Path, dest: Path, recipients: list[str]) -> EncryptedFi
         dest.unlink(missing_ok=True)
         raise
     return EncryptedFile(dest, hashing.size, hashing.sha256.hexdigest(), tuple(recipients))
+
+
+class _QueueReader(io.RawIOBase):
+    """The readable end of an `EncryptingWriter`: the chunks written to it, in order."""
+
+    def __init__(self, chunks: queue.Queue[bytes | None], owner: EncryptingWriter) -> None:
+        self._chunks = chunks
+        self._owner = owner
+        self._current = memoryview(b"")
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:  # type: ignore[override]
+        while not self._current and not self._done:
+            if self._owner.aborted:
+                raise OSError("the encrypted copy was abandoned")
+            chunk = self._chunks.get()
+            if chunk is None:
+                self._done = True
+            else:
+                self._current = memoryview(chunk)
+        piece = self._current if size < 0 else self._current[:size]
+        self._current = self._current[len(piece) :]
+        return bytes(piece)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class EncryptingWriter:
+    """A writable stream age-encrypted into `dest` (owner-only, hashed) as it is written:
+    pyrage's streaming `encrypt_io` runs on a thread reading from a bounded queue, so
+    the data flows through once and memory stays bounded. `durable` fsyncs `dest` on
+    close (not needed for a copy that only feeds the upload)."""
+
+    QUEUED_CHUNKS = 8
+
+    def __init__(self, dest: Path, recipients: Iterable[str], durable: bool = False) -> None:
+        self.recipients = tuple(recipients)
+        keys = [x25519.Recipient.from_str(r) for r in self.recipients]
+        self.dest = dest
+        self.aborted = False
+        self._durable = durable
+        self._error: BaseException | None = None
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(self.QUEUED_CHUNKS)
+        self._file = create_file(dest)
+        self._hashing = HashingWriter(self._file)
+        self._started = time.perf_counter()
+        self._thread = threading.Thread(target=self._encrypt, args=(keys,), daemon=True)
+        self._thread.start()
+
+    def _encrypt(self, keys: list[x25519.Recipient]) -> None:
+        try:
+            pyrage.encrypt_io(_QueueReader(self._chunks, self), self._hashing, keys)
+        except BaseException as error:  # noqa: BLE001 - handed to the writing thread
+            self._error = error
+
+    def _put(self, chunk: bytes | None) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._chunks.put(chunk, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def write(self, data: bytes) -> int:
+        self._put(data)
+        return len(data)
+
+    def close(self) -> EncryptedFile:
+        """Finish the age stream (and fsync when durable); describe the result."""
+        self._put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self._file.flush()
+        if self._durable:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        return EncryptedFile(
+            self.dest,
+            self._hashing.size,
+            self._hashing.sha256.hexdigest(),
+            self.recipients,
+            elapsed(self._started),
+        )
+
+    def abort(self) -> None:
+        """Stop encrypting and remove the partial output."""
+        self.aborted = True
+        with contextlib.suppress(queue.Full):
+            self._chunks.put_nowait(None)
+        self._thread.join(timeout=30)
+        self._file.close()
+        self.dest.unlink(missing_ok=True)
+
+
+def encrypted_staging(staging: Path) -> Path:
+    """Where the encrypted copy of the backup staged at `staging` is written: the same
+    hidden staging name with `.age` before the run's token (`.x.gz.age.<token>.partial`)."""
+    stem, token, partial = staging.name.rsplit(".", 2)
+    return staging.with_name(f"{stem}{SUFFIX}.{token}.{partial}")
+
+
+@dataclass(frozen=True)
+class AgeCopy:
+    """How a backup is encrypted as it is written: to whom, and whether the local copy
+    is the encrypted one (no plain file on disk) or only the copy for S3."""
+
+    recipients: tuple[str, ...]
+    local: bool = False
+
+
+def staged_writer(
+    staging: Path, compression: Compression, encrypt: AgeCopy | None = None
+) -> CompressedWriter:
+    """The writer a capture stages its backup with: compressed and hashed, and with
+    `encrypt` age-encrypted in the same pass (beside it, `encrypted_staging`; durable
+    and alone when it is the local copy)."""
+    if encrypt is None or not encrypt.recipients:
+        return CompressedWriter(staging, compression)
+    copy = EncryptingWriter(encrypted_staging(staging), encrypt.recipients, encrypt.local)
+    return CompressedWriter(staging, compression, encrypted_copy=copy, keep_plain=not encrypt.local)
 
 
 def decrypt_stream(source: IO[bytes], out: IO[bytes], identity: x25519.Identity, what: str) -> None:

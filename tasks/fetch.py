@@ -11,8 +11,9 @@ here touches a live service.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 from pyrage import x25519
@@ -55,12 +56,20 @@ from tasks.storage import (
 
 @dataclass(frozen=True)
 class FoundBackup:
-    """A verified backup on this host: its manifest, its file, and where it came from."""
+    """A verified backup on this host: its manifest, its plain compressed file, and
+    where it came from. `temporary`: the file is a decrypted copy of a locally
+    encrypted backup, which the caller removes (`discard`) when done."""
 
     manifest: Manifest
     path: Path
     location: str
     backup_dir: Path
+    temporary: bool = False
+
+    def discard(self) -> None:
+        """Remove the decrypted copy (nothing for a stored backup)."""
+        if self.temporary:
+            self.path.unlink(missing_ok=True)
 
 
 def check_backup_name(kind: str, name: str) -> None:
@@ -94,6 +103,32 @@ def _mismatch(where: str, size: int, sha256: str, expected: tuple[int, str]) -> 
     )
 
 
+def _copy_verified(
+    source: Any, staging: Path, manifest: Manifest, identity: x25519.Identity | None, where: str
+) -> None:
+    """Stream a stored backup (`source`, readable) into `staging`, decrypting it with
+    `identity` when it is age-encrypted; refuse unless the stored bytes and the plain
+    compressed stream both match `manifest` in size and SHA-256."""
+    reader = HashingReader(source)
+    with create_file(staging) as file:
+        out = HashingWriter(file)
+        if manifest.encryption:
+            if identity is None:
+                raise IdentityError(f"{where} is age-encrypted and no identity was given")
+            decrypt_stream(reader, out, identity, where)
+        else:
+            for chunk in iter_chunks(reader):
+                out.write(chunk)
+        file.flush()
+        os.fsync(file.fileno())
+    stored = (reader.size, reader.sha256.hexdigest())
+    if stored != remote_facts(manifest):
+        raise _mismatch(where, *stored, remote_facts(manifest))
+    plain = (out.size, out.sha256.hexdigest())
+    if plain != (manifest.size, manifest.sha256):
+        raise _mismatch(f"{where} decrypted", *plain, (manifest.size, manifest.sha256))
+
+
 def download(
     manifest: Manifest,
     backup_dir: Path,
@@ -111,30 +146,13 @@ def download(
     require_free_space(final.parent, manifest.size, f"downloading {manifest.name}")
     staging = staging_path(backup_dir, manifest.name)
     key = object_key(prefix, remote_name(manifest))
-    where = f"s3://{bucket}/{key}"
     try:
         body = client(endpoint_url).get_object(Bucket=bucket, Key=key)["Body"]
-        reader = HashingReader(body)
-        with create_file(staging) as file:
-            out = HashingWriter(file)
-            if manifest.encryption:
-                if identity is None:
-                    raise IdentityError(f"{where} is age-encrypted and no identity was given")
-                decrypt_stream(reader, out, identity, where)
-            else:
-                for chunk in iter_chunks(reader):
-                    out.write(chunk)
-            file.flush()
-            os.fsync(file.fileno())
-        stored = (reader.size, reader.sha256.hexdigest())
-        if stored != remote_facts(manifest):
-            raise _mismatch(where, *stored, remote_facts(manifest))
-        plain = (out.size, out.sha256.hexdigest())
-        if plain != (manifest.size, manifest.sha256):
-            raise _mismatch(f"{where} decrypted", *plain, (manifest.size, manifest.sha256))
+        _copy_verified(body, staging, manifest, identity, f"s3://{bucket}/{key}")
         os.replace(staging, final)
         fsync_dir(final.parent)
-        write_durably(final.with_name(manifest_name(final.name)), manifest.to_json().encode())
+        plain = downloaded(manifest).to_json().encode()
+        write_durably(final.with_name(manifest_name(final.name)), plain)
     except (BotoCoreError, ClientError) as error:
         raise S3Error(f"downloading s3://{bucket}/{key} failed: {error}") from None
     finally:
@@ -142,12 +160,39 @@ def download(
     return final
 
 
+def downloaded(manifest: Manifest) -> Manifest:
+    """The manifest of a downloaded copy: stored plain here, whatever the local copy
+    of the host that made it was (`encryption["local"]` dropped)."""
+    encryption = {k: v for k, v in manifest.encryption.items() if k != "local"}
+    return replace(manifest, encryption=encryption)
+
+
+def decrypt_local(
+    manifest: Manifest, path: Path, backup_dir: Path, identity: x25519.Identity
+) -> Path:
+    """The plain compressed stream of a locally encrypted backup, decrypted into a
+    hidden owner-only staging file beside it (the caller removes it), verified like a
+    download: the encrypted file and the plain stream against the manifest."""
+    require_free_space(path.parent, manifest.size, f"decrypting {manifest.local_name}")
+    staging = staging_path(backup_dir, manifest.name)
+    try:
+        with open(path, "rb") as source:
+            _copy_verified(source, staging, manifest, identity, str(path))
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return staging
+
+
 def check_can_decrypt(
-    manifest: Manifest, identity: x25519.Identity | None, identity_file: Path | None
+    manifest: Manifest,
+    identity: x25519.Identity | None,
+    identity_file: Path | None,
+    what: str = "",
 ) -> None:
-    """Refuse, before any download, an encrypted backup without an identity or with one
-    it was not encrypted to."""
-    what = f"the S3 copy of {manifest.name}"
+    """Refuse, before any download or decryption, an encrypted backup without an
+    identity or with one it was not encrypted to."""
+    what = what or f"the S3 copy of {manifest.name}"
     if identity is None or identity_file is None:
         raise IdentityError(
             f"{what} is age-encrypted (to {', '.join(manifest.encryption['recipients'])}) "
@@ -184,7 +229,8 @@ def fetch_backup(
 ) -> FoundBackup:
     """The backup `name` (or `latest`: the newest of `source_id`, the server being
     restored, never another server's) of `kind` as a file on this host whose size and
-    SHA-256 match its manifest: from `backup_dir`, else downloaded from S3 (decrypted
+    SHA-256 match its manifest: from `backup_dir` (a locally encrypted one decrypted
+    into a temporary copy: `FoundBackup.discard`), else downloaded from S3 (decrypted
     with the age identity in `identity_file` when encrypted, verified while it
     streams). Raises BackupNotFound, IdentityError (missing or wrong identity, before
     anything is downloaded), or ArchiveError for a damaged copy."""
@@ -192,10 +238,17 @@ def fetch_backup(
     identity = load_identity(identity_file) if identity_file else None
     backup_dir = Path(backup_dir)
     wanted = source_id if name == "latest" else None
+    temporary = False
     try:
         manifest, path = find_local(backup_dir, kind, name, wanted)
-        verify_file(path, manifest.size, manifest.sha256)
-        location = f"local {backup_dir}"
+        if manifest.encryption.get("local"):
+            check_can_decrypt(manifest, identity, identity_file, f"the local backup {path}")
+            assert identity is not None  # checked just above
+            path, temporary = decrypt_local(manifest, path, backup_dir, identity), True
+            location = f"local {backup_dir} (decrypted)"
+        else:
+            verify_file(path, manifest.size, manifest.sha256)
+            location = f"local {backup_dir}"
     except BackupNotFound:
         where = [str(backup_dir / KINDS[kind].folder)]
         remote_all: list[Manifest] = []
@@ -211,7 +264,7 @@ def fetch_backup(
         if remote.encryption:
             check_can_decrypt(remote, identity, identity_file)
         path = download(remote, backup_dir, s3_bucket, s3_prefix, s3_endpoint_url, identity)
-        manifest = remote
+        manifest = downloaded(remote)
         location = f"s3://{s3_bucket}/{object_key(s3_prefix, remote_name(remote))} (downloaded)"
     run_logger().info("Backup %s from %s: size and sha256 verified", manifest.name, location)
-    return FoundBackup(manifest, path, location, backup_dir)
+    return FoundBackup(manifest, path, location, backup_dir, temporary)

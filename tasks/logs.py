@@ -30,8 +30,9 @@ from isal import igzip
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.archive import CHUNK, CompressedFile, CompressedWriter, Compression, Manifest
+from tasks.archive import CHUNK, CompressedFile, Compression, Manifest
 from tasks.containers import ContainerError, docker_client, get_container
+from tasks.encryption import AgeCopy, staged_writer
 from tasks.log import run_logger
 from tasks.retry import TransientError, retrying_task
 from tasks.storage import explain_write_error
@@ -383,13 +384,15 @@ def capture_logs(
     until: datetime,
     staging: Path,
     compression: Compression,
+    encrypt: AgeCopy | None = None,
 ) -> CapturedLogs:
-    """Stream the containers' logs in [since, until] into one compressed, hashed file,
+    """Stream the containers' logs in [since, until] into one compressed, hashed file
+    (age-encrypted in the same pass as `encrypt` says),
     one container after the other (each in time order), every line prefixed with its
     timestamp, container and stream. Memory stays flat whatever the log size; on any
     failure (stream cut off, disk full) the partial file is removed."""
     started = time.perf_counter()
-    writer = CompressedWriter(staging, compression)
+    writer = staged_writer(staging, compression, encrypt)
     stats: dict[str, LogStats] = {}
     try:
         for source in sources:

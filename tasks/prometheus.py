@@ -46,6 +46,7 @@ from tasks.archive import (
     verify_file,
 )
 from tasks.aside import move_contents_aside
+from tasks.encryption import AgeCopy, staged_writer
 from tasks.log import run_logger
 from tasks.restore import chown_like
 from tasks.retry import TransientError, retrying_task
@@ -542,12 +543,15 @@ class CapturedSnapshot:
 
 
 @retrying_task(2)
-def copy_snapshot(snapshot: Snapshot, staging: Path, compression: Compression) -> CapturedSnapshot:
-    """Tar, compress and hash the snapshot in one streaming pass, then check it was
+def copy_snapshot(
+    snapshot: Snapshot, staging: Path, compression: Compression, encrypt: AgeCopy | None = None
+) -> CapturedSnapshot:
+    """Tar, compress and hash (and age-encrypt as `encrypt` says) the snapshot in one
+    streaming pass, then check it was
     complete and holds a block (EmptySnapshot otherwise). Member names are relative:
     `<snapshot>/<block ULID>/…`. The output is removed unless everything checks out."""
     started = time.perf_counter()
-    writer = CompressedWriter(staging, compression)
+    writer = staged_writer(staging, compression, encrypt)
     try:
         if snapshot.tsdb.method == "container":
             archived = _tar_from_container(snapshot, writer)
@@ -835,8 +839,11 @@ def _check_blocks_listed(manifest: Manifest, blocks: list[Path]) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def restore_snapshot(backup_dir: Path, name: str, data_dir: Path) -> RestoredSnapshot:
-    """Put a stored backup ('latest' or by name) into `data_dir` for Prometheus to load.
+def restore_snapshot(
+    backup_dir: Path, name: str, data_dir: Path, plain: Path | None = None
+) -> RestoredSnapshot:
+    """Put a stored backup ('latest' or by name) into `data_dir` for Prometheus to load
+    (from `plain`, its decrypted copy, when the stored file is age-encrypted).
 
     Prometheus must be stopped. The stored file's checksum is verified, the archive
     unpacked (safely) beside the target, the current contents moved aside (never
@@ -844,6 +851,7 @@ def restore_snapshot(backup_dir: Path, name: str, data_dir: Path) -> RestoredSna
     no `chunks_head/`). Start Prometheus with a retention that covers the blocks.
     """
     manifest, stored = find_local(Path(backup_dir), "prometheus", name)
+    stored = manifest.plain_file(stored, plain)
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(data_dir)
     _refuse_if_running(target)

@@ -26,7 +26,6 @@ from tasks import containers
 from tasks.archive import (
     CHUNK,
     CompressedFile,
-    CompressedWriter,
     Compression,
     Manifest,
     iter_chunks,
@@ -34,6 +33,7 @@ from tasks.archive import (
     verify_file,
 )
 from tasks.aside import move_aside
+from tasks.encryption import AgeCopy, staged_writer
 from tasks.log import run_logger
 from tasks.private import create_file, mode_like
 from tasks.rdb import RdbInfo, validate_stream, validating
@@ -486,12 +486,16 @@ def _each(chunks: Iterator[bytes], feed: Feed) -> None:
 
 
 def pipe_rdb(
-    produce: Producer, staging: Path, compression: Compression, deep_check: bool
+    produce: Producer,
+    staging: Path,
+    compression: Compression,
+    deep_check: bool,
+    encrypt: AgeCopy | None = None,
 ) -> tuple[CompressedFile, RdbInfo]:
     """One pass: validate (header, CRC-64, optionally redis-check-rdb alongside),
-    compress and hash the chunks `produce` pushes. The output is removed unless
-    everything checks out."""
-    writer = CompressedWriter(staging, compression)
+    compress and hash the chunks `produce` pushes (and age-encrypt the compressed
+    stream as `encrypt` says). The output is removed unless everything checks out."""
+    writer = staged_writer(staging, compression, encrypt)
     try:
         with validating(deep_check, writer.write) as validation:
             produce(validation.feed)
@@ -526,8 +530,11 @@ def capture_rdb(
     deep_check: bool,
     save: SaveResult | None = None,
     network_fallback: bool = False,
+    encrypt: AgeCopy | None = None,
 ) -> CapturedRdb:
-    """Copy the RDB out, validate it, compress and checksum it, in one streaming pass.
+    """Copy the RDB out, validate it, compress and checksum it, in one streaming pass;
+    with `encrypt`, the compressed stream is also age-encrypted in that pass
+    (`captured.file.encrypted`: the copy for S3, or the local copy itself).
 
     With `save`, the RDB must be that save's (its ctime not older): otherwise it is
     dropped, and refetched over the network when `network_fallback` (fetch=auto)."""
@@ -535,12 +542,14 @@ def capture_rdb(
 
     def attempt(how: str, proof: SaveResult | None) -> tuple[CompressedFile, RdbInfo]:
         produce = _source(how, redis_url, container, data_dir, facts, proof)
-        compressed, info = pipe_rdb(produce, staging, compression, deep_check)
+        compressed, info = pipe_rdb(produce, staging, compression, deep_check, encrypt)
         if proof is not None and how != "network":
             try:
                 check_fresh(info, proof, how, redact_url(redis_url))
             except WrongServer:
                 compressed.path.unlink(missing_ok=True)
+                if compressed.encrypted is not None:
+                    compressed.encrypted.path.unlink(missing_ok=True)
                 raise
         return compressed, info
 
@@ -663,8 +672,10 @@ def place_rdb(
     aof: AofHandling = "refuse",
     aof_names: tuple[str, ...] = AOF_NAMES,
     mode_of: Path | None = None,
+    plain: Path | None = None,
 ) -> PlacedRdb:
-    """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load.
+    """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load
+    (from `plain`, its decrypted copy, when the stored file is age-encrypted).
 
     The stored file's checksum is verified first, the RDB is validated while it is
     decompressed (and by redis-check-rdb when installed), and only then is any
@@ -686,6 +697,7 @@ def place_rdb(
     if found and aof == "refuse":
         _refuse_aof(found, Path(target_dir))
     manifest, stored = find_local(Path(backup_dir), "redis", name)
+    stored = manifest.plain_file(stored, plain)
     verify_file(stored, manifest.size, manifest.sha256)
     target = Path(target_dir) / dbfilename
     incoming = target.with_name(f".{dbfilename}.{uuid.uuid4().hex[:8]}.restoring")

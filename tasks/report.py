@@ -110,6 +110,17 @@ def publish_backup_report(
         {"field": "remote retention", "value": retention_summary(retention_remote)},
         {"field": "total duration", "value": f"{manifest.duration_seconds:.2f} s"},
     ]
+    if manifest.encryption:
+        copies = (
+            "the local file and the S3 copy" if manifest.encryption.get("local") else "the S3 copy"
+        )
+        rows.append(
+            {
+                "field": "age-encrypted",
+                "value": f"{copies}, to {', '.join(manifest.encryption['recipients'])}; "
+                f"sha256 of the encrypted file {manifest.encryption['sha256']}",
+            }
+        )
     rows += [{"field": key, "value": value} for key, value in source_facts(manifest).items()]
     rows += [{"field": key, "value": value} for key, value in details.items()]
     rows += [

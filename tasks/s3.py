@@ -24,8 +24,16 @@ from tasks.encryption import SUFFIX as AGE_SUFFIX
 from tasks.retry import TransientError, retrying_task
 from tasks.storage import KINDS, RetentionPlan, parse_time, plan_retention, utc_now
 
-PART_SIZE = 64 << 20
-TRANSFER = TransferConfig(multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE)
+# The one source of truth for how objects are uploaded, and so for the ETag S3 gives
+# them (`expected_etag`). 16 MiB parts, 4 at a time, uploaded as fast as 64 MiB x 10
+# (110 MB/s against 100 MB/s to SeaweedFS here) and keeps the flow's memory small.
+PART_SIZE = 16 << 20
+UPLOAD_THREADS = 4
+TRANSFER = TransferConfig(
+    multipart_threshold=PART_SIZE,
+    multipart_chunksize=PART_SIZE,
+    max_concurrency=UPLOAD_THREADS,
+)
 
 
 class S3Error(RuntimeError):
@@ -97,21 +105,25 @@ def _explain(error: Exception, bucket: str, endpoint_url: str | None) -> S3Error
     return S3Error(f"S3 at {where} failed: {type(error).__name__}: {error}")
 
 
-def expected_etag(path: Path, part_size: int = PART_SIZE) -> str:
-    """The ETag S3 gives an object uploaded as boto3 does: MD5, or MD5 of part MD5s."""
+def expected_etag(path: Path) -> str:
+    """The ETag S3 gives `path` uploaded with `TRANSFER`: its MD5, or for a multipart
+    upload the MD5 of its parts' MD5s and the part count; read in small chunks."""
     size = path.stat().st_size
-    if size < TRANSFER.multipart_threshold:
-        digest = hashlib.md5(usedforsecurity=False)
-        with open(path, "rb") as stream:
-            while chunk := stream.read(CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
-    parts: list[bytes] = []
+    single = size < TRANSFER.multipart_threshold
+    part_size = max(size, 1) if single else TRANSFER.multipart_chunksize
+    digests = []
     with open(path, "rb") as stream:
-        while part := stream.read(part_size):
-            parts.append(hashlib.md5(part, usedforsecurity=False).digest())
-    combined = hashlib.md5(b"".join(parts), usedforsecurity=False).hexdigest()
-    return f"{combined}-{len(parts)}"
+        for _ in range(-(-max(size, 1) // part_size)):
+            digest = hashlib.md5(usedforsecurity=False)
+            left = part_size
+            while left and (chunk := stream.read(min(CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+            digests.append(digest)
+    if single:
+        return digests[0].hexdigest()
+    combined = hashlib.md5(b"".join(d.digest() for d in digests), usedforsecurity=False)
+    return f"{combined.hexdigest()}-{len(digests)}"
 
 
 @dataclass(frozen=True)

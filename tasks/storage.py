@@ -184,11 +184,12 @@ def write_durably(path: Path, data: bytes, mode: int = OWNER_ONLY.file) -> None:
 def commit_local(
     backup_dir: Path, staged: CompressedFile, manifest: Manifest, modes: Modes = OWNER_ONLY
 ) -> Path:
-    """Move a finished, fsynced file to its name with `modes.file`, then write its
-    manifest (same mode) last."""
-    final = resolve_name(Path(backup_dir), manifest.name)
+    """Move a finished, fsynced file to its name (`manifest.local_name`: `.age` added
+    when the local copy is encrypted) with `modes.file`, then write its manifest (same
+    mode, named after the file) last."""
+    final = resolve_name(Path(backup_dir), manifest.local_name)
     if final.exists():
-        raise FileExistsError(f"backup {manifest.name} already exists; not overwriting it")
+        raise FileExistsError(f"backup {manifest.local_name} already exists; not overwriting it")
     os.chmod(staged.path, modes.file)
     os.replace(staged.path, final)
     fsync_dir(final.parent)
@@ -199,8 +200,9 @@ def commit_local(
 
 
 def list_local(backup_dir: Path, kind: str, source_id: str | None = None) -> list[Manifest]:
-    """Complete local backups of a kind (manifest and data present), oldest first; only
-    those of `source_id` when given (see `source_of`)."""
+    """Complete local backups of a kind (manifest and data present, plain or age-encrypted
+    as the manifest says), oldest first; only those of `source_id` when given (see
+    `source_of`)."""
     folder = Path(backup_dir) / KINDS[kind].folder
     found: list[Manifest] = []
     for sidecar in folder.glob(f"*{manifest_name('')}"):
@@ -212,7 +214,7 @@ def list_local(backup_dir: Path, kind: str, source_id: str | None = None) -> lis
             continue  # an unreadable manifest is not a complete backup
         if manifest.kind != kind or (source_id is not None and source_of(manifest) != source_id):
             continue
-        if (Path(backup_dir) / manifest.name).is_file():
+        if (Path(backup_dir) / manifest.local_name).is_file():
             found.append(manifest)
     return sorted(found, key=lambda m: m.created_at)
 
@@ -221,7 +223,7 @@ def find_local(
     backup_dir: Path, kind: str, name: str = "latest", source_id: str | None = None
 ) -> tuple[Manifest, Path]:
     """A complete local backup by name, or the newest one for 'latest' (of `source_id`
-    when given, else of any source)."""
+    when given, else of any source), and its file (`manifest.local_name`)."""
     if name != "latest":
         resolve_name(Path(backup_dir), name)
     complete = list_local(backup_dir, kind, source_id)
@@ -242,7 +244,7 @@ def find_local(
                 "manifest is incomplete): pick one from the list or use 'latest'"
             )
         manifest = matches[0]
-    return manifest, resolve_name(Path(backup_dir), manifest.name)
+    return manifest, resolve_name(Path(backup_dir), manifest.local_name)
 
 
 def parse_time(stamp: str) -> datetime:
@@ -310,7 +312,7 @@ def prune_local(
         list_local(backup_dir, kind), utc_now(), retention_days, keep_min, source_id
     )
     for manifest in plan.delete:
-        data = resolve_name(Path(backup_dir), manifest.name)
+        data = resolve_name(Path(backup_dir), manifest.local_name)
         data.with_name(manifest_name(data.name)).unlink(missing_ok=True)
         data.unlink(missing_ok=True)
     return plan

@@ -8,17 +8,20 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import boto3
+import pyrage
 import pytest
 from pyrage import x25519
 from redis_servers import assert_same_keyspace, keyspace_snapshot
 from test_backup_config import ALLOWLIST, write_project
 from test_recover_prometheus import backfill, blocks, history, known_history
-from test_recover_redis import back_up, flushall, recover, seed, state
+from test_recover_redis import assert_untouched, back_up, flushall, recover, seed, state
 from throwaway_services import prometheus_container, redis_container
 
 from flows.backup_config import backup_config
@@ -28,10 +31,16 @@ from flows.recover_prometheus import recover_prometheus
 from flows.recovery import StepFailed
 from sandbox import constants as stack
 from tasks.archive import Manifest, manifest_name, sha256_file
-from tasks.encryption import IdentityError, RecipientError, parse_recipients
+from tasks.encryption import (
+    AgeCopy,
+    IdentityError,
+    RecipientError,
+    parse_recipients,
+    staged_writer,
+)
 from tasks.fetch import fetch_backup
 from tasks.s3 import object_key
-from tasks.storage import KINDS
+from tasks.storage import KINDS, list_local
 
 AGE_HEADER = b"age-encryption.org/v1\n"
 
@@ -224,3 +233,94 @@ def test_identity_file_with_no_key_is_refused(tmp_path: Path) -> None:
     empty.write_text("# nothing here\n")
     with pytest.raises(IdentityError, match="does not hold exactly one valid age private key"):
         fetch_backup(tmp_path, "redis", "latest", "", "", None, identity_file=empty)
+
+
+def test_the_copy_for_s3_is_encrypted_in_the_capture_pass(tmp_path: Path) -> None:
+    """The compressed stream flows once: into the local gzip and, in the same pass, into
+    age (it used to be a second pass over the stored file). The manifest's two
+    checksums are those of the plain stream and of the encrypted file; an abort
+    leaves neither file behind."""
+    identity = x25519.Identity.generate()
+    recipients = (str(identity.to_public()),)
+    data = b"".join(b"session:%08d " % i + os.urandom(40).hex().encode() for i in range(40_000))
+    staging = tmp_path / ".dump_20260101_000000_ab.rdb.gz.0123abcd.partial"
+    writer = staged_writer(staging, "gzip", AgeCopy(recipients))
+    for start in range(0, len(data), 65_536):
+        writer.write(data[start : start + 65_536])
+    stored = writer.close()
+    assert stored.encrypted is not None
+    encrypted = stored.encrypted.path
+    assert encrypted.name == ".dump_20260101_000000_ab.rdb.gz.age.0123abcd.partial"
+    assert encrypted.stat().st_mode & 0o777 == 0o600
+    plain = staging.read_bytes()
+    assert gzip.decompress(plain) == data
+    assert pyrage.decrypt(encrypted.read_bytes(), [identity]) == plain
+    assert stored.sha256 == hashlib.sha256(plain).hexdigest()
+    assert stored.encrypted.sha256 == sha256_file(encrypted)
+    assert stored.encrypted.size == encrypted.stat().st_size
+
+    aborted = staged_writer(tmp_path / ".x.rdb.gz.89abcdef.partial", "gzip", AgeCopy(recipients))
+    aborted.write(data[:100_000])
+    aborted.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([staging.name, encrypted.name])
+
+
+@pytest.fixture
+def encrypt_local(age_key: tuple[Path, str], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """PROXILION_DR_AGE_ENCRYPT_LOCAL on (with the recipients of `age_key`)."""
+    monkeypatch.setenv("PROXILION_DR_AGE_ENCRYPT_LOCAL", "true")
+    return age_key[0]
+
+
+def test_local_copy_encrypted_round_trip_and_wrong_identity_refused(
+    encrypt_local: Path, tmp_path: Path, backup_dir: Path
+) -> None:
+    """With the local copy encrypted: only `<name>.age` on disk (no plain file, no
+    staging left), listed and pruned like any backup; recover-redis decrypts it with
+    the identity file, leaves no decrypted copy behind; a missing or wrong identity is
+    refused before anything is touched."""
+    key = encrypt_local
+    wrong = tmp_path / "wrong.txt"
+    write_identity(wrong)
+    with redis_container(tmp_path) as service:
+        seed(service)
+        first = back_up(service, backup_dir)
+        stored = backup_dir / (first.name + ".age")
+        assert first.encryption["local"] is True
+        assert sorted(p.name for p in stored.parent.iterdir()) == [
+            stored.name,
+            manifest_name(stored.name),
+        ]
+        assert stored.read_bytes().startswith(AGE_HEADER)
+        assert stored.stat().st_mode & 0o777 == 0o600
+        assert first.encryption["sha256"] == sha256_file(stored)
+        dump = tmp_path / "dump.rdb.gz"  # the README's by-hand way, with Debian's age
+        subprocess.run(f"age -d -i {key} {stored} > {dump}", shell=True, check=True)
+        assert sha256_file(dump) == first.sha256
+        assert [m.name for m in list_local(backup_dir, "redis")] == [first.name]
+
+        before = state(service)
+        for identity, error, says in [
+            (None, IdentityError, "is age-encrypted (to "),
+            (wrong, IdentityError, f"cannot decrypt the local backup {stored}"),
+        ]:
+            with pytest.raises(error, match=re.escape(says)):
+                fetch_backup(backup_dir, "redis", "latest", "", "", None, identity_file=identity)
+            with pytest.raises(StepFailed, match="find and verify the backup"):
+                recover(service, backup_dir, age_identity_file=str(identity or ""))
+            assert_untouched(service, before)
+        assert sorted(p.name for p in stored.parent.iterdir()) == [
+            stored.name,
+            manifest_name(stored.name),
+        ]
+
+        expected = keyspace_snapshot(service.url)
+        flushall(service)
+        result = recover(service, backup_dir, age_identity_file=str(key))
+        assert_same_keyspace(expected, keyspace_snapshot(service.url))
+        assert result["backup"]["from"] == f"local {backup_dir} (decrypted)"
+        assert not list(stored.parent.glob(".*")), "a decrypted copy was left behind"
+
+        second = back_up(service, backup_dir, retention_days=0, keep_min=1)
+        assert [m.name for m in list_local(backup_dir, "redis")] == [second.name]
+        assert not stored.exists() and not (backup_dir / manifest_name(stored.name)).exists()

@@ -11,12 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from prefect.client.orchestration import get_client
-from redis_servers import running_redis
+from redis_servers import free_port, running_redis
+from test_backup_config import artifact_rows, write_project
 
+from flows.backup_config import backup_config
 from flows.backup_redis import backup_redis
 from tasks.archive import CompressedWriter
+from tasks.fetch import fetch_backup
 from tasks.redis import place_rdb
+from tasks.redis_restore import RedisSetup, place_staged, stage_rdb
+from tasks.s3 import S3Error
 from tests.test_backup_redis import fill
 
 
@@ -104,6 +110,40 @@ def test_an_open_existing_backup_folder_is_warned_in_the_report(tmp_path: Path) 
     assert stat.S_IMODE(backup_dir.stat().st_mode) == 0o755  # reported, not changed
 
 
+def test_the_open_folder_warning_is_in_the_not_uploaded_and_unchanged_reports_too(
+    tmp_path: Path,
+) -> None:
+    """Every run's report carries the warning: also a backup whose upload failed (its
+    report was published before the warnings were added) and a backup-config run that
+    stored nothing because nothing changed (its report had no warnings at all)."""
+    backup_dir = tmp_path / "backups"
+    backup_dir.mkdir()
+    backup_dir.chmod(0o755)
+    fix = f"chmod -R go-rwx {backup_dir}"
+    with running_redis(tmp_path / "src") as source:
+        fill(source.url, sessions=50)
+        with pytest.raises(S3Error):
+            backup_redis(
+                redis_url=source.url,
+                container="",
+                fetch="path",
+                data_dir=str(source.dir),
+                backup_dir=str(backup_dir),
+                s3_bucket="no-such-store",
+                s3_endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens
+            )
+    rows = report_rows()
+    assert "NOT uploaded" in rows["uploaded"] and fix in rows["warnings"]
+
+    project = write_project(tmp_path / "project")
+    for _ in range(2):  # the second run finds nothing changed
+        backup_config(
+            project_dir=str(project), env_container="", backup_dir=str(backup_dir), s3_bucket=""
+        )
+    rows = artifact_rows("backup-config")
+    assert rows["result"].startswith("unchanged since") and fix in rows["warnings"]
+
+
 @pytest.mark.parametrize("existing_mode", [0o640, None])
 def test_restore_keeps_the_target_files_mode(
     umask_000: None, tmp_path: Path, existing_mode: int | None
@@ -119,3 +159,35 @@ def test_restore_keeps_the_target_files_mode(
         (target / "dump.rdb").chmod(existing_mode)
     placed = place_rdb(backup_dir, manifest["name"], target)
     assert stat.S_IMODE(placed.path.stat().st_mode) == (existing_mode or 0o600)
+
+
+def test_restore_gives_placed_files_the_data_dirs_owner_and_the_replaced_rdbs_mode(
+    umask_000: None, tmp_path: Path
+) -> None:
+    """The Redis data dir belongs to the container's redis user, not to root (we run as
+    root here): the RDB and the AOF made from it are placed with the data dir's owner
+    and the mode of the RDB they replace, whatever the umask."""
+    backup_dir = tmp_path / "backups"
+    with running_redis(tmp_path / "src") as source:
+        fill(source.url, sessions=50)
+        manifest = backup_once(source.url, source.dir, backup_dir)
+        version = str(redis.Redis.from_url(source.url).info()["redis_version"])
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dump.rdb").write_bytes(b"the RDB being replaced")
+    (data / "dump.rdb").chmod(0o640)
+    redis_user = 999
+    os.chown(data, redis_user, redis_user)
+    os.chown(data / "dump.rdb", redis_user, redis_user)
+    setup = RedisSetup(version, True, str(data), "dump.rdb", True, "appendonlydir", "app.aof")
+    found = fetch_backup(backup_dir, "redis", manifest["name"], "", "", None)
+    stage_rdb.fn(found, setup, data / ".restore-staging")
+    (data / "dump.rdb").unlink()  # recover-redis moves it aside before placing
+    placed = place_staged.fn(data / ".restore-staging", data, setup)
+    assert placed == ["dump.rdb", "appendonlydir"]
+    files = [data / "dump.rdb", *(data / "appendonlydir").rglob("*")]
+    assert {(p.name, p.stat().st_uid, p.stat().st_gid) for p in files} == {
+        (p.name, redis_user, redis_user) for p in files
+    }
+    assert (data / "appendonlydir").stat().st_uid == redis_user
+    assert stat.S_IMODE((data / "dump.rdb").stat().st_mode) == 0o640

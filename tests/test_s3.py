@@ -3,7 +3,9 @@ manifest-last listing and retention."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tracemalloc
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,8 +13,16 @@ import boto3
 import pytest
 
 from sandbox import constants as stack
-from tasks.archive import Manifest, sha256_file
-from tasks.s3 import PART_SIZE, S3Error, expected_etag, list_remote, prune_remote, upload_backup
+from tasks.archive import CHUNK, Manifest, sha256_file
+from tasks.s3 import (
+    PART_SIZE,
+    TRANSFER,
+    S3Error,
+    expected_etag,
+    list_remote,
+    prune_remote,
+    upload_backup,
+)
 from tasks.storage import backup_name, utc_now
 
 SOURCE = "redis.internal:6379"
@@ -52,6 +62,29 @@ def test_upload_verifies_single_and_multipart_objects(
     assert [
         m.name for m in list_remote(stack.S3_BUCKET, s3_prefix, "redis", stack.S3_ENDPOINT)
     ] == [manifest.name]
+
+
+def test_the_etag_check_reads_a_multipart_object_in_small_chunks(tmp_path: Path) -> None:
+    """backup-redis with the upload peaked at 335 MB RSS (target < 300 MB): checking the
+    multipart ETag read a whole part (64 MiB) at once, twice over while the next part
+    replaced the last. Memory must stay a few chunks, whatever the part size."""
+    path = tmp_path / "backup.gz"
+    part = TRANSFER.multipart_chunksize
+    with open(path, "wb") as out:
+        for _ in range(2):
+            out.write(os.urandom(part))
+        out.write(os.urandom(1000))
+    tracemalloc.start()
+    try:
+        etag = expected_etag(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    data = path.read_bytes()
+    parts = [data[i : i + part] for i in range(0, len(data), part)]
+    digests = b"".join(hashlib.md5(p, usedforsecurity=False).digest() for p in parts)
+    assert etag == f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-3"
+    assert peak < 8 * CHUNK, f"computing the ETag held {peak / 2**20:.0f} MiB"
 
 
 def test_remote_retention_keeps_newest_and_keep_min_and_ignores_incomplete(
