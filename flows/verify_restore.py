@@ -101,6 +101,7 @@ def verify_restore(
     s3_bucket: str = "",
     s3_prefix: str = "",
     s3_endpoint_url: str = "",
+    age_identity_file: str = "",
     start_timeout_seconds: float = 300.0,
 ) -> dict[str, Any]:
     """Restore backups into scratch containers beside the live stack and prove them.
@@ -140,12 +141,15 @@ def verify_restore(
             PROXILION_DR_S3_PREFIX (default proxilion).
         s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
             (default: AWS S3).
+        age_identity_file: Path of the age private key file that decrypts
+            age-encrypted backups (the key itself is never a parameter). Empty:
+            PROXILION_DR_AGE_IDENTITY_FILE (default: none).
         start_timeout_seconds: Seconds each scratch service may take to start and load.
     """
     chosen = list(dict.fromkeys(components or COMPONENTS))
     parameters = {k: v for k, v in locals().items() if k not in ("components", "chosen")}
     # No run parameter (yet) for the age identity: the drill decrypts with the setting.
-    p = resolve({**parameters, "age_identity_file": None}, scratch_dir="drill_scratch_dir")
+    p = resolve(parameters, scratch_dir="drill_scratch_dir")
     started = time.perf_counter()
     records: list[Recovery] = []
     notes: list[str] = []
