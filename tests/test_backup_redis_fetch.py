@@ -42,7 +42,7 @@ def backup_from_path(
         redis_url=url,
         container="",
         fetch="path",
-        data_dir=str(data_dir) if data_dir else None,
+        data_dir=str(data_dir) if data_dir else "",
         backup_dir=str(backup_dir),
         s3_bucket="",
         **options,

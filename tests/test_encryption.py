@@ -136,7 +136,7 @@ def test_missing_or_wrong_identity_is_refused_before_anything_is_touched(
         before = state(service)
         fresh = tmp_path / "fresh"
         for identity, says in [
-            (None, "is age-encrypted (to "),
+            ("", "is age-encrypted (to "),
             (str(tmp_path / "nowhere.txt"), "nowhere.txt does not exist"),
             (str(wrong), "cannot decrypt the S3 copy of " + manifest.name),
         ]:

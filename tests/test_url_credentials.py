@@ -139,7 +139,7 @@ def test_percent_encoded_password_and_acl_user_work_and_never_show(
         manifest = backup_redis(
             container="",
             fetch=fetch,
-            data_dir=str(server.dir) if fetch == "path" else None,
+            data_dir=str(server.dir) if fetch == "path" else "",
             backup_dir=str(backup_dir),
             s3_bucket="",
         )
