@@ -47,9 +47,10 @@ FETCH_METHODS = ("auto", "container", "path", "network")
 AOF_NAMES = ("appendonlydir", "appendonly.aof")  # Redis 7's folder, older single file
 AofHandling = Literal["refuse", "move_aside"]
 COMMAND_TIMEOUT = 30.0
-# The kernel stamps file times from a coarse clock (up to a tick, 4-10 ms, behind the
-# server's TIME): a save finishing within a tick of BGSAVE looks written before it.
-MTIME_SLACK_US = 50_000
+# The kernel stamps file times, and time() (the RDB's `ctime`) reads, a coarse clock up
+# to a tick (4-10 ms) behind the server's TIME: a save within a tick of BGSAVE can look
+# made before it.
+COARSE_CLOCK_SLACK_US = 50_000
 POLL_SECONDS = 0.1
 
 
@@ -468,7 +469,7 @@ def _source(
     def read(feed: Feed) -> None:
         with open(path, "rb") as stream:
             written_us = os.fstat(stream.fileno()).st_mtime_ns // 1000
-            if save is not None and written_us + MTIME_SLACK_US < save.started_at_us:
+            if save is not None and written_us + COARSE_CLOCK_SLACK_US < save.started_at_us:
                 raise WrongServer(
                     f"{path} was last written before the save Redis at {redact_url(redis_url)} "
                     "ran: it is not that server's snapshot (does data_dir hold another "
@@ -509,7 +510,8 @@ def pipe_rdb(
 def check_fresh(info: RdbInfo, save: SaveResult, method: str, where: str) -> None:
     """Refuse an RDB older than the save we waited for: it came from another server
     (or another file) than the one that saved."""
-    if info.created_at is not None and info.created_at >= save.started_at:
+    earliest = (save.started_at_us - COARSE_CLOCK_SLACK_US) // 1_000_000
+    if info.created_at is not None and info.created_at >= earliest:
         return
     made = "has no ctime field" if info.created_at is None else f"was made at {info.created_at}"
     raise WrongServer(

@@ -24,7 +24,15 @@ from test_backup_redis import fill, restore_and_compare
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from sandbox import images
-from tasks.redis import SaveFailed, SaveTimeout, WrongServer, place_rdb
+from tasks.rdb import RdbInfo
+from tasks.redis import (
+    SaveFailed,
+    SaveResult,
+    SaveTimeout,
+    WrongServer,
+    check_fresh,
+    place_rdb,
+)
 from tasks.storage import list_local
 
 
@@ -454,3 +462,16 @@ def test_a_save_kept_busy_by_a_replica_sync_fails_clearly(backup_dir: Path, tmp_
             with pytest.raises(SaveTimeout, match="busy with a background save it did not"):
                 backup_from_path(primary.url, primary.dir, backup_dir, save_timeout_seconds=3)
     no_backups(backup_dir)
+
+
+def test_the_ctime_of_our_own_save_is_accepted_across_a_second_boundary() -> None:
+    """Redis stamps `ctime` with time(), which reads the kernel's coarse clock (a tick,
+    4-10 ms, behind the TIME we read before BGSAVE). A save started 0.5 ms into second
+    844 can carry ctime 843; CI once refused its own backup for it as another server's.
+    An RDB made a whole second before the save is still refused."""
+    save = SaveResult(0, 0.0, 844, 844_000_500)
+    fresh = RdbInfo(rdb_version=10, size=1, checksum=0, checksum_verified=False, created_at=843)
+    check_fresh(fresh, save, "path", "redis://127.0.0.1:6379")
+    late = SaveResult(0, 0.0, 844, 844_500_000)
+    with pytest.raises(WrongServer, match="was made at 843, before the save"):
+        check_fresh(fresh, late, "path", "redis://127.0.0.1:6379")
