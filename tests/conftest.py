@@ -126,6 +126,41 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# Modules that never touch the shared sandbox stack's containers (they start their own
+# redis-servers, Prometheus, containers and Prefect servers; in S3 they use their own
+# prefix). With `-n 2` (the README's test command) each runs beside the rest; every
+# other test runs in one group on one worker, in collection order, so tests that take
+# or check the shared stack never overlap and the stack-down tests still come last.
+RUN_BESIDE_THE_STACK = {
+    "test_aside",
+    "test_component_lock",
+    "test_hosts",
+    "test_locks",
+    "test_multi_host",
+    "test_notifications",
+    "test_object_lock",
+    "test_private",
+    "test_rdb",
+    "test_redis_sample",
+    "test_redis_servers",
+    "test_redis_sync",
+    "test_restore_prometheus",
+    "test_restore_redis",
+    "test_retention",
+    "test_retry",
+    "test_s3",
+    "test_ui_browser",
+    "test_url_credentials",
+}
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Group the tests for pytest-xdist's `--dist loadgroup` (see RUN_BESIDE_THE_STACK)."""
+    module = item.path.stem
+    group = module if module in RUN_BESIDE_THE_STACK else "sandbox-stack"
+    item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that take the shared stack away run last, whatever the collection order
