@@ -133,17 +133,7 @@ def verify_restore(
         scratch_dir: Host folder for the drill's data (a `drill-<run>` folder inside,
             removed afterwards). Empty: PROXILION_DR_DRILL_SCRATCH_DIR
             (default /var/tmp/proxilion-dr-drill).
-        backup_dir: Local backup directory (a backup fetched from S3 is stored here).
-            Empty: PROXILION_DR_BACKUP_DIR (default /backups).
-        s3_bucket: Bucket to look in when a backup is not in backup_dir. Empty:
-            PROXILION_DR_S3_BUCKET (default: none, local backups only).
-        s3_prefix: Key prefix of the backups in the bucket. Empty:
-            PROXILION_DR_S3_PREFIX (default proxilion).
-        s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
-            (default: AWS S3).
-        age_identity_file: Path of the age private key file that decrypts
-            age-encrypted backups (the key itself is never a parameter). Empty:
-            PROXILION_DR_AGE_IDENTITY_FILE (default: none).
+        {backup_source}
         start_timeout_seconds: Seconds each scratch service may take to start and load.
     """
     chosen = list(dict.fromkeys(components or COMPONENTS))
