@@ -28,6 +28,7 @@ from prefect.runtime import flow_run
 
 from flows.backup_health import drill_failed, pushgateway_url, with_hooks
 from flows.hooks import FLOW_HOOKS
+from flows.parameter_docs import shared_args
 from flows.recovery import Recovery, Step, _escape, one_line
 from flows.restoring import find_backup
 from flows.settings import SETTING, resolve
@@ -84,6 +85,7 @@ class DrillFailed(RuntimeError):
 
 
 @flow(name=FLOW, log_prints=True, **with_hooks(FLOW_HOOKS, drill_failed(), states=("on_crashed",)))
+@shared_args
 def verify_restore(
     components: list[Component] | None = None,
     redis_backup: str = "latest",
