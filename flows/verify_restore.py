@@ -32,6 +32,7 @@ from flows.parameter_docs import shared_args
 from flows.recovery import Recovery, Step, _escape, one_line
 from flows.restoring import find_backup
 from flows.settings import SETTING, resolve
+from flows.steps import run_name
 from tasks import drill_compose, drill_services, metrics
 from tasks.archive import extract_archive, iter_chunks, open_decompressed
 from tasks.compose import validate_compose
@@ -84,7 +85,12 @@ class DrillFailed(RuntimeError):
     """One or more checks of the drill failed; the message names each."""
 
 
-@flow(name=FLOW, log_prints=True, **with_hooks(FLOW_HOOKS, drill_failed(), states=("on_crashed",)))
+@flow(
+    name=FLOW,
+    flow_run_name=run_name("restore drill"),
+    log_prints=True,
+    **with_hooks(FLOW_HOOKS, drill_failed(), states=("on_crashed",)),
+)
 @shared_args
 def verify_restore(
     components: list[Component] | None = None,
