@@ -17,6 +17,7 @@ from prefect import flow
 
 from flows.backup_health import backup_failed, backup_succeeded, backup_unchanged, with_hooks
 from flows.hooks import BACKUP_HOOKS
+from flows.parameter_docs import shared_args
 from flows.settings import SETTING, resolve, settings
 from flows.steps import (
     Destination,
@@ -56,6 +57,7 @@ FAILED = backup_failed(
     **with_hooks(BACKUP_HOOKS, FAILED),
 )
 @explains_failure
+@shared_args
 def backup_config(
     project_dir: str = "",
     env_allowlist: list[str] | None = None,
@@ -93,21 +95,9 @@ def backup_config(
             `setting`: PROXILION_DR_CONFIG_ENV_CONTAINER (default proxilion-gateway).
             Empty (here or in the setting): this process's environment.
         force: Store a backup even when nothing changed (the weekly deployment).
-        backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
-            (default /backups).
-        s3_bucket: S3 bucket for the off-site copy. Empty: PROXILION_DR_S3_BUCKET
-            (default: none, no upload).
-        s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
-            (default proxilion).
-        s3_endpoint_url: S3-compatible endpoint (MinIO, SeaweedFS). Empty:
-            PROXILION_DR_S3_ENDPOINT_URL (default: AWS S3). Credentials come only
-            from the environment (AWS_* or a profile).
-        compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
-            `setting`: PROXILION_DR_COMPRESSION (default gzip).
+        {backup_destination}
         retention_days: Days a backup of this project is kept. None:
             PROXILION_DR_CONFIG_RETENTION_DAYS (default 90).
-        keep_min: Newest backups always kept, whatever their age (at least 1).
-            None: PROXILION_DR_KEEP_MIN (default 3).
     """
     p = resolve(
         locals(),

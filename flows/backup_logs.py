@@ -14,6 +14,7 @@ from prefect import flow
 
 from flows.backup_health import backup_failed, backup_succeeded, with_hooks
 from flows.hooks import BACKUP_HOOKS
+from flows.parameter_docs import shared_args
 from flows.settings import resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
@@ -42,6 +43,7 @@ FAILED = backup_failed(
     **with_hooks(BACKUP_HOOKS, FAILED),
 )
 @explains_failure
+@shared_args
 def backup_logs(
     containers: list[str] | str = "",
     window: str = "",
@@ -70,21 +72,9 @@ def backup_logs(
             PROXILION_DR_LOGS_WINDOW (default 24h).
         read: How logs leave Docker: `api` (Engine API, any log driver), `file` (the
             json-file log on this host, much faster) or `auto` (file when possible).
-        backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
-            (default /backups).
-        s3_bucket: S3 bucket for the off-site copy. Empty: PROXILION_DR_S3_BUCKET
-            (default: none, no upload).
-        s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
-            (default proxilion).
-        s3_endpoint_url: S3-compatible endpoint (MinIO, SeaweedFS). Empty:
-            PROXILION_DR_S3_ENDPOINT_URL (default: AWS S3). Credentials come only
-            from the environment (AWS_* or a profile).
-        compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
-            `setting`: PROXILION_DR_COMPRESSION (default gzip).
+        {backup_destination}
         retention_days: Days a backup of these containers is kept. None:
             PROXILION_DR_LOGS_RETENTION_DAYS (default 30).
-        keep_min: Newest backups always kept, whatever their age (at least 1).
-            None: PROXILION_DR_KEEP_MIN (default 3).
     """
     p = resolve(
         locals(),

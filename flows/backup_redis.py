@@ -14,6 +14,7 @@ from prefect import flow
 
 from flows.backup_health import backup_failed, backup_succeeded, with_hooks
 from flows.hooks import BACKUP_HOOKS
+from flows.parameter_docs import shared_args
 from flows.settings import SETTING, refuse_secret_parameters, resolve, settings
 from flows.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.archive import Compression, check_compression
@@ -42,6 +43,7 @@ FAILED = backup_failed(
     **with_hooks(BACKUP_HOOKS, FAILED),
 )
 @explains_failure
+@shared_args
 def backup_redis(
     redis_url: str = "",
     container: str = SETTING,
@@ -76,21 +78,9 @@ def backup_redis(
             `setting`: PROXILION_DR_REDIS_FETCH (default auto).
         data_dir: Redis's data folder on this host, for `fetch` path. Empty:
             PROXILION_DR_REDIS_DATA_DIR (default: none).
-        backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
-            (default /backups).
-        s3_bucket: S3 bucket for the off-site copy; no upload when the setting is
-            empty too. Empty: PROXILION_DR_S3_BUCKET (default: none, no upload).
-        s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
-            (default proxilion).
-        s3_endpoint_url: S3-compatible endpoint (MinIO, SeaweedFS). Empty:
-            PROXILION_DR_S3_ENDPOINT_URL (default: AWS S3). Credentials come only
-            from the environment (AWS_* or a profile).
-        compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
-            `setting`: PROXILION_DR_COMPRESSION (default gzip).
+        {backup_destination}
         retention_days: Days a backup of this server is kept. None:
             PROXILION_DR_REDIS_RETENTION_DAYS (default 7).
-        keep_min: Newest backups always kept, whatever their age (at least 1).
-            None: PROXILION_DR_KEEP_MIN (default 3).
         deep_check: Also validate the RDB with redis-check-rdb (slower). Also on when
             PROXILION_DR_REDIS_DEEP_CHECK is true (default false).
         save_timeout_seconds: Seconds to wait for the BGSAVE to finish. None:

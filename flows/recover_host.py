@@ -33,6 +33,7 @@ from prefect import flow
 
 from flows.backup_health import recovered, recovery_failed, with_hooks
 from flows.hooks import FLOW_HOOKS
+from flows.parameter_docs import shared_args
 from flows.recovery import Recovery, Step, one_line
 from flows.settings import refuse_secret_parameters, resolve
 from flows.steps import explains_failure, run_name
@@ -190,6 +191,7 @@ class HostRecovery(Recovery):
     **with_hooks(FLOW_HOOKS, recovery_failed("host")),
 )
 @explains_failure
+@shared_args
 def recover_host(
     target_dir: str = "",
     backup: str = "latest",
@@ -248,17 +250,7 @@ def recover_host(
             Prometheus backups placed in their data folders and the services started.
             Nothing is replaced: a target_dir holding files, or a gateway, Redis or
             Prometheus already answering, stops the run before anything is written.
-        backup_dir: Local backup directory (backups fetched from S3 are stored here).
-            Empty: PROXILION_DR_BACKUP_DIR (default /backups).
-        s3_bucket: Bucket to look in when a backup is not in backup_dir. Empty:
-            PROXILION_DR_S3_BUCKET (default: none, local backups only).
-        s3_prefix: Key prefix of the backups in the bucket. Empty:
-            PROXILION_DR_S3_PREFIX (default proxilion).
-        s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
-            (default: AWS S3).
-        age_identity_file: Path of the age private key file that decrypts encrypted S3
-            copies (the key itself is never a parameter). Empty:
-            PROXILION_DR_AGE_IDENTITY_FILE (default: none).
+        {backup_source}
         start_timeout_seconds: Seconds each service may take to start and verify.
     """
     refuse_secret_parameters(locals(), "redis_url")

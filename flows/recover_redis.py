@@ -19,6 +19,7 @@ from prefect import flow
 
 from flows.backup_health import recovered, recovery_failed, with_hooks
 from flows.hooks import FLOW_HOOKS
+from flows.parameter_docs import shared_args
 from flows.recovery import Recovery
 from flows.restoring import find_backup, roll_back
 from flows.settings import SETTING, refuse_secret_parameters, resolve
@@ -58,6 +59,7 @@ GATEWAY_TIMEOUT = 60.0
     **with_hooks(FLOW_HOOKS, recovery_failed("redis")),
 )
 @explains_failure
+@shared_args
 def recover_redis(
     backup: str = "latest",
     container: str = SETTING,
@@ -99,17 +101,7 @@ def recover_redis(
             (never deleted; remove that folder by hand once satisfied), Redis is
             started on the backup, and keys written since the backup are gone. Any
             failure after the move puts the old data back and starts Redis again.
-        backup_dir: Local backup directory (a backup fetched from S3 is stored here).
-            Empty: PROXILION_DR_BACKUP_DIR (default /backups).
-        s3_bucket: Bucket to look in when the backup is not in backup_dir. Empty:
-            PROXILION_DR_S3_BUCKET (default: none, local backups only).
-        s3_prefix: Key prefix of the backups in the bucket. Empty:
-            PROXILION_DR_S3_PREFIX (default proxilion).
-        s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
-            (default: AWS S3).
-        age_identity_file: Path of the age private key file that decrypts an
-            encrypted S3 copy (the key itself is never a parameter). Empty:
-            PROXILION_DR_AGE_IDENTITY_FILE (default: none).
+        {backup_source}
         start_timeout_seconds: Seconds Redis may take to start and load the data.
     """
     refuse_secret_parameters(locals(), "redis_url")

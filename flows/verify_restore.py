@@ -28,9 +28,11 @@ from prefect.runtime import flow_run
 
 from flows.backup_health import drill_failed, pushgateway_url, with_hooks
 from flows.hooks import FLOW_HOOKS
+from flows.parameter_docs import shared_args
 from flows.recovery import Recovery, Step, _escape, one_line
 from flows.restoring import find_backup
 from flows.settings import SETTING, resolve
+from flows.steps import run_name
 from tasks import drill_compose, drill_services, metrics
 from tasks.archive import extract_archive, iter_chunks, open_decompressed
 from tasks.compose import validate_compose
@@ -83,7 +85,13 @@ class DrillFailed(RuntimeError):
     """One or more checks of the drill failed; the message names each."""
 
 
-@flow(name=FLOW, log_prints=True, **with_hooks(FLOW_HOOKS, drill_failed(), states=("on_crashed",)))
+@flow(
+    name=FLOW,
+    flow_run_name=run_name("restore drill"),
+    log_prints=True,
+    **with_hooks(FLOW_HOOKS, drill_failed(), states=("on_crashed",)),
+)
+@shared_args
 def verify_restore(
     components: list[Component] | None = None,
     redis_backup: str = "latest",
@@ -133,17 +141,7 @@ def verify_restore(
         scratch_dir: Host folder for the drill's data (a `drill-<run>` folder inside,
             removed afterwards). Empty: PROXILION_DR_DRILL_SCRATCH_DIR
             (default /var/tmp/proxilion-dr-drill).
-        backup_dir: Local backup directory (a backup fetched from S3 is stored here).
-            Empty: PROXILION_DR_BACKUP_DIR (default /backups).
-        s3_bucket: Bucket to look in when a backup is not in backup_dir. Empty:
-            PROXILION_DR_S3_BUCKET (default: none, local backups only).
-        s3_prefix: Key prefix of the backups in the bucket. Empty:
-            PROXILION_DR_S3_PREFIX (default proxilion).
-        s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
-            (default: AWS S3).
-        age_identity_file: Path of the age private key file that decrypts
-            age-encrypted backups (the key itself is never a parameter). Empty:
-            PROXILION_DR_AGE_IDENTITY_FILE (default: none).
+        {backup_source}
         start_timeout_seconds: Seconds each scratch service may take to start and load.
     """
     chosen = list(dict.fromkeys(components or COMPONENTS))

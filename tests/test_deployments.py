@@ -46,6 +46,15 @@ def test_every_deployment_builds_with_its_schedule_in_the_configured_zone() -> N
     assert "timezone: Europe/Berlin" in render_yaml("Europe/Berlin")
 
 
+def test_every_flow_names_its_runs_by_what_they_do_and_when() -> None:
+    """The runs list shows `restore drill 2026-12-01 04:00:02 UTC`, not Prefect's
+    random two-word names, for scheduled and hand-launched runs alike."""
+    for spec in DEPLOYMENTS:
+        naming = load_flow(spec).flow_run_name
+        assert callable(naming), f"{spec.flow_name} has no flow_run_name"
+        assert re.fullmatch(r"[a-z ]+ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", naming())
+
+
 @pytest.mark.parametrize("timezone", ["UTC", "Europe/Berlin"])
 def test_every_schedule_fires_at_its_cron_times(timezone: str) -> None:
     """A cron that is a steady interval is deployed as one (the deployments page names

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from playwright.sync_api import expect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -37,6 +38,7 @@ from tests.prefect_servers import (
     stop_group,
 )
 from tests.redis_servers import free_port, running_redis
+from tests.throwaway_services import redis_container
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -304,3 +306,87 @@ def test_run_form_lists_every_parameter(
     page.set_viewport_size({"width": 1440, "height": 2200})
     shoot(page, ui_world["screens"], f"07-run-form-{flow_name}")
     page.set_viewport_size({"width": 1440, "height": 1000})
+
+
+def dump_keys(url: str) -> dict[bytes, bytes]:
+    client = redis.Redis.from_url(url)
+    try:
+        return {key: client.dump(key) for key in client.scan_iter(count=1000)}
+    finally:
+        client.close()
+
+
+def fill_parameter(page: Any, name: str, value: str) -> None:
+    """Type `value` into the run form's box for parameter `name`."""
+    block = page.locator(".schema-form-property").filter(
+        has=page.get_by_text(f"{name} (Optional)", exact=True)
+    )
+    block.locator("textarea, input").first.fill(value)
+
+
+def wait_for_run(deployment_id: Any, submitted_after: datetime) -> FlowRun:
+    """The run of `deployment_id` created after `submitted_after`, once it has ended."""
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            runs = [
+                r
+                for r in client.read_flow_runs(deployment_filter=only)
+                if r.created and r.created >= submitted_after
+            ]
+            if runs and runs[0].state and runs[0].state.is_final():
+                return runs[0]
+            time.sleep(1)
+    pytest.fail(f"no run of deployment {deployment_id} ended within {RUN_TIMEOUT:.0f} s")
+
+
+def test_an_operator_restores_redis_from_the_run_form(
+    ui_world: dict[str, Any], browser: Any, tmp_path: Path
+) -> None:
+    """Scenario 2 launched as the operator does it: the redis-data-lost run form,
+    container and redis_url typed in, dry_run left OFF (a live restore), Submit. The
+    runner restores the backup key for key: keys written or deleted since are undone."""
+    page = browser
+    spec = next(s for s in DEPLOYMENTS if s.flow_name == "recover-redis")
+    with redis_container(tmp_path) as service:
+        live = redis.Redis.from_url(service.url)
+        live.mset({f"session:{i}": f"state-{i}" for i in range(500)})
+        with api(ui_world["server"]):
+            backup = run_deployment(
+                f"{BACKUP_REDIS.flow_name}/{BACKUP_REDIS.name}",
+                timeout=RUN_TIMEOUT,
+                parameters={"redis_url": service.url, "container": service.name},
+                _sync=True,  # Playwright's sync API runs an event loop in this thread
+            )
+            assert backup.state and backup.state.is_completed(), backup.state
+            with get_client(sync_client=True) as client:
+                deployment = client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}")
+        backed_up = dump_keys(service.url)
+        live.set("written:after-backup", "gone after the restore")
+        live.delete("session:0")
+        live.close()
+
+        page.goto(f"{ui_world['server'].url}/deployments/deployment/{deployment.id}/run")
+        page.get_by_text("Parameters", exact=True).first.wait_for()
+        fill_parameter(page, "container", service.name)
+        fill_parameter(page, "redis_url", service.url)
+        shoot(page, ui_world["screens"], "09-recovery-run-form-filled")
+        submitted = datetime.now().astimezone()
+        page.get_by_role("button", name="Submit").click()
+        with api(ui_world["server"]):
+            run = wait_for_run(deployment.id, submitted)
+        assert run.state and run.state.is_completed(), run.state
+        assert run.parameters["dry_run"] is False
+        assert dump_keys(service.url) == backed_up
+
+        assert run.name.startswith("redis recovery "), run.name  # not the form's random name
+        page.goto(f"{ui_world['server'].url}/runs/flow-run/{run.id}")
+        page.get_by_text(run.name).first.wait_for()
+        page.get_by_text("Artifacts", exact=True).first.click()
+        page.get_by_text("recover-redis report").first.click()  # the artifact's card
+        page.get_by_text("recover-redis: OK").first.wait_for()
+        page.get_by_text("previous data moved aside to").first.wait_for()
+        shoot(page, ui_world["screens"], "10-recovery-report")
