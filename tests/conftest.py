@@ -11,6 +11,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # Settings come from PROXILION_DR_* variables; a shell prepared for the demo
 # (`eval "$(python -m sandbox env)"`) exports them, and a test that leaves a destination
@@ -130,7 +131,8 @@ def pytest_configure(config: pytest.Config) -> None:
 # redis-servers, Prometheus, containers and Prefect servers; in S3 they use their own
 # prefix). With `-n 2` (the README's test command) each runs beside the rest; every
 # other test runs in one group on one worker, in collection order, so tests that take
-# or check the shared stack never overlap and the stack-down tests still come last.
+# or check the shared stack (and the host-wide drill lock) never overlap and the
+# stack-down tests still come last.
 RUN_BESIDE_THE_STACK = {
     "test_aside",
     "test_component_lock",
@@ -152,13 +154,26 @@ RUN_BESIDE_THE_STACK = {
     "test_ui_browser",
     "test_url_credentials",
 }
+STACK_GROUP = "sandbox-stack"
 
 
-def pytest_itemcollected(item: pytest.Item) -> None:
-    """Group the tests for pytest-xdist's `--dist loadgroup` (see RUN_BESIDE_THE_STACK)."""
-    module = item.path.stem
-    group = module if module in RUN_BESIDE_THE_STACK else "sandbox-stack"
-    item.add_marker(pytest.mark.xdist_group(group))
+def run_group(nodeid: str) -> str:
+    """The group a test runs in: its module's name, or the shared stack's group."""
+    module = Path(nodeid.split("::", 1)[0]).stem
+    return module if module in RUN_BESIDE_THE_STACK else STACK_GROUP
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist hands out whole groups (`run_group`), each to one worker in
+    collection order. (Its own `--dist loadgroup` renames node ids, which pytest 9.2
+    no longer allows: groups would be silently ignored.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return run_group(nodeid)
+
+    return ByGroup(config, log)
 
 
 @pytest.hookimpl(trylast=True)
