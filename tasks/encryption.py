@@ -15,7 +15,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +31,7 @@ from tasks.archive import (
     Compression,
     EncryptedFile,
     HashingWriter,
+    iter_chunks,
 )
 from tasks.private import create_file
 from tasks.storage import elapsed, staging_path
@@ -106,21 +107,6 @@ def check_identity(identity: x25519.Identity, recipients: list[str], path: Path,
             f"which was encrypted to {', '.join(recipients)}: use the identity file of one "
             "of those keys"
         )
-
-
-def encrypt_copy(source: Path, dest: Path, recipients: list[str]) -> EncryptedFile:
-    """Encrypt `source` to `dest` (owner-only, fsynced), streamed and hashed on the way."""
-    keys = [x25519.Recipient.from_str(r) for r in recipients]
-    try:
-        with open(source, "rb") as plain, create_file(dest) as out:
-            hashing = HashingWriter(out)
-            pyrage.encrypt_io(plain, hashing, keys)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return EncryptedFile(dest, hashing.size, hashing.sha256.hexdigest(), tuple(recipients))
 
 
 class _QueueReader(io.RawIOBase):
@@ -269,6 +255,12 @@ def encrypt_for_upload(
 ) -> EncryptedFile:
     """The age-encrypted copy of the staged backup `name`, for the upload (hidden
     beside it, a staging name; the caller removes it)."""
-    started = time.perf_counter()
-    encrypted = encrypt_copy(staged, staging_path(backup_dir, name + SUFFIX), recipients)
-    return replace(encrypted, seconds=elapsed(started))
+    copy = EncryptingWriter(staging_path(backup_dir, name + SUFFIX), recipients, durable=True)
+    try:
+        with open(staged, "rb") as plain:
+            for chunk in iter_chunks(plain):
+                copy.write(chunk)
+        return copy.close()
+    except BaseException:
+        copy.abort()
+        raise
