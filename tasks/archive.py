@@ -22,7 +22,7 @@ from typing import IO, Any, Literal, Protocol
 import zstandard
 from isal import igzip, igzip_threaded
 
-from tasks.private import create_file
+from tasks.private import create_file, discard_file
 
 Compression = Literal["gzip", "zstd"]
 SUFFIXES: dict[str, str] = {"gzip": ".gz", "zstd": ".zst"}
@@ -204,8 +204,7 @@ class CompressedWriter:
         if self._copy is not None:
             self._copy.abort()
         if self._file is not None:
-            self._file.close()
-            self.path.unlink(missing_ok=True)
+            discard_file(self._file, self.path)
 
 
 def open_decompressed(path: Path, compression: Compression) -> IO[bytes]:

@@ -33,7 +33,7 @@ from tasks.archive import (
     HashingWriter,
     iter_chunks,
 )
-from tasks.private import create_file
+from tasks.private import create_file, discard_file
 from tasks.storage import elapsed, staging_path
 
 SUFFIX = AGE_SUFFIX
@@ -140,6 +140,21 @@ class _QueueReader(io.RawIOBase):
         return len(data)
 
 
+class _KeepingWriteErrors(HashingWriter):
+    """A `HashingWriter` that keeps the OS error of a failed write: pyrage passes it on
+    only as the text of an EncryptError, and a full disk must stay an OSError (it is
+    explained as such, with the fix)."""
+
+    write_error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return super().write(data)
+        except OSError as error:
+            self.write_error = error
+            raise
+
+
 class EncryptingWriter:
     """A writable stream age-encrypted into `dest` (owner-only, hashed) as it is written:
     pyrage's streaming `encrypt_io` runs on a thread reading from a bounded queue, so
@@ -157,7 +172,7 @@ class EncryptingWriter:
         self._error: BaseException | None = None
         self._chunks: queue.Queue[bytes | None] = queue.Queue(self.QUEUED_CHUNKS)
         self._file = create_file(dest)
-        self._hashing = HashingWriter(self._file)
+        self._hashing = _KeepingWriteErrors(self._file)
         self._started = time.perf_counter()
         self._thread = threading.Thread(target=self._encrypt, args=(keys,), daemon=True)
         self._thread.start()
@@ -166,7 +181,7 @@ class EncryptingWriter:
         try:
             pyrage.encrypt_io(_QueueReader(self._chunks, self), self._hashing, keys)
         except BaseException as error:  # noqa: BLE001 - handed to the writing thread
-            self._error = error
+            self._error = self._hashing.write_error or error
 
     def _put(self, chunk: bytes | None) -> None:
         while True:
@@ -206,8 +221,7 @@ class EncryptingWriter:
         with contextlib.suppress(queue.Full):
             self._chunks.put_nowait(None)
         self._thread.join(timeout=30)
-        self._file.close()
-        self.dest.unlink(missing_ok=True)
+        discard_file(self._file, self.dest)
 
 
 def encrypted_staging(staging: Path) -> Path:

@@ -9,11 +9,12 @@ never exposes it, not even for a moment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ def create_file(path: Path, mode: int = OWNER_ONLY.file) -> BinaryIO:
         os.close(fd)
         raise
     return os.fdopen(fd, "wb")
+
+
+def discard_file(file: IO[bytes], path: Path) -> None:
+    """Close and remove a partial output. A close that cannot flush (the disk is full)
+    is no error here: the file is dropped anyway."""
+    with contextlib.suppress(OSError):
+        file.close()
+    path.unlink(missing_ok=True)
 
 
 def mode_like(path: Path, default: int = OWNER_ONLY.file) -> int:

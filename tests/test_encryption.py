@@ -5,20 +5,23 @@ missing or wrong identity is refused before anything is touched."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pyrage
 import pytest
+from mounts import mounted_tmpfs
 from pyrage import x25519
-from redis_servers import assert_same_keyspace, keyspace_snapshot
+from redis_servers import assert_same_keyspace, free_port, keyspace_snapshot
 from test_backup_config import ALLOWLIST, write_project
 from test_recover_prometheus import backfill, blocks, history, known_history
 from test_recover_redis import assert_untouched, back_up, flushall, recover, seed, state
@@ -202,6 +205,40 @@ def test_config_round_trip(
     assert path.read_bytes() == (backup_dir / manifest.name).read_bytes()
 
 
+def test_a_backup_that_missed_its_upload_goes_up_encrypted_with_the_next_one(
+    age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
+) -> None:
+    """The catch-up upload encrypts in a second pass over the stored file (the capture's
+    pass is long over): the object is age of exactly that file, its manifest says so,
+    and no encrypted staging copy is left behind."""
+    key, public = age_key
+    common = dict(
+        project_dir=str(write_project(tmp_path / "project")),
+        env_allowlist=ALLOWLIST,
+        env_container="",
+        backup_dir=str(backup_dir),
+        s3_bucket=stack.S3_BUCKET,
+        s3_prefix=s3_prefix,
+    )
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert backup_config(**common, s3_endpoint_url=dead, return_state=True).is_failed()
+    [first] = list_local(backup_dir, "config")
+    time.sleep(1.1)  # backup names have one-second resolution
+    backup_config(**common, s3_endpoint_url=stack.S3_ENDPOINT, force=True)
+    objects = remote_objects(s3_prefix)
+    caught_up = object_key(s3_prefix, first.name + ".age")
+    assert caught_up in objects and manifest_name(caught_up) in objects
+    remote = json.loads(objects[manifest_name(caught_up)])
+    assert remote["encryption"]["recipients"][0] == public
+    assert remote["encryption"]["sha256"] == hashlib.sha256(objects[caught_up]).hexdigest()
+    assert remote["sha256"] == first.sha256
+    decrypted = subprocess.run(
+        ["age", "-d", "-i", str(key)], input=objects[caught_up], capture_output=True, check=True
+    )
+    assert decrypted.stdout == (backup_dir / first.name).read_bytes()
+    assert not list(backup_dir.rglob("*.partial"))
+
+
 def test_logs_round_trip(
     age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
 ) -> None:
@@ -277,6 +314,31 @@ def test_the_copy_for_s3_is_encrypted_in_the_capture_pass(tmp_path: Path) -> Non
     aborted.write(data[:100_000])
     aborted.abort()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([staging.name, encrypted.name])
+
+
+@pytest.mark.parametrize("copies", ["plain", "plain and age", "age only"])
+def test_a_full_disk_fails_the_capture_with_enospc_and_leaves_nothing(
+    tmp_path: Path, copies: str
+) -> None:
+    """The kernel's refusal reaches the writer as the OSError it is, also from the
+    encryption thread (pyrage turned it into an EncryptError, which the disk-full
+    explanations missed), and the abort removes every partial file although its last
+    buffered bytes cannot be flushed (the close raised ENOSPC again, leaving them)."""
+    recipients = (str(x25519.Identity.generate().to_public()),)
+    encrypt = {
+        "plain": None,
+        "plain and age": AgeCopy(recipients),
+        "age only": AgeCopy(recipients, local=True),
+    }[copies]
+    with mounted_tmpfs(tmp_path / "tiny", "size=64k") as tiny:
+        writer = staged_writer(tiny / ".x.rdb.gz.0123abcd.partial", "gzip", encrypt)
+        with pytest.raises(OSError) as refused:
+            for _ in range(64):
+                writer.write(os.urandom(65_536))
+            writer.close()
+        writer.abort()
+        assert refused.value.errno == errno.ENOSPC
+        assert list(tiny.iterdir()) == []
 
 
 @pytest.fixture
