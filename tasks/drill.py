@@ -46,6 +46,23 @@ class DrillBusy(RuntimeError):
 HOST_LOCK = Path(tempfile.gettempdir()) / "proxilion-dr-drill.lock"
 
 
+def flock_holder(path: Path) -> str:
+    """Who holds a flock(2) on `path`, from /proc/locks: ", pid N (name)", or "" when
+    it cannot be told. Only the process name: a command line may carry credentials."""
+    try:
+        info = path.stat()
+        wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == wanted:
+                pid = fields[4]
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+                return f", pid {pid} ({name})"
+    except (OSError, ValueError):
+        pass
+    return ""
+
+
 @contextlib.contextmanager
 def one_drill_per_host() -> Iterator[None]:
     """Hold this host's drill lock for the drill's lifetime. Scratch containers have
@@ -56,8 +73,8 @@ def one_drill_per_host() -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DrillBusy(
-                f"another restore drill is running on this host (it holds {HOST_LOCK}): "
-                "run this one when it has finished"
+                f"another restore drill is running on this host (it holds {HOST_LOCK}"
+                f"{flock_holder(HOST_LOCK)}): run this one when it has finished"
             ) from None
         try:
             yield

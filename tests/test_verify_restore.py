@@ -318,8 +318,10 @@ def test_a_second_drill_on_the_same_host_is_refused_and_leaves_the_first_alone(
     with one_drill_per_host():
         start_scratch(Scratch(folder), "drill-redis", live, entrypoint, command, 0, [])
         try:
-            with pytest.raises(DrillBusy, match="another restore drill is running on this host"):
+            busy_message = "another restore drill is running on this host"
+            with pytest.raises(DrillBusy, match=busy_message) as busy:
                 drill(sandbox_backups, tmp_path, components=["redis"])
+            assert f"pid {os.getpid()} (" in str(busy.value)  # who holds it, from /proc/locks
             assert drill_containers() == ["drill-redis"]  # the first drill's, untouched
         finally:
             remove_container("drill-redis")
