@@ -143,7 +143,10 @@ def _recover(r: Recovery, p: dict[str, Any]) -> None:
     try:
         with r.step("validate and stage the RDB") as step:
             rdb = stage_rdb(found, setup, staging)
-            step.detail = f"RDB v{rdb.rdb_version}, {rdb.size} bytes, CRC-64 and {rdb.deep_check}"
+            step.detail = (
+                f"RDB v{rdb.rdb_version}, {rdb.size} bytes, {rdb.checksum_detail}; "
+                f"deep check {rdb.deep_check}"
+            )
         target = Target(container, p["redis_url"], data, setup, was_running)
         _swap(r, target, found, staging, p)
     finally:

@@ -232,7 +232,7 @@ def drill_redis(r: Recovery, p: dict[str, Any], scratch: Scratch) -> None:
                     f"{error}; for the drill, give redis_image of a newer Redis"
                 ) from None
             rdb = staged.result()
-            step.detail = f"RDB v{rdb.rdb_version}, {rdb.size} bytes, CRC-64 ok"
+            step.detail = f"RDB v{rdb.rdb_version}, {rdb.size} bytes, {rdb.checksum_detail}"
     finally:
         staged.wait()  # never tear the scratch folder down under it
     with r.step("load the RDB, redis-check-rdb alongside") as step:

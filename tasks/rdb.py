@@ -105,6 +105,15 @@ class RdbInfo:
     created_at: int | None = None  # the `ctime` aux field: server clock when the save began
 
     @property
+    def checksum_detail(self) -> str:
+        """What the CRC-64 check proved, for a report: "ok" only when it ran."""
+        if self.checksum_verified:
+            return "CRC-64 ok"
+        if self.rdb_version < FIRST_CHECKSUMMED_VERSION:
+            return f"no CRC-64 (RDB v{self.rdb_version} has none)"
+        return "CRC-64 not checked (saved with rdbchecksum no)"
+
+    @property
     def min_redis_version(self) -> str:
         """Oldest Redis release that can load this file."""
         return min_redis_for_rdb(self.rdb_version)

@@ -76,7 +76,7 @@ def test_saved_rdb_is_valid_and_redis_check_rdb_agrees(rdb: bytes, tmp_path: Pat
     assert info.min_redis_version == "7.0"
     assert info.size == len(rdb)
     assert info.checksum == int.from_bytes(rdb[-8:], "little") != 0
-    assert info.checksum_verified
+    assert info.checksum_verified and info.checksum_detail == "CRC-64 ok"
     assert info.deep_check == "passed: redis-check-rdb"
     result = redis_check_rdb(path)
     assert result.returncode == 0 and "Checksum OK" in result.stdout
@@ -165,6 +165,7 @@ def test_checksums_disabled_is_valid_but_unverified(
     info = validate_rdb_file(write(tmp_path, unchecksummed_rdb))
     assert info.rdb_version == 10
     assert info.checksum == 0 and not info.checksum_verified
+    assert info.checksum_detail == "CRC-64 not checked (saved with rdbchecksum no)"  # not "ok"
     assert info.deep_check == "passed: redis-check-rdb"
 
 
