@@ -106,6 +106,7 @@ class DrillProject:
     changes: list[str] = field(default_factory=list)
     placeholders: list[str] = field(default_factory=list)
     holder: str | None = None
+    one_shot: list[str] = field(default_factory=list)
 
 
 def project_name(scratch_folder: Path) -> str:
@@ -203,7 +204,24 @@ def prepare(
     path = folder / DERIVED_FILE
     path.write_text(yaml.safe_dump(derived, sort_keys=False))
     services = sorted(s for s in derived["services"] if s != holder)
-    return DrillProject(name, folder, path, services, changes, sorted(filled), holder)
+    one_shot = one_shot_services(derived["services"])
+    return DrillProject(name, folder, path, services, changes, sorted(filled), holder, one_shot)
+
+
+def one_shot_services(services: dict[str, Any]) -> list[str]:
+    """The services another one waits for to complete (`depends_on` with `condition:
+    service_completed_successfully`): compose's own mark of a one-shot job (a
+    migration, an init step), which has done its work when it exits 0."""
+    waited_for = set()
+    for spec in services.values():
+        depends_on = spec.get("depends_on")
+        if isinstance(depends_on, dict):  # the long form, as `config` resolves it
+            waited_for |= {
+                name
+                for name, how in depends_on.items()
+                if (how or {}).get("condition") == "service_completed_successfully"
+            }
+    return sorted(waited_for)
 
 
 # ------------------------------------------------------------------- the derivation

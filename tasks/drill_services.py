@@ -1,7 +1,8 @@
 """The restore drill's check that a restored compose project came up: per service.
 
 A service is up when its container runs, has run for SETTLE_SECONDS without a
-restart, and (when it has a healthcheck) Docker reports it healthy; one that exits
+restart, and (when it has a healthcheck) Docker reports it healthy; a one-shot service
+(another waits for it to complete) when it has exited 0. Any other that exits
 fails its check, named, with its last log lines (secret-looking values redacted).
 Evidence: the container's state and the TCP ports its processes listen on (read from
 /proc; "unknown" where the Docker engine is on another host).
@@ -47,10 +48,13 @@ def _containers(project: str) -> dict[str, Any]:
     return {(c.labels or {}).get(SERVICE_LABEL, c.name): c for c in listed}
 
 
-def _verdict(attrs: dict[str, Any], settle: float) -> tuple[bool | None, str]:
-    """(True up / False failed / None not yet, what its state says)."""
+def _verdict(attrs: dict[str, Any], settle: float, one_shot: bool) -> tuple[bool | None, str]:
+    """(True up / False failed / None not yet, what its state says). A one-shot
+    service is up once it has exited 0; any other that exits has failed."""
     state = state_of(attrs)
     health = state.health
+    if one_shot and state.status == "exited" and state.exit_code == 0:
+        return True, "completed: exited 0 (a one-shot service another waits for)"
     if state.status in {"exited", "dead"} or state.restart_count:
         return (
             False,
@@ -92,7 +96,7 @@ def wait_until_up(
                 gone = "no container: removed while the drill waited, or never created"
                 decided[service] = _record(service, None, False, gone, began)
                 continue
-            verdict, state = _verdict(container.attrs, settle_seconds)
+            verdict, state = _verdict(container.attrs, settle_seconds, service in project.one_shot)
             if verdict is not None:
                 decided[service] = _record(service, container, verdict, state, began)
         if len(decided) == len(pending) or time.monotonic() - began > deadline_seconds:
@@ -100,7 +104,7 @@ def wait_until_up(
         time.sleep(0.5)
     for service in [s for s in pending if s not in decided]:
         container = found[service]
-        state = _verdict(container.attrs, settle_seconds)[1]
+        state = _verdict(container.attrs, settle_seconds, service in project.one_shot)[1]
         decided[service] = _record(
             service, container, False, f"not up within {deadline_seconds:.0f} s ({state})", began
         )
@@ -113,6 +117,8 @@ def _record(service: str, container: Any, up: bool, state: str, began: float) ->
         return ServiceUp(service, up, state, seconds)
     name = container.name
     evidence = f"{state}; container {name} ({container.short_id})"
+    if up and state.startswith("completed"):
+        return ServiceUp(service, True, evidence, seconds)
     if up:
         ports = listening(container)
         evidence += f"; listening on {', '.join(ports) if ports else 'no TCP port'}"

@@ -159,6 +159,38 @@ def test_a_restored_project_whose_service_exits_fails_the_drill_naming_it(
     assert not drill_projects()
 
 
+def test_a_one_shot_service_that_completed_is_up_and_a_stray_exit_is_not(
+    tmp_path: Path,
+) -> None:
+    """`migrate` runs once before the gateway (compose waits for it to complete): its
+    exit 0 is its success. `stray` exits 0 too, but nothing waits for it: a service
+    that stops is down, whatever its exit code."""
+
+    def add_jobs(compose: dict[str, Any]) -> None:
+        like = compose["services"]["pushgateway"]
+        job = {"image": like["image"], "network_mode": "host", "restart": "no"}
+        job |= {"volumes": ["/usr:/usr:ro"], "command": ["/usr/bin/true"]}
+        compose["services"]["migrate"] = dict(job)
+        compose["services"]["stray"] = dict(job)
+        compose["services"]["gateway"]["depends_on"] = {
+            "redis": {"condition": "service_started"},
+            "migrate": {"condition": "service_completed_successfully"},
+        }
+
+    project = copy_project(tmp_path / "project", add_jobs)
+    config_backup(project, tmp_path / "backups")
+
+    with pytest.raises(DrillFailed) as failed:
+        drill_config(tmp_path / "backups", tmp_path)
+
+    assert "5 of 6 up: stray exited (exit code 0, restarts 0)" in str(failed.value)
+    report = drill_report()
+    assert "service migrate up | ok" in report
+    assert "completed: exited 0 (a one-shot service another waits for)" in report
+    assert "service gateway up | ok" in report
+    assert not drill_projects()
+
+
 def test_a_restored_project_that_cannot_be_brought_up_fails_the_drill_saying_why(
     tmp_path: Path,
 ) -> None:
