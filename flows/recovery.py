@@ -167,7 +167,7 @@ class Recovery:
             lines += [
                 f"| backup | `{b['name']}` from {_escape(b['from'])} |",
                 f"| backup created (UTC) | {b['created_at']} |",
-                f"| RPO (age of the backup at start) | {_age(b['rpo_seconds'])} |",
+                f"| RPO (age of the backup at start) | {age_text(b['rpo_seconds'])} |",
             ]
         for path in self.moved_aside:
             lines.append(f"| previous data moved aside to | `{path}` |")
@@ -198,7 +198,8 @@ def _verbatim(lines: list[str]) -> list[str]:
     return [fence + "text", *lines, fence]
 
 
-def _age(seconds: float) -> str:
+def age_text(seconds: float) -> str:
+    """An age for a report, in the unit an operator reads at a glance."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:

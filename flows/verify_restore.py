@@ -29,7 +29,7 @@ from prefect.runtime import flow_run
 from flows.backup_health import drill_failed, pushgateway_url, with_hooks
 from flows.hooks import FLOW_HOOKS
 from flows.parameter_docs import shared_args
-from flows.recovery import Recovery, Step, _escape, one_line
+from flows.recovery import Recovery, Step, _escape, age_text, one_line
 from flows.restoring import find_backup
 from flows.settings import SETTING, resolve
 from flows.steps import run_name
@@ -500,7 +500,7 @@ def report(records: list[Recovery], notes: list[str], seconds: float, failure: s
     lines += ["|---|---|---|---|---|"]
     for r in records:
         b = r.backup or {}
-        rpo = f"{b['rpo_seconds'] / 3600:.1f} h" if b else "—"
+        rpo = age_text(b["rpo_seconds"]) if b else "—"
         rto = f"{r.healthy_seconds:.1f} s" if r.healthy_seconds is not None else "—"
         outcome = "failed" if r.failed_step() else "ok"
         lines.append(f"| {r.flow} | `{b.get('name', '—')}` | {rpo} | {rto} | {outcome} |")

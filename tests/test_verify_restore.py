@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,10 @@ def test_the_sandbox_backups_restore_and_every_check_passes(
     report = drill_report()
     assert "verify-restore: OK" in report and manifests["redis"]["name"] in report
     assert TOKEN not in report
+    # the summary row gives each backup's age as its own RPO row does (not 0.0 h vs 40 s)
+    summary_ages = re.findall(r"^\| \w+ \| `[^`]+` \| ([^|]+) \|", report, re.M)
+    rpo_rows = re.findall(r"^\| RPO \(age of the backup at start\) \| ([^|]+) \|", report, re.M)
+    assert summary_ages == rpo_rows and len(rpo_rows) == 4, (summary_ages, rpo_rows)
     for component in components:
         assert pushed(pushgateway, "proxilion_dr_restore_last_status", component=component) == 1
         assert pushed(pushgateway, "proxilion_dr_restore_rto_seconds", component=component)
