@@ -462,14 +462,17 @@ def _adopt_legacy_data() -> list[str]:
 
 def write_project(specs: list[ServiceSpec]) -> list[str]:
     """Write every project file; returns the services whose files had to be rewritten
-    to the baseline (recreated even though their compose config is unchanged)."""
+    to the baseline (recreated even though their compose config is unchanged). In a
+    new project folder that is every service: a container left running from a deleted
+    folder at the same path still mounts the deleted folders (Redis's SAVE then fails)."""
+    new_folder = not PROJECT_DIR.exists()
     PROJECT_DIR.mkdir(parents=True, exist_ok=True)
     digests: dict[str, str] = {}
     forced: list[str] = []
     for spec in specs:
         material, rewritten = spec.prepare()
         digests[spec.service] = _digest(material)
-        if rewritten:
+        if rewritten or new_folder:
             forced.append(spec.service)
     for path, text in project.dashboard_files().items():
         project.write_file(path, text)
@@ -499,8 +502,8 @@ def _wait_ready(client: docker.DockerClient, spec: ServiceSpec) -> None:
 def ensure_services(client: docker.DockerClient, specs: list[ServiceSpec]) -> dict[str, str]:
     """Compose the project up, then each service answering, in order. A container is
     recreated when its compose config changed (compose's own config hash, which
-    includes our files digest) or its files were rewritten; a running one that does
-    not answer is recreated once."""
+    includes our files digest), its files were rewritten or its project folder is new;
+    a running one that does not answer is recreated once."""
     done: dict[str, str] = {}
     for name in _remove_foreign(client, specs):
         done[name] = "replaced"
