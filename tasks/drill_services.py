@@ -117,7 +117,7 @@ def _record(service: str, container: Any, up: bool, state: str, began: float) ->
         return ServiceUp(service, up, state, seconds)
     name = container.name
     evidence = f"{state}; container {name} ({container.short_id})"
-    if up and state.startswith("completed"):
+    if up and container.status != "running":  # a one-shot job that completed
         return ServiceUp(service, True, evidence, seconds)
     if up:
         ports = listening(container)

@@ -187,19 +187,21 @@ def fetched_from_s3(kind: str, manifest: Manifest, key: Path, prefix: str, where
     return found.path
 
 
+def config_args(tmp_path: Path, backup_dir: Path) -> dict[str, Any]:
+    """backup-config of a fresh sample project (no env container) into `backup_dir`."""
+    return {
+        "project_dir": str(write_project(tmp_path / "project")),
+        "env_allowlist": ALLOWLIST,
+        "env_container": "",
+        "backup_dir": str(backup_dir),
+    }
+
+
 def test_config_round_trip(
     age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
 ) -> None:
     key, public = age_key
-    manifest = Manifest(
-        **backup_config(
-            project_dir=str(write_project(tmp_path / "project")),
-            env_allowlist=ALLOWLIST,
-            env_container="",
-            backup_dir=str(backup_dir),
-            **s3_args(s3_prefix),
-        )
-    )
+    manifest = Manifest(**backup_config(**config_args(tmp_path, backup_dir), **s3_args(s3_prefix)))
     assert_encrypted_copy(manifest, backup_dir, s3_prefix, public)
     path = fetched_from_s3("config", manifest, key, s3_prefix, tmp_path / "fresh")
     assert path.read_bytes() == (backup_dir / manifest.name).read_bytes()
@@ -212,14 +214,10 @@ def test_a_backup_that_missed_its_upload_goes_up_encrypted_with_the_next_one(
     pass is long over): the object is age of exactly that file, its manifest says so,
     and no encrypted staging copy is left behind."""
     key, public = age_key
-    common = dict(
-        project_dir=str(write_project(tmp_path / "project")),
-        env_allowlist=ALLOWLIST,
-        env_container="",
-        backup_dir=str(backup_dir),
-        s3_bucket=stack.S3_BUCKET,
-        s3_prefix=s3_prefix,
-    )
+    common = config_args(tmp_path, backup_dir) | {
+        "s3_bucket": stack.S3_BUCKET,
+        "s3_prefix": s3_prefix,
+    }
     dead = f"http://127.0.0.1:{free_port()}"
     assert backup_config(**common, s3_endpoint_url=dead, return_state=True).is_failed()
     [first] = list_local(backup_dir, "config")
