@@ -39,7 +39,7 @@ from flows.backup_redis import backup_redis
 from flows.recover_redis import recover_redis
 from sandbox import images
 from sandbox.constants import SANDBOX_LABEL
-from tasks.archive import Manifest, open_decompressed
+from tasks.store.archive import Manifest, open_decompressed
 
 REPO = Path(__file__).resolve().parent.parent
 

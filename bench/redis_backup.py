@@ -48,11 +48,12 @@ import redis
 from pyrage import x25519
 
 from sandbox import constants as stack
-from tasks.archive import Manifest, check_compression
-from tasks.encryption import AgeCopy
-from tasks.redis import ServerFacts, capture_rdb
-from tasks.redis_sync import fetch_rdb_over_network
-from tasks.storage import backup_name, commit_local, staging_path, utc_now
+from tasks.common.clock import utc_now
+from tasks.redis.capture import ServerFacts, capture_rdb
+from tasks.redis.sync import fetch_rdb_over_network
+from tasks.store.archive import Manifest, check_compression
+from tasks.store.encryption import AgeCopy
+from tasks.store.local import backup_name, commit_local, staging_path
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ["read_file", "write_file", "http_get", "exec_command", "list_dir", "send_email"]

@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_UI_URL
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec, steady_interval
 from deployments.hosts import BadHostName, check_host, for_host
 from deployments.notifications import apply_notifications
-from flows.settings import settings
+from flows.support.settings import settings
 
 
 def load_flow(spec: DeploymentSpec) -> Any:

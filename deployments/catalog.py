@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from tasks.storage import KINDS
+from tasks.store.local import KINDS
 
 
 @dataclass(frozen=True)

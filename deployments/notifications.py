@@ -5,7 +5,7 @@ that use it, defined here and created by `python -m deployments apply` (and `ser
   `recover-*`, `verify-restore`; by flow name, so runs started by hand count too)
   entering Failed or Crashed. The Prefect server sends it, so a run whose process
   died (SIGKILL, OOM, lost host) is reported too; the flows' hooks only warn in the
-  run's log when no such automation exists (flows/hooks.py), so one failure is one
+  run's log when no such automation exists (flows/support/hooks.py), so one failure is one
   message.
 - `proxilion-dr: <flow>/<deployment> late`, per scheduled deployment: no run of it
   completed within 2 × its schedule interval (also when nothing runs the schedules).

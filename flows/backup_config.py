@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.backup_health import backup_failed, backup_succeeded, backup_unchanged, with_hooks
-from flows.hooks import BACKUP_HOOKS
-from flows.parameter_docs import shared_args
-from flows.settings import SETTING, resolve, settings
-from flows.steps import (
+from flows.support.hooks import BACKUP_HOOKS
+from flows.support.parameter_docs import shared_args
+from flows.support.pushes import backup_failed, backup_succeeded, backup_unchanged, with_hooks
+from flows.support.settings import SETTING, resolve, settings
+from flows.support.steps import (
     Destination,
     explains_failure,
     keep_backup,
@@ -27,8 +27,9 @@ from flows.steps import (
     unchanged,
     with_exposure_warnings,
 )
-from tasks.archive import Compression, check_compression
-from tasks.config import (
+from tasks.common.clock import elapsed, utc_now
+from tasks.common.locks import exclusive, lock_name
+from tasks.config.capture import (
     NewestBackup,
     allowlist_names,
     check_newest,
@@ -41,9 +42,9 @@ from tasks.config import (
     read_project_files,
     write_config_archive,
 )
-from tasks.locks import exclusive, lock_name
-from tasks.sources import config_source_id
-from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
+from tasks.store.archive import Compression, check_compression
+from tasks.store.local import backup_name, prepare_backup_dir, staging_path
+from tasks.store.sources import config_source_id
 
 FAILED = backup_failed(
     "config", lambda p: config_source_id(p.get("project_dir") or settings().config_project_dir)

@@ -12,14 +12,14 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.backup_health import backup_failed, backup_succeeded, with_hooks
-from flows.hooks import BACKUP_HOOKS
-from flows.parameter_docs import shared_args
-from flows.settings import resolve, settings
-from flows.steps import Destination, explains_failure, keep_backup, run_name
-from tasks.archive import Compression, check_compression
-from tasks.locks import exclusive, lock_name
-from tasks.logs import (
+from flows.support.hooks import BACKUP_HOOKS
+from flows.support.parameter_docs import shared_args
+from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
+from flows.support.settings import resolve, settings
+from flows.support.steps import Destination, explains_failure, keep_backup, run_name
+from tasks.common.clock import elapsed, utc_now
+from tasks.common.locks import exclusive, lock_name
+from tasks.logs.capture import (
     LOG_LINE_FORMAT,
     capture_logs,
     container_names,
@@ -27,8 +27,9 @@ from tasks.logs import (
     logs_manifest,
     parse_window,
 )
-from tasks.sources import logs_source_id
-from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
+from tasks.store.archive import Compression, check_compression
+from tasks.store.local import backup_name, prepare_backup_dir, staging_path
+from tasks.store.sources import logs_source_id
 
 FAILED = backup_failed(
     "logs",

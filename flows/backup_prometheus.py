@@ -13,14 +13,15 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.backup_health import backup_failed, backup_succeeded, with_hooks
-from flows.hooks import BACKUP_HOOKS
-from flows.parameter_docs import shared_args
-from flows.settings import SETTING, refuse_secret_parameters, resolve, settings
-from flows.steps import Destination, explains_failure, keep_backup, run_name
-from tasks.archive import Compression, check_compression
-from tasks.locks import exclusive, lock_name
-from tasks.prometheus import (
+from flows.support.hooks import BACKUP_HOOKS
+from flows.support.parameter_docs import shared_args
+from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
+from flows.support.settings import SETTING, refuse_secret_parameters, resolve, settings
+from flows.support.steps import Destination, explains_failure, keep_backup, run_name
+from tasks.common.clock import elapsed, utc_now
+from tasks.common.locks import exclusive, lock_name
+from tasks.common.secrets import check_url, redact_url, url_server
+from tasks.prometheus.capture import (
     copy_snapshot,
     delete_snapshot,
     inspect_prometheus,
@@ -30,9 +31,9 @@ from tasks.prometheus import (
     remove_leftover_snapshot,
     take_snapshot,
 )
-from tasks.secrets import check_url, redact_url, url_server
-from tasks.sources import prometheus_source_id
-from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
+from tasks.store.archive import Compression, check_compression
+from tasks.store.local import backup_name, prepare_backup_dir, staging_path
+from tasks.store.sources import prometheus_source_id
 
 FAILED = backup_failed(
     "prometheus",

@@ -12,24 +12,25 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.backup_health import backup_failed, backup_succeeded, with_hooks
-from flows.hooks import BACKUP_HOOKS
-from flows.parameter_docs import shared_args
-from flows.settings import SETTING, refuse_secret_parameters, resolve, settings
-from flows.steps import Destination, explains_failure, keep_backup, run_name
-from tasks.archive import Compression, check_compression
-from tasks.locks import exclusive, lock_name
-from tasks.redis import (
+from flows.support.hooks import BACKUP_HOOKS
+from flows.support.parameter_docs import shared_args
+from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
+from flows.support.settings import SETTING, refuse_secret_parameters, resolve, settings
+from flows.support.steps import Destination, explains_failure, keep_backup, run_name
+from tasks.common.clock import elapsed, utc_now
+from tasks.common.locks import exclusive, lock_name
+from tasks.common.redis_url import parse_redis_url
+from tasks.redis.capture import (
     capture_rdb,
     choose_fetch,
     inspect_redis,
     redis_manifest,
     trigger_save,
 )
-from tasks.redis_sample import sample_after_save, sample_before_save
-from tasks.redis_url import parse_redis_url
-from tasks.sources import redis_source_id
-from tasks.storage import backup_name, elapsed, prepare_backup_dir, staging_path, utc_now
+from tasks.redis.sample import sample_after_save, sample_before_save
+from tasks.store.archive import Compression, check_compression
+from tasks.store.local import backup_name, prepare_backup_dir, staging_path
+from tasks.store.sources import redis_source_id
 
 FAILED = backup_failed(
     "redis", lambda p: redis_source_id(p.get("redis_url") or settings().redis_url)

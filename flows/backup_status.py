@@ -4,7 +4,7 @@ Publishes the table artifact `backup-status`: per kind and source, the newest
 complete backup here and in S3, its age against its schedule (fresh / LATE /
 MISSING; late = older than 2 × the schedule interval in deployments/catalog.py),
 its size and the trend against the previous one, and the last verified restore.
-Runs by hand, and at the end of every backup run (flows/hooks.py).
+Runs by hand, and at the end of every backup run (flows/support/hooks.py).
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from deployments.catalog import backup_intervals
-from flows.hooks import FLOW_HOOKS
-from flows.settings import resolve
-from flows.steps import run_name
-from tasks.s3 import S3Error, list_remote
-from tasks.status import Copies, last_verified_restores, status_rows
-from tasks.storage import KINDS, list_local, utc_now
+from flows.support.hooks import FLOW_HOOKS
+from flows.support.settings import resolve
+from flows.support.steps import run_name
+from tasks.common.clock import utc_now
+from tasks.store.local import KINDS, list_local
+from tasks.store.s3 import S3Error, list_remote
+from tasks.store.status import Copies, last_verified_restores, status_rows
 
 ARTIFACT_KEY = "backup-status"
 

@@ -15,14 +15,16 @@ from typing import Any
 
 from prefect import flow
 
-from flows.backup_health import recovered, recovery_failed, with_hooks
-from flows.hooks import FLOW_HOOKS
-from flows.recovery import Recovery, StepFailed, one_line
-from flows.settings import settings
-from flows.steps import explains_failure, run_name
-from tasks import health
-from tasks.compose import find_service
-from tasks.container_recovery import (
+from flows.support.hooks import FLOW_HOOKS
+from flows.support.pushes import recovered, recovery_failed, with_hooks
+from flows.support.recovery import Recovery, StepFailed, one_line
+from flows.support.settings import settings
+from flows.support.steps import explains_failure, run_name
+from tasks.common import http_health as health
+from tasks.common.locks import exclusive, lock_name
+from tasks.docker.compose import find_service
+from tasks.docker.containers import ContainerError
+from tasks.docker.recovery import (
     Inspection,
     RecreateError,
     Replacement,
@@ -37,8 +39,6 @@ from tasks.container_recovery import (
     roll_back,
     wait_until_container_healthy,
 )
-from tasks.containers import ContainerError
-from tasks.locks import exclusive, lock_name
 
 FLOW = "recover-gateway"
 LOG_LINES = 100

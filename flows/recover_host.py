@@ -31,16 +31,22 @@ import httpx
 import redis
 from prefect import flow
 
-from flows.backup_health import recovered, recovery_failed, with_hooks
-from flows.hooks import FLOW_HOOKS
-from flows.parameter_docs import shared_args
-from flows.recovery import Recovery, Step, one_line
-from flows.settings import refuse_secret_parameters, resolve
-from flows.steps import explains_failure, run_name
-from tasks import containers
-from tasks.archive import extract_archive, open_decompressed
-from tasks.compose import ComposeService, compose_command, compose_container_id
-from tasks.compose_project import (
+from flows.support.hooks import FLOW_HOOKS
+from flows.support.parameter_docs import shared_args
+from flows.support.pushes import recovered, recovery_failed, with_hooks
+from flows.support.recovery import Recovery, Step, one_line
+from flows.support.settings import refuse_secret_parameters, resolve
+from flows.support.steps import explains_failure, run_name
+from tasks.common.aside import move_into_aside, unique_folder
+from tasks.common.http_health import check_metrics, derive_url, health_url
+from tasks.common.locks import exclusive, lock_name
+from tasks.common.redis_url import parse_redis_url
+from tasks.common.secrets import redact_url, url_server
+from tasks.config.capture import COMPOSE_PATTERNS, ENV_FILE, archive_folder
+from tasks.docker import containers
+from tasks.docker.compose import ComposeService, compose_command, compose_container_id
+from tasks.docker.containers import wait_started
+from tasks.docker.project import (
     Service,
     compose_up,
     env_file_text,
@@ -48,14 +54,10 @@ from tasks.compose_project import (
     read_services,
     required_variables,
 )
-from tasks.config import COMPOSE_PATTERNS, ENV_FILE, archive_folder
-from tasks.fetch import FoundBackup, fetch_backup
-from tasks.health import check_metrics, derive_url, health_url
-from tasks.locks import exclusive, lock_name
-from tasks.prometheus import restore_snapshot
-from tasks.prometheus_restore import verify_history, wait_until_ready
-from tasks.redis import connect
-from tasks.redis_restore import (
+from tasks.prometheus.capture import restore_snapshot
+from tasks.prometheus.restore import verify_history, wait_until_ready
+from tasks.redis.capture import connect
+from tasks.redis.restore import (
     check_gateway,
     place_staged,
     read_redis_setup,
@@ -63,12 +65,11 @@ from tasks.redis_restore import (
     stage_rdb,
     verify_keyspace,
 )
-from tasks.redis_restore import wait_until_loaded as wait_until_redis_loaded
-from tasks.redis_url import parse_redis_url
-from tasks.restore import move_into_aside, unique_folder, wait_started
-from tasks.secrets import redact_url, url_server
-from tasks.sources import config_source_id, prometheus_source_id, redis_source_id
-from tasks.storage import BackupNotFound
+from tasks.redis.restore import wait_until_loaded as wait_until_redis_loaded
+from tasks.store.archive import extract_archive, open_decompressed
+from tasks.store.find import FoundBackup, fetch_backup
+from tasks.store.local import BackupNotFound
+from tasks.store.sources import config_source_id, prometheus_source_id, redis_source_id
 
 # The runbook's "DISASTER RECOVERY RUNBOOK" checklist, section by section.
 RUNBOOK: dict[str, list[str]] = {

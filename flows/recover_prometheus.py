@@ -16,33 +16,33 @@ from typing import Any
 
 from prefect import flow
 
-from flows.backup_health import recovered, recovery_failed, with_hooks
-from flows.hooks import FLOW_HOOKS
-from flows.parameter_docs import shared_args
-from flows.recovery import Recovery
-from flows.restoring import find_backup, roll_back
-from flows.settings import SETTING, refuse_secret_parameters, resolve
-from flows.steps import explains_failure, run_name
-from tasks.containers import container_running, start_container, stop_container
-from tasks.fetch import FoundBackup
-from tasks.locks import exclusive, lock_name
-from tasks.prometheus import restore_snapshot
-from tasks.prometheus_restore import (
+from flows.support.hooks import FLOW_HOOKS
+from flows.support.parameter_docs import shared_args
+from flows.support.pushes import recovered, recovery_failed, with_hooks
+from flows.support.recovery import Recovery
+from flows.support.restoring import find_backup, roll_back
+from flows.support.settings import SETTING, refuse_secret_parameters, resolve
+from flows.support.steps import explains_failure, run_name
+from tasks.common.aside import MovedAside, move_into_aside, unique_folder
+from tasks.common.files import require_free_space
+from tasks.common.locks import exclusive, lock_name
+from tasks.common.secrets import url_server
+from tasks.docker.containers import (
+    container_running,
+    find_data_dir,
+    start_container,
+    stop_container,
+)
+from tasks.prometheus.capture import restore_snapshot
+from tasks.prometheus.restore import (
     check_archive,
     check_retention_covers,
     read_prometheus_setup,
     verify_history,
     wait_until_ready,
 )
-from tasks.restore import (
-    MovedAside,
-    find_data_dir,
-    move_into_aside,
-    require_free_space,
-    unique_folder,
-)
-from tasks.secrets import url_server
-from tasks.sources import prometheus_source_id
+from tasks.store.find import FoundBackup
+from tasks.store.sources import prometheus_source_id
 
 
 @flow(

@@ -17,17 +17,24 @@ from typing import Any
 
 from prefect import flow
 
-from flows.backup_health import recovered, recovery_failed, with_hooks
-from flows.hooks import FLOW_HOOKS
-from flows.parameter_docs import shared_args
-from flows.recovery import Recovery
-from flows.restoring import find_backup, roll_back
-from flows.settings import SETTING, refuse_secret_parameters, resolve
-from flows.steps import explains_failure, run_name
-from tasks.containers import container_running, start_container, stop_container
-from tasks.fetch import FoundBackup
-from tasks.locks import exclusive, lock_name
-from tasks.redis_restore import (
+from flows.support.hooks import FLOW_HOOKS
+from flows.support.parameter_docs import shared_args
+from flows.support.pushes import recovered, recovery_failed, with_hooks
+from flows.support.recovery import Recovery
+from flows.support.restoring import find_backup, roll_back
+from flows.support.settings import SETTING, refuse_secret_parameters, resolve
+from flows.support.steps import explains_failure, run_name
+from tasks.common.aside import MovedAside, move_into_aside, unique_folder
+from tasks.common.files import require_free_space
+from tasks.common.locks import exclusive, lock_name
+from tasks.common.redis_url import parse_redis_url
+from tasks.docker.containers import (
+    container_running,
+    find_data_dir,
+    start_container,
+    stop_container,
+)
+from tasks.redis.restore import (
     RedisSetup,
     check_gateway,
     check_persistence,
@@ -39,15 +46,8 @@ from tasks.redis_restore import (
     verify_keyspace,
     wait_until_loaded,
 )
-from tasks.redis_url import parse_redis_url
-from tasks.restore import (
-    MovedAside,
-    find_data_dir,
-    move_into_aside,
-    require_free_space,
-    unique_folder,
-)
-from tasks.sources import redis_source_id
+from tasks.store.find import FoundBackup
+from tasks.store.sources import redis_source_id
 
 GATEWAY_TIMEOUT = 60.0
 

@@ -6,7 +6,7 @@ else S3) and verify its checksum, restore it into a scratch environment beside t
 live stack (`drill-redis`, `drill-gateway`, `drill-prometheus`: the live containers'
 images, free ports, their own data folders, the `proxilion-dr.drill` label) and prove
 it (the config backup's compose project is brought up too, isolated under its own
-project name: tasks/drill_compose.py); tear the scratch environment down whatever
+project name: tasks/drill/compose.py); tear the scratch environment down whatever
 happened; publish one report (per
 component: backup used, its age = RPO, restore time = RTO, each check with its
 evidence), push the outcome to the Pushgateway, and fail naming every failed check.
@@ -26,18 +26,21 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.backup_health import drill_failed, pushgateway_url, with_hooks
-from flows.hooks import FLOW_HOOKS
-from flows.parameter_docs import shared_args
-from flows.recovery import Recovery, Step, _escape, age_text, one_line
-from flows.restoring import find_backup
-from flows.settings import SETTING, resolve
-from flows.steps import run_name
-from tasks import drill_compose, drill_services, metrics
-from tasks.archive import extract_archive, iter_chunks, open_decompressed
-from tasks.compose import validate_compose
-from tasks.config import ENV_FILE, archive_folder
-from tasks.drill import (
+from flows.support.hooks import FLOW_HOOKS
+from flows.support.parameter_docs import shared_args
+from flows.support.pushes import drill_failed, pushgateway_url, with_hooks
+from flows.support.recovery import Recovery, Step, _escape, age_text, one_line
+from flows.support.restoring import find_backup
+from flows.support.settings import SETTING, resolve
+from flows.support.steps import run_name
+from tasks.common import pushgateway as metrics
+from tasks.common.locks import exclusive, lock_name
+from tasks.config.capture import ENV_FILE, archive_folder
+from tasks.config.redact import COMPOSE_PATTERNS
+from tasks.docker.compose import validate_compose
+from tasks.drill import compose as drill_compose
+from tasks.drill import services as drill_services
+from tasks.drill.scratch import (
     LiveShape,
     Scratch,
     free_port,
@@ -49,17 +52,14 @@ from tasks.drill import (
     start_scratch,
     tear_down,
 )
-from tasks.fetch import FoundBackup
-from tasks.locks import exclusive, lock_name
-from tasks.prometheus import restore_snapshot
-from tasks.prometheus_restore import (
+from tasks.prometheus.capture import restore_snapshot
+from tasks.prometheus.restore import (
     check_archive,
     check_recorded_values,
     verify_history,
     wait_until_ready,
 )
-from tasks.redact import COMPOSE_PATTERNS
-from tasks.redis_restore import (
+from tasks.redis.restore import (
     RdbTooNew,
     check_gateway,
     check_loadable,
@@ -70,7 +70,9 @@ from tasks.redis_restore import (
     verify_keyspace,
     wait_until_loaded,
 )
-from tasks.redis_sample import check_sample, open_clients
+from tasks.redis.sample import check_sample, open_clients
+from tasks.store.archive import extract_archive, iter_chunks, open_decompressed
+from tasks.store.find import FoundBackup
 
 Component = Literal["redis", "prometheus", "config", "logs"]
 COMPONENTS: tuple[Component, ...] = ("redis", "prometheus", "config", "logs")
@@ -385,7 +387,7 @@ def _project_up(
     withheld: list[str],
     p: dict[str, Any],
 ) -> None:
-    """Bring the restored project up isolated (tasks/drill_compose.py), check each of its
+    """Bring the restored project up isolated (tasks/drill/compose.py), check each of its
     services comes up, and take it down again (`down -v`, its folder) whatever happened."""
     project = None
     try:

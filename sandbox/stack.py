@@ -101,7 +101,7 @@ from sandbox.constants import (
 from sandbox.project import STATE_LABEL, prometheus_config, redis_conf
 from sandbox.seed import SeedSummary
 from sandbox.seed import seed as seed_redis
-from tasks.compose import PROJECT_LABEL, SERVICE_LABEL, ComposeError, _base, _run
+from tasks.docker.compose import PROJECT_LABEL, SERVICE_LABEL, ComposeError, _base, _run
 
 __all__ = [
     "GATEWAY_CONTAINER",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.aside import move_aside, move_contents_aside
+from tasks.common.aside import move_aside, move_contents_aside
 
 STAMP = "20260101_000000"  # the same second for every call below
 

@@ -20,12 +20,12 @@ from prefect.client.orchestration import get_client
 
 from flows.backup_config import backup_config
 from sandbox import constants as stack
-from tasks.archive import extract_archive, verify_file
-from tasks.config import read_env
-from tasks.containers import ContainerError
-from tasks.redact import redact_file, redact_yaml
-from tasks.secrets import secret_name
-from tasks.storage import list_local
+from tasks.common.secrets import secret_name
+from tasks.config.capture import read_env
+from tasks.config.redact import redact_file, redact_yaml
+from tasks.docker.containers import ContainerError
+from tasks.store.archive import extract_archive, verify_file
+from tasks.store.local import list_local
 from tests.prefect_records import session_text
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]

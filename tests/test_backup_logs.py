@@ -25,10 +25,11 @@ from mounts import mounted_tmpfs
 from flows.backup_logs import backup_logs
 from sandbox import constants as stack
 from sandbox.images import host_mounts
-from tasks import logs
-from tasks.containers import ContainerError
-from tasks.logs import LogStreamCut, capture_logs, find_log_sources, parse_window
-from tasks.storage import list_local, utc_now
+from tasks.common.clock import utc_now
+from tasks.docker.containers import ContainerError
+from tasks.logs import capture as logs
+from tasks.logs.capture import LogStreamCut, capture_logs, find_log_sources, parse_window
+from tasks.store.local import list_local
 
 LINE = re.compile(
     rb"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z) (\S+) (stdout|stderr) (.*)$", re.MULTILINE

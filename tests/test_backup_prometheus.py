@@ -30,9 +30,8 @@ from prometheus_servers import Throwaway, back_up, compare_blocks, query, runnin
 from flows.backup_prometheus import backup_prometheus
 from sandbox import constants as stack
 from sandbox import images
-from tasks import prometheus as prometheus_tasks
-from tasks.archive import CompressedWriter, open_decompressed, sha256_file
-from tasks.prometheus import (
+from tasks.prometheus import capture as prometheus_tasks
+from tasks.prometheus.capture import (
     AdminApiDisabled,
     EmptySnapshot,
     PrometheusUnreachable,
@@ -42,8 +41,9 @@ from tasks.prometheus import (
     delete_snapshot,
     restore_snapshot,
 )
-from tasks.s3 import S3Unreachable
-from tasks.storage import list_local
+from tasks.store.archive import CompressedWriter, open_decompressed, sha256_file
+from tasks.store.local import list_local
+from tasks.store.s3 import S3Unreachable
 from tests.prefect_records import log_messages
 
 SECRET = "pr0m-Pa55word"

@@ -18,14 +18,20 @@ from prefect.states import State
 from redis_servers import running_redis
 
 from flows.backup_redis import backup_redis
-from flows.settings import SecretParameter
+from flows.support.settings import SecretParameter
 from sandbox import constants as stack
-from tasks.containers import ContainerError
-from tasks.rdb import RdbError
-from tasks.redis import RedisUnreachable, SaveFailed, SaveTimeout, capture_rdb, inspect_redis
-from tasks.s3 import S3Error, S3Unreachable
-from tasks.secrets import redact_url
-from tasks.storage import list_local
+from tasks.common.secrets import redact_url
+from tasks.docker.containers import ContainerError
+from tasks.redis.capture import (
+    RedisUnreachable,
+    SaveFailed,
+    SaveTimeout,
+    capture_rdb,
+    inspect_redis,
+)
+from tasks.redis.rdb import RdbError
+from tasks.store.local import list_local
+from tasks.store.s3 import S3Error, S3Unreachable
 from tests.prefect_records import log_messages
 
 SECRET = "s3cr3t-Pa55word"

@@ -24,8 +24,7 @@ from test_backup_redis import fill, restore_and_compare
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from sandbox import images
-from tasks.rdb import RdbInfo
-from tasks.redis import (
+from tasks.redis.capture import (
     SaveFailed,
     SaveResult,
     SaveTimeout,
@@ -33,7 +32,8 @@ from tasks.redis import (
     check_fresh,
     place_rdb,
 )
-from tasks.storage import list_local
+from tasks.redis.rdb import RdbInfo
+from tasks.store.local import list_local
 
 
 def default_fetch(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,10 +17,10 @@ from redis_servers import free_port
 from flows.backup_redis import backup_redis
 from flows.backup_status import ARTIFACT_KEY, backup_status
 from sandbox import constants as stack
-from tasks.archive import Manifest, manifest_name
-from tasks.s3 import object_key
-from tasks.status import Copies, status_rows
-from tasks.storage import backup_name
+from tasks.store.archive import Manifest, manifest_name
+from tasks.store.local import backup_name
+from tasks.store.s3 import object_key
+from tasks.store.status import Copies, status_rows
 
 
 @flow(name="verify-restore")

@@ -19,8 +19,8 @@ from test_recover_redis import back_up, flushall, recover, seed
 from throwaway_services import redis_container
 
 from flows.backup_redis import backup_redis
-from tasks.locks import lock_name
-from tasks.redis_url import parse_redis_url
+from tasks.common.locks import lock_name
+from tasks.common.redis_url import parse_redis_url
 
 DEADLINE_SECONDS = 120
 

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from deployments.__main__ import load_flow, render_yaml, schedule, to_deployment
 from deployments.catalog import DEPLOYMENTS, steady_interval
-from flows.settings import EMPTY_MEANS_SETTING, SETTING, Settings, resolve
+from flows.support.settings import EMPTY_MEANS_SETTING, SETTING, Settings, resolve
 
 REPO = Path(__file__).resolve().parent.parent
 # "Empty: PROXILION_DR_X (default …)" or "`setting`: PROXILION_DR_X (default …)"

@@ -23,9 +23,9 @@ from test_verify_restore import drill_report
 from flows.backup_config import backup_config
 from flows.verify_restore import DrillFailed, verify_restore
 from sandbox import constants as stack
-from tasks import drill_compose
-from tasks.compose import PROJECT_LABEL
-from tasks.drill import DRILL_DIR_LABEL, DRILL_LABEL
+from tasks.docker.compose import PROJECT_LABEL
+from tasks.drill import compose as drill_compose
+from tasks.drill.scratch import DRILL_DIR_LABEL, DRILL_LABEL
 
 LIVE = (
     stack.REDIS_CONTAINER,

@@ -34,13 +34,13 @@ from flows.backup_logs import backup_logs
 from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from flows.recover_gateway import recover_gateway
-from flows.recovery import StepFailed
-from flows.steps import explains_failure
+from flows.support.recovery import StepFailed
+from flows.support.steps import explains_failure
 from sandbox import constants as stack
-from tasks.logs import LOG_LINE_FORMAT
-from tasks.redis import RedisUnreachable
-from tasks.report import escape_markdown
-from tasks.storage import list_local
+from tasks.logs.capture import LOG_LINE_FORMAT
+from tasks.redis.capture import RedisUnreachable
+from tasks.store.local import list_local
+from tasks.store.report import escape_markdown
 
 
 def flow_run(state: Any) -> FlowRun:

@@ -17,7 +17,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from redis_servers import free_port
 
-from tasks.locks import LEASE_SECONDS, LockBusy, exclusive
+from tasks.common.locks import LEASE_SECONDS, LockBusy, exclusive
 
 REPO = Path(__file__).resolve().parent.parent
 # The Prefect server frees an expired lease on its next reaper pass (15 s by default).
@@ -103,7 +103,7 @@ def reaping_prefect_server(tmp_path: Path) -> Iterator[str]:
 
 HOLDER = """
 import sys, time
-from tasks.locks import exclusive
+from tasks.common.locks import exclusive
 with exclusive(sys.argv[1]):
     print("holding", flush=True)
     time.sleep(3600)

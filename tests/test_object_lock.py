@@ -23,9 +23,10 @@ from redis_servers import running_redis
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from sandbox.stack import _ensure_bucket
-from tasks.archive import Manifest, manifest_name, sha256_file
-from tasks.s3 import ObjectLock, S3Error, object_key, prune_remote, upload_backup
-from tasks.storage import backup_name, parse_time, utc_now
+from tasks.common.clock import parse_time, utc_now
+from tasks.store.archive import Manifest, manifest_name, sha256_file
+from tasks.store.local import backup_name
+from tasks.store.s3 import ObjectLock, S3Error, object_key, prune_remote, upload_backup
 from tests.conftest import require
 from tests.test_backup_redis import fill
 

@@ -18,11 +18,11 @@ from test_backup_config import artifact_rows, write_project
 
 from flows.backup_config import backup_config
 from flows.backup_redis import backup_redis
-from tasks.archive import CompressedWriter
-from tasks.fetch import fetch_backup
-from tasks.redis import place_rdb
-from tasks.redis_restore import RedisSetup, place_staged, stage_rdb
-from tasks.s3 import S3Error
+from tasks.redis.capture import place_rdb
+from tasks.redis.restore import RedisSetup, place_staged, stage_rdb
+from tasks.store.archive import CompressedWriter
+from tasks.store.find import fetch_backup
+from tasks.store.s3 import S3Error
 from tests.test_backup_redis import fill
 
 

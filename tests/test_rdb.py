@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from redis_servers import running_redis, seed_mixed_data
 
-from tasks.rdb import (
+from tasks.redis.rdb import (
     RdbChecker,
     RdbError,
     RdbInfo,
@@ -236,7 +236,7 @@ def test_deep_check_of_a_file_renamed_while_it_runs(rdb: bytes, tmp_path: Path) 
 
 
 def test_deep_check_reports_a_missing_tool(rdb: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tasks.rdb.shutil.which", lambda _name: None)
+    monkeypatch.setattr("tasks.redis.rdb.shutil.which", lambda _name: None)
     with deep_check_rdb() as deep:
         deep.feed(rdb)
         assert deep.finish().startswith("skipped: redis-check-rdb not on PATH")

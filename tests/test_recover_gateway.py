@@ -21,11 +21,11 @@ from prefect.client.orchestration import get_client
 from redis_servers import RedisServer, free_port, running_redis
 
 from flows.recover_gateway import recover_gateway
-from flows.recovery import StepFailed
+from flows.support.recovery import StepFailed
 from sandbox import constants as stack
 from sandbox.images import host_mounts
 from sandbox.stack import gateway_mounts
-from tasks.compose import compose_command
+from tasks.docker.compose import compose_command
 from tests.prefect_records import session_text
 
 TEST_LABEL = "proxilion-dr.test-id"

@@ -14,9 +14,9 @@ from conftest import require
 from flows.backup_config import backup_config
 from flows.backup_redis import backup_redis
 from flows.recover_host import recover_host
-from flows.recovery import StepFailed
+from flows.support.recovery import StepFailed
 from sandbox import constants as stack
-from tasks.compose_project import (
+from tasks.docker.project import (
     EnvFileError,
     env_file_text,
     parse_env_text,

@@ -18,15 +18,15 @@ from flows.backup_prometheus import backup_prometheus
 from flows.recover_prometheus import recover_prometheus
 from sandbox import constants as stack
 from sandbox.stack import backfill_openmetrics
-from tasks.archive import Manifest
-from tasks.fetch import FoundBackup
-from tasks.prometheus import ULID
-from tasks.prometheus_restore import (
+from tasks.prometheus.capture import ULID
+from tasks.prometheus.restore import (
     PrometheusSetup,
     RetentionTooShort,
     check_retention_covers,
     parse_duration,
 )
+from tasks.store.archive import Manifest
+from tasks.store.find import FoundBackup
 
 HISTORY = stack.PROMETHEUS_BACKFILL_METRIC
 AT = stack.PROMETHEUS_BACKFILL_START + 3 * 3600 + 7  # inside the backfilled window

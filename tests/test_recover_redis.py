@@ -25,11 +25,11 @@ from throwaway_services import Service, redis_container, redis_ready, restart
 
 from flows.backup_redis import backup_redis
 from flows.recover_redis import recover_redis
-from flows.recovery import StepFailed
+from flows.support.recovery import StepFailed
 from sandbox import constants as stack
-from tasks.archive import CompressedWriter, Manifest, manifest_name, open_decompressed
-from tasks.s3 import object_key
-from tasks.storage import write_durably
+from tasks.common.files import write_durably
+from tasks.store.archive import CompressedWriter, Manifest, manifest_name, open_decompressed
+from tasks.store.s3 import object_key
 
 
 def seed(service: Service) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from flows.backup_redis import backup_redis
-from tasks.archive import open_decompressed
-from tasks.redis_sample import check_sample, confirm_sample, open_clients, pick_sample
+from tasks.redis.sample import check_sample, confirm_sample, open_clients, pick_sample
+from tasks.store.archive import open_decompressed
 from tests.redis_servers import running_redis, seed_mixed_data, start_from_rdb
 
 

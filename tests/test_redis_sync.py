@@ -27,8 +27,8 @@ from redis_servers import (
     start_from_rdb,
 )
 
-from tasks.rdb import RdbChecker, validate_rdb_file
-from tasks.redis_sync import RedisSyncError, fetch_rdb_over_network
+from tasks.redis.rdb import RdbChecker, validate_rdb_file
+from tasks.redis.sync import RedisSyncError, fetch_rdb_over_network
 
 PASSWORD = "s3cr3t-Pa55word!"  # noqa: S105 - test-only credential
 

@@ -20,7 +20,9 @@ import pytest
 from prometheus_servers import Throwaway, back_up, compare_blocks, running_prometheus
 from same_second import within_one_second
 
-from tasks.archive import (
+from tasks.common.files import write_durably
+from tasks.prometheus.capture import ULID, PrometheusError, RestoredSnapshot, restore_snapshot
+from tasks.store.archive import (
     ArchiveError,
     CompressedWriter,
     Manifest,
@@ -28,8 +30,6 @@ from tasks.archive import (
     open_decompressed,
     tar_stream,
 )
-from tasks.prometheus import ULID, PrometheusError, RestoredSnapshot, restore_snapshot
-from tasks.storage import write_durably
 
 BLOCKS = ["--storage.tsdb.min-block-duration=10s", "--storage.tsdb.max-block-duration=10s"]
 PERSISTED_BLOCKS = 2

@@ -19,10 +19,12 @@ from redis_servers import (
 from same_second import within_one_second
 
 from flows.backup_redis import backup_redis
-from tasks.archive import ArchiveError, CompressedWriter, Manifest, manifest_name
-from tasks.rdb import RdbError
-from tasks.redis import AofDataPresent, PlacedRdb, place_rdb
-from tasks.storage import backup_name, utc_now, write_durably
+from tasks.common.clock import utc_now
+from tasks.common.files import write_durably
+from tasks.redis.capture import AofDataPresent, PlacedRdb, place_rdb
+from tasks.redis.rdb import RdbError
+from tasks.store.archive import ArchiveError, CompressedWriter, Manifest, manifest_name
+from tasks.store.local import backup_name
 
 OLD = b"REDIS0010 the data that was there before the restore"
 

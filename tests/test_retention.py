@@ -20,11 +20,11 @@ from redis_servers import RedisServer, free_port, running_redis
 from test_backup_redis import flow_logs
 
 import flows.backup_redis
-import tasks.s3
+import tasks.store.s3
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
-from tasks.s3 import S3Error, S3Unreachable
-from tasks.storage import utc_now
+from tasks.common.clock import utc_now
+from tasks.store.s3 import S3Error, S3Unreachable
 
 DAY = timedelta(days=1)
 
@@ -297,8 +297,8 @@ def test_a_faulty_upload_fails_the_run_keeps_everything_local_and_no_remote_mani
     _, b = two_servers
     plant = Planted(backup_dir)
     old = [plant.backup(b, d * DAY) for d in (10, 20, 30)]
-    real_client = tasks.s3.client
-    monkeypatch.setattr(tasks.s3, "client", lambda url: FaultyS3(real_client(url), fault))
+    real_client = tasks.store.s3.client
+    monkeypatch.setattr(tasks.store.s3, "client", lambda url: FaultyS3(real_client(url), fault))
     with pytest.raises(S3Error, match=message):
         back_up(
             b,

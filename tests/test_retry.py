@@ -6,10 +6,10 @@ import pytest
 import redis
 from prefect.states import Failed
 
-from tasks.rdb import RdbError
-from tasks.redis import RedisAccessError, RedisUnreachable, SaveTimeout
-from tasks.retry import retry_transient
-from tasks.s3 import S3Error, S3Unreachable
+from tasks.common.retry import retry_transient
+from tasks.redis.capture import RedisAccessError, RedisUnreachable, SaveTimeout
+from tasks.redis.rdb import RdbError
+from tasks.store.s3 import S3Error, S3Unreachable
 
 
 @pytest.mark.parametrize(

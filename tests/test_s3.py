@@ -13,8 +13,10 @@ import boto3
 import pytest
 
 from sandbox import constants as stack
-from tasks.archive import CHUNK, Manifest, sha256_file
-from tasks.s3 import (
+from tasks.common.clock import utc_now
+from tasks.store.archive import CHUNK, Manifest, sha256_file
+from tasks.store.local import backup_name
+from tasks.store.s3 import (
     PART_SIZE,
     TRANSFER,
     S3Error,
@@ -23,7 +25,6 @@ from tasks.s3 import (
     prune_remote,
     upload_backup,
 )
-from tasks.storage import backup_name, utc_now
 
 SOURCE = "redis.internal:6379"
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.archive import Manifest, manifest_name
-from tasks.sources import logs_source_id, prometheus_source_id, redis_source_id, source_tag
-from tasks.storage import (
+from tasks.store.archive import Manifest, manifest_name
+from tasks.store.local import (
     BackupNotFound,
     backup_name,
     find_local,
@@ -24,6 +23,7 @@ from tasks.storage import (
     source_of,
     staging_path,
 )
+from tasks.store.sources import logs_source_id, prometheus_source_id, redis_source_id, source_tag
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

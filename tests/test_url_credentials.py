@@ -19,11 +19,11 @@ from redis_servers import running_redis
 
 from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
-from flows.settings import SecretParameter
-from tasks.archive import open_decompressed
-from tasks.redis_url import BadRedisUrl, parse_redis_url
-from tasks.secrets import AmbiguousUrl, redact_url
-from tasks.storage import list_local
+from flows.support.settings import SecretParameter
+from tasks.common.redis_url import BadRedisUrl, parse_redis_url
+from tasks.common.secrets import AmbiguousUrl, redact_url
+from tasks.store.archive import open_decompressed
+from tasks.store.local import list_local
 
 SPECIALS = ["#", "/", "?"]
 

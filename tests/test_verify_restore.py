@@ -29,8 +29,8 @@ from flows.backup_redis import backup_redis
 from flows.verify_restore import DrillFailed, verify_restore
 from sandbox import constants as stack
 from sandbox import images
-from tasks.archive import CompressedWriter, Manifest, manifest_name
-from tasks.drill import (
+from tasks.common.files import write_durably
+from tasks.drill.scratch import (
     DRILL_LABEL,
     DrillBusy,
     Scratch,
@@ -40,9 +40,9 @@ from tasks.drill import (
     remove_container,
     start_scratch,
 )
-from tasks.rdb import crc64
-from tasks.s3 import object_key
-from tasks.storage import write_durably
+from tasks.redis.rdb import crc64
+from tasks.store.archive import CompressedWriter, Manifest, manifest_name
+from tasks.store.s3 import object_key
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
 # The drill brings this project up (beside the live stack): it must be runnable.

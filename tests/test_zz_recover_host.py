@@ -28,10 +28,10 @@ from flows.backup_logs import backup_logs
 from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from flows.recover_host import recover_host
-from flows.recovery import StepFailed
+from flows.support.recovery import StepFailed
 from sandbox import constants as stack
 from sandbox import stack as sandbox_stack
-from tasks.compose import compose_command
+from tasks.docker.compose import compose_command
 
 pytestmark = pytest.mark.takes_the_stack_down
 assert TAKES_THE_STACK_DOWN == "takes_the_stack_down"

@@ -1,0 +1,209 @@
+"""What every recovery flow shares: timed steps, the backup used, RTO and RPO, the report.
+
+A recovery flow creates one `Recovery`, runs each runbook step inside
+`with recovery.step("…"):`, and ends with `recovery.publish()` in a `finally`, so
+the report exists whether the flow succeeded or not. The flow returns
+`recovery.result()`; when a step failed, the flow fails with `recovery.failure()`,
+one line naming the step and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.common.clock import parse_time
+from tasks.store.archive import Manifest
+from tasks.store.find import FoundBackup
+from tasks.store.report import escape_markdown as _escape
+
+
+@dataclass
+class Step:
+    """One runbook step as it went: `ok`, `failed`, `skipped` or `planned` (dry run)."""
+
+    name: str
+    outcome: str
+    seconds: float
+    detail: str = ""
+
+
+class StepFailed(RuntimeError):
+    """A recovery step failed; the message names the step and the reason in one line."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one readable line (its first line, with its type when bare)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return text or type(error).__name__
+
+
+@dataclass
+class Recovery:
+    """The record of one recovery run, from flow start to verified healthy."""
+
+    flow: str
+    dry_run: bool = False
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    steps: list[Step] = field(default_factory=list)
+    backup: dict[str, Any] | None = None
+    moved_aside: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    attachments: list[tuple[str, list[str]]] = field(default_factory=list)
+    healthy_seconds: float | None = None
+    error: BaseException | None = None
+    # Decrypted copies of locally encrypted backups (FoundBackup.discard), removed at the end.
+    temporary: list[FoundBackup] = field(default_factory=list)
+    _start: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[Step]:
+        """Time a step; record it ok, or failed with the reason (and re-raise)."""
+        record = Step(name, "ok", 0.0)
+        began = time.perf_counter()
+        try:
+            yield record
+        except BaseException as error:
+            record.outcome = "failed"
+            record.detail = record.detail or one_line(error)
+            if self.error is None:
+                self.error = error
+            raise
+        finally:
+            record.seconds = round(time.perf_counter() - began, 3)
+            self.steps.append(record)
+
+    @contextmanager
+    def reporting(self) -> Iterator[None]:
+        """Around a flow's body: the report is published whatever happens, and any
+        failure becomes StepFailed with the one-line `failure()` message."""
+        try:
+            yield
+        except Exception as error:
+            message = self.failure() if self.failed_step() else f"{self.flow}: {one_line(error)}"
+            raise StepFailed(message) from error
+        finally:
+            self.discard_temporary()
+            self.publish()
+
+    def found(self, backup: FoundBackup) -> FoundBackup:
+        """A backup this run restores from; a decrypted copy is removed at the end."""
+        if backup.temporary:
+            self.temporary.append(backup)
+        return backup
+
+    def discard_temporary(self) -> None:
+        """Remove the decrypted copies this run made (no plain copy is left behind)."""
+        while self.temporary:
+            self.temporary.pop().discard()
+
+    def skip(self, name: str, why: str) -> None:
+        self.steps.append(Step(name, "planned" if self.dry_run else "skipped", 0.0, why))
+
+    def attach(self, title: str, lines: list[str]) -> None:
+        """Add verbatim text (log lines) to the report, below the steps, shown as is."""
+        self.attachments.append((title, list(lines)))
+
+    def used_backup(self, manifest: Manifest, location: str) -> None:
+        """Record the backup restored and its age at the start of the run (the RPO)."""
+        age = (self.started_at - parse_time(manifest.created_at)).total_seconds()
+        self.backup = {
+            "name": manifest.name,
+            "kind": manifest.kind,
+            "from": location,
+            "created_at": manifest.created_at,
+            "sha256": manifest.sha256,
+            "rpo_seconds": round(max(age, 0.0), 1),
+        }
+
+    def healthy(self) -> None:
+        """Mark the moment the recovered service was verified healthy (ends the RTO)."""
+        self.healthy_seconds = round(time.perf_counter() - self._start, 3)
+
+    def failed_step(self) -> Step | None:
+        return next((s for s in self.steps if s.outcome == "failed"), None)
+
+    def failure(self) -> str:
+        """One line for the failed state: the step, the reason, and what was kept."""
+        step = self.failed_step()
+        where = f"step '{step.name}' failed: {step.detail}" if step else "failed"
+        kept = f"; previous data kept at {', '.join(self.moved_aside)}" if self.moved_aside else ""
+        return f"{self.flow}: {where}{kept}"
+
+    def result(self) -> dict[str, Any]:
+        """The facts the flow returns (and the report shows)."""
+        return {
+            "flow": self.flow,
+            "dry_run": self.dry_run,
+            "ok": self.failed_step() is None,
+            "rto_seconds": self.healthy_seconds,
+            "rpo_seconds": self.backup["rpo_seconds"] if self.backup else None,
+            "backup": self.backup,
+            "moved_aside": list(self.moved_aside),
+            "steps": [vars(s).copy() for s in self.steps],
+            "notes": list(self.notes),
+        }
+
+    def markdown(self) -> str:
+        """The report: outcome, RTO/RPO, backup used, each step, where old data went."""
+        failed = self.failed_step()
+        title = "DRY RUN (nothing changed)" if self.dry_run else ("FAILED" if failed else "OK")
+        lines = [f"# {self.flow}: {title}", ""]
+        if failed:
+            lines += [f"**{_escape(self.failure())}**", ""]
+        rto = f"{self.healthy_seconds:.1f} s" if self.healthy_seconds is not None else "—"
+        lines += ["| | |", "|---|---|", f"| started (UTC) | {self.started_at:%Y-%m-%d %H:%M:%S} |"]
+        if not self.dry_run:
+            lines.append(f"| RTO measured (start → verified healthy) | {rto} |")
+        if self.backup:
+            b = self.backup
+            lines += [
+                f"| backup | `{b['name']}` from {_escape(b['from'])} |",
+                f"| backup created (UTC) | {b['created_at']} |",
+                f"| RPO (age of the backup at start) | {age_text(b['rpo_seconds'])} |",
+            ]
+        for path in self.moved_aside:
+            lines.append(f"| previous data moved aside to | `{path}` |")
+        lines += ["", "| step | outcome | seconds | detail |", "|---|---|---|---|"]
+        for s in self.steps:
+            row = f"| {_escape(s.name)} | {s.outcome} | {s.seconds:.2f} | {_escape(s.detail)} |"
+            lines.append(row)
+        if self.notes:
+            lines += [""] + [f"- {_escape(note)}" for note in self.notes]
+        for title, text in self.attachments:
+            lines += ["", f"## {_escape(title)}", "", *_verbatim(text)]
+        return "\n".join(lines) + "\n"
+
+    def publish(self) -> None:
+        """Create the report artifact in the current flow run (key: the flow's name)."""
+        create_markdown_artifact(
+            markdown=self.markdown(),
+            key=self.flow,
+            description=f"{self.flow} report" + (" (dry run)" if self.dry_run else ""),
+        )
+
+
+def _verbatim(lines: list[str]) -> list[str]:
+    """A fenced block showing `lines` as they are: the fence is longer than any run of
+    backticks inside, so no line can close it early or be read as markdown."""
+    longest = max((len(run) for line in lines for run in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + "text", *lines, fence]
+
+
+def age_text(seconds: float) -> str:
+    """An age for a report, in the unit an operator reads at a glance."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

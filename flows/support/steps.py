@@ -1,0 +1,281 @@
+"""The steps every backup flow ends with, in the runbook's order: store (manifest
+last), upload and verify, catch up earlier uploads, prune here and there, report;
+and how a flow fails: one line naming the step, the reason and what is safe."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar
+
+from prefect.states import Completed, Failed, State
+
+import tasks
+from flows.support.explained import is_explained
+from flows.support.recovery import StepFailed, one_line
+from flows.support.settings import settings
+from tasks.common.files import OWNER_ONLY, Modes, exposure_warnings
+from tasks.common.log import run_logger
+from tasks.store.archive import CompressedFile, Manifest
+from tasks.store.encryption import AgeCopy, RecipientError, encrypt_for_upload, parse_recipients
+from tasks.store.local import KINDS, check_retention, commit_local, list_local, prune_local
+from tasks.store.report import NOT_UPLOADED, publish_backup_report
+from tasks.store.s3 import ObjectLock, list_remote, prune_remote, require_object_lock, upload_backup
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+NOTHING_STORED = "nothing new was stored; earlier backups are untouched"
+TASKS_DIR = Path(tasks.__file__).resolve().parent
+# Task functions whose name alone reads poorly in a one-line failure.
+STEP_NAMES = {
+    "upload_backup": "upload to S3",
+    "prune_remote": "retention in S3",
+    "prune_local": "local retention",
+    "commit_local": "storing the backup locally",
+    "check_retention": "checking the retention parameters",
+    "check_compression": "checking the compression parameter",
+    "trigger_save": "Redis save (BGSAVE)",
+    "exclusive": "waiting for the lock",
+}
+# Modules whose frames wrap a step rather than being one (Prefect's retry condition
+# re-raises the task's error inside tasks/common/retry.py).
+MACHINERY = {TASKS_DIR / "common" / "retry.py"}
+_safe: ContextVar[str] = ContextVar("safe", default=NOTHING_STORED)
+
+
+def run_name(kind: str) -> Callable[[], str]:
+    """A `flow_run_name` for the runs list: the kind and the UTC start time."""
+    return lambda: f"{kind} {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def failed_step(error: BaseException) -> str:
+    """The step a failure came from: the outermost function of `tasks/` (any of its
+    packages) in its
+    traceback (a task or a check the flow called), else the flow's own preparation."""
+    frame: TracebackType | None = error.__traceback__
+    while frame is not None:
+        code = frame.tb_frame.f_code
+        path = Path(code.co_filename).resolve()
+        if path.is_relative_to(TASKS_DIR) and path not in MACHINERY:
+            return STEP_NAMES.get(code.co_name, code.co_name.replace("_", " "))
+        frame = frame.tb_next
+    return "preparing the run"
+
+
+def failure_line(error: BaseException, safe: str) -> str:
+    """The failed state's message: `<step> failed: <reason>; <what is safe>`. A
+    recovery's StepFailed already is that line (`Recovery.failure()`)."""
+    if isinstance(error, StepFailed):
+        return one_line(error)
+    return f"{failed_step(error)} failed: {one_line(error)}; {safe}"
+
+
+def explains_failure(fn: Callable[P, R]) -> Callable[P, R | State[Any]]:
+    """Wrap a flow's body: an error ends the run in a Failed state whose message is one
+    line (the runs list and run header show it) instead of Prefect's "Flow run
+    encountered an exception: <type>: …", keeping the exception itself as the state's
+    data (a direct call still raises it, with its type)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R | State[Any]:
+        token = _safe.set(NOTHING_STORED)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - becomes the run's Failed state
+            line = failure_line(error, _safe.get())
+            # The Logs tab's reason; a bug's traceback too (flows/support/explained.py)
+            run_logger().error("%s", line, exc_info=not is_explained(error))
+            return Failed(message=line, data=error)  # same type
+        finally:
+            _safe.reset(token)
+
+    # Prefect builds the parameter schema and validation from the signature: give it
+    # the evaluated types (the flow module's string annotations mean nothing here).
+    run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+    return run
+
+
+def unchanged(message: str, result: dict[str, Any]) -> State[Any]:
+    """A Completed state named `Unchanged`, distinguishable in the runs list."""
+    return Completed(name="Unchanged", message=message, data=result)
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where backups go and how long they stay: the parameters all backup flows share."""
+
+    backup_dir: Path
+    s3_bucket: str
+    s3_prefix: str
+    s3_endpoint_url: str | None
+    retention_days: float
+    keep_min: int
+    modes: Modes = OWNER_ONLY
+    age_recipients: tuple[str, ...] = ()  # encrypt the S3 copy to these public keys
+    object_lock: str = ""  # governance/compliance: S3 copies locked for the retention
+    encrypt_local: bool = False  # the local copy is the age-encrypted file too
+
+    def __post_init__(self) -> None:
+        check_retention(self.retention_days, self.keep_min)  # before any work is done
+        if self.encrypt_local and not self.age_recipients:
+            raise RecipientError(
+                "PROXILION_DR_AGE_ENCRYPT_LOCAL is on but no age recipient is set: set "
+                "PROXILION_DR_AGE_RECIPIENTS (or age_recipients) to the public keys to "
+                "encrypt to, or turn PROXILION_DR_AGE_ENCRYPT_LOCAL off"
+            )
+        self.check_remote()
+
+    @classmethod
+    def from_parameters(cls, p: dict[str, Any]) -> Destination:
+        """From a flow's resolved parameters; group read, the age recipients and local
+        encryption come from their settings unless the flow has such a parameter."""
+        current = settings()
+        return cls(
+            Path(p["backup_dir"]),
+            p["s3_bucket"],
+            p["s3_prefix"],
+            p["s3_endpoint_url"] or None,
+            p["retention_days"],
+            p["keep_min"],
+            Modes.for_group_read(current.backup_group_read),
+            tuple(parse_recipients(p.get("age_recipients") or current.age_recipients)),
+            current.s3_object_lock if p["s3_bucket"] else "",
+            current.age_encrypt_local,
+        )
+
+    @property
+    def uploads_encrypted(self) -> bool:
+        """The S3 copy is age-encrypted (a bucket and recipients are set)."""
+        return bool(self.s3_bucket and self.age_recipients)
+
+    @property
+    def age_copy(self) -> AgeCopy | None:
+        """How a capture encrypts in its pass: the local copy itself, or the copy for
+        S3, or not at all."""
+        if self.encrypt_local:
+            return AgeCopy(self.age_recipients, local=True)
+        return AgeCopy(self.age_recipients) if self.uploads_encrypted else None
+
+    def check_remote(self) -> None:
+        """At the start: a bucket asked to lock backups must have Object Lock."""
+        if self.s3_bucket and self.object_lock:
+            require_object_lock(self.s3_bucket, self.s3_endpoint_url)
+
+
+def catch_up_uploads(to: Destination, kind: str, source_id: str) -> list[str]:
+    """Upload every complete local backup of this kind and source that S3 lacks (a
+    run whose upload failed left it local only), so local and S3 converge. They go up
+    as this destination wants them: age-encrypted, locked."""
+    remote = {m.name for m in list_remote(to.s3_bucket, to.s3_prefix, kind, to.s3_endpoint_url)}
+    missing = [m for m in list_local(to.backup_dir, kind, source_id) if m.name not in remote]
+    for manifest in missing:
+        lock = None
+        if to.object_lock:
+            lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
+        path, described, copy = to.backup_dir / manifest.local_name, manifest, None
+        if to.age_recipients and not manifest.encryption.get("local"):  # else: as it is
+            copy = encrypt_for_upload(to.backup_dir, path, manifest.name, list(to.age_recipients))
+            path, described = copy.path, replace(manifest, encryption=copy.describe())
+        try:
+            upload_backup(path, described, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url, lock)
+        finally:
+            if copy is not None:
+                copy.path.unlink(missing_ok=True)
+        print(f"uploaded {manifest.name}, which S3 lacked (an earlier upload failed)")
+    return [m.name for m in missing]
+
+
+def keep_backup(
+    staged: CompressedFile, manifest: Manifest, to: Destination, details: dict[str, Any]
+) -> tuple[Path, str | None]:
+    """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
+
+    With age recipients, the S3 copy is the age-encrypted stored file (`.age`; the
+    local copy stays plain unless `to.encrypt_local`: then the local file is that
+    `.age` too), made in the capture's pass (`staged.encrypted`) or else here in a
+    second pass; with an object lock mode it is locked for the retention.
+    An upload failure still publishes the report ("stored locally, NOT uploaded"),
+    then fails the run; the next successful run uploads what S3 lacks. Pruning only
+    happens once the new backup is safely everywhere it should be, and only touches
+    backups of the same source (`manifest.source_id`)."""
+    details = with_exposure_warnings(to, manifest.kind, details)  # in every report
+    encrypted = None
+    if to.encrypt_local:  # the staged file is the encrypted one: stored and uploaded
+        assert staged.encrypted is not None, "a capture ignored the age_copy it was given"
+        manifest.encryption = {**staged.encrypted.describe(), "local": True}
+    elif to.uploads_encrypted:  # before the commit: the manifest records it
+        copy = staged.encrypted  # made in the capture's pass, else a second pass here
+        if copy is None:
+            copy = encrypt_for_upload(
+                to.backup_dir, staged.path, manifest.name, list(to.age_recipients)
+            )
+            manifest.steps["encrypt"] = copy.seconds
+        manifest.encryption = copy.describe()
+        encrypted = copy.path
+    try:
+        stored = commit_local(to.backup_dir, staged, manifest, to.modes)
+        _safe.set(f"the backup is complete locally at {stored}")
+        remote = None
+        if to.s3_bucket:
+            lock = None
+            if to.object_lock:
+                lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
+                details = {**details, "object lock": f"{lock.mode} until {lock.retain_until}"}
+            try:
+                remote = upload_backup(
+                    encrypted or stored,
+                    manifest,
+                    to.s3_bucket,
+                    to.s3_prefix,
+                    to.s3_endpoint_url,
+                    lock,
+                ).url
+            except Exception as error:
+                _safe.set(
+                    f"the backup is complete locally at {stored}; the next successful "
+                    f"{manifest.kind} backup uploads it"
+                )
+                reason = f"{NOT_UPLOADED} ({one_line(error)})"
+                publish_backup_report(manifest, str(stored), reason, None, None, details)
+                raise
+            _safe.set(f"the backup is complete locally at {stored} and in {remote}")
+    finally:
+        if encrypted:
+            encrypted.unlink(missing_ok=True)
+    kept_local = prune_local(
+        to.backup_dir, manifest.kind, manifest.source_id, to.retention_days, to.keep_min
+    )
+    kept_remote = None
+    if to.s3_bucket:
+        caught_up = catch_up_uploads(to, manifest.kind, manifest.source_id)
+        details = {
+            **details,
+            "earlier backups uploaded now (S3 lacked them)": ", ".join(caught_up) or "none",
+        }
+        kept_remote = prune_remote(
+            to.s3_bucket,
+            to.s3_prefix,
+            manifest.kind,
+            manifest.source_id,
+            to.s3_endpoint_url,
+            to.retention_days,
+            to.keep_min,
+        )
+    publish_backup_report(manifest, str(stored), remote, kept_local, kept_remote, details)
+    return stored, remote
+
+
+def with_exposure_warnings(to: Destination, kind: str, details: dict[str, Any]) -> dict[str, Any]:
+    """The report's details plus a warning (also logged) for each backup folder open to
+    more users than the modes allow, with the fix."""
+    warnings = exposure_warnings([to.backup_dir, to.backup_dir / KINDS[kind].folder], to.modes)
+    for warning in warnings:
+        run_logger().warning(warning)
+    return {**details, "warnings": "; ".join(warnings)} if warnings else details

@@ -1,0 +1,424 @@
+"""Bring a crashed container back: inspect it, restart it, or recreate it from its own
+inspected configuration (Docker SDK) without ever losing the original.
+
+Recreating moves the original aside first (stopped, renamed `<name>-replaced-<UTC>`),
+creates and starts the new container under the original name, and only removes the
+original once the caller has verified the new one (`keep_replacement`); any failure
+puts the original back under its name, running again if it was (`roll_back`).
+
+Environment values of a container are never printed: they go from the inspected
+configuration to the Engine API and nowhere else, and secret-looking ones are
+redacted from the log lines we show.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common.http_health import HEALTHY, HealthWait, wait_until_healthy
+from tasks.common.secrets import redact_urls, secret_name, secret_value
+from tasks.docker.compose import (
+    PROJECT_LABEL,
+    SERVICE_LABEL,
+    ComposeError,
+    ComposeService,
+    compose_container_id,
+    compose_recreate,
+)
+from tasks.docker.containers import ContainerError, docker_client
+
+STOP_SECONDS = 10
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+# Networks that need no endpoint configuration when a container is created.
+PLAIN_NETWORKS = {"", "default", "bridge", "host", "none"}
+
+
+class RecreateError(ContainerError):
+    """Recreating failed; the message says what state the container was left in."""
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    """What `docker inspect` says about a container, without its configuration values."""
+
+    name: str
+    exists: bool
+    status: str = "absent"
+    exit_code: int | None = None
+    oom_killed: bool = False
+    restart_count: int = 0
+    error: str = ""
+    started_at: str = ""
+    finished_at: str = ""
+    health: str = ""  # Docker's own healthcheck status, when the image defines one
+    image: str = ""
+    restart_policy: str = ""
+    compose_project: str | None = None
+    compose_service: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status in {"running", "restarting", "paused"}
+
+    def summary(self) -> str:
+        if not self.exists:
+            return f"container {self.name!r} does not exist"
+        parts = [f"{self.status}"]
+        if self.exit_code is not None and self.status in {"exited", "dead", "restarting"}:
+            parts.append(f"exit code {self.exit_code}")
+        parts.append(f"OOM-killed {'yes' if self.oom_killed else 'no'}")
+        parts.append(f"restarts {self.restart_count}")
+        if self.health:
+            parts.append(f"docker health {self.health}")
+        if self.error:
+            parts.append(f"error {self.error}")
+        if self.started_at:
+            parts.append(f"started {self.started_at}")
+        if self.finished_at and self.status != "running":
+            parts.append(f"finished {self.finished_at}")
+        parts.append(f"image {self.image}, restart policy {self.restart_policy or 'no'}")
+        if self.compose_service:
+            parts.append(f"compose {self.compose_project}/{self.compose_service}")
+        return ", ".join(parts)
+
+
+def _time(value: str | None) -> str:
+    """Docker's RFC 3339 nanosecond time as `YYYY-mm-dd HH:MM:SS UTC` ('' when unset)."""
+    if not value or value.startswith("0001-"):
+        return ""
+    return value[:19].replace("T", " ") + " UTC"
+
+
+def state_of(attrs: dict[str, Any]) -> ContainerState:
+    """The facts of an inspected container (its `attrs`)."""
+    state = attrs.get("State") or {}
+    config = attrs.get("Config") or {}
+    labels = config.get("Labels") or {}
+    policy = (attrs.get("HostConfig") or {}).get("RestartPolicy") or {}
+    return ContainerState(
+        name=attrs.get("Name", "").lstrip("/"),
+        exists=True,
+        status=state.get("Status", "unknown"),
+        exit_code=state.get("ExitCode"),
+        oom_killed=bool(state.get("OOMKilled")),
+        restart_count=int(attrs.get("RestartCount") or 0),
+        error=state.get("Error") or "",
+        started_at=_time(state.get("StartedAt")),
+        finished_at=_time(state.get("FinishedAt")),
+        health=(state.get("Health") or {}).get("Status", ""),
+        image=config.get("Image") or attrs.get("Image", ""),
+        restart_policy=policy.get("Name") or "",
+        compose_project=labels.get(PROJECT_LABEL),
+        compose_service=labels.get(SERVICE_LABEL),
+    )
+
+
+def _get(name: str) -> Any | None:
+    try:
+        return docker_client().containers.get(name)
+    except NotFound:
+        return None
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """A container as found: its state, and (when it exists) its full configuration,
+    kept for recreating it. `attrs` holds env values: never print it."""
+
+    state: ContainerState
+    attrs: dict[str, Any] | None = field(default=None, repr=False)
+
+    def secrets(self) -> list[str]:
+        """The values of its secret-looking environment variables (to redact them)."""
+        env = ((self.attrs or {}).get("Config") or {}).get("Env") or []
+        values = []
+        for item in env:
+            name, _, value = item.partition("=")
+            if len(value) >= 3 and (secret_name(name) or secret_value(value)):
+                values.append(value)
+        return sorted(values, key=len, reverse=True)
+
+
+@task(cache_policy=NO_CACHE)
+def inspect_container(name: str) -> Inspection:
+    """State, exit code, OOM kill, restart count of container `name` (absent is a state)."""
+    container = _get(name)
+    if container is None:
+        return Inspection(ContainerState(name, exists=False))
+    return Inspection(state_of(container.attrs), container.attrs)
+
+
+def current_state(name: str) -> ContainerState:
+    container = _get(name)
+    return ContainerState(name, exists=False) if container is None else state_of(container.attrs)
+
+
+def stopped_reason(name: str) -> str | None:
+    """Why waiting for `name` to become healthy is pointless (it exited, or is gone),
+    else None (running, starting, or restarting under its restart policy)."""
+    state = current_state(name)
+    if not state.exists:
+        return f"container {name!r} no longer exists"
+    if state.status in {"exited", "dead"}:
+        return f"container {name!r} {state.status} (exit code {state.exit_code})"
+    return None
+
+
+@task(cache_policy=NO_CACHE)
+def wait_until_container_healthy(name: str, url: str, deadline_seconds: float) -> HealthWait:
+    """Poll `url` for `{"status": "healthy"}` until the deadline, giving up early when
+    container `name` exits or disappears."""
+    return wait_until_healthy(url, deadline_seconds, HEALTHY, lambda: stopped_reason(name))
+
+
+def clean_lines(raw: bytes, secrets: list[str]) -> list[str]:
+    """Log bytes as printable lines: control characters dropped, the given secret values
+    and credentials in URLs replaced by `***`."""
+    text = ANSI.sub("", raw.decode(errors="replace").replace("\r\n", "\n"))
+    for value in secrets:
+        text = text.replace(value, "***")
+    return redact_urls(text)[0].splitlines()
+
+
+@task(cache_policy=NO_CACHE)
+def container_log_tail(name: str, secrets: list[str], lines: int = 100) -> list[str]:
+    """The last `lines` lines `name` logged (both streams, with Docker's timestamps),
+    cleaned of control characters and secrets (see `clean_lines`)."""
+    container = _get(name)
+    if container is None:
+        return []
+    raw = container.logs(tail=lines, stdout=True, stderr=True, timestamps=True)
+    return clean_lines(raw, secrets)
+
+
+@task(cache_policy=NO_CACHE)
+def restart_container(name: str, stop_seconds: int = STOP_SECONDS) -> ContainerState:
+    """Restart `name` (started when exited, unpaused first when paused); its new state."""
+    container = _get(name)
+    if container is None:
+        raise ContainerError(f"container {name!r} no longer exists: it cannot be restarted")
+    try:
+        if container.status == "paused":
+            container.unpause()
+        container.restart(timeout=stop_seconds)
+    except APIError as error:
+        raise ContainerError(f"docker could not restart {name!r}: {error.explanation}") from None
+    return current_state(name)
+
+
+# ------------------------------------------------------------------ recreate (SDK)
+
+
+def _image_ref(attrs: dict[str, Any]) -> tuple[str, str]:
+    """The image to recreate from: its name when the name still points at the image the
+    container ran, else that image's id. Returns (reference, note for the report)."""
+    client = docker_client()
+    name, image_id = attrs["Config"].get("Image", ""), attrs["Image"]
+    try:
+        if name and client.images.get(name).id == image_id:
+            return name, ""
+    except ImageNotFound:
+        pass
+    try:
+        client.images.get(image_id)
+    except ImageNotFound:
+        raise RecreateError(
+            f"the image the container ran ({name or image_id}) is no longer on this host: "
+            "load or build it again, or recreate from the compose file (compose_file)"
+        ) from None
+    return image_id, f"{name} now names another image; recreated from the one it ran, {image_id}"
+
+
+def creation_config(attrs: dict[str, Any], image: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An Engine API create body reproducing the inspected container (image, command,
+    entrypoint, env, labels, user, working dir, mounts with its volumes, network mode,
+    ports, restart policy…), and the extra networks to connect after creating it."""
+    config = {k: v for k, v in attrs["Config"].items() if v is not None}
+    config["Image"] = image
+    if config.get("Hostname") == attrs["Id"][:12]:
+        config.pop("Hostname")  # the old container's generated hostname
+    host = {k: v for k, v in attrs["HostConfig"].items() if v is not None}
+    # Anonymous volumes keep their data: the new container mounts the same volumes.
+    volumes = {m["Destination"]: m["Name"] for m in attrs.get("Mounts") or [] if m.get("Name")}
+    mounts = [dict(m) for m in host.get("Mounts") or []]
+    for mount in mounts:
+        if mount.get("Type") == "volume" and not mount.get("Source"):
+            mount["Source"] = volumes.get(mount.get("Target"))
+    if mounts:
+        host["Mounts"] = mounts
+    binds = list(host.get("Binds") or [])
+    covered = {b.split(":")[1] for b in binds if ":" in b} | {m.get("Target") for m in mounts}
+    for mount in attrs.get("Mounts") or []:  # the image's VOLUMEs, named nowhere else
+        if mount.get("Type") == "volume" and mount.get("Destination") not in covered:
+            mode = "" if mount.get("RW", True) else ":ro"
+            binds.append(f"{mount['Name']}:{mount['Destination']}{mode}")
+    if binds:
+        host["Binds"] = binds
+    config["HostConfig"] = host
+    networks = dict((attrs.get("NetworkSettings") or {}).get("Networks") or {})
+    mode = host.get("NetworkMode", "")
+    extra: dict[str, Any] = {}
+    if mode not in PLAIN_NETWORKS and not mode.startswith("container:"):
+        endpoints = {}
+        for net, settings in networks.items():
+            aliases = [a for a in settings.get("Aliases") or [] if a != attrs["Id"][:12]]
+            endpoint = {"Aliases": aliases or None, "IPAMConfig": settings.get("IPAMConfig")}
+            endpoint = {k: v for k, v in endpoint.items() if v}
+            if net == mode:
+                endpoints[net] = endpoint
+            else:
+                extra[net] = endpoint
+        config["NetworkingConfig"] = {"EndpointsConfig": endpoints}
+    return config, extra
+
+
+@task(cache_policy=NO_CACHE)
+def plan_recreate(inspection: Inspection) -> str:
+    """Check that the container can be recreated from its configuration (its image is
+    here, the create body builds) without changing anything; what would be created."""
+    if inspection.attrs is None:
+        raise RecreateError(f"container {inspection.state.name!r} does not exist")
+    image, note = _image_ref(inspection.attrs)
+    config, _ = creation_config(inspection.attrs, image)
+    host = config["HostConfig"]
+    mounts = len(host.get("Binds") or []) + len(host.get("Mounts") or [])
+    policy = (host.get("RestartPolicy") or {}).get("Name") or "no"
+    text = (
+        f"image {image}, network mode {host.get('NetworkMode') or 'default'}, {mounts} mounts, "
+        f"{len(config.get('Env') or [])} environment variables, "
+        f"{len(config.get('Labels') or {})} labels, restart policy {policy}"
+    )
+    return f"{text} ({note})" if note else text
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A recreated container and the original, moved aside until the new one is proven."""
+
+    name: str
+    aside: str | None  # the original's name while aside (None: there was no original)
+    was_running: bool
+    note: str = ""
+
+
+def move_aside(name: str) -> tuple[str, bool] | None:
+    """Stop `name` and rename it `<name>-replaced-<UTC>`; (new name, was running), or
+    None when there is no such container."""
+    container = _get(name)
+    if container is None:
+        return None
+    was_running = container.status in {"running", "restarting", "paused"}
+    aside = f"{name}-replaced-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    try:
+        if was_running:
+            container.stop(timeout=STOP_SECONDS)
+        container.rename(aside)
+    except DockerException as error:
+        if was_running:
+            with suppress(DockerException):
+                container.start()
+        reason = getattr(error, "explanation", None) or str(error)
+        raise RecreateError(
+            f"could not move {name!r} aside ({reason}); it is now {current_state(name).summary()}"
+        ) from None
+    return aside, was_running
+
+
+@task(cache_policy=NO_CACHE)
+def recreate_container(inspection: Inspection) -> Replacement:
+    """Recreate the inspected container from its own configuration and start it; the
+    original waits aside. On failure the original is put back (see `roll_back`) and
+    RecreateError says in what state."""
+    if inspection.attrs is None:
+        raise RecreateError(f"container {inspection.state.name!r} does not exist")
+    name = inspection.state.name
+    image, note = _image_ref(inspection.attrs)
+    config, extra_networks = creation_config(inspection.attrs, image)
+    moved = move_aside(name)
+    replacement = Replacement(name, moved[0] if moved else None, bool(moved and moved[1]), note)
+    try:
+        client = docker_client()
+        created = client.api.create_container_from_config(config, name=name)
+        for network, endpoint in extra_networks.items():
+            client.api.connect_container_to_network(
+                created["Id"],
+                network,
+                aliases=endpoint.get("Aliases"),
+                **_ipam(endpoint.get("IPAMConfig")),
+            )
+        client.api.start(created["Id"])
+    except DockerException as error:
+        reason = getattr(error, "explanation", None) or str(error)
+        state = roll_back(replacement)
+        raise RecreateError(f"docker refused to recreate {name!r} ({reason}); {state}") from None
+    return replacement
+
+
+def _ipam(ipam: dict[str, Any] | None) -> dict[str, Any]:
+    ipam = ipam or {}
+    return {"ipv4_address": ipam.get("IPv4Address"), "ipv6_address": ipam.get("IPv6Address")}
+
+
+@task(cache_policy=NO_CACHE)
+def roll_back(replacement: Replacement) -> str:
+    """Remove the new container and put the original back under its name, started again
+    if it was running. Returns the resulting state in words (for the report)."""
+    client = docker_client()
+    name = replacement.name
+    with suppress(NotFound):
+        client.containers.get(name).remove(force=True)
+    if replacement.aside is None:
+        return f"the failed new container was removed; there is no container {name!r}"
+    try:
+        original = client.containers.get(replacement.aside)
+        original.rename(name)
+        if replacement.was_running:
+            original.start()
+    except DockerException as error:
+        reason = getattr(error, "explanation", None) or str(error)
+        return (
+            f"putting the original back failed ({reason}): it is container "
+            f"{replacement.aside!r}, now {current_state(replacement.aside).summary()}"
+        )
+    return f"the original container is back under its name, now {current_state(name).summary()}"
+
+
+@task(cache_policy=NO_CACHE)
+def keep_replacement(replacement: Replacement) -> str | None:
+    """The new container is verified: remove the original (its volumes are kept).
+    Returns what was removed."""
+    if replacement.aside is None:
+        return None
+    with suppress(NotFound):
+        docker_client().containers.get(replacement.aside).remove(v=False, force=True)
+    return replacement.aside
+
+
+# -------------------------------------------------------------- recreate (compose)
+
+
+@task(cache_policy=NO_CACHE)
+def recreate_with_compose(target: ComposeService, state: ContainerState) -> Replacement:
+    """`up --force-recreate` the service of `target`. A container of that name that
+    compose does not manage as this service is moved aside first (compose would refuse
+    the name) and put back if compose fails. Returns the new container's name."""
+    name = state.name
+    managed = state.compose_service == target.service
+    moved = move_aside(name) if state.exists and not managed else None
+    replacement = Replacement(name, moved[0] if moved else None, bool(moved and moved[1]))
+    try:
+        compose_recreate(target)
+        created = docker_client().containers.get(compose_container_id(target))
+    except (ComposeError, DockerException) as error:
+        reason = getattr(error, "explanation", None) or str(error)
+        now = roll_back(replacement) if moved else f"it is now {current_state(name).summary()}"
+        raise RecreateError(f"{reason}; {now}") from None
+    return Replacement(created.name, replacement.aside, replacement.was_running)

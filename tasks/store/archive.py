@@ -1,0 +1,372 @@
+"""Compression, checksums and manifests: the format of what we store.
+
+One streaming pass compresses and hashes; nothing holds a whole backup in memory.
+gzip (via isal, gzip-compatible so operators can `gunzip` by hand) is the default;
+zstd is the option for speed and size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Literal, Protocol
+
+import zstandard
+from isal import igzip, igzip_threaded
+
+from tasks.common.files import create_file, discard_file
+
+Compression = Literal["gzip", "zstd"]
+SUFFIXES: dict[str, str] = {"gzip": ".gz", "zstd": ".zst"}
+CHUNK = 1 << 20
+GZIP_LEVEL = 1  # isal level 1: ~1.5 GB/s, ratio close to gzip -6 on session data
+ZSTD_LEVEL = 3
+MANIFEST_SUFFIX = ".manifest.json"
+AGE_SUFFIX = ".age"  # an age-encrypted file: the backup's name plus this
+MANIFEST_FORMAT = 1
+
+
+class ArchiveError(ValueError):
+    """A stored backup does not match what its manifest promises."""
+
+
+def check_compression(compression: str) -> Compression:
+    """Reject an unknown compression name with the accepted ones."""
+    if compression not in SUFFIXES:
+        raise ValueError(f"unknown compression {compression!r}: use one of {', '.join(SUFFIXES)}")
+    return compression  # type: ignore[return-value]
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only file that hashes and counts what passes into it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.size += view.nbytes
+        self._raw.write(view)
+        return view.nbytes
+
+
+class HashingReader(io.RawIOBase):
+    """A readable stream over `raw` (anything with `read(n)`) that hashes and counts
+    what is read from it."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._raw.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.sha256.update(data)
+        self.size += n
+        return n
+
+
+@dataclass(frozen=True)
+class EncryptedFile:
+    """An age-encrypted copy as written: where, how big, its SHA-256, to whom."""
+
+    path: Path
+    size: int
+    sha256: str
+    recipients: tuple[str, ...]
+    seconds: float = 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's `encryption` entry: public keys and the object's facts."""
+        return {
+            "format": "age",
+            "recipients": list(self.recipients),
+            "size": self.size,
+            "sha256": self.sha256,
+        }
+
+
+@dataclass(frozen=True)
+class CompressedFile:
+    """A compressed file as written: where, how big, its SHA-256; with `encrypted`, its
+    age-encrypted copy made in the same pass."""
+
+    path: Path
+    size: int
+    sha256: str
+    raw_size: int
+    compression: Compression
+    encrypted: EncryptedFile | None = None
+
+
+class EncryptedCopy(Protocol):
+    """Where the compressed stream is also written, encrypted (tasks.store.encryption)."""
+
+    def write(self, data: Any) -> int: ...
+    def close(self) -> EncryptedFile: ...
+    def abort(self) -> None: ...
+
+
+class _Tee(io.RawIOBase):
+    """Write to the file and to the encrypted copy."""
+
+    def __init__(self, file: IO[bytes], copy: EncryptedCopy) -> None:
+        self._file = file
+        self._copy = copy
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._file.write(view)
+        self._copy.write(data if isinstance(data, bytes) else bytes(view))  # kept queued
+        return view.nbytes
+
+
+class CompressedWriter:
+    """Compress, hash and write chunks to `path` in one pass; fsync on close. With
+    `encrypted_copy`, the compressed stream also flows into it in the same pass (the
+    hash stays that of the plain compressed stream); with `keep_plain` off, only there
+    (no plain file: `path` is unused and the result's path is the encrypted copy's)."""
+
+    def __init__(
+        self,
+        path: Path,
+        compression: Compression,
+        threads: int = 2,
+        encrypted_copy: EncryptedCopy | None = None,
+        keep_plain: bool = True,
+    ) -> None:
+        self.path = path
+        self.compression = check_compression(compression)
+        self.raw_size = 0
+        self._copy = encrypted_copy
+        self._file: IO[bytes] | None = None
+        sink: Any = encrypted_copy
+        if keep_plain or encrypted_copy is None:
+            self._file = create_file(path)  # owner-only while staged; closed in close/abort
+            sink = self._file if encrypted_copy is None else _Tee(self._file, encrypted_copy)
+        self._hashing = HashingWriter(sink)
+        self._stream: IO[bytes]
+        if compression == "gzip":
+            self._stream = igzip_threaded.open(  # type: ignore[assignment]
+                self._hashing, "wb", compresslevel=GZIP_LEVEL, threads=threads
+            )
+        else:
+            compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=threads)
+            self._stream = compressor.stream_writer(self._hashing, closefd=False)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self._stream.write(chunk)
+        self.raw_size += len(chunk)
+
+    def close(self) -> CompressedFile:
+        """Finish the stream, flush it to disk and describe the result."""
+        self._stream.close()
+        encrypted = self._copy.close() if self._copy is not None else None
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        return CompressedFile(
+            path=self.path if self._file is not None or encrypted is None else encrypted.path,
+            size=self._hashing.size,
+            sha256=self._hashing.sha256.hexdigest(),
+            raw_size=self.raw_size,
+            compression=self.compression,
+            encrypted=encrypted,
+        )
+
+    def abort(self) -> None:
+        """Drop the partial output (and the encrypted copy's)."""
+        with contextlib.suppress(Exception):  # the output is discarded anyway
+            self._stream.close()
+        if self._copy is not None:
+            self._copy.abort()
+        if self._file is not None:
+            discard_file(self._file, self.path)
+
+
+def open_decompressed(path: Path, compression: Compression) -> IO[bytes]:
+    """A readable stream of the original bytes of a compressed backup."""
+    if check_compression(compression) == "gzip":
+        return igzip.open(path, "rb")  # type: ignore[return-value]
+    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+
+
+def iter_chunks(stream: IO[bytes], size: int = CHUNK) -> Iterator[bytes]:
+    """Read a binary stream in large chunks until EOF."""
+    while chunk := stream.read(size):
+        yield chunk
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter_chunks(stream):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file(path: Path, size: int, sha256: str) -> None:
+    """Refuse a stored file whose size or SHA-256 differs from its manifest."""
+    if not path.is_file():
+        raise ArchiveError(f"backup file {path} is missing; pick another backup")
+    actual_size = path.stat().st_size
+    if actual_size != size:
+        raise ArchiveError(
+            f"backup {path.name} is {actual_size} bytes but its manifest says {size}: "
+            "the file is truncated or was replaced; pick another backup"
+        )
+    actual = sha256_file(path)
+    if actual != sha256:
+        raise ArchiveError(
+            f"backup {path.name} fails its checksum (sha256 {actual[:16]}…, manifest "
+            f"{sha256[:16]}…): the file is corrupt; pick another backup"
+        )
+
+
+@dataclass
+class Manifest:
+    """What a backup is, stored beside it and written last."""
+
+    kind: str
+    name: str
+    created_at: str
+    size: int
+    sha256: str
+    compression: Compression
+    raw_size: int
+    duration_seconds: float
+    source: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+    format: int = MANIFEST_FORMAT
+    source_id: str = ""  # what was backed up (tasks.store.sources); "" in older manifests
+    # The off-site copy when it is age-encrypted: {"format": "age", "recipients": [public
+    # keys], "size", "sha256"} of the encrypted object (`size`/`sha256` above are those
+    # of the plain compressed stream), and "local": true when the local copy is that
+    # encrypted file too (`local_name`); empty when the copies are plain.
+    encryption: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def describe(
+        cls,
+        kind: str,
+        name: str,
+        stored: CompressedFile,
+        duration_seconds: float,
+        source: dict[str, Any],
+        steps: dict[str, float] | None = None,
+        *,
+        source_id: str = "",
+    ) -> Manifest:
+        """The manifest of a file just written by `CompressedWriter`, dated now."""
+        return cls(
+            kind=kind,
+            name=name,
+            created_at=datetime.now(UTC).isoformat(),
+            size=stored.size,
+            sha256=stored.sha256,
+            compression=stored.compression,
+            raw_size=stored.raw_size,
+            duration_seconds=duration_seconds,
+            source=source,
+            steps=steps or {},
+            source_id=source_id,
+        )
+
+    @property
+    def local_name(self) -> str:
+        """The file's name in the backup directory: `.age` added when the local copy is
+        encrypted too (`encryption["local"]`)."""
+        return self.name + AGE_SUFFIX if self.encryption.get("local") else self.name
+
+    @property
+    def local_facts(self) -> tuple[int, str]:
+        """Size and SHA-256 of the file in the backup directory (the encrypted one's
+        when the local copy is encrypted)."""
+        if self.encryption.get("local"):
+            return self.encryption["size"], self.encryption["sha256"]
+        return self.size, self.sha256
+
+    def plain_file(self, found: Path, given: Path | None) -> Path:
+        """The plain compressed file to read: `given` (a verified decrypted copy), else
+        the stored file `found`, which must not be encrypted."""
+        if given is None and self.encryption.get("local"):
+            raise ArchiveError(
+                f"backup {self.local_name} is age-encrypted: decrypt it first (the recovery "
+                "flows do, with PROXILION_DR_AGE_IDENTITY_FILE)"
+            )
+        return given or found
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Manifest:
+        data = json.loads(text)
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def manifest_name(name: str) -> str:
+    """The sidecar name for a backup's manifest."""
+    return name + MANIFEST_SUFFIX
+
+
+class _WriterFile(io.RawIOBase):
+    """A file object over a `CompressedWriter`, for `tarfile` in stream mode."""
+
+    def __init__(self, writer: CompressedWriter) -> None:
+        self._writer = writer
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._writer.write(view)
+        return view.nbytes
+
+
+def tar_stream(writer: CompressedWriter) -> tarfile.TarFile:
+    """A tar archive written straight into a compressed writer (no temp tar file).
+
+    Close the TarFile first (it writes the end blocks), then `writer.close()`."""
+    return tarfile.open(fileobj=_WriterFile(writer), mode="w|", format=tarfile.PAX_FORMAT)
+
+
+def extract_archive(path: Path, compression: Compression, target: Path) -> list[str]:
+    """Unpack a compressed tar backup into `target`, streamed, with tarfile's `data`
+    filter: nothing may land outside `target` (absolute paths, `..`, links out)."""
+    target.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    with (
+        open_decompressed(path, compression) as stream,
+        tarfile.open(fileobj=stream, mode="r|") as archive,
+    ):
+        for member in archive:
+            archive.extract(member, target, filter="data")
+            names.append(member.name)
+    return names

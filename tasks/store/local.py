@@ -1,0 +1,289 @@
+"""The local backup directory: names, durable commits, listing, retention.
+
+A backup is complete only when its manifest sidecar exists; the manifest is
+written last, after the data is fsynced. Incomplete backups are never listed,
+restored or counted for retention.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common.clock import parse_time, utc_now
+from tasks.common.files import OWNER_ONLY, Modes, fsync_dir, make_dirs, write_durably
+from tasks.common.log import run_logger
+from tasks.store.archive import SUFFIXES, CompressedFile, Compression, Manifest, manifest_name
+from tasks.store.sources import derived_source_id, source_tag
+
+FUTURE_TOLERANCE = timedelta(minutes=5)
+# A staging file untouched this long belongs to a run that died: no backup run goes this
+# long without writing to it (the lock wait is 15 min, the Redis save deadline 10 min by
+# default, and copies write continuously). Its mtime is its last write, not its start.
+STALE_PARTIAL_AGE = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How one kind of backup is named:
+    `<folder>/<stem>_<UTC stamp>_<source tag><ext><.gz|.zst>`."""
+
+    folder: str
+    stem: str
+    ext: str
+
+    def staging_pattern(self) -> re.Pattern[str]:
+        """Our hidden staging files in this kind's folder (see `staging_path`)."""
+        suffixes = "|".join(re.escape(s) for s in SUFFIXES.values())
+        return re.compile(
+            rf"\.{re.escape(self.stem)}_\d{{8}}_\d{{6}}(_[0-9a-f]+)?{re.escape(self.ext)}"
+            rf"(?:{suffixes})(?:\.age)?\.[0-9a-f]{{8}}\.partial"
+        )
+
+
+KINDS: dict[str, Kind] = {
+    "redis": Kind("redis", "dump", ".rdb"),
+    "prometheus": Kind("prometheus", "prometheus", ".tar"),
+    "config": Kind("config", "config", ".tar"),
+    "logs": Kind("logs", "gateway", ".log"),
+}
+
+
+class BackupNotFound(LookupError):
+    """No complete backup matches the request."""
+
+
+def backup_name(kind: str, created_at: datetime, compression: Compression, source_id: str) -> str:
+    """The relative name of a new backup, in the seed scripts' shape (UTC) with the
+    source's tag, so two sources' backups of the same second never collide:
+    `redis/dump_20260101_000000_1a2b3c4d.rdb.gz`."""
+    spec = KINDS[kind]
+    stamp = created_at.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
+    tag = source_tag(source_id)
+    return f"{spec.folder}/{spec.stem}_{stamp}_{tag}{spec.ext}{SUFFIXES[compression]}"
+
+
+def source_of(manifest: Manifest) -> str:
+    """The source identity of a backup: recorded, or for manifests written before it
+    was recorded, derived from their source facts ("" when they do not say)."""
+    return manifest.source_id or derived_source_id(manifest.kind, manifest.source)
+
+
+def resolve_name(backup_dir: Path, name: str) -> Path:
+    """The path of a backup name, refusing names that escape the backup directory."""
+    candidate = Path(name)
+    if candidate.is_absolute() or ".." in candidate.parts or not name.strip():
+        raise ValueError(
+            f"backup name {name!r} is not a plain relative name: give one as listed "
+            "(e.g. 'redis/dump_20260101_000000_1a2b3c4d.rdb.gz') or 'latest'"
+        )
+    root = backup_dir.resolve()
+    path = (root / candidate).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"backup name {name!r} points outside the backup directory {root}")
+    return path
+
+
+@task(cache_policy=NO_CACHE)
+def prepare_backup_dir(backup_dir: Path, kind: str, modes: Modes = OWNER_ONLY) -> Path:
+    """Create the kind's folder (missing folders with `modes.directory`, whatever the
+    umask) and prove it is writable before any work starts; remove staging files that
+    killed runs left behind (logged by name)."""
+    folder = Path(backup_dir) / KINDS[kind].folder
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        make_dirs(folder, modes.directory)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(
+            f"backup directory {folder} is not writable ({error.strerror or error}): "
+            "fix its permissions or free space, or choose another backup_dir"
+        ) from None
+    removed = remove_stale_partials(folder, kind, utc_now())
+    if removed:
+        run_logger().warning(
+            "Removed %d partial file(s) left by killed runs in %s (untouched for over %s): %s",
+            len(removed),
+            folder,
+            STALE_PARTIAL_AGE,
+            ", ".join(removed),
+        )
+    return folder
+
+
+def remove_stale_partials(folder: Path, kind: str, now: datetime) -> list[str]:
+    """Delete our hidden staging files (and only ours: the `staging_path` pattern) not
+    written to for `STALE_PARTIAL_AGE`; a running backup's file is always younger."""
+    pattern = KINDS[kind].staging_pattern()
+    cutoff = (now - STALE_PARTIAL_AGE).timestamp()
+    removed = []
+    for path in sorted(Path(folder).glob(".*.partial")):
+        try:
+            stale = pattern.fullmatch(path.name) and path.lstat().st_mtime < cutoff
+            if stale and path.is_file() and not path.is_symlink():
+                path.unlink()
+                removed.append(path.name)
+        except FileNotFoundError:
+            continue  # another run cleaned it up at the same time
+    return removed
+
+
+def explain_write_error(error: OSError, path: Path) -> OSError:
+    """A full disk or quota while writing a backup, said plainly with the fix;
+    other OS errors unchanged."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return error
+    return OSError(
+        error.errno,
+        f"no space left on the device of {Path(path).parent} while writing a backup "
+        f"({error.strerror}); nothing was stored: free space or choose another backup_dir",
+    )
+
+
+def staging_path(backup_dir: Path, name: str) -> Path:
+    """Where a backup is written before it is complete: hidden, beside its final place,
+    unique to this run (two runs never write the same partial file)."""
+    final = resolve_name(backup_dir, name)
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+@task(cache_policy=NO_CACHE)
+def commit_local(
+    backup_dir: Path, staged: CompressedFile, manifest: Manifest, modes: Modes = OWNER_ONLY
+) -> Path:
+    """Move a finished, fsynced file to its name (`manifest.local_name`: `.age` added
+    when the local copy is encrypted) with `modes.file`, then write its manifest (same
+    mode, named after the file) last."""
+    final = resolve_name(Path(backup_dir), manifest.local_name)
+    if final.exists():
+        raise FileExistsError(f"backup {manifest.local_name} already exists; not overwriting it")
+    os.chmod(staged.path, modes.file)
+    os.replace(staged.path, final)
+    fsync_dir(final.parent)
+    write_durably(
+        final.with_name(manifest_name(final.name)), manifest.to_json().encode(), modes.file
+    )
+    return final
+
+
+def list_local(backup_dir: Path, kind: str, source_id: str | None = None) -> list[Manifest]:
+    """Complete local backups of a kind (manifest and data present, plain or age-encrypted
+    as the manifest says), oldest first; only those of `source_id` when given (see
+    `source_of`)."""
+    folder = Path(backup_dir) / KINDS[kind].folder
+    found: list[Manifest] = []
+    for sidecar in folder.glob(f"*{manifest_name('')}"):
+        if sidecar.name.startswith("."):
+            continue
+        try:
+            manifest = Manifest.from_json(sidecar.read_bytes())
+        except (ValueError, TypeError):
+            continue  # an unreadable manifest is not a complete backup
+        if manifest.kind != kind or (source_id is not None and source_of(manifest) != source_id):
+            continue
+        if (Path(backup_dir) / manifest.local_name).is_file():
+            found.append(manifest)
+    return sorted(found, key=lambda m: m.created_at)
+
+
+def find_local(
+    backup_dir: Path, kind: str, name: str = "latest", source_id: str | None = None
+) -> tuple[Manifest, Path]:
+    """A complete local backup by name, or the newest one for 'latest' (of `source_id`
+    when given, else of any source), and its file (`manifest.local_name`)."""
+    if name != "latest":
+        resolve_name(Path(backup_dir), name)
+    complete = list_local(backup_dir, kind, source_id)
+    now = utc_now()
+    if name == "latest":
+        current = [m for m in complete if parse_time(m.created_at) <= now + FUTURE_TOLERANCE]
+        if not current:
+            raise BackupNotFound(
+                f"no complete {kind} backup in {Path(backup_dir) / KINDS[kind].folder}: "
+                f"run backup-{kind} first or point backup_dir at the right place"
+            )
+        manifest = current[-1]
+    else:
+        matches = [m for m in complete if m.name == name]
+        if not matches:
+            raise BackupNotFound(
+                f"no complete backup named {name!r} in {backup_dir} (a backup without its "
+                "manifest is incomplete): pick one from the list or use 'latest'"
+            )
+        manifest = matches[0]
+    return manifest, resolve_name(Path(backup_dir), manifest.local_name)
+
+
+@dataclass
+class RetentionPlan:
+    """Which complete backups of one source to keep and delete, which were dated in
+    the future, and how many other sources' backups were left alone."""
+
+    keep: list[Manifest] = field(default_factory=list)
+    delete: list[Manifest] = field(default_factory=list)
+    future: list[Manifest] = field(default_factory=list)
+    other_sources: int = 0
+    # In a versioned S3 bucket: backups due for deletion whose versions are still under
+    # Object Lock ("name (locked until …)"), kept for now; and the bytes really freed.
+    locked: list[str] = field(default_factory=list)
+    freed_bytes: int = 0
+
+
+def check_retention(retention_days: float, keep_min: int) -> None:
+    """Refuse retention settings that could delete what must be kept."""
+    if retention_days < 0:
+        raise ValueError(f"retention_days must be 0 or more, got {retention_days}")
+    if keep_min < 1:
+        raise ValueError(f"keep_min must be at least 1 (the newest is always kept), got {keep_min}")
+
+
+def plan_retention(
+    backups: list[Manifest], now: datetime, retention_days: float, keep_min: int, source_id: str
+) -> RetentionPlan:
+    """For the backups of `source_id`: delete what is older than `retention_days`, but
+    never the newest complete backup nor fewer than `keep_min`; backups dated in the
+    future are left alone, and so are other sources' (a server whose backups fail for
+    a while keeps its last ones, whatever the others do)."""
+    check_retention(retention_days, keep_min)
+    plan = RetentionPlan()
+    cutoff = now - timedelta(days=retention_days)
+    current = []
+    for manifest in backups:
+        if source_of(manifest) != source_id:
+            plan.other_sources += 1
+        elif parse_time(manifest.created_at) > now + FUTURE_TOLERANCE:
+            plan.future.append(manifest)
+        else:
+            current.append(manifest)
+    current.sort(key=lambda m: parse_time(m.created_at), reverse=True)
+    for position, manifest in enumerate(current):
+        if position < keep_min or parse_time(manifest.created_at) >= cutoff:
+            plan.keep.append(manifest)
+        else:
+            plan.delete.append(manifest)
+    return plan
+
+
+@task(cache_policy=NO_CACHE)
+def prune_local(
+    backup_dir: Path, kind: str, source_id: str, retention_days: float, keep_min: int
+) -> RetentionPlan:
+    """Apply retention to one source's backups in the local directory: manifest first,
+    so a half-pruned backup is never mistaken for a complete one."""
+    plan = plan_retention(
+        list_local(backup_dir, kind), utc_now(), retention_days, keep_min, source_id
+    )
+    for manifest in plan.delete:
+        data = resolve_name(Path(backup_dir), manifest.local_name)
+        data.with_name(manifest_name(data.name)).unlink(missing_ok=True)
+        data.unlink(missing_ok=True)
+    return plan
