@@ -49,7 +49,8 @@ from pyrage import x25519
 
 from sandbox import constants as stack
 from tasks.common.clock import utc_now
-from tasks.redis.capture import ServerFacts, capture_rdb
+from tasks.redis.capture import capture_rdb
+from tasks.redis.server import ServerFacts
 from tasks.redis.sync import fetch_rdb_over_network
 from tasks.store.archive import Manifest, check_compression
 from tasks.store.encryption import AgeCopy

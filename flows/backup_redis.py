@@ -20,14 +20,10 @@ from flows.support.steps import Destination, explains_failure, keep_backup, run_
 from tasks.common.clock import elapsed, utc_now
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url
-from tasks.redis.capture import (
-    capture_rdb,
-    choose_fetch,
-    inspect_redis,
-    redis_manifest,
-    trigger_save,
-)
+from tasks.redis.capture import capture_rdb, choose_fetch, redis_manifest
 from tasks.redis.sample import sample_after_save, sample_before_save
+from tasks.redis.save import trigger_save
+from tasks.redis.server import inspect_redis
 from tasks.store.archive import Compression, check_compression
 from tasks.store.local import backup_name, prepare_backup_dir, staging_path
 from tasks.store.sources import redis_source_id

@@ -56,7 +56,6 @@ from tasks.docker.project import (
 )
 from tasks.prometheus.capture import restore_snapshot
 from tasks.prometheus.restore import verify_history, wait_until_ready
-from tasks.redis.capture import connect
 from tasks.redis.restore import (
     check_gateway,
     place_staged,
@@ -66,6 +65,7 @@ from tasks.redis.restore import (
     verify_keyspace,
 )
 from tasks.redis.restore import wait_until_loaded as wait_until_redis_loaded
+from tasks.redis.server import connect
 from tasks.store.archive import extract_archive, open_decompressed
 from tasks.store.find import FoundBackup, fetch_backup
 from tasks.store.local import BackupNotFound

@@ -16,7 +16,7 @@ from redis_servers import assert_same_keyspace, keyspace_snapshot, running_redis
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from sandbox.seed import url_for_db
-from tasks.redis.capture import place_rdb
+from tasks.redis.restore import place_rdb
 from tasks.store.archive import sha256_file
 from tests.prefect_records import log_messages
 

@@ -22,14 +22,10 @@ from flows.support.settings import SecretParameter
 from sandbox import constants as stack
 from tasks.common.secrets import redact_url
 from tasks.docker.containers import ContainerError
-from tasks.redis.capture import (
-    RedisUnreachable,
-    SaveFailed,
-    SaveTimeout,
-    capture_rdb,
-    inspect_redis,
-)
+from tasks.redis.capture import capture_rdb
 from tasks.redis.rdb import RdbError
+from tasks.redis.save import SaveFailed, SaveTimeout
+from tasks.redis.server import RedisUnreachable, inspect_redis
 from tasks.store.local import list_local
 from tasks.store.s3 import S3Error, S3Unreachable
 from tests.prefect_records import log_messages

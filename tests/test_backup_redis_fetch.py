@@ -24,15 +24,10 @@ from test_backup_redis import fill, restore_and_compare
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from sandbox import images
-from tasks.redis.capture import (
-    SaveFailed,
-    SaveResult,
-    SaveTimeout,
-    WrongServer,
-    check_fresh,
-    place_rdb,
-)
+from tasks.redis.capture import WrongServer, check_fresh
 from tasks.redis.rdb import RdbInfo
+from tasks.redis.restore import place_rdb
+from tasks.redis.save import SaveFailed, SaveResult, SaveTimeout
 from tasks.store.local import list_local
 
 

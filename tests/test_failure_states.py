@@ -38,7 +38,7 @@ from flows.support.recovery import StepFailed
 from flows.support.steps import explains_failure
 from sandbox import constants as stack
 from tasks.logs.capture import LOG_LINE_FORMAT
-from tasks.redis.capture import RedisUnreachable
+from tasks.redis.server import RedisUnreachable
 from tasks.store.local import list_local
 from tasks.store.report import escape_markdown
 

@@ -18,8 +18,7 @@ from test_backup_config import artifact_rows, write_project
 
 from flows.backup_config import backup_config
 from flows.backup_redis import backup_redis
-from tasks.redis.capture import place_rdb
-from tasks.redis.restore import RedisSetup, place_staged, stage_rdb
+from tasks.redis.restore import RedisSetup, place_rdb, place_staged, stage_rdb
 from tasks.store.archive import CompressedWriter
 from tasks.store.find import fetch_backup
 from tasks.store.s3 import S3Error

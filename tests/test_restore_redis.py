@@ -21,8 +21,8 @@ from same_second import within_one_second
 from flows.backup_redis import backup_redis
 from tasks.common.clock import utc_now
 from tasks.common.files import write_durably
-from tasks.redis.capture import AofDataPresent, PlacedRdb, place_rdb
 from tasks.redis.rdb import RdbError
+from tasks.redis.restore import AofDataPresent, PlacedRdb, place_rdb
 from tasks.store.archive import ArchiveError, CompressedWriter, Manifest, manifest_name
 from tasks.store.local import backup_name
 

@@ -7,8 +7,9 @@ import redis
 from prefect.states import Failed
 
 from tasks.common.retry import retry_transient
-from tasks.redis.capture import RedisAccessError, RedisUnreachable, SaveTimeout
 from tasks.redis.rdb import RdbError
+from tasks.redis.save import SaveTimeout
+from tasks.redis.server import RedisAccessError, RedisUnreachable
 from tasks.store.s3 import S3Error, S3Unreachable
 
 

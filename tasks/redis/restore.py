@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.common.aside import move_aside
+from tasks.common.clock import utc_now
 from tasks.common.files import (
     OWNER_ONLY,
     chown_like,
@@ -38,7 +42,6 @@ from tasks.common.log import run_logger
 from tasks.common.secrets import redact_url
 from tasks.docker import containers
 from tasks.docker.containers import wait_started
-from tasks.redis.capture import RedisUnreachable, connect, decompress_rdb, explain, inspect_redis
 from tasks.redis.rdb import (
     RdbChecker,
     RdbError,
@@ -47,8 +50,15 @@ from tasks.redis.rdb import (
     max_rdb_for_redis,
     validate_stream,
 )
-from tasks.store.archive import iter_chunks, open_decompressed
+from tasks.redis.server import RedisUnreachable, connect, explain, inspect_redis
+from tasks.store.archive import (
+    Compression,
+    iter_chunks,
+    open_decompressed,
+    verify_file,
+)
 from tasks.store.find import FoundBackup
+from tasks.store.local import find_local
 
 
 class RdbTooNew(RdbError):
@@ -400,3 +410,114 @@ def check_gateway(health_url: str, timeout_seconds: float) -> str:
     if not wait.healthy:
         raise RestoreNotVerified(f"gateway at {redact_url(health_url)}: {wait.summary()}")
     return f"{redact_url(health_url)} {wait.summary()}"
+
+
+AOF_NAMES = ("appendonlydir", "appendonly.aof")  # Redis 7's folder, older single file
+
+
+AofHandling = Literal["refuse", "move_aside"]
+
+
+class AofDataPresent(RuntimeError):
+    """The restore target holds AOF data, which Redis would load instead of the RDB."""
+
+
+def aof_in(target_dir: Path, aof_names: Iterable[str] = AOF_NAMES) -> list[Path]:
+    """The AOF data (Redis 7's folder, an older single file) present in `target_dir`."""
+    return [Path(target_dir) / n for n in aof_names if os.path.lexists(Path(target_dir) / n)]
+
+
+def _refuse_aof(found: list[Path], target_dir: Path) -> None:
+    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+    raise AofDataPresent(
+        f"{target_dir} holds AOF data ({names}): a Redis with appendonly yes loads the AOF "
+        "and ignores the placed dump.rdb, so this restore would be silently lost. Use "
+        "recover-redis, or pass aof='move_aside' to move the AOF aside (kept, not "
+        "deleted) and start Redis with appendonly no"
+    )
+
+
+@dataclass
+class PlacedRdb:
+    """An RDB put in place for Redis to load, and where the previous one went."""
+
+    backup: str
+    path: Path
+    moved_aside: Path | None
+    rdb: RdbInfo
+    aof_moved_aside: list[Path] = field(default_factory=list)
+
+
+def decompress_rdb(
+    stored: Path,
+    compression: Compression,
+    path: Path,
+    mode: int,
+    deep: bool = True,
+    durable: bool = True,
+) -> RdbInfo:
+    """Decompress a stored RDB backup into `path` (created with `mode`), validating it
+    in the same pass (redis-check-rdb too when `deep`); fsynced when `durable`. A
+    partial file is removed when it fails."""
+    try:
+        with open_decompressed(stored, compression) as source, create_file(path, mode) as out:
+            info = validate_stream(iter_chunks(source), deep, out.write)
+            out.flush()
+            if durable:
+                os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return info
+
+
+@task(cache_policy=NO_CACHE)
+def place_rdb(
+    backup_dir: Path,
+    name: str,
+    target_dir: Path,
+    dbfilename: str = "dump.rdb",
+    aof: AofHandling = "refuse",
+    aof_names: tuple[str, ...] = AOF_NAMES,
+    mode_of: Path | None = None,
+    plain: Path | None = None,
+) -> PlacedRdb:
+    """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load
+    (from `plain`, its decrypted copy, when the stored file is age-encrypted).
+
+    The stored file's checksum is verified first, the RDB is validated while it is
+    decompressed (and by redis-check-rdb when installed), and only then is any
+    existing RDB moved aside (never deleted) and the new one renamed into place.
+    Redis must be stopped (or about to be started) for this to take effect.
+
+    AOF data in `target_dir` (`aof_names`: Redis's `appenddirname` and
+    `appendfilename`) would be loaded instead of the RDB: `aof="refuse"` (default)
+    refuses before touching anything, `aof="move_aside"` moves it aside too. Either
+    way start Redis with `appendonly no`: Redis 7.0 with `appendonly yes` and no AOF
+    starts empty (and writes an empty AOF) without reading dump.rdb.
+
+    The placed file takes the mode of `mode_of` (default: the RDB it replaces), or
+    0600 when there is none; never the process umask's.
+    """
+    if aof not in ("refuse", "move_aside"):
+        raise ValueError(f"aof must be 'refuse' or 'move_aside', got {aof!r}")
+    found = aof_in(target_dir, aof_names)
+    if found and aof == "refuse":
+        _refuse_aof(found, Path(target_dir))
+    manifest, stored = find_local(Path(backup_dir), "redis", name)
+    stored = manifest.plain_file(stored, plain)
+    verify_file(stored, manifest.size, manifest.sha256)
+    target = Path(target_dir) / dbfilename
+    incoming = target.with_name(f".{dbfilename}.{uuid.uuid4().hex[:8]}.restoring")
+    info = decompress_rdb(stored, manifest.compression, incoming, mode_like(mode_of or target))
+    found = aof_in(target_dir, aof_names)
+    if found and aof == "refuse":  # appeared while we decompressed (Redis started?)
+        incoming.unlink()
+        _refuse_aof(found, Path(target_dir))
+    stamp = utc_now().strftime("%Y%m%d_%H%M%S")
+    aof_aside = [a for a in (move_aside(p, stamp) for p in found) if a]
+    aside = move_aside(target, stamp)
+    os.replace(incoming, target)
+    for path in aof_aside:
+        run_logger().warning("AOF data moved aside to %s: start Redis with appendonly no", path)
+    return PlacedRdb(manifest.name, target, aside, info, aof_aside)

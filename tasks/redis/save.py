@@ -1,0 +1,181 @@
+"""Making Redis write a snapshot we can prove is ours: BGSAVE (SCHEDULE behind an AOF
+rewrite), then INFO persistence polled with a deadline until that save is done.
+
+The runbook's loop compared two reads of LASTSAVE and never ended; this waits for
+Redis's own counters (rdb_saves, rdb_bgsave_in_progress, rdb_last_bgsave_status)."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from tasks.common.retry import retrying_task
+from tasks.common.secrets import redact_url
+from tasks.docker import containers
+from tasks.redis.server import connect, explain
+
+POLL_SECONDS = 0.1
+
+
+class SaveFailed(RuntimeError):
+    """Redis could not write its snapshot (disk, permissions, fork)."""
+
+
+class SaveTimeout(RuntimeError):
+    """The snapshot did not finish before the deadline."""
+
+
+@dataclass
+class SaveResult:
+    """The snapshot we waited for: Redis's LASTSAVE after it, the server's clock
+    when BGSAVE was sent (an RDB from this save has a `ctime` at or after it), and
+    how long it took."""
+
+    last_save_time: int
+    seconds: float
+    started_at: int = 0
+    started_at_us: int = 0  # the same, in microseconds (server TIME)
+
+
+def _persistence(client: redis.Redis) -> dict[str, Any]:
+    return client.info("persistence")
+
+
+BUSY = (
+    "Redis is busy with a background save it did not start for us (a replica's full "
+    "sync, or another backup)"
+)
+
+
+def _wait_for_save_idle(client: redis.Redis, deadline: float) -> None:
+    """Wait for a save someone else started (maybe a diskless replication child)."""
+    while int(_persistence(client)["rdb_bgsave_in_progress"]):
+        if time.monotonic() > deadline:
+            raise SaveTimeout(
+                f"{BUSY} that did not finish before the deadline: retry later or raise "
+                "save_timeout_seconds"
+            )
+        time.sleep(POLL_SECONDS)
+
+
+@dataclass
+class _Started:
+    """Where the save counters stood when our BGSAVE was accepted."""
+
+    saves: int | None  # INFO rdb_saves (Redis 7+; counts a save when it starts)
+    server_time_us: int
+
+
+def _start_bgsave(client: redis.Redis, deadline: float) -> _Started:
+    """BGSAVE (SCHEDULE while an AOF rewrite runs), retrying once past another save."""
+    for _attempt in range(2):
+        state = _persistence(client)
+        seconds, micros = client.time()
+        started = _Started(
+            int(state["rdb_saves"]) if "rdb_saves" in state else None,
+            int(seconds) * 1_000_000 + int(micros),
+        )
+        try:
+            client.bgsave(schedule=bool(int(state["aof_rewrite_in_progress"])))
+            return started
+        except redis.ResponseError as error:
+            if "already in progress" not in str(error):
+                raise
+            _wait_for_save_idle(client, deadline)
+    raise SaveFailed(f"{BUSY} twice in a row, so ours could not start: try again later")
+
+
+def _wait_past_last_save(client: redis.Redis, before: int, deadline: float, where: str) -> None:
+    """Redis < 7 only (no rdb_saves): LASTSAVE has 1 s resolution, so wait until the
+    server clock has passed it before saving, within the deadline. A LASTSAVE ahead
+    of the clock (a clock stepped back) would otherwise be waited for forever."""
+    while (now := int(client.time()[0])) <= before:
+        if time.monotonic() > deadline:
+            raise SaveTimeout(
+                f"Redis at {where} reports its last save at {before}, {before - now} s ahead "
+                "of its own clock (was the clock set back?): a new save cannot be told "
+                "apart; run one save by hand (BGSAVE) once the clock has passed it, or "
+                "upgrade to Redis 7"
+            )
+        time.sleep(POLL_SECONDS)
+
+
+def _our_save_ran(state: dict[str, Any], started: _Started, before: int) -> bool:
+    """Has the save we started been run (it may still be in progress)?"""
+    if started.saves is not None:
+        return int(state["rdb_saves"]) > started.saves
+    return int(state["rdb_last_save_time"]) > before
+
+
+def _may_be_ours(state: dict[str, Any], started: _Started) -> bool:
+    """Redis < 7: a failed save leaves LASTSAVE as it was, so an error status once no
+    AOF rewrite holds our scheduled save back is taken as ours."""
+    return started.saves is None and not int(state["aof_rewrite_in_progress"])
+
+
+_LOG_PREFIX = re.compile(r"^\d+:[A-Z] .*? [.*#-] ")  # "1:C 28 Nov 2026 08:42:20.693 # "
+
+
+def save_failure_reason(container: str | None) -> str:
+    """Redis's own words for a failed save, from its log when we can read it."""
+    if not container:
+        return "see the Redis log"
+    try:
+        lines = containers.log_tail(container, 80)
+    except containers.ContainerError:
+        return "see the Redis log"
+    reasons = [  # e.g. "Failed opening the temp RDB file … for saving: Read-only file system"
+        _LOG_PREFIX.sub("", line).strip()
+        for line in lines
+        if ("sav" in line.lower() or "rdb" in line.lower())
+        and any(word in line.lower() for word in ("fail", "error", "can't"))
+    ]
+    specific = [line for line in reasons if not line.startswith("Background saving error")]
+    return (specific or reasons or ["see the Redis log"])[-1]
+
+
+@retrying_task(2, 10)
+def trigger_save(
+    redis_url: str, timeout_seconds: float, container: str | None = None
+) -> SaveResult:
+    """BGSAVE and wait until Redis reports that save done; every wait has the deadline."""
+    started = time.monotonic()
+    deadline = started + timeout_seconds
+    where = redact_url(redis_url)
+    client = connect(redis_url)
+    try:
+        state = _persistence(client)
+        before = int(state["rdb_last_save_time"])
+        if "rdb_saves" not in state:
+            _wait_past_last_save(client, before, deadline, where)
+        ours = _start_bgsave(client, deadline)
+        while True:
+            state = _persistence(client)
+            idle = not int(state["rdb_bgsave_in_progress"])
+            done = idle and _our_save_ran(state, ours, before)
+            failed = state["rdb_last_bgsave_status"] == "err"
+            if done and not failed:
+                return SaveResult(
+                    int(state["rdb_last_save_time"]),
+                    round(time.monotonic() - started, 3),
+                    ours.server_time_us // 1_000_000,
+                    ours.server_time_us,
+                )
+            if failed and (done or (idle and _may_be_ours(state, ours))):
+                raise SaveFailed(
+                    f"Redis at {where} failed to write its snapshot: "
+                    f"{save_failure_reason(container)}. Check free space and that Redis "
+                    "can write to its `dir`"
+                )
+            if time.monotonic() > deadline:
+                raise SaveTimeout(
+                    f"Redis at {where} did not finish its snapshot within "
+                    f"{timeout_seconds:.0f} s: raise save_timeout_seconds or check the server"
+                )
+            time.sleep(POLL_SECONDS)
+    except redis.RedisError as error:
+        raise explain(error, redis_url) from None
