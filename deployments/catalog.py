@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 from croniter import croniter
 
-from tasks.store.local import KINDS
+from tasks.store.kinds import KINDS
 
 
 @dataclass(frozen=True)

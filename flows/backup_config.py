@@ -15,18 +15,12 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.support.hooks import BACKUP_HOOKS
+from flows.backup_status import BACKUP_HOOKS
+from flows.support.failures import explains_failure, run_name, unchanged
+from flows.support.keeping import Destination, keep_backup, with_exposure_warnings
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import backup_failed, backup_succeeded, backup_unchanged, with_hooks
 from flows.support.settings import SETTING, resolve, settings
-from flows.support.steps import (
-    Destination,
-    explains_failure,
-    keep_backup,
-    run_name,
-    unchanged,
-    with_exposure_warnings,
-)
 from tasks.common.clock import elapsed, utc_now
 from tasks.common.locks import exclusive, lock_name
 from tasks.config.capture import (
@@ -43,8 +37,8 @@ from tasks.config.capture import (
     write_config_archive,
 )
 from tasks.store.archive import Compression, check_compression
+from tasks.store.kinds import config_source_id
 from tasks.store.local import backup_name, prepare_backup_dir, staging_path
-from tasks.store.sources import config_source_id
 
 FAILED = backup_failed(
     "config", lambda p: config_source_id(p.get("project_dir") or settings().config_project_dir)

@@ -12,11 +12,12 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.support.hooks import BACKUP_HOOKS
+from flows.backup_status import BACKUP_HOOKS
+from flows.support.failures import explains_failure, run_name
+from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
 from flows.support.settings import resolve, settings
-from flows.support.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.common.clock import elapsed, utc_now
 from tasks.common.locks import exclusive, lock_name
 from tasks.logs.capture import (
@@ -28,8 +29,8 @@ from tasks.logs.capture import (
     parse_window,
 )
 from tasks.store.archive import Compression, check_compression
+from tasks.store.kinds import logs_source_id
 from tasks.store.local import backup_name, prepare_backup_dir, staging_path
-from tasks.store.sources import logs_source_id
 
 FAILED = backup_failed(
     "logs",

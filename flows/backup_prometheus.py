@@ -13,18 +13,20 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.support.hooks import BACKUP_HOOKS
+from flows.backup_status import BACKUP_HOOKS
+from flows.support.failures import explains_failure, run_name
+from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
 from flows.support.settings import SETTING, refuse_secret_parameters, resolve, settings
-from flows.support.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.common.clock import elapsed, utc_now
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.secrets import check_url, redact_url, url_server
+from tasks.prometheus.api import inspect_prometheus
 from tasks.prometheus.capture import (
     copy_snapshot,
     delete_snapshot,
-    inspect_prometheus,
+    describe,
     locate_tsdb,
     prometheus_manifest,
     record_values,
@@ -32,8 +34,8 @@ from tasks.prometheus.capture import (
     take_snapshot,
 )
 from tasks.store.archive import Compression, check_compression
+from tasks.store.kinds import prometheus_source_id
 from tasks.store.local import backup_name, prepare_backup_dir, staging_path
-from tasks.store.sources import prometheus_source_id
 
 FAILED = backup_failed(
     "prometheus",
@@ -116,6 +118,7 @@ def backup_prometheus(
                 manifest,
                 to,
                 {
+                    **describe(manifest),
                     "server": server,
                     "snapshot": snapshot.name,
                     "blocks": manifest.source["blocks"],

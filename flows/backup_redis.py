@@ -12,21 +12,22 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.support.hooks import BACKUP_HOOKS
+from flows.backup_status import BACKUP_HOOKS
+from flows.support.failures import explains_failure, run_name
+from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
 from flows.support.settings import SETTING, refuse_secret_parameters, resolve, settings
-from flows.support.steps import Destination, explains_failure, keep_backup, run_name
 from tasks.common.clock import elapsed, utc_now
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url
-from tasks.redis.capture import capture_rdb, choose_fetch, redis_manifest
+from tasks.redis.capture import capture_rdb, choose_fetch, describe, redis_manifest
 from tasks.redis.sample import sample_after_save, sample_before_save
 from tasks.redis.save import trigger_save
 from tasks.redis.server import inspect_redis
 from tasks.store.archive import Compression, check_compression
+from tasks.store.kinds import redis_source_id
 from tasks.store.local import backup_name, prepare_backup_dir, staging_path
-from tasks.store.sources import redis_source_id
 
 FAILED = backup_failed(
     "redis", lambda p: redis_source_id(p.get("redis_url") or settings().redis_url)
@@ -136,6 +137,7 @@ def backup_redis(
             manifest,
             to,
             {
+                **describe(manifest),
                 "server": server,
                 "keys": sum(db["keys"] for db in facts.keyspace.values()),
                 "fetch": captured.method,

@@ -15,11 +15,11 @@ from typing import Any
 
 from prefect import flow
 
+from flows.support.failures import StepFailed, explains_failure, one_line, run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.pushes import recovered, recovery_failed, with_hooks
-from flows.support.recovery import Recovery, StepFailed, one_line
+from flows.support.recovery import Recovery
 from flows.support.settings import settings
-from flows.support.steps import explains_failure, run_name
 from tasks.common import http_health as health
 from tasks.common.locks import exclusive, lock_name
 from tasks.docker.compose import find_service

@@ -16,14 +16,13 @@ from typing import Any
 
 from prefect import flow
 
+from flows.support.failures import explains_failure, run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import recovered, recovery_failed, with_hooks
-from flows.support.recovery import Recovery
-from flows.support.restoring import find_backup, roll_back
+from flows.support.recovery import BackupSource, Recovery, find_backup, roll_back
 from flows.support.settings import SETTING, refuse_secret_parameters, resolve
-from flows.support.steps import explains_failure, run_name
-from tasks.common.aside import MovedAside, move_into_aside, unique_folder
+from tasks.common.aside import MovedAside, unique_folder
 from tasks.common.files import require_free_space
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.secrets import url_server
@@ -33,16 +32,27 @@ from tasks.docker.containers import (
     start_container,
     stop_container,
 )
-from tasks.prometheus.capture import restore_snapshot
+from tasks.prometheus.prove import check_archive, prove_prometheus
 from tasks.prometheus.restore import (
-    check_archive,
-    check_retention_covers,
-    read_prometheus_setup,
-    verify_history,
+    StagedBlocks,
+    move_tsdb_aside,
+    place_blocks,
+    stage_blocks,
     wait_until_ready,
 )
+from tasks.prometheus.setup import check_retention_covers, read_prometheus_setup
 from tasks.store.find import FoundBackup
-from tasks.store.sources import prometheus_source_id
+from tasks.store.kinds import prometheus_source_id
+
+
+@dataclass(frozen=True)
+class Target:
+    """The Prometheus being restored, as inspected before it was touched."""
+
+    container: str
+    prometheus_url: str
+    data: Path
+    was_running: bool
 
 
 @flow(
@@ -97,75 +107,90 @@ def recover_prometheus(
     """
     refuse_secret_parameters(locals(), "prometheus_url")
     p = resolve(locals(), container="prometheus_container", data_dir="prometheus_data_dir")
+    source = BackupSource.of(p)
+    url = p["prometheus_url"]
     recovery = Recovery("recover-prometheus", dry_run=dry_run)
-    with (
-        recovery.reporting(),
-        exclusive(lock_name("backup-prometheus", url_server(p["prometheus_url"]))),
-    ):
-        _recover(recovery, p)
+    with recovery.reporting(), exclusive(lock_name("backup-prometheus", url_server(url))):
+        found = find_backup(recovery, source, "prometheus", backup, prometheus_source_id(url))
+        target = inspect_target(recovery, found, p["container"], url, p["data_dir"] or None)
+        check_free_disk(recovery, found, target)
+        if dry_run:
+            plan(recovery, found, target)
+        else:
+            restore(recovery, found, target, start_timeout_seconds)
     result = recovery.result()
     recovered("prometheus", result)
     return result
 
 
-@dataclass(frozen=True)
-class Target:
-    """The Prometheus being restored, as inspected before it was touched."""
-
-    container: str
-    prometheus_url: str
-    data: Path
-    was_running: bool
-
-
-def _recover(r: Recovery, p: dict[str, Any]) -> None:
-    container = p["container"]
-    found = find_backup(r, p, "prometheus", prometheus_source_id(p["prometheus_url"]))
+def inspect_target(
+    r: Recovery, found: FoundBackup, container: str, url: str, data_dir: str | None
+) -> Target:
+    """The step "inspect Prometheus": its TSDB dir, and a retention that keeps the
+    restored blocks (read from the container's command line when it does not answer)."""
     with r.step("inspect Prometheus") as step:
         if not container:
             raise ValueError("container is empty: name the Prometheus container to restore")
         was_running = container_running(container)
-        setup = read_prometheus_setup(p["prometheus_url"], container)
-        data = find_data_dir(container, setup.tsdb_path, p["data_dir"] or None)
+        setup = read_prometheus_setup(url, container)
+        data = find_data_dir(container, setup.tsdb_path, data_dir)
         step.detail = (
             f"{'running' if was_running else 'not running'}, TSDB {setup.tsdb_path} = {data}; "
             + check_retention_covers(found, setup)
         )
+    return Target(container, url, data, was_running)
+
+
+def check_free_disk(r: Recovery, found: FoundBackup, t: Target) -> None:
+    """Room for the unpacked backup beside the data dir (it is renamed in)."""
     with r.step("check free disk") as step:
-        needed = found.manifest.raw_size  # unpacked beside the data dir, then renamed in
-        free = require_free_space(data.parent, needed, f"unpacking {found.manifest.name}")
-        step.detail = f"{free / 1e6:.0f} MB free beside {data}, {needed / 1e6:.0f} MB needed"
-    if r.dry_run:
-        with r.step("check the archive's blocks (dry run)") as step:
-            step.detail = f"{len(check_archive(found))} complete blocks"
-        r.skip("stop Prometheus", f"would stop container {container}")
-        r.skip("move current data aside", f"would move the contents of {data} into "
-               f"{data.parent}/{data.name}.before-restore-<UTC>/")  # fmt: skip
-        r.skip("place the blocks", f"would put the blocks of {found.manifest.name} into {data}")
-        r.skip("start Prometheus and verify", "would wait for /-/ready and query old history")
-        return
-    _swap(r, Target(container, p["prometheus_url"], data, was_running), found, p)
+        needed = found.manifest.raw_size
+        free = require_free_space(t.data.parent, needed, f"unpacking {found.manifest.name}")
+        step.detail = f"{free / 1e6:.0f} MB free beside {t.data}, {needed / 1e6:.0f} MB needed"
 
 
-def _swap(r: Recovery, t: Target, found: FoundBackup, p: dict[str, Any]) -> None:
-    """Stop, move aside, place, start, verify; on any failure put the old data back."""
+def plan(r: Recovery, found: FoundBackup, t: Target) -> None:
+    """The dry run: read the archive's blocks; say what the live run would do."""
+    with r.step("check the archive's blocks (dry run)") as step:
+        step.detail = f"{len(check_archive(found))} complete blocks"
+    r.skip("stop Prometheus", f"would stop container {t.container}")
+    r.skip("move current data aside", f"would move the contents of {t.data} into "
+           f"{t.data.parent}/{t.data.name}.before-restore-<UTC>/")  # fmt: skip
+    r.skip("place the blocks", f"would put the blocks of {found.manifest.name} into {t.data}")
+    r.skip("start Prometheus and verify", "would wait for /-/ready and query old history")
+
+
+def restore(r: Recovery, found: FoundBackup, t: Target, timeout: float) -> None:
+    """Unpack and check the blocks while Prometheus still runs, then swap them in."""
+    staged = None
+    try:
+        with r.step("unpack and check the blocks") as step:
+            staged = stage_blocks(found, t.data)
+            step.detail = f"{len(staged.blocks)} complete blocks, as the manifest lists"
+        swap(r, t, found, staged, timeout)
+    finally:
+        if staged is not None:
+            staged.discard()
+
+
+def swap(r: Recovery, t: Target, found: FoundBackup, staged: StagedBlocks, timeout: float) -> None:
+    """Stop, move aside, place, start, prove; on any failure put the old data back."""
     moved: MovedAside | None = None
     try:
         with r.step("stop Prometheus") as step:
             stopped = stop_container(t.container)
             step.detail = f"container {t.container} " + ("stopped" if stopped else "was stopped")
         with r.step("move current data aside") as step:
-            moved = move_into_aside(t.data, None, t.data)
+            moved = move_tsdb_aside(t.data)
             r.moved_aside.append(str(moved.folder))
             step.detail = f"{len(moved.names)} entries → {moved.folder}"
         with r.step("place the blocks") as step:
-            restored = restore_snapshot(found.backup_dir, found.manifest.name, t.data, found.path)
-            step.detail = f"{len(restored.blocks)} blocks into {t.data} (no wal/, chunks_head/)"
+            blocks = place_blocks(staged, t.data)
+            step.detail = f"{len(blocks)} blocks into {t.data} (no wal/, chunks_head/)"
         with r.step("start Prometheus and wait for /-/ready"):
             start_container(t.container)
-            wait_until_ready(t.prometheus_url, t.container, p["start_timeout_seconds"])
-        with r.step("verify runtimeinfo and old history") as step:
-            step.detail = verify_history(t.prometheus_url, found)
+            wait_until_ready(t.prometheus_url, t.container, timeout)
+        r.prove(prove_prometheus(t.prometheus_url, found.manifest))
         r.healthy()
     except BaseException:
         failed_folder = unique_folder(t.data.parent, f"{t.data.name}.failed-restore")

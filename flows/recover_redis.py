@@ -10,21 +10,19 @@ puts it back and starts Redis again.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from flows.support.failures import explains_failure, run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import recovered, recovery_failed, with_hooks
-from flows.support.recovery import Recovery
-from flows.support.restoring import find_backup, roll_back
+from flows.support.recovery import BackupSource, Recovery, find_backup, roll_back
 from flows.support.settings import SETTING, refuse_secret_parameters, resolve
-from flows.support.steps import explains_failure, run_name
-from tasks.common.aside import MovedAside, move_into_aside, unique_folder
+from tasks.common.aside import MovedAside, unique_folder
 from tasks.common.files import require_free_space
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url
@@ -34,22 +32,31 @@ from tasks.docker.containers import (
     start_container,
     stop_container,
 )
+from tasks.redis.prove import check_gateway, check_persistence, prove_redis
 from tasks.redis.restore import (
-    RedisSetup,
-    check_gateway,
-    check_persistence,
+    StagedRdb,
     check_rdb,
-    place_staged,
-    read_redis_setup,
-    settle_aof,
+    move_redis_data_aside,
+    place_rdb,
     stage_rdb,
-    verify_keyspace,
     wait_until_loaded,
 )
+from tasks.redis.setup import RedisSetup, read_redis_setup, settle_aof
 from tasks.store.find import FoundBackup
-from tasks.store.sources import redis_source_id
+from tasks.store.kinds import redis_source_id
 
 GATEWAY_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """The Redis being restored, as inspected before it was touched."""
+
+    container: str
+    redis_url: str
+    data: Path
+    setup: RedisSetup
+    was_running: bool
 
 
 @flow(
@@ -105,119 +112,123 @@ def recover_redis(
         start_timeout_seconds: Seconds Redis may take to start and load the data.
     """
     refuse_secret_parameters(locals(), "redis_url")
-    p = resolve(
-        locals(),
-        container="redis_container",
-        data_dir="redis_data_dir",
-    )
+    p = resolve(locals(), container="redis_container", data_dir="redis_data_dir")
+    source = BackupSource.of(p)
     recovery = Recovery("recover-redis", dry_run=dry_run)
     lock = lock_name("backup-redis", parse_redis_url(p["redis_url"]).server)  # backup's lock
     with recovery.reporting(), exclusive(lock):
-        _recover(recovery, p)
+        found = find_backup(recovery, source, "redis", backup, redis_source_id(p["redis_url"]))
+        target = inspect_target(recovery, p["container"], p["redis_url"], p["data_dir"] or None)
+        check_free_disk(recovery, found, target)
+        if dry_run:
+            plan(recovery, found, target)
+        else:
+            restore(recovery, found, target, p["gateway_health_url"], start_timeout_seconds)
     result = recovery.result()
     recovered("redis", result)
     return result
 
 
-def _recover(r: Recovery, p: dict[str, Any]) -> None:
-    container = p["container"]
-    found = find_backup(r, p, "redis", redis_source_id(p["redis_url"]))
+def inspect_target(r: Recovery, container: str, redis_url: str, data_dir: str | None) -> Target:
+    """The step "inspect Redis": version, data dir and AOF setting, read before anything
+    is touched (from the container's binary and files when Redis does not answer)."""
     with r.step("inspect Redis") as step:
         if not container:
             raise ValueError("container is empty: name the Redis container to restore into")
         was_running = container_running(container)
-        setup = read_redis_setup(p["redis_url"], container)
-        data = find_data_dir(container, setup.dir, p["data_dir"] or None)
+        setup = read_redis_setup(redis_url, container)
+        data = find_data_dir(container, setup.dir, data_dir)
         settle_aof(setup, data)
         step.detail = (
             f"Redis {setup.redis_version} (loads RDB ≤ {setup.rdb_version}), "
             f"{'running' if was_running else 'not running'}, data dir {data}, "
             f"appendonly {'yes' if setup.aof_enabled else 'no'}"
         )
-    with r.step("check free disk") as step:
-        step.detail = _check_space(found, setup, data)
-    if r.dry_run:
-        _plan(r, found, setup, data, container)
-        return
-    staging = unique_folder(data, ".restore-staging")
-    try:
-        with r.step("validate and stage the RDB") as step:
-            rdb = stage_rdb(found, setup, staging)
-            step.detail = (
-                f"RDB v{rdb.rdb_version}, {rdb.size} bytes, {rdb.checksum_detail}; "
-                f"deep check {rdb.deep_check}"
-            )
-        target = Target(container, p["redis_url"], data, setup, was_running)
-        _swap(r, target, found, staging, p)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return Target(container, redis_url, data, setup, was_running)
 
 
-def _check_space(found: FoundBackup, setup: RedisSetup, data: Path) -> str:
+def check_free_disk(r: Recovery, found: FoundBackup, t: Target) -> None:
     """The restored RDB, plus the fresh dump Redis writes of its current data when it
     is stopped (moving aside is a rename: free)."""
-    current = data / setup.dbfilename
-    shutdown_save = current.stat().st_size if current.is_file() else 0
-    needed = found.manifest.raw_size + shutdown_save
-    free = require_free_space(data, needed, f"restoring {found.manifest.name} into {data}")
-    return f"{free / 1e6:.0f} MB free in {data}, {needed / 1e6:.0f} MB needed"
+    with r.step("check free disk") as step:
+        current = t.data / t.setup.dbfilename
+        shutdown_save = current.stat().st_size if current.is_file() else 0
+        needed = found.manifest.raw_size + shutdown_save
+        free = require_free_space(t.data, needed, f"restoring {found.manifest.name} into {t.data}")
+        step.detail = f"{free / 1e6:.0f} MB free in {t.data}, {needed / 1e6:.0f} MB needed"
 
 
-def _plan(r: Recovery, found: FoundBackup, setup: RedisSetup, data: Path, container: str) -> None:
+def plan(r: Recovery, found: FoundBackup, t: Target) -> None:
+    """The dry run: validate the RDB fully; say what the live run would do."""
     with r.step("validate the RDB (dry run)") as step:
-        rdb = check_rdb(found, setup)
-        step.detail = f"RDB v{rdb.rdb_version} loads on Redis {setup.redis_version}"
+        rdb = check_rdb(found, t.setup)
+        step.detail = f"RDB v{rdb.rdb_version} loads on Redis {t.setup.redis_version}"
         step.detail += f"; {rdb.deep_check}"
-    present = [n for n in setup.data_names() if (data / n).exists()]
-    r.skip("stop Redis", f"would stop container {container}")
+    present = [n for n in t.setup.data_names() if (t.data / n).exists()]
+    r.skip("stop Redis", f"would stop container {t.container}")
     r.skip("move current data aside", f"would move {', '.join(present) or 'nothing'} "
-           f"into {data}/{setup.dbfilename}.before-restore-<UTC>/")  # fmt: skip
-    aof = " and as the AOF base" if setup.aof_enabled else ""
-    r.skip("place the RDB", f"would place {found.manifest.name} as {setup.dbfilename}{aof}")
+           f"into {t.data}/{t.setup.dbfilename}.before-restore-<UTC>/")  # fmt: skip
+    aof = " and as the AOF base" if t.setup.aof_enabled else ""
+    r.skip("place the RDB", f"would place {found.manifest.name} as {t.setup.dbfilename}{aof}")
     keyspace = found.manifest.source.get("keyspace")
     r.skip("start Redis and verify", f"would verify key counts {keyspace}")
 
 
-@dataclass(frozen=True)
-class Target:
-    """The Redis being restored, as inspected before it was touched."""
+def restore(
+    r: Recovery, found: FoundBackup, t: Target, gateway_health_url: str, timeout: float
+) -> None:
+    """Validate and stage the RDB while Redis still runs, then swap it in."""
+    staged = None
+    try:
+        with r.step("validate and stage the RDB") as step:
+            staged = stage_rdb(found, t.setup, t.data)
+            rdb = staged.rdb
+            step.detail = (
+                f"RDB v{rdb.rdb_version}, {rdb.size} bytes, {rdb.checksum_detail}; "
+                f"deep check {rdb.deep_check}"
+            )
+        swap(r, t, found, staged, gateway_health_url, timeout)
+    finally:
+        if staged is not None:
+            staged.discard()
 
-    container: str
-    redis_url: str
-    data: Path
-    setup: RedisSetup
-    was_running: bool
 
-
-def _swap(r: Recovery, t: Target, found: FoundBackup, staging: Path, p: dict[str, Any]) -> None:
-    """Stop, move aside, place, start, verify; on any failure put the old data back."""
-    container, url, data, setup = t.container, t.redis_url, t.data, t.setup
+def swap(
+    r: Recovery,
+    t: Target,
+    found: FoundBackup,
+    staged: StagedRdb,
+    gateway_health_url: str,
+    timeout: float,
+) -> None:
+    """Stop, move aside, place, start, prove; on any failure put the old data back."""
     moved: MovedAside | None = None
     try:
         with r.step("stop Redis") as step:
-            stopped = stop_container(container)
-            step.detail = f"container {container} " + ("stopped" if stopped else "was not running")
+            stopped = stop_container(t.container)
+            step.detail = f"container {t.container} " + (
+                "stopped" if stopped else "was not running"
+            )
         with r.step("move current data aside") as step:
-            moved = move_into_aside(data, setup.data_names(), data / setup.dbfilename)
+            moved = move_redis_data_aside(t.data, t.setup)
             r.moved_aside.append(str(moved.folder))
             step.detail = f"{', '.join(moved.names) or 'nothing there'} → {moved.folder}"
         with r.step("place the RDB") as step:
-            step.detail = ", ".join(place_staged(staging, data, setup))
+            step.detail = ", ".join(place_rdb(staged, t.data, t.setup))
         with r.step("start Redis and wait for loading:0") as step:
-            start_container(container)
-            load = wait_until_loaded(url, container, p["start_timeout_seconds"])
+            start_container(t.container)
+            load = wait_until_loaded(t.redis_url, t.container, timeout)
             step.detail = f"loaded {load.get('rdb_last_load_keys_loaded', '?')} keys"
-        with r.step("verify key counts") as step:
-            step.detail = verify_keyspace(url, found.manifest.source.get("keyspace", {}), load)
+        r.prove(prove_redis(t.redis_url, found.manifest, load))
         with r.step("check persistence") as step:
-            step.detail = check_persistence(url, setup)
-        if p["gateway_health_url"]:
+            step.detail = check_persistence(t.redis_url, t.setup)
+        if gateway_health_url:
             with r.step("check the gateway") as step:
-                step.detail = check_gateway(p["gateway_health_url"], GATEWAY_TIMEOUT)
+                step.detail = check_gateway(gateway_health_url, GATEWAY_TIMEOUT)
         r.healthy()
     except BaseException:
-        failed_folder = unique_folder(data, "failed-restore")
-        roll_back(r, container, moved, failed_folder, setup.data_names(), t.was_running)
+        failed_folder = unique_folder(t.data, "failed-restore")
+        roll_back(r, t.container, moved, failed_folder, t.setup.data_names(), t.was_running)
         raise
 
 

@@ -26,20 +26,19 @@ import pytest
 from conftest import require
 from mounts import mounted_tmpfs
 from prometheus_servers import Throwaway, back_up, compare_blocks, query, running_prometheus
+from restoring import restore_prometheus_into
 
 from flows.backup_prometheus import backup_prometheus
 from sandbox import constants as stack
 from sandbox import images
 from tasks.prometheus import capture as prometheus_tasks
+from tasks.prometheus.api import AdminApiDisabled, PrometheusUnreachable
 from tasks.prometheus.capture import (
-    AdminApiDisabled,
     EmptySnapshot,
-    PrometheusUnreachable,
     Snapshot,
     SnapshotCopyError,
     Tsdb,
     delete_snapshot,
-    restore_snapshot,
 )
 from tasks.store.archive import CompressedWriter, open_decompressed, sha256_file
 from tasks.store.local import list_local
@@ -249,7 +248,7 @@ def test_container_backup_uploads_and_restores_into_a_fresh_prometheus(
     assert source["snapshot"] not in sandbox_snapshots()
 
     fresh = tmp_path / "fresh" / "data"
-    restored = restore_snapshot(backup_dir, "latest", fresh)
+    restored = restore_prometheus_into(backup_dir, "latest", fresh)
     assert restored.moved_aside is None and len(restored.blocks) == source["blocks"]
     assert sorted(os.listdir(fresh)) == sorted(restored.blocks)  # blocks only: no wal/
     with running_prometheus(fresh) as prometheus:
@@ -279,9 +278,9 @@ def test_host_path_backup_is_listed_by_promtool_and_restores_over_old_data(
     data = tmp_path / "old" / "data"
     (data / "wal").mkdir(parents=True)
     (data / "wal" / "00000000").write_bytes(b"old wal")
-    restored = restore_snapshot(backup_dir, manifest["name"], data)
+    restored = restore_prometheus_into(backup_dir, manifest["name"], data)
     assert restored.moved_aside is not None
-    assert (restored.moved_aside / "wal" / "00000000").read_bytes() == b"old wal"
+    assert (restored.moved_aside.folder / "wal" / "00000000").read_bytes() == b"old wal"
     assert sorted(os.listdir(data)) == sorted(restored.blocks)
     with running_prometheus(data) as prometheus:
         assert_same_answers(prometheus.url, manifest)
@@ -499,6 +498,6 @@ def test_auto_fetch_takes_the_container_route_and_restores(
     assert manifest["source"]["fetch"] == "container"
     assert manifest["source"]["snapshot"] not in sandbox_snapshots()
     fresh = tmp_path / "fresh" / "data"
-    restore_snapshot(backup_dir, manifest["name"], fresh)
+    restore_prometheus_into(backup_dir, manifest["name"], fresh)
     with running_prometheus(fresh) as prometheus:
         assert_same_answers(prometheus.url, manifest)

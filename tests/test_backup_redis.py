@@ -12,11 +12,11 @@ import boto3
 import pytest
 import redis
 from redis_servers import assert_same_keyspace, keyspace_snapshot, running_redis
+from restoring import restore_redis_into
 
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from sandbox.seed import url_for_db
-from tasks.redis.restore import place_rdb
 from tasks.store.archive import sha256_file
 from tests.prefect_records import log_messages
 
@@ -44,7 +44,7 @@ def restore_and_compare(
     expected = keyspace_snapshot(source_url, match=keys + "*")
     target = tmp_path / "restored"
     target.mkdir()
-    placed = place_rdb(backup_dir, name, target)
+    placed = restore_redis_into(backup_dir, name, target)
     assert placed.path == target / "dump.rdb"
     with running_redis(target) as restored:
         assert_same_keyspace(expected, keyspace_snapshot(restored, match=keys + "*"))

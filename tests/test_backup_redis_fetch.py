@@ -19,6 +19,7 @@ import pytest
 import redis
 from mounts import mounted_tmpfs
 from redis_servers import free_port, running_redis
+from restoring import restore_redis_into
 from test_backup_redis import fill, restore_and_compare
 
 from flows.backup_redis import backup_redis
@@ -26,7 +27,6 @@ from sandbox import constants as stack
 from sandbox import images
 from tasks.redis.capture import WrongServer, check_fresh
 from tasks.redis.rdb import RdbInfo
-from tasks.redis.restore import place_rdb
 from tasks.redis.save import SaveFailed, SaveResult, SaveTimeout
 from tasks.store.local import list_local
 
@@ -188,7 +188,7 @@ def test_auto_on_the_sandbox_copies_from_its_container(
     # throwaway container below; here the backup must load and hold the sandbox's data.
     target = tmp_path / "restored"
     target.mkdir()
-    place_rdb(backup_dir, manifest["name"], target)
+    restore_redis_into(backup_dir, manifest["name"], target)
     with running_redis(target) as restored:
         assert restored.client().dbsize() > 0
 

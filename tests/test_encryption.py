@@ -31,7 +31,7 @@ from flows.backup_config import backup_config
 from flows.backup_logs import backup_logs
 from flows.backup_prometheus import backup_prometheus
 from flows.recover_prometheus import recover_prometheus
-from flows.support.recovery import StepFailed
+from flows.support.failures import StepFailed
 from flows.verify_restore import DrillFailed, verify_restore
 from sandbox import constants as stack
 from tasks.store.archive import Manifest, manifest_name, sha256_file
@@ -43,7 +43,8 @@ from tasks.store.encryption import (
     staged_writer,
 )
 from tasks.store.find import fetch_backup
-from tasks.store.local import KINDS, list_local
+from tasks.store.kinds import KINDS
+from tasks.store.local import list_local
 from tasks.store.s3 import object_key
 
 AGE_HEADER = b"age-encryption.org/v1\n"

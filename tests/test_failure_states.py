@@ -34,8 +34,7 @@ from flows.backup_logs import backup_logs
 from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from flows.recover_gateway import recover_gateway
-from flows.support.recovery import StepFailed
-from flows.support.steps import explains_failure
+from flows.support.failures import StepFailed, explains_failure
 from sandbox import constants as stack
 from tasks.logs.capture import LOG_LINE_FORMAT
 from tasks.redis.server import RedisUnreachable

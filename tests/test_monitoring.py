@@ -20,10 +20,10 @@ from prefect.logging.handlers import APILogHandler
 
 from flows.backup_config import backup_config
 from flows.recover_redis import recover_redis
-from flows.support.recovery import StepFailed
+from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from tasks.common import pushgateway as metrics
-from tasks.store.sources import config_source_id
+from tasks.store.kinds import config_source_id
 from tests.conftest import require
 from tests.redis_servers import free_port
 

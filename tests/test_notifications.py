@@ -37,8 +37,9 @@ from deployments.notifications import (
     scheduled,
     webhook_block,
 )
+from flows.backup_status import refresh_backup_status
 from flows.recover_gateway import recover_gateway
-from flows.support.hooks import FLOW_HOOKS, check_failure_notified, refresh_backup_status
+from flows.support.hooks import FLOW_HOOKS, check_failure_notified
 
 
 class Webhook:

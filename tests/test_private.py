@@ -14,11 +14,13 @@ import pytest
 import redis
 from prefect.client.orchestration import get_client
 from redis_servers import free_port, running_redis
+from restoring import restore_redis_into
 from test_backup_config import artifact_rows, write_project
 
 from flows.backup_config import backup_config
 from flows.backup_redis import backup_redis
-from tasks.redis.restore import RedisSetup, place_rdb, place_staged, stage_rdb
+from tasks.redis.restore import restore_rdb
+from tasks.redis.setup import RedisSetup
 from tasks.store.archive import CompressedWriter
 from tasks.store.find import fetch_backup
 from tasks.store.s3 import S3Error
@@ -156,7 +158,7 @@ def test_restore_keeps_the_target_files_mode(
     if existing_mode is not None:
         (target / "dump.rdb").write_bytes(b"old")
         (target / "dump.rdb").chmod(existing_mode)
-    placed = place_rdb(backup_dir, manifest["name"], target)
+    placed = restore_redis_into(backup_dir, manifest["name"], target)
     assert stat.S_IMODE(placed.path.stat().st_mode) == (existing_mode or 0o600)
 
 
@@ -180,9 +182,7 @@ def test_restore_gives_placed_files_the_data_dirs_owner_and_the_replaced_rdbs_mo
     os.chown(data / "dump.rdb", redis_user, redis_user)
     setup = RedisSetup(version, True, str(data), "dump.rdb", True, "appendonlydir", "app.aof")
     found = fetch_backup(backup_dir, "redis", manifest["name"], "", "", None)
-    stage_rdb.fn(found, setup, data / ".restore-staging")
-    (data / "dump.rdb").unlink()  # recover-redis moves it aside before placing
-    placed = place_staged.fn(data / ".restore-staging", data, setup)
+    placed = restore_rdb.fn(found, data, setup).placed
     assert placed == ["dump.rdb", "appendonlydir"]
     files = [data / "dump.rdb", *(data / "appendonlydir").rglob("*")]
     assert {(p.name, p.stat().st_uid, p.stat().st_gid) for p in files} == {

@@ -21,7 +21,7 @@ from prefect.client.orchestration import get_client
 from redis_servers import RedisServer, free_port, running_redis
 
 from flows.recover_gateway import recover_gateway
-from flows.support.recovery import StepFailed
+from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from sandbox.images import host_mounts
 from sandbox.stack import gateway_mounts

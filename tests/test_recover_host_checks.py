@@ -14,7 +14,7 @@ from conftest import require
 from flows.backup_config import backup_config
 from flows.backup_redis import backup_redis
 from flows.recover_host import recover_host
-from flows.support.recovery import StepFailed
+from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from tasks.docker.project import (
     EnvFileError,

@@ -18,8 +18,8 @@ from flows.backup_prometheus import backup_prometheus
 from flows.recover_prometheus import recover_prometheus
 from sandbox import constants as stack
 from sandbox.stack import backfill_openmetrics
-from tasks.prometheus.capture import ULID
-from tasks.prometheus.restore import (
+from tasks.prometheus.api import ULID
+from tasks.prometheus.setup import (
     PrometheusSetup,
     RetentionTooShort,
     check_retention_covers,
@@ -97,7 +97,7 @@ def test_deleted_and_corrupt_blocks_are_recovered_and_history_answers_again(
         assert not (service.data_dir / "snapshots").exists()
         [aside] = result["moved_aside"]  # the damaged data is kept, as it was
         assert (Path(aside) / old[1].name / "index").read_bytes() == b"not an index"
-        step = next(s for s in result["steps"] if s["name"] == "verify runtimeinfo and old history")
+        step = next(s for s in result["steps"] if s["name"] == "query the oldest restored block")
         assert "series answer" in step["detail"]
 
 

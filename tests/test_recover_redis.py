@@ -25,7 +25,7 @@ from throwaway_services import Service, redis_container, redis_ready, restart
 
 from flows.backup_redis import backup_redis
 from flows.recover_redis import recover_redis
-from flows.support.recovery import StepFailed
+from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from tasks.common.files import write_durably
 from tasks.store.archive import CompressedWriter, Manifest, manifest_name, open_decompressed
@@ -129,7 +129,7 @@ def test_flushall_then_recover_brings_every_key_value_and_ttl_back(
         published = report("recover-redis")
         assert "# recover-redis: OK" in published and f"`{manifest.name}`" in published
         assert "RTO measured" in published and "RPO" in published and aside in published
-        assert step(result, "verify key counts")["outcome"] == "ok"
+        assert step(result, "key counts per db")["outcome"] == "ok"
 
 
 def test_recover_with_appendonly_yes_loads_the_backup_and_keeps_it_after_a_restart(
@@ -356,7 +356,7 @@ def test_a_failure_after_the_data_was_moved_puts_it_back_and_starts_redis(
     source = dict(good.source, keyspace={"db0": {"keys": 10**6, "expires": 0}})
     name = add_backup(lying, Manifest(**{**vars(good), "source": source}), good.name, rdb)
     before = keyspace_snapshot(service.url)
-    with pytest.raises(StepFailed, match="step 'verify key counts' failed: .*missing keys"):
+    with pytest.raises(StepFailed, match="step 'key counts per db' failed: .*missing keys"):
         recover(service, lying, backup=name)
     assert service.container().status == "running" and redis_ready(service)
     assert_same_keyspace(before, keyspace_snapshot(service.url))

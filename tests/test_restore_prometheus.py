@@ -18,10 +18,12 @@ from typing import Any
 
 import pytest
 from prometheus_servers import Throwaway, back_up, compare_blocks, running_prometheus
+from restoring import restore_prometheus_into
 from same_second import within_one_second
 
 from tasks.common.files import write_durably
-from tasks.prometheus.capture import ULID, PrometheusError, RestoredSnapshot, restore_snapshot
+from tasks.prometheus.api import ULID, PrometheusError
+from tasks.prometheus.restore import RestoredSnapshot
 from tasks.store.archive import (
     ArchiveError,
     CompressedWriter,
@@ -124,7 +126,7 @@ def test_scraped_values_of_persisted_blocks_come_back(
     persisted = [b for b in blocks if b["ulid"] in on_disk]
     assert len(persisted) >= PERSISTED_BLOCKS  # blocks the source had cut, not its head
     data = tmp_path / "fresh" / "data"
-    restored = restore_snapshot(backup_dir, "latest", data)
+    restored = restore_prometheus_into(backup_dir, "latest", data)
     assert sorted(restored.blocks) == sorted(b["ulid"] for b in blocks)
     with running_prometheus(data) as fresh:
         assert compare_blocks(fresh.url, source.url, persisted) == len(persisted)
@@ -142,15 +144,15 @@ def test_a_running_prometheus_holding_its_lock_is_refused(
         assert (data / "lock").is_file()
         before = state(data)
         with pytest.raises(PrometheusError, match="a running Prometheus holds .*lock: stop it"):
-            restore_snapshot(backup_dir, manifest.name, data)
+            restore_prometheus_into(backup_dir, manifest.name, data)
         assert state(data) == before
         # Killed (a clean stop removes it), its lock file stays but nobody holds it:
         # a stale lock file does not block the restore.
         live.process.kill()
         live.process.wait()
     assert (data / "lock").is_file()
-    restored = restore_snapshot(backup_dir, manifest.name, data)
-    assert restored.moved_aside is not None and (restored.moved_aside / "lock").is_file()
+    restored = restore_prometheus_into(backup_dir, manifest.name, data)
+    assert restored.moved_aside is not None and (restored.moved_aside.folder / "lock").is_file()
 
 
 def test_a_corrupt_stored_archive_is_refused_and_the_data_dir_untouched(
@@ -164,7 +166,7 @@ def test_a_corrupt_stored_archive_is_refused_and_the_data_dir_untouched(
     target = data_dir_with_old_data(tmp_path)
     before = state(target)
     with pytest.raises(ArchiveError, match="fails its checksum"):
-        restore_snapshot(backup_dir, manifest.name, target)
+        restore_prometheus_into(backup_dir, manifest.name, target)
     assert state(target) == before
 
 
@@ -177,7 +179,7 @@ def test_an_archive_missing_a_block_is_refused_and_the_data_dir_untouched(
     target = data_dir_with_old_data(tmp_path)
     before = state(target)
     with pytest.raises(ArchiveError, match=f"does not hold the blocks .*missing: {gone}"):
-        restore_snapshot(backup_dir, manifest.name, target)
+        restore_prometheus_into(backup_dir, manifest.name, target)
     assert state(target) == before
 
 
@@ -191,7 +193,7 @@ def test_an_archive_with_an_incomplete_block_is_refused_and_the_data_dir_untouch
     target = data_dir_with_old_data(tmp_path)
     before = state(target)
     with pytest.raises(ArchiveError, match=f"block {broken} in the backup is incomplete"):
-        restore_snapshot(backup_dir, manifest.name, target)
+        restore_prometheus_into(backup_dir, manifest.name, target)
     assert state(target) == before
 
 
@@ -204,12 +206,12 @@ def test_two_restores_in_the_same_second_keep_the_original(
 
     def restore_twice(attempt: int) -> tuple[Path, RestoredSnapshot, RestoredSnapshot]:
         target = data_dir_with_old_data(tmp_path / f"try-{attempt}")
-        first = restore_snapshot(backup_dir, manifest.name, target)
-        return target, first, restore_snapshot(backup_dir, manifest.name, target)
+        first = restore_prometheus_into(backup_dir, manifest.name, target)
+        return target, first, restore_prometheus_into(backup_dir, manifest.name, target)
 
     target, first, second = within_one_second(restore_twice)
     assert first.moved_aside is not None and second.moved_aside is not None
     assert first.moved_aside != second.moved_aside
-    assert (first.moved_aside / "wal" / "00000000").read_bytes() == OLD_WAL
-    assert sorted(p.name for p in second.moved_aside.iterdir()) == sorted(first.blocks)
+    assert (first.moved_aside.folder / "wal" / "00000000").read_bytes() == OLD_WAL
+    assert sorted(p.name for p in second.moved_aside.folder.iterdir()) == sorted(first.blocks)
     assert sorted(p.name for p in target.iterdir()) == sorted(second.blocks)

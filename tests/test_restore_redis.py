@@ -16,13 +16,14 @@ from redis_servers import (
     running_redis,
     seed_mixed_data,
 )
+from restoring import restore_redis_into
 from same_second import within_one_second
 
 from flows.backup_redis import backup_redis
 from tasks.common.clock import utc_now
 from tasks.common.files import write_durably
 from tasks.redis.rdb import RdbError
-from tasks.redis.restore import AofDataPresent, PlacedRdb, place_rdb
+from tasks.redis.restore import RestoredRdb
 from tasks.store.archive import ArchiveError, CompressedWriter, Manifest, manifest_name
 from tasks.store.local import backup_name
 
@@ -54,9 +55,9 @@ def target_with_old_data(tmp_path: Path) -> Path:
 def test_restore_moves_the_old_rdb_aside_and_loads(tmp_path: Path, backup_dir: Path) -> None:
     manifest = make_backup(tmp_path, backup_dir)
     target = target_with_old_data(tmp_path)
-    placed = place_rdb(backup_dir, "latest", target)
+    placed = restore_redis_into(backup_dir, "latest", target)
     assert placed.backup == manifest.name and placed.moved_aside is not None
-    assert placed.moved_aside.read_bytes() == OLD
+    assert (placed.moved_aside.folder / "dump.rdb").read_bytes() == OLD
     with running_redis(target) as restored:
         assert redis.Redis(port=restored.port).get("k42") == b"v42"
 
@@ -71,7 +72,7 @@ def test_a_corrupt_stored_backup_is_refused_and_old_data_stays(
     stored.write_bytes(bytes(data))
     target = target_with_old_data(tmp_path)
     with pytest.raises(ArchiveError, match="fails its checksum"):
-        place_rdb(backup_dir, manifest.name, target)
+        restore_redis_into(backup_dir, manifest.name, target)
     assert sorted(p.name for p in target.iterdir()) == ["dump.rdb"]
     assert (target / "dump.rdb").read_bytes() == OLD
 
@@ -92,14 +93,14 @@ def test_an_invalid_rdb_with_a_matching_checksum_is_refused(
     write_durably(backup_dir / manifest_name(name), bad.to_json().encode())
     target = target_with_old_data(tmp_path)
     with pytest.raises(RdbError):
-        place_rdb(backup_dir, name, target)
+        restore_redis_into(backup_dir, name, target)
     assert sorted(p.name for p in target.iterdir()) == ["dump.rdb"]
     assert (target / "dump.rdb").read_bytes() == OLD
 
 
 def test_a_name_outside_the_backup_dir_is_refused(tmp_path: Path, backup_dir: Path) -> None:
-    with pytest.raises(ValueError, match="not a plain relative name"):
-        place_rdb(backup_dir, "../../etc/passwd", target_with_old_data(tmp_path))
+    with pytest.raises(ValueError, match="is not a redis backup name"):
+        restore_redis_into(backup_dir, "../../etc/passwd", target_with_old_data(tmp_path))
 
 
 def files_under(folder: Path) -> dict[str, bytes]:
@@ -117,21 +118,22 @@ def test_two_restores_in_the_same_second_keep_the_original_byte_for_byte(
     (each time on a fresh target) until both restores fell in the same second."""
     make_backup(tmp_path, backup_dir)
 
-    def restore_twice(attempt: int) -> tuple[Path, PlacedRdb, PlacedRdb]:
+    def restore_twice(attempt: int) -> tuple[Path, RestoredRdb, RestoredRdb]:
         target = tmp_path / f"target-{attempt}"
         target.mkdir()
         (target / "dump.rdb").write_bytes(OLD)
         return (
             target,
-            place_rdb(backup_dir, "latest", target),
-            place_rdb(backup_dir, "latest", target),
+            restore_redis_into(backup_dir, "latest", target),
+            restore_redis_into(backup_dir, "latest", target),
         )
 
     target, first, second = within_one_second(restore_twice)
     assert first.moved_aside is not None and second.moved_aside is not None
-    assert first.moved_aside != second.moved_aside
-    assert first.moved_aside.read_bytes() == OLD
-    assert second.moved_aside.read_bytes() == (target / "dump.rdb").read_bytes() != OLD
+    assert first.moved_aside.folder != second.moved_aside.folder
+    assert (first.moved_aside.folder / "dump.rdb").read_bytes() == OLD
+    second_old = (second.moved_aside.folder / "dump.rdb").read_bytes()
+    assert second_old == (target / "dump.rdb").read_bytes() != OLD
     assert sorted(files_under(target).values()).count(OLD) == 1
 
 
@@ -160,44 +162,46 @@ def target_with_aof(tmp_path: Path) -> Path:
     return target
 
 
-def test_aof_data_in_the_target_is_refused_as_redis_would_ignore_the_rdb(
-    tmp_path: Path, backup_dir: Path
-) -> None:
+def test_a_dump_rdb_placed_beside_an_aof_is_never_loaded(tmp_path: Path, backup_dir: Path) -> None:
+    """The trap the restore avoids: Redis with appendonly yes loads its AOF and ignores
+    a dump.rdb put beside it."""
     backup_of_seeded_server(tmp_path, backup_dir)
-    target = target_with_aof(tmp_path)
-    before = files_under(target)
-    with pytest.raises(AofDataPresent, match=r"appendonlydir.*ignores? the placed dump.rdb"):
-        place_rdb(backup_dir, "latest", target)
-    assert files_under(target) == before
-
-    # The trap the refusal avoids: a dump.rdb placed beside the AOF is never loaded.
-    trap = tmp_path / "trap"
-    shutil.copytree(target, trap)
+    trap = target_with_aof(tmp_path)
     shutil.copyfile(tmp_path / "seeded" / "dump.rdb", trap / "dump.rdb")
     with running_redis(trap, appendonly="yes") as ignored:
         assert ignored.client().get("only-in-the-aof") == b"x"
         assert ignored.client().dbsize() == 1
 
 
-def test_legacy_appendonly_aof_file_is_refused_too(tmp_path: Path, backup_dir: Path) -> None:
-    make_backup(tmp_path, backup_dir)
-    target = target_with_old_data(tmp_path)
-    (target / "appendonly.aof").write_bytes(b"*1\r\n$8\r\nFLUSHALL\r\n")
-    with pytest.raises(AofDataPresent, match="appendonly.aof"):
-        place_rdb(backup_dir, "latest", target)
-    assert (target / "dump.rdb").read_bytes() == OLD
-
-
-def test_aof_move_aside_keeps_the_aof_and_redis_loads_the_backup_key_for_key(
-    tmp_path: Path, backup_dir: Path
+@pytest.mark.parametrize("appendonly", ["yes", "no"])
+def test_aof_data_in_the_target_is_moved_aside_and_redis_loads_the_backup_either_way(
+    tmp_path: Path, backup_dir: Path, appendonly: str
 ) -> None:
+    """A folder a Redis ran in with appendonly yes: its AOF is moved aside (kept, never
+    deleted) and the backup becomes the AOF's base too, so Redis loads the backup key
+    for key whether it starts with appendonly yes or no."""
     expected = backup_of_seeded_server(tmp_path, backup_dir)
     target = target_with_aof(tmp_path)
     aof_before = files_under(target / "appendonlydir")
-    placed = place_rdb(backup_dir, "latest", target, aof="move_aside")
-    [moved] = placed.aof_moved_aside
-    assert moved.parent == target and moved.name.startswith("appendonlydir.before-restore-")
-    assert files_under(moved) == aof_before  # moved aside, never deleted
-    assert not (target / "appendonlydir").exists() and placed.moved_aside is None
-    with running_redis(target, appendonly="no") as restored:
+    placed = restore_redis_into(backup_dir, "latest", target)
+    assert placed.placed == ["dump.rdb", "appendonlydir"] and placed.moved_aside is not None
+    assert placed.moved_aside.folder.parent == target
+    assert placed.moved_aside.names == ["appendonlydir"]
+    assert files_under(placed.moved_aside.folder / "appendonlydir") == aof_before
+    with running_redis(target, appendonly=appendonly) as restored:
         assert_same_keyspace(expected, keyspace_snapshot(restored))
+        assert restored.client().get("only-in-the-aof") is None
+
+
+def test_a_legacy_appendonly_aof_file_is_moved_aside_too(tmp_path: Path, backup_dir: Path) -> None:
+    make_backup(tmp_path, backup_dir)
+    target = target_with_old_data(tmp_path)
+    flushall = b"*1\r\n$8\r\nFLUSHALL\r\n"
+    (target / "appendonly.aof").write_bytes(flushall)
+    placed = restore_redis_into(backup_dir, "latest", target)
+    assert placed.moved_aside is not None
+    assert sorted(placed.moved_aside.names) == ["appendonly.aof", "dump.rdb"]
+    assert (placed.moved_aside.folder / "appendonly.aof").read_bytes() == flushall
+    assert (placed.moved_aside.folder / "dump.rdb").read_bytes() == OLD
+    with running_redis(target, appendonly="yes") as restored:
+        assert redis.Redis(port=restored.port).get("k42") == b"v42"

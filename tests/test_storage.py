@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 
 from tasks.store.archive import Manifest, manifest_name
+from tasks.store.kinds import (
+    logs_source_id,
+    prometheus_source_id,
+    redis_source_id,
+    source_of,
+    source_tag,
+)
 from tasks.store.local import (
     BackupNotFound,
     backup_name,
@@ -20,10 +27,8 @@ from tasks.store.local import (
     plan_retention,
     remove_stale_partials,
     resolve_name,
-    source_of,
     staging_path,
 )
-from tasks.store.sources import logs_source_id, prometheus_source_id, redis_source_id, source_tag
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

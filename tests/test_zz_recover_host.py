@@ -28,7 +28,7 @@ from flows.backup_logs import backup_logs
 from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from flows.recover_host import recover_host
-from flows.support.recovery import StepFailed
+from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from sandbox import stack as sandbox_stack
 from tasks.docker.compose import compose_command

@@ -7,7 +7,8 @@ reported too and one failure is one message. The failure and crash hooks make su
 somebody would hear of it: when the Prefect server has no such automation enabled,
 the run's log says, as a warning, that nobody is notified and how to fix it.
 
-Backups also run `backup-status` when they end, completed or failed.
+Backups also run `backup-status` when they end, completed or failed (its hooks,
+`BACKUP_HOOKS`, are in flows/backup_status.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from prefect.states import State
 
 from deployments.notifications import FAILURE_AUTOMATION
 from tasks.common.log import run_logger
-
-STATUS_PARAMETERS = ("backup_dir", "s3_bucket", "s3_prefix", "s3_endpoint_url")
 
 
 def check_failure_notified(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
@@ -51,25 +50,7 @@ def check_failure_notified(flow: Any, flow_run: FlowRun, state: State[Any]) -> N
     )
 
 
-def refresh_backup_status(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
-    """At the end of a backup run: run `backup-status` (a subflow, so its table is its
-    own artifact, not one more in the backup's run) for the same backup dir and S3
-    location. Its failure is logged here and notified as its own run's failure; the
-    backup's outcome stands."""
-    from flows.backup_status import backup_status  # here: backup-status carries FLOW_HOOKS
-
-    given = {name: flow_run.parameters.get(name) or "" for name in STATUS_PARAMETERS}
-    status = backup_status(**given, return_state=True)
-    if not status.is_completed():
-        run_logger().warning("could not refresh the backup-status table: %s", status.message)
-
-
 FLOW_HOOKS: dict[str, Any] = {
     "on_failure": [check_failure_notified],
-    "on_crashed": [check_failure_notified],
-}
-BACKUP_HOOKS: dict[str, Any] = {
-    "on_completion": [refresh_backup_status],
-    "on_failure": [refresh_backup_status, check_failure_notified],
     "on_crashed": [check_failure_notified],
 }

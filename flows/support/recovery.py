@@ -1,4 +1,5 @@
-"""What every recovery flow shares: timed steps, the backup used, RTO and RPO, the report.
+"""What every recovery flow shares: timed steps, the backup used, RTO and RPO, the
+report; finding and verifying the backup; undoing a failed restore.
 
 A recovery flow creates one `Recovery`, runs each runbook step inside
 `with recovery.step("…"):`, and ends with `recovery.publish()` in a `finally`, so
@@ -15,13 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.common.clock import parse_time
+from flows.support.failures import StepFailed, one_line
+from tasks.common.aside import MovedAside, put_back
+from tasks.common.checks import Check
+from tasks.common.clock import age_text, parse_time
+from tasks.docker.containers import start_container, stop_container
 from tasks.store.archive import Manifest
-from tasks.store.find import FoundBackup
+from tasks.store.find import FoundBackup, fetch_backup
 from tasks.store.report import escape_markdown as _escape
 
 
@@ -33,16 +39,6 @@ class Step:
     outcome: str
     seconds: float
     detail: str = ""
-
-
-class StepFailed(RuntimeError):
-    """A recovery step failed; the message names the step and the reason in one line."""
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one readable line (its first line, with its type when bare)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return text or type(error).__name__
 
 
 @dataclass
@@ -103,6 +99,12 @@ class Recovery:
         """Remove the decrypted copies this run made (no plain copy is left behind)."""
         while self.temporary:
             self.temporary.pop().discard()
+
+    def prove(self, checks: list[Check]) -> None:
+        """Run a data source's checks (its prove function), each as a step."""
+        for check in checks:
+            with self.step(check.name) as step:
+                step.detail = check.run()
 
     def skip(self, name: str, why: str) -> None:
         self.steps.append(Step(name, "planned" if self.dry_run else "skipped", 0.0, why))
@@ -198,12 +200,84 @@ def _verbatim(lines: list[str]) -> list[str]:
     return [fence + "text", *lines, fence]
 
 
-def age_text(seconds: float) -> str:
-    """An age for a report, in the unit an operator reads at a glance."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+@dataclass(frozen=True)
+class BackupSource:
+    """Where a recovery or the drill looks for backups: `backup_dir`, else S3; and the
+    age identity that decrypts encrypted ones."""
+
+    backup_dir: Path
+    s3_bucket: str
+    s3_prefix: str
+    s3_endpoint_url: str | None
+    age_identity_file: Path | None
+
+    @classmethod
+    def of(cls, resolved: dict[str, Any]) -> BackupSource:
+        """From a flow's resolved parameters (flows.support.settings.resolve)."""
+        identity = resolved.get("age_identity_file")
+        return cls(
+            Path(resolved["backup_dir"]),
+            resolved["s3_bucket"],
+            resolved["s3_prefix"],
+            resolved["s3_endpoint_url"] or None,
+            Path(identity) if identity else None,
+        )
+
+
+def find_backup(
+    r: Recovery, source: BackupSource, kind: str, name: str, source_id: str | None
+) -> FoundBackup:
+    """The step "find and verify the backup" (here, else S3; `latest` is the newest of
+    `source_id`, the server restored), recorded as the one used."""
+    with r.step("find and verify the backup") as step:
+        found = fetch(r, source, kind, name, source_id)
+        r.used_backup(found.manifest, found.location)
+        step.detail = f"{found.manifest.name}: size and sha256 match the manifest"
+    return found
+
+
+def fetch(
+    r: Recovery, source: BackupSource, kind: str, name: str, source_id: str | None
+) -> FoundBackup:
+    """A backup by name, or the newest of `source_id`: here, else from S3, verified; a
+    decrypted copy is removed when the run ends."""
+    return r.found(
+        fetch_backup(
+            source.backup_dir,
+            kind,
+            name,
+            source.s3_bucket,
+            source.s3_prefix,
+            source.s3_endpoint_url,
+            source_id,
+            source.age_identity_file,
+        )
+    )
+
+
+def roll_back(
+    r: Recovery,
+    container: str,
+    moved: MovedAside | None,
+    failed_folder: Path,
+    names: list[str] | None,
+    was_running: bool,
+) -> None:
+    """Record a "roll back" step; never raises (the original failure is what the run
+    reports), a roll back that could not finish is said in the report's notes."""
+    try:
+        with r.step("roll back") as step:
+            stop_container(container)
+            done = []
+            if moved is not None:
+                failed = put_back(moved, failed_folder, names)
+                r.moved_aside.clear()
+                done.append(f"previous data put back in {moved.data_dir}")
+                if failed:
+                    r.notes.append(f"what the failed restore left is kept in {failed}")
+            if was_running:
+                start_container(container)
+                done.append(f"container {container} started again")
+            step.detail = "; ".join(done) or "nothing to undo"
+    except Exception as error:  # noqa: BLE001 - recorded in the step; the cause is reported
+        r.notes.append(f"roll back incomplete: {one_line(error)}; check {container} by hand")

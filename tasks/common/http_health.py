@@ -8,6 +8,7 @@ why a service was not healthy when the deadline passed.
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,3 +132,16 @@ def check_metrics(url: str, timeout: float = 5.0) -> int:
     if not samples:
         raise MetricsError(f"GET {url}: answered 200 without any metric sample")
     return len(samples)
+
+
+def analyze_once(base_url: str) -> str:
+    session = f"recover-host-check-{secrets.token_hex(4)}"
+    response = httpx.post(
+        derive_url(base_url, "/analyze"),
+        json={"session_id": session, "tool": "read_file", "args": {"path": "/etc/hostname"}},
+        timeout=10,
+    )
+    body = response.json() if response.status_code == 200 else {}
+    if "decision" not in body:
+        raise RuntimeError(f"POST /analyze answered HTTP {response.status_code}: {body}")
+    return f"session {session}: decision {body['decision']}, score {body.get('score')}"

@@ -11,8 +11,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import docker
+import httpx
 from docker.errors import DockerException, NotFound
 
+from flows.support.failures import one_line
 from tasks.store.archive import CHUNK
 
 
@@ -264,3 +266,21 @@ def wait_started(
         f"{what} not ready within {timeout_seconds:.0f} s ({last}): raise "
         "start_timeout_seconds or check its log"
     )
+
+
+def wait_until_answers(url: str, container: str, timeout: float) -> str:
+    """Wait until the gateway's /health answers at all: before Redis runs it answers
+    503 `unhealthy` naming Redis, which proves the gateway itself is up."""
+    answer: list[str] = []
+
+    def probe() -> str | None:
+        try:
+            response = httpx.get(url, timeout=2)
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as error:
+            return one_line(error)
+        answer.append(f"HTTP {response.status_code} {body}")
+        return None
+
+    wait_started(probe, container, timeout, f"the gateway at {url}")
+    return answer[-1]

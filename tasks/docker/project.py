@@ -16,7 +16,12 @@ from typing import Any
 
 import yaml
 
-from tasks.docker.compose import _base, _run  # the one place that runs the compose CLI
+from tasks.docker.compose import (  # the one place that runs the compose CLI
+    ComposeService,
+    _base,
+    _run,
+    compose_container_id,
+)
 
 # `${NAME}`, `${NAME:-default}`, `${NAME-default}`, `${NAME:?message}`, `$NAME`; `$$` escapes.
 _REFERENCE = re.compile(
@@ -174,3 +179,59 @@ def compose_up(
     output = _run([*args, *services], 600.0)
     lines = [line for line in output.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "done"
+
+
+def pick(services: dict[str, Service], role: str, binary: str) -> Service | None:
+    """The service playing `role`: the one of that name, else the one running `binary`."""
+    if role in services:
+        return services[role]
+    for service in services.values():
+        if service.command and Path(service.command[0]).name == binary:
+            return service
+        if PurePosixPath(service.image.split(":")[0]).name == binary:
+            return service
+    return None
+
+
+ROLES = (  # the runbook's services, in its priority order, and the program each runs
+    ("gateway", "gateway"),
+    ("redis", "redis-server"),
+    ("prometheus", "prometheus"),
+    ("grafana", "grafana-server"),
+)
+
+
+def find_roles(services: dict[str, Service]) -> dict[str, Service]:
+    """The services playing the runbook's roles (those the project has)."""
+    return {role: found for role, binary in ROLES if (found := pick(services, role, binary))}
+
+
+@dataclass
+class Project:
+    """The restored compose project and its services by role."""
+
+    compose_file: Path
+    name: str | None
+    services: dict[str, Service]
+    roles: dict[str, Service]
+
+    def container(self, service: Service) -> str:
+        if service.container_name:
+            return service.container_name
+        target = ComposeService(self.compose_file, self.name, service.name, None)
+        return compose_container_id(target)
+
+    def up(self, *services: Service) -> str:
+        return compose_up(self.compose_file, self.name, [s.name for s in services])
+
+
+def data_dir(service: Service, inner: str) -> Path:
+    """The host folder a service keeps `inner` in (created when missing)."""
+    path = service.host_path(inner)
+    if path is None:
+        raise FileNotFoundError(
+            f"service {service.name!r} keeps its data in {inner}, which is not a bind mount: "
+            "its data cannot be restored from the host; mount it in the compose file"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    return path

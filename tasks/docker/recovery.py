@@ -309,7 +309,7 @@ class Replacement:
     note: str = ""
 
 
-def move_aside(name: str) -> tuple[str, bool] | None:
+def rename_aside(name: str) -> tuple[str, bool] | None:
     """Stop `name` and rename it `<name>-replaced-<UTC>`; (new name, was running), or
     None when there is no such container."""
     container = _get(name)
@@ -342,7 +342,7 @@ def recreate_container(inspection: Inspection) -> Replacement:
     name = inspection.state.name
     image, note = _image_ref(inspection.attrs)
     config, extra_networks = creation_config(inspection.attrs, image)
-    moved = move_aside(name)
+    moved = rename_aside(name)
     replacement = Replacement(name, moved[0] if moved else None, bool(moved and moved[1]), note)
     try:
         client = docker_client()
@@ -412,7 +412,7 @@ def recreate_with_compose(target: ComposeService, state: ContainerState) -> Repl
     the name) and put back if compose fails. Returns the new container's name."""
     name = state.name
     managed = state.compose_service == target.service
-    moved = move_aside(name) if state.exists and not managed else None
+    moved = rename_aside(name) if state.exists and not managed else None
     replacement = Replacement(name, moved[0] if moved else None, bool(moved and moved[1]))
     try:
         compose_recreate(target)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import io
 import json
 import os
@@ -20,67 +19,45 @@ import shutil
 import subprocess
 import tarfile
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 import docker.errors
-import httpx
 import requests
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common.aside import move_contents_aside
-from tasks.common.files import chown_like
 from tasks.common.log import run_logger
-from tasks.common.retry import TransientError, retrying_task
-from tasks.common.secrets import redact_url
+from tasks.common.retry import retrying_task
 from tasks.docker import containers
+from tasks.prometheus.api import (
+    BLOCK_FILES,
+    ULID,
+    PrometheusError,
+    PrometheusFacts,
+    PrometheusTimeout,
+    call_api,
+    query_at,
+    selector,
+)
 from tasks.store.archive import (
     CHUNK,
-    ArchiveError,
     CompressedFile,
     CompressedWriter,
     Compression,
     Manifest,
-    extract_archive,
     tar_stream,
-    verify_file,
 )
 from tasks.store.encryption import AgeCopy, staged_writer
-from tasks.store.local import find_local
 
 Fetch = Literal["auto", "container", "path"]
 FETCH_METHODS = ("auto", "container", "path")
-API_TIMEOUT = 30.0
 SNAPSHOT_TIMEOUT = 600.0  # a snapshot writes the head block: minutes on a big server
 PROMTOOL_TIMEOUT = 300.0
 SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-ULID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
-BLOCK_FILES = ("meta.json", "index")  # plus at least one chunks/ segment
-
-
-class PrometheusError(RuntimeError):
-    """Prometheus refused or failed a request; says what to do."""
-
-
-class PrometheusUnreachable(PrometheusError, TransientError):
-    """Prometheus did not answer or dropped the connection; it may be restarting."""
-
-
-class PrometheusNotReady(PrometheusError, TransientError):
-    """Prometheus answers 503 while it starts (WAL replay); a retry may succeed."""
-
-
-class AdminApiDisabled(PrometheusError):
-    """Prometheus runs without --web.enable-admin-api."""
-
-
-class PrometheusTimeout(PrometheusError):
-    """Prometheus took longer than allowed; retrying would only add load."""
 
 
 class EmptySnapshot(PrometheusError):
@@ -92,88 +69,6 @@ class SnapshotCopyError(RuntimeError):
 
 
 # ----------------------------------------------------------------------- the HTTP API
-
-
-def _answer(response: httpx.Response, where: str, path: str) -> dict[str, Any]:
-    """The `data` of a successful API answer, or an error that says what to fix."""
-    try:
-        body = response.json()
-    except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
-    if response.status_code == 200 and body.get("status") == "success":
-        return body.get("data") or {}
-    error = str(body.get("error") or response.text[:200]).strip()
-    if "admin APIs disabled" in error:
-        raise AdminApiDisabled(
-            f"Prometheus at {where} answered 'admin APIs disabled': start Prometheus with "
-            "--web.enable-admin-api (add it to the container's command) and run again"
-        )
-    if response.status_code == 503:
-        raise PrometheusNotReady(
-            f"Prometheus at {where} is not ready (HTTP 503: starting or replaying its WAL): "
-            "wait until /-/ready answers and run again"
-        )
-    if response.status_code in (401, 403):
-        raise PrometheusError(
-            f"Prometheus at {where} refused {path} (HTTP {response.status_code}): check the "
-            "credentials in prometheus_url (or PROXILION_DR_PROMETHEUS_URL)"
-        )
-    if response.status_code == 404:
-        raise PrometheusError(
-            f"{where} has no {path} (HTTP 404): is prometheus_url a Prometheus 2.x server?"
-        )
-    raise PrometheusError(
-        f"Prometheus at {where} answered HTTP {response.status_code} to {path}: {error}"
-    )
-
-
-def call_api(
-    prometheus_url: str, method: str, path: str, timeout: float = API_TIMEOUT
-) -> dict[str, Any]:
-    """One API request; connection trouble is transient, a slow answer is not."""
-    where = redact_url(prometheus_url)
-    try:
-        with httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0)) as client:
-            response = client.request(method, prometheus_url.rstrip("/") + path)
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol):
-        raise ValueError(
-            f"prometheus_url {where!r} is not an http(s) URL: use e.g. http://localhost:9090"
-        ) from None
-    except httpx.ReadTimeout:
-        raise PrometheusTimeout(
-            f"Prometheus at {where} did not answer {path} within {timeout:.0f} s"
-        ) from None
-    except httpx.TransportError as error:
-        reason = (str(error) or type(error).__name__).replace(prometheus_url, where)
-        raise PrometheusUnreachable(
-            f"cannot reach Prometheus at {where} ({reason}): is it running? check prometheus_url"
-        ) from None
-    return _answer(response, where, path)
-
-
-@dataclass(frozen=True)
-class PrometheusFacts:
-    """What a backup records about the server, and where it keeps its TSDB."""
-
-    version: str
-    revision: str
-    tsdb_path: str
-    retention: str
-
-
-@retrying_task(1, 5)
-def inspect_prometheus(prometheus_url: str) -> PrometheusFacts:
-    """Version (buildinfo) and TSDB path and retention (command-line flags)."""
-    build = call_api(prometheus_url, "GET", "/api/v1/status/buildinfo")
-    flags = call_api(prometheus_url, "GET", "/api/v1/status/flags")
-    return PrometheusFacts(
-        version=str(build.get("version", "unknown")),
-        revision=str(build.get("revision", "")),
-        tsdb_path=str(flags.get("storage.tsdb.path", "")),
-        retention=str(flags.get("storage.tsdb.retention.time", "")),
-    )
 
 
 # ------------------------------------------------------------- where the TSDB is
@@ -703,22 +598,6 @@ def summarize_blocks(blocks: list[Block]) -> dict[str, Any]:
 RECORDED_SERIES = 3
 
 
-def query_at(prometheus_url: str, expr: str, at_seconds: float) -> list[dict[str, Any]]:
-    """An instant query's result vector at `at_seconds` (Unix time)."""
-    params = httpx.QueryParams({"query": expr, "time": f"{at_seconds:.3f}"})
-    answer = call_api(prometheus_url, "GET", f"/api/v1/query?{params}")
-    return list(answer.get("result") or [])
-
-
-def selector(labels: dict[str, str]) -> str:
-    """The exact PromQL selector of one series (`{__name__="up",job="x"}`)."""
-    escaped = (
-        f'{name}="' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        for name, value in sorted(labels.items())
-    )
-    return "{" + ",".join(escaped) + "}"
-
-
 @task(cache_policy=NO_CACHE)
 def record_values(prometheus_url: str, blocks: list[Block]) -> dict[str, Any]:
     """A few values the server answers at the last moment of the oldest snapshot block
@@ -782,98 +661,15 @@ def prometheus_manifest(
 # ------------------------------------------------------------------------- restore
 
 
-@dataclass
-class RestoredSnapshot:
-    """Blocks put in place for Prometheus to load, and where the old data went."""
-
-    backup: str
-    data_dir: Path
-    blocks: list[str] = field(default_factory=list)
-    moved_aside: Path | None = None
-
-
-def _refuse_if_running(data_dir: Path) -> None:
-    """Refuse a data dir whose lock file a running Prometheus holds
-    (`--storage.tsdb.use-lockfile`; Prometheus 2.42 has no lock file by default).
-    Prometheus takes it with flock(2), which POSIX record locks (lockf) never see."""
-    lock = data_dir / "lock"
-    if not lock.is_file():
-        return
-    with open(lock, "rb") as stream:
-        try:
-            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PrometheusError(
-                f"a running Prometheus holds {lock}: stop it before restoring into {data_dir}"
-            ) from None
-        fcntl.flock(stream, fcntl.LOCK_UN)
-
-
-def _extracted_blocks(folder: Path) -> list[Path]:
-    """The complete block folders in an unpacked backup (`<snapshot>/<ULID>/`)."""
-    blocks = sorted(
-        p for p in [*folder.glob("*"), *folder.glob("*/*")] if p.is_dir() and ULID.fullmatch(p.name)
-    )
-    for block in blocks:
-        chunks = block / "chunks"
-        if not all((block / f).is_file() for f in BLOCK_FILES) or not (
-            chunks.is_dir() and any(chunks.iterdir())
-        ):
-            raise ArchiveError(f"block {block.name} in the backup is incomplete; pick another")
-    return blocks
-
-
-def _check_blocks_listed(manifest: Manifest, blocks: list[Path]) -> None:
-    """Refuse an archive whose blocks differ from those its manifest lists."""
-    listed = {str(b["ulid"]) for b in manifest.source.get("block_list", [])}
-    found = {block.name for block in blocks}
-    if not found:
-        raise ArchiveError(f"backup {manifest.name} holds no TSDB blocks; pick another")
-    if listed and found != listed:
-        missing, extra = sorted(listed - found), sorted(found - listed)
-        raise ArchiveError(
-            f"backup {manifest.name} does not hold the blocks its manifest lists (missing: "
-            f"{', '.join(missing) or 'none'}; not listed: {', '.join(extra) or 'none'}): "
-            "the archive is damaged; pick another backup"
-        )
-
-
-@task(cache_policy=NO_CACHE)
-def restore_snapshot(
-    backup_dir: Path, name: str, data_dir: Path, plain: Path | None = None
-) -> RestoredSnapshot:
-    """Put a stored backup ('latest' or by name) into `data_dir` for Prometheus to load
-    (from `plain`, its decrypted copy, when the stored file is age-encrypted).
-
-    Prometheus must be stopped. The stored file's checksum is verified, the archive
-    unpacked (safely) beside the target, the current contents moved aside (never
-    deleted), and only the snapshot's block folders placed INTO `data_dir` (no `wal/`,
-    no `chunks_head/`). Start Prometheus with a retention that covers the blocks.
-    """
-    manifest, stored = find_local(Path(backup_dir), "prometheus", name)
-    stored = manifest.plain_file(stored, plain)
-    verify_file(stored, manifest.size, manifest.sha256)
-    target = Path(data_dir)
-    _refuse_if_running(target)
-    incoming = target.with_name(f".{target.name}.restoring-{uuid.uuid4().hex[:8]}")
-    try:
-        extract_archive(stored, manifest.compression, incoming)
-        blocks = _extracted_blocks(incoming)
-        _check_blocks_listed(manifest, blocks)
-        _refuse_if_running(target)  # again: it may have started while we unpacked
-        aside = move_contents_aside(target)
-        target.mkdir(parents=True, exist_ok=True)
-        owner = target.stat()
-        for block in blocks:
-            shutil.move(block, target / block.name)
-            chown_like(target / block.name, owner)
-    finally:
-        shutil.rmtree(incoming, ignore_errors=True)
-    run_logger().info(
-        "Restored %d blocks of %s into %s (previous contents: %s)",
-        len(blocks),
-        manifest.name,
-        target,
-        aside or "none",
-    )
-    return RestoredSnapshot(manifest.name, target, [b.name for b in blocks], aside)
+def describe(manifest: Manifest) -> dict[str, str]:
+    """The facts of a Prometheus backup an operator checks first, for its report."""
+    s = manifest.source
+    version = {"Prometheus version": str(s.get("prometheus_version", "?"))}
+    if not s.get("blocks"):
+        return version
+    return {
+        **version,
+        "time range (UTC)": f"{s.get('min_time', '?')} → {s.get('max_time', '?')}",
+        "series (largest block)": str(s.get("series", "?")),
+        "samples": str(s.get("samples", "?")),
+    }

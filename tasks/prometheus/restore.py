@@ -1,144 +1,172 @@
-"""Putting a snapshot backup back into a live Prometheus, and proving it answers.
+"""Putting a snapshot backup back where a Prometheus loads it: the one restore path
+that recover-prometheus, recover-host and the restore drill share.
 
-The blocks go INTO the data dir (`restore_snapshot`), never under `snapshots/`; and
-a restored block older than the server's retention is deleted by Prometheus right
-after it starts, so that is refused before anything is touched.
+    stage_blocks    unpack the verified backup safely into a hidden folder beside the
+                    blocks (Prometheus may still run) and check its blocks against the
+                    manifest
+    move aside      `tasks.common.aside.move_into_aside` of the data dir's contents
+    place_blocks    rename the staged blocks INTO the data dir (never under
+                    `snapshots/`, as the runbook's scenario 4 did; no `wal/`, no
+                    `chunks_head/`), owned by the data dir's owner
+    restore_blocks  the three in order, for a Prometheus that is not running (a
+                    folder): the old data is back in place when any of them fails
 """
 
 from __future__ import annotations
 
-import re
-import tarfile
+import fcntl
+import shutil
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import PurePosixPath
-from typing import Any
+from pathlib import Path
 
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common.clock import utc_now
+from tasks.common.aside import MovedAside, move_into_aside, put_back, unique_folder
+from tasks.common.files import chown_like
+from tasks.common.log import run_logger
 from tasks.common.secrets import redact_url
-from tasks.docker import containers
 from tasks.docker.containers import wait_started
-from tasks.prometheus.capture import (
-    BLOCK_FILES,
-    ULID,
-    PrometheusError,
-    PrometheusUnreachable,
-    call_api,
-    inspect_prometheus,
-    query_at,
-)
-from tasks.store.archive import ArchiveError, open_decompressed
+from tasks.prometheus.api import BLOCK_FILES, ULID, PrometheusError
+from tasks.store.archive import ArchiveError, Manifest, extract_archive
 from tasks.store.find import FoundBackup
 
-_DURATION = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
-_UNIT_SECONDS = {"y": 365 * 86400, "w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+def _refuse_if_running(data_dir: Path) -> None:
+    """Refuse a data dir whose lock file a running Prometheus holds
+    (`--storage.tsdb.use-lockfile`; Prometheus 2.42 has no lock file by default).
+    Prometheus takes it with flock(2), which POSIX record locks (lockf) never see."""
+    lock = data_dir / "lock"
+    if not lock.is_file():
+        return
+    with open(lock, "rb") as stream:
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PrometheusError(
+                f"a running Prometheus holds {lock}: stop it before restoring into {data_dir}"
+            ) from None
+        fcntl.flock(stream, fcntl.LOCK_UN)
 
 
-class RetentionTooShort(PrometheusError):
-    """The server would delete the restored blocks right after it starts."""
-
-
-class HistoryMissing(PrometheusError):
-    """Prometheus is up, but does not answer for the restored time range."""
-
-
-@dataclass
-class PrometheusSetup:
-    """What the restore must know about the target Prometheus, read before it is touched."""
-
-    answered: bool
-    tsdb_path: str  # inside the container
-    retention: str  # e.g. "15d"; "" when unknown (Prometheus's default is 15d)
-
-
-def parse_duration(text: str) -> timedelta | None:
-    """A Prometheus duration (`15d`, `1y`, `2w3d`, `0s`); None when empty or unreadable."""
-    text = text.strip()
-    if not text or _DURATION.sub("", text):
-        return None
-    seconds = 0.0
-    for amount, unit in _DURATION.findall(text):
-        seconds += int(amount) / 1000 if unit == "ms" else int(amount) * _UNIT_SECONDS[unit]
-    return timedelta(seconds=seconds)
-
-
-def _flag(argv: list[str], name: str) -> str | None:
-    for position, arg in enumerate(argv):
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-        if arg == f"--{name}" and position + 1 < len(argv):
-            return argv[position + 1]
-    return None
-
-
-@task(cache_policy=NO_CACHE)
-def read_prometheus_setup(prometheus_url: str, container: str) -> PrometheusSetup:
-    """TSDB path and retention from the running Prometheus; when it does not answer
-    (crashed on a corrupt block, stopped), from its container's command line."""
-    try:
-        facts = inspect_prometheus.fn(prometheus_url)
-        return PrometheusSetup(True, facts.tsdb_path, facts.retention)
-    except PrometheusUnreachable:
-        attrs = containers.get_container(container).attrs
-        argv = [attrs.get("Path", ""), *attrs.get("Args", [])]
-        workdir = attrs.get("Config", {}).get("WorkingDir") or "/"
-        tsdb = str(PurePosixPath(workdir) / (_flag(argv, "storage.tsdb.path") or "data/"))
-        retention = _flag(argv, "storage.tsdb.retention.time") or ""
-        return PrometheusSetup(False, tsdb, retention)
-
-
-def check_retention_covers(found: FoundBackup, setup: PrometheusSetup) -> str:
-    """Refuse when the oldest restored block is older than the retention: Prometheus
-    would delete it as soon as it starts."""
-    oldest_ms = found.manifest.source.get("min_time_ms")
-    if oldest_ms is None:
-        return "the backup does not record its time range"
-    age = utc_now().timestamp() - oldest_ms / 1000
-    retention = parse_duration(setup.retention or "15d")
-    if retention is None or retention.total_seconds() == 0:
-        return f"retention {setup.retention!r} (no time limit)"
-    if retention.total_seconds() < age:
-        needed = int(age // 86400) + 1
-        raise RetentionTooShort(
-            f"the backup reaches back {age / 86400:.1f} days, but Prometheus keeps "
-            f"{setup.retention or '15d (default)'}: it would delete the restored blocks at "
-            f"start. Run it with --storage.tsdb.retention.time={needed}d or more, then restore"
-        )
-    return f"retention {setup.retention} covers {age / 86400:.1f} days of history"
-
-
-@task(cache_policy=NO_CACHE)
-def check_archive(found: FoundBackup) -> list[str]:
-    """The complete blocks in a stored backup, read as a stream (nothing written):
-    each needs meta.json, index and a chunks/ segment. The dry run's proof."""
-    seen: dict[str, set[str]] = {}
-    with (
-        open_decompressed(found.path, found.manifest.compression) as stream,
-        tarfile.open(fileobj=stream, mode="r|") as archive,
-    ):
-        for member in archive:
-            parts = PurePosixPath(member.name).parts
-            blocks = [i for i, part in enumerate(parts) if ULID.fullmatch(part)]
-            if blocks and member.isfile():
-                block = parts[blocks[0]]
-                seen.setdefault(block, set()).add("/".join(parts[blocks[0] + 1 :]))
-    complete = sorted(
-        block
-        for block, files in seen.items()
-        if all(f in files for f in BLOCK_FILES) and any(f.startswith("chunks/") for f in files)
+def _extracted_blocks(folder: Path) -> list[Path]:
+    """The complete block folders in an unpacked backup (`<snapshot>/<ULID>/`)."""
+    blocks = sorted(
+        p for p in [*folder.glob("*"), *folder.glob("*/*")] if p.is_dir() and ULID.fullmatch(p.name)
     )
-    if not complete or len(complete) != len(seen):
-        broken = sorted(set(seen) - set(complete))
+    for block in blocks:
+        chunks = block / "chunks"
+        if not all((block / f).is_file() for f in BLOCK_FILES) or not (
+            chunks.is_dir() and any(chunks.iterdir())
+        ):
+            raise ArchiveError(f"block {block.name} in the backup is incomplete; pick another")
+    return blocks
+
+
+def _check_blocks_listed(manifest: Manifest, blocks: list[Path]) -> None:
+    """Refuse an archive whose blocks differ from those its manifest lists."""
+    listed = {str(b["ulid"]) for b in manifest.source.get("block_list", [])}
+    found = {block.name for block in blocks}
+    if not found:
+        raise ArchiveError(f"backup {manifest.name} holds no TSDB blocks; pick another")
+    if listed and found != listed:
+        missing, extra = sorted(listed - found), sorted(found - listed)
         raise ArchiveError(
-            f"backup {found.manifest.name} holds {len(complete)} complete blocks"
-            + (f" and incomplete ones ({', '.join(broken)})" if broken else "")
-            + "; pick another backup"
+            f"backup {manifest.name} does not hold the blocks its manifest lists (missing: "
+            f"{', '.join(missing) or 'none'}; not listed: {', '.join(extra) or 'none'}): "
+            "the archive is damaged; pick another backup"
         )
-    return complete
+
+
+@dataclass(frozen=True)
+class StagedBlocks:
+    """A verified backup's blocks, unpacked and checked, waiting to be placed."""
+
+    folder: Path
+    blocks: list[Path]
+
+    def discard(self) -> None:
+        """Remove what is left of the staging folder (nothing once placed)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@task(cache_policy=NO_CACHE)
+def stage_blocks(found: FoundBackup, data_dir: Path) -> StagedBlocks:
+    """Unpack the verified backup (tarfile's `data` filter: nothing lands outside) into
+    a new hidden folder beside `data_dir`, and refuse it unless every block is complete
+    and the blocks are those its manifest lists. Nothing in `data_dir` is touched."""
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    folder = unique_folder(data_dir.parent, f".{data_dir.name}.restoring")
+    try:
+        extract_archive(found.path, found.manifest.compression, folder)
+        blocks = _extracted_blocks(folder)
+        _check_blocks_listed(found.manifest, blocks)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return StagedBlocks(folder, blocks)
+
+
+@task(cache_policy=NO_CACHE)
+def place_blocks(staged: StagedBlocks, data_dir: Path) -> list[str]:
+    """Move the staged blocks INTO `data_dir` with the data dir's owner. Prometheus must
+    be stopped and the current contents moved aside. Returns the blocks placed."""
+    _refuse_if_running(data_dir)
+    owner = data_dir.stat()
+    for block in staged.blocks:
+        shutil.move(block, data_dir / block.name)
+        chown_like(data_dir / block.name, owner)
+    staged.discard()
+    return [block.name for block in staged.blocks]
+
+
+def move_tsdb_aside(data_dir: Path) -> MovedAside:
+    """The data dir's contents (blocks, wal/, chunks_head/, the lock) renamed into a new
+    folder `<data dir>.before-restore-<UTC>/` (never deleted); the data dir stays."""
+    return move_into_aside(data_dir, None, data_dir)
+
+
+@dataclass(frozen=True)
+class RestoredSnapshot:
+    """Blocks put in place for Prometheus to load, and where the old data went."""
+
+    backup: str
+    data_dir: Path
+    blocks: list[str]
+    moved_aside: MovedAside | None
+
+
+@task(cache_policy=NO_CACHE)
+def restore_blocks(found: FoundBackup, data_dir: Path) -> RestoredSnapshot:
+    """Put a verified backup into the TSDB dir of a Prometheus that is not running (a
+    container created but not started, a scratch folder, a folder a Prometheus will
+    start from): stage and check its blocks, move the current contents aside, place
+    the blocks. When anything fails, the data dir is as it was. Start Prometheus with a
+    retention that covers the blocks."""
+    _refuse_if_running(data_dir)
+    staged = stage_blocks.fn(found, data_dir)
+    moved = None
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        _refuse_if_running(data_dir)  # again: it may have started while we unpacked
+        if any(data_dir.iterdir()):
+            moved = move_tsdb_aside(data_dir)
+        placed = place_blocks.fn(staged, data_dir)
+    except BaseException:
+        if moved is not None:
+            put_back(moved, unique_folder(data_dir.parent, f"{data_dir.name}.failed-restore"), None)
+        raise
+    finally:
+        staged.discard()
+    run_logger().info(
+        "Restored %d blocks of %s into %s (previous contents: %s)",
+        len(placed),
+        found.manifest.name,
+        data_dir,
+        moved.folder if moved else "none",
+    )
+    return RestoredSnapshot(found.manifest.name, data_dir, placed, moved)
 
 
 @task(cache_policy=NO_CACHE)
@@ -154,52 +182,3 @@ def wait_until_ready(prometheus_url: str, container: str, timeout_seconds: float
         return None if response.status_code == 200 else f"HTTP {response.status_code}"
 
     wait_started(ready, container, timeout_seconds, f"Prometheus at {redact_url(prometheus_url)}")
-
-
-@task(cache_policy=NO_CACHE)
-def verify_history(prometheus_url: str, found: FoundBackup) -> str:
-    """runtimeinfo answers, and at the last moment of the oldest restored block (the
-    manifest lists the blocks) Prometheus answers series: the old history is back."""
-    runtime = call_api(prometheus_url, "GET", "/api/v1/status/runtimeinfo")
-    blocks: list[dict[str, Any]] = found.manifest.source.get("block_list") or []
-    if not blocks:
-        return f"runtimeinfo answers (retention {runtime.get('storageRetention')})"
-    oldest = min(blocks, key=lambda b: b["min_time"])
-    at = (oldest["max_time"] - 1) / 1000  # the block's last millisecond
-    query = f"/api/v1/query?query=count({{__name__%3D~%22.%2B%22}})&time={at}"
-    result = call_api(prometheus_url, "GET", query).get("result") or []
-    series = int(float(result[0]["value"][1])) if result else 0
-    if series == 0:
-        raise HistoryMissing(
-            f"Prometheus answers no series at {at:.0f} (inside restored block "
-            f"{oldest['ulid']}): the blocks were not loaded; see its log"
-        )
-    return (
-        f"{series} series answer at {at:.0f} (block {oldest['ulid']} holds "
-        f"{oldest['series']}); retention {runtime.get('storageRetention')}"
-    )
-
-
-@task(cache_policy=NO_CACHE)
-def check_recorded_values(prometheus_url: str, recorded: dict[str, Any]) -> str:
-    """Ask the restored server what the live one answered at backup time (the
-    manifest's `recorded` values, at a timestamp inside the oldest block): every
-    answer must be the same. Raises HistoryMissing naming the first that differs."""
-    values = recorded.get("values") or []
-    if not values:
-        raise HistoryMissing(
-            "the backup's manifest records no values to compare (made before backup-prometheus "
-            "recorded them): take a new backup, then drill it"
-        )
-    at = float(recorded["at"])
-    for item in values:
-        result = query_at(prometheus_url, item["query"], at)
-        got = result[0]["value"][1] if len(result) == 1 else f"{len(result)} series"
-        if got != item["value"]:
-            raise HistoryMissing(
-                f"at {at:.3f} {item['query']} answers {got}, the backup recorded {item['value']}"
-            )
-    return (
-        f"{len(values)} recorded answers at {at:.0f} match (e.g. {values[0]['query']} = "
-        f"{values[0]['value']})"
-    )

@@ -363,3 +363,14 @@ def redis_manifest(
         steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},
         source_id=source_id,
     )
+
+
+def describe(manifest: Manifest) -> dict[str, str]:
+    """The facts of a Redis backup an operator checks first, for its report."""
+    s = manifest.source
+    return {
+        "Redis version": str(s.get("redis_version", "?")),
+        "RDB version": str(s.get("rdb_version", "?")),
+        "RDB checksum (CRC-64) verified": "yes" if s.get("rdb_checksum_verified") else "NO",
+        "deep check (redis-check-rdb)": str(s.get("deep_check", "not run")),
+    }

@@ -1,4 +1,12 @@
-"""Putting an RDB backup back into a live Redis, so that it is what Redis loads.
+"""Putting an RDB backup back where a Redis loads it: the one restore path that
+recover-redis, recover-host and the restore drill share.
+
+    stage_rdb      decompress and validate the verified backup beside the data (Redis
+                   may still run: it is a new hidden folder inside its data dir)
+    move aside     `tasks.common.aside.move_into_aside` of `setup.data_names()`
+    place_rdb      rename the staged RDB into place, as the AOF's base too when AOF is on
+    restore_rdb    the three in order, for a Redis that is not running (a folder): the
+                   old data is back in place when any of them fails
 
 The AOF trap: a Redis configured `appendonly yes` loads its AOF, never dump.rdb; with
 the AOF moved aside it starts EMPTY and writes an empty AOF (checked on Redis 7.0:
@@ -17,18 +25,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import redis
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common.aside import move_aside
-from tasks.common.clock import utc_now
+from tasks.common.aside import MovedAside, move_into_aside, put_back, unique_folder
 from tasks.common.files import (
     OWNER_ONLY,
     chown_like,
@@ -37,157 +42,18 @@ from tasks.common.files import (
     fsync_dir,
     mode_like,
 )
-from tasks.common.http_health import HEALTHY, wait_until_healthy
-from tasks.common.log import run_logger
 from tasks.common.secrets import redact_url
 from tasks.docker import containers
 from tasks.docker.containers import wait_started
-from tasks.redis.rdb import (
-    RdbChecker,
-    RdbError,
-    RdbInfo,
-    deep_check_rdb,
-    max_rdb_for_redis,
-    validate_stream,
-)
-from tasks.redis.server import RedisUnreachable, connect, explain, inspect_redis
-from tasks.store.archive import (
-    Compression,
-    iter_chunks,
-    open_decompressed,
-    verify_file,
-)
+from tasks.redis.rdb import RdbChecker, RdbError, RdbInfo, deep_check_rdb, validate_stream
+from tasks.redis.server import connect, explain
+from tasks.redis.setup import RedisSetup, folder_setup
+from tasks.store.archive import Compression, iter_chunks, open_decompressed
 from tasks.store.find import FoundBackup
-from tasks.store.local import find_local
 
 
 class RdbTooNew(RdbError):
     """The backup's RDB version is newer than the target Redis can load."""
-
-
-class RestoreNotVerified(RuntimeError):
-    """Redis runs, but does not hold what the backup holds."""
-
-
-@dataclass
-class RedisSetup:
-    """What the restore must know about the target Redis, read before it is touched."""
-
-    redis_version: str
-    answered: bool  # False: Redis did not answer; the facts come from its binary and files
-    dir: str | None
-    dbfilename: str
-    aof_enabled: bool | None  # None: unknown until the data dir is seen
-    appenddirname: str
-    appendfilename: str
-    keyspace: dict[str, dict[str, int]] = field(default_factory=dict)
-
-    @property
-    def rdb_version(self) -> int:
-        return max_rdb_for_redis(self.redis_version)
-
-    def aof_name(self) -> str:
-        """The AOF's entry in the data dir: its folder (Redis 7) or its file."""
-        return self.appenddirname or self.appendfilename
-
-    def data_names(self) -> list[str]:
-        return [self.dbfilename, self.aof_name()]
-
-
-def _version_from_binary(container: str, argv: list[str]) -> str:
-    """`redis-server --version` run from the container's own image and mounts."""
-    binary = next((a for a in argv if os.path.basename(a).startswith("redis-server")), None)
-    output = containers.run_like(container, [binary or "redis-server", "--version"])
-    for word in output.split():
-        if word.startswith("v="):
-            return word[2:]
-    raise containers.ContainerError(
-        f"Redis in {container!r} does not answer and its binary did not tell its version "
-        f"({output.strip()[:120]!r}): start it, or check the container"
-    )
-
-
-SETTINGS = ("dir", "dbfilename", "appendonly", "appenddirname", "appendfilename")
-
-
-def _settings_from_command(container: str, argv: list[str], workdir: str) -> dict[str, str]:
-    """The persistence settings a stopped Redis would start with: its config file (the
-    first `.conf` argument, read through the container's mount), then `--name value`
-    arguments, which win. Empty when there is neither."""
-    found: dict[str, str] = {}
-    conf = next((a for a in argv[1:] if a.endswith(".conf") and not a.startswith("-")), None)
-    host = containers.host_path(container, str(PurePosixPath(workdir) / conf)) if conf else None
-    if host is not None and host.is_file():
-        for line in host.read_text(errors="replace").splitlines():
-            words = line.split(None, 1)
-            if len(words) == 2 and words[0].lower() in SETTINGS:
-                found[words[0].lower()] = words[1].strip().strip("\"'")
-    for position, arg in enumerate(argv[:-1]):
-        if arg.startswith("--") and arg[2:].lower() in SETTINGS:
-            found[arg[2:].lower()] = argv[position + 1]
-    return found
-
-
-def _setup_from_container(container: str) -> RedisSetup:
-    """What a Redis that does not answer (crashed, stopped) would start with."""
-    attrs = containers.get_container(container).attrs
-    argv = [attrs.get("Path", ""), *attrs.get("Args", [])]
-    workdir = attrs.get("Config", {}).get("WorkingDir") or "/"
-    version = _version_from_binary(container, argv)
-    found = _settings_from_command(container, argv, workdir)
-    aof = found.get("appendonly")
-    multi_part_aof = max_rdb_for_redis(version) >= 10  # Redis 7: AOF is a folder
-    return RedisSetup(
-        redis_version=version,
-        answered=False,
-        dir=str(PurePosixPath(workdir) / found.get("dir", ".")),
-        dbfilename=found.get("dbfilename", "dump.rdb"),
-        aof_enabled=None if aof is None else aof == "yes",
-        appenddirname=found.get("appenddirname", "appendonlydir" if multi_part_aof else ""),
-        appendfilename=found.get("appendfilename", "appendonly.aof"),
-    )
-
-
-def _aof_config(client: redis.Redis) -> dict[str, str]:
-    """appendonly, appendfilename, appenddirname; {} where CONFIG is forbidden."""
-    try:
-        return dict(client.config_get("append*"))
-    except redis.ResponseError:
-        return {}
-
-
-@task(cache_policy=NO_CACHE)
-def read_redis_setup(redis_url: str, container: str | None) -> RedisSetup:
-    """Version, data location and AOF settings from the running Redis; when it does not
-    answer (crashed, stopped), from the container: its binary's version, its config
-    file and arguments."""
-    try:
-        facts = inspect_redis.fn(redis_url)
-        config = _aof_config(connect(redis_url))
-    except RedisUnreachable:
-        if not container:
-            raise
-        return _setup_from_container(container)
-    except redis.RedisError as error:
-        raise explain(error, redis_url) from None
-    return RedisSetup(
-        redis_version=facts.redis_version,
-        answered=True,
-        dir=facts.rdb_dir,
-        dbfilename=facts.rdb_filename or "dump.rdb",
-        aof_enabled=config.get("appendonly", "yes" if facts.aof_enabled else "no") == "yes",
-        appenddirname=config.get("appenddirname", ""),
-        appendfilename=config.get("appendfilename") or "appendonly.aof",
-        keyspace=facts.keyspace,
-    )
-
-
-def settle_aof(setup: RedisSetup, data_dir: Path) -> RedisSetup:
-    """When Redis could not say whether AOF is on, its data dir tells: an AOF there
-    means it was on."""
-    if setup.aof_enabled is None:
-        setup.aof_enabled = (data_dir / setup.aof_name()).exists()
-    return setup
 
 
 def check_loadable(version: int, setup: RedisSetup, name: str) -> None:
@@ -219,34 +85,74 @@ def check_rdb(found: FoundBackup, setup: RedisSetup) -> RdbInfo:
         return validate_stream(iter_chunks(stream), True, lambda _chunk: None)
 
 
-@task(cache_policy=NO_CACHE)
-def stage_rdb(found: FoundBackup, setup: RedisSetup, staging: Path) -> RdbInfo:
-    """Decompress and validate the RDB into `staging` (inside the data dir, so placing
-    it later is a rename), after checking the target Redis loads its version."""
-    check_loadable(rdb_version_of(found), setup, found.manifest.name)
-    mode = mode_like(staging.parent / setup.dbfilename)  # the data dir's RDB keeps its mode
-    return decompress_staged.fn(found, staging, setup.dbfilename, mode)
-
-
-@task(cache_policy=NO_CACHE)
-def decompress_staged(
-    found: FoundBackup,
-    staging: Path,
-    dbfilename: str,
-    mode: int = OWNER_ONLY.file,
+def decompress_rdb(
+    stored: Path,
+    compression: Compression,
+    path: Path,
+    mode: int,
     deep: bool = True,
     durable: bool = True,
 ) -> RdbInfo:
-    """Decompress the verified backup's RDB into the new folder `staging`, validating it
-    in the same pass (header, CRC-64, and redis-check-rdb when `deep`; fsynced when
-    `durable`). The drill stages with neither: its scratch Redis needs no durable copy,
-    and `load_while_checking` runs redis-check-rdb beside the load."""
-    staging.mkdir(OWNER_ONLY.directory)
-    os.chmod(staging, OWNER_ONLY.directory)
-    manifest = found.manifest
-    return decompress_rdb(
-        found.path, manifest.compression, staging / dbfilename, mode, deep, durable
-    )
+    """Decompress a stored RDB backup into `path` (created with `mode`), validating it
+    in the same pass (redis-check-rdb too when `deep`); fsynced when `durable`. A
+    partial file is removed when it fails."""
+    try:
+        with open_decompressed(stored, compression) as source, create_file(path, mode) as out:
+            info = validate_stream(iter_chunks(source), deep, out.write)
+            out.flush()
+            if durable:
+                os.fsync(out.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return info
+
+
+@dataclass(frozen=True)
+class StagedRdb:
+    """A validated RDB waiting in a hidden folder of the data dir to be placed."""
+
+    folder: Path
+    dbfilename: str
+    rdb: RdbInfo
+
+    def discard(self) -> None:
+        """Remove what is left of the staging folder (nothing once placed)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@task(cache_policy=NO_CACHE)
+def stage_rdb(
+    found: FoundBackup,
+    setup: RedisSetup,
+    data_dir: Path,
+    deep: bool = True,
+    durable: bool = True,
+) -> StagedRdb:
+    """Decompress the verified backup's RDB into a new hidden folder of `data_dir` (so
+    placing it is a rename), validating it in the same pass: header, CRC-64, and
+    redis-check-rdb when `deep`; fsynced when `durable`; the target Redis must load its
+    version. It keeps the mode of the RDB it will replace. The drill stages with
+    neither `deep` nor `durable`: its scratch Redis needs no durable copy, and
+    `load_while_checking` runs redis-check-rdb beside the load."""
+    check_loadable(rdb_version_of(found), setup, found.manifest.name)
+    mode = mode_like(data_dir / setup.dbfilename)
+    folder = unique_folder(data_dir, ".restore-staging")
+    folder.mkdir(OWNER_ONLY.directory)
+    os.chmod(folder, OWNER_ONLY.directory)
+    try:
+        rdb = decompress_rdb(
+            found.path,
+            found.manifest.compression,
+            folder / setup.dbfilename,
+            mode,
+            deep,
+            durable,
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return StagedRdb(folder, setup.dbfilename, rdb)
 
 
 def aof_manifest(appendfilename: str) -> str:
@@ -264,13 +170,14 @@ def _link_or_copy(source: Path, link: Path) -> None:
 
 
 @task(cache_policy=NO_CACHE)
-def place_staged(staging: Path, data_dir: Path, setup: RedisSetup) -> list[str]:
+def place_rdb(staged: StagedRdb, data_dir: Path, setup: RedisSetup) -> list[str]:
     """Rename the staged RDB into place and, when AOF is on, make it the AOF's base so
-    that Redis loads it (see the module's docstring). Returns the names placed."""
+    that Redis loads it (see the module's docstring). Its current data must have been
+    moved aside. Returns the names placed, owned by the data dir's owner."""
     owner = data_dir.stat()
     rdb = data_dir / setup.dbfilename
-    os.replace(staging / setup.dbfilename, rdb)
-    staging.rmdir()
+    os.replace(staged.folder / staged.dbfilename, rdb)
+    staged.folder.rmdir()
     placed = [setup.dbfilename]
     mode = mode_like(rdb)  # as stage_rdb kept it: the replaced RDB's
     if setup.aof_enabled:
@@ -292,6 +199,47 @@ def place_staged(staging: Path, data_dir: Path, setup: RedisSetup) -> list[str]:
         chown_like(data_dir / name, owner)
     fsync_dir(data_dir)
     return placed
+
+
+def move_redis_data_aside(data_dir: Path, setup: RedisSetup) -> MovedAside:
+    """The RDB and the AOF Redis would load, renamed into a new folder
+    `<data dir>/<dbfilename>.before-restore-<UTC>/` (never deleted)."""
+    return move_into_aside(data_dir, setup.data_names(), data_dir / setup.dbfilename)
+
+
+@dataclass(frozen=True)
+class RestoredRdb:
+    """A backup placed where a Redis will load it, and where the data it replaced went
+    (None: the data dir held no RDB or AOF)."""
+
+    backup: str
+    path: Path  # the placed RDB
+    placed: list[str]
+    moved_aside: MovedAside | None
+    rdb: RdbInfo
+
+
+@task(cache_policy=NO_CACHE)
+def restore_rdb(found: FoundBackup, data_dir: Path, setup: RedisSetup | None = None) -> RestoredRdb:
+    """Put a verified backup into the data dir of a Redis that is not running (a
+    container created but not started, or a folder a Redis will start from): stage and
+    validate it, move the current RDB and AOF aside, place it (as the AOF base when AOF
+    is on: `setup`, else found from the folder). When anything fails, the data dir is
+    as it was."""
+    setup = setup or folder_setup(data_dir)
+    staged = stage_rdb.fn(found, setup, data_dir)
+    moved = None
+    try:
+        if any(os.path.lexists(data_dir / name) for name in setup.data_names()):
+            moved = move_redis_data_aside(data_dir, setup)
+        placed = place_rdb.fn(staged, data_dir, setup)
+    except BaseException:
+        if moved is not None:
+            put_back(moved, unique_folder(data_dir, "failed-restore"), setup.data_names())
+        raise
+    finally:
+        staged.discard()
+    return RestoredRdb(found.manifest.name, data_dir / setup.dbfilename, placed, moved, staged.rdb)
 
 
 @task(cache_policy=NO_CACHE)
@@ -327,197 +275,28 @@ class CheckedLoad:
 @task(cache_policy=NO_CACHE)
 def load_while_checking(
     found: FoundBackup,
-    rdb: RdbInfo,
-    staging: Path,
+    staged: StagedRdb,
     data_dir: Path,
     setup: RedisSetup,
     redis_url: str,
     container: str,
     timeout_seconds: float,
 ) -> CheckedLoad:
-    """Restart the SCRATCH Redis `container` on the RDB staged by `decompress_staged`
-    while redis-check-rdb parses the same file: this takes as long as the slower of
-    the two, not both. A rejection fails the load even when Redis loaded the file, and
-    is the reason given when Redis failed on it. Never for a live Redis: it loads the
-    RDB before the full check has passed."""
-    staged = staging / setup.dbfilename
+    """Restart the SCRATCH Redis `container` on the RDB staged by `stage_rdb` while
+    redis-check-rdb parses the same file: this takes as long as the slower of the two,
+    not both. A rejection fails the load even when Redis loaded the file, and is the
+    reason given when Redis failed on it. Never for a live Redis: it loads the RDB
+    before the full check has passed."""
+    path = staged.folder / staged.dbfilename
     name = f"backup {found.manifest.name}"
-    with deep_check_rdb(timeout_seconds=timeout_seconds, name=name, path=staged) as deep:
+    version = staged.rdb.rdb_version
+    with deep_check_rdb(timeout_seconds=timeout_seconds, name=name, path=path) as deep:
         try:
             containers.stop_container(container)
-            place_staged.fn(staging, data_dir, setup)
+            place_rdb.fn(staged, data_dir, setup)
             containers.start_container(container)
             load = wait_until_loaded.fn(redis_url, container, timeout_seconds)
         except Exception:
-            deep.finish(rdb.rdb_version)  # a corrupt RDB is why Redis failed: say so
+            deep.finish(version)  # a corrupt RDB is why Redis failed: say so
             raise
-        return CheckedLoad(load, deep.finish(rdb.rdb_version))
-
-
-@task(cache_policy=NO_CACHE)
-def verify_keyspace(
-    redis_url: str, expected: dict[str, dict[str, int]], load: dict[str, Any]
-) -> str:
-    """Key counts per db against the backup's manifest. Keys with a TTL may have expired
-    since the backup (Redis drops them on load: `rdb_last_load_keys_expired`), so a db
-    may hold fewer keys, but never fewer than its keys without TTL."""
-    client = connect(redis_url)
-    try:
-        actual = {
-            name: int(v["keys"])
-            for name, v in client.info("keyspace").items()
-            if isinstance(v, dict)
-        }
-    except redis.RedisError as error:
-        raise explain(error, redis_url) from None
-    problems, lines = [], []
-    for db, facts in sorted(expected.items()):
-        have, want, expiring = actual.get(db, 0), facts["keys"], facts.get("expires", 0)
-        lines.append(f"{db} {have}/{want}")
-        if have < want - expiring:
-            problems.append(f"{db} holds {have} keys, the backup {want} ({expiring} with a TTL)")
-    expired = load.get("rdb_last_load_keys_expired", 0)
-    summary = f"keys per db restored/backup: {', '.join(lines) or 'none'}"
-    summary += f"; expired on load {expired}"
-    if problems:
-        raise RestoreNotVerified(f"restored Redis is missing keys: {'; '.join(problems)}")
-    run_logger().info(summary)
-    return summary
-
-
-@task(cache_policy=NO_CACHE)
-def check_persistence(redis_url: str, setup: RedisSetup) -> str:
-    """AOF as it was before the restore, its last write ok, no rewrite still running:
-    a restart now keeps the restored data."""
-    client = connect(redis_url)
-    try:
-        appendonly = client.config_get("appendonly").get("appendonly")
-        info = client.info("persistence")
-    except redis.RedisError as error:
-        raise explain(error, redis_url) from None
-    wanted = "yes" if setup.aof_enabled else "no"
-    if appendonly != wanted:
-        raise RestoreNotVerified(f"appendonly is {appendonly!r} after the restore, was {wanted!r}")
-    if setup.aof_enabled and info.get("aof_last_write_status") != "ok":
-        raise RestoreNotVerified(f"Redis cannot write its AOF: {info.get('aof_last_write_status')}")
-    return f"appendonly {wanted}" + (" (restored RDB is the AOF base)" if setup.aof_enabled else "")
-
-
-@task(cache_policy=NO_CACHE)
-def check_gateway(health_url: str, timeout_seconds: float) -> str:
-    """The gateway (which keeps its sessions in this Redis) answers healthy again."""
-    wait = wait_until_healthy(health_url, timeout_seconds, HEALTHY)
-    if not wait.healthy:
-        raise RestoreNotVerified(f"gateway at {redact_url(health_url)}: {wait.summary()}")
-    return f"{redact_url(health_url)} {wait.summary()}"
-
-
-AOF_NAMES = ("appendonlydir", "appendonly.aof")  # Redis 7's folder, older single file
-
-
-AofHandling = Literal["refuse", "move_aside"]
-
-
-class AofDataPresent(RuntimeError):
-    """The restore target holds AOF data, which Redis would load instead of the RDB."""
-
-
-def aof_in(target_dir: Path, aof_names: Iterable[str] = AOF_NAMES) -> list[Path]:
-    """The AOF data (Redis 7's folder, an older single file) present in `target_dir`."""
-    return [Path(target_dir) / n for n in aof_names if os.path.lexists(Path(target_dir) / n)]
-
-
-def _refuse_aof(found: list[Path], target_dir: Path) -> None:
-    names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
-    raise AofDataPresent(
-        f"{target_dir} holds AOF data ({names}): a Redis with appendonly yes loads the AOF "
-        "and ignores the placed dump.rdb, so this restore would be silently lost. Use "
-        "recover-redis, or pass aof='move_aside' to move the AOF aside (kept, not "
-        "deleted) and start Redis with appendonly no"
-    )
-
-
-@dataclass
-class PlacedRdb:
-    """An RDB put in place for Redis to load, and where the previous one went."""
-
-    backup: str
-    path: Path
-    moved_aside: Path | None
-    rdb: RdbInfo
-    aof_moved_aside: list[Path] = field(default_factory=list)
-
-
-def decompress_rdb(
-    stored: Path,
-    compression: Compression,
-    path: Path,
-    mode: int,
-    deep: bool = True,
-    durable: bool = True,
-) -> RdbInfo:
-    """Decompress a stored RDB backup into `path` (created with `mode`), validating it
-    in the same pass (redis-check-rdb too when `deep`); fsynced when `durable`. A
-    partial file is removed when it fails."""
-    try:
-        with open_decompressed(stored, compression) as source, create_file(path, mode) as out:
-            info = validate_stream(iter_chunks(source), deep, out.write)
-            out.flush()
-            if durable:
-                os.fsync(out.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return info
-
-
-@task(cache_policy=NO_CACHE)
-def place_rdb(
-    backup_dir: Path,
-    name: str,
-    target_dir: Path,
-    dbfilename: str = "dump.rdb",
-    aof: AofHandling = "refuse",
-    aof_names: tuple[str, ...] = AOF_NAMES,
-    mode_of: Path | None = None,
-    plain: Path | None = None,
-) -> PlacedRdb:
-    """Put a stored backup ('latest' or by name) into `target_dir` for Redis to load
-    (from `plain`, its decrypted copy, when the stored file is age-encrypted).
-
-    The stored file's checksum is verified first, the RDB is validated while it is
-    decompressed (and by redis-check-rdb when installed), and only then is any
-    existing RDB moved aside (never deleted) and the new one renamed into place.
-    Redis must be stopped (or about to be started) for this to take effect.
-
-    AOF data in `target_dir` (`aof_names`: Redis's `appenddirname` and
-    `appendfilename`) would be loaded instead of the RDB: `aof="refuse"` (default)
-    refuses before touching anything, `aof="move_aside"` moves it aside too. Either
-    way start Redis with `appendonly no`: Redis 7.0 with `appendonly yes` and no AOF
-    starts empty (and writes an empty AOF) without reading dump.rdb.
-
-    The placed file takes the mode of `mode_of` (default: the RDB it replaces), or
-    0600 when there is none; never the process umask's.
-    """
-    if aof not in ("refuse", "move_aside"):
-        raise ValueError(f"aof must be 'refuse' or 'move_aside', got {aof!r}")
-    found = aof_in(target_dir, aof_names)
-    if found and aof == "refuse":
-        _refuse_aof(found, Path(target_dir))
-    manifest, stored = find_local(Path(backup_dir), "redis", name)
-    stored = manifest.plain_file(stored, plain)
-    verify_file(stored, manifest.size, manifest.sha256)
-    target = Path(target_dir) / dbfilename
-    incoming = target.with_name(f".{dbfilename}.{uuid.uuid4().hex[:8]}.restoring")
-    info = decompress_rdb(stored, manifest.compression, incoming, mode_like(mode_of or target))
-    found = aof_in(target_dir, aof_names)
-    if found and aof == "refuse":  # appeared while we decompressed (Redis started?)
-        incoming.unlink()
-        _refuse_aof(found, Path(target_dir))
-    stamp = utc_now().strftime("%Y%m%d_%H%M%S")
-    aof_aside = [a for a in (move_aside(p, stamp) for p in found) if a]
-    aside = move_aside(target, stamp)
-    os.replace(incoming, target)
-    for path in aof_aside:
-        run_logger().warning("AOF data moved aside to %s: start Redis with appendonly no", path)
-    return PlacedRdb(manifest.name, target, aside, info, aof_aside)
+        return CheckedLoad(load, deep.finish(version))

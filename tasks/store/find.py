@@ -37,14 +37,13 @@ from tasks.store.encryption import (
     decrypt_stream,
     load_identity,
 )
+from tasks.store.kinds import KINDS, source_of
 from tasks.store.local import (
     FUTURE_TOLERANCE,
-    KINDS,
     BackupNotFound,
     find_local,
     list_local,
     resolve_name,
-    source_of,
     staging_path,
 )
 from tasks.store.s3 import S3Error, client, list_remote, object_key, remote_facts, remote_name

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -22,39 +21,13 @@ from tasks.common.clock import parse_time, utc_now
 from tasks.common.files import OWNER_ONLY, Modes, fsync_dir, make_dirs, write_durably
 from tasks.common.log import run_logger
 from tasks.store.archive import SUFFIXES, CompressedFile, Compression, Manifest, manifest_name
-from tasks.store.sources import derived_source_id, source_tag
+from tasks.store.kinds import KINDS, source_of, source_tag
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
 # A staging file untouched this long belongs to a run that died: no backup run goes this
 # long without writing to it (the lock wait is 15 min, the Redis save deadline 10 min by
 # default, and copies write continuously). Its mtime is its last write, not its start.
 STALE_PARTIAL_AGE = timedelta(hours=24)
-
-
-@dataclass(frozen=True)
-class Kind:
-    """How one kind of backup is named:
-    `<folder>/<stem>_<UTC stamp>_<source tag><ext><.gz|.zst>`."""
-
-    folder: str
-    stem: str
-    ext: str
-
-    def staging_pattern(self) -> re.Pattern[str]:
-        """Our hidden staging files in this kind's folder (see `staging_path`)."""
-        suffixes = "|".join(re.escape(s) for s in SUFFIXES.values())
-        return re.compile(
-            rf"\.{re.escape(self.stem)}_\d{{8}}_\d{{6}}(_[0-9a-f]+)?{re.escape(self.ext)}"
-            rf"(?:{suffixes})(?:\.age)?\.[0-9a-f]{{8}}\.partial"
-        )
-
-
-KINDS: dict[str, Kind] = {
-    "redis": Kind("redis", "dump", ".rdb"),
-    "prometheus": Kind("prometheus", "prometheus", ".tar"),
-    "config": Kind("config", "config", ".tar"),
-    "logs": Kind("logs", "gateway", ".log"),
-}
 
 
 class BackupNotFound(LookupError):
@@ -69,12 +42,6 @@ def backup_name(kind: str, created_at: datetime, compression: Compression, sourc
     stamp = created_at.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
     tag = source_tag(source_id)
     return f"{spec.folder}/{spec.stem}_{stamp}_{tag}{spec.ext}{SUFFIXES[compression]}"
-
-
-def source_of(manifest: Manifest) -> str:
-    """The source identity of a backup: recorded, or for manifests written before it
-    was recorded, derived from their source facts ("" when they do not say)."""
-    return manifest.source_id or derived_source_id(manifest.kind, manifest.source)
 
 
 def resolve_name(backup_dir: Path, name: str) -> Path:

@@ -51,33 +51,6 @@ def retention_summary(plan: RetentionPlan | None) -> str:
     return text
 
 
-def _yes_no(value: Any) -> str:
-    return "yes" if value else "NO"
-
-
-def source_facts(manifest: Manifest) -> dict[str, str]:
-    """The manifest's facts an operator checks first, by kind (versions, verification,
-    what the backup covers)."""
-    s = manifest.source
-    if manifest.kind == "redis":
-        return {
-            "Redis version": str(s.get("redis_version", "?")),
-            "RDB version": str(s.get("rdb_version", "?")),
-            "RDB checksum (CRC-64) verified": _yes_no(s.get("rdb_checksum_verified")),
-            "deep check (redis-check-rdb)": str(s.get("deep_check", "not run")),
-        }
-    if manifest.kind == "prometheus":
-        if not s.get("blocks"):
-            return {"Prometheus version": str(s.get("prometheus_version", "?"))}
-        return {
-            "Prometheus version": str(s.get("prometheus_version", "?")),
-            "time range (UTC)": f"{s.get('min_time', '?')} → {s.get('max_time', '?')}",
-            "series (largest block)": str(s.get("series", "?")),
-            "samples": str(s.get("samples", "?")),
-        }
-    return {}
-
-
 def publish_backup_report(
     manifest: Manifest,
     stored_at: str,
@@ -87,8 +60,10 @@ def publish_backup_report(
     details: dict[str, Any],
 ) -> None:
     """A table artifact (key `backup-<kind>`) describing the backup just made, in the
-    current flow run. `remote` is the verified S3 URL, `None` without a bucket, or the
-    `NOT_UPLOADED` text with the reason when the upload failed."""
+    current flow run: the stored file, where it went, retention, then `details` (the
+    kind's own facts first: its package's `describe`). `remote` is the verified S3
+    URL, `None` without a bucket, or the `NOT_UPLOADED` text with the reason when the
+    upload failed."""
     ratio = manifest.size / manifest.raw_size if manifest.raw_size else 0.0
     if remote and remote.startswith(NOT_UPLOADED):
         uploaded = remote
@@ -121,7 +96,6 @@ def publish_backup_report(
                 f"sha256 of the encrypted file {manifest.encryption['sha256']}",
             }
         )
-    rows += [{"field": key, "value": value} for key, value in source_facts(manifest).items()]
     rows += [{"field": key, "value": value} for key, value in details.items()]
     rows += [
         {"field": f"step: {step}", "value": f"{seconds:.3f} s"}

@@ -23,7 +23,8 @@ from tasks.common.clock import parse_time, utc_now
 from tasks.common.retry import TransientError, retrying_task
 from tasks.store.archive import CHUNK, Manifest, manifest_name
 from tasks.store.encryption import SUFFIX as AGE_SUFFIX
-from tasks.store.local import KINDS, RetentionPlan, plan_retention
+from tasks.store.kinds import KINDS
+from tasks.store.local import RetentionPlan, plan_retention
 
 # The one source of truth for how objects are uploaded, and so for the ETag S3 gives
 # them (`expected_etag`). 16 MiB parts, 4 at a time, uploaded as fast as 64 MiB x 10

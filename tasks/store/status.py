@@ -21,9 +21,10 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import FlowRunSort
 
-from tasks.common.clock import parse_time
+from tasks.common.clock import age_text, parse_time
 from tasks.store.archive import Manifest
-from tasks.store.local import FUTURE_TOLERANCE, source_of
+from tasks.store.kinds import source_of
+from tasks.store.local import FUTURE_TOLERANCE
 from tasks.store.report import human_size
 
 FRESH = "fresh"
@@ -49,13 +50,6 @@ class Copies:
     remote_note: str = ""
 
 
-def age_text(age: timedelta) -> str:
-    hours = age.total_seconds() / 3600
-    if hours < 1:
-        return f"{age.total_seconds() / 60:.0f} min"
-    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
-
-
 def freshness(newest: Manifest | None, interval: timedelta | None, now: datetime) -> str:
     """fresh, LATE (older than 2 × the schedule interval) or MISSING (no backup)."""
     if newest is None:
@@ -79,7 +73,7 @@ def _place(backups: list[Manifest], interval: timedelta | None, now: datetime) -
     state = freshness(newest, interval, now)
     if newest is None:
         return "none", state
-    age = age_text(now - parse_time(newest.created_at))
+    age = age_text((now - parse_time(newest.created_at)).total_seconds())
     return f"{newest.name.rsplit('/', 1)[-1]} ({age} old)", state
 
 
@@ -172,7 +166,9 @@ def last_verified_restores(now: datetime) -> dict[str, str]:
             continue
         flow = flows.get(run.flow_id, "?")
         ended = run.end_time
-        text = f"{ended:%Y-%m-%d %H:%M} UTC by {flow} ({age_text(now - ended)} ago)"
+        text = (
+            f"{ended:%Y-%m-%d %H:%M} UTC by {flow} ({age_text((now - ended).total_seconds())} ago)"
+        )
         for kind, restoring in RESTORE_FLOWS.items():
             if flow in restoring:
                 verified.setdefault(kind, text)

@@ -1,110 +1,22 @@
 """The steps every backup flow ends with, in the runbook's order: store (manifest
-last), upload and verify, catch up earlier uploads, prune here and there, report;
-and how a flow fails: one line naming the step, the reason and what is safe."""
+last), upload and verify, catch up earlier uploads, prune here and there, report."""
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
-from prefect.states import Completed, Failed, State
-
-import tasks
-from flows.support.explained import is_explained
-from flows.support.recovery import StepFailed, one_line
+from flows.support.failures import mark_safe, one_line
 from flows.support.settings import settings
 from tasks.common.files import OWNER_ONLY, Modes, exposure_warnings
 from tasks.common.log import run_logger
 from tasks.store.archive import CompressedFile, Manifest
 from tasks.store.encryption import AgeCopy, RecipientError, encrypt_for_upload, parse_recipients
-from tasks.store.local import KINDS, check_retention, commit_local, list_local, prune_local
+from tasks.store.kinds import KINDS
+from tasks.store.local import check_retention, commit_local, list_local, prune_local
 from tasks.store.report import NOT_UPLOADED, publish_backup_report
 from tasks.store.s3 import ObjectLock, list_remote, prune_remote, require_object_lock, upload_backup
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-NOTHING_STORED = "nothing new was stored; earlier backups are untouched"
-TASKS_DIR = Path(tasks.__file__).resolve().parent
-# Task functions whose name alone reads poorly in a one-line failure.
-STEP_NAMES = {
-    "upload_backup": "upload to S3",
-    "prune_remote": "retention in S3",
-    "prune_local": "local retention",
-    "commit_local": "storing the backup locally",
-    "check_retention": "checking the retention parameters",
-    "check_compression": "checking the compression parameter",
-    "trigger_save": "Redis save (BGSAVE)",
-    "exclusive": "waiting for the lock",
-}
-# Modules whose frames wrap a step rather than being one (Prefect's retry condition
-# re-raises the task's error inside tasks/common/retry.py).
-MACHINERY = {TASKS_DIR / "common" / "retry.py"}
-_safe: ContextVar[str] = ContextVar("safe", default=NOTHING_STORED)
-
-
-def run_name(kind: str) -> Callable[[], str]:
-    """A `flow_run_name` for the runs list: the kind and the UTC start time."""
-    return lambda: f"{kind} {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC"
-
-
-def failed_step(error: BaseException) -> str:
-    """The step a failure came from: the outermost function of `tasks/` (any of its
-    packages) in its
-    traceback (a task or a check the flow called), else the flow's own preparation."""
-    frame: TracebackType | None = error.__traceback__
-    while frame is not None:
-        code = frame.tb_frame.f_code
-        path = Path(code.co_filename).resolve()
-        if path.is_relative_to(TASKS_DIR) and path not in MACHINERY:
-            return STEP_NAMES.get(code.co_name, code.co_name.replace("_", " "))
-        frame = frame.tb_next
-    return "preparing the run"
-
-
-def failure_line(error: BaseException, safe: str) -> str:
-    """The failed state's message: `<step> failed: <reason>; <what is safe>`. A
-    recovery's StepFailed already is that line (`Recovery.failure()`)."""
-    if isinstance(error, StepFailed):
-        return one_line(error)
-    return f"{failed_step(error)} failed: {one_line(error)}; {safe}"
-
-
-def explains_failure(fn: Callable[P, R]) -> Callable[P, R | State[Any]]:
-    """Wrap a flow's body: an error ends the run in a Failed state whose message is one
-    line (the runs list and run header show it) instead of Prefect's "Flow run
-    encountered an exception: <type>: …", keeping the exception itself as the state's
-    data (a direct call still raises it, with its type)."""
-
-    @functools.wraps(fn)
-    def run(*args: P.args, **kwargs: P.kwargs) -> R | State[Any]:
-        token = _safe.set(NOTHING_STORED)
-        try:
-            return fn(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - becomes the run's Failed state
-            line = failure_line(error, _safe.get())
-            # The Logs tab's reason; a bug's traceback too (flows/support/explained.py)
-            run_logger().error("%s", line, exc_info=not is_explained(error))
-            return Failed(message=line, data=error)  # same type
-        finally:
-            _safe.reset(token)
-
-    # Prefect builds the parameter schema and validation from the signature: give it
-    # the evaluated types (the flow module's string annotations mean nothing here).
-    run.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
-    return run
-
-
-def unchanged(message: str, result: dict[str, Any]) -> State[Any]:
-    """A Completed state named `Unchanged`, distinguishable in the runs list."""
-    return Completed(name="Unchanged", message=message, data=result)
 
 
 @dataclass(frozen=True)
@@ -221,7 +133,7 @@ def keep_backup(
         encrypted = copy.path
     try:
         stored = commit_local(to.backup_dir, staged, manifest, to.modes)
-        _safe.set(f"the backup is complete locally at {stored}")
+        mark_safe(f"the backup is complete locally at {stored}")
         remote = None
         if to.s3_bucket:
             lock = None
@@ -238,14 +150,14 @@ def keep_backup(
                     lock,
                 ).url
             except Exception as error:
-                _safe.set(
+                mark_safe(
                     f"the backup is complete locally at {stored}; the next successful "
                     f"{manifest.kind} backup uploads it"
                 )
                 reason = f"{NOT_UPLOADED} ({one_line(error)})"
                 publish_backup_report(manifest, str(stored), reason, None, None, details)
                 raise
-            _safe.set(f"the backup is complete locally at {stored} and in {remote}")
+            mark_safe(f"the backup is complete locally at {stored} and in {remote}")
     finally:
         if encrypted:
             encrypted.unlink(missing_ok=True)

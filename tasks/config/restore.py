@@ -1,0 +1,121 @@
+"""Putting a config backup back: the compose project unpacked safely into a new or
+empty folder with its `.env` written from the backup's env.txt and the operator's
+secrets (which the backup never holds); the one restore path recover-host and the
+drill share. Everything it needs is checked before anything is written."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tarfile
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path, PurePosixPath
+
+from tasks.config.capture import COMPOSE_PATTERNS, ENV_FILE, archive_folder
+from tasks.docker.project import (
+    env_file_text,
+    read_env_file,
+    required_variables,
+)
+from tasks.store.archive import extract_archive, open_decompressed
+from tasks.store.find import FoundBackup
+from tasks.store.local import BackupNotFound
+
+
+class MissingSecrets(RuntimeError):
+    """Variables the compose file needs are neither in the backup nor supplied."""
+
+
+class TargetNotEmpty(FileExistsError):
+    """The folder to restore into holds something already."""
+
+
+@dataclass
+class Archive:
+    """What the flow reads from the config backup before anything is written."""
+
+    compose_files: dict[str, str]
+    env: dict[str, str]
+
+
+def read_archive(found: FoundBackup, need_compose: bool = True) -> Archive:
+    """The compose files and env.txt of a config backup, read in memory (small files),
+    streamed from the verified archive; a backup without a compose file is refused
+    when `need_compose`."""
+    folder = archive_folder(found.manifest.name)
+    compose: dict[str, str] = {}
+    env_text = ""
+    with (
+        open_decompressed(found.path, found.manifest.compression) as stream,
+        tarfile.open(fileobj=stream, mode="r|") as archive,
+    ):
+        for member in archive:
+            path = PurePosixPath(member.name)
+            if not member.isfile() or path.parent != PurePosixPath(folder):
+                continue
+            source = archive.extractfile(member)
+            assert source is not None
+            if any(fnmatch(path.name, pattern) for pattern in COMPOSE_PATTERNS):
+                compose[path.name] = source.read().decode()
+            elif path.name == ENV_FILE:
+                env_text = source.read().decode()
+    if need_compose and not compose:
+        raise BackupNotFound(f"config backup {found.manifest.name} holds no compose file")
+    env = dict(line.split("=", 1) for line in env_text.splitlines() if "=" in line)
+    return Archive(compose, env)
+
+
+def check_secrets(
+    archive: Archive, withheld: list[str], secrets_file: str | None
+) -> dict[str, str]:
+    """The `.env` values: env.txt plus the operator's secrets file. Raises MissingSecrets
+    naming every variable the compose files need that neither supplies."""
+    supplied = read_env_file(Path(secrets_file)) if secrets_file else {}
+    needed = set(withheld)
+    for text in archive.compose_files.values():
+        needed |= required_variables(text)
+    missing = sorted(needed - set(archive.env) - set(supplied))
+    if missing:
+        where = f"add them to {secrets_file}" if secrets_file else (
+            "write them as NAME=value lines into a file only you can read and give its path "
+            "as secrets_env_file"
+        )  # fmt: skip
+        raise MissingSecrets(
+            f"the config backup withholds (or lacks) {', '.join(missing)}: {where}, then run "
+            "again (nothing was changed)"
+        )
+    return {**archive.env, **supplied}
+
+
+def require_empty(target: Path) -> None:
+    """Refuse a target_dir that holds anything: a restore never mixes with old files."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise TargetNotEmpty(
+            f"target_dir {target} is not an empty folder: restore into a new or empty one "
+            "(nothing was changed)"
+        )
+
+
+def restore_project(found: FoundBackup, target: Path, values: dict[str, str]) -> list[str]:
+    """Unpack the config backup into `target`, new or empty (safe extract into a
+    staging folder beside it, then renamed in), write `.env` (0600) from `values`,
+    drop env.txt."""
+    require_empty(target)
+    staging = target.parent / f".{target.name}.restoring-{secrets.token_hex(3)}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        extract_archive(found.path, found.manifest.compression, staging)
+        folder = staging / archive_folder(found.manifest.name)
+        target.mkdir(exist_ok=True)
+        names = sorted(entry.name for entry in folder.iterdir())
+        for name in names:
+            os.replace(folder / name, target / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    (target / ENV_FILE).unlink(missing_ok=True)
+    descriptor = os.open(target / ".env", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as env:
+        env.write(env_file_text(values))
+    return [name for name in names if name != ENV_FILE] + [".env"]
