@@ -15,12 +15,13 @@ from typing import Any
 
 from prefect import flow
 
-from flows.support.failures import StepFailed, explains_failure, one_line, run_name
+from flows.support.failures import StepFailed, explains_failure, run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.pushes import recovered, recovery_failed, with_hooks
 from flows.support.recovery import Recovery
 from flows.support.settings import settings
 from tasks.common import http_health as health
+from tasks.common.errors import one_line
 from tasks.common.locks import exclusive, lock_name
 from tasks.docker.compose import find_service
 from tasks.docker.containers import ContainerError

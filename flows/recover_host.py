@@ -30,12 +30,13 @@ from flows.support.checklist import (
     VERIFY,
     HostRecovery,
 )
-from flows.support.failures import explains_failure, one_line, run_name
+from flows.support.failures import explains_failure, run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import recovered, recovery_failed, with_hooks
 from flows.support.recovery import BackupSource, fetch
 from flows.support.settings import refuse_secret_parameters, resolve
+from tasks.common.errors import one_line
 from tasks.common.http_health import analyze_once, check_metrics, derive_url, health_url
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url

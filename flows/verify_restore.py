@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.support.drills import DRILLS, Drill
-from flows.support.failures import one_line, run_name
+from flows.support.failures import run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import drill_failed, pushgateway_url, with_hooks
@@ -32,6 +32,7 @@ from flows.support.recovery import BackupSource, Recovery, Step
 from flows.support.settings import SETTING, resolve
 from tasks.common import pushgateway as metrics
 from tasks.common.clock import age_text
+from tasks.common.errors import one_line
 from tasks.common.locks import exclusive, lock_name
 from tasks.drill.scratch import (
     Scratch,

@@ -134,6 +134,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # or check the shared stack (and the host-wide drill lock) never overlap and the
 # stack-down tests still come last.
 RUN_BESIDE_THE_STACK = {
+    "test_architecture",
     "test_aside",
     "test_component_lock",
     "test_hosts",

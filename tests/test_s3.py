@@ -14,7 +14,8 @@ import pytest
 
 from sandbox import constants as stack
 from tasks.common.clock import utc_now
-from tasks.store.archive import CHUNK, Manifest, sha256_file
+from tasks.common.files import CHUNK
+from tasks.store.archive import Manifest, sha256_file
 from tasks.store.local import backup_name
 from tasks.store.s3 import (
     PART_SIZE,

@@ -9,8 +9,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from flows.support.failures import one_line
 from flows.support.recovery import Recovery, Step
+from tasks.common.errors import one_line
 
 # The runbook's "DISASTER RECOVERY RUNBOOK" checklist, section by section.
 RUNBOOK: dict[str, list[str]] = {

@@ -16,6 +16,7 @@ from prefect.states import Completed, Failed, State
 
 import tasks
 from flows.support.explained import is_explained
+from tasks.common.errors import one_line
 from tasks.common.log import run_logger
 
 P = ParamSpec("P")
@@ -105,9 +106,3 @@ def unchanged(message: str, result: dict[str, Any]) -> State[Any]:
 
 class StepFailed(RuntimeError):
     """A recovery step failed; the message names the step and the reason in one line."""
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one readable line (its first line, with its type when bare)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return text or type(error).__name__

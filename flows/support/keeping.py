@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from flows.support.failures import mark_safe, one_line
+from flows.support.failures import mark_safe
 from flows.support.settings import settings
+from tasks.common.errors import one_line
 from tasks.common.files import OWNER_ONLY, Modes, exposure_warnings
 from tasks.common.log import run_logger
 from tasks.store.archive import CompressedFile, Manifest

@@ -21,10 +21,11 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
 
-from flows.support.failures import StepFailed, one_line
+from flows.support.failures import StepFailed
 from tasks.common.aside import MovedAside, put_back
 from tasks.common.checks import Check
 from tasks.common.clock import age_text, parse_time
+from tasks.common.errors import one_line
 from tasks.docker.containers import start_container, stop_container
 from tasks.store.archive import Manifest
 from tasks.store.find import FoundBackup, fetch_backup

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
+CHUNK = 1 << 20  # the read and write size of every streamed copy
+
 
 @dataclass(frozen=True)
 class Modes:

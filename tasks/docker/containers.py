@@ -14,8 +14,8 @@ import docker
 import httpx
 from docker.errors import DockerException, NotFound
 
-from flows.support.failures import one_line
-from tasks.store.archive import CHUNK
+from tasks.common.errors import one_line
+from tasks.common.files import CHUNK
 
 
 class ContainerError(RuntimeError):

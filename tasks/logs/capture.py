@@ -30,10 +30,11 @@ from isal import igzip
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.common.files import CHUNK
 from tasks.common.log import run_logger
 from tasks.common.retry import TransientError, retrying_task
 from tasks.docker.containers import ContainerError, docker_client, get_container
-from tasks.store.archive import CHUNK, CompressedFile, Compression, Manifest
+from tasks.store.archive import CompressedFile, Compression, Manifest
 from tasks.store.encryption import AgeCopy, staged_writer
 from tasks.store.local import explain_write_error
 

@@ -30,6 +30,7 @@ import requests
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.common.files import CHUNK
 from tasks.common.log import run_logger
 from tasks.common.retry import retrying_task
 from tasks.docker import containers
@@ -43,14 +44,7 @@ from tasks.prometheus.api import (
     query_at,
     selector,
 )
-from tasks.store.archive import (
-    CHUNK,
-    CompressedFile,
-    CompressedWriter,
-    Compression,
-    Manifest,
-    tar_stream,
-)
+from tasks.store.archive import CompressedFile, CompressedWriter, Compression, Manifest, tar_stream
 from tasks.store.encryption import AgeCopy, staged_writer
 
 Fetch = Literal["auto", "container", "path"]

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 from docker.errors import DockerException
 
+from tasks.common.files import CHUNK
 from tasks.common.log import run_logger
 from tasks.common.redis_url import parse_redis_url
 from tasks.common.retry import retrying_task
@@ -28,13 +29,7 @@ from tasks.redis.rdb import RdbInfo, validating
 from tasks.redis.save import SaveResult
 from tasks.redis.server import ServerFacts, connect, explain
 from tasks.redis.sync import fetch_rdb_over_network
-from tasks.store.archive import (
-    CHUNK,
-    CompressedFile,
-    Compression,
-    Manifest,
-    iter_chunks,
-)
+from tasks.store.archive import CompressedFile, Compression, Manifest, iter_chunks
 from tasks.store.encryption import AgeCopy, staged_writer
 
 FETCH_METHODS = ("auto", "container", "path", "network")

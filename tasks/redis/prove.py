@@ -10,8 +10,8 @@ import redis
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.support.failures import one_line
 from tasks.common.checks import Check
+from tasks.common.errors import one_line
 from tasks.common.http_health import (
     HEALTHY,
     wait_until_healthy,

@@ -22,11 +22,10 @@ from typing import IO, Any, Literal, Protocol
 import zstandard
 from isal import igzip, igzip_threaded
 
-from tasks.common.files import create_file, discard_file
+from tasks.common.files import CHUNK, create_file, discard_file
 
 Compression = Literal["gzip", "zstd"]
 SUFFIXES: dict[str, str] = {"gzip": ".gz", "zstd": ".zst"}
-CHUNK = 1 << 20
 GZIP_LEVEL = 1  # isal level 1: ~1.5 GB/s, ratio close to gzip -6 on session data
 ZSTD_LEVEL = 3
 MANIFEST_SUFFIX = ".manifest.json"

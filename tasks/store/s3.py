@@ -20,8 +20,9 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from tasks.common.clock import parse_time, utc_now
+from tasks.common.files import CHUNK
 from tasks.common.retry import TransientError, retrying_task
-from tasks.store.archive import CHUNK, Manifest, manifest_name
+from tasks.store.archive import Manifest, manifest_name
 from tasks.store.encryption import SUFFIX as AGE_SUFFIX
 from tasks.store.kinds import KINDS
 from tasks.store.local import RetentionPlan, plan_retention
