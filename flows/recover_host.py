@@ -14,6 +14,7 @@ is the runbook's checklist, each line ticked or failed with its evidence.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,17 @@ from tasks.common.secrets import url_server
 from tasks.config.restore import (
     Archive,
     check_secrets,
+    previewed,
     read_archive,
     require_empty,
     restore_project,
 )
 from tasks.docker import containers
+from tasks.docker.compose import project_files
 from tasks.docker.containers import wait_until_answers
 from tasks.docker.host import check_new_host
-from tasks.docker.project import Project, Service, compose_up, data_dir, find_roles, read_services
+from tasks.docker.project import Project, Service, compose_up, data_dir, read_services
+from tasks.docker.roles import RoleNotFound, find_roles, require_role
 from tasks.prometheus.prove import check_alert_rules, prove_prometheus
 from tasks.prometheus.restore import restore_blocks, wait_until_ready
 from tasks.redis.prove import check_gateway, ping, prove_redis
@@ -172,12 +176,13 @@ def recover_host(
             data = find_the_data_backups(r, source, redis_backup, prometheus_backup, urls, config)
             backups = Backups(config, archive, *data)
             check_the_new_host(r, target, urls)
+            roles = check_the_project(r, backups, values, urls, project_name or target.name)
             if dry_run:
                 what = f"would unpack {config.manifest.name} into {target}"
                 r.skip("restore the project files", what)
                 r.skip("restore data and start services", "gateway → redis → prometheus → grafana")
             else:
-                project = restore_the_project(r, backups, target, values, project_name or None)
+                project = restore_the_project(r, backups, target, values, project_name, roles)
                 restore_the_data(r, project, backups, urls)
                 start_the_gateway(r, project, urls, timeout)
                 start_redis(r, project, backups.redis, urls, timeout)
@@ -266,29 +271,62 @@ def check_the_new_host(r: HostRecovery, target: Path, urls: Urls) -> None:
     r.check(PROVISION, "Network connectivity verified", "backups reached")
 
 
+def check_the_project(
+    r: HostRecovery, backups: Backups, values: dict[str, str], urls: Urls, name: str
+) -> dict[str, str]:
+    """The project as compose resolves it with the restored files and secrets (in a
+    temporary folder): which service plays each role, by what it really runs and the
+    port of its URL. A project without a Redis service is refused (its backup would be
+    reported restored and never be). Returns role → service name."""
+    item = "docker-compose.yml in place"
+    with r.step_for("check the project's services", GATEWAY, item) as step:
+        with previewed(backups.config, values) as folder:
+            files = [folder / n for n in project_files(folder)]
+            if not files:
+                raise RoleNotFound(
+                    f"config backup {backups.config.manifest.name} holds no compose.yaml or "
+                    "docker-compose.yml: it cannot rebuild a stack; nothing was changed"
+                )
+            services = read_services(files, name)
+            roles = find_roles(services, urls.named())
+            require_role("redis", roles, services, files[0])
+        played = ", ".join(f"{role} = {service.name}" for role, service in roles.items())
+        others = [s for s in services if s not in {v.name for v in roles.values()}]
+        step.detail = f"{' + '.join(f.name for f in files)}: {played}; others: "
+        step.detail += ", ".join(others) or "none"
+    if backups.prometheus is not None and "prometheus" not in roles:
+        r.notes.append(
+            f"no service runs prometheus: backup {backups.prometheus.manifest.name} is not restored"
+        )
+    return {role: service.name for role, service in roles.items()}
+
+
 # ------------------------------------------------------ 3. to 5. RESTORE, in order
 
 
 def restore_the_project(
-    r: HostRecovery, backups: Backups, target: Path, values: dict[str, str], name: str | None
+    r: HostRecovery,
+    backups: Backups,
+    target: Path,
+    values: dict[str, str],
+    name: str,
+    roles: dict[str, str],
 ) -> Project:
     """The project's files and `.env` into target_dir; its containers created."""
     config = backups.config
-    with r.step_for(
-        "restore the project files and .env", GATEWAY, "docker-compose.yml in place"
-    ) as step:
+    item = "docker-compose.yml in place"
+    with r.step_for("restore the project files and .env", GATEWAY, item) as step:
         written = restore_project(config, target, values)
-        compose_name = next(n for n in written if n in backups.archive.compose_files)
         step.detail = f"{len(written)} entries into {target}: {', '.join(written)}"
-    r.check(GATEWAY, "docker-compose.yml in place",
-            f"{target / compose_name} from {config.manifest.name}")  # fmt: skip
-    r.check(
-        GATEWAY, "Environment variables configured", f".env (0600): {', '.join(sorted(values))}"
-    )
+    files = [target / n for n in project_files(target)]
+    r.check(GATEWAY, item, f"{' + '.join(str(f) for f in files)} from {config.manifest.name}")
+    names = ", ".join(sorted(values))
+    r.check(GATEWAY, "Environment variables configured", f".env (0600): {names}")
     with r.step_for("create the containers", GATEWAY, "docker-compose up -d gateway") as step:
-        services = read_services(target / compose_name, name)
-        project = Project(target / compose_name, name, services, find_roles(services))
-        compose_up(project.compose_file, project.name, [], start=False)
+        services = read_services(files, name or None)
+        played = {role: services[service] for role, service in roles.items()}
+        project = Project(files, name or None, services, played)
+        compose_up(project.compose_files, project.name, [], start=False)
         step.detail = f"services {', '.join(services)} created (not started)"
     return project
 
@@ -353,10 +391,11 @@ def start_redis(
         return
     service = project.roles["redis"]
     with r.step_for("start Redis and verify", REDIS, "redis-cli PING returns PONG") as step:
+        since = time.time()
         project.up(service)
         load = wait_until_loaded(urls.redis, project.container(service), timeout)
         step.detail = f"{ping(urls.redis)}, loading:0"
-    r.prove(prove_redis(urls.redis, found.manifest, load))
+    r.prove(prove_redis(urls.redis, found.manifest, load, since))
     r.check(REDIS, "docker-compose up -d redis", f"{project.container(service)} running")
     r.check(REDIS, "redis-cli PING returns PONG", step.detail)
 
@@ -404,7 +443,7 @@ def start_the_other_services(r: HostRecovery, project: Project) -> None:
     """The rest of the project, once the core services are verified."""
     with r.step("start the other services") as step:
         others = [s for s in project.services.values() if s not in project.roles.values()]
-        compose_up(project.compose_file, project.name, [])
+        compose_up(project.compose_files, project.name, [])
         step.detail = ", ".join(s.name for s in others) or "none"
 
 

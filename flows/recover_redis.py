@@ -10,6 +10,7 @@ puts it back and starts Redis again.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,10 +217,11 @@ def swap(
         with r.step("place the RDB") as step:
             step.detail = ", ".join(place_rdb(staged, t.data, t.setup))
         with r.step("start Redis and wait for loading:0") as step:
+            since = time.time()
             start_container(t.container)
             load = wait_until_loaded(t.redis_url, t.container, timeout)
             step.detail = f"loaded {load.get('rdb_last_load_keys_loaded', '?')} keys"
-        r.prove(prove_redis(t.redis_url, found.manifest, load))
+        r.prove(prove_redis(t.redis_url, found.manifest, load, since))
         with r.step("check persistence") as step:
             step.detail = check_persistence(t.redis_url, t.setup)
         if gateway_health_url:

@@ -21,9 +21,11 @@ from sandbox.stack import backfill_openmetrics
 from tasks.prometheus.api import ULID
 from tasks.prometheus.setup import (
     PrometheusSetup,
+    Retention,
     RetentionTooShort,
     check_retention_covers,
     parse_duration,
+    retention_from_flags,
 )
 from tasks.store.archive import Manifest
 from tasks.store.find import FoundBackup
@@ -120,16 +122,28 @@ def test_dry_run_checks_the_blocks_and_changes_nothing(tmp_path: Path, backup_di
 
 
 def test_a_retention_shorter_than_the_backup_is_refused() -> None:
-    """Prometheus deletes blocks older than its retention right after it starts."""
+    """Prometheus deletes blocks older than its retention (counted back from its newest
+    block, soon: now) at its first compaction after it starts."""
     two_years_ago = (stack.PROMETHEUS_BACKFILL_START - 2 * 365 * 86400) * 1000
+    block = {"ulid": "01H", "min_time": two_years_ago - 7_200_000, "max_time": two_years_ago}
     manifest = Manifest(
         "prometheus", "prometheus/p.tar.gz", "2026-01-01T00:00:00+00:00", 1, "0" * 64, "gzip",
-        1, 0.0, source={"min_time_ms": two_years_ago},
+        2**30, 0.0, source={"block_list": [block]},
     )  # fmt: skip
     found = FoundBackup(manifest, Path("/nonexistent"), "local", Path("/nonexistent"))
     with pytest.raises(RetentionTooShort, match="retention.time="):
-        check_retention_covers(found, PrometheusSetup(True, "/prometheus", "15d"))
-    assert "covers" in check_retention_covers(found, PrometheusSetup(True, "/p", "10y"))
+        check_retention_covers(found, PrometheusSetup(True, "/prometheus", Retention.parse("15d")))
+    keeps = PrometheusSetup(True, "/p", Retention.parse("10y"))
+    assert "keeps the oldest restored block" in check_retention_covers(found, keeps)
+    small = PrometheusSetup(True, "/p", Retention.parse("10y or 512MiB"))
+    with pytest.raises(RetentionTooShort, match="retention.size"):
+        check_retention_covers(found, small)
+    assert Retention.parse("30d or 10GiB") == Retention(
+        "30d or 10GiB", timedelta(days=30), 10 * 2**30
+    )
+    assert Retention.parse("1GiB").time is None  # a size limit alone: no time limit
+    assert retention_from_flags(["/bin/prometheus"]).said == "15d"  # Prometheus's default
+    assert retention_from_flags(["p", "--storage.tsdb.retention.size=1GB"]).time is None
     assert parse_duration("1y2w3d4h5m6s") == timedelta(
         days=365 + 14 + 3, hours=4, minutes=5, seconds=6
     )

@@ -131,18 +131,24 @@ def prometheus_ready(service: Service) -> bool:
 
 
 @contextmanager
-def prometheus_container(tmp_path: Path, before_start: Callable[[Path], None]) -> Iterator[Service]:
-    """Prometheus 2 in a throwaway container (admin API on, long retention, scraping
-    nothing), its TSDB at /prometheus; `before_start(data_dir)` runs before it starts."""
+def prometheus_container(
+    tmp_path: Path,
+    before_start: Callable[[Path], None],
+    retention: str | None = stack.PROMETHEUS_RETENTION,
+) -> Iterator[Service]:
+    """Prometheus 2 in a throwaway container (admin API on, long retention unless
+    `retention` says otherwise, None: no retention flag; scraping nothing), its TSDB at
+    /prometheus; `before_start(data_dir)` runs before it starts."""
 
     def command(port: int) -> list[str]:
+        flags = [f"--storage.tsdb.retention.time={retention}"] if retention else []
         return [
             "/usr/bin/prometheus",
             "--config.file=/conf/prometheus.yml",
             f"--web.listen-address=127.0.0.1:{port}",
             "--web.enable-admin-api",
             "--storage.tsdb.path=/prometheus",
-            f"--storage.tsdb.retention.time={stack.PROMETHEUS_RETENTION}",
+            *flags,
         ]
 
     with throwaway(tmp_path, "prometheus", command, "/prometheus") as service:

@@ -14,6 +14,7 @@ from docker.types import Mount
 from flows.support.recovery import BackupSource, Recovery, Step, find_backup
 from tasks.config.prove import prove_config
 from tasks.config.restore import read_archive, restore_project
+from tasks.docker.compose import project_files
 from tasks.drill import compose as drill_compose
 from tasks.drill import services as drill_services
 from tasks.drill.scratch import (
@@ -119,7 +120,7 @@ def drill_redis(r: Recovery, d: Drill, scratch: Scratch) -> None:
             f"({load.get('rdb_last_load_keys_expired', 0)} expired on load); "
             f"{checked.deep_check}"
         )
-    r.prove(prove_redis(url, found.manifest, load))
+    r.prove(prove_redis(url, found.manifest, load, checked.started_at))
     with r.step("gateway /health against the restored Redis") as step:
         step.detail = _gateway(d, scratch, peer, port)
 
@@ -193,7 +194,7 @@ def drill_config(r: Recovery, d: Drill, scratch: Scratch) -> None:
         names = restore_project(found, target, env)
         step.detail = f"{len(names)} entries, tarfile 'data' filter (nothing outside the folder)"
     r.prove(prove_config(target, found.manifest, env))
-    if not drill_compose.compose_files(target):
+    if not project_files(target):
         r.skip("restored project up", "no default compose file (compose.yaml, docker-compose.yml)")
         return
     withheld = list(found.manifest.source.get("env_withheld") or [])

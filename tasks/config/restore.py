@@ -9,6 +9,9 @@ import os
 import secrets
 import shutil
 import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
@@ -119,3 +122,16 @@ def restore_project(found: FoundBackup, target: Path, values: dict[str, str]) ->
     with os.fdopen(descriptor, "w") as env:
         env.write(env_file_text(values))
     return [name for name in names if name != ENV_FILE] + [".env"]
+
+
+@contextmanager
+def previewed(found: FoundBackup, values: dict[str, str]) -> Iterator[Path]:
+    """The config backup unpacked with its `.env` into a temporary folder, removed
+    afterwards: compose resolves the project there as the restore will write it,
+    before anything is written where it belongs (the dry run's view too)."""
+    folder = Path(tempfile.mkdtemp(prefix="proxilion-dr-preview-"))
+    try:
+        restore_project(found, folder / "project", values)
+        yield folder / "project"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -68,14 +68,34 @@ def _run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> 
 class ComposeService:
     """A service of a compose file, and the container name compose gives it (if fixed)."""
 
-    compose_file: Path
+    compose_file: Path | list[Path]  # the primary file, or it and its override
     project: str | None
     service: str
     container_name: str | None
 
 
-def _base(compose_file: Path, project: str | None) -> list[str]:
-    args = [*compose_command(), "-f", str(compose_file)]
+# The files compose reads in a project folder when none is named: the first primary
+# file found, and the override beside it.
+PRIMARY_FILES = ("compose.yaml", "compose.yml", "docker-compose.yml", "docker-compose.yaml")
+OVERRIDE_FILES = ("compose.override.yaml", "compose.override.yml", "docker-compose.override.yml",
+                  "docker-compose.override.yaml")  # fmt: skip
+
+
+def project_files(folder: Path) -> list[str]:
+    """The files compose itself would read in `folder`: the first default file and its
+    override. Empty when there is none."""
+    primary = next((n for n in PRIMARY_FILES if (folder / n).is_file()), None)
+    if primary is None:
+        return []
+    override = next((n for n in OVERRIDE_FILES if (folder / n).is_file()), None)
+    return [primary] + ([override] if override else [])
+
+
+def _base(compose_files: Path | list[Path], project: str | None) -> list[str]:
+    files = compose_files if isinstance(compose_files, list) else [compose_files]
+    args = [*compose_command()]
+    for path in files:
+        args += ["-f", str(path)]
     return args + (["-p", project] if project else [])
 
 

@@ -108,6 +108,9 @@ class Service:
     image: str
     command: list[str]
     volumes: list[Volume] = field(default_factory=list)
+    entrypoint: list[str] | None = None  # None: the image's own
+    network_mode: str = ""
+    ports: list[tuple[int, int]] = field(default_factory=list)  # (host port, container port)
 
     def host_path(self, inner: str) -> Path | None:
         """The host path behind `inner` (its deepest bind mount), or None."""
@@ -149,68 +152,64 @@ def _volume(item: Any, project_dir: Path) -> Volume | None:
     return Volume(path, PurePosixPath(target))
 
 
-def read_services(compose_file: Path, project: str | None) -> dict[str, Service]:
-    """The project's services as `docker compose config` resolves them (needs the
-    project's `.env` when the file references variables)."""
-    config = yaml.safe_load(_run([*_base(compose_file, project), "config"], 60.0)) or {}
+def _argv(value: Any) -> list[str]:
+    """A compose `command` or `entrypoint`: a list, or a string split as a shell would."""
+    if value is None:
+        return []
+    return shlex.split(value) if isinstance(value, str) else [str(part) for part in value]
+
+
+def _port(item: Any) -> tuple[int, int] | None:
+    """(host port, container port) of a published port in either form compose prints:
+    `127.0.0.1:16380:6379/tcp` or `{published: 16380, target: 6379}`."""
+    try:
+        if isinstance(item, dict):
+            return int(item["published"]), int(item["target"])
+        parts = str(item).split("/")[0].split(":")
+        return (int(parts[-2]), int(parts[-1])) if len(parts) >= 2 else None
+    except (KeyError, ValueError, TypeError):
+        return None  # a range or an unpublished port: not reachable at a fixed host port
+
+
+def read_services(compose_files: list[Path], project: str | None) -> dict[str, Service]:
+    """The project's services as `docker compose config` resolves its files (the primary
+    and its override; needs the project's `.env` when they reference variables)."""
+    config = yaml.safe_load(_run([*_base(compose_files, project), "config"], 60.0)) or {}
     services: dict[str, Service] = {}
     for name, spec in (config.get("services") or {}).items():
         spec = spec or {}
-        command = spec.get("command") or []
-        command = shlex.split(command) if isinstance(command, str) else [str(c) for c in command]
-        volumes = [_volume(v, compose_file.parent) for v in spec.get("volumes") or []]
+        volumes = [_volume(v, compose_files[0].parent) for v in spec.get("volumes") or []]
+        ports = [_port(p) for p in spec.get("ports") or []]
         services[name] = Service(
             name,
             spec.get("container_name"),
             str(spec.get("image") or ""),
-            command,
+            _argv(spec.get("command")),
             [v for v in volumes if v is not None],
+            _argv(spec["entrypoint"]) if "entrypoint" in spec else None,
+            str(spec.get("network_mode") or ""),
+            [p for p in ports if p is not None],
         )
     return services
 
 
 def compose_up(
-    compose_file: Path, project: str | None, services: list[str], *, start: bool = True
+    compose_files: list[Path], project: str | None, services: list[str], *, start: bool = True
 ) -> str:
     """`up -d --no-deps SERVICE…` (or `up --no-start`: create the containers only).
     No service named: every service. Returns the CLI's last output line."""
-    args = [*_base(compose_file, project), "up"]
+    args = [*_base(compose_files, project), "up"]
     args += ["-d", "--no-deps"] if start and services else (["-d"] if start else ["--no-start"])
     output = _run([*args, *services], 600.0)
     lines = [line for line in output.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "done"
 
 
-def pick(services: dict[str, Service], role: str, binary: str) -> Service | None:
-    """The service playing `role`: the one of that name, else the one running `binary`."""
-    if role in services:
-        return services[role]
-    for service in services.values():
-        if service.command and Path(service.command[0]).name == binary:
-            return service
-        if PurePosixPath(service.image.split(":")[0]).name == binary:
-            return service
-    return None
-
-
-ROLES = (  # the runbook's services, in its priority order, and the program each runs
-    ("gateway", "gateway"),
-    ("redis", "redis-server"),
-    ("prometheus", "prometheus"),
-    ("grafana", "grafana-server"),
-)
-
-
-def find_roles(services: dict[str, Service]) -> dict[str, Service]:
-    """The services playing the runbook's roles (those the project has)."""
-    return {role: found for role, binary in ROLES if (found := pick(services, role, binary))}
-
-
 @dataclass
 class Project:
     """The restored compose project and its services by role."""
 
-    compose_file: Path
+    compose_files: list[Path]
     name: str | None
     services: dict[str, Service]
     roles: dict[str, Service]
@@ -218,11 +217,11 @@ class Project:
     def container(self, service: Service) -> str:
         if service.container_name:
             return service.container_name
-        target = ComposeService(self.compose_file, self.name, service.name, None)
+        target = ComposeService(self.compose_files, self.name, service.name, None)
         return compose_container_id(target)
 
     def up(self, *services: Service) -> str:
-        return compose_up(self.compose_file, self.name, [s.name for s in services])
+        return compose_up(self.compose_files, self.name, [s.name for s in services])
 
 
 def data_dir(service: Service, inner: str) -> Path:

@@ -62,7 +62,7 @@ from typing import Any
 
 import yaml
 
-from tasks.docker.compose import ComposeError, _run, compose_command
+from tasks.docker.compose import PRIMARY_FILES, ComposeError, _run, compose_command, project_files
 from tasks.docker.project import env_file_text, required_variables
 from tasks.drill.scratch import DRILL_DIR_LABEL, DRILL_LABEL
 
@@ -72,8 +72,6 @@ MOUNTS_DIR = ".drill-mounts"
 HOLDER = "drill-netns"
 HOLDER_SECONDS = "2147483647"  # `sleep` this long: the holder lives until torn down
 # Compose's default files, in the order it reads them.
-PRIMARY_FILES = ("compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml")
-OVERRIDE_FILES = ("compose.override.yaml", "compose.override.yml", "docker-compose.override.yml")
 # Docker refuses these with `network_mode: service:…` (the namespace is shared).
 NAMESPACE_CONFLICTS = (
     "ports",
@@ -112,16 +110,6 @@ class DrillProject:
 def project_name(scratch_folder: Path) -> str:
     """`proxilion-dr-drill-<run>`, as compose normalises it (lower case, [a-z0-9_-])."""
     return re.sub(r"[^a-z0-9_-]", "", f"{PROJECT_PREFIX}{scratch_folder.name}".lower())[:63]
-
-
-def compose_files(folder: Path) -> list[str]:
-    """The files compose itself would read in `folder`: the first default file and its
-    override. Empty when there is none."""
-    primary = next((n for n in PRIMARY_FILES if (folder / n).is_file()), None)
-    if primary is None:
-        return []
-    override = next((n for n in OVERRIDE_FILES if (folder / n).is_file()), None)
-    return [primary] + ([override] if override else [])
 
 
 def _cli_environment(values: dict[str, str]) -> dict[str, str]:
@@ -184,7 +172,7 @@ def prepare(
     """Resolve the restored project in `folder` (`config`, with env.txt's values and
     placeholders), derive its isolated copy and write it beside it. Raises
     DrillComposeError when it holds no compose file or cannot be isolated."""
-    files = compose_files(folder)
+    files = project_files(folder)
     if not files:
         raise DrillComposeError(f"no {' / '.join(PRIMARY_FILES)} in the restored project")
     name = project_name(scratch_folder)

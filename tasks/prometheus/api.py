@@ -113,14 +113,17 @@ class PrometheusFacts:
 
 @retrying_task(1, 5)
 def inspect_prometheus(prometheus_url: str) -> PrometheusFacts:
-    """Version (buildinfo) and TSDB path and retention (command-line flags)."""
+    """Version (buildinfo), TSDB path (command-line flags) and the retention it applies
+    (runtimeinfo's `storageRetention`: "15d" when no flag sets it, where the flags
+    say `0s`)."""
     build = call_api(prometheus_url, "GET", "/api/v1/status/buildinfo")
     flags = call_api(prometheus_url, "GET", "/api/v1/status/flags")
+    runtime = call_api(prometheus_url, "GET", "/api/v1/status/runtimeinfo")
     return PrometheusFacts(
         version=str(build.get("version", "unknown")),
         revision=str(build.get("revision", "")),
         tsdb_path=str(flags.get("storage.tsdb.path", "")),
-        retention=str(flags.get("storage.tsdb.retention.time", "")),
+        retention=str(runtime.get("storageRetention", "")),
     )
 
 

@@ -28,33 +28,114 @@ class RestoreNotVerified(RuntimeError):
     """Redis runs, but does not hold what the backup holds."""
 
 
-@task(cache_policy=NO_CACHE)
-def verify_keyspace(
-    redis_url: str, expected: dict[str, dict[str, int]], load: dict[str, Any]
-) -> str:
-    """Key counts per db against the backup's manifest. Keys with a TTL may have expired
-    since the backup (Redis drops them on load: `rdb_last_load_keys_expired`), so a db
-    may hold fewer keys, but never fewer than its keys without TTL."""
+# A process started this long before the restore started it cannot be the one
+# restored (INFO's uptime has a resolution of one second).
+START_SLACK_SECONDS = 2.0
+
+
+def _keyspace(redis_url: str) -> dict[str, int]:
     client = connect(redis_url)
     try:
-        actual = {
+        return {
             name: int(v["keys"])
             for name, v in client.info("keyspace").items()
             if isinstance(v, dict)
         }
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
-    problems, lines = [], []
-    for db, facts in sorted(expected.items()):
-        have, want, expiring = actual.get(db, 0), facts["keys"], facts.get("expires", 0)
-        lines.append(f"{db} {have}/{want}")
-        if have < want - expiring:
-            problems.append(f"{db} holds {have} keys, the backup {want} ({expiring} with a TTL)")
-    expired = load.get("rdb_last_load_keys_expired", 0)
+
+
+def _stats(redis_url: str) -> dict[str, Any]:
+    client = connect(redis_url)
+    try:
+        return {**client.info("persistence"), **client.info("stats")}
+    except redis.RedisError as error:
+        raise explain(error, redis_url) from None
+
+
+def _process_start(load: dict[str, Any]) -> float:
+    """When the Redis process that answered `load` started (Unix time, ±1 s)."""
+    return int(load["server_time_usec"]) / 1e6 - int(load["uptime_in_seconds"])
+
+
+def reports_loads(load: dict[str, Any]) -> bool:
+    """Redis 7.0+ says how many keys its last RDB or AOF-base load read and dropped."""
+    return "rdb_last_load_keys_loaded" in load
+
+
+def check_what_was_loaded(manifest: Manifest, load: dict[str, Any], since: float) -> str:
+    """Redis's own count of the keys it read when it started (`rdb_last_load_keys_loaded`
+    plus `rdb_last_load_keys_expired`, dropped as already expired) equals the backup's
+    key count, and that process started after `since`, when the restore started it: the
+    Redis answering is the one that loaded this backup, not another data dir or an old
+    process."""
+    want = sum(int(db["keys"]) for db in (manifest.source.get("keyspace") or {}).values())
+    started = _process_start(load)
+    if started < since - START_SLACK_SECONDS:
+        raise RestoreNotVerified(
+            f"the Redis answering has run since {started:.0f}, before this restore started "
+            f"it ({since:.0f}): it is not the one restored (another server at redis_url?)"
+        )
+    if not reports_loads(load):
+        return (
+            f"Redis {load.get('redis_version', '?')} does not report what it loaded (7.0+): "
+            "WEAKER CHECK, only the key counts per db below"
+        )
+    loaded = int(load["rdb_last_load_keys_loaded"])
+    expired = int(load.get("rdb_last_load_keys_expired", 0))
+    if loaded + expired != want:
+        raise RestoreNotVerified(
+            f"Redis loaded {loaded} keys and dropped {expired} expired ones ({loaded + expired} "
+            f"in all), the backup holds {want}: it did not load this backup (does its data "
+            "dir differ from data_dir?)"
+        )
+    return f"Redis loaded {loaded} keys + {expired} expired on load = the backup's {want}"
+
+
+def verify_keyspace(
+    redis_url: str, expected: dict[str, dict[str, int]], load: dict[str, Any]
+) -> str:
+    """Key counts per db against the backup's manifest. Exact while nothing was written
+    since the load: every db holds at most its backup's keys, no other db has keys, and
+    the keys missing are exactly those that expired (on load or since). After writes
+    (the gateway is back), each db may hold up to that many more. Redis < 7 reports no
+    load counts: a db then holds at least its keys without a TTL (a weaker bound)."""
+    actual = _keyspace(redis_url)
+    now = _stats(redis_url)
+    writes = int(now.get("rdb_changes_since_last_save", 0))
+    if int(now.get("rdb_last_save_time", 0)) > _process_start(load) + 1:
+        writes = max(writes, 1)  # a save since the load reset the count: it proves nothing
+    gone = int(load.get("rdb_last_load_keys_expired", 0)) + int(now.get("expired_keys", 0))
+    gone += int(now.get("evicted_keys", 0))
+    lines = [f"{db} {actual.get(db, 0)}/{facts['keys']}" for db, facts in sorted(expected.items())]
     summary = f"keys per db restored/backup: {', '.join(lines) or 'none'}"
-    summary += f"; expired on load {expired}"
+    problems = []
+    if not reports_loads(load):
+        for db, facts in sorted(expected.items()):
+            have, want, expiring = actual.get(db, 0), facts["keys"], facts.get("expires", 0)
+            if have < want - expiring:
+                problems.append(
+                    f"{db} holds {have} keys, the backup {want} ({expiring} with a TTL)"
+                )
+        summary += "; WEAKER CHECK (Redis < 7): at least the keys without a TTL"
+    else:
+        extra = {db: n for db, n in actual.items() if db not in expected and n > writes}
+        problems += [f"{db} holds {n} keys the backup does not have" for db, n in extra.items()]
+        for db, facts in sorted(expected.items()):
+            have, want = actual.get(db, 0), facts["keys"]
+            if have > want + writes:
+                problems.append(f"{db} holds {have} keys, the backup {want}")
+        missing = sum(f["keys"] for f in expected.values()) - sum(
+            actual.get(db, 0) for db in expected
+        )
+        if writes == 0 and missing != gone:
+            problems.append(f"{missing} keys are missing but only {gone} expired")
+        if writes:
+            summary += f"; {writes} writes since the load: counts compared within {writes}"
+        else:
+            summary += f"; {gone} expired (on load or since), none written: exact"
     if problems:
-        raise RestoreNotVerified(f"restored Redis is missing keys: {'; '.join(problems)}")
+        raise RestoreNotVerified(f"restored Redis differs from the backup: {'; '.join(problems)}")
     run_logger().info(summary)
     return summary
 
@@ -73,11 +154,17 @@ def check_keyed_sample(redis_url: str, sample: list[dict[str, Any]]) -> str:
     return f"{len(sample)} keys: type and value digest match"
 
 
-def prove_redis(redis_url: str, manifest: Manifest, load: dict[str, Any]) -> list[Check]:
-    """The checks that prove the Redis at `redis_url`, just loaded (`load`: INFO
-    persistence and stats after loading), holds the backup `manifest` describes."""
+def prove_redis(
+    redis_url: str, manifest: Manifest, load: dict[str, Any], since: float
+) -> list[Check]:
+    """The checks that prove the Redis at `redis_url`, started at `since` (time.time())
+    and just loaded (`load`: INFO server, persistence and stats after loading), holds
+    the backup `manifest` describes."""
     expected = manifest.source.get("keyspace", {})
-    checks = [Check("key counts per db", lambda: verify_keyspace.fn(redis_url, expected, load))]
+    checks = [
+        Check("what Redis loaded", lambda: check_what_was_loaded(manifest, load, since)),
+        Check("key counts per db", lambda: verify_keyspace(redis_url, expected, load)),
+    ]
     sample = manifest.source.get("sample") or []
     if sample:
         checks.append(Check("keyed sample", lambda: check_keyed_sample(redis_url, sample)))

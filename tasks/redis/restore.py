@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,7 +246,9 @@ def restore_rdb(found: FoundBackup, data_dir: Path, setup: RedisSetup | None = N
 @task(cache_policy=NO_CACHE)
 def wait_until_loaded(redis_url: str, container: str, timeout_seconds: float) -> dict[str, Any]:
     """Poll until Redis answers with `loading:0`; fail at once if its container exits.
-    Returns INFO persistence and stats (`rdb_last_load_keys_expired`…)."""
+    Returns INFO server, persistence and stats (`uptime_in_seconds`,
+    `rdb_last_load_keys_loaded`, `rdb_last_load_keys_expired`…): what `prove_redis`
+    compares with the manifest."""
     client = connect(redis_url, timeout=10)
 
     def loaded() -> str | None:
@@ -259,7 +262,7 @@ def wait_until_loaded(redis_url: str, container: str, timeout_seconds: float) ->
 
     wait_started(loaded, container, timeout_seconds, f"Redis at {redact_url(redis_url)}")
     try:
-        return {**client.info("persistence"), **client.info("stats")}
+        return {**client.info("server"), **client.info("persistence"), **client.info("stats")}
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
 
@@ -268,8 +271,9 @@ def wait_until_loaded(redis_url: str, container: str, timeout_seconds: float) ->
 class CheckedLoad:
     """A staged RDB loaded by a scratch Redis, with redis-check-rdb's verdict on it."""
 
-    load: dict[str, Any]  # INFO persistence and stats after loading
+    load: dict[str, Any]  # INFO server, persistence and stats after loading
     deep_check: str
+    started_at: float  # when the scratch Redis was started on it (time.time())
 
 
 @task(cache_policy=NO_CACHE)
@@ -294,9 +298,10 @@ def load_while_checking(
         try:
             containers.stop_container(container)
             place_rdb.fn(staged, data_dir, setup)
+            started_at = time.time()
             containers.start_container(container)
             load = wait_until_loaded.fn(redis_url, container, timeout_seconds)
         except Exception:
             deep.finish(version)  # a corrupt RDB is why Redis failed: say so
             raise
-        return CheckedLoad(load, deep.finish(version))
+        return CheckedLoad(load, deep.finish(version), started_at)

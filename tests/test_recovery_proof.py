@@ -1,0 +1,351 @@
+"""A recovery that says ok has proven it: the Redis restored is found by what it runs
+(not by its name), and what Redis loaded is compared exactly with the backup's
+manifest, so a Redis that loaded something else, or nothing, is never "ok".
+
+Real Redis 7 in throwaway containers and a real compose project of its own (its own
+project name and ports: the sandbox is not touched)."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+from redis_servers import assert_same_keyspace, free_port, keyspace_snapshot, running_redis
+from throwaway_services import Service, prometheus_container, redis_container
+
+from flows.backup_config import backup_config
+from flows.backup_redis import backup_redis
+from flows.recover_host import recover_host
+from flows.recover_prometheus import recover_prometheus
+from flows.recover_redis import recover_redis
+from flows.support.failures import StepFailed
+from sandbox.constants import SANDBOX_LABEL
+from sandbox.images import build_rootfs_tar, host_layout, host_mounts
+from tasks.docker.compose import compose_command
+from tasks.docker.containers import docker_client
+
+# An image that runs Redis by its own default command, as the official redis:7 does
+# (which starts `redis-server` from its CMD, often as a service called `cache`).
+REDIS_BY_DEFAULT = "proxilion-dr-test/redis-by-default:7"
+
+
+def keys_with(client: redis.Redis, count: int, prefix: str, ttl_ms: int | None = None) -> None:
+    pipe = client.pipeline(transaction=False)
+    for i in range(count):
+        pipe.set(f"{prefix}:{i}", f"value-{i}", px=ttl_ms)
+    pipe.execute()
+
+
+def step(result: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(s for s in result["steps"] if s["name"] == name)
+
+
+def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------- recover-redis: the load
+
+
+def recover(service: Service, backup_dir: Path, **parameters: Any) -> dict[str, Any]:
+    defaults = {
+        "container": service.name,
+        "redis_url": service.url,
+        "backup_dir": str(backup_dir),
+        "gateway_health_url": "",
+        "s3_bucket": "",
+    }
+    return recover_redis(**(defaults | parameters))
+
+
+def back_up(service: Service, backup_dir: Path) -> dict[str, Any]:
+    return backup_redis(
+        redis_url=service.url,
+        container=service.name,
+        fetch="container",
+        backup_dir=str(backup_dir),
+        s3_bucket="",
+    )
+
+
+def test_a_data_dir_redis_does_not_use_is_found_out_and_the_old_data_stays(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """The backup holds 1000 keys; Redis, started on its own data dir (1500 keys), never
+    reads the data_dir the RDB was placed in. The key count check (a lower bound) used
+    to pass that; Redis's own count of what it loaded does not."""
+    elsewhere = tmp_path / "not-redis-data"
+    elsewhere.mkdir()
+    (elsewhere / "dump.rdb").write_bytes(b"someone else's file")
+    with redis_container(tmp_path) as service:
+        client = redis.Redis(port=service.port)
+        keys_with(client, 1000, "session")
+        back_up(service, backup_dir)
+        keys_with(client, 500, "later")
+        with pytest.raises(
+            StepFailed,
+            match=r"step 'what Redis loaded' failed: Redis loaded 1500 keys and dropped 0 "
+            r"expired ones \(1500 in all\), the backup holds 1000",
+        ):
+            recover(service, backup_dir, data_dir=str(elsewhere))
+        assert client.dbsize() == 1500  # Redis is back on its own data
+    assert (elsewhere / "dump.rdb").read_bytes() == b"someone else's file"  # put back
+
+
+def test_an_empty_redis_is_not_a_restore_of_a_backup_whose_keys_all_have_a_ttl(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """Every key of the backup has a TTL, so "at least the keys without a TTL" is at
+    least 0: an empty Redis passed. Redis's load count says it loaded nothing."""
+    elsewhere = tmp_path / "not-redis-data"
+    elsewhere.mkdir()
+    with redis_container(tmp_path) as service:
+        client = redis.Redis(port=service.port)
+        keys_with(client, 1000, "session", ttl_ms=3_600_000)
+        back_up(service, backup_dir)
+        client.flushall()
+        with pytest.raises(StepFailed, match="Redis loaded 0 keys .* the backup holds 1000"):
+            recover(service, backup_dir, data_dir=str(elsewhere))
+
+
+@pytest.mark.parametrize("appendonly", [False, True])
+def test_keys_that_expired_before_the_restore_are_counted_exactly(
+    tmp_path: Path, backup_dir: Path, appendonly: bool
+) -> None:
+    """100 of the backup's 150 keys expire before the restore. A plain RDB load drops
+    them (`rdb_last_load_keys_expired`); an AOF-base load reads them, then they expire:
+    either way the counts add up to the manifest's exactly."""
+    with redis_container(tmp_path, appendonly=appendonly) as service:
+        client = redis.Redis(port=service.port)
+        keys_with(client, 50, "kept")
+        keys_with(client, 100, "brief", ttl_ms=1500)
+        back_up(service, backup_dir)
+        expires = time.time() + 1.6
+        wait_until(lambda: time.time() > expires, "the short TTLs")  # wall-clock TTLs
+        client.flushall()
+        result = recover(service, backup_dir)
+        loaded = step(result, "what Redis loaded")["detail"]
+        if appendonly:
+            assert loaded.startswith("Redis loaded 150 keys + 0 expired on load")
+        else:
+            assert loaded.startswith("Redis loaded 50 keys + 100 expired on load")
+        counts = step(result, "key counts per db")["detail"]
+        assert "db0 50/150" in counts and ("exact" in counts or "writes since" in counts)
+        wait_until(lambda: client.dbsize() == 50, "the expired keys gone")
+
+
+def test_a_redis_older_than_7_is_named_as_a_weaker_check() -> None:
+    """Redis 6 reports no `rdb_last_load_keys_*`; no Redis 6 can be installed here (Debian
+    12 ships 7.0), so the INFO of a real Redis 7 without those fields stands in for it."""
+    from tasks.redis.prove import check_what_was_loaded
+    from tasks.store.archive import Manifest
+
+    with running_redis(Path("/tmp") / f"pdr-old-{secrets.token_hex(3)}") as server:
+        client = server.client()
+        info = {**client.info("server"), **client.info("persistence")}
+    for name in ("rdb_last_load_keys_loaded", "rdb_last_load_keys_expired"):
+        info.pop(name)
+    info["redis_version"] = "6.2.14"
+    manifest = Manifest(
+        kind="redis",
+        name="redis/x",
+        created_at="2026-01-01T00:00:00+00:00",
+        size=1,
+        sha256="0" * 64,
+        compression="gzip",
+        raw_size=1,
+        duration_seconds=0.0,
+        source={"keyspace": {"db0": {"keys": 3, "expires": 0}}},
+    )
+    evidence = check_what_was_loaded(manifest, info, since=time.time() - 60)
+    assert "Redis 6.2.14 does not report what it loaded" in evidence
+    assert "WEAKER CHECK" in evidence
+
+
+# ---------------------------------------------------------- recover-prometheus: retention
+
+
+def test_a_prometheus_without_a_retention_flag_keeps_15_days_and_older_blocks_are_refused(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """With no retention flag, /api/v1/status/flags says `0s`, read as "no limit", while
+    Prometheus keeps 15 days: the restored blocks (from 2025) were deleted about 2 h
+    after a run that said ok. runtimeinfo's `storageRetention` says 15d."""
+    from test_recover_prometheus import back_up, backfill, blocks
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    with prometheus_container(tmp_path / "old", backfill) as source:
+        manifest = back_up(source, backup_dir)
+    with prometheus_container(tmp_path / "new", lambda _data: None, retention=None) as target:
+        before = sorted(p.name for p in target.data_dir.iterdir())
+        with pytest.raises(
+            StepFailed,
+            match=r"step 'inspect Prometheus' failed: Prometheus would delete restored blocks "
+            r"within 2 h of starting \(its oldest restored block ends .* days ago and "
+            r"Prometheus keeps 15d: set --storage.tsdb.retention.time=\d+d or more\)",
+        ):
+            recover_prometheus(
+                container=target.name,
+                prometheus_url=target.url,
+                backup=manifest.name,
+                backup_dir=str(backup_dir),
+                s3_bucket="",
+            )
+        assert sorted(p.name for p in target.data_dir.iterdir()) == before
+        assert not blocks(target.data_dir)
+
+
+# ------------------------------------------------------------- recover-host: the roles
+
+
+def redis_image_with_default_command() -> str:
+    """REDIS_BY_DEFAULT: the host's programs (like the sandbox's image), and a CMD that
+    starts redis-server the way the official image's does (no config file)."""
+    client = docker_client()
+    client.api.import_image_from_data(
+        build_rootfs_tar(host_layout()),
+        repository=REDIS_BY_DEFAULT.rsplit(":", 1)[0],
+        tag=REDIS_BY_DEFAULT.rsplit(":", 1)[1],
+        changes=[
+            f'LABEL {SANDBOX_LABEL}="test"',
+            'ENV PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"',
+            "WORKDIR /data",
+            'CMD ["redis-server", "--protected-mode", "no"]',
+        ],
+    )
+    return REDIS_BY_DEFAULT
+
+
+def compose(folder: Path, project: str, *args: str) -> None:
+    subprocess.run(
+        [*compose_command(), "-p", project, *args],
+        cwd=folder,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def write_project(folder: Path, services: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "data").mkdir()
+    text = yaml.safe_dump({"services": services}, sort_keys=False)
+    (folder / "docker-compose.yml").write_text(text)
+    return folder
+
+
+def host_volumes() -> list[str]:
+    return [f"{mount['Source']}:{mount['Target']}:ro" for mount in host_mounts()]
+
+
+@contextmanager
+def cleaned_up(*projects: tuple[Path, str]) -> Iterator[None]:
+    """`down -v` of each compose project that exists, whatever happened."""
+    try:
+        yield
+    finally:
+        for folder, name in projects:
+            if (folder / "docker-compose.yml").is_file():
+                compose(folder, name, "down", "-v", "--timeout", "5")
+
+
+def urls_nobody_answers() -> dict[str, str]:
+    return {
+        "gateway_url": f"http://127.0.0.1:{free_port()}",
+        "prometheus_url": f"http://127.0.0.1:{free_port()}",
+    }
+
+
+def test_a_redis_service_called_cache_running_its_images_default_command_is_restored(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """Service `cache`, `redis-server` from its image's CMD and not in the compose file:
+    it used to get no role, so recover-host skipped Redis and ended ok with 0 keys."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    cache = {
+        "image": redis_image_with_default_command(),
+        "ports": [f"127.0.0.1:{port}:6379"],
+        "volumes": ["./data:/data", *host_volumes()],
+    }
+    old = write_project(tmp_path / "old-host", {"cache": cache})
+    target = tmp_path / "new-host"
+    tag = secrets.token_hex(3)
+    with cleaned_up((old, f"pdr-cache-{tag}"), (target, f"pdr-cache-new-{tag}")):
+        compose(old, f"pdr-cache-{tag}", "up", "-d")
+        client = redis.Redis(port=port)
+        wait_until(lambda: _answers(client), "the project's Redis")
+        keys_with(client, 1000, "session")
+        expected = keyspace_snapshot(url)
+        to = {"backup_dir": str(backup_dir), "s3_bucket": ""}
+        backup_redis(redis_url=url, container="", fetch="network", **to)
+        backup_config(project_dir=str(old), env_container="", **to)
+        compose(old, f"pdr-cache-{tag}", "down", "--timeout", "5")
+        result = recover_host(
+            target_dir=str(target),
+            source_project_dir=str(old),
+            redis_url=url,
+            project_name=f"pdr-cache-new-{tag}",
+            start_timeout_seconds=60,
+            **urls_nobody_answers(),
+            **to,
+        )
+        assert_same_keyspace(expected, keyspace_snapshot(url))
+        assert "redis = cache" in step(result, "check the project's services")["detail"]
+        assert step(result, "what Redis loaded")["detail"].startswith(
+            "Redis loaded 1000 keys + 0 expired on load"
+        )
+        assert result["ok"]
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_a_project_without_a_redis_service_is_refused_naming_its_services(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """A backup of the Redis at redis_url exists, but no service of the project runs
+    Redis: it used to end ok, reporting a Redis backup it never restored."""
+    with running_redis(tmp_path / "old-redis") as server:
+        keys_with(server.client(), 10, "session")
+        backup_redis(
+            redis_url=server.url, container="", fetch="network", backup_dir=str(backup_dir),
+            s3_bucket="",
+        )  # fmt: skip
+        url = server.url
+    web = {
+        "image": "proxilion-dr/hostfs:latest",
+        "command": ["sleep", "60"],
+        "volumes": host_volumes(),
+    }
+    old = write_project(tmp_path / "old-host", {"web": web})
+    backup_config(project_dir=str(old), env_container="", backup_dir=str(backup_dir), s3_bucket="")
+    target = tmp_path / "new-host"
+    with pytest.raises(StepFailed, match=r"no service of docker-compose.yml runs redis-server "
+                       r"\(services: web\)"):  # fmt: skip
+        recover_host(
+            target_dir=str(target),
+            source_project_dir=str(old),
+            redis_url=url,
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+            **urls_nobody_answers(),
+        )
+    assert not target.exists()
