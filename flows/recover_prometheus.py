@@ -22,7 +22,7 @@ from flows.support.parameter_docs import shared_args
 from flows.support.pushes import recovered, recovery_failed, with_hooks
 from flows.support.recovery import BackupSource, Recovery, find_backup, roll_back
 from flows.support.settings import SETTING, refuse_secret_parameters, resolve
-from tasks.common.aside import MovedAside, unique_folder
+from tasks.common.aside import MovedAside, aside_base
 from tasks.common.files import require_free_space
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.secrets import url_server
@@ -35,6 +35,7 @@ from tasks.docker.containers import (
 from tasks.prometheus.prove import check_archive, prove_prometheus
 from tasks.prometheus.restore import (
     StagedBlocks,
+    failed_folder,
     move_tsdb_aside,
     place_blocks,
     stage_blocks,
@@ -154,8 +155,9 @@ def plan(r: Recovery, found: FoundBackup, t: Target) -> None:
     with r.step("check the archive's blocks (dry run)") as step:
         step.detail = f"{len(check_archive(found))} complete blocks"
     r.skip("stop Prometheus", f"would stop container {t.container}")
+    aside = aside_base(t.data)
     r.skip("move current data aside", f"would move the contents of {t.data} into "
-           f"{t.data.parent}/{t.data.name}.before-restore-<UTC>/")  # fmt: skip
+           f"{aside.parent}/{aside.name}.before-restore-<UTC>/")  # fmt: skip
     r.skip("place the blocks", f"would put the blocks of {found.manifest.name} into {t.data}")
     r.skip("start Prometheus and verify", "would wait for /-/ready and query old history")
 
@@ -181,7 +183,7 @@ def swap(r: Recovery, t: Target, found: FoundBackup, staged: StagedBlocks, timeo
             stopped = stop_container(t.container)
             step.detail = f"container {t.container} " + ("stopped" if stopped else "was stopped")
         with r.step("move current data aside") as step:
-            moved = move_tsdb_aside(t.data)
+            moved = move_tsdb_aside(t.data, staged)
             r.moved_aside.append(str(moved.folder))
             step.detail = f"{len(moved.names)} entries → {moved.folder}"
         with r.step("place the blocks") as step:
@@ -193,8 +195,8 @@ def swap(r: Recovery, t: Target, found: FoundBackup, staged: StagedBlocks, timeo
         r.prove(prove_prometheus(t.prometheus_url, found.manifest))
         r.healthy()
     except BaseException:
-        failed_folder = unique_folder(t.data.parent, f"{t.data.name}.failed-restore")
-        roll_back(r, t.container, moved, failed_folder, None, t.was_running)
+        keep = (staged.folder,)
+        roll_back(r, t.container, moved, failed_folder(t.data), None, t.was_running, keep)
         raise
 
 

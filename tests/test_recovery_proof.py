@@ -208,6 +208,99 @@ def test_a_prometheus_without_a_retention_flag_keeps_15_days_and_older_blocks_ar
         assert not blocks(target.data_dir)
 
 
+# ------------------------------------------------ moving aside on the data's filesystem
+
+
+@contextmanager
+def bind_mounted_on_itself(path: Path) -> Iterator[None]:
+    """`path` made a mount point: renaming it fails with EBUSY, as the kernel refuses to
+    move a mount point (a real fault, half-way through moving a data dir aside)."""
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def prometheus_on_a_mount_point(stack_: Any, tmp_path: Path) -> Any:
+    """A Prometheus whose data dir is a tmpfs mount point of its own, with the sandbox's
+    known history backfilled into it."""
+    from mounts import mounted_tmpfs
+    from test_recover_prometheus import backfill
+
+    def mount_then_backfill(data: Path) -> None:
+        stack_.enter_context(mounted_tmpfs(data, "size=1536m"))  # promtool preallocates 512 MiB
+        backfill(data)
+
+    return prometheus_container(tmp_path, mount_then_backfill)
+
+
+def test_a_data_dir_that_is_a_mount_point_is_moved_aside_on_its_own_filesystem(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """The moved-aside folder used to be a sibling of the data dir: on another
+    filesystem when the data dir is a mount point, so the move copied everything,
+    unchecked for space. Now it is a rename inside the data dir's filesystem."""
+    from contextlib import ExitStack
+
+    from test_recover_prometheus import back_up, history, known_history
+
+    with ExitStack() as mounts, prometheus_on_a_mount_point(mounts, tmp_path) as service:
+        manifest = back_up(service, backup_dir)
+        result = recover_prometheus(
+            container=service.name,
+            prometheus_url=service.url,
+            backup=manifest.name,
+            backup_dir=str(backup_dir),
+            s3_bucket="",
+        )
+        [aside] = result["moved_aside"]
+        assert Path(aside).parent == service.data_dir  # inside the mount point
+        assert Path(aside).stat().st_dev == service.data_dir.stat().st_dev
+        assert history(service) == known_history()
+
+
+def test_a_move_aside_that_fails_half_way_puts_everything_back(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """wal/ cannot be moved (a mount point: EBUSY) after the blocks already were: they
+    used to stay in the moved-aside folder, unreported, and Prometheus was started
+    again without them."""
+    from contextlib import ExitStack
+
+    from test_recover_prometheus import back_up, history, known_history
+
+    with ExitStack() as mounts, prometheus_on_a_mount_point(mounts, tmp_path) as service:
+        manifest = back_up(service, backup_dir)
+        before = sorted(p.name for p in service.data_dir.iterdir())
+        assert "wal" in before and before.index("wal") == len(before) - 1  # moved last
+        mounts.enter_context(bind_mounted_on_itself(service.data_dir / "wal"))
+        with pytest.raises(
+            StepFailed,
+            match=r"step 'move current data aside' failed: could not move .*/wal to .* "
+            r"\(Device or resource busy\); what had moved is back",
+        ):
+            recover_prometheus(
+                container=service.name,
+                prometheus_url=service.url,
+                backup=manifest.name,
+                backup_dir=str(backup_dir),
+                s3_bucket="",
+            )
+        assert sorted(p.name for p in service.data_dir.iterdir()) == before
+        wait_until(lambda: _ready(service.url), "Prometheus started again")
+        assert history(service) == known_history()
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 # ------------------------------------------------------------- recover-host: the roles
 
 

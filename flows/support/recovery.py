@@ -263,15 +263,19 @@ def roll_back(
     failed_folder: Path,
     names: list[str] | None,
     was_running: bool,
+    keep: tuple[Path, ...] = (),
 ) -> None:
-    """Record a "roll back" step; never raises (the original failure is what the run
-    reports), a roll back that could not finish is said in the report's notes."""
+    """Record a "roll back" step: what the failed restore left (`names` of the data dir,
+    every entry but `keep` when None) kept in `failed_folder`, the old data put back,
+    the container started again if it ran. Never raises (the original failure is what
+    the run reports); a roll back that could not finish is said in the report's
+    notes."""
     try:
         with r.step("roll back") as step:
             stop_container(container)
             done = []
             if moved is not None:
-                failed = put_back(moved, failed_folder, names)
+                failed = put_back(moved, failed_folder, names, keep)
                 r.moved_aside.clear()
                 done.append(f"previous data put back in {moved.data_dir}")
                 if failed:

@@ -23,7 +23,7 @@ import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common.aside import MovedAside, move_into_aside, put_back, unique_folder
+from tasks.common.aside import MovedAside, aside_base, move_into_aside, put_back, unique_folder
 from tasks.common.files import chown_like
 from tasks.common.log import run_logger
 from tasks.common.secrets import redact_url
@@ -91,13 +91,22 @@ class StagedBlocks:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def staging_folder(data_dir: Path) -> Path:
+    """A new hidden folder on the data dir's filesystem for unpacking a backup: beside
+    the data dir, or inside it when it is a mount point (Prometheus ignores what is
+    not a block), so placing the blocks is a rename."""
+    base = aside_base(data_dir)
+    return unique_folder(base.parent, f".{base.name}.restoring")
+
+
 @task(cache_policy=NO_CACHE)
 def stage_blocks(found: FoundBackup, data_dir: Path) -> StagedBlocks:
     """Unpack the verified backup (tarfile's `data` filter: nothing lands outside) into
-    a new hidden folder beside `data_dir`, and refuse it unless every block is complete
-    and the blocks are those its manifest lists. Nothing in `data_dir` is touched."""
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    folder = unique_folder(data_dir.parent, f".{data_dir.name}.restoring")
+    a new hidden folder on the data dir's filesystem, and refuse it unless every block
+    is complete and the blocks are those its manifest lists. Nothing of the data dir's
+    contents is touched."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    folder = staging_folder(data_dir)
     try:
         extract_archive(found.path, found.manifest.compression, folder)
         blocks = _extracted_blocks(folder)
@@ -121,10 +130,20 @@ def place_blocks(staged: StagedBlocks, data_dir: Path) -> list[str]:
     return [block.name for block in staged.blocks]
 
 
-def move_tsdb_aside(data_dir: Path) -> MovedAside:
-    """The data dir's contents (blocks, wal/, chunks_head/, the lock) renamed into a new
-    folder `<data dir>.before-restore-<UTC>/` (never deleted); the data dir stays."""
-    return move_into_aside(data_dir, None, data_dir)
+def move_tsdb_aside(data_dir: Path, staged: StagedBlocks | None = None) -> MovedAside:
+    """The data dir's contents (blocks, wal/, chunks_head/, the lock; not the staged
+    backup) renamed into a new folder `<data dir>.before-restore-<UTC>/` (inside the
+    data dir when it is a mount point: `aside_base`), never deleted; the data dir
+    stays."""
+    keep = (staged.folder,) if staged else ()
+    return move_into_aside(data_dir, None, aside_base(data_dir), keep=keep)
+
+
+def failed_folder(data_dir: Path) -> Path:
+    """Where what a failed restore left in the data dir is kept (for a look, never
+    deleted) when the old contents are put back: on the same filesystem."""
+    base = aside_base(data_dir)
+    return unique_folder(base.parent, f"{base.name}.failed-restore")
 
 
 @dataclass(frozen=True)
@@ -144,18 +163,18 @@ def restore_blocks(found: FoundBackup, data_dir: Path) -> RestoredSnapshot:
     start from): stage and check its blocks, move the current contents aside, place
     the blocks. When anything fails, the data dir is as it was. Start Prometheus with a
     retention that covers the blocks."""
-    _refuse_if_running(data_dir)
+    if data_dir.exists():
+        _refuse_if_running(data_dir)
     staged = stage_blocks.fn(found, data_dir)
     moved = None
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
         _refuse_if_running(data_dir)  # again: it may have started while we unpacked
-        if any(data_dir.iterdir()):
-            moved = move_tsdb_aside(data_dir)
+        if any(e for e in data_dir.iterdir() if e != staged.folder):
+            moved = move_tsdb_aside(data_dir, staged)
         placed = place_blocks.fn(staged, data_dir)
     except BaseException:
         if moved is not None:
-            put_back(moved, unique_folder(data_dir.parent, f"{data_dir.name}.failed-restore"), None)
+            put_back(moved, failed_folder(data_dir), None, keep=(staged.folder,))
         raise
     finally:
         staged.discard()
