@@ -1,5 +1,6 @@
 """`python -m deployments serve` runs every deployment's schedule in this process;
 `python -m deployments yaml` prints prefect.yaml from the same catalog;
+`python -m deployments settings` prints docs/settings.md from the Settings class;
 `python -m deployments apply` creates the failure and lateness notifications
 (deployments/notifications.py), which `serve` also does when it starts.
 
@@ -23,6 +24,7 @@ from prefect.settings import PREFECT_UI_URL
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec, steady_interval
 from deployments.hosts import BadHostName, check_host, for_host
 from deployments.notifications import apply_notifications
+from deployments.settings_doc import settings_markdown
 from flows.support.settings import settings
 
 
@@ -118,13 +120,16 @@ def notify(host: str | None = None) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m deployments")
-    parser.add_argument("command", choices=["serve", "yaml", "apply"])
+    parser.add_argument("command", choices=["serve", "yaml", "apply", "settings"])
     parser.add_argument(
         "--host",
         help="yaml: this Docker host's copy of every deployment, on its own work queue "
         "(see deployments/hosts.py); apply: watch that copy for lateness",
     )
     args = parser.parse_args(argv)
+    if args.command == "settings":  # documents the defaults: reads no environment
+        sys.stdout.write(settings_markdown())
+        return
     timezone = settings().schedule_timezone
     if args.host:
         try:

@@ -153,6 +153,7 @@ RUN_BESIDE_THE_STACK = {
     "test_retention",
     "test_retry",
     "test_s3",
+    "test_settings_doc",
     "test_ui_browser",
     "test_url_credentials",
 }

@@ -179,7 +179,7 @@ def test_file_and_api_reads_store_the_same_lines(backup_dir: Path) -> None:
     assert stored[0] == stored[1]
     assert stored[0].count(b"\n") == 6 and f" {name} stderr oops\n".encode() in stored[0]
     assert stored[0].endswith(f" {name} stdout no newline at the end\n".encode())
-    # the 40000-character line: 16 KiB + 16 KiB + the rest, each a line of its own (README)
+    # the 40000-character line: 16 KiB + 16 KiB + the rest, each a line of its own (docs/backups.md)
     pieces = [m for _, _, _, m in LINE.findall(stored[0]) if m.startswith(b"xxx")]
     assert [len(m) for m in pieces] == [16384, 16384, 40000 - 2 * 16384]
 

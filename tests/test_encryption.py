@@ -113,7 +113,7 @@ def test_redis_round_trip_and_debians_age_decrypts_by_hand(
         seed(service)
         manifest = back_up(service, backup_dir, **s3_args(s3_prefix))
         assert_encrypted_copy(manifest, backup_dir, s3_prefix, public)
-        # The README's by-hand way, with Debian's age: age -d -i key.txt x.age | gunzip
+        # docs/recovery.md's by-hand way, with Debian's age: age -d -i key.txt x.age | gunzip
         encrypted = tmp_path / "x.rdb.gz.age"
         encrypted.write_bytes(remote_objects(s3_prefix)[f"{s3_prefix}/{manifest.name}.age"])
         dump = tmp_path / "dump.rdb"
@@ -369,7 +369,7 @@ def test_local_copy_encrypted_round_trip_and_wrong_identity_refused(
         assert stored.read_bytes().startswith(AGE_HEADER)
         assert stored.stat().st_mode & 0o777 == 0o600
         assert first.encryption["sha256"] == sha256_file(stored)
-        dump = tmp_path / "dump.rdb.gz"  # the README's by-hand way, with Debian's age
+        dump = tmp_path / "dump.rdb.gz"  # docs/recovery.md's by-hand way, with Debian's age
         subprocess.run(f"age -d -i {key} {stored} > {dump}", shell=True, check=True)
         assert sha256_file(dump) == first.sha256
         assert [m.name for m in list_local(backup_dir, "redis")] == [first.name]

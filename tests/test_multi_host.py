@@ -1,5 +1,5 @@
 """Running on more than one machine: a Prefect server on PostgreSQL and a process
-worker on a host's own work queue run the deployments, as the README's
+worker on a host's own work queue run the deployments, as docs/operations.md's
 "Running on more than one machine" says.
 
 A real `prefect server start` on a throwaway PostgreSQL cluster; the host's

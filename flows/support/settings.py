@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.common.secrets import carries_credentials
@@ -45,50 +45,170 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PROXILION_DR_", extra="ignore")
 
-    backup_dir: Path = Path("/backups")
-    compression: Literal["gzip", "zstd"] = "gzip"
-    keep_min: int = 3
-    s3_bucket: str = ""
-    s3_prefix: str = "proxilion"
-    s3_endpoint_url: str = ""
-    s3_object_lock: Literal["", "governance", "compliance"] = ""
-    backup_group_read: bool = False
-    age_recipients: str = ""
-    age_identity_file: str = ""
-    age_encrypt_local: bool = False
-
-    redis_url: str = "redis://localhost:6379/0"
-    redis_container: str = "proxilion-redis"
-    redis_fetch: Literal["auto", "container", "path", "network"] = "auto"
-    redis_data_dir: str = ""
-    redis_retention_days: float = 7
-    redis_save_timeout_seconds: float = 600
-    redis_deep_check: bool = False
-    gateway_health_url: str = ""
-
-    prometheus_url: str = "http://localhost:9090"
-    prometheus_container: str = "prometheus"
-    prometheus_fetch: Literal["auto", "container", "path"] = "auto"
-    prometheus_data_dir: str = ""
-    prometheus_retention_days: float = 30
-
-    config_project_dir: Path = Path("/opt/proxilion")
-    config_env_allowlist: str = (
-        "MODE,SESSION_STORE,ALERT_THRESHOLD,BLOCK_THRESHOLD,SESSION_TTL_HOURS"
+    backup_dir: Path = Field(
+        Path("/backups"),
+        description="Local backup directory: a folder per kind below it (`redis/`, "
+        "`prometheus/`, `config/`, `logs/`), the same layout as under the S3 prefix.",
     )
-    config_env_container: str = "proxilion-gateway"
-    config_retention_days: float = 90
+    compression: Literal["gzip", "zstd"] = Field(
+        "gzip",
+        description="`gzip` (isal, opens with `gunzip`) or `zstd` (`.zst`, opens with `zstd -dc`).",
+    )
+    keep_min: int = Field(
+        3,
+        description="Retention never keeps fewer complete backups of a source than this "
+        "(and never deletes the newest).",
+    )
+    s3_bucket: str = Field(
+        "", description="Upload every backup to this S3 bucket; empty = local only."
+    )
+    s3_prefix: str = Field(
+        "proxilion",
+        description="Key prefix in the bucket (the local layout below it); give each host "
+        "its own when several share a bucket.",
+    )
+    s3_endpoint_url: str = Field(
+        "",
+        description="S3-compatible endpoint (SeaweedFS, MinIO…); empty = AWS. Credentials: "
+        "boto3's chain (`AWS_*`), never parameters.",
+    )
+    s3_object_lock: Literal["", "governance", "compliance"] = Field(
+        "",
+        description="`governance` or `compliance`: each upload is locked until the backup's "
+        "creation + its kind's retention (bucket with Object Lock); empty = none.",
+    )
+    backup_group_read: bool = Field(
+        False,
+        description="`false`: backup folders and files are owner-only (0700/0600); `true`: "
+        "the group may read them (0750/0640).",
+    )
+    age_recipients: str = Field(
+        "",
+        description="age public keys (`age1…`, comma- or space-separated) S3 copies are "
+        "encrypted to (name + `.age`); empty = plain S3 copies.",
+    )
+    age_identity_file: str = Field(
+        "",
+        description="Path of the age private key file recoveries and the drill decrypt "
+        "encrypted backups with (never the key itself).",
+    )
+    age_encrypt_local: bool = Field(
+        False,
+        description="`true`: the local copy is age-encrypted too (needs AGE_RECIPIENTS); "
+        "`false`: it stays plain gzip/zstd.",
+    )
 
-    gateway_container: str = "proxilion-gateway"
-    gateway_url: str = "http://localhost:8787"
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description="Redis to back up (`redis://user:password@host:port/db`, `rediss://`, "
+        "`unix:///path?db=0`); percent-encode the credentials.",
+    )
+    redis_container: str = Field(
+        "proxilion-redis",
+        description="Container running Redis (`fetch=container`, save-failure reasons, "
+        "recoveries); empty = none.",
+    )
+    redis_fetch: Literal["auto", "container", "path", "network"] = Field(
+        "auto",
+        description="How the RDB leaves Redis: `container` (Docker archive API), `path` "
+        "(host folder), `network` (replication stream) or `auto`.",
+    )
+    redis_data_dir: str = Field(
+        "",
+        description="Host folder holding Redis's RDB, for `fetch=path`; empty = Redis's own `dir`.",
+    )
+    redis_retention_days: float = Field(
+        7, description="Delete a source's Redis backups older than this, in days."
+    )
+    redis_save_timeout_seconds: float = Field(
+        600, description="Deadline for BGSAVE to finish, in seconds."
+    )
+    redis_deep_check: bool = Field(
+        False,
+        description="Also run `redis-check-rdb` on every backup (restores always do).",
+    )
+    gateway_health_url: str = Field(
+        "",
+        description="The gateway's `/health`, checked by recover-redis after the restore; "
+        "empty = no check.",
+    )
 
-    logs_containers: str = "proxilion-gateway"
-    logs_window: str = "24h"
-    logs_retention_days: float = 30
+    prometheus_url: str = Field(
+        "http://localhost:9090",
+        description="Prometheus to back up (started with `--web.enable-admin-api`).",
+    )
+    prometheus_container: str = Field(
+        "prometheus",
+        description="Its container (`fetch=container`, deleting the snapshot, recoveries); "
+        "empty = none.",
+    )
+    prometheus_fetch: Literal["auto", "container", "path"] = Field(
+        "auto",
+        description="`container` (Docker archive API), `path` (TSDB folder on this host) "
+        "or `auto`.",
+    )
+    prometheus_data_dir: str = Field(
+        "",
+        description="Host folder of the TSDB, for `fetch=path` (and `promtool` facts).",
+    )
+    prometheus_retention_days: float = Field(
+        30, description="Delete a source's Prometheus backups older than this, in days."
+    )
 
-    pushgateway_url: str = ""
-    drill_scratch_dir: Path = Path("/var/tmp/proxilion-dr-drill")
-    schedule_timezone: str = "UTC"
+    config_project_dir: Path = Field(
+        Path("/opt/proxilion"),
+        description="The compose project backup-config keeps; recover-host restores into "
+        "it when `target_dir` is empty.",
+    )
+    config_env_allowlist: str = Field(
+        "MODE,SESSION_STORE,ALERT_THRESHOLD,BLOCK_THRESHOLD,SESSION_TTL_HOURS",
+        description="Environment variables to keep (comma-separated); secret-looking ones "
+        "are withheld.",
+    )
+    config_env_container: str = Field(
+        "proxilion-gateway",
+        description="Read the environment from this container's config; empty = this process.",
+    )
+    config_retention_days: float = Field(
+        90, description="Delete a source's config backups older than this, in days."
+    )
+
+    gateway_container: str = Field(
+        "proxilion-gateway", description="The gateway's container, for recover-gateway."
+    )
+    gateway_url: str = Field(
+        "http://localhost:8787",
+        description="The gateway's base URL (`/health`, `/metrics` below it), for "
+        "recover-gateway and recover-host.",
+    )
+
+    logs_containers: str = Field(
+        "proxilion-gateway",
+        description="Containers whose logs backup-logs keeps (comma-separated; one file, a "
+        "block per container).",
+    )
+    logs_window: str = Field(
+        "24h", description="How far back backup-logs reads (`30m`, `24h`, `7d`)."
+    )
+    logs_retention_days: float = Field(
+        30, description="Delete a source's log backups older than this, in days."
+    )
+
+    pushgateway_url: str = Field(
+        "",
+        description="Pushgateway every backup, recovery and drill pushes its outcome to "
+        "(a failed push is a warning); empty = no push.",
+    )
+    drill_scratch_dir: Path = Field(
+        Path("/var/tmp/proxilion-dr-drill"),
+        description="Where verify-restore keeps its scratch data (a `drill-<run id>` "
+        "folder, removed after the drill).",
+    )
+    schedule_timezone: str = Field(
+        "UTC",
+        description="IANA time zone (`Europe/Berlin`) of every deployment's cron, for "
+        "`serve` and `python -m deployments yaml`.",
+    )
 
     @field_validator("schedule_timezone")
     @classmethod
@@ -102,7 +222,11 @@ class Settings(BaseSettings):
         return value
 
     # A credential (Slack and Mattermost webhook URLs are): hidden from repr and logs.
-    notify_webhook_url: SecretStr = SecretStr("")
+    notify_webhook_url: SecretStr = Field(
+        SecretStr(""),
+        description="Webhook failed, crashed and late runs are posted to (`python -m "
+        "deployments apply`); a credential, never logged; empty = nobody is notified.",
+    )
 
 
 def settings() -> Settings:
