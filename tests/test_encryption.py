@@ -39,6 +39,7 @@ from tasks.store.encryption import (
     AgeCopy,
     IdentityError,
     RecipientError,
+    load_identity,
     parse_recipients,
     staged_writer,
 )
@@ -279,10 +280,11 @@ def test_recipients_are_checked_and_a_private_key_is_never_echoed() -> None:
 
 
 def test_identity_file_with_no_key_is_refused(tmp_path: Path) -> None:
+    """Read when an encrypted backup needs it (only then: a plain one restores without)."""
     empty = tmp_path / "key.txt"
     empty.write_text("# nothing here\n")
     with pytest.raises(IdentityError, match="does not hold exactly one valid age private key"):
-        fetch_backup(tmp_path, "redis", "latest", "", "", None, identity_file=empty)
+        load_identity(empty)
 
 
 def test_the_copy_for_s3_is_encrypted_in_the_capture_pass(tmp_path: Path) -> None:

@@ -240,20 +240,22 @@ def find_backup(
 def fetch(
     r: Recovery, source: BackupSource, kind: str, name: str, source_id: str | None
 ) -> FoundBackup:
-    """A backup by name, or the newest of `source_id`: here, else from S3, verified; a
-    decrypted copy is removed when the run ends."""
-    return r.found(
-        fetch_backup(
-            source.backup_dir,
-            kind,
-            name,
-            source.s3_bucket,
-            source.s3_prefix,
-            source.s3_endpoint_url,
-            source_id,
-            source.age_identity_file,
-        )
+    """A backup by name, or the newest of `source_id` here or in S3, verified; what the
+    search passed over goes into the report's notes. A dry run keeps no download, and
+    a decrypted or temporary copy is removed when the run ends."""
+    found = fetch_backup(
+        source.backup_dir,
+        kind,
+        name,
+        source.s3_bucket,
+        source.s3_prefix,
+        source.s3_endpoint_url,
+        source_id,
+        source.age_identity_file,
+        keep_downloads=not r.dry_run,
     )
+    r.notes.extend(f"{kind}: {note}" for note in found.notes)
+    return r.found(found)
 
 
 def roll_back(

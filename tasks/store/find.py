@@ -11,6 +11,8 @@ here touches a live service.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,7 +43,6 @@ from tasks.store.kinds import KINDS, source_of
 from tasks.store.local import (
     FUTURE_TOLERANCE,
     BackupNotFound,
-    find_local,
     list_local,
     resolve_name,
     staging_path,
@@ -52,18 +53,24 @@ from tasks.store.s3 import S3Error, client, list_remote, object_key, remote_fact
 @dataclass(frozen=True)
 class FoundBackup:
     """A verified backup on this host: its manifest, its plain compressed file, and
-    where it came from. `temporary`: the file is a decrypted copy of a locally
-    encrypted backup, which the caller removes (`discard`) when done."""
+    where it came from. `temporary`: the file is a copy the caller removes (`discard`)
+    when done: a locally encrypted backup decrypted, or a download that is not to be
+    kept (a dry run's; the S3 copy of a damaged local backup), in its own `scratch`
+    folder. `notes`: what the search passed over, for the report."""
 
     manifest: Manifest
     path: Path
     location: str
     backup_dir: Path
     temporary: bool = False
+    scratch: Path | None = None
+    notes: tuple[str, ...] = ()
 
     def discard(self) -> None:
-        """Remove the decrypted copy (nothing for a stored backup)."""
-        if self.temporary:
+        """Remove the temporary copy (nothing for a stored backup)."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        elif self.temporary:
             self.path.unlink(missing_ok=True)
 
 
@@ -221,45 +228,96 @@ def fetch_backup(
     s3_endpoint_url: str | None,
     source_id: str | None = None,
     identity_file: Path | None = None,
+    keep_downloads: bool = True,
 ) -> FoundBackup:
-    """The backup `name` (or `latest`: the newest of `source_id`, the server being
-    restored, never another server's) of `kind` as a file on this host whose size and
-    SHA-256 match its manifest: from `backup_dir` (a locally encrypted one decrypted
-    into a temporary copy: `FoundBackup.discard`), else downloaded from S3 (decrypted
-    with the age identity in `identity_file` when encrypted, verified while it
-    streams). Raises BackupNotFound, IdentityError (missing or wrong identity, before
+    """The backup `name` (or `latest`: the newest complete one of `source_id`, the
+    server being restored, here or in S3; never another server's) of `kind`, as a file
+    on this host whose size and SHA-256 match its manifest.
+
+    A local copy is used when there is one (a locally encrypted one decrypted into a
+    temporary copy); one that fails its checksum is passed over for the S3 copy when
+    that verifies. Otherwise the S3 copy is downloaded, decrypted with the age identity
+    in `identity_file` when encrypted (only an encrypted backup needs it), verified
+    while it streams: into `backup_dir`, or, unless `keep_downloads` (a dry run writes
+    nothing there), into a temporary folder. An unreadable S3 manifest is skipped and
+    noted. Raises BackupNotFound, IdentityError (missing or wrong identity, before
     anything is downloaded), or ArchiveError for a damaged copy."""
     check_backup_name(kind, name)
-    identity = load_identity(identity_file) if identity_file else None
     backup_dir = Path(backup_dir)
     wanted = source_id if name == "latest" else None
-    temporary = False
+    notes: list[str] = []
+    local = list_local(backup_dir, kind, wanted)
+    remote_all: list[Manifest] = []
+    where = [str(backup_dir / KINDS[kind].folder)]
+    if s3_bucket:
+        skipped: list[str] = []
+        remote_all = list_remote(s3_bucket, s3_prefix, kind, s3_endpoint_url, skipped)
+        notes += skipped
+        where.append(f"s3://{s3_bucket}/{object_key(s3_prefix, KINDS[kind].folder)}/")
+    remote = [m for m in remote_all if wanted is None or source_of(m) == wanted]
+    chosen = choose(local + remote, name)
+    if chosen is None:
+        everything = list_local(backup_dir, kind) + remote_all
+        others = {source_of(m) for m in everything} - {wanted} if wanted else set()
+        raise _not_found(kind, name, wanted, where, others)
+    here = next((m for m in local if m.name == chosen.name), None)
+    there = next((m for m in remote if m.name == chosen.name), None)
+    s3 = (s3_bucket, s3_prefix, s3_endpoint_url)
+    if here is not None:
+        try:
+            found = _local_copy(here, backup_dir, identity_file)
+        except ArchiveError as damaged:
+            if there is None:
+                raise
+            notes.append(f"the local copy fails its checksum ({damaged}); the S3 copy is used")
+            found = _download(there, backup_dir, s3, identity_file, keep=False)
+    else:
+        assert there is not None
+        found = _download(there, backup_dir, s3, identity_file, keep=keep_downloads)
+    run_logger().info("Backup %s from %s: size and sha256 verified", chosen.name, found.location)
+    for note in notes:
+        run_logger().warning(note)
+    return replace(found, notes=tuple(notes))
+
+
+def _identity(identity_file: Path | None) -> x25519.Identity | None:
+    return load_identity(identity_file) if identity_file else None
+
+
+def _local_copy(manifest: Manifest, backup_dir: Path, identity_file: Path | None) -> FoundBackup:
+    """A complete local backup, verified (a locally encrypted one decrypted and
+    verified into a temporary copy)."""
+    path = resolve_name(backup_dir, manifest.local_name)
+    if manifest.encryption.get("local"):
+        identity = _identity(identity_file)
+        check_can_decrypt(manifest, identity, identity_file, f"the local backup {path}")
+        assert identity is not None  # checked just above
+        plain = decrypt_local(manifest, path, backup_dir, identity)
+        return FoundBackup(manifest, plain, f"local {backup_dir} (decrypted)", backup_dir, True)
+    verify_file(path, manifest.size, manifest.sha256)
+    return FoundBackup(manifest, path, f"local {backup_dir}", backup_dir)
+
+
+def _download(
+    remote: Manifest,
+    backup_dir: Path,
+    s3: tuple[str, str, str | None],
+    identity_file: Path | None,
+    keep: bool,
+) -> FoundBackup:
+    """The S3 copy, downloaded and verified into `backup_dir` when `keep`, else into a
+    new temporary folder the FoundBackup removes when discarded."""
+    bucket, prefix, endpoint_url = s3
+    identity = _identity(identity_file) if remote.encryption else None
+    if remote.encryption:
+        check_can_decrypt(remote, identity, identity_file)
+    location = f"s3://{bucket}/{object_key(prefix, remote_name(remote))} (downloaded"
+    scratch = None if keep else Path(tempfile.mkdtemp(prefix="proxilion-dr-download-"))
     try:
-        manifest, path = find_local(backup_dir, kind, name, wanted)
-        if manifest.encryption.get("local"):
-            check_can_decrypt(manifest, identity, identity_file, f"the local backup {path}")
-            assert identity is not None  # checked just above
-            path, temporary = decrypt_local(manifest, path, backup_dir, identity), True
-            location = f"local {backup_dir} (decrypted)"
-        else:
-            verify_file(path, manifest.size, manifest.sha256)
-            location = f"local {backup_dir}"
-    except BackupNotFound:
-        where = [str(backup_dir / KINDS[kind].folder)]
-        remote_all: list[Manifest] = []
-        if s3_bucket:
-            remote_all = list_remote(s3_bucket, s3_prefix, kind, s3_endpoint_url)
-            where.append(f"s3://{s3_bucket}/{object_key(s3_prefix, KINDS[kind].folder)}/")
-        mine = [m for m in remote_all if wanted is None or source_of(m) == wanted]
-        remote = choose(mine, name)
-        if remote is None:
-            everything = list_local(backup_dir, kind) + remote_all
-            others = {source_of(m) for m in everything} - {wanted} if wanted else set()
-            raise _not_found(kind, name, wanted, where, others) from None
-        if remote.encryption:
-            check_can_decrypt(remote, identity, identity_file)
-        path = download(remote, backup_dir, s3_bucket, s3_prefix, s3_endpoint_url, identity)
-        manifest = downloaded(remote)
-        location = f"s3://{s3_bucket}/{object_key(s3_prefix, remote_name(remote))} (downloaded)"
-    run_logger().info("Backup %s from %s: size and sha256 verified", manifest.name, location)
-    return FoundBackup(manifest, path, location, backup_dir, temporary)
+        path = download(remote, scratch or backup_dir, bucket, prefix, endpoint_url, identity)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    location += ")" if keep else ", not kept)"
+    return FoundBackup(downloaded(remote), path, location, backup_dir, not keep, scratch)

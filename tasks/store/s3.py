@@ -230,8 +230,12 @@ def upload_backup(
     return RemoteCopy(bucket=bucket, key=key, size=size, etag=etag)
 
 
-def list_remote(bucket: str, prefix: str, kind: str, endpoint_url: str | None) -> list[Manifest]:
-    """Complete remote backups of a kind (manifest and data object present)."""
+def list_remote(
+    bucket: str, prefix: str, kind: str, endpoint_url: str | None, skipped: list[str] | None = None
+) -> list[Manifest]:
+    """Complete remote backups of a kind (manifest and data object present). A manifest
+    that cannot be read (empty, not JSON, fields missing) is no complete backup: it is
+    passed over and named in `skipped`, as the local listing does."""
     s3 = client(endpoint_url)
     folder = object_key(prefix, KINDS[kind].folder) + "/"
     keys: set[str] = set()
@@ -243,7 +247,14 @@ def list_remote(bucket: str, prefix: str, kind: str, endpoint_url: str | None) -
             if key.removesuffix(manifest_name("")) not in keys:
                 continue
             body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            manifests.append(Manifest.from_json(body))
+            try:
+                manifests.append(Manifest.from_json(body))
+            except (ValueError, TypeError) as error:
+                reason = type(error).__name__ if not str(error) else str(error).splitlines()[0]
+                if skipped is not None:
+                    skipped.append(
+                        f"s3://{bucket}/{key} is not a readable manifest ({reason}): passed over"
+                    )
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
     return sorted(manifests, key=lambda m: m.created_at)
