@@ -42,6 +42,7 @@ from tasks.common.http_health import analyze_once, check_metrics, derive_url, he
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url
 from tasks.common.secrets import url_server
+from tasks.config.prove import prove_config
 from tasks.config.restore import (
     Archive,
     check_secrets,
@@ -318,6 +319,7 @@ def restore_the_project(
     with r.step_for("restore the project files and .env", GATEWAY, item) as step:
         written = restore_project(config, target, values)
         step.detail = f"{len(written)} entries into {target}: {', '.join(written)}"
+    r.prove(prove_config(target, config.manifest, values), config.manifest)
     files = [target / n for n in project_files(target)]
     r.check(GATEWAY, item, f"{' + '.join(str(f) for f in files)} from {config.manifest.name}")
     names = ", ".join(sorted(values))
@@ -395,7 +397,7 @@ def start_redis(
         project.up(service)
         load = wait_until_loaded(urls.redis, project.container(service), timeout)
         step.detail = f"{ping(urls.redis)}, loading:0"
-    r.prove(prove_redis(urls.redis, found.manifest, load, since))
+    r.prove(prove_redis(urls.redis, found.manifest, load, since), found.manifest)
     r.check(REDIS, "docker-compose up -d redis", f"{project.container(service)} running")
     r.check(REDIS, "redis-cli PING returns PONG", step.detail)
 
@@ -423,7 +425,7 @@ def start_monitoring(
             wait_until_ready(urls.prometheus, project.container(service), timeout)
             step.detail = "/-/ready" + ("" if found else " (empty: no backup)")
         if found is not None:
-            r.prove(prove_prometheus(urls.prometheus, found.manifest))
+            r.prove(prove_prometheus(urls.prometheus, found.manifest), found.manifest)
         started.append(f"prometheus: {step.detail}")
     if "grafana" in project.roles:
         with r.step_for("start Grafana", MONITORING, item) as step:

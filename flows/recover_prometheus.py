@@ -192,7 +192,7 @@ def swap(r: Recovery, t: Target, found: FoundBackup, staged: StagedBlocks, timeo
         with r.step("start Prometheus and wait for /-/ready"):
             start_container(t.container)
             wait_until_ready(t.prometheus_url, t.container, timeout)
-        r.prove(prove_prometheus(t.prometheus_url, found.manifest))
+        r.prove(prove_prometheus(t.prometheus_url, found.manifest), found.manifest)
         r.healthy()
     except BaseException:
         keep = (staged.folder,)

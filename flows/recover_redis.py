@@ -221,7 +221,7 @@ def swap(
             start_container(t.container)
             load = wait_until_loaded(t.redis_url, t.container, timeout)
             step.detail = f"loaded {load.get('rdb_last_load_keys_loaded', '?')} keys"
-        r.prove(prove_redis(t.redis_url, found.manifest, load, since))
+        r.prove(prove_redis(t.redis_url, found.manifest, load, since), found.manifest)
         with r.step("check persistence") as step:
             step.detail = check_persistence(t.redis_url, t.setup)
         if gateway_health_url:

@@ -28,7 +28,7 @@ from flows.support.failures import run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import drill_failed, pushgateway_url, with_hooks
-from flows.support.recovery import BackupSource, Recovery, Step
+from flows.support.recovery import BackupSource, Recovery, Step, publish_proofs
 from flows.support.settings import SETTING, resolve
 from tasks.common import pushgateway as metrics
 from tasks.common.clock import age_text
@@ -181,6 +181,9 @@ def _finish(records: list[Recovery], notes: list[str], seconds: float) -> dict[s
             gateway, r.flow, r.failed_step() is None, r.healthy_seconds, metrics.RESTORE_JOB
         )
     metrics.push_drill(gateway, not failed, seconds)
+    proven = [proof for r in records for proof in r.proven]
+    if proven:
+        publish_proofs(proven, FLOW)
     message = "; ".join(r.failure() for r in failed)
     create_markdown_artifact(
         markdown=report(records, notes, seconds, message),

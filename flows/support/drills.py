@@ -120,7 +120,7 @@ def drill_redis(r: Recovery, d: Drill, scratch: Scratch) -> None:
             f"({load.get('rdb_last_load_keys_expired', 0)} expired on load); "
             f"{checked.deep_check}"
         )
-    r.prove(prove_redis(url, found.manifest, load, checked.started_at))
+    r.prove(prove_redis(url, found.manifest, load, checked.started_at), found.manifest)
     with r.step("gateway /health against the restored Redis") as step:
         step.detail = _gateway(d, scratch, peer, port)
 
@@ -180,7 +180,7 @@ def drill_prometheus(r: Recovery, d: Drill, scratch: Scratch) -> None:
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url, name, d.timeout)
         step.detail = f"{name} from image {live.image} on :{port}, retention {days}d"
-    r.prove(prove_prometheus(url, found.manifest))
+    r.prove(prove_prometheus(url, found.manifest), found.manifest)
 
 
 # ------------------------------------------------------------------------ config
@@ -193,7 +193,7 @@ def drill_config(r: Recovery, d: Drill, scratch: Scratch) -> None:
         env = read_archive(found, need_compose=False).env
         names = restore_project(found, target, env)
         step.detail = f"{len(names)} entries, tarfile 'data' filter (nothing outside the folder)"
-    r.prove(prove_config(target, found.manifest, env))
+    r.prove(prove_config(target, found.manifest, env), found.manifest)
     if not project_files(target):
         r.skip("restored project up", "no default compose file (compose.yaml, docker-compose.yml)")
         return
@@ -252,7 +252,7 @@ def _project_up(
 def drill_logs(r: Recovery, d: Drill, scratch: Scratch) -> None:
     found = d.backup(r, "logs")
     restored = restore_log(found, scratch.data_dir("logs"))
-    r.prove(prove_logs(restored, found.manifest))
+    r.prove(prove_logs(restored, found.manifest), found.manifest)
 
 
 DRILLS: dict[str, Callable[[Recovery, Drill, Scratch], None]] = {

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.support.failures import StepFailed
 from tasks.common.aside import MovedAside, put_back
@@ -29,7 +29,9 @@ from tasks.common.errors import one_line
 from tasks.docker.containers import start_container, stop_container
 from tasks.store.archive import Manifest
 from tasks.store.find import FoundBackup, fetch_backup
+from tasks.store.kinds import source_of
 from tasks.store.report import escape_markdown as _escape
+from tasks.store.status import PROOF_KEY, proof_rows
 
 
 @dataclass
@@ -56,6 +58,8 @@ class Recovery:
     attachments: list[tuple[str, list[str]]] = field(default_factory=list)
     healthy_seconds: float | None = None
     error: BaseException | None = None
+    # (kind, source, backup) of each restore this run proved against its manifest.
+    proven: list[tuple[str, str, str]] = field(default_factory=list)
     # Decrypted copies of locally encrypted backups (FoundBackup.discard), removed at the end.
     temporary: list[FoundBackup] = field(default_factory=list)
     _start: float = field(default_factory=time.perf_counter)
@@ -101,11 +105,14 @@ class Recovery:
         while self.temporary:
             self.temporary.pop().discard()
 
-    def prove(self, checks: list[Check]) -> None:
-        """Run a data source's checks (its prove function), each as a step."""
+    def prove(self, checks: list[Check], manifest: Manifest) -> None:
+        """Run a data source's checks (its prove function) for the restore of `manifest`,
+        each as a step; when all pass, that backup's kind and source count as proven
+        (backup-status's "last verified restore")."""
         for check in checks:
             with self.step(check.name) as step:
                 step.detail = check.run()
+        self.proven.append((manifest.kind, source_of(manifest), manifest.name))
 
     def skip(self, name: str, why: str) -> None:
         self.steps.append(Step(name, "planned" if self.dry_run else "skipped", 0.0, why))
@@ -185,7 +192,10 @@ class Recovery:
         return "\n".join(lines) + "\n"
 
     def publish(self) -> None:
-        """Create the report artifact in the current flow run (key: the flow's name)."""
+        """Create the report artifact in the current flow run (key: the flow's name), and
+        the `restore-proof` table of what it proved (none for a dry run)."""
+        if self.proven and not self.dry_run:
+            publish_proofs(self.proven, self.flow)
         create_markdown_artifact(
             markdown=self.markdown(),
             key=self.flow,
@@ -288,3 +298,13 @@ def roll_back(
             step.detail = "; ".join(done) or "nothing to undo"
     except Exception as error:  # noqa: BLE001 - recorded in the step; the cause is reported
         r.notes.append(f"roll back incomplete: {one_line(error)}; check {container} by hand")
+
+
+def publish_proofs(proven: list[tuple[str, str, str]], flow: str) -> None:
+    """The `restore-proof` table artifact of the current run: the restores it proved,
+    each by kind, source and backup (what backup-status counts, per source)."""
+    create_table_artifact(
+        table=proof_rows(proven, flow),
+        key=PROOF_KEY,
+        description=f"restores {flow} proved against their manifests",
+    )

@@ -11,7 +11,7 @@ from typing import Any
 from tasks.common.checks import Check
 from tasks.config.capture import ENV_FILE
 from tasks.config.redact import COMPOSE_PATTERNS
-from tasks.docker.compose import validate_compose
+from tasks.docker.compose import project_files, validate_compose
 from tasks.store.archive import Manifest
 
 
@@ -51,17 +51,17 @@ def withheld_listed(source: dict[str, Any]) -> str:
 
 
 def compose_files_validate(folder: Path, source: dict[str, Any], env: dict[str, str]) -> str:
-    """Each compose file's `config` with the restored environment (withheld secrets and
-    absent env files get dummy values, for validation only)."""
-    composes = [name for name in source.get("files") or [] if is_compose_file(name)]
-    if not composes:
-        return "not checked: the backup holds no compose file"
-    checks = []
-    for name in composes:
-        check = validate_compose(folder / name, env)
-        dummies = ", ".join(check.dummies) or "none"
-        checks.append(f"{name}: services {', '.join(check.services)}; dummies for {dummies}")
-    return " | ".join(checks)
+    """The project as compose reads it (primary file and override, together) validates
+    with the restored environment (withheld secrets and absent env files get dummy
+    values, for validation only); other compose files are named, not read."""
+    files = project_files(folder)
+    if not files:
+        return "not checked: the backup holds no compose.yaml or docker-compose.yml"
+    check = validate_compose([folder / name for name in files], env)
+    others = [n for n in source.get("files") or [] if is_compose_file(n) and n not in files]
+    detail = f"{' + '.join(files)}: services {', '.join(check.services)}; "
+    detail += f"dummies for {', '.join(check.dummies) or 'none'}"
+    return detail + (f"; not read by compose by default: {', '.join(others)}" if others else "")
 
 
 def prove_config(folder: Path, manifest: Manifest, env: dict[str, str]) -> list[Check]:

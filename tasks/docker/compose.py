@@ -155,24 +155,27 @@ class ComposeCheck:
     dummies: list[str]
 
 
-def validate_compose(compose_file: Path, env: dict[str, str]) -> ComposeCheck:
-    """`config` of a compose file (as a restored backup holds it), with only `env` (the
-    backup's env.txt) set and every other variable it uses given a dummy value, for
-    validation only: withheld secrets (`${NAME:?…}`) must not make it fail; an
-    `env_file` the backup does not hold (`.env` keeps secrets) is created empty. Raises
-    ComposeError with the CLI's reason when the file is not a valid compose project."""
-    text = Path(compose_file).read_text(errors="replace")
+def validate_compose(compose_files: list[Path], env: dict[str, str]) -> ComposeCheck:
+    """`config` of a compose project (its files as a restored backup holds them: the
+    primary and its override, read together as compose reads them), with only `env`
+    (the backup's env.txt, or the restored .env) set and every other variable it uses
+    given a dummy value, for validation only: withheld secrets (`${NAME:?…}`) must not
+    make it fail; an `env_file` the backup does not hold (`.env` keeps secrets) is
+    created empty. Raises ComposeError with the CLI's reason when it is not a valid
+    compose project."""
+    text = "\n".join(Path(f).read_text(errors="replace") for f in compose_files)
     used = sorted({a or b for a, b in _VARIABLE.findall(text.replace("$$", ""))})
     dummies = [name for name in used if name not in env]
-    dummies += _absent_env_files(Path(compose_file), text)
+    for path in compose_files:
+        dummies += _absent_env_files(Path(path), Path(path).read_text(errors="replace"))
     environment = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": os.environ.get("HOME", "/root"),
         **env,
         **dict.fromkeys(dummies, DUMMY_VALUE),
     }
-    project = f"drill-{Path(compose_file).parent.name}".lower()
-    output = _run([*_base(Path(compose_file), project), "config"], 60.0, environment)
+    project = f"drill-{Path(compose_files[0]).parent.name}".lower()
+    output = _run([*_base([Path(f) for f in compose_files], project), "config"], 60.0, environment)
     services = sorted((yaml.safe_load(output) or {}).get("services") or {})
     return ComposeCheck(services, dummies)
 

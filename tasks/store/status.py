@@ -5,21 +5,15 @@ verified restores."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import get_client
-from prefect.client.schemas.filters import (
-    FlowFilter,
-    FlowFilterName,
-    FlowRunFilter,
-    FlowRunFilterState,
-    FlowRunFilterStateType,
-)
-from prefect.client.schemas.objects import StateType
-from prefect.client.schemas.sorting import FlowRunSort
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 
 from tasks.common.clock import age_text, parse_time
 from tasks.store.archive import Manifest
@@ -31,13 +25,10 @@ FRESH = "fresh"
 LATE = "LATE"
 MISSING = "MISSING"
 NEVER = "never"
-# Flows whose completed (not dry) run proves a restore of a kind worked.
-RESTORE_FLOWS: dict[str, tuple[str, ...]] = {
-    "redis": ("verify-restore", "recover-redis", "recover-host"),
-    "prometheus": ("verify-restore", "recover-prometheus", "recover-host"),
-    "config": ("verify-restore", "recover-host"),
-    "logs": ("verify-restore",),
-}
+# The table artifact every recovery and the drill publish with the restores they
+# proved (kind, source, backup): what "last verified restore" counts, per source.
+PROOF_KEY = "restore-proof"
+PROOFS_READ = 500
 
 
 @dataclass(frozen=True)
@@ -93,7 +84,7 @@ def trend(backups: list[Manifest]) -> str:
 def status_rows(
     copies: dict[str, Copies],
     intervals: dict[str, timedelta],
-    verified: dict[str, str],
+    verified: dict[tuple[str, str], str],
     now: datetime,
 ) -> list[dict[str, Any]]:
     """One row per kind and source; a kind with no backup anywhere gets a MISSING row."""
@@ -123,7 +114,7 @@ def status_rows(
                     "S3": remote_state,
                     "size": human_size(history[-1].size) if history else "—",
                     "trend": trend(history),
-                    "last verified restore": verified.get(kind, NEVER),
+                    "last verified restore": verified.get((kind, source), NEVER),
                 }
             )
     return rows
@@ -146,34 +137,31 @@ def _whole(span: timedelta) -> str:
     return f"{seconds // 60} min"
 
 
-def last_verified_restores(now: datetime) -> dict[str, str]:
-    """Per kind, the newest completed run (not a dry run) of a flow that restores and
-    verifies it (`RESTORE_FLOWS`): its end time and flow; kinds without one are absent."""
-    names = sorted({name for flows in RESTORE_FLOWS.values() for name in flows})
+def proof_rows(proven: list[tuple[str, str, str]], flow: str) -> list[dict[str, str]]:
+    """The rows of a `restore-proof` artifact: (kind, source, backup) proven by `flow`."""
+    return [
+        {"kind": kind, "source": source, "backup": backup, "flow": flow}
+        for kind, source, backup in proven
+    ]
+
+
+def last_verified_restores(now: datetime) -> dict[tuple[str, str], str]:
+    """Per kind and source, the newest restore a recovery or the drill proved (its
+    `restore-proof` artifact: only the components and sources it checked against their
+    manifests): when and by which flow. Kinds and sources without one are absent."""
     with get_client(sync_client=True) as client:
-        flows = {f.id: f.name for f in client.read_flows(flow_filter=_named(names))}
-        runs = client.read_flow_runs(
-            flow_filter=_named(names),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))
-            ),
-            sort=FlowRunSort.END_TIME_DESC,
-            limit=200,
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROOF_KEY])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=PROOFS_READ,
         )
-    verified: dict[str, str] = {}
-    for run in runs:
-        if run.parameters.get("dry_run") or run.end_time is None:
-            continue
-        flow = flows.get(run.flow_id, "?")
-        ended = run.end_time
-        text = (
-            f"{ended:%Y-%m-%d %H:%M} UTC by {flow} ({age_text((now - ended).total_seconds())} ago)"
-        )
-        for kind, restoring in RESTORE_FLOWS.items():
-            if flow in restoring:
-                verified.setdefault(kind, text)
+    verified: dict[tuple[str, str], str] = {}
+    for artifact in artifacts:
+        data = artifact.data
+        rows = json.loads(data) if isinstance(data, str) else data or []
+        when = artifact.created
+        for row in rows:
+            ago = age_text((now - when).total_seconds()) if when else "?"
+            text = f"{when:%Y-%m-%d %H:%M} UTC by {row.get('flow', '?')} ({ago} ago)"
+            verified.setdefault((row["kind"], row["source"]), text)
     return verified
-
-
-def _named(names: list[str]) -> FlowFilter:
-    return FlowFilter(name=FlowFilterName(any_=names))
