@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -362,3 +363,65 @@ def test_a_throwaway_servers_backup_with_a_changed_key_fails_the_sample(
     wrong = data["source"]["sample"][0]["key"]
     assert "redis: step 'keyed sample' failed" in str(failed.value)
     assert wrong in str(failed.value) and "different value" in str(failed.value)
+
+
+def _recorded_value_differs(manifest: dict[str, Any]) -> None:
+    manifest["source"]["recorded"]["values"][0]["value"] = "12345"
+
+
+def _oldest_block_holds_nothing(manifest: dict[str, Any]) -> None:
+    oldest = min(manifest["source"]["block_list"], key=lambda b: b["min_time"])
+    oldest["min_time"], oldest["max_time"] = 946_684_800_000, 946_688_400_000  # 2000-01-01
+
+
+def _one_line_more(manifest: dict[str, Any]) -> None:
+    manifest["source"]["lines"] += 1
+
+
+def _a_file_more(manifest: dict[str, Any]) -> None:
+    manifest["source"]["files"].append("grafana/dashboards/lost.json")
+
+
+@pytest.mark.parametrize(
+    ("kind", "tamper", "check", "evidence"),
+    [
+        (
+            "prometheus",
+            _recorded_value_differs,
+            "values recorded at backup time",
+            "the backup recorded 12345",
+        ),
+        (
+            "prometheus",
+            _oldest_block_holds_nothing,
+            "query the oldest restored block",
+            "Prometheus answers no series at 946688400",
+        ),
+        ("logs", _one_line_more, "decompress fully and count lines", "lines decompressed, the"),
+        ("config", _a_file_more, "expected files present", "lacks grafana/dashboards/lost.json"),
+    ],
+    ids=["prometheus-values", "prometheus-empty-block", "logs-lines", "config-file"],
+)
+def test_each_check_fails_when_the_restore_differs_from_the_manifest(
+    sandbox_backups: dict[str, Any],
+    tmp_path: Path,
+    kind: str,
+    tamper: Any,
+    check: str,
+    evidence: str,
+) -> None:
+    """The stored data is the real backup (its checksum verifies); its manifest then
+    claims something the restore does not hold: the drill fails, naming the check."""
+    like = sandbox_backups["manifests"][kind]
+    source = Path(sandbox_backups["s3"]["backup_dir"])
+    backups = tmp_path / "backups"
+    (backups / kind).mkdir(parents=True)
+    shutil.copyfile(source / like["name"], backups / like["name"])
+    manifest = json.loads(json.dumps(like))
+    tamper(manifest)
+    write_durably(backups / manifest_name(like["name"]), json.dumps(manifest).encode())
+    with pytest.raises(DrillFailed) as failed:
+        drill(sandbox_backups, tmp_path, components=[kind], backup_dir=str(backups), s3_bucket="")
+    assert f"{kind}: step '{check}' failed" in str(failed.value)
+    assert evidence in str(failed.value)
+    assert drill_containers() == []
