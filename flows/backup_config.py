@@ -109,7 +109,9 @@ def backup_config(
     with exclusive(lock_name("backup-config", str(store))):
         prepare_backup_dir(store, "config", to.modes)
         files = read_project_files(Path(p["project_dir"]))
-        env = read_env(allowlist_names(p["env_allowlist"]), p["env_container"] or None)
+        env = read_env(
+            allowlist_names(p["env_allowlist"]), p["env_container"] or None, Path(p["project_dir"])
+        )
         digest = config_digest(files, env)
         source = config_source(files, env, digest)
         newest = NewestBackup() if p["force"] else check_newest(store, digest, source_id)

@@ -38,6 +38,7 @@ from flows.support.pushes import recovered, recovery_failed, with_hooks
 from flows.support.recovery import BackupSource, fetch
 from flows.support.settings import refuse_secret_parameters, resolve
 from tasks.common.errors import one_line
+from tasks.common.files import require_free_space
 from tasks.common.http_health import analyze_once, check_metrics, derive_url, health_url
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url
@@ -45,6 +46,7 @@ from tasks.common.secrets import url_server
 from tasks.config.prove import prove_config
 from tasks.config.restore import (
     Archive,
+    Secrets,
     check_secrets,
     previewed,
     read_archive,
@@ -52,15 +54,24 @@ from tasks.config.restore import (
     restore_project,
 )
 from tasks.docker import containers
-from tasks.docker.compose import project_files
+from tasks.docker.compose import ComposeFiles
 from tasks.docker.containers import wait_until_answers
-from tasks.docker.host import check_new_host
-from tasks.docker.project import Project, Service, compose_up, data_dir, read_services
-from tasks.docker.roles import RoleNotFound, find_roles, require_role
+from tasks.docker.host import check_images, check_new_host, check_ports_free
+from tasks.docker.project import (
+    Project,
+    Service,
+    compose_up,
+    data_dir,
+    read_services,
+    required_variables,
+)
+from tasks.docker.roles import check_data_mounts, find_roles, require_role
 from tasks.prometheus.prove import check_alert_rules, prove_prometheus
 from tasks.prometheus.restore import restore_blocks, wait_until_ready
+from tasks.prometheus.setup import check_retention_covers, read_prometheus_setup
 from tasks.redis.prove import check_gateway, ping, prove_redis
 from tasks.redis.restore import restore_rdb, wait_until_loaded
+from tasks.redis.server import RedisAccessError
 from tasks.redis.setup import read_redis_setup
 from tasks.store.find import FoundBackup
 from tasks.store.kinds import config_source_id, prometheus_source_id, redis_source_id
@@ -105,6 +116,7 @@ def recover_host(
     redis_backup: str = "latest",
     prometheus_backup: str = "latest",
     project_name: str = "",
+    compose_files: str = "",
     gateway_url: str = "",
     redis_url: str = "",
     prometheus_url: str = "",
@@ -140,7 +152,12 @@ def recover_host(
         prometheus_backup: Prometheus backup to restore: `latest` (the newest of the
             Prometheus at prometheus_url) or a name; when there is none, Prometheus starts
             empty and the report says so.
-        project_name: Compose project name; empty = the name of target_dir.
+        project_name: Compose project name. Empty: COMPOSE_PROJECT_NAME from the backup's
+            environment, else the name of target_dir.
+        compose_files: The project's compose files, comma-separated, relative to
+            target_dir (e.g. `docker-compose.yml,docker-compose.prod.yml`). Empty:
+            COMPOSE_FILE from the backup's environment, else compose's own choice
+            (compose.yaml or docker-compose.yml, with its override).
         gateway_url: The restored gateway's base URL (its /health, /metrics, /analyze).
             Empty: PROXILION_DR_GATEWAY_URL (default http://localhost:8787).
         redis_url: How to reach the restored Redis. Empty: PROXILION_DR_REDIS_URL
@@ -174,19 +191,21 @@ def recover_host(
             project_of = config_source_id(source_project_dir or target)
             config, archive = find_the_config_backup(r, source, backup, project_of)
             values = check_the_secrets(r, config, archive, secrets_env_file)
+            files = ComposeFiles.of(compose_files, archive.env)
+            name = project_name or archive.env.get("COMPOSE_PROJECT_NAME") or target.name
             data = find_the_data_backups(r, source, redis_backup, prometheus_backup, urls, config)
             backups = Backups(config, archive, *data)
             check_the_new_host(r, target, urls)
-            roles = check_the_project(r, backups, values, urls, project_name or target.name)
+            roles = check_the_project(r, backups, values, urls, files, name, target)
             if dry_run:
                 what = f"would unpack {config.manifest.name} into {target}"
                 r.skip("restore the project files", what)
                 r.skip("restore data and start services", "gateway → redis → prometheus → grafana")
             else:
-                project = restore_the_project(r, backups, target, values, project_name, roles)
+                project = restore_the_project(r, backups, target, values, files, name, roles)
                 restore_the_data(r, project, backups, urls)
                 start_the_gateway(r, project, urls, timeout)
-                start_redis(r, project, backups.redis, urls, timeout)
+                start_redis(r, project, backups.redis, urls, timeout, redis_secrets(archive))
                 verify_the_gateway(r, project, urls, timeout)
                 start_monitoring(r, project, backups.prometheus, urls, timeout)
                 r.healthy()
@@ -223,12 +242,14 @@ def find_the_config_backup(
 
 def check_the_secrets(
     r: HostRecovery, config: FoundBackup, archive: Archive, secrets_env_file: str
-) -> dict[str, str]:
+) -> Secrets:
     """Every variable the compose files need, from env.txt or the operator's file."""
     with r.step_for("check the secrets", GATEWAY, "Environment variables configured") as step:
         withheld = config.manifest.source.get("env_withheld") or []
         values = check_secrets(archive, withheld, secrets_env_file or None)
-        step.detail = f".env will hold {', '.join(sorted(values))}"
+        step.detail = f".env will hold {', '.join(sorted(values.env))}"
+        if values.in_files:
+            step.detail += f"; written back into files: {', '.join(sorted(values.in_files))}"
     return values
 
 
@@ -273,33 +294,48 @@ def check_the_new_host(r: HostRecovery, target: Path, urls: Urls) -> None:
 
 
 def check_the_project(
-    r: HostRecovery, backups: Backups, values: dict[str, str], urls: Urls, name: str
+    r: HostRecovery,
+    backups: Backups,
+    values: Secrets,
+    urls: Urls,
+    chosen: ComposeFiles,
+    name: str,
+    target: Path,
 ) -> dict[str, str]:
     """The project as compose resolves it with the restored files and secrets (in a
     temporary folder): which service plays each role, by what it really runs and the
-    port of its URL. A project without a Redis service is refused (its backup would be
-    reported restored and never be). Returns role → service name."""
+    port of its URL (a project without a Redis service is refused: its backup would be
+    reported restored and never be); the Redis and Prometheus data on mounts; every
+    port it needs free; its images here or pullable; room for the data. What the live
+    run would refuse on, refused before anything is written. Returns role → service."""
     item = "docker-compose.yml in place"
     with r.step_for("check the project's services", GATEWAY, item) as step:
         with previewed(backups.config, values) as folder:
-            files = [folder / n for n in project_files(folder)]
-            if not files:
-                raise RoleNotFound(
-                    f"config backup {backups.config.manifest.name} holds no compose.yaml or "
-                    "docker-compose.yml: it cannot rebuild a stack; nothing was changed"
-                )
+            files = chosen.paths(folder)
             services = read_services(files, name)
             roles = find_roles(services, urls.named())
             require_role("redis", roles, services, files[0])
+            evidence = [check_data_mounts(roles), check_ports_free(services)]
+        evidence.append(check_images(services))
+        needed = sum(b.manifest.raw_size for b in (backups.redis, backups.prometheus) if b)
+        free = require_free_space(existing(target), needed, "the restored Redis and Prometheus")
         played = ", ".join(f"{role} = {service.name}" for role, service in roles.items())
         others = [s for s in services if s not in {v.name for v in roles.values()}]
         step.detail = f"{' + '.join(f.name for f in files)}: {played}; others: "
         step.detail += ", ".join(others) or "none"
+        step.detail += "; " + "; ".join(evidence) + f"; {free / 1e9:.1f} GB free"
     if backups.prometheus is not None and "prometheus" not in roles:
         r.notes.append(
             f"no service runs prometheus: backup {backups.prometheus.manifest.name} is not restored"
         )
     return {role: service.name for role, service in roles.items()}
+
+
+def existing(path: Path) -> Path:
+    """`path`, or its nearest existing parent (a target_dir not made yet)."""
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 # ------------------------------------------------------ 3. to 5. RESTORE, in order
@@ -309,7 +345,8 @@ def restore_the_project(
     r: HostRecovery,
     backups: Backups,
     target: Path,
-    values: dict[str, str],
+    values: Secrets,
+    chosen: ComposeFiles,
     name: str,
     roles: dict[str, str],
 ) -> Project:
@@ -319,15 +356,15 @@ def restore_the_project(
     with r.step_for("restore the project files and .env", GATEWAY, item) as step:
         written = restore_project(config, target, values)
         step.detail = f"{len(written)} entries into {target}: {', '.join(written)}"
-    r.prove(prove_config(target, config.manifest, values), config.manifest)
-    files = [target / n for n in project_files(target)]
+    r.prove(prove_config(target, config.manifest, values.env, complete=False), config.manifest)
+    files = chosen.paths(target)
     r.check(GATEWAY, item, f"{' + '.join(str(f) for f in files)} from {config.manifest.name}")
-    names = ", ".join(sorted(values))
+    names = ", ".join(sorted(values.env))
     r.check(GATEWAY, "Environment variables configured", f".env (0600): {names}")
     with r.step_for("create the containers", GATEWAY, "docker-compose up -d gateway") as step:
-        services = read_services(files, name or None)
+        services = read_services(files, name)
         played = {role: services[service] for role, service in roles.items()}
-        project = Project(files, name or None, services, played)
+        project = Project(files, name, services, played)
         compose_up(project.compose_files, project.name, [], start=False)
         step.detail = f"services {', '.join(services)} created (not started)"
     return project
@@ -335,23 +372,24 @@ def restore_the_project(
 
 def restore_the_data(r: HostRecovery, project: Project, backups: Backups, urls: Urls) -> None:
     """The Redis backup into the Redis service's data dir, the Prometheus backup into
-    its TSDB dir (the containers exist, nothing runs yet)."""
+    its TSDB dir: the folders the created (not started) containers mount there, bind
+    mounts or named volumes, owned as each image's user needs."""
     if "redis" in project.roles:
         item = "dump.rdb restored to /var/lib/redis"
         with r.step_for("restore Redis data", REDIS, item) as step:
-            step.detail = restore_redis_data(
-                project, project.roles["redis"], backups.redis, urls.redis
-            )
+            service = project.roles["redis"]
+            step.detail = restore_redis_data(project, service, backups.redis, urls.redis)
         r.check(REDIS, item, step.detail)
     item = "Prometheus data restored (optional)"
     if "prometheus" in project.roles and backups.prometheus is not None:
         with r.step_for("restore Prometheus data", MONITORING, item) as step:
-            service = project.roles["prometheus"]
-            data = data_dir(service, service.flag("storage.tsdb.path") or "/prometheus")
-            restored = restore_blocks(backups.prometheus, data)
-            step.detail = (
-                f"{backups.prometheus.manifest.name} → {data}: {len(restored.blocks)} blocks"
-            )
+            found = backups.prometheus
+            container = project.container(project.roles["prometheus"])
+            setup = read_prometheus_setup(urls.prometheus, container)
+            keeps = check_retention_covers(found, setup)
+            data = data_dir(container, project.roles["prometheus"], setup.tsdb_path)
+            restored = restore_blocks(found, data)
+            step.detail = f"{found.manifest.name} → {data}: {len(restored.blocks)} blocks; {keeps}"
         r.check(MONITORING, item, step.detail)
     elif "prometheus" in project.roles:
         r.check(MONITORING, item, "no backup: starts empty", "n/a")
@@ -361,8 +399,9 @@ def restore_redis_data(project: Project, service: Service, found: FoundBackup, u
     """The RDB into the Redis service's data dir (its container created, not started:
     its settings come from its config file and arguments), as the AOF base too when
     the service runs `appendonly yes`."""
-    setup = read_redis_setup(url, project.container(service))
-    data = data_dir(service, setup.dir or "/data")
+    container = project.container(service)
+    setup = read_redis_setup(url, container)
+    data = data_dir(container, service, setup.dir or "/data")
     restored = restore_rdb(found, data, setup)
     moved = restored.moved_aside
     aside = f"; {', '.join(moved.names)} moved aside to {moved.folder}" if moved else ""
@@ -386,7 +425,12 @@ def start_the_gateway(r: HostRecovery, project: Project, urls: Urls, timeout: fl
 
 
 def start_redis(
-    r: HostRecovery, project: Project, found: FoundBackup, urls: Urls, timeout: float
+    r: HostRecovery,
+    project: Project,
+    found: FoundBackup,
+    urls: Urls,
+    timeout: float,
+    password_secrets: list[str],
 ) -> None:
     """Redis next: PING, loading:0, and the restored data proven against the manifest."""
     if "redis" not in project.roles:
@@ -395,11 +439,27 @@ def start_redis(
     with r.step_for("start Redis and verify", REDIS, "redis-cli PING returns PONG") as step:
         since = time.time()
         project.up(service)
-        load = wait_until_loaded(urls.redis, project.container(service), timeout)
+        try:
+            load = wait_until_loaded(urls.redis, project.container(service), timeout)
+        except RedisAccessError as refused:
+            given = ", ".join(password_secrets) or "the restored project's Redis password"
+            raise RedisAccessError(
+                f"{refused}; the restored Redis takes its password from {given}: give the "
+                "same one in both, then run again"
+            ) from None
         step.detail = f"{ping(urls.redis)}, loading:0"
     r.prove(prove_redis(urls.redis, found.manifest, load, since), found.manifest)
     r.check(REDIS, "docker-compose up -d redis", f"{project.container(service)} running")
     r.check(REDIS, "redis-cli PING returns PONG", step.detail)
+
+
+def redis_secrets(archive: Archive) -> list[str]:
+    """The secrets that give the restored Redis a password (a `requirepass` or ACL user
+    withheld in its config, a withheld variable of its compose files), by name."""
+    named = [s.name for s in archive.slots if "requirepass" in s.key or s.key.startswith("user ")]
+    for text in archive.compose_files.values():
+        named += [n for n in sorted(required_variables(text)) if "REDIS" in n and "PASS" in n]
+    return list(dict.fromkeys(named))
 
 
 def verify_the_gateway(r: HostRecovery, project: Project, urls: Urls, timeout: float) -> None:

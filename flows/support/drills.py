@@ -13,7 +13,7 @@ from docker.types import Mount
 
 from flows.support.recovery import BackupSource, Recovery, Step, find_backup
 from tasks.config.prove import prove_config
-from tasks.config.restore import read_archive, restore_project
+from tasks.config.restore import Secrets, read_archive, restore_project
 from tasks.docker.compose import project_files
 from tasks.drill import compose as drill_compose
 from tasks.drill import services as drill_services
@@ -189,16 +189,20 @@ def drill_prometheus(r: Recovery, d: Drill, scratch: Scratch) -> None:
 def drill_config(r: Recovery, d: Drill, scratch: Scratch) -> None:
     found = d.backup(r, "config")
     target = scratch.data_dir("config")
+    fill = drill_compose.placeholder_value()
     with r.step("extract safely") as step:
-        env = read_archive(found, need_compose=False).env
-        names = restore_project(found, target, env)
+        archive = read_archive(found, need_compose=False)
+        env = archive.env
+        names = restore_project(found, target, Secrets(env, {s.name: fill for s in archive.slots}))
         step.detail = f"{len(names)} entries, tarfile 'data' filter (nothing outside the folder)"
+        if archive.slots:
+            step.detail += f"; {len(archive.slots)} secrets withheld in files get the placeholder"
     r.prove(prove_config(target, found.manifest, env), found.manifest)
     if not project_files(target):
         r.skip("restored project up", "no default compose file (compose.yaml, docker-compose.yml)")
         return
     withheld = list(found.manifest.source.get("env_withheld") or [])
-    _project_up(r, target, scratch, env, withheld, d.timeout)
+    _project_up(r, target, scratch, env, withheld, d.timeout, fill)
 
 
 def _project_up(
@@ -208,13 +212,14 @@ def _project_up(
     env: dict[str, str],
     withheld: list[str],
     timeout: float,
+    fill: str,
 ) -> None:
     """Bring the restored project up isolated (tasks/drill/compose.py), check each of its
     services comes up, and take it down again (`down -v`, its folder) whatever happened."""
     project = None
     try:
         with r.step("bring up the restored project (isolated)") as step:
-            project = drill_compose.prepare(folder, scratch.folder, env, withheld)
+            project = drill_compose.prepare(folder, scratch.folder, env, withheld, fill)
             drill_compose.up(project, timeout)
             filled = ", ".join(project.placeholders) or "none"
             step.detail = (

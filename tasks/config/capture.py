@@ -37,8 +37,10 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common.log import run_logger
 from tasks.common.secrets import secret_name, secret_value
-from tasks.config.redact import COMPOSE_PATTERNS, redact_file
+from tasks.config.redact import COMPOSE_PATTERNS, PLACEHOLDER, redact_file
+from tasks.config.slots import find_slots
 from tasks.docker import containers
+from tasks.docker.project import EnvFileError, parse_env_text
 from tasks.store.archive import (
     ArchiveError,
     CompressedFile,
@@ -79,6 +81,7 @@ class ProjectFiles:
     missing: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     redacted: dict[str, list[str]] = field(default_factory=dict)
+    env_files: list[str] = field(default_factory=list)  # stored with every value withheld
 
 
 def check_project_dir(project_dir: Path) -> Path:
@@ -105,6 +108,43 @@ def rule_files(root: Path) -> list[str]:
         if isinstance(pattern, str) and not Path(pattern).is_absolute():
             found += sorted(p.relative_to(root).as_posix() for p in root.glob(pattern))
     return [name for name in dict.fromkeys(found) if name not in EXPECTED]
+
+
+def env_files_named(root: Path) -> list[str]:
+    """The `env_file:` files the project's compose files name, inside the project (a
+    restored project needs them; their values are secrets: stored withheld)."""
+    found: list[str] = []
+    for name in sorted(n for n in os.listdir(root) if any(fnmatch(n, p) for p in COMPOSE_PATTERNS)):
+        try:
+            document = yaml.safe_load((root / name).read_text(errors="replace"))
+        except (OSError, yaml.YAMLError):
+            continue
+        services = document.get("services") if isinstance(document, dict) else None
+        for spec in (services or {}).values():
+            entries = (spec or {}).get("env_file") if isinstance(spec, dict) else None
+            listed = [entries] if isinstance(entries, str | dict) else list(entries or [])
+            for entry in listed:
+                path = entry.get("path") if isinstance(entry, dict) else entry
+                relative = os.path.normpath(str(path or ""))
+                inside = (root / relative).resolve().is_relative_to(root)
+                if path and inside and relative != ".env" and relative not in found:
+                    found.append(relative)
+    return found
+
+
+def withheld_env_text(text: str) -> tuple[str, list[str]]:
+    """An env file with every value replaced by the placeholder (names, comments and
+    blank lines kept): the names a restore must be given."""
+    out, names = [], []
+    for line in text.splitlines(keepends=True):
+        body = line.strip()
+        name = body.removeprefix("export ").split("=", 1)[0].strip()
+        if body and not body.startswith("#") and "=" in body and name:
+            out.append(f"{name}={PLACEHOLDER}\n")
+            names.append(name)
+        else:
+            out.append(line)
+    return "".join(out), names
 
 
 def _candidates(root: Path) -> Iterator[str]:
@@ -134,6 +174,13 @@ def _collect(root: Path, relative: str, found: ProjectFiles, seen: set[Path]) ->
         seen.add(real)
         for child in sorted(os.listdir(real)):
             _collect(root, f"{relative}/{child}", found, seen)
+    elif real.is_file() and relative in found.env_files:
+        status = real.stat()
+        text, names = withheld_env_text(real.read_text(errors="replace"))
+        found.redacted[relative] = names + ["(every value withheld: an env_file)"]
+        found.files.append(
+            ConfigFile(relative, text.encode(), status.st_mode & 0o777, status.st_mtime)
+        )
     elif real.is_file():
         status = real.stat()
         data, redacted, how = redact_file(relative, real.read_bytes())
@@ -150,9 +197,9 @@ def read_project_files(project_dir: Path) -> ProjectFiles:
     lists, grafana/dashboards/ and redis.conf of the project, redacted. Missing ones
     are reported; a project with none of them is an error."""
     root = check_project_dir(project_dir)
-    found = ProjectFiles(project_dir=str(root))
+    found = ProjectFiles(project_dir=str(root), env_files=env_files_named(root))
     seen: set[Path] = set()
-    names = list(_candidates(root))
+    names = list(_candidates(root)) + found.env_files
     for relative in names:
         if os.path.lexists(root / relative):
             _collect(root, relative, found, seen)
@@ -194,10 +241,31 @@ def allowlist_names(allowlist: str | list[str]) -> list[str]:
     return list(dict.fromkeys(name.strip() for name in items if name.strip()))
 
 
+# What compose itself reads from the project's `.env` to find and name the project: a
+# restore needs them to bring it up as it ran (they hold no secret).
+COMPOSE_SETTINGS = ("COMPOSE_FILE", "COMPOSE_PROJECT_NAME", "COMPOSE_PATH_SEPARATOR")
+
+
+def compose_settings(project_dir: Path | None) -> dict[str, str]:
+    """COMPOSE_FILE, COMPOSE_PROJECT_NAME and COMPOSE_PATH_SEPARATOR from the project's
+    `.env` (only those: the rest of it holds secrets)."""
+    dotenv = Path(project_dir) / ".env" if project_dir else None
+    if dotenv is None or not dotenv.is_file():
+        return {}
+    try:
+        values = parse_env_text(dotenv.read_text(errors="replace"), str(dotenv))
+    except EnvFileError:
+        return {}
+    return {name: values[name] for name in COMPOSE_SETTINGS if values.get(name)}
+
+
 @task(cache_policy=NO_CACHE)
-def read_env(allowlist: list[str], container: str | None) -> EnvCapture:
+def read_env(
+    allowlist: list[str], container: str | None, project_dir: Path | None = None
+) -> EnvCapture:
     """The allow-listed variables from the container's config (`Config.Env`), or from
-    this process when no container is named; secrets are withheld by name."""
+    this process when no container is named; secrets are withheld by name. Plus the
+    compose settings of the project's `.env` (`compose_settings`)."""
     if container:
         hint = "Fix env_container, or leave it empty to read this process's environment"
         pairs = containers.get_container(container, hint).attrs["Config"].get("Env") or []
@@ -213,6 +281,7 @@ def read_env(allowlist: list[str], container: str | None) -> EnvCapture:
             capture.withheld.append(name)
         else:
             capture.values[name] = environment[name]
+    capture.values.update(compose_settings(project_dir))
     return capture
 
 
@@ -296,6 +365,18 @@ def write_config_archive(
         raise
 
 
+def file_secrets(files: ProjectFiles) -> dict[str, list[str]]:
+    """Per stored file, the names under which a restore needs the secrets withheld in
+    it (tasks/config/slots.py)."""
+    named = {}
+    for item in files.files:
+        text = item.data.decode(errors="replace")
+        slots = find_slots(item.path, text, item.path in files.env_files)
+        if slots:
+            named[item.path] = [slot.name for slot in slots]
+    return named
+
+
 def config_source(files: ProjectFiles, env: EnvCapture, digest: str) -> dict[str, Any]:
     """What the manifest records about a config backup: names and reasons, no values."""
     return {
@@ -305,6 +386,19 @@ def config_source(files: ProjectFiles, env: EnvCapture, digest: str) -> dict[str
         "missing": files.missing,
         "skipped": files.skipped,
         "redacted": files.redacted,
+        "env_files": files.env_files,
+        "file_secrets": {
+            item.path: [
+                slot.name
+                for slot in find_slots(
+                    item.path, item.data.decode(errors="replace"), item.path in files.env_files
+                )
+            ]
+            for item in files.files
+            if find_slots(
+                item.path, item.data.decode(errors="replace"), item.path in files.env_files
+            )
+        },
         "env_source": env.source,
         "env": sorted(env.values),
         "env_withheld": env.withheld,

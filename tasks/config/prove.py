@@ -32,12 +32,17 @@ def files_present(folder: Path, source: dict[str, Any]) -> str:
     ]
     if absent:
         raise ConfigNotRestored(f"the archive lacks {', '.join(absent)} (its manifest lists them)")
+    return f"all {len(expected)} files: {', '.join(expected)}"
+
+
+def nothing_missing_at_backup(source: dict[str, Any]) -> str:
+    """The project held every file a stack needs when it was backed up."""
     if source.get("missing"):
         raise ConfigNotRestored(
             f"the backup lacks {', '.join(source['missing'])}: missing from the project "
             "folder when it was taken"
         )
-    return f"all {len(expected)} files: {', '.join(expected)}"
+    return "compose file, prometheus.yml, alerts.yml and grafana/dashboards/ all backed up"
 
 
 def withheld_listed(source: dict[str, Any]) -> str:
@@ -64,12 +69,19 @@ def compose_files_validate(folder: Path, source: dict[str, Any], env: dict[str, 
     return detail + (f"; not read by compose by default: {', '.join(others)}" if others else "")
 
 
-def prove_config(folder: Path, manifest: Manifest, env: dict[str, str]) -> list[Check]:
+def prove_config(
+    folder: Path, manifest: Manifest, env: dict[str, str], complete: bool = True
+) -> list[Check]:
     """The checks that prove the project restored into `folder` (its `.env` holding
-    `env`) is the backup `manifest` describes."""
+    `env`) is the backup `manifest` describes; with `complete` (the drill), also that
+    the backup held every file a stack needs."""
     source = manifest.source
+    complete_check = [
+        Check("project complete when backed up", lambda: nothing_missing_at_backup(source))
+    ]
     return [
         Check("expected files present", lambda: files_present(folder, source)),
+        *(complete_check if complete else []),
         Check("withheld secrets listed", lambda: withheld_listed(source)),
         Check("compose file validates", lambda: compose_files_validate(folder, source, env)),
     ]

@@ -49,6 +49,11 @@ def compose_command() -> tuple[str, ...]:
     )
 
 
+def is_compose_v2() -> bool:
+    """Whether the compose CLI here is the v2 plugin (its .env syntax differs)."""
+    return compose_command()[-1] == "compose"
+
+
 def _run(args: list[str], timeout: float, env: dict[str, str] | None = None) -> str:
     """Run the compose CLI; its stdout, or ComposeError with the last lines of its output."""
     try:
@@ -89,6 +94,40 @@ def project_files(folder: Path) -> list[str]:
         return []
     override = next((n for n in OVERRIDE_FILES if (folder / n).is_file()), None)
     return [primary] + ([override] if override else [])
+
+
+@dataclass(frozen=True)
+class ComposeFiles:
+    """Which files make the project: the ones named (by the operator, or COMPOSE_FILE
+    in the project's environment), else compose's own choice in the folder."""
+
+    named: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, given: str, env: dict[str, str]) -> ComposeFiles:
+        """`given` (comma-separated), else COMPOSE_FILE (split on COMPOSE_PATH_SEPARATOR,
+        `:` by default, as compose does), else none named."""
+        if given.strip():
+            return cls(tuple(n.strip() for n in given.split(",") if n.strip()))
+        separator = env.get("COMPOSE_PATH_SEPARATOR") or ":"
+        return cls(tuple(n for n in env.get("COMPOSE_FILE", "").split(separator) if n))
+
+    def paths(self, folder: Path) -> list[Path]:
+        """The files in `folder`; ComposeError naming any that is missing (or the
+        default names, when none is named and none is there)."""
+        names = list(self.named) or project_files(folder)
+        if not names:
+            raise ComposeError(
+                f"no {' / '.join(PRIMARY_FILES)} in {folder}: name the project's files in "
+                "compose_files"
+            )
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ComposeError(
+                f"compose file {', '.join(missing)} is not in the restored project: fix "
+                "compose_files (or COMPOSE_FILE in the backed-up environment)"
+            )
+        return [folder / n for n in names]
 
 
 def _base(compose_files: Path | list[Path], project: str | None) -> list[str]:

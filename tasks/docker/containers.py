@@ -284,3 +284,33 @@ def wait_until_answers(url: str, container: str, timeout: float) -> str:
 
     wait_started(probe, container, timeout, f"the gateway at {url}")
     return answer[-1]
+
+
+def _passwd(container: Any) -> list[list[str]]:
+    """The image's /etc/passwd entries (read from the container, started or not)."""
+    try:
+        stream, _stat = container.get_archive("/etc/passwd")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as archive:
+            member = archive.next()
+            data = archive.extractfile(member) if member else None
+            text = data.read().decode(errors="replace") if data else ""
+    except (DockerException, tarfile.TarError):
+        return []
+    return [line.split(":") for line in text.splitlines() if line.count(":") >= 3]
+
+
+def container_user(name: str) -> tuple[int, int] | None:
+    """The uid and gid a container's processes run as (its `User`: numbers, or a name
+    looked up in the image's /etc/passwd); None for root or when it cannot be told."""
+    container = get_container(name)
+    user = (container.attrs.get("Config") or {}).get("User") or ""
+    who, _, group = user.partition(":")
+    if who in ("", "root", "0"):
+        return None
+    entries = _passwd(container)
+    entry = next((e for e in entries if who in (e[0], e[2])), None)
+    uid = int(who) if who.isdigit() else int(entry[2]) if entry else None
+    if uid is None:
+        return None
+    gid = int(group) if group.isdigit() else int(entry[3]) if entry else uid
+    return uid, gid

@@ -7,9 +7,13 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import docker.errors
+
 from tasks.common.secrets import redact_url
 from tasks.docker import containers
 from tasks.docker.compose import compose_command
+from tasks.docker.project import Service
+from tasks.docker.roles import runs
 
 
 class PortTaken(RuntimeError):
@@ -19,7 +23,8 @@ class PortTaken(RuntimeError):
 def answers(url: str) -> bool:
     """Something accepts a TCP connection at the URL's host and port."""
     parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443, "redis": 6379, "rediss": 6379}[parts.scheme]
+    defaults = {"http": 80, "https": 443, "redis": 6379, "rediss": 6379, "tcp": 0}
+    port = parts.port or defaults[parts.scheme]
     try:
         with socket.create_connection((parts.hostname or "localhost", port), timeout=1):
             return True
@@ -40,3 +45,42 @@ def check_new_host(urls: dict[str, str]) -> str:
             "and run again (nothing was changed)"
         )
     return f"Docker {version}, {compose}; {', '.join(urls)} addresses free"
+
+
+class ImagesMissing(RuntimeError):
+    """Images the project runs are neither on this host nor reachable in a registry."""
+
+
+def check_ports_free(services: dict[str, Service]) -> str:
+    """No port a service publishes (or listens on with the host's network) is taken
+    already: `up` would fail half-way on it."""
+    ports = sorted({port for service in services.values() for port in runs(service).host_ports})
+    taken = [port for port in ports if port and answers(f"tcp://127.0.0.1:{port}")]
+    if taken:
+        raise PortTaken(
+            f"ports {', '.join(map(str, taken))} are taken on this host, and the project's "
+            "services need them: stop what listens there and run again (nothing was changed)"
+        )
+    return f"ports {', '.join(map(str, ports)) or 'none'} free"
+
+
+def check_images(services: dict[str, Service]) -> str:
+    """Every image the project runs is on this host, or its registry answers for it
+    (compose pulls it at `up`); ImagesMissing naming the others."""
+    client = containers.docker_client()
+    images = sorted({s.image for s in services.values() if s.image})
+    missing = []
+    for image in images:
+        try:
+            client.images.get(image)
+        except docker.errors.ImageNotFound:
+            try:
+                client.images.get_registry_data(image)
+            except docker.errors.APIError as error:
+                missing.append(f"{image} ({getattr(error, 'explanation', None) or error})")
+    if missing:
+        raise ImagesMissing(
+            f"images not on this host and not pullable: {'; '.join(missing)}: load them "
+            "(docker load) or make their registry reachable, then run again"
+        )
+    return f"{len(images)} images available"

@@ -8,6 +8,7 @@ logged or put in an error message: only names.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -16,11 +17,13 @@ from typing import Any
 
 import yaml
 
+from tasks.docker import containers
 from tasks.docker.compose import (  # the one place that runs the compose CLI
     ComposeService,
     _base,
     _run,
     compose_container_id,
+    is_compose_v2,
 )
 
 # `${NAME}`, `${NAME:-default}`, `${NAME-default}`, `${NAME:?message}`, `$NAME`; `$$` escapes.
@@ -79,24 +82,44 @@ def read_env_file(path: Path) -> dict[str, str]:
     return parse_env_text(text, f"secrets_env_file {path}")
 
 
+# docker-compose 1.29 reads .env (and env_file files) with python-dotenv, which expands
+# `${NAME}` and `${NAME:-default}` inside any quoting and has no escape for it; the
+# default of a variable nobody sets is the one way to write a literal `${`.
+_LITERAL_DOLLAR_BRACE = "${PROXILION_DR_NO_SUCH_VARIABLE:-$}{"
+
+
+def dotenv_value(value: str) -> str:
+    """A value as compose reads it back exactly from `.env` or an env_file: for
+    docker-compose 1.29, double-quoted with `\\`, `"` and newlines escaped and every `${`
+    kept from expansion; for compose v2, single-quoted (taken literally) when it holds
+    no quote or newline. A plain word stays as it is."""
+    if value and all(c.isalnum() or c in "._-/:@,+=" for c in value):
+        return value
+    if is_compose_v2() and "'" not in value and "\n" not in value:
+        return f"'{value}'"
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    if not is_compose_v2():
+        escaped = escaped.replace("${", _LITERAL_DOLLAR_BRACE)
+    else:
+        escaped = escaped.replace("$", "\\$")  # compose v2's double quotes: not exercised here
+    return f'"{escaped}"'
+
+
 def env_file_text(values: dict[str, str]) -> str:
-    """A `.env` compose reads back exactly: a value with spaces, `#` or quotes is
-    double-quoted, its `"` and `\\` escaped."""
-    lines = []
-    for name, value in values.items():
-        if value != value.strip() or any(c in value for c in "#'\"\\ \t"):
-            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-            value = f'"{escaped}"'
-        lines.append(f"{name}={value}")
-    return "\n".join(lines) + "\n"
+    """A `.env` compose reads back exactly (`dotenv_value`): secrets with `$`, quotes,
+    `#` or spaces are never expanded or cut."""
+    return "".join(f"{name}={dotenv_value(value)}\n" for name, value in values.items())
 
 
 @dataclass(frozen=True)
 class Volume:
-    """A bind mount of a service: host path → container path."""
+    """A mount of a service's data: a bind mount (host path → container path), or a
+    named volume (`volume`: its name in the compose file; no host path before compose
+    creates it)."""
 
-    source: Path
+    source: Path | None
     target: PurePosixPath
+    volume: str = ""
 
 
 @dataclass
@@ -111,15 +134,20 @@ class Service:
     entrypoint: list[str] | None = None  # None: the image's own
     network_mode: str = ""
     ports: list[tuple[int, int]] = field(default_factory=list)  # (host port, container port)
+    working_dir: str = ""
 
-    def host_path(self, inner: str) -> Path | None:
-        """The host path behind `inner` (its deepest bind mount), or None."""
+    def mount_of(self, inner: str) -> Volume | None:
+        """The mount holding `inner` (the deepest), or None: it lives in the container."""
         target = PurePosixPath(inner)
         mounts = [v for v in self.volumes if target.is_relative_to(v.target)]
-        if not mounts:
+        return max(mounts, key=lambda v: len(v.target.parts)) if mounts else None
+
+    def host_path(self, inner: str) -> Path | None:
+        """The host path behind `inner` when a bind mount holds it, else None."""
+        mount = self.mount_of(inner)
+        if mount is None or mount.source is None:
             return None
-        best = max(mounts, key=lambda v: len(v.target.parts))
-        return best.source / target.relative_to(best.target)
+        return mount.source / PurePosixPath(inner).relative_to(mount.target)
 
     def flag(self, name: str) -> str | None:
         """The value of `--name=value` or `--name value` in the command."""
@@ -137,7 +165,10 @@ class Service:
 def _volume(item: Any, project_dir: Path) -> Volume | None:
     if isinstance(item, dict):
         source, target = item.get("source"), item.get("target")
-        if item.get("type", "bind") != "bind" or not source or not target:
+        kind = item.get("type", "bind")
+        if kind == "volume" and source and target:
+            return Volume(None, PurePosixPath(target), str(source))
+        if kind != "bind" or not source or not target:
             return None
     else:
         parts = str(item).split(":")
@@ -147,7 +178,7 @@ def _volume(item: Any, project_dir: Path) -> Volume | None:
     path = Path(source)
     if not path.is_absolute():
         if not str(source).startswith((".", "~")):
-            return None  # a named volume
+            return Volume(None, PurePosixPath(target), str(source))  # a named volume
         path = (project_dir / path).resolve()
     return Volume(path, PurePosixPath(target))
 
@@ -189,6 +220,7 @@ def read_services(compose_files: list[Path], project: str | None) -> dict[str, S
             _argv(spec["entrypoint"]) if "entrypoint" in spec else None,
             str(spec.get("network_mode") or ""),
             [p for p in ports if p is not None],
+            str(spec.get("working_dir") or ""),
         )
     return services
 
@@ -224,13 +256,20 @@ class Project:
         return compose_up(self.compose_files, self.name, [s.name for s in services])
 
 
-def data_dir(service: Service, inner: str) -> Path:
-    """The host folder a service keeps `inner` in (created when missing)."""
-    path = service.host_path(inner)
+def data_dir(container: str, service: Service, inner: str) -> Path:
+    """The host folder the created (not yet started) `container` of `service` keeps
+    `inner` in: its bind mount, or the named volume compose created with it. Missing,
+    it is created with the owner the image's user needs (`container_user`)."""
+    path = containers.host_path(container, inner)
     if path is None:
         raise FileNotFoundError(
-            f"service {service.name!r} keeps its data in {inner}, which is not a bind mount: "
-            "its data cannot be restored from the host; mount it in the compose file"
+            f"service {service.name!r} keeps its data in {inner}, which is on no mount: its "
+            "data cannot be restored (and would be lost with its container); mount a volume "
+            "there in the compose file"
         )
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.mkdir(parents=True)
+        owner = containers.container_user(container)
+        if owner is not None:
+            os.chown(path, *owner)
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import urlsplit
 
 import docker.errors
@@ -40,22 +41,23 @@ class Runs:
     argv: list[str]
     host_ports: set[int]
     image_known: bool  # False: the image is not on this host, its default command unknown
+    workdir: str = "/"
 
 
-def _image_argv(image: str) -> tuple[list[str], list[str]] | None:
-    """The image's own ENTRYPOINT and CMD; None when the image is not on this host."""
+def _image_config(image: str) -> dict[str, Any] | None:
+    """The image's own config (ENTRYPOINT, CMD, WORKDIR…); None when it is not here."""
     try:
-        config = docker_client().images.get(image).attrs.get("Config") or {}
+        return dict(docker_client().images.get(image).attrs.get("Config") or {})
     except docker.errors.ImageNotFound:
         return None
-    return list(config.get("Entrypoint") or []), list(config.get("Cmd") or [])
 
 
 def runs(service: Service) -> Runs:
     """The argv the service's container runs (compose's entrypoint and command over the
     image's, as Docker combines them) and the host ports it answers on."""
-    image = _image_argv(service.image) if service.image else None
-    entrypoint, cmd = image or ([], [])
+    image = _image_config(service.image) if service.image else None
+    entrypoint = list((image or {}).get("Entrypoint") or [])
+    cmd = list((image or {}).get("Cmd") or [])
     if service.entrypoint is not None:  # compose's entrypoint drops the image's CMD too
         entrypoint, cmd = service.entrypoint, []
     argv = entrypoint + (service.command or cmd)
@@ -63,7 +65,8 @@ def runs(service: Service) -> Runs:
         ports = {_listening_port(service, argv)}
     else:
         ports = {host for host, _inner in service.ports}
-    return Runs(argv, ports, image is not None)
+    workdir = service.working_dir or (image or {}).get("WorkingDir") or "/"
+    return Runs(argv, ports, image is not None, workdir)
 
 
 def _listening_port(service: Service, argv: list[str]) -> int:
@@ -146,3 +149,53 @@ def require_role(
         f"{', '.join(services) or 'none'}{lacking}): the {role} backup would not be restored; "
         "nothing was changed"
     )
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def data_path(role: str, service: Service) -> str:
+    """Where a Redis or Prometheus service keeps its data inside its container: its
+    `--dir` (or a config file's `dir`) / `--storage.tsdb.path`, else the program's
+    default, relative to its working dir."""
+    seen = runs(service)
+    if role == "prometheus":
+        inner = _flag(seen.argv, "storage.tsdb.path") or "data/"
+    else:
+        inner = _flag(seen.argv, "dir") or "."
+        for arg in seen.argv:
+            host = service.host_path(arg) if arg.endswith(".conf") else None
+            if host is not None and host.is_file():
+                for line in host.read_text(errors="replace").splitlines():
+                    words = line.split(None, 1)
+                    if len(words) == 2 and words[0] == "dir":
+                        inner = words[1].strip().strip("\"'")
+    return str(PurePosixPath(seen.workdir) / inner)
+
+
+def check_data_mounts(roles: dict[str, Service]) -> str:
+    """The Redis and Prometheus services keep their data on a mount (a bind mount or a
+    named volume) a restore can write into: RoleNotFound (naming the path) otherwise."""
+    said = []
+    for role in ("redis", "prometheus"):
+        if role not in roles:
+            continue
+        service = roles[role]
+        inner = data_path(role, service)
+        mount = service.mount_of(inner)
+        if mount is None:
+            raise RoleNotFound(
+                f"service {service.name!r} keeps its {role} data in {inner}, which is on no "
+                "mount: it cannot be restored (and would be lost with its container); mount a "
+                "volume there in the compose file; nothing was changed"
+            )
+        said.append(
+            f"{role} data {inner} on {'volume ' + mount.volume if mount.volume else 'a bind mount'}"
+        )
+    return "; ".join(said)

@@ -126,15 +126,20 @@ def _args(folder: Path, files: list[str], project: str) -> list[str]:
     return args
 
 
+def placeholder_value() -> str:
+    """The one random value a drill gives every secret the backup withheld (so a
+    restored Redis password and the gateway's copy of it still agree)."""
+    return f"drill-placeholder-{secrets.token_hex(8)}"
+
+
 def placeholders(
-    folder: Path, files: list[str], env: dict[str, str], withheld: list[str]
+    folder: Path, files: list[str], env: dict[str, str], withheld: list[str], fill: str
 ) -> dict[str, str]:
-    """A placeholder value for each withheld secret and each other variable the compose
-    files need that env.txt does not give (one random value per drill)."""
+    """`fill` for each withheld secret and each other variable the compose files need
+    that env.txt does not give."""
     needed = set(withheld)
     for name in files:
         needed |= required_variables((folder / name).read_text(errors="replace"))
-    fill = f"drill-placeholder-{secrets.token_hex(8)}"
     return {name: fill for name in sorted(needed) if name not in env}
 
 
@@ -167,7 +172,11 @@ def _inside(folder: Path, path: Path) -> bool:
 
 
 def prepare(
-    folder: Path, scratch_folder: Path, env: dict[str, str], withheld: list[str]
+    folder: Path,
+    scratch_folder: Path,
+    env: dict[str, str],
+    withheld: list[str],
+    fill: str | None = None,
 ) -> DrillProject:
     """Resolve the restored project in `folder` (`config`, with env.txt's values and
     placeholders), derive its isolated copy and write it beside it. Raises
@@ -176,7 +185,7 @@ def prepare(
     if not files:
         raise DrillComposeError(f"no {' / '.join(PRIMARY_FILES)} in the restored project")
     name = project_name(scratch_folder)
-    filled = placeholders(folder, files, env, withheld)
+    filled = placeholders(folder, files, env, withheld, fill or placeholder_value())
     dropped = _outside_env_files(folder, files)
     dotenv = folder / ".env"  # compose reads it; so do services naming it as env_file
     dotenv.write_text(env_file_text({**env, **filled}) if env or filled else "")

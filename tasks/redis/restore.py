@@ -47,7 +47,7 @@ from tasks.common.secrets import redact_url
 from tasks.docker import containers
 from tasks.docker.containers import wait_started
 from tasks.redis.rdb import RdbChecker, RdbError, RdbInfo, deep_check_rdb, validate_stream
-from tasks.redis.server import connect, explain
+from tasks.redis.server import RedisAccessError, connect, explain
 from tasks.redis.setup import RedisSetup, folder_setup
 from tasks.store.archive import Compression, iter_chunks, open_decompressed
 from tasks.store.find import FoundBackup
@@ -257,7 +257,10 @@ def wait_until_loaded(redis_url: str, container: str, timeout_seconds: float) ->
         except redis.BusyLoadingError:
             return "loading"
         except redis.RedisError as error:
-            return str(explain(error, redis_url))
+            explained = explain(error, redis_url)
+            if isinstance(explained, RedisAccessError):
+                raise explained from None  # permanent: waiting cannot fix a wrong password
+            return str(explained)
         return f"loading, {info.get('loading_loaded_perc')}% done" if int(info["loading"]) else None
 
     wait_started(loaded, container, timeout_seconds, f"Redis at {redact_url(redis_url)}")
