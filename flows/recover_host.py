@@ -419,9 +419,20 @@ def start_the_gateway(r: HostRecovery, project: Project, urls: Urls, timeout: fl
     gateway = project.roles["gateway"]
     with r.step_for("start the gateway", GATEWAY, "docker-compose up -d gateway") as step:
         project.up(gateway)
-        answer = wait_until_answers(health_url(urls.gateway), project.container(gateway), timeout)
-        step.detail = f"/health answers: {answer}"
-    r.check(GATEWAY, "docker-compose up -d gateway", f"{project.container(gateway)} running")
+        replicas = project.containers(gateway)
+        answer = wait_until_answers(health_url(urls.gateway), replicas[0], timeout)
+        running = replicas_running(replicas)
+        step.detail = f"/health answers: {answer}; {running}"
+    r.check(GATEWAY, "docker-compose up -d gateway", f"{gateway.name}: {running}")
+
+
+def replicas_running(replicas: list[str]) -> str:
+    """Every replica of a service runs (a replica that exited fails the step, by name)."""
+    for replica in replicas:
+        reason = containers.exit_reason(replica)
+        if reason:
+            raise RuntimeError(f"replica {replica[:12]} of {len(replicas)}: {reason}")
+    return f"{len(replicas)} replica(s) running" if len(replicas) > 1 else "running"
 
 
 def start_redis(

@@ -36,6 +36,7 @@ BLOCK_THRESHOLD = int(os.environ.get("BLOCK_THRESHOLD", "70"))
 SESSION_TTL_HOURS = float(os.environ.get("SESSION_TTL_HOURS", "24"))
 REDIS_HOST = os.environ.get("REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("REDIS_PORT", "6379"))
+REDIS_PASSWORD = os.environ.get("REDIS_PASSWORD", "")  # a Redis with requirepass
 LISTEN_HOST = os.environ.get("GATEWAY_HOST", "127.0.0.1")
 LISTEN_PORT = int(os.environ.get("GATEWAY_PORT", "8787"))
 VERSION = "0.1.0-sandbox"
@@ -167,7 +168,14 @@ class Resp:
 
 
 def redis() -> Resp:
-    return Resp(REDIS_HOST, REDIS_PORT)
+    conn = Resp(REDIS_HOST, REDIS_PORT)
+    if REDIS_PASSWORD:
+        try:
+            conn.command("AUTH", REDIS_PASSWORD)
+        except RedisError:
+            conn.close()
+            raise
+    return conn
 
 
 # ------------------------------------------------------------------------ metrics

@@ -173,13 +173,19 @@ def compose_recreate(target: ComposeService, timeout: float = UP_TIMEOUT) -> str
     return lines[-1] if lines else "done"
 
 
-def compose_container_id(target: ComposeService) -> str:
-    """The id of the container compose runs for the service (`ps -q SERVICE`)."""
+def compose_container_ids(target: ComposeService) -> list[str]:
+    """The ids of the containers compose runs for the service (`ps -q SERVICE`: one per
+    replica)."""
     ids = _run([*_base(target.compose_file, target.project), "ps", "-q", target.service], 60.0)
     found = ids.split()
     if not found:
         raise ComposeError(f"compose reports no container for service {target.service!r}")
-    return found[0]
+    return found
+
+
+def compose_container_id(target: ComposeService) -> str:
+    """The id of the (first) container compose runs for the service."""
+    return compose_container_ids(target)[0]
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")

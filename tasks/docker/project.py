@@ -23,6 +23,7 @@ from tasks.docker.compose import (  # the one place that runs the compose CLI
     _base,
     _run,
     compose_container_id,
+    compose_container_ids,
     is_compose_v2,
 )
 
@@ -190,16 +191,20 @@ def _argv(value: Any) -> list[str]:
     return shlex.split(value) if isinstance(value, str) else [str(part) for part in value]
 
 
-def _port(item: Any) -> tuple[int, int] | None:
-    """(host port, container port) of a published port in either form compose prints:
-    `127.0.0.1:16380:6379/tcp` or `{published: 16380, target: 6379}`."""
+def _ports(item: Any) -> list[tuple[int, int]]:
+    """(host port, container port) pairs of a published port in either form compose
+    prints: `127.0.0.1:16380:6379/tcp`, `127.0.0.1:18801-18802:8787/tcp` (a range, one
+    port per replica) or `{published: 16380, target: 6379}`."""
     try:
         if isinstance(item, dict):
-            return int(item["published"]), int(item["target"])
+            return [(int(item["published"]), int(item["target"]))]
         parts = str(item).split("/")[0].split(":")
-        return (int(parts[-2]), int(parts[-1])) if len(parts) >= 2 else None
+        if len(parts) < 2:
+            return []
+        low, _, high = parts[-2].partition("-")
+        return [(port, int(parts[-1])) for port in range(int(low), int(high or low) + 1)]
     except (KeyError, ValueError, TypeError):
-        return None  # a range or an unpublished port: not reachable at a fixed host port
+        return []  # an unpublished or container-side range: no fixed host port
 
 
 def read_services(compose_files: list[Path], project: str | None) -> dict[str, Service]:
@@ -210,7 +215,7 @@ def read_services(compose_files: list[Path], project: str | None) -> dict[str, S
     for name, spec in (config.get("services") or {}).items():
         spec = spec or {}
         volumes = [_volume(v, compose_files[0].parent) for v in spec.get("volumes") or []]
-        ports = [_port(p) for p in spec.get("ports") or []]
+        ports = [pair for item in spec.get("ports") or [] for pair in _ports(item)]
         services[name] = Service(
             name,
             spec.get("container_name"),
@@ -219,7 +224,7 @@ def read_services(compose_files: list[Path], project: str | None) -> dict[str, S
             [v for v in volumes if v is not None],
             _argv(spec["entrypoint"]) if "entrypoint" in spec else None,
             str(spec.get("network_mode") or ""),
-            [p for p in ports if p is not None],
+            ports,
             str(spec.get("working_dir") or ""),
         )
     return services
@@ -251,6 +256,11 @@ class Project:
             return service.container_name
         target = ComposeService(self.compose_files, self.name, service.name, None)
         return compose_container_id(target)
+
+    def containers(self, service: Service) -> list[str]:
+        """Every container compose runs for the service (its replicas)."""
+        target = ComposeService(self.compose_files, self.name, service.name, None)
+        return compose_container_ids(target)
 
     def up(self, *services: Service) -> str:
         return compose_up(self.compose_files, self.name, [s.name for s in services])
