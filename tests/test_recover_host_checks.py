@@ -5,10 +5,12 @@ pure pieces: which variables a compose file needs, how an env file is read."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from conftest import require
 
 from flows.backup_config import backup_config
@@ -16,6 +18,7 @@ from flows.backup_redis import backup_redis
 from flows.recover_host import recover_host
 from flows.support.failures import StepFailed
 from sandbox import constants as stack
+from tasks.docker.compose import compose_command
 from tasks.docker.project import (
     EnvFileError,
     env_file_text,
@@ -99,3 +102,27 @@ def test_env_files_round_trip_and_a_bad_line_is_named_without_its_value() -> Non
     with pytest.raises(EnvFileError, match="secrets line 2 is not NAME=value") as error:
         parse_env_text("A=1\nhunter2-not-a-line\n", "secrets")
     assert "hunter2" not in str(error.value)
+
+
+def test_compose_reads_every_secret_back_literally_from_the_env_file(tmp_path: Path) -> None:
+    """`.env` as recover-host writes it, read by the compose CLI of this host (Debian 12:
+    docker-compose 1.29 and its python-dotenv, which expands `${…}` inside any quoting;
+    `docker compose` v2 is not installed here): every value comes back as it was given,
+    `x${HOME}y` no longer as `x/rooty`."""
+    values = {
+        "DOLLAR_BRACE": "x${HOME}y",
+        "DEFAULT_FORM": "${UNSET:-fallback}",
+        "BARE": "$HOME and $$ and trailing $",
+        "QUOTES": 'it\'s "quoted" \\ and #not-a-comment ',
+        "NEWLINE": "two\nlines",
+        "PLAIN": "plain-value.1",
+    }
+    (tmp_path / ".env").write_text(env_file_text(values))
+    environment = {name: f"${{{name}}}" for name in values}
+    compose = {"services": {"s": {"image": "x", "environment": environment}}}
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump(compose))
+    done = subprocess.run(
+        [*compose_command(), "config"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    read = yaml.safe_load(done.stdout)["services"]["s"]["environment"]
+    assert {name: value.replace("$$", "$") for name, value in read.items()} == values
