@@ -116,23 +116,12 @@ def backup_dir(tmp_path: Path) -> Path:
     return path
 
 
-TAKES_THE_STACK_DOWN = "takes_the_stack_down"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        f"{TAKES_THE_STACK_DOWN}: stops the shared sandbox stack for a while (and brings it "
-        "back); runs after every other test of the session",
-    )
-
-
 # Modules that never touch the shared sandbox stack's containers (they start their own
 # redis-servers, Prometheus, containers and Prefect servers; in S3 they use their own
 # prefix). With `-n 2` (the README's test command) each runs beside the rest; every
 # other test runs in one group on one worker, in collection order, so tests that take
 # or check the shared stack (and the host-wide drill lock) never overlap and the
-# stack-down tests still come last.
+# stack group keeps its order.
 RUN_BESIDE_THE_STACK = {
     "test_architecture",
     "test_aside",
@@ -179,10 +168,3 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return run_group(nodeid)
 
     return ByGroup(config, log)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that take the shared stack away run last, whatever the collection order
-    (pytest-random-order included): everything else sees the stack up."""
-    items.sort(key=lambda item: item.get_closest_marker(TAKES_THE_STACK_DOWN) is not None)

@@ -1,14 +1,16 @@
-"""recover-host on a project laid out as operators write them, not the sandbox's: a Redis
-called `cache` with a `requirepass` in its redis.conf and its data in a named volume,
-a gateway called `api` with two replicas behind a port range, its secrets in an
-`env_file`, a secret with `$` in `.env`, an override file, the project name in
-COMPOSE_PROJECT_NAME. Rebuilt end to end from the S3 bucket alone; each broken variant
-refused by the dry run before anything is written.
+"""recover-host (runbook scenario 3) on a project laid out as operators write them, not
+the sandbox's: a Redis called `cache` with a `requirepass` in its redis.conf and its
+data in a named volume, a gateway called `api` with two replicas behind a port range,
+its secrets in an `env_file`, a secret with `$` in `.env`, an override file, the
+project name in COMPOSE_PROJECT_NAME, a Prometheus running as `nobody` with its
+history and alert rules. Rebuilt end to end from the S3 bucket alone; each broken
+variant refused by the dry run before anything is written.
 
-Its own compose projects, ports and S3 prefix: the sandbox is not touched."""
+Its own compose project, ports and S3 prefix: the shared sandbox is never taken down."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import subprocess
@@ -27,11 +29,13 @@ import yaml
 from redis_servers import free_port
 
 from flows.backup_config import backup_config
+from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from flows.recover_host import recover_host
 from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from sandbox.images import host_mounts
+from sandbox.stack import backfill_openmetrics
 from tasks.docker.compose import PROJECT_LABEL, compose_command
 from tasks.docker.project import env_file_text
 
@@ -45,10 +49,34 @@ def write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+NOBODY = 65534
+RULES = "groups:\n  - name: shop\n    rules:\n      - alert: CacheDown\n        expr: up == 0\n"
+
+
 def make_project(folder: Path, name: str, ports: dict[str, int]) -> None:
     low, high = ports["api"], ports["api"] + 1
+    prometheus = [
+        "/usr/bin/prometheus",
+        "--config.file=/config/prometheus.yml",
+        "--web.listen-address=0.0.0.0:9090",
+        "--web.enable-admin-api",
+        "--storage.tsdb.path=/prometheus",
+        f"--storage.tsdb.retention.time={stack.PROMETHEUS_RETENTION}",
+    ]
     compose = {
         "services": {
+            "metrics": {
+                "image": stack.HOSTFS_IMAGE,
+                "command": prometheus,
+                "user": f"{NOBODY}:{NOBODY}",
+                "ports": [f"127.0.0.1:{ports['metrics']}:9090"],
+                "volumes": [
+                    "./prometheus.yml:/config/prometheus.yml:ro",
+                    "./alerts.yml:/config/alerts.yml:ro",
+                    "./data/prometheus:/prometheus",
+                    *HOST,
+                ],
+            },
             "cache": {
                 "image": stack.HOSTFS_IMAGE,
                 "command": ["/usr/bin/redis-server", "/conf/redis.conf"],
@@ -75,6 +103,19 @@ def make_project(folder: Path, name: str, ports: dict[str, int]) -> None:
         "volumes": {"cachedata": {}},
     }
     write(folder / "docker-compose.yml", yaml.safe_dump(compose, sort_keys=False))
+    write(folder / "prometheus.yml", "rule_files: [alerts.yml]\nscrape_configs: []\n")
+    write(folder / "alerts.yml", RULES)
+    history = folder / "data" / "prometheus"
+    history.mkdir(parents=True)
+    (folder / "history.om").write_text(backfill_openmetrics())
+    subprocess.run(
+        ["promtool", "tsdb", "create-blocks-from", "openmetrics", folder / "history.om", history],
+        check=True,
+        capture_output=True,
+    )
+    (folder / "history.om").unlink()
+    for path in [history, *history.rglob("*")]:
+        os.chown(path, NOBODY, NOBODY)
     override = {"services": {"api": {"environment": {"MODE": "enforce"}}}}
     write(folder / "docker-compose.override.yml", yaml.safe_dump(override))
     write(
@@ -114,6 +155,13 @@ def healthy(port: int) -> bool:
         return False
 
 
+def ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def project_containers(name: str) -> list[str]:
     listed = docker.from_env().containers.list(
         all=True, filters={"label": f"{PROJECT_LABEL}={name}"}
@@ -139,22 +187,24 @@ def lost_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, An
     (containers and named volume gone). Yields what recover-host needs; the dry runs
     below share it, the rebuild (last) uses it up."""
     tmp_path = tmp_path_factory.mktemp("lost-host")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        yield from _lost_host(tmp_path, f"test-host-{secrets.token_hex(5)}", monkeypatch)
+    yield from _lost_host(tmp_path, f"test-host-{secrets.token_hex(5)}")
 
 
-def _lost_host(
-    tmp_path: Path, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[dict[str, Any]]:
+@pytest.fixture
+def redis_setting(lost_host: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Redis URL with its password, as a setting (never a parameter)."""
+    monkeypatch.setenv("PROXILION_DR_REDIS_URL", lost_host["url"])
+
+
+def _lost_host(tmp_path: Path, s3_prefix: str) -> Iterator[dict[str, Any]]:
     tag = secrets.token_hex(3)
     name = f"shop-{tag}"
-    ports = {"cache": free_port(), "api": free_port()}
+    ports = {"cache": free_port(), "api": free_port(), "metrics": free_port()}
     while _taken(ports["api"] + 1):
         ports["api"] = free_port()
     old = tmp_path / "shop"
     make_project(old, name, ports)
     url = f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{ports['cache']}/0"
-    monkeypatch.setenv("PROXILION_DR_REDIS_URL", url)  # a password: never a parameter
     s3 = {
         "s3_bucket": stack.S3_BUCKET,
         "s3_prefix": s3_prefix,
@@ -165,10 +215,20 @@ def _lost_host(
         client = redis.Redis.from_url(url)
         wait_until(lambda: _answers(client), "the project's Redis")
         wait_until(lambda: healthy(ports["api"]) and healthy(ports["api"] + 1), "both replicas")
+        wait_until(lambda: ready(ports["metrics"]), "the project's Prometheus")
         client.mset({f"session:{i}": f"value-{i}" for i in range(500)})
         lost_backups = tmp_path / "lost-host-backups"
         backup_config(project_dir=str(old), env_container="", backup_dir=str(lost_backups), **s3)
-        backup_redis(container="", fetch="network", backup_dir=str(lost_backups), **s3)
+        with pytest.MonkeyPatch.context() as setting:  # a password: never a parameter
+            setting.setenv("PROXILION_DR_REDIS_URL", url)
+            backup_redis(container="", fetch="network", backup_dir=str(lost_backups), **s3)
+        backup_prometheus(
+            prometheus_url=f"http://127.0.0.1:{ports['metrics']}",
+            container=f"{name}_metrics_1",
+            fetch="container",
+            backup_dir=str(lost_backups),
+            **s3,
+        )
         compose(old, "down", "-v", "--timeout", "5")
         yield {
             "name": name,
@@ -179,7 +239,7 @@ def _lost_host(
                 "source_project_dir": str(old),
                 "backup_dir": str(tmp_path / "new-host-backups"),
                 "gateway_url": f"http://127.0.0.1:{ports['api']}",
-                "prometheus_url": f"http://127.0.0.1:{free_port()}",
+                "prometheus_url": f"http://127.0.0.1:{ports['metrics']}",
                 "start_timeout_seconds": 60,
                 **s3,
             },
@@ -229,7 +289,11 @@ def _answers(client: redis.Redis) -> bool:
     ids=["file-secret", "env-file-secret", "compose-secret", "port-taken", "compose-file"],
 )
 def test_the_dry_run_refuses_each_broken_variant_before_writing(
-    lost_host: dict[str, Any], tmp_path: Path, variant: dict[str, Any], refusal: str
+    lost_host: dict[str, Any],
+    redis_setting: None,
+    tmp_path: Path,
+    variant: dict[str, Any],
+    refusal: str,
 ) -> None:
     target = tmp_path / "new-host"
     leave_out = {variant["leave_out"]: True} if "leave_out" in variant else {}
@@ -256,7 +320,7 @@ def test_the_dry_run_refuses_each_broken_variant_before_writing(
 
 
 def test_the_project_is_rebuilt_from_the_bucket_alone(
-    lost_host: dict[str, Any], tmp_path: Path
+    lost_host: dict[str, Any], redis_setting: None, tmp_path: Path
 ) -> None:
     """Runs after the dry runs above (they share the lost host; this one rebuilds it)."""
     target = tmp_path / "new-host"
@@ -279,10 +343,33 @@ def test_the_project_is_rebuilt_from_the_bucket_alone(
     assert "docker-compose.yml + docker-compose.override.yml" in project["detail"]
     assert "redis = cache" in project["detail"] and "gateway = api" in project["detail"]
     assert f'requirepass "{PASSWORD}"' in (target / "redis" / "redis.conf").read_text()
-    restored = "".join(p.read_text() for p in target.rglob("*") if p.is_file())
+    config = [
+        p for p in target.rglob("*") if p.is_file() and "data" not in p.relative_to(target).parts
+    ]
+    restored = "".join(p.read_text() for p in config)
     assert "<redacted>" not in restored
     api = docker.from_env().containers.get(f"{lost_host['name']}_api_1")
     assert api.exec_run(["printenv", "API_TOKEN"]).output.decode().strip() == API_TOKEN
     assert api.exec_run(["printenv", "MODE"]).output.decode().strip() == "enforce"  # override
     volume = docker.from_env().volumes.get(f"{lost_host['name']}_cachedata")
     assert (Path(volume.attrs["Mountpoint"]) / "dump.rdb").is_file()
+    # Prometheus, running as nobody, has its old history back in a folder it can write.
+    assert (target / "data" / "prometheus").stat().st_uid == NOBODY
+    at = stack.PROMETHEUS_BACKFILL_START + 3600
+    query = f'{stack.PROMETHEUS_BACKFILL_METRIC}{{series="s007"}}'
+    answer = httpx.get(
+        f"http://127.0.0.1:{ports['metrics']}/api/v1/query", params={"query": query, "time": at}
+    ).json()["data"]["result"]
+    assert [float(sample["value"][1]) for sample in answer] == [stack.backfill_value(7, at)]
+    # The report is the runbook's checklist: what the flow does is ticked with evidence.
+    checklist = result["checklist"]
+    for section, item in [
+        ("3. RESTORE GATEWAY", "curl localhost:8787/health returns OK"),
+        ("4. RESTORE REDIS", "redis-cli PING returns PONG"),
+        ("5. RESTORE MONITORING", "Prometheus data restored (optional)"),
+        ("6. VERIFY", "Test /analyze endpoint"),
+        ("6. VERIFY", "Confirm alerting works"),
+    ]:
+        assert checklist[section][item]["outcome"] == "ok", (item, checklist[section][item])
+    assert checklist["1. ASSESS"]["Notify stakeholders"]["outcome"] == "by hand"
+    assert result["rpo_seconds"] is not None

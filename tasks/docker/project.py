@@ -268,8 +268,9 @@ class Project:
 
 def data_dir(container: str, service: Service, inner: str) -> Path:
     """The host folder the created (not yet started) `container` of `service` keeps
-    `inner` in: its bind mount, or the named volume compose created with it. Missing,
-    it is created with the owner the image's user needs (`container_user`)."""
+    `inner` in: its bind mount, or the named volume compose created with it. Missing or
+    empty (Docker creates a missing bind source as root), it is given the owner the
+    image's user needs (`container_user`): a Prometheus running as nobody can write it."""
     path = containers.host_path(container, inner)
     if path is None:
         raise FileNotFoundError(
@@ -277,9 +278,8 @@ def data_dir(container: str, service: Service, inner: str) -> Path:
             "data cannot be restored (and would be lost with its container); mount a volume "
             "there in the compose file"
         )
-    if not path.exists():
-        path.mkdir(parents=True)
-        owner = containers.container_user(container)
-        if owner is not None:
-            os.chown(path, *owner)
+    path.mkdir(parents=True, exist_ok=True)
+    owner = containers.container_user(container)
+    if owner is not None and not any(path.iterdir()):  # new or empty: nothing to lose
+        os.chown(path, *owner)
     return path
