@@ -4,10 +4,10 @@ Without PREFECT_API_URL, Prefect 3.9 starts a temporary API server for the run (
 `uvicorn` child process: SubprocessASGIServer in prefect/server/api/server.py) and
 stops it with `atexit`, which never runs when the run is killed (SIGKILL, OOM kill):
 the server then lives on as an orphan (parent pid 1), one per killed run.
-`stop_with_this_process()` wraps the method that starts that process: each server
-gets a watcher, a small process that waits until this process has ended (the write
-end of a pipe only this process holds is closed by the kernel then, however it ends)
-and stops the server.
+`stop_with_this_process()` wraps the method that starts that process (once Prefect
+imports it): each server gets a watcher, a small process that waits until this process
+has ended (the write end of a pipe only this process holds is closed by the kernel
+then, however it ends) and stops the server.
 
 Run as a script (`python -I temporary_server.py READ_FD PIDFD`) it is that watcher:
 standard library only, nothing imported from the project or Prefect.
@@ -15,6 +15,8 @@ standard library only, nothing imported from the project or Prefect.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
 import os
 import select
@@ -22,18 +24,49 @@ import signal
 import subprocess
 import sys
 from contextlib import suppress
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 from typing import Any
 
+SERVER_MODULE = "prefect.server.api.server"
 STOP_SECONDS = 10.0
 _write_ends: list[int] = []  # held open until this process ends
 _watchers: list[subprocess.Popen[bytes]] = []
 
 
 def stop_with_this_process() -> None:
-    """Give every temporary server this process starts a watcher (once per process)."""
-    from prefect.server.api.server import SubprocessASGIServer
+    """Give every temporary server this process starts a watcher. Prefect's server
+    module takes seconds to import: it is wrapped once Prefect imports it (to start
+    such a server), never imported here."""
+    if SERVER_MODULE in sys.modules:
+        watch_starts(sys.modules[SERVER_MODULE])
+    elif not any(isinstance(finder, WrapOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, WrapOnImport())
 
-    start = SubprocessASGIServer._run_uvicorn_command
+
+class WrapOnImport(importlib.abc.MetaPathFinder):
+    """Finds Prefect's server module as Python would, and wraps it once executed."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> ModuleSpec | None:
+        if name != SERVER_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            execute = spec.loader.exec_module
+
+            def execute_and_wrap(module: ModuleType) -> None:
+                execute(module)
+                watch_starts(module)
+
+            spec.loader.exec_module = execute_and_wrap  # type: ignore[method-assign]
+        return spec
+
+
+def watch_starts(server_module: ModuleType) -> None:
+    """Wrap the method that starts a temporary server's process (once)."""
+    server_class = server_module.SubprocessASGIServer
+    start = server_class._run_uvicorn_command
     if getattr(start, "watched", False):
         return
 
@@ -43,7 +76,7 @@ def stop_with_this_process() -> None:
         return server
 
     start_watched.watched = True  # type: ignore[attr-defined]
-    SubprocessASGIServer._run_uvicorn_command = start_watched  # type: ignore[method-assign]
+    server_class._run_uvicorn_command = start_watched
 
 
 def watch(server_pid: int) -> None:
