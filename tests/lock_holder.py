@@ -58,18 +58,10 @@ def require_unshare() -> None:
 class HolderProcess:
     """A `hold-lock` run in its own process; its output lines arrive in `lines`."""
 
-    def __init__(
-        self,
-        name: str,
-        env: dict[str, str],
-        elsewhere: bool = False,
-        holding: queue.Queue[HolderProcess] | None = None,
-    ) -> None:
-        """`holding` receives this holder once it holds the lock."""
+    def __init__(self, name: str, env: dict[str, str], elsewhere: bool = False) -> None:
         command = [sys.executable, "-m", "tests.lock_holder", name]
         self.output: list[str] = []
         self.lines: queue.Queue[str | None] = queue.Queue()
-        self.holding = holding
         self.process = subprocess.Popen(
             (ELSEWHERE if elsewhere else []) + command,
             cwd=REPO,
@@ -87,8 +79,6 @@ class HolderProcess:
         for line in self.process.stdout:
             self.output.append(line)
             self.lines.put(line)
-            if self.holding is not None and line.startswith("holding "):
-                self.holding.put(self)
         self.lines.put(None)
 
     def expect(self, text: str, timeout: float = LINE_TIMEOUT) -> str:

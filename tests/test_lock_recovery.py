@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from lock_holder import LINE_TIMEOUT, HolderProcess, require_unshare, unique_lock
+from lock_holder import HolderProcess, require_unshare, unique_lock
 from prefect.settings import PREFECT_API_URL
 
 from tasks.common.locks import LockBusy, exclusive
@@ -32,13 +31,8 @@ STOP_SECONDS = 30.0
 
 
 @contextmanager
-def holder(
-    name: str,
-    env: dict[str, str],
-    elsewhere: bool = False,
-    holding: queue.Queue[HolderProcess] | None = None,
-) -> Iterator[HolderProcess]:
-    process = HolderProcess(name, env, elsewhere, holding)
+def holder(name: str, env: dict[str, str], elsewhere: bool = False) -> Iterator[HolderProcess]:
+    process = HolderProcess(name, env, elsewhere)
     try:
         yield process
     finally:
@@ -61,7 +55,9 @@ def quiet_env(env: dict[str, str], home: Path) -> dict[str, str]:
 def without_prefect(home: Path) -> dict[str, str]:
     """A shell without PREFECT_API_URL: Prefect starts a temporary server per run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return quiet_env(env, home) | {"PREFECT_SERVER_EPHEMERAL_ENABLED": "true"}
+    # A temporary server may take longer than Prefect's 20 s to start on a busy machine.
+    temporary = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
+    return quiet_env(env, home) | {"PREFECT_SERVER_EPHEMERAL_ENABLED": "true"} | temporary
 
 
 def measured(what: str, seconds: float) -> None:
@@ -156,32 +152,20 @@ def test_without_a_server_a_killed_run_leaves_no_lock_and_no_server(tmp_path: Pa
     temporary Prefect server is stopped by its watcher."""
     name = unique_lock()
     env = without_prefect(tmp_path / "prefect")
-    holding: queue.Queue[HolderProcess] = queue.Queue()
-    with holder(name, env, holding=holding) as one, holder(name, env, holding=holding) as two:
-        first, second = first_to_hold(holding, one, two)
-        run = first.run_name()
+    with holder(name, env) as first:
+        run = first.run_name()  # its temporary server has set up the shared database
         servers = children(first.process.pid)
         assert servers, "the run without a server started no temporary Prefect server"
-        second.expect(f"waiting for {name!r}: another run holds it: on this host, run {run!r}")
-        died = first.kill()
-        second.run_name()
-        measured("no server, holder killed", time.monotonic() - died)
-        servers += children(second.process.pid)
-        second.finish()
-        assert second.process.wait(STOP_SECONDS) == 0, second.tail()
+        with holder(name, env) as second:
+            second.expect(f"waiting for {name!r}: another run holds it: on this host, run {run!r}")
+            died = first.kill()
+            second.run_name()
+            measured("no server, holder killed", time.monotonic() - died)
+            servers += children(second.process.pid)
+            second.finish()
+            assert second.process.wait(STOP_SECONDS) == 0, second.tail()
     leftover = until_gone(servers, STOP_SECONDS)
     assert not leftover, f"temporary Prefect servers left running: {leftover}"
-
-
-def first_to_hold(
-    holding: queue.Queue[HolderProcess], one: HolderProcess, two: HolderProcess
-) -> tuple[HolderProcess, HolderProcess]:
-    """The holder that took the lock first, and the other one."""
-    try:
-        first = holding.get(timeout=LINE_TIMEOUT)
-    except queue.Empty:
-        raise AssertionError(f"neither run took the lock:\n{one.tail()}\n{two.tail()}") from None
-    return first, (two if first is one else one)
 
 
 def children(pid: int) -> list[int]:

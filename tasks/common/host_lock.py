@@ -73,7 +73,13 @@ class HostLock:
     def take(self) -> bool:
         """Take the lock if no other process (or other HostLock) holds it."""
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        file = os.fdopen(os.open(self.path, flags, 0o644), "r+")
+        try:
+            file = os.fdopen(os.open(self.path, flags, 0o644), "r+")
+        except PermissionError:
+            raise PermissionError(
+                f"cannot open the lock file {self.path}: another user made it; run the "
+                "backups of this host as one user (docs/locks.md)"
+            ) from None
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

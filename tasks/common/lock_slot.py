@@ -26,7 +26,7 @@ import httpx
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
-# What the server answers for a lease it does not know (410 since Prefect 3.4).
+# What the server answers for a lease it does not know (Prefect 3.9: 410 Gone).
 LEASE_GONE = {404, 410}
 SLOT_TAKEN = 423
 IN_MEMORY = "prefect.server.concurrency.lease_storage.memory"

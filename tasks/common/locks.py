@@ -83,7 +83,8 @@ def exclusive(
 ) -> Iterator[None]:
     """Hold lock `name`; a second holder waits, then fails with LockBusy. Errors raised
     by the body pass through unchanged (a TimeoutError in the body is that timeout, not
-    a busy lock)."""
+    a busy lock). A body that ends well after the server may have given the slot to
+    another run (no renewal for a whole lease) ends with LockLost."""
     deadline = time.monotonic() + wait_seconds
     host = HostLock(name)
     wait_for_host_lock(host, name, deadline, wait_seconds)
