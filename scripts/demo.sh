@@ -12,9 +12,11 @@ bash scripts/setup.sh
 
 export PREFECT_HOME="$repo/.sandbox/prefect"
 export PREFECT_API_URL="http://127.0.0.1:4200/api"
+# The locks' leases on disk (under $PREFECT_HOME): a restart of the server keeps them.
+export PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem
 mkdir -p "$PREFECT_HOME"
 if ! curl -fsS "$PREFECT_API_URL/health" >/dev/null 2>&1; then
-    echo "Starting the Prefect server (SQLite under $PREFECT_HOME)..."
+    echo "Starting the Prefect server (SQLite and leases under $PREFECT_HOME)..."
     setsid .venv/bin/prefect server start --host 127.0.0.1 --port 4200 \
         >"$PREFECT_HOME/server.log" 2>&1 < /dev/null &
     for _ in $(seq 1 120); do

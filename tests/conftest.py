@@ -128,6 +128,7 @@ RUN_BESIDE_THE_STACK = {
     "test_component_lock",
     "test_finding_backups",
     "test_hosts",
+    "test_lock_recovery",
     "test_locks",
     "test_multi_host",
     "test_notifications",

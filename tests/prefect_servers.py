@@ -5,8 +5,8 @@ harness's in-process server: a browser, a worker, a PostgreSQL database.
 PREFECT_HOME (SQLite there unless `database_url` names another database), waits
 until `/api/health` answers and stops the whole process group on exit.
 `prefect_env(server)` is the environment for processes that talk to it (a worker,
-`python -m deployments serve`), and `api(server)` points this process's Prefect
-client at it.
+`python -m deployments serve`), `api(server)` points this process's Prefect client at
+it, and `restart(server)` stops it and starts it again on the same port and database.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -39,6 +39,8 @@ class PrefectServer:
     home: Path
     log_path: Path
     process: subprocess.Popen[bytes]
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -106,7 +108,8 @@ def running_prefect_server(
     home: Path, database_url: str | None = None, **settings: str
 ) -> Iterator[PrefectServer]:
     """`prefect server start` with the UI on a free port; `settings` are extra
-    PREFECT_* variables for the server (e.g. service loop intervals)."""
+    PREFECT_* variables for the server (e.g. service loop intervals), or replace
+    these defaults (PREFECT_UI_ENABLED="false": no UI)."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -118,22 +121,36 @@ def running_prefect_server(
         PREFECT_UI_API_URL=url + "/api",
         PREFECT_UI_ENABLED="true",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        **settings,
     )
+    env.update(settings)
     if database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    process = spawn(command, env, log_path)
+    server = PrefectServer(url, home, log_path, process, command, env)
+    try:
+        wait_healthy(server)
+        yield server
+    finally:
+        stop_group(server.process)
+
+
+def spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start `command` in its own process group, its output appended to `log_path`."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            command,
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
-    server = PrefectServer(url=url, home=home, log_path=log_path, process=process)
-    try:
-        wait_healthy(server)
-        yield server
-    finally:
-        stop_group(process)
+
+
+def restart(server: PrefectServer) -> None:
+    """Stop `server` and start it again on the same port, home and database, as an
+    upgrade or `systemctl restart` does; returns once it answers again."""
+    stop_group(server.process)
+    server.process = spawn(server.command, server.env, server.log_path)
+    wait_healthy(server)

@@ -1,32 +1,23 @@
-"""The per-target lock: only waiting for it says "busy", and a killed holder frees it soon."""
+"""The per-target lock: only waiting for it says "busy", and a holder that is provably gone
+(an earlier boot, an ended run) does not keep it."""
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
-import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
-from redis_servers import free_port
+from lock_holder import HolderProcess, require_unshare, unique_lock
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Crashed
 
+from tasks.common.lock_record import read_record, this_holder, write_record
+from tasks.common.lock_slot import try_take
 from tasks.common.locks import LEASE_SECONDS, LockBusy, exclusive
-
-REPO = Path(__file__).resolve().parent.parent
-# The Prefect server frees an expired lease on its next reaper pass (15 s by default).
-REAPER_SECONDS = 15
-SERVER_START_SECONDS = 120
-
-
-def unique_lock() -> str:
-    return f"test-lock-{uuid.uuid4().hex[:10]}"
 
 
 def test_a_timeout_inside_the_lock_is_that_timeout_not_a_busy_lock() -> None:
@@ -56,82 +47,45 @@ def test_waiting_for_a_held_lock_says_busy() -> None:
         pass
 
 
-@pytest.fixture
-def reaping_prefect_server(tmp_path: Path) -> Iterator[str]:
-    """A full Prefect server (`prefect server start`), which reaps expired leases;
-    the session's test server is an ephemeral one, which never does."""
-    port = free_port()
-    env = os.environ | {
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'p.db'}",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1"]
-        + ["--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + SERVER_START_SECONDS
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"prefect server did not start: {(tmp_path / 'server.log').read_text()}"
-                )
-            time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
-
-
-HOLDER = """
-import sys, time
-from tasks.common.locks import exclusive
-with exclusive(sys.argv[1]):
-    print("holding", flush=True)
-    time.sleep(3600)
-"""
-
-
-def test_a_holder_killed_with_sigkill_frees_the_lock_within_the_short_lease(
-    reaping_prefect_server: str,
-) -> None:
+def test_a_holder_from_an_earlier_boot_of_this_host_is_freed_at_once() -> None:
+    """A fake holder record: a test cannot restart the host. The slot itself is real,
+    taken and left behind here as a run killed by the host's restart leaves it."""
     name = unique_lock()
-    env = os.environ | {"PREFECT_API_URL": reaping_prefect_server}
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, name], cwd=REPO, env=env, stdout=subprocess.PIPE
-    )
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, limit=1)
+        slot = try_take(client, name, LEASE_SECONDS, flow_run_id="")
+        assert slot is not None
+        before = this_holder()
+        before.boot, before.domain, before.lease_id = "an-earlier-boot", "", str(slot.lease_id)
+        write_record(client, name, before)
+    start = time.monotonic()
+    with exclusive(name, wait_seconds=30):
+        freed_after = time.monotonic() - start
+    print(f"slot of a holder from an earlier boot taken over after {freed_after:.1f} s")
+    with get_client(sync_client=True) as client:
+        record = read_record(client, name)
+    assert record is not None and record.state == "released", record
+
+
+def test_a_holder_elsewhere_whose_run_has_ended_is_freed_at_once(tmp_path: Path) -> None:
+    """A holder on another host, killed; its worker marks its run Crashed (as Prefect's
+    runner and workers do when a flow's process dies). The next run frees the slot at
+    once instead of waiting for the lease to expire."""
+    require_unshare()
+    name = unique_lock()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path)}
+    holder = HolderProcess(name, env, elsewhere=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline() == b"holding\n"
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-        killed_at = time.monotonic()
+        holder.run_name()
+        died = holder.kill()
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-    with temporary_settings({PREFECT_API_URL: reaping_prefect_server}):
-        # the dead holder's slot is still taken
-        with pytest.raises(LockBusy), exclusive(name, wait_seconds=1):
-            pass
-        # Prefect's default lease (300 s) would keep it for five minutes.
-        with exclusive(name, wait_seconds=LEASE_SECONDS + REAPER_SECONDS + 15):
-            freed_after = time.monotonic() - killed_at
-    print(f"slot of the SIGKILLed holder taken over after {freed_after:.1f} s")
+        holder.close()
+    with get_client(sync_client=True) as client:
+        record = read_record(client, name)
+        assert record is not None
+        client.set_flow_run_state(UUID(record.flow_run_id), Crashed(), force=True)
+    with exclusive(name, wait_seconds=LEASE_SECONDS):
+        freed_after = time.monotonic() - died
+    print(f"slot of a crashed run elsewhere taken over {freed_after:.1f} s after its death")
+    assert freed_after < LEASE_SECONDS / 2
