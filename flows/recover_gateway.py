@@ -13,10 +13,9 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
-from prefect import flow
-
 from flows.support.failures import StepFailed, explains_failure, run_name
 from flows.support.hooks import FLOW_HOOKS
+from flows.support.parameters import dr_flow
 from flows.support.pushes import recovered, recovery_failed, with_hooks
 from flows.support.recovery import Recovery
 from flows.support.settings import settings
@@ -45,7 +44,7 @@ FLOW = "recover-gateway"
 LOG_LINES = 100
 
 
-@flow(
+@dr_flow(
     name=FLOW,
     flow_run_name=run_name("gateway recovery"),
     log_prints=True,

@@ -157,6 +157,7 @@ RUN_BESIDE_THE_STACK = {
     "test_settings_doc",
     "test_ui_browser",
     "test_url_credentials",
+    "test_url_parameters",
 }
 STACK_GROUP = "sandbox-stack"
 
