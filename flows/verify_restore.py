@@ -96,7 +96,8 @@ def verify_restore(
         redis_container: Live Redis container whose image the drill's Redis runs.
             `setting`: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
         gateway_container: Live gateway container whose image, command and settings the
-            drill's gateway uses (its Redis and port replaced by the drill's).
+            drill's gateway uses (REDIS_HOST, REDIS_PORT, REDIS_URL, GATEWAY_HOST and
+            GATEWAY_PORT always set to the drill's).
             `setting`: PROXILION_DR_GATEWAY_CONTAINER (default proxilion-gateway).
         prometheus_container: Live Prometheus container whose image the drill uses.
             `setting`: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).
