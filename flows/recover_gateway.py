@@ -25,12 +25,14 @@ from tasks.common.locks import exclusive, lock_name
 from tasks.docker.compose import find_service
 from tasks.docker.containers import ContainerError
 from tasks.docker.recovery import (
+    SET_ASIDE_IMAGE,
     Inspection,
     RecreateError,
     Replacement,
     container_log_tail,
     current_state,
     inspect_container,
+    inspect_lines,
     keep_replacement,
     plan_recreate,
     recreate_container,
@@ -82,15 +84,18 @@ def recover_gateway(
             healthy (the original is kept aside until the new one is healthy).
         compose_file: The docker-compose.yml that defines the gateway. Given: recreate
             with `docker compose up --force-recreate` of its service (the only way when
-            the container no longer exists). Empty: recreate from the container's own
-            inspected configuration.
+            the container no longer exists); the original is kept aside all the same,
+            as a stopped copy compose does not see. Empty: recreate from the container's
+            own inspected configuration.
         dry_run: ON: inspect the container, keep its log tail and check the recreate
             path; nothing is restarted or recreated. OFF (the default): an unhealthy
             gateway is RESTARTED (its open sessions drop); still unhealthy and
             `recreate` on, the container is REPLACED by a new one: the original is
-            stopped and renamed `<name>-replaced-<UTC>`, put back if the new one is
-            not healthy, and removed once it is (its volumes are kept). A healthy
-            gateway is never touched.
+            stopped and kept aside as `<name>-replaced-<UTC>` (with compose_file, a
+            copy with its filesystem and configuration), put back if the new one is
+            not healthy, and removed once it is (its volumes are kept; its inspect
+            data and last logs stay in the report). A healthy gateway is never
+            touched.
     """
     current = settings()
     name = container or current.gateway_container
@@ -168,9 +173,16 @@ def _recover(
             raise RecreateError(
                 f"{still}; recreate is off, so it was left as it is: run again with recreate=true"
             )
+        if found.state.exists:
+            found = _record_original(recovery, name)
         replacement = _recreate(found, name, compose_file)
         step.detail = f"new container {replacement.name} started"
-        if replacement.aside:
+        if replacement.snapshot:
+            step.detail += (
+                f"; original kept aside as {replacement.aside} (a copy compose does not see, "
+                f"its filesystem in image {SET_ASIDE_IMAGE}:{replacement.aside}) until verified"
+            )
+        elif replacement.aside:
             step.detail += f"; original kept aside as {replacement.aside} until verified"
         if replacement.note:
             step.detail += f"; {replacement.note}"
@@ -186,16 +198,27 @@ def _recover(
         removed = keep_replacement(replacement)
         if removed:
             step.detail += (
-                f"; original container {removed} removed (its log tail is in this report)"
+                f"; original container {removed} removed (its inspect data and log tail are "
+                "in this report)"
             )
     _check_metrics(recovery, metrics_url)
+
+
+def _record_original(recovery: Recovery, name: str) -> Inspection:
+    """The original as it is set aside, inspected again: its inspect data and last log
+    lines go into the report (compose replaces it; the copy aside has no logs)."""
+    found = inspect_container(name)
+    recovery.attach(f"docker inspect of {name} (kept aside)", inspect_lines(found))
+    lines = container_log_tail(name, found.secrets(), LOG_LINES)
+    recovery.attach(f"last {len(lines)} log lines of {name} (kept aside)", lines)
+    return found
 
 
 def _recreate(found: Inspection, name: str, compose_file: str | None) -> Replacement:
     if compose_file:
         state = found.state
         target = find_service(compose_file, name, state.compose_project, state.compose_service)
-        return recreate_with_compose(target, state)
+        return recreate_with_compose(target, found)
     if not found.state.exists:
         raise RecreateError(
             f"container {name!r} does not exist, so there is no configuration to recreate "
@@ -226,6 +249,8 @@ def _plan(
             target = find_service(compose_file, name, state.compose_project, state.compose_service)
             step.detail = f"would run compose up --force-recreate of service {target.service}"
             step.detail += f" in {target.compose_file}"
+            if found.state.exists:
+                step.detail += f", {name} kept aside until the new one is healthy"
         elif not found.state.exists:
             raise RecreateError(
                 f"container {name!r} does not exist: only a compose file can recreate it; "

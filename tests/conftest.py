@@ -145,6 +145,7 @@ RUN_BESIDE_THE_STACK = {
     "test_object_lock",
     "test_private",
     "test_rdb",
+    "test_recover_gateway",
     "test_recovery_proof",
     "test_redis_sample",
     "test_redis_servers",

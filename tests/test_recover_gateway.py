@@ -1,11 +1,14 @@
 """recover-gateway on throwaway gateway containers (never the sandbox's proxilion-gateway):
 killed, failing its first start, poisoned so that only a recreate helps, failing even
-when recreated, removed entirely (with and without a compose file); the report."""
+when recreated, removed entirely (with and without a compose file), recreated by compose
+while the original is kept aside; the report."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
+import tarfile
 import textwrap
 import time
 import uuid
@@ -121,13 +124,16 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture
 def test_id(docker_client: docker.DockerClient) -> Iterator[str]:
-    """A unique id; every container labelled with it is removed afterwards."""
+    """A unique id; every container labelled with it is removed afterwards, then the
+    images (an original kept aside from compose is committed to one, carrying its labels)."""
     ident = uuid.uuid4().hex[:10]
     yield ident
     for container in docker_client.containers.list(
         all=True, filters={"label": f"{TEST_LABEL}={ident}"}
     ):
         container.remove(force=True)
+    for image in docker_client.images.list(filters={"label": f"{TEST_LABEL}={ident}"}):
+        docker_client.images.remove(image.id, force=True)
 
 
 @pytest.fixture
@@ -566,6 +572,99 @@ def test_dry_run_changes_nothing_and_checks_the_recreate_path(
     assert "restart policy no" in result["steps"][-1]["detail"]
     container = gateway.container()
     assert container.status == "exited" and container.attrs["State"]["FinishedAt"] == finished
+
+
+# ----------------------------------------------------- compose keeps the original
+
+# Written into the container's own filesystem at its first start: only the original has it.
+MARK_FIRST_START = "[ -e /tmp/first ] || cat /proc/sys/kernel/random/uuid > /tmp/first"
+
+
+def read_file(container: docker.models.containers.Container, path: str) -> str:
+    """A file of a container's filesystem (running or not), through the archive API."""
+    stream, _ = container.get_archive(path)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.extractfile(tar.getmembers()[0])
+        assert member is not None
+        return member.read().decode()
+
+
+def set_aside_images(client: docker.DockerClient, test_id: str) -> list[str]:
+    found = client.images.list(filters={"label": f"{TEST_LABEL}={test_id}"})
+    return [tag for image in found for tag in image.tags]
+
+
+def compose_ids(compose: Path, service: str) -> list[str]:
+    done = subprocess.run(
+        [*compose_command(), "-f", str(compose), "ps", "-q", service],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_compose_recreate_that_fails_puts_the_original_back_as_it_was(
+    compose_gateway: Callable[..., tuple[Gateway, Path]],
+    gateway_redis: RedisServer,
+    docker_client: docker.DockerClient,
+    test_id: str,
+) -> None:
+    """The restart cannot help (stale lock in its filesystem); the compose file was
+    edited since, into a gateway that never starts: compose's new container fails, and
+    the original is back under its name, its own filesystem and configuration, still
+    compose's container of the service."""
+    gateway, compose = compose_gateway(f"{MARK_FIRST_START}; {STALE_LOCK}")
+    original = gateway.container()
+    first_start = read_file(original, "/tmp/first")
+    original.kill()
+    write_compose_project(
+        compose.parent, gateway.name, gateway.port, gateway_redis.port, gateway.token, test_id,
+        ALWAYS_FAILS,
+    )  # fmt: skip
+
+    with pytest.raises(StepFailed, match="wait for /health after recreate") as failed:
+        recover(gateway, compose_file=str(compose), deadline_seconds=5)
+
+    assert "original container is back under its name" in str(failed.value)
+    back = gateway.container()
+    assert read_file(back, "/tmp/first") == first_start, "not the original's filesystem"
+    assert back.attrs["Config"]["Cmd"] == original.attrs["Config"]["Cmd"]
+    assert back.attrs["Config"]["Env"] == original.attrs["Config"]["Env"]
+    assert back.labels == original.labels
+    assert back.status == "created"  # not running, as found (made again from its image)
+    assert compose_ids(compose, "gateway") == [back.id], "compose no longer manages it"
+    assert set_aside(docker_client, gateway.name) == []
+    report = latest_report()
+    assert f"docker inspect of {gateway.name} (kept aside)" in report
+    assert original.attrs["Id"] in report and "GATEWAY_API_TOKEN=***" in report
+    assert "stale lock /tmp/gateway.lock: refusing to start" in report
+    assert "broken for good" in report  # the new container's last lines
+    assert gateway.token not in session_text()
+
+
+def test_compose_recreate_keeps_the_original_aside_until_the_new_one_is_healthy(
+    compose_gateway: Callable[..., tuple[Gateway, Path]],
+    docker_client: docker.DockerClient,
+    test_id: str,
+) -> None:
+    gateway, compose = compose_gateway(STALE_LOCK)
+    original = gateway.container()
+    original.kill()
+
+    result = recover(gateway, compose_file=str(compose))
+
+    assert result["ok"] and gateway.healthy()
+    assert gateway.container().id != original.id
+    assert compose_ids(compose, "gateway") == [gateway.container().id]
+    step = next(s for s in result["steps"] if s["name"] == "recreate container from compose file")
+    assert step["outcome"] == "ok" and "kept aside as" in step["detail"]
+    assert outcome(result, "wait for /health after recreate") == "ok"
+    report = latest_report()
+    assert f"docker inspect of {gateway.name} (kept aside)" in report
+    assert original.id in report and "stale lock" in report
+    assert set_aside(docker_client, gateway.name) == [], "removed once the new one is healthy"
+    assert set_aside_images(docker_client, test_id) == []
 
 
 # ------------------------------------------------------------------------- report
