@@ -5,6 +5,7 @@ while the original is kept aside; the report."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -665,6 +666,175 @@ def test_compose_recreate_keeps_the_original_aside_until_the_new_one_is_healthy(
     assert original.id in report and "stale lock" in report
     assert set_aside(docker_client, gateway.name) == [], "removed once the new one is healthy"
     assert set_aside_images(docker_client, test_id) == []
+
+
+# --------------------------------------------------------------- replicas (HA)
+
+# A replica refuses to start while this file is in its own filesystem: only a new
+# container (from the same configuration) starts again.
+REFUSE_IF_STALE = (
+    "if [ -e /tmp/stale ]; then echo 'stale state /tmp/stale: refusing to start' >&2; exit 4; fi"
+)
+REPLICAS = 3
+
+
+class Replicas:
+    """A compose project whose gateway service runs REPLICAS containers on a bridge
+    network (each publishing 8787 on an ephemeral 127.0.0.1 port), with its own Redis."""
+
+    def __init__(self, compose: Path, client: docker.DockerClient) -> None:
+        self.compose, self.client = compose, client
+
+    def containers(self) -> list[Any]:
+        return sorted(
+            (self.client.containers.get(i) for i in compose_ids(self.compose, "gateway")),
+            key=lambda c: c.name,
+        )
+
+    def url(self, container: Any) -> str:
+        container.reload()
+        [binding] = container.attrs["NetworkSettings"]["Ports"]["8787/tcp"]
+        return f"http://{binding['HostIp']}:{binding['HostPort']}/health"
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+                if all(self.healthy(c) for c in self.containers()):
+                    return
+            time.sleep(0.1)
+        pytest.fail("the throwaway replicas never all became healthy")
+
+    def healthy(self, container: Any) -> bool:
+        return httpx.get(self.url(container), timeout=2).json().get("status") == "healthy"
+
+
+@pytest.fixture
+def replicas(
+    tmp_path: Path, docker_client: docker.DockerClient, test_id: str
+) -> Iterator[Replicas]:
+    token = TOKEN_PREFIX + uuid.uuid4().hex
+    volumes = [f"{m['Source']}:{m['Target']}:ro" for m in gateway_mounts()]
+    labels = {stack.SANDBOX_LABEL: "test-recover-gateway", TEST_LABEL: test_id}
+    environment = gateway_environment(8787, 6379, "${GATEWAY_API_TOKEN}")
+    environment.update(GATEWAY_HOST="0.0.0.0", REDIS_HOST="redis")
+    command = ["/bin/sh", "-c", start_script(REFUSE_IF_STALE).replace("$", "$$")]
+    project = {
+        "version": "2.4",
+        "services": {
+            "redis": {
+                "image": stack.HOSTFS_IMAGE,
+                "command": ["/usr/bin/redis-server", "--protected-mode", "no", "--save", ""],
+                "volumes": volumes,
+                "labels": labels,
+            },
+            "gateway": {
+                "image": stack.HOSTFS_IMAGE,
+                "command": command,
+                "environment": environment,
+                "ports": ["127.0.0.1::8787"],
+                "volumes": volumes,
+                "labels": labels,
+                "depends_on": ["redis"],
+                "scale": REPLICAS,
+            },
+        },
+    }
+    folder = tmp_path / "ha"
+    folder.mkdir()
+    compose = folder / "docker-compose.yml"
+    compose.write_text(json.dumps(project))  # JSON is YAML
+    (folder / ".env").write_text(
+        f"COMPOSE_PROJECT_NAME=proxilion-dr-test-ha-{test_id}\nGATEWAY_API_TOKEN={token}\n"
+    )
+    up = [*compose_command(), "-f", str(compose), "up", "-d"]
+    subprocess.run(up, check=True, capture_output=True)
+    ha = Replicas(compose, docker_client)
+    try:
+        ha.wait_healthy()
+        yield ha
+    finally:
+        down = [*compose_command(), "-f", str(compose), "down", "-v", "--remove-orphans"]
+        subprocess.run(down, check=False, capture_output=True)
+
+
+def make_stale(container: Any) -> None:
+    """Put /tmp/stale into the container's own filesystem (the archive API)."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("stale"), io.BytesIO(b""))
+    container.put_archive("/tmp", data.getvalue())
+
+
+def test_replicas_are_recovered_one_by_one_and_only_the_unhealthy_ones_touched(
+    replicas: Replicas, docker_client: docker.DockerClient
+) -> None:
+    killed, stale, untouched = replicas.containers()
+    started = untouched.attrs["State"]["StartedAt"]
+    killed.kill()
+    make_stale(stale)
+    stale.kill()
+    parameters = {
+        "compose_file": str(replicas.compose),
+        "service": "gateway",
+        "health_url": "http://127.0.0.1:8787/health",  # the port inside each replica
+        "deadline_seconds": 20,
+    }
+
+    planned = recover_gateway(**parameters, dry_run=True)
+
+    assert planned["ok"] and [c.id for c in replicas.containers()] == [
+        killed.id, stale.id, untouched.id
+    ]  # fmt: skip
+    assert outcome(planned, f"{killed.name}: restart container") == "planned"
+    assert outcome(planned, f"{untouched.name}: check /health") == "ok"
+
+    result = recover_gateway(**parameters)
+
+    assert result["ok"], result
+    now = replicas.containers()
+    assert [c.name for c in now] == [killed.name, stale.name, untouched.name]
+    assert now[0].id == killed.id, "a restart was enough"
+    assert now[1].id != stale.id, "recreated from its configuration"
+    assert now[2].id == untouched.id and now[2].attrs["State"]["StartedAt"] == started
+    assert all(replicas.healthy(c) for c in now)
+    assert set_aside(docker_client, stale.name) == []
+    assert outcome(result, f"{killed.name}: wait for /health after restart") == "ok"
+    assert outcome(result, f"{stale.name}: wait for /health after restart") == "unhealthy"
+    assert outcome(result, f"{stale.name}: recreate container from its configuration") == "ok"
+    assert outcome(result, f"{untouched.name}: check /health") == "ok"
+    for replica in now:
+        assert outcome(result, f"{replica.name}: check /metrics") == "ok"
+    assert result["replicas"] == {
+        killed.name: "restarted, healthy",
+        stale.name: "recreated from its configuration, healthy",
+        untouched.name: "healthy, untouched",
+    }
+    report = latest_report()
+    assert all(f"| {c.name}: inspect container |" in report for c in now)
+    assert "stale state /tmp/stale: refusing to start" in report
+
+
+def test_one_replica_named_with_the_compose_file_is_refused_and_the_others_left_alone(
+    replicas: Replicas, docker_client: docker.DockerClient
+) -> None:
+    """compose recreates every container of a service: recreating one replica that way
+    would take every other replica down too."""
+    first, stale, third = replicas.containers()
+    make_stale(stale)
+    stale.kill()
+
+    with pytest.raises(StepFailed, match=r"compose would recreate them all.*service=gateway"):
+        recover_gateway(
+            container=stale.name,
+            health_url="http://127.0.0.1:9/health",  # nothing there: the restart fails anyway
+            compose_file=str(replicas.compose),
+            deadline_seconds=5,
+        )
+
+    assert [c.id for c in replicas.containers()] == [first.id, stale.id, third.id]
+    assert replicas.healthy(first) and replicas.healthy(third)
+    assert set_aside(docker_client, stale.name) == []
 
 
 # ------------------------------------------------------------------------- report

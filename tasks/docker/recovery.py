@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -45,7 +46,9 @@ from tasks.docker.compose import (
     ComposeError,
     ComposeService,
     compose_container_id,
+    compose_container_ids,
     compose_recreate,
+    find_service,
 )
 from tasks.docker.containers import ContainerError, docker_client
 
@@ -70,6 +73,7 @@ class ContainerState:
 
     name: str
     exists: bool
+    container_id: str = ""
     status: str = "absent"
     exit_code: int | None = None
     oom_killed: bool = False
@@ -125,6 +129,7 @@ def state_of(attrs: dict[str, Any]) -> ContainerState:
     return ContainerState(
         name=attrs.get("Name", "").lstrip("/"),
         exists=True,
+        container_id=attrs.get("Id", ""),
         status=state.get("Status", "unknown"),
         exit_code=state.get("ExitCode"),
         oom_killed=bool(state.get("OOMKilled")),
@@ -191,10 +196,48 @@ def stopped_reason(name: str) -> str | None:
     return None
 
 
+def published_url(name: str, url: str) -> str | None:
+    """`url`, whose port is the one inside container `name` (a replica of a scaled
+    service), where that container answers now: the host address and port it publishes
+    the port at (0.0.0.0 → 127.0.0.1), else its own address on its network. None when
+    it has neither (not running, or on the host's network). Ask after each start: an
+    ephemeral port changes."""
+    container = _get(name)
+    if container is None or container.status != "running":
+        return None
+    parsed = httpx.URL(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    network = container.attrs.get("NetworkSettings") or {}
+    bindings = (network.get("Ports") or {}).get(f"{port}/tcp") or []
+    binding = next((b for b in bindings if ":" not in b["HostIp"]), None)
+    if binding:
+        host = "127.0.0.1" if binding["HostIp"] in ("", "0.0.0.0") else binding["HostIp"]
+        return str(parsed.copy_with(host=host, port=int(binding["HostPort"])))
+    networks = (network.get("Networks") or {}).values()
+    address = next((n["IPAddress"] for n in networks if n.get("IPAddress")), None)
+    return str(parsed.copy_with(host=address)) if address else None
+
+
+def no_address(name: str, url: str) -> str:
+    """Why a replica cannot be probed (it is stopped, or has no address of its own)."""
+    return stopped_reason(name) or (
+        f"container {name!r} neither publishes the port of {url} nor has an address of its "
+        "own (host networking?): give each replica its own port or network address"
+    )
+
+
 @task(cache_policy=NO_CACHE)
-def wait_until_container_healthy(name: str, url: str, deadline_seconds: float) -> HealthWait:
+def wait_until_container_healthy(
+    name: str, url: str, deadline_seconds: float, published: bool = False
+) -> HealthWait:
     """Poll `url` for `{"status": "healthy"}` until the deadline, giving up early when
-    container `name` exits or disappears."""
+    container `name` exits or disappears. `published`: `url`'s port is the one inside
+    the container, probed where the container answers (`published_url`)."""
+    if published:
+        where = published_url(name, url)
+        if where is None:
+            return HealthWait(url, False, 0.0, 0, no_address(name, url))
+        url = where
     return wait_until_healthy(url, deadline_seconds, HEALTHY, lambda: stopped_reason(name))
 
 
@@ -542,6 +585,33 @@ def keep_replacement(replacement: Replacement) -> str | None:
 
 
 # -------------------------------------------------------------- recreate (compose)
+
+
+def compose_target(compose_file: str, state: ContainerState) -> ComposeService:
+    """The service of `compose_file` that runs the container; refused when that service
+    runs several containers: compose recreates every container of a service."""
+    target = find_service(compose_file, state.name, state.compose_project, state.compose_service)
+    others = [i for i in compose_container_ids(target) if i != state.container_id]
+    if others:
+        raise RecreateError(
+            f"service {target.service} runs {len(others)} more container(s), and compose "
+            f"would recreate them all: recover its replicas with service={target.service}, or "
+            f"leave compose_file empty to recreate {state.name} from its own configuration"
+        )
+    return target
+
+
+def service_replicas(compose_file: str, service: str) -> list[str]:
+    """The names of the containers compose runs for `service` of `compose_file`."""
+    target = find_service(compose_file, service, None, service)
+    client = docker_client()
+    names = sorted(client.containers.get(i).name for i in compose_container_ids(target))
+    if not names:
+        raise RecreateError(
+            f"compose runs no container for service {service} of {target.compose_file}: "
+            "start it (compose up -d), then run this again"
+        )
+    return names
 
 
 @task(cache_policy=NO_CACHE)
