@@ -13,12 +13,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow
-
 from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name, unchanged
 from flows.support.keeping import Destination, keep_backup, with_exposure_warnings
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import backup_failed, backup_succeeded, backup_unchanged, with_hooks
 from flows.support.settings import SETTING, resolve, settings
 from tasks.common.clock import elapsed, utc_now
@@ -45,7 +44,7 @@ FAILED = backup_failed(
 )
 
 
-@flow(
+@dr_flow(
     name="backup-config",
     flow_run_name=run_name("config"),
     log_prints=True,

@@ -10,12 +10,11 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-from prefect import flow
-
 from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name
 from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
 from flows.support.settings import resolve, settings
 from tasks.common.clock import elapsed, utc_now
@@ -38,7 +37,7 @@ FAILED = backup_failed(
 )
 
 
-@flow(
+@dr_flow(
     name="backup-logs",
     flow_run_name=run_name("logs"),
     log_prints=True,

@@ -11,14 +11,13 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-from prefect import flow
-
 from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name
 from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
-from flows.support.settings import SETTING, refuse_secret_parameters, resolve, settings
+from flows.support.settings import SETTING, resolve, settings
 from tasks.common.clock import elapsed, utc_now
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.secrets import check_url, redact_url, url_server
@@ -43,7 +42,7 @@ FAILED = backup_failed(
 )
 
 
-@flow(
+@dr_flow(
     name="backup-prometheus",
     flow_run_name=run_name("prometheus"),
     log_prints=True,
@@ -87,7 +86,6 @@ def backup_prometheus(
         retention_days: Days a backup of this server is kept. None:
             PROXILION_DR_PROMETHEUS_RETENTION_DAYS (default 30).
     """
-    refuse_secret_parameters(locals(), "prometheus_url")
     p = resolve(
         locals(),
         container="prometheus_container",

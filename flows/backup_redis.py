@@ -10,14 +10,13 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-from prefect import flow
-
 from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name
 from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
-from flows.support.settings import SETTING, refuse_secret_parameters, resolve, settings
+from flows.support.settings import SETTING, resolve, settings
 from tasks.common.clock import elapsed, utc_now
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url
@@ -34,7 +33,7 @@ FAILED = backup_failed(
 )
 
 
-@flow(
+@dr_flow(
     name="backup-redis",
     flow_run_name=run_name("redis"),
     log_prints=True,
@@ -84,7 +83,6 @@ def backup_redis(
         save_timeout_seconds: Seconds to wait for the BGSAVE to finish. None:
             PROXILION_DR_REDIS_SAVE_TIMEOUT_SECONDS (default 600).
     """
-    refuse_secret_parameters(locals(), "redis_url")
     p = resolve(
         locals(),
         container="redis_container",

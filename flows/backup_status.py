@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
 from prefect.artifacts import create_table_artifact
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import State
@@ -20,6 +19,7 @@ from prefect.states import State
 from deployments.catalog import backup_intervals
 from flows.support.failures import run_name
 from flows.support.hooks import FLOW_HOOKS, check_failure_notified
+from flows.support.parameters import dr_flow
 from flows.support.settings import resolve
 from tasks.common.clock import utc_now
 from tasks.common.log import run_logger
@@ -81,7 +81,7 @@ def publish_status(
     return rows
 
 
-@flow(name="backup-status", flow_run_name=run_name("status"), log_prints=True, **FLOW_HOOKS)
+@dr_flow(name="backup-status", flow_run_name=run_name("status"), log_prints=True, **FLOW_HOOKS)
 def backup_status(
     backup_dir: str = "",
     s3_bucket: str = "",

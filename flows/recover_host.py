@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
-
 from flows.support.checklist import (
     ASSESS,
     GATEWAY,
@@ -34,9 +32,10 @@ from flows.support.checklist import (
 from flows.support.failures import explains_failure, run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import recovered, recovery_failed, with_hooks
 from flows.support.recovery import BackupSource, fetch
-from flows.support.settings import refuse_secret_parameters, resolve
+from flows.support.settings import resolve
 from tasks.common.errors import one_line
 from tasks.common.files import require_free_space
 from tasks.common.http_health import analyze_once, check_metrics, derive_url, health_url
@@ -100,7 +99,7 @@ class Backups:
     prometheus: FoundBackup | None  # none: Prometheus starts empty
 
 
-@flow(
+@dr_flow(
     name="recover-host",
     flow_run_name=run_name("host recovery"),
     log_prints=True,
@@ -175,7 +174,6 @@ def recover_host(
         {backup_source}
         start_timeout_seconds: Seconds each service may take to start and verify.
     """
-    refuse_secret_parameters(locals(), "redis_url")
     p = resolve(locals(), target_dir="config_project_dir")
     source = BackupSource.of(p)
     target = Path(p["target_dir"]).absolute()

@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
-
 from flows.support.failures import explains_failure, run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import recovered, recovery_failed, with_hooks
 from flows.support.recovery import BackupSource, Recovery, find_backup, roll_back
-from flows.support.settings import SETTING, refuse_secret_parameters, resolve
+from flows.support.settings import SETTING, resolve
 from tasks.common.aside import MovedAside, aside_base
 from tasks.common.files import require_free_space
 from tasks.common.locks import exclusive, lock_name
@@ -56,7 +55,7 @@ class Target:
     was_running: bool
 
 
-@flow(
+@dr_flow(
     name="recover-prometheus",
     flow_run_name=run_name("prometheus recovery"),
     log_prints=True,
@@ -106,7 +105,6 @@ def recover_prometheus(
         {backup_source}
         start_timeout_seconds: Seconds Prometheus may take to become ready.
     """
-    refuse_secret_parameters(locals(), "prometheus_url")
     p = resolve(locals(), container="prometheus_container", data_dir="prometheus_data_dir")
     source = BackupSource.of(p)
     url = p["prometheus_url"]

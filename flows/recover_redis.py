@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
-
 from flows.support.failures import explains_failure, run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import recovered, recovery_failed, with_hooks
 from flows.support.recovery import BackupSource, Recovery, find_backup, roll_back
-from flows.support.settings import SETTING, refuse_secret_parameters, resolve
+from flows.support.settings import SETTING, resolve
 from tasks.common.aside import MovedAside, unique_folder
 from tasks.common.files import require_free_space
 from tasks.common.locks import exclusive, lock_name
@@ -60,7 +59,7 @@ class Target:
     was_running: bool
 
 
-@flow(
+@dr_flow(
     name="recover-redis",
     flow_run_name=run_name("redis recovery"),
     log_prints=True,
@@ -112,7 +111,6 @@ def recover_redis(
         {backup_source}
         start_timeout_seconds: Seconds Redis may take to start and load the data.
     """
-    refuse_secret_parameters(locals(), "redis_url")
     p = resolve(locals(), container="redis_container", data_dir="redis_data_dir")
     source = BackupSource.of(p)
     recovery = Recovery("recover-redis", dry_run=dry_run)

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
@@ -27,6 +26,7 @@ from flows.support.drills import DRILLS, Drill
 from flows.support.failures import run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import drill_failed, pushgateway_url, with_hooks
 from flows.support.recovery import BackupSource, Recovery, Step, publish_proofs
 from flows.support.settings import SETTING, resolve
@@ -52,7 +52,7 @@ class DrillFailed(RuntimeError):
     """One or more checks of the drill failed; the message names each."""
 
 
-@flow(
+@dr_flow(
     name=FLOW,
     flow_run_name=run_name("restore drill"),
     log_prints=True,
@@ -96,7 +96,8 @@ def verify_restore(
         redis_container: Live Redis container whose image the drill's Redis runs.
             `setting`: PROXILION_DR_REDIS_CONTAINER (default proxilion-redis).
         gateway_container: Live gateway container whose image, command and settings the
-            drill's gateway uses (its Redis and port replaced by the drill's).
+            drill's gateway uses (REDIS_HOST, REDIS_PORT, REDIS_URL, GATEWAY_HOST and
+            GATEWAY_PORT always set to the drill's).
             `setting`: PROXILION_DR_GATEWAY_CONTAINER (default proxilion-gateway).
         prometheus_container: Live Prometheus container whose image the drill uses.
             `setting`: PROXILION_DR_PROMETHEUS_CONTAINER (default prometheus).

@@ -135,6 +135,7 @@ RUN_BESIDE_THE_STACK = {
     "test_object_lock",
     "test_private",
     "test_rdb",
+    "test_recover_gateway",
     "test_recover_host_project",
     "test_recovery_proof",
     "test_redis_sample",
@@ -148,6 +149,7 @@ RUN_BESIDE_THE_STACK = {
     "test_settings_doc",
     "test_ui_browser",
     "test_url_credentials",
+    "test_url_parameters",
 }
 STACK_GROUP = "sandbox-stack"
 

@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.logging.handlers import APILogWorker
+from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
 
 
-def prefect_records(hide_parameters_of: set[UUID] = frozenset()) -> str:
+def prefect_records() -> str:
     """Flow runs (names, parameters, state messages), task runs, logs, artifacts and
-    global concurrency limits, read through the API. The parameters of the runs in
-    `hide_parameters_of` are left out: a password passed as a run parameter on purpose
-    is stored by Prefect as given (the flow warns about that)."""
+    global concurrency limits, read through the API."""
     APILogWorker.drain_all(timeout=10)  # logs reach the server in batches: send what is pending
     with get_client(sync_client=True) as client:
-        flow_runs = client.read_flow_runs()
-        runs = [
-            run.model_copy(update={"parameters": {}}) if run.id in hide_parameters_of else run
-            for run in flow_runs
-        ]
+        runs = client.read_flow_runs()
         records = [
             *(run.model_dump_json() for run in runs),
             *(task.model_dump_json() for task in client.read_task_runs()),
@@ -50,3 +49,37 @@ def session_text() -> str:
     with get_client(sync_client=True) as client:
         artifacts = [str(a.data) + str(a.description) for a in client.read_artifacts()]
     return "\n".join(log_messages() + artifacts)
+
+
+def database_path() -> Path:
+    """The SQLite file of the session's Prefect server (the test harness's)."""
+    url = str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value())
+    return Path(url.split(":///", 1)[1])
+
+
+def wait_for_final_events(flow_run_ids: list[UUID], timeout: float = 30.0) -> None:
+    """Wait until the server has written each run's final-state event: it persists
+    events in batches, after the run ends, and they must be in the scan too."""
+    wanted = {f"prefect.flow-run.{run_id}" for run_id in flow_run_ids}
+    deadline = time.monotonic() + timeout
+    while True:
+        with closing(sqlite3.connect(f"file:{database_path()}?mode=ro", uri=True)) as db:
+            rows = db.execute(
+                "SELECT resource_id FROM events WHERE event IN "
+                "('prefect.flow-run.Failed', 'prefect.flow-run.Completed', "
+                "'prefect.flow-run.Crashed')"
+            ).fetchall()
+        missing = wanted - {row[0] for row in rows}
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no final-state event after {timeout:g} s for {sorted(missing)}")
+        time.sleep(0.2)
+
+
+def database_bytes() -> bytes:
+    """Every byte of the server's database files (the file, its write-ahead log): a
+    value Prefect ever wrote, to any table, even one since overwritten, is in here."""
+    APILogWorker.drain_all(timeout=10)
+    path = database_path()
+    return b"".join(p.read_bytes() for p in sorted(path.parent.glob(path.name + "*")))

@@ -1,11 +1,15 @@
 """recover-gateway on throwaway gateway containers (never the sandbox's proxilion-gateway):
 killed, failing its first start, poisoned so that only a recreate helps, failing even
-when recreated, removed entirely (with and without a compose file); the report."""
+when recreated, removed entirely (with and without a compose file), recreated by compose
+while the original is kept aside; the report."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
+import tarfile
 import textwrap
 import time
 import uuid
@@ -121,13 +125,16 @@ def docker_client() -> Iterator[docker.DockerClient]:
 
 @pytest.fixture
 def test_id(docker_client: docker.DockerClient) -> Iterator[str]:
-    """A unique id; every container labelled with it is removed afterwards."""
+    """A unique id; every container labelled with it is removed afterwards, then the
+    images (an original kept aside from compose is committed to one, carrying its labels)."""
     ident = uuid.uuid4().hex[:10]
     yield ident
     for container in docker_client.containers.list(
         all=True, filters={"label": f"{TEST_LABEL}={ident}"}
     ):
         container.remove(force=True)
+    for image in docker_client.images.list(filters={"label": f"{TEST_LABEL}={ident}"}):
+        docker_client.images.remove(image.id, force=True)
 
 
 @pytest.fixture
@@ -566,6 +573,268 @@ def test_dry_run_changes_nothing_and_checks_the_recreate_path(
     assert "restart policy no" in result["steps"][-1]["detail"]
     container = gateway.container()
     assert container.status == "exited" and container.attrs["State"]["FinishedAt"] == finished
+
+
+# ----------------------------------------------------- compose keeps the original
+
+# Written into the container's own filesystem at its first start: only the original has it.
+MARK_FIRST_START = "[ -e /tmp/first ] || cat /proc/sys/kernel/random/uuid > /tmp/first"
+
+
+def read_file(container: docker.models.containers.Container, path: str) -> str:
+    """A file of a container's filesystem (running or not), through the archive API."""
+    stream, _ = container.get_archive(path)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.extractfile(tar.getmembers()[0])
+        assert member is not None
+        return member.read().decode()
+
+
+def set_aside_images(client: docker.DockerClient, test_id: str) -> list[str]:
+    found = client.images.list(filters={"label": f"{TEST_LABEL}={test_id}"})
+    return [tag for image in found for tag in image.tags]
+
+
+def compose_ids(compose: Path, service: str) -> list[str]:
+    done = subprocess.run(
+        [*compose_command(), "-f", str(compose), "ps", "-q", service],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_compose_recreate_that_fails_puts_the_original_back_as_it_was(
+    compose_gateway: Callable[..., tuple[Gateway, Path]],
+    gateway_redis: RedisServer,
+    docker_client: docker.DockerClient,
+    test_id: str,
+) -> None:
+    """The restart cannot help (stale lock in its filesystem); the compose file was
+    edited since, into a gateway that never starts: compose's new container fails, and
+    the original is back under its name, its own filesystem and configuration, still
+    compose's container of the service."""
+    gateway, compose = compose_gateway(f"{MARK_FIRST_START}; {STALE_LOCK}")
+    original = gateway.container()
+    first_start = read_file(original, "/tmp/first")
+    original.kill()
+    write_compose_project(
+        compose.parent, gateway.name, gateway.port, gateway_redis.port, gateway.token, test_id,
+        ALWAYS_FAILS,
+    )  # fmt: skip
+
+    with pytest.raises(StepFailed, match="wait for /health after recreate") as failed:
+        recover(gateway, compose_file=str(compose), deadline_seconds=5)
+
+    assert "original container is back under its name" in str(failed.value)
+    back = gateway.container()
+    assert read_file(back, "/tmp/first") == first_start, "not the original's filesystem"
+    assert back.attrs["Config"]["Cmd"] == original.attrs["Config"]["Cmd"]
+    assert back.attrs["Config"]["Env"] == original.attrs["Config"]["Env"]
+    assert back.labels == original.labels
+    assert back.status == "created"  # not running, as found (made again from its image)
+    assert compose_ids(compose, "gateway") == [back.id], "compose no longer manages it"
+    assert set_aside(docker_client, gateway.name) == []
+    report = latest_report()
+    assert f"docker inspect of {gateway.name} (kept aside)" in report
+    assert original.attrs["Id"] in report and "GATEWAY_API_TOKEN=***" in report
+    assert "stale lock /tmp/gateway.lock: refusing to start" in report
+    assert "broken for good" in report  # the new container's last lines
+    assert gateway.token not in session_text()
+
+
+def test_compose_recreate_keeps_the_original_aside_until_the_new_one_is_healthy(
+    compose_gateway: Callable[..., tuple[Gateway, Path]],
+    docker_client: docker.DockerClient,
+    test_id: str,
+) -> None:
+    gateway, compose = compose_gateway(STALE_LOCK)
+    original = gateway.container()
+    original.kill()
+
+    result = recover(gateway, compose_file=str(compose))
+
+    assert result["ok"] and gateway.healthy()
+    assert gateway.container().id != original.id
+    assert compose_ids(compose, "gateway") == [gateway.container().id]
+    step = next(s for s in result["steps"] if s["name"] == "recreate container from compose file")
+    assert step["outcome"] == "ok" and "kept aside as" in step["detail"]
+    assert outcome(result, "wait for /health after recreate") == "ok"
+    report = latest_report()
+    assert f"docker inspect of {gateway.name} (kept aside)" in report
+    assert original.id in report and "stale lock" in report
+    assert set_aside(docker_client, gateway.name) == [], "removed once the new one is healthy"
+    assert set_aside_images(docker_client, test_id) == []
+
+
+# --------------------------------------------------------------- replicas (HA)
+
+# A replica refuses to start while this file is in its own filesystem: only a new
+# container (from the same configuration) starts again.
+REFUSE_IF_STALE = (
+    "if [ -e /tmp/stale ]; then echo 'stale state /tmp/stale: refusing to start' >&2; exit 4; fi"
+)
+REPLICAS = 3
+
+
+class Replicas:
+    """A compose project whose gateway service runs REPLICAS containers on a bridge
+    network (each publishing 8787 on an ephemeral 127.0.0.1 port), with its own Redis."""
+
+    def __init__(self, compose: Path, client: docker.DockerClient) -> None:
+        self.compose, self.client = compose, client
+
+    def containers(self) -> list[Any]:
+        return sorted(
+            (self.client.containers.get(i) for i in compose_ids(self.compose, "gateway")),
+            key=lambda c: c.name,
+        )
+
+    def url(self, container: Any) -> str:
+        container.reload()
+        [binding] = container.attrs["NetworkSettings"]["Ports"]["8787/tcp"]
+        return f"http://{binding['HostIp']}:{binding['HostPort']}/health"
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+                if all(self.healthy(c) for c in self.containers()):
+                    return
+            time.sleep(0.1)
+        pytest.fail("the throwaway replicas never all became healthy")
+
+    def healthy(self, container: Any) -> bool:
+        return httpx.get(self.url(container), timeout=2).json().get("status") == "healthy"
+
+
+@pytest.fixture
+def replicas(
+    tmp_path: Path, docker_client: docker.DockerClient, test_id: str
+) -> Iterator[Replicas]:
+    token = TOKEN_PREFIX + uuid.uuid4().hex
+    volumes = [f"{m['Source']}:{m['Target']}:ro" for m in gateway_mounts()]
+    labels = {stack.SANDBOX_LABEL: "test-recover-gateway", TEST_LABEL: test_id}
+    environment = gateway_environment(8787, 6379, "${GATEWAY_API_TOKEN}")
+    environment.update(GATEWAY_HOST="0.0.0.0", REDIS_HOST="redis")
+    command = ["/bin/sh", "-c", start_script(REFUSE_IF_STALE).replace("$", "$$")]
+    project = {
+        "version": "2.4",
+        "services": {
+            "redis": {
+                "image": stack.HOSTFS_IMAGE,
+                "command": ["/usr/bin/redis-server", "--protected-mode", "no", "--save", ""],
+                "volumes": volumes,
+                "labels": labels,
+            },
+            "gateway": {
+                "image": stack.HOSTFS_IMAGE,
+                "command": command,
+                "environment": environment,
+                "ports": ["127.0.0.1::8787"],
+                "volumes": volumes,
+                "labels": labels,
+                "depends_on": ["redis"],
+                "scale": REPLICAS,
+            },
+        },
+    }
+    folder = tmp_path / "ha"
+    folder.mkdir()
+    compose = folder / "docker-compose.yml"
+    compose.write_text(json.dumps(project))  # JSON is YAML
+    (folder / ".env").write_text(
+        f"COMPOSE_PROJECT_NAME=proxilion-dr-test-ha-{test_id}\nGATEWAY_API_TOKEN={token}\n"
+    )
+    up = [*compose_command(), "-f", str(compose), "up", "-d"]
+    subprocess.run(up, check=True, capture_output=True)
+    ha = Replicas(compose, docker_client)
+    try:
+        ha.wait_healthy()
+        yield ha
+    finally:
+        down = [*compose_command(), "-f", str(compose), "down", "-v", "--remove-orphans"]
+        subprocess.run(down, check=False, capture_output=True)
+
+
+def make_stale(container: Any) -> None:
+    """Put /tmp/stale into the container's own filesystem (the archive API)."""
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as tar:
+        tar.addfile(tarfile.TarInfo("stale"), io.BytesIO(b""))
+    container.put_archive("/tmp", data.getvalue())
+
+
+def test_replicas_are_recovered_one_by_one_and_only_the_unhealthy_ones_touched(
+    replicas: Replicas, docker_client: docker.DockerClient
+) -> None:
+    killed, stale, untouched = replicas.containers()
+    started = untouched.attrs["State"]["StartedAt"]
+    killed.kill()
+    make_stale(stale)
+    stale.kill()
+    parameters = {
+        "compose_file": str(replicas.compose),
+        "service": "gateway",
+        "health_url": "http://127.0.0.1:8787/health",  # the port inside each replica
+        "deadline_seconds": 20,
+    }
+
+    planned = recover_gateway(**parameters, dry_run=True)
+
+    assert planned["ok"] and [c.id for c in replicas.containers()] == [
+        killed.id, stale.id, untouched.id
+    ]  # fmt: skip
+    assert outcome(planned, f"{killed.name}: restart container") == "planned"
+    assert outcome(planned, f"{untouched.name}: check /health") == "ok"
+
+    result = recover_gateway(**parameters)
+
+    assert result["ok"], result
+    now = replicas.containers()
+    assert [c.name for c in now] == [killed.name, stale.name, untouched.name]
+    assert now[0].id == killed.id, "a restart was enough"
+    assert now[1].id != stale.id, "recreated from its configuration"
+    assert now[2].id == untouched.id and now[2].attrs["State"]["StartedAt"] == started
+    assert all(replicas.healthy(c) for c in now)
+    assert set_aside(docker_client, stale.name) == []
+    assert outcome(result, f"{killed.name}: wait for /health after restart") == "ok"
+    assert outcome(result, f"{stale.name}: wait for /health after restart") == "unhealthy"
+    assert outcome(result, f"{stale.name}: recreate container from its configuration") == "ok"
+    assert outcome(result, f"{untouched.name}: check /health") == "ok"
+    for replica in now:
+        assert outcome(result, f"{replica.name}: check /metrics") == "ok"
+    assert result["replicas"] == {
+        killed.name: "restarted, healthy",
+        stale.name: "recreated from its configuration, healthy",
+        untouched.name: "healthy, untouched",
+    }
+    report = latest_report()
+    assert all(f"| {c.name}: inspect container |" in report for c in now)
+    assert "stale state /tmp/stale: refusing to start" in report
+
+
+def test_one_replica_named_with_the_compose_file_is_refused_and_the_others_left_alone(
+    replicas: Replicas, docker_client: docker.DockerClient
+) -> None:
+    """compose recreates every container of a service: recreating one replica that way
+    would take every other replica down too."""
+    first, stale, third = replicas.containers()
+    make_stale(stale)
+    stale.kill()
+
+    with pytest.raises(StepFailed, match=r"compose would recreate them all.*service=gateway"):
+        recover_gateway(
+            container=stale.name,
+            health_url="http://127.0.0.1:9/health",  # nothing there: the restart fails anyway
+            compose_file=str(replicas.compose),
+            deadline_seconds=5,
+        )
+
+    assert [c.id for c in replicas.containers()] == [first.id, stale.id, third.id]
+    assert replicas.healthy(first) and replicas.healthy(third)
+    assert set_aside(docker_client, stale.name) == []
 
 
 # ------------------------------------------------------------------------- report

@@ -8,6 +8,7 @@ reaches nothing Prefect keeps. Percent-encoded credentials work for every fetch.
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path
 from urllib.parse import quote
@@ -21,7 +22,12 @@ from flows.backup_prometheus import backup_prometheus
 from flows.backup_redis import backup_redis
 from flows.support.settings import SecretParameter
 from tasks.common.redis_url import BadRedisUrl, parse_redis_url
-from tasks.common.secrets import AmbiguousUrl, redact_url
+from tasks.common.secrets import (
+    CREDENTIAL_FREE_URL,
+    AmbiguousUrl,
+    carries_credentials,
+    redact_url,
+)
 from tasks.store.archive import open_decompressed
 from tasks.store.local import list_local
 
@@ -34,25 +40,40 @@ def secret_with(special: str) -> tuple[str, list[str]]:
     return f"{head}{special}{tail}", [head, tail]
 
 
-@pytest.mark.parametrize(
-    ("url", "pieces"),
-    [
-        ("redis://:hunter#2secret@h:6379/0", ["hunter", "2secret"]),
-        ("redis://:s3cr/etpass@h:6379/0", ["s3cr", "etpass"]),
-        ("redis://:pa?sssecret@h/0", ["pa?s", "sssecret"]),
-        ("redis://op:pa@ss@h:6379/0", ["pa@ss", "op:"]),
-        ("rediss://admin:pw123456@h:6380/2", ["admin", "pw123456"]),
-        ("redis://h:6379/0?password=qs-secret&db=1", ["qs-secret"]),
-        ("unix://:sockpass@/run/redis.sock?db=3", ["sockpass"]),
-        ("redis://:nohostsecret", ["nohostsecret"]),
-        ("user:barepass@h:6379", ["barepass"]),
-        ("http://u:promsecret#x@prom:9090", ["promsecret", "u:"]),
-        ("http://prom:9090/api?token=tok-secret#frag-secret", ["tok-secret", "frag-secret"]),
-    ],
-)
+CREDENTIAL_URLS = [
+    ("redis://:hunter#2secret@h:6379/0", ["hunter", "2secret"]),
+    ("redis://:s3cr/etpass@h:6379/0", ["s3cr", "etpass"]),
+    ("redis://:pa?sssecret@h/0", ["pa?s", "sssecret"]),
+    ("redis://op:pa@ss@h:6379/0", ["pa@ss", "op:"]),
+    ("rediss://admin:pw123456@h:6380/2", ["admin", "pw123456"]),
+    ("redis://h:6379/0?password=qs-secret&db=1", ["qs-secret"]),
+    ("unix://:sockpass@/run/redis.sock?db=3", ["sockpass"]),
+    ("redis://:nohostsecret", ["nohostsecret"]),
+    ("user:barepass@h:6379", ["barepass"]),
+    ("http://u:promsecret#x@prom:9090", ["promsecret", "u:"]),
+    ("http://prom:9090/api?token=tok-secret#frag-secret", ["tok-secret", "frag-secret"]),
+]
+PLAIN_URLS = [
+    "redis://h:6379/0",
+    "http://prom:9090",
+    "unix:///run/redis.sock?db=2",
+    "localhost:8333",
+]
+
+
+@pytest.mark.parametrize(("url", "pieces"), CREDENTIAL_URLS)
 def test_redact_url_never_returns_a_credential(url: str, pieces: list[str]) -> None:
     shown = redact_url(url)
     assert all(piece not in shown for piece in pieces), shown
+
+
+def test_url_parameter_schema_pattern_refuses_what_carries_credentials() -> None:
+    """The pattern the run form and the server check URL parameters against (no Python
+    there) refuses every URL that `carries_credentials`, and takes plain ones."""
+    for url, _pieces in CREDENTIAL_URLS:
+        assert carries_credentials(url) and not re.search(CREDENTIAL_FREE_URL, url), url
+    for url in PLAIN_URLS:
+        assert not carries_credentials(url) and re.search(CREDENTIAL_FREE_URL, url), url
 
 
 def test_redact_url_keeps_what_identifies_the_server() -> None:
@@ -114,9 +135,7 @@ def test_unencoded_special_character_in_password_is_refused_and_never_stored(
     else:
         with pytest.raises(AmbiguousUrl, match=r"(?i)percent-encode.*# → %23"):
             state.result()
-    run_id = state.state_details.flow_run_id
-    hidden = {run_id} if given_as == "parameter" else set()
-    stored = prefect_records(hide_parameters_of=hidden) + "\n".join(concurrency_limit_names())
+    stored = prefect_records() + "\n".join(concurrency_limit_names())
     assert all(piece not in stored for piece in pieces)
     assert all(piece not in (state.message or "") for piece in pieces)
     assert list_local(backup_dir, "redis") == []

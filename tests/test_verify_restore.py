@@ -30,6 +30,7 @@ from flows.backup_redis import backup_redis
 from flows.verify_restore import DrillFailed, verify_restore
 from sandbox import constants as stack
 from sandbox import images
+from sandbox.stack import gateway_mounts
 from tasks.common.files import write_durably
 from tasks.drill.scratch import (
     DRILL_LABEL,
@@ -425,3 +426,49 @@ def test_each_check_fails_when_the_restore_differs_from_the_manifest(
     assert f"{kind}: step '{check}' failed" in str(failed.value)
     assert evidence in str(failed.value)
     assert drill_containers() == []
+
+
+def test_a_gateway_configured_by_redis_host_alone_is_drilled_against_drill_redis_only(
+    tmp_path: Path,
+) -> None:
+    """The live gateway's environment names REDIS_HOST and nothing else: it takes its
+    Redis port from its own default, the live Redis's port (here its start command holds
+    that default: this test's live Redis cannot be on 6379, the sandbox's is). The
+    drill's gateway must answer /health from drill-redis: the live Redis accepts not one
+    connection while the drill runs."""
+    with redis_container(tmp_path) as live:
+        watcher = redis_py.Redis(port=live.port)  # one connection, kept: exact counts
+        watcher.mset({f"session:{i}": i for i in range(50)})
+        backups = tmp_path / "backups"
+        backup_redis(redis_url=live.url, container=live.name, backup_dir=str(backups), s3_bucket="")
+        default_port = f"REDIS_PORT=${{REDIS_PORT:-{live.port}}}"
+        gateway = docker.from_env().containers.create(
+            stack.HOSTFS_IMAGE,
+            ["/bin/sh", "-c", f"{default_port} exec /usr/bin/python3 -u /app/gateway.py"],
+            name=f"proxilion-dr-test-live-gateway-{os.getpid()}",
+            environment={**stack.GATEWAY_SETTINGS, "REDIS_HOST": "127.0.0.1"},
+            mounts=gateway_mounts(),
+            network_mode="host",
+            labels={stack.SANDBOX_LABEL: "test-throwaway"},
+        )
+        try:
+            before = watcher.info("stats")["total_connections_received"]
+            result = verify_restore(
+                components=["redis"],
+                redis_container=live.name,
+                gateway_container=gateway.name,
+                backup_dir=str(backups),
+                s3_bucket="",
+                scratch_dir=str(tmp_path / "scratch"),
+                start_timeout_seconds=30,
+            )
+            reached = watcher.info("stats")["total_connections_received"] - before
+        finally:
+            gateway.remove(force=True)
+    assert reached == 0, f"the drill's gateway connected to the live Redis {reached} times"
+    [step] = [
+        s
+        for s in result["components"]["redis"]["steps"]
+        if s["name"] == "gateway /health against the restored Redis"
+    ]
+    assert step["outcome"] == "ok" and "connection(s) from the gateway" in step["detail"]

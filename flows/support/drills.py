@@ -29,7 +29,7 @@ from tasks.logs.prove import prove_logs
 from tasks.logs.restore import restore_log
 from tasks.prometheus.prove import check_archive, prove_prometheus
 from tasks.prometheus.restore import restore_blocks, wait_until_ready
-from tasks.redis.prove import check_gateway, prove_redis
+from tasks.redis.prove import check_gateway, connections_received, prove_redis
 from tasks.redis.restore import (
     RdbTooNew,
     check_loadable,
@@ -122,29 +122,36 @@ def drill_redis(r: Recovery, d: Drill, scratch: Scratch) -> None:
         )
     r.prove(prove_redis(url, found.manifest, load, checked.started_at), found.manifest)
     with r.step("gateway /health against the restored Redis") as step:
-        step.detail = _gateway(d, scratch, peer, port)
+        step.detail = _gateway(d, scratch, peer, port, url)
 
 
-GATEWAY_SETTINGS = ("REDIS_HOST", "REDIS_PORT", "REDIS_URL", "GATEWAY_HOST", "GATEWAY_PORT")
-
-
-def _gateway(d: Drill, scratch: Scratch, redis_host: str, redis_port: int) -> str:
+def _gateway(d: Drill, scratch: Scratch, redis_host: str, redis_port: int, redis_url: str) -> str:
     """drill-gateway: the live gateway's image, command and settings, but pointed at
-    drill-redis and listening on a free port; /health must answer healthy."""
+    drill-redis and listening on a free port; /health must answer healthy, and
+    drill-redis must see the gateway connect. Every setting the drill controls is set,
+    whether or not the live environment has it: one left out keeps the gateway's
+    default (REDIS_HOST alone: the default port, which is the live Redis's)."""
     live = inspect_live(d.gateway_container, d.gateway_image)
     port = free_port()
-    listen = "127.0.0.1" if live.host_network else "0.0.0.0"
-    wanted = {
+    env = {
+        **live.environment,
         "REDIS_HOST": redis_host,
         "REDIS_PORT": str(redis_port),
         "REDIS_URL": f"redis://{redis_host}:{redis_port}/0",
-        "GATEWAY_HOST": listen,
+        "GATEWAY_HOST": "127.0.0.1" if live.host_network else "0.0.0.0",
         "GATEWAY_PORT": str(port),
     }
-    env = {**live.environment, **{k: v for k, v in wanted.items() if k in live.environment}}
-    env.setdefault("GATEWAY_PORT", str(port))
+    before = connections_received(redis_url)
     start_scratch(scratch, "drill-gateway", live, live.entrypoint, live.command, port, [], env)
-    return check_gateway(f"http://127.0.0.1:{port}/health", d.timeout)
+    health = check_gateway(f"http://127.0.0.1:{port}/health", d.timeout)
+    seen = connections_received(redis_url) - before - 1  # less the count's own connection
+    if seen < 1:
+        raise DrillCheckFailed(
+            "drill-gateway answered healthy without connecting to drill-redis: it takes its "
+            "Redis from a setting the drill does not set (it sets REDIS_HOST, REDIS_PORT, "
+            "REDIS_URL), so that answer may have come from another Redis"
+        )
+    return f"{health}; drill-redis saw {seen} connection(s) from the gateway"
 
 
 # -------------------------------------------------------------------- Prometheus

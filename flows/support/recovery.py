@@ -62,12 +62,22 @@ class Recovery:
     proven: list[tuple[str, str, str]] = field(default_factory=list)
     # Decrypted copies of locally encrypted backups (FoundBackup.discard), removed at the end.
     temporary: list[FoundBackup] = field(default_factory=list)
+    prefix: str = ""  # of every step's name, inside `scope`
     _start: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def scope(self, what: str) -> Iterator[None]:
+        """Steps recorded inside are named `<what>: <step>` (one of several replicas)."""
+        saved, self.prefix = self.prefix, f"{what}: "
+        try:
+            yield
+        finally:
+            self.prefix = saved
 
     @contextmanager
     def step(self, name: str) -> Iterator[Step]:
         """Time a step; record it ok, or failed with the reason (and re-raise)."""
-        record = Step(name, "ok", 0.0)
+        record = Step(self.prefix + name, "ok", 0.0)
         began = time.perf_counter()
         try:
             yield record
@@ -115,7 +125,8 @@ class Recovery:
         self.proven.append((manifest.kind, source_of(manifest), manifest.name))
 
     def skip(self, name: str, why: str) -> None:
-        self.steps.append(Step(name, "planned" if self.dry_run else "skipped", 0.0, why))
+        outcome = "planned" if self.dry_run else "skipped"
+        self.steps.append(Step(self.prefix + name, outcome, 0.0, why))
 
     def attach(self, title: str, lines: list[str]) -> None:
         """Add verbatim text (log lines) to the report, below the steps, shown as is."""

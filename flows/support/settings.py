@@ -245,10 +245,12 @@ def refuse_secret_parameters(parameters: dict[str, Any], *names: str) -> None:
     for name in names:
         value = parameters.get(name)
         if isinstance(value, str) and carries_credentials(value):
+            setting = f"PROXILION_DR_{name.upper()}" if name in Settings.model_fields else None
+            where = setting or "its PROXILION_DR_* setting (docs/settings.md)"
             raise SecretParameter(
                 f"parameter {name} carries a password, and Prefect shows flow-run parameters "
-                f"in its UI: put the URL in PROXILION_DR_{name.upper()} instead and leave the "
-                "parameter empty (change that password if the run was shared)"
+                f"in its UI: put the URL in {where} instead and leave the parameter empty "
+                "(change that password if the run was shared)"
             )
 
 

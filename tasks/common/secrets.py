@@ -179,3 +179,20 @@ def redact_url(url: str) -> str:
 def carries_credentials(url: str) -> bool:
     """True when printing `url` as is would show a credential."""
     return redact_url(url) != url
+
+
+def _any_case(word: str) -> str:
+    return "".join(f"[{c.upper()}{c.lower()}]" for c in word)
+
+
+_QUERY_WORDS = (*_SECRET_PARTS, *_SECRET_ENDINGS, *_LAST_WORD_ENDINGS, *_CREDENTIAL_PARAMETERS)
+_SHORTEST = sorted({w for w in _QUERY_WORDS if not any(o != w and o in w for o in _QUERY_WORDS)})
+# `carries_credentials` as a JSON Schema `pattern` (the same in Python and ECMAScript, for
+# the Prefect server and its UI): no user info or `@` at all, no fragment, no password
+# without a host (`redis://:secret`), no query parameter whose name holds a secret's word
+# (broader than `secret_name`: `?monkey=` too).
+CREDENTIAL_FREE_URL = (
+    r"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#\[]*:[^/?#]*[^0-9/?#])"
+    rf"(?!.*[?&;][^=&;#]*(?:{'|'.join(map(_any_case, _SHORTEST))})[^=&;#]*=)"
+    r"[^@#]*$"
+)

@@ -174,18 +174,20 @@ def compose_recreate(target: ComposeService, timeout: float = UP_TIMEOUT) -> str
 
 
 def compose_container_ids(target: ComposeService) -> list[str]:
-    """The ids of the containers compose runs for the service (`ps -q SERVICE`: one per
-    replica)."""
-    ids = _run([*_base(target.compose_file, target.project), "ps", "-q", target.service], 60.0)
-    found = ids.split()
-    if not found:
-        raise ComposeError(f"compose reports no container for service {target.service!r}")
-    return found
+    """The ids of every container compose runs for the service, stopped ones too
+    (`ps -q SERVICE`; the v2 plugin lists stopped ones only with `-a`, which in
+    docker-compose 1.x would add one-off `run` containers)."""
+    every = ["-a"] if compose_command()[-1] == "compose" else []
+    args = [*_base(target.compose_file, target.project), "ps", "-q", *every, target.service]
+    return _run(args, 60.0).split()
 
 
 def compose_container_id(target: ComposeService) -> str:
-    """The id of the (first) container compose runs for the service."""
-    return compose_container_ids(target)[0]
+    """The id of the container compose runs for the service (`ps -q SERVICE`)."""
+    found = compose_container_ids(target)
+    if not found:
+        raise ComposeError(f"compose reports no container for service {target.service!r}")
+    return found[0]
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")

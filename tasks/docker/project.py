@@ -19,6 +19,7 @@ import yaml
 
 from tasks.docker import containers
 from tasks.docker.compose import (  # the one place that runs the compose CLI
+    ComposeError,
     ComposeService,
     _base,
     _run,
@@ -260,7 +261,10 @@ class Project:
     def containers(self, service: Service) -> list[str]:
         """Every container compose runs for the service (its replicas)."""
         target = ComposeService(self.compose_files, self.name, service.name, None)
-        return compose_container_ids(target)
+        found = compose_container_ids(target)
+        if not found:
+            raise ComposeError(f"compose reports no container for service {service.name!r}")
+        return found
 
     def up(self, *services: Service) -> str:
         return compose_up(self.compose_files, self.name, [s.name for s in services])

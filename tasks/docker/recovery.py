@@ -6,6 +6,13 @@ creates and starts the new container under the original name, and only removes t
 original once the caller has verified the new one (`keep_replacement`); any failure
 puts the original back under its name, running again if it was (`roll_back`).
 
+Compose finds a service's containers by their labels, which a container keeps for life:
+`up --force-recreate` would recreate (remove) a renamed original too. A container
+compose manages is therefore kept as a copy compose does not see (`copy_aside`): its
+filesystem committed to an image, a container of that image with its configuration
+but compose's labels emptied; putting it back creates it again from that image, labels and
+all, so compose manages it as before.
+
 Environment values of a container are never printed: they go from the inspected
 configuration to the Engine API and nowhere else, and secret-looking ones are
 redacted from the log lines we show.
@@ -13,29 +20,44 @@ redacted from the log lines we show.
 
 from __future__ import annotations
 
+import json
 import re
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common.http_health import HEALTHY, HealthWait, wait_until_healthy
-from tasks.common.secrets import redact_urls, secret_name, secret_value
+from tasks.common.secrets import (
+    redact_urls,
+    secret_arguments,
+    secret_flag,
+    secret_name,
+    secret_value,
+)
 from tasks.docker.compose import (
     PROJECT_LABEL,
     SERVICE_LABEL,
     ComposeError,
     ComposeService,
     compose_container_id,
+    compose_container_ids,
     compose_recreate,
+    find_service,
 )
 from tasks.docker.containers import ContainerError, docker_client
 
 STOP_SECONDS = 10
+RUNNING = frozenset({"running", "restarting", "paused"})
+COMPOSE_LABELS = "com.docker.compose."
+# The image holding the filesystem of a compose-managed original kept aside.
+SET_ASIDE_IMAGE = "proxilion-dr/set-aside"
+SET_ASIDE_LABEL = "proxilion-dr.set-aside-from"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
 # Networks that need no endpoint configuration when a container is created.
 PLAIN_NETWORKS = {"", "default", "bridge", "host", "none"}
@@ -51,6 +73,7 @@ class ContainerState:
 
     name: str
     exists: bool
+    container_id: str = ""
     status: str = "absent"
     exit_code: int | None = None
     oom_killed: bool = False
@@ -66,7 +89,7 @@ class ContainerState:
 
     @property
     def running(self) -> bool:
-        return self.status in {"running", "restarting", "paused"}
+        return self.status in RUNNING
 
     def summary(self) -> str:
         if not self.exists:
@@ -106,6 +129,7 @@ def state_of(attrs: dict[str, Any]) -> ContainerState:
     return ContainerState(
         name=attrs.get("Name", "").lstrip("/"),
         exists=True,
+        container_id=attrs.get("Id", ""),
         status=state.get("Status", "unknown"),
         exit_code=state.get("ExitCode"),
         oom_killed=bool(state.get("OOMKilled")),
@@ -172,10 +196,48 @@ def stopped_reason(name: str) -> str | None:
     return None
 
 
+def published_url(name: str, url: str) -> str | None:
+    """`url`, whose port is the one inside container `name` (a replica of a scaled
+    service), where that container answers now: the host address and port it publishes
+    the port at (0.0.0.0 → 127.0.0.1), else its own address on its network. None when
+    it has neither (not running, or on the host's network). Ask after each start: an
+    ephemeral port changes."""
+    container = _get(name)
+    if container is None or container.status != "running":
+        return None
+    parsed = httpx.URL(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    network = container.attrs.get("NetworkSettings") or {}
+    bindings = (network.get("Ports") or {}).get(f"{port}/tcp") or []
+    binding = next((b for b in bindings if ":" not in b["HostIp"]), None)
+    if binding:
+        host = "127.0.0.1" if binding["HostIp"] in ("", "0.0.0.0") else binding["HostIp"]
+        return str(parsed.copy_with(host=host, port=int(binding["HostPort"])))
+    networks = (network.get("Networks") or {}).values()
+    address = next((n["IPAddress"] for n in networks if n.get("IPAddress")), None)
+    return str(parsed.copy_with(host=address)) if address else None
+
+
+def no_address(name: str, url: str) -> str:
+    """Why a replica cannot be probed (it is stopped, or has no address of its own)."""
+    return stopped_reason(name) or (
+        f"container {name!r} neither publishes the port of {url} nor has an address of its "
+        "own (host networking?): give each replica its own port or network address"
+    )
+
+
 @task(cache_policy=NO_CACHE)
-def wait_until_container_healthy(name: str, url: str, deadline_seconds: float) -> HealthWait:
+def wait_until_container_healthy(
+    name: str, url: str, deadline_seconds: float, published: bool = False
+) -> HealthWait:
     """Poll `url` for `{"status": "healthy"}` until the deadline, giving up early when
-    container `name` exits or disappears."""
+    container `name` exits or disappears. `published`: `url`'s port is the one inside
+    the container, probed where the container answers (`published_url`)."""
+    if published:
+        where = published_url(name, url)
+        if where is None:
+            return HealthWait(url, False, 0.0, 0, no_address(name, url))
+        url = where
     return wait_until_healthy(url, deadline_seconds, HEALTHY, lambda: stopped_reason(name))
 
 
@@ -197,6 +259,57 @@ def container_log_tail(name: str, secrets: list[str], lines: int = 100) -> list[
         return []
     raw = container.logs(tail=lines, stdout=True, stderr=True, timestamps=True)
     return clean_lines(raw, secrets)
+
+
+def _masked_argv(argv: list[str] | None) -> list[str] | None:
+    """A command line with the values of secret flags (`--requirepass x`, `-a x`) and
+    URL credentials replaced by `***`."""
+    if argv is None:
+        return None
+    masked = []
+    for i, arg in enumerate(argv):
+        if i and secret_flag(argv[i - 1], "redis-cli" in " ".join(argv[:i])):
+            masked.append("***")
+            continue
+        for match in reversed(secret_arguments(arg)):
+            arg = arg[: match.start("value")] + "***" + arg[match.end("value") :]
+        masked.append(redact_urls(arg)[0])
+    return masked
+
+
+@task(cache_policy=NO_CACHE)
+def inspect_lines(inspection: Inspection) -> list[str]:
+    """The container's `docker inspect` data for the report, as JSON lines: state,
+    image, command, environment NAMES (values never shown), labels, mounts, network,
+    ports, restart policy; secret values in them replaced by `***`."""
+    attrs = inspection.attrs or {}
+    config = attrs.get("Config") or {}
+    host = attrs.get("HostConfig") or {}
+    networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+    shown = {
+        "Id": attrs.get("Id"),
+        "Name": attrs.get("Name"),
+        "Created": attrs.get("Created"),
+        "Image": attrs.get("Image"),
+        "State": attrs.get("State"),
+        "RestartCount": attrs.get("RestartCount"),
+        "Config": {
+            "Image": config.get("Image"),
+            "Entrypoint": _masked_argv(config.get("Entrypoint")),
+            "Cmd": _masked_argv(config.get("Cmd")),
+            "Env": [item.partition("=")[0] + "=***" for item in config.get("Env") or []],
+            "WorkingDir": config.get("WorkingDir"),
+            "User": config.get("User"),
+            "Labels": config.get("Labels"),
+        },
+        "HostConfig": {
+            key: host.get(key)
+            for key in ("NetworkMode", "PortBindings", "RestartPolicy", "Binds", "Mounts")
+        },
+        "Mounts": attrs.get("Mounts"),
+        "Networks": {name: {"Aliases": n.get("Aliases")} for name, n in networks.items()},
+    }
+    return clean_lines(json.dumps(shown, indent=1).encode(), inspection.secrets())
 
 
 @task(cache_policy=NO_CACHE)
@@ -307,6 +420,18 @@ class Replacement:
     aside: str | None  # the original's name while aside (None: there was no original)
     was_running: bool
     note: str = ""
+    # A compose-managed original (`copy_aside`): the image holding its filesystem, and
+    # its inspected configuration, to create it again from them.
+    snapshot: str | None = None
+    original: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def _aside_name(name: str) -> str:
+    return f"{name}-replaced-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+
+
+def _reason(error: DockerException) -> str:
+    return getattr(error, "explanation", None) or str(error)
 
 
 def rename_aside(name: str) -> tuple[str, bool] | None:
@@ -315,8 +440,8 @@ def rename_aside(name: str) -> tuple[str, bool] | None:
     container = _get(name)
     if container is None:
         return None
-    was_running = container.status in {"running", "restarting", "paused"}
-    aside = f"{name}-replaced-{datetime.now(UTC):%Y%m%dT%H%M%S}"
+    was_running = container.status in RUNNING
+    aside = _aside_name(name)
     try:
         if was_running:
             container.stop(timeout=STOP_SECONDS)
@@ -325,11 +450,64 @@ def rename_aside(name: str) -> tuple[str, bool] | None:
         if was_running:
             with suppress(DockerException):
                 container.start()
-        reason = getattr(error, "explanation", None) or str(error)
         raise RecreateError(
-            f"could not move {name!r} aside ({reason}); it is now {current_state(name).summary()}"
+            f"could not move {name!r} aside ({_reason(error)}); "
+            f"it is now {current_state(name).summary()}"
         ) from None
     return aside, was_running
+
+
+def copy_aside(inspection: Inspection) -> Replacement:
+    """Keep a container compose manages where compose does not see it: stopped, its
+    filesystem committed to an image (`proxilion-dr/set-aside:<name>-replaced-<UTC>`),
+    and a container of that image with its configuration but compose's labels emptied,
+    created (never started) as `<name>-replaced-<UTC>`. The original itself stays for
+    compose to replace."""
+    name = inspection.state.name
+    container = _get(name)
+    if container is None or inspection.attrs is None:
+        raise RecreateError(f"container {name!r} no longer exists: nothing to keep aside")
+    was_running = container.status in RUNNING
+    aside = _aside_name(name)
+    client = docker_client()
+    snapshot = None
+    try:
+        if was_running:
+            container.stop(timeout=STOP_SECONDS)
+        snapshot = container.commit(repository=SET_ASIDE_IMAGE, tag=aside[:128]).id
+        config, _ = creation_config(inspection.attrs, snapshot)
+        # emptied, not dropped: the image carries them too, and a container's own win
+        labels = config.get("Labels") or {}
+        config["Labels"] = {k: "" if k.startswith(COMPOSE_LABELS) else v for k, v in labels.items()}
+        config["Labels"][SET_ASIDE_LABEL] = name
+        client.api.create_container_from_config(config, name=aside)
+    except DockerException as error:
+        if snapshot:
+            with suppress(DockerException):
+                client.images.remove(snapshot)
+        if was_running:
+            with suppress(DockerException):
+                container.start()
+        raise RecreateError(
+            f"could not keep a copy of {name!r} aside ({_reason(error)}); "
+            f"it is now {current_state(name).summary()}"
+        ) from None
+    return Replacement(name, aside, was_running, snapshot=snapshot, original=inspection.attrs)
+
+
+def _create(config: dict[str, Any], networks: dict[str, Any], name: str, start: bool) -> None:
+    """Create container `name` from an Engine API body, join its extra networks, start it."""
+    client = docker_client()
+    created = client.api.create_container_from_config(config, name=name)
+    for network, endpoint in networks.items():
+        client.api.connect_container_to_network(
+            created["Id"],
+            network,
+            aliases=endpoint.get("Aliases"),
+            **_ipam(endpoint.get("IPAMConfig")),
+        )
+    if start:
+        client.api.start(created["Id"])
 
 
 @task(cache_policy=NO_CACHE)
@@ -345,20 +523,12 @@ def recreate_container(inspection: Inspection) -> Replacement:
     moved = rename_aside(name)
     replacement = Replacement(name, moved[0] if moved else None, bool(moved and moved[1]), note)
     try:
-        client = docker_client()
-        created = client.api.create_container_from_config(config, name=name)
-        for network, endpoint in extra_networks.items():
-            client.api.connect_container_to_network(
-                created["Id"],
-                network,
-                aliases=endpoint.get("Aliases"),
-                **_ipam(endpoint.get("IPAMConfig")),
-            )
-        client.api.start(created["Id"])
+        _create(config, extra_networks, name, start=True)
     except DockerException as error:
-        reason = getattr(error, "explanation", None) or str(error)
         state = roll_back(replacement)
-        raise RecreateError(f"docker refused to recreate {name!r} ({reason}); {state}") from None
+        raise RecreateError(
+            f"docker refused to recreate {name!r} ({_reason(error)}); {state}"
+        ) from None
     return replacement
 
 
@@ -378,47 +548,93 @@ def roll_back(replacement: Replacement) -> str:
     if replacement.aside is None:
         return f"the failed new container was removed; there is no container {name!r}"
     try:
-        original = client.containers.get(replacement.aside)
-        original.rename(name)
-        if replacement.was_running:
-            original.start()
+        if replacement.snapshot and replacement.original:
+            config, networks = creation_config(replacement.original, replacement.snapshot)
+            _create(config, networks, name, start=replacement.was_running)
+            client.containers.get(replacement.aside).remove(v=False, force=True)
+            how = f" (its filesystem from image {SET_ASIDE_IMAGE}:{replacement.aside[:128]})"
+        else:
+            original = client.containers.get(replacement.aside)
+            original.rename(name)
+            if replacement.was_running:
+                original.start()
+            how = ""
     except DockerException as error:
-        reason = getattr(error, "explanation", None) or str(error)
         return (
-            f"putting the original back failed ({reason}): it is container "
+            f"putting the original back failed ({_reason(error)}): it is container "
             f"{replacement.aside!r}, now {current_state(replacement.aside).summary()}"
         )
-    return f"the original container is back under its name, now {current_state(name).summary()}"
+    return (
+        f"the original container is back under its name{how}, now {current_state(name).summary()}"
+    )
 
 
 @task(cache_policy=NO_CACHE)
 def keep_replacement(replacement: Replacement) -> str | None:
-    """The new container is verified: remove the original (its volumes are kept).
-    Returns what was removed."""
+    """The new container is verified: remove the original (its volumes are kept), and
+    the image of a copy kept aside from compose. Returns what was removed."""
     if replacement.aside is None:
         return None
+    client = docker_client()
     with suppress(NotFound):
-        docker_client().containers.get(replacement.aside).remove(v=False, force=True)
+        client.containers.get(replacement.aside).remove(v=False, force=True)
+    if replacement.snapshot:
+        with suppress(NotFound):
+            client.images.remove(replacement.snapshot)
     return replacement.aside
 
 
 # -------------------------------------------------------------- recreate (compose)
 
 
+def compose_target(compose_file: str, state: ContainerState) -> ComposeService:
+    """The service of `compose_file` that runs the container; refused when that service
+    runs several containers: compose recreates every container of a service."""
+    target = find_service(compose_file, state.name, state.compose_project, state.compose_service)
+    others = [i for i in compose_container_ids(target) if i != state.container_id]
+    if others:
+        raise RecreateError(
+            f"service {target.service} runs {len(others)} more container(s), and compose "
+            f"would recreate them all: recover its replicas with service={target.service}, or "
+            f"leave compose_file empty to recreate {state.name} from its own configuration"
+        )
+    return target
+
+
+def service_replicas(compose_file: str, service: str) -> list[str]:
+    """The names of the containers compose runs for `service` of `compose_file`."""
+    target = find_service(compose_file, service, None, service)
+    client = docker_client()
+    names = sorted(client.containers.get(i).name for i in compose_container_ids(target))
+    if not names:
+        raise RecreateError(
+            f"compose runs no container for service {service} of {target.compose_file}: "
+            "start it (compose up -d), then run this again"
+        )
+    return names
+
+
 @task(cache_policy=NO_CACHE)
-def recreate_with_compose(target: ComposeService, state: ContainerState) -> Replacement:
-    """`up --force-recreate` the service of `target`. A container of that name that
-    compose does not manage as this service is moved aside first (compose would refuse
-    the name) and put back if compose fails. Returns the new container's name."""
-    name = state.name
-    managed = state.compose_service == target.service
-    moved = rename_aside(name) if state.exists and not managed else None
-    replacement = Replacement(name, moved[0] if moved else None, bool(moved and moved[1]))
+def recreate_with_compose(target: ComposeService, inspection: Inspection) -> Replacement:
+    """`up --force-recreate` the service of `target`, the original kept aside first: a
+    copy compose does not see when compose manages it (`copy_aside`), else the
+    container renamed (compose would refuse its name). Any failure puts it back.
+    Returns the new container's name, and where the original waits."""
+    state = inspection.state
+    if state.exists and state.compose_service == target.service:
+        replacement = copy_aside(inspection)
+    else:
+        moved = rename_aside(state.name) if state.exists else None
+        replacement = Replacement(state.name, moved[0] if moved else None, bool(moved and moved[1]))
     try:
         compose_recreate(target)
         created = docker_client().containers.get(compose_container_id(target))
     except (ComposeError, DockerException) as error:
         reason = getattr(error, "explanation", None) or str(error)
-        now = roll_back(replacement) if moved else f"it is now {current_state(name).summary()}"
+        now = (
+            roll_back(replacement)
+            if replacement.aside
+            else f"it is now {current_state(state.name).summary()}"
+        )
         raise RecreateError(f"{reason}; {now}") from None
-    return Replacement(created.name, replacement.aside, replacement.was_running)
+    return replace(replacement, name=created.name)

@@ -202,6 +202,18 @@ def check_gateway(health_url: str, timeout_seconds: float) -> str:
     return f"{redact_url(health_url)} {wait.summary()}"
 
 
+def connections_received(redis_url: str) -> int:
+    """Connections this Redis accepted since it started, the one asking included
+    (INFO stats `total_connections_received`): who else connected meanwhile."""
+    client = connect(redis_url)
+    try:
+        return int(client.info("stats")["total_connections_received"])
+    except redis.RedisError as error:
+        raise explain(error, redis_url) from None
+    finally:
+        client.close()
+
+
 def ping(url: str) -> str:
     client = connect(url)
     try:
