@@ -17,10 +17,11 @@ run by docker-compose 1.29 (or `docker compose`) under the project name ``proxil
 Containers come from the local image ``proxilion-dr/hostfs`` (see sandbox.images) and use
 host networking; they carry compose's labels (com.docker.compose.project/.service).
 ``up()`` writes the project files, replaces containers with our names that this
-project did not make (the SDK-made ones of older checkouts, another checkout's),
-lets compose recreate what changed (file contents are in a label) and keeps a healthy
-container. The stack is one per machine (fixed ports): ``up()`` from another checkout
-takes it over.
+project did not make but nobody uses (stopped, or left by a checkout that is gone; the
+SDK-made ones of older checkouts), lets compose recreate what changed (file contents
+are in a label) and keeps a healthy container. The stack is one per machine (fixed
+ports): while another checkout's stack runs, ``up()`` and ``down()`` refuse to touch it
+and say whose it is.
 """
 
 from __future__ import annotations
@@ -432,6 +433,45 @@ def _ours(container: Container) -> bool:
     )
 
 
+def in_use_elsewhere(container: Container) -> str | None:
+    """The sandbox folder of another checkout whose running stack this container is in;
+    None when nobody else uses it (ours, stopped, or its checkout's folder is gone)."""
+    if _ours(container) or container.status not in {"running", "restarting", "paused"}:
+        return None
+    labels = container.labels or {}
+    where = labels.get(STATE_LABEL) or labels.get(WORKING_DIR_LABEL)
+    return where if where and Path(where).exists() else None
+
+
+def weeds_in_use_elsewhere() -> list[str]:
+    """The data folders of other checkouts' running SeaweedFS servers (not orphans)."""
+    ours = _our_weed_pid()
+    folders = []
+    for pid, argv in _sandbox_weeds():
+        data_dir = next((a for a in argv if a.startswith("-dir=")), "-dir=")[5:]
+        if pid != ours and data_dir and Path(data_dir).exists():
+            folders.append(data_dir)
+    return folders
+
+
+def refuse_another_checkouts_stack(client: docker.DockerClient) -> None:
+    """SandboxError naming another checkout whose stack runs here: its containers and its
+    S3 server are in use (a suite or a demo), and are never stopped from here."""
+    others = {
+        where
+        for spec in service_specs()
+        if (container := _get_container(client, spec.container)) is not None
+        and (where := in_use_elsewhere(container))
+    }
+    others |= {str(Path(d).parent) for d in weeds_in_use_elsewhere()}
+    if others:
+        raise SandboxError(
+            f"the sandbox of another checkout runs on this machine ({', '.join(sorted(others))}"
+            "): its containers and S3 server have the same names and ports and are in use; "
+            "stop it there with `.venv/bin/python -m sandbox down`, then run this again"
+        )
+
+
 def _remove_foreign(client: docker.DockerClient, specs: list[ServiceSpec]) -> list[str]:
     """Remove containers holding our names that this project did not make (compose
     would refuse to start beside them); returns their names."""
@@ -706,9 +746,11 @@ def ensure_weed() -> str:
         _stop_pid(pid, "seaweedfs")
         pid = None
     for other, argv in list(_sandbox_weeds()):
-        if other != pid:
+        if other != pid:  # an orphan: refuse_another_checkouts_stack stopped at a live one
             data_dir = next((a for a in argv if a.startswith("-dir=")), "-dir=?")[5:]
-            log.info("seaweedfs: stopping pid %d of another sandbox (%s)", other, data_dir)
+            log.info(
+                "seaweedfs: stopping pid %d of a sandbox whose folder is gone (%s)", other, data_dir
+            )
             _stop_pid(other, "seaweedfs")
     for attempt in (1, 2):
         if pid is None:
@@ -760,6 +802,7 @@ def up(*, seed_when_empty: bool = True) -> dict[str, str]:
     """Bring the whole stack up (idempotent). Returns what was done per component."""
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     client = ensure_dockerd()
+    refuse_another_checkouts_stack(client)
     done: dict[str, str] = {"dockerd": "ok", "project": str(PROJECT_DIR)}
     images.ensure_hostfs_image(client)
     done["seaweedfs"] = ensure_weed()
@@ -776,6 +819,7 @@ def down(*, purge: bool = False) -> dict[str, str]:
     done: dict[str, str] = {}
     client = _docker_ping()
     if client is not None:
+        refuse_another_checkouts_stack(client)
         if COMPOSE_FILE.is_file():
             compose("down", "--timeout", str(STOP_TIMEOUT))
             done["compose"] = f"down ({COMPOSE_FILE})"

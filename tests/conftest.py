@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ os.environ.setdefault("PREFECT_SERVER_API_DEFAULT_LIMIT", "1000000")
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402
+from prefect import Task  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from sandbox import constants as stack  # noqa: E402
@@ -61,6 +63,31 @@ def no_settings_from_the_environment() -> None:
             "monkeypatch, or the session did not clear the shell's settings",
             pytrace=False,
         )
+
+
+def retrying_tasks() -> list[Task[Any, Any]]:
+    """The project's Prefect tasks that retry (tasks.common.retry.retrying_task)."""
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith("tasks.") and module is not None:
+            for value in vars(module).values():
+                if isinstance(value, Task) and value.retries:
+                    found[id(value)] = value
+    return list(found.values())
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transient failures are retried at once, not after the production delays (2 s,
+    10 s: about 12 s per S3-down test): the retry happens all the same. A test whose
+    subject is the wait itself (a server coming back during it) is marked
+    `real_retry_delays`."""
+    if request.node.get_closest_marker("real_retry_delays"):
+        return
+    for task in retrying_tasks():
+        delays = task.retry_delay_seconds
+        quick = [0.0] * len(delays) if isinstance(delays, list) else 0.0
+        monkeypatch.setattr(task, "retry_delay_seconds", quick)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -116,6 +143,14 @@ def backup_dir(tmp_path: Path) -> Path:
     return path
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "real_retry_delays: transient failures wait the production retry delays (the test is "
+        "about what happens during them)",
+    )
+
+
 # Modules that never touch the shared sandbox stack's containers (they start their own
 # redis-servers, Prometheus, containers and Prefect servers; in S3 they use their own
 # prefix). With `-n 2` (the README's test command) each runs beside the rest; every
@@ -144,6 +179,7 @@ RUN_BESIDE_THE_STACK = {
     "test_restore_prometheus",
     "test_restore_redis",
     "test_retention",
+    "test_retention_per_kind",
     "test_retry",
     "test_s3",
     "test_settings_doc",

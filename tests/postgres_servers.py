@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from tests.prefect_servers import stop_group
-from tests.redis_servers import free_port
+from prefect_servers import stop_group
+from redis_servers import free_port
 
 START_TIMEOUT = 60.0
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
-
-from tests.redis_servers import free_port
+from redis_servers import free_port
 
 START_TIMEOUT = 180.0
 PREFECT = str(Path(sys.executable).with_name("prefect"))

@@ -17,6 +17,7 @@ import pytest
 from conftest import require
 from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
+from prefect_records import session_text
 
 from flows.backup_config import backup_config
 from sandbox import constants as stack
@@ -26,7 +27,6 @@ from tasks.config.redact import redact_file, redact_yaml
 from tasks.docker.containers import ContainerError
 from tasks.store.archive import extract_archive, verify_file
 from tasks.store.local import list_local
-from tests.prefect_records import session_text
 
 TOKEN = stack.GATEWAY_SECRET_ENV["GATEWAY_API_TOKEN"]
 ALLOWLIST = [*stack.GATEWAY_SETTINGS, "GATEWAY_API_TOKEN"]  # a secret allow-listed by mistake

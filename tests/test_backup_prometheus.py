@@ -25,6 +25,7 @@ import httpx
 import pytest
 from conftest import require
 from mounts import mounted_tmpfs
+from prefect_records import log_messages
 from prometheus_servers import Throwaway, back_up, compare_blocks, query, running_prometheus
 from restoring import restore_prometheus_into
 
@@ -43,7 +44,6 @@ from tasks.prometheus.capture import (
 from tasks.store.archive import CompressedWriter, open_decompressed, sha256_file
 from tasks.store.local import list_local
 from tasks.store.s3 import S3Unreachable
-from tests.prefect_records import log_messages
 
 SECRET = "pr0m-Pa55word"
 HISTORY = stack.PROMETHEUS_BACKFILL_METRIC

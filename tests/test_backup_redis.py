@@ -11,6 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 import redis
+from prefect_records import log_messages
 from redis_servers import assert_same_keyspace, keyspace_snapshot, running_redis
 from restoring import restore_redis_into
 
@@ -18,7 +19,6 @@ from flows.backup_redis import backup_redis
 from sandbox import constants as stack
 from sandbox.seed import url_for_db
 from tasks.store.archive import sha256_file
-from tests.prefect_records import log_messages
 
 
 def fill(url: str, sessions: int = 500) -> None:

@@ -15,6 +15,7 @@ from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import State
+from prefect_records import log_messages
 from redis_servers import running_redis
 
 from flows.backup_redis import backup_redis
@@ -28,7 +29,6 @@ from tasks.redis.save import SaveFailed, SaveTimeout
 from tasks.redis.server import RedisUnreachable, inspect_redis
 from tasks.store.local import list_local
 from tasks.store.s3 import S3Error, S3Unreachable
-from tests.prefect_records import log_messages
 
 SECRET = "s3cr3t-Pa55word"
 

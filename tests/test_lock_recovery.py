@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from lock_holder import HolderProcess, require_unshare, unique_lock
 from prefect.settings import PREFECT_API_URL
+from prefect_servers import PrefectServer, api, prefect_env, restart, running_prefect_server
 
 from tasks.common.locks import LockBusy, exclusive
-from tests.prefect_servers import PrefectServer, api, prefect_env, restart, running_prefect_server
 
 NEXT_RUN_SECONDS = 90.0
 IN_MEMORY = "prefect.server.concurrency.lease_storage.memory"  # Prefect's default

@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import require
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogHandler
+from redis_servers import free_port
 
 from flows.backup_config import backup_config
 from flows.recover_redis import recover_redis
@@ -24,8 +26,6 @@ from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from tasks.common import pushgateway as metrics
 from tasks.store.kinds import config_source_id
-from tests.conftest import require
-from tests.redis_servers import free_port
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
 RULES = MONITORING / "proxilion-dr-alerts.yml"

@@ -26,16 +26,12 @@ import boto3
 import pytest
 import redis
 import yaml
+from postgres_servers import running_postgres
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.schedules import RRuleSchedule
-
-from deployments.__main__ import render_yaml
-from deployments.hosts import for_host
-from sandbox import constants as stack
-from tests.postgres_servers import running_postgres
-from tests.prefect_servers import (
+from prefect_servers import (
     PREFECT,
     PrefectServer,
     api,
@@ -43,7 +39,11 @@ from tests.prefect_servers import (
     running_prefect_server,
     stop_group,
 )
-from tests.throwaway_services import Service, redis_container
+from throwaway_services import Service, redis_container
+
+from deployments.__main__ import render_yaml
+from deployments.hosts import for_host
+from sandbox import constants as stack
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "host-a"

@@ -18,7 +18,9 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.exceptions import ClientError
+from conftest import require
 from redis_servers import running_redis
+from test_backup_redis import fill
 
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
@@ -27,8 +29,6 @@ from tasks.common.clock import parse_time, utc_now
 from tasks.store.archive import Manifest, manifest_name, sha256_file
 from tasks.store.local import backup_name
 from tasks.store.s3 import ObjectLock, S3Error, object_key, prune_remote, upload_backup
-from tests.conftest import require
-from tests.test_backup_redis import fill
 
 BUCKET = stack.S3_LOCKED_BUCKET
 SECONDS = 1 / 86_400  # retention_days of one second

@@ -16,6 +16,7 @@ from prefect.client.orchestration import get_client
 from redis_servers import free_port, running_redis
 from restoring import restore_redis_into
 from test_backup_config import artifact_rows, write_project
+from test_backup_redis import fill
 
 from flows.backup_config import backup_config
 from flows.backup_redis import backup_redis
@@ -24,7 +25,6 @@ from tasks.redis.setup import RedisSetup
 from tasks.store.archive import CompressedWriter
 from tasks.store.find import fetch_backup
 from tasks.store.s3 import S3Error
-from tests.test_backup_redis import fill
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from docker.types import Mount
 from prefect.client.orchestration import get_client
+from prefect_records import session_text
 from redis_servers import RedisServer, free_port, running_redis
 
 from flows.recover_gateway import recover_gateway
@@ -30,7 +31,6 @@ from sandbox import constants as stack
 from sandbox.images import host_mounts
 from sandbox.stack import gateway_mounts
 from tasks.docker.compose import compose_command
-from tests.prefect_records import session_text
 
 TEST_LABEL = "proxilion-dr.test-id"
 TOKEN_PREFIX = "tok-recover-gateway-"

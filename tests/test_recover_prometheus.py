@@ -5,6 +5,7 @@ values; a dry run changes nothing; a retention too short for the backup is refus
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from datetime import timedelta
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from throwaway_services import Service, prometheus_container
+from throwaway_services import Service, prometheus_container, prometheus_ready, wait_for
 
 from flows.backup_prometheus import backup_prometheus
 from flows.recover_prometheus import recover_prometheus
+from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from sandbox.stack import backfill_openmetrics
 from tasks.prometheus.api import ULID
@@ -27,7 +29,7 @@ from tasks.prometheus.setup import (
     parse_duration,
     retention_from_flags,
 )
-from tasks.store.archive import Manifest
+from tasks.store.archive import Manifest, manifest_name
 from tasks.store.find import FoundBackup
 
 HISTORY = stack.PROMETHEUS_BACKFILL_METRIC
@@ -148,3 +150,65 @@ def test_a_retention_shorter_than_the_backup_is_refused() -> None:
         days=365 + 14 + 3, hours=4, minutes=5, seconds=6
     )
     assert parse_duration("banana") is None
+
+
+def test_a_restore_whose_proof_fails_is_rolled_back_and_the_old_data_serves_again(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """The restored blocks do not answer where the manifest says (it claims its oldest
+    block a year before any data): the proof fails after the data was moved, so the old data goes
+    back, what the restore placed is kept for a look, and Prometheus runs on its history."""
+    with prometheus_container(tmp_path, backfill) as service:
+        manifest = back_up(service, backup_dir)
+        sidecar = backup_dir / manifest_name(manifest.name)
+        data = json.loads(sidecar.read_text())
+        oldest = min(data["source"]["block_list"], key=lambda b: b["min_time"])
+        oldest["min_time"] -= 400 * 86_400_000  # a year before any data, within retention
+        oldest["max_time"] = oldest["min_time"] + 3_600_000
+        sidecar.write_text(json.dumps(data))
+        before = sorted(p.name for p in service.data_dir.iterdir())
+        with pytest.raises(StepFailed, match="step 'query the oldest restored block' failed"):
+            recover_prometheus(
+                container=service.name,
+                prometheus_url=service.url,
+                backup=manifest.name,
+                backup_dir=str(backup_dir),
+                s3_bucket="",
+            )
+        assert sorted(p.name for p in service.data_dir.iterdir()) == before
+        [kept] = list(service.data_dir.parent.glob(f"{service.data_dir.name}.failed-restore-*"))
+        assert sorted(p.name for p in blocks(kept)) == sorted(
+            b["ulid"] for b in data["source"]["block_list"]
+        )
+        wait_for(lambda: prometheus_ready(service), "Prometheus started again", service)
+        assert history(service) == known_history()
+
+
+def test_a_plain_backup_only_in_s3_is_restored(
+    tmp_path: Path, backup_dir: Path, s3_prefix: str
+) -> None:
+    s3 = {
+        "s3_bucket": stack.S3_BUCKET,
+        "s3_prefix": s3_prefix,
+        "s3_endpoint_url": stack.S3_ENDPOINT,
+    }
+    with prometheus_container(tmp_path, backfill) as service:
+        manifest = Manifest(
+            **backup_prometheus(
+                prometheus_url=service.url,
+                container=service.name,
+                fetch="container",
+                backup_dir=str(tmp_path / "lost-host-backups"),
+                **s3,
+            )
+        )
+        assert not manifest.encryption  # plain: no age recipients set
+        service.container().stop()
+        shutil.rmtree(blocks(service.data_dir)[0])
+        service.container().start()
+        empty = tmp_path / "new-host-backups"
+        result = recover_prometheus(
+            container=service.name, prometheus_url=service.url, backup_dir=str(empty), **s3
+        )
+        assert result["ok"] and result["backup"]["from"].startswith(f"s3://{stack.S3_BUCKET}/")
+        assert history(service) == known_history()

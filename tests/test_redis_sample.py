@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from redis_servers import running_redis, seed_mixed_data, start_from_rdb
 
 from flows.backup_redis import backup_redis
 from tasks.redis.sample import check_sample, confirm_sample, open_clients, pick_sample
 from tasks.store.archive import open_decompressed
-from tests.redis_servers import running_redis, seed_mixed_data, start_from_rdb
 
 
 def test_a_sample_taken_around_a_save_matches_the_reloaded_snapshot(tmp_path: Path) -> None:

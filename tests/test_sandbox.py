@@ -7,6 +7,7 @@ These tests FAIL (never skip) when a service does not answer: start the stack wi
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 import sys
@@ -351,3 +352,29 @@ def test_env_points_backup_config_at_the_project() -> None:
         [sys.executable, "-m", "sandbox", "env"], capture_output=True, text=True, check=True
     ).stdout
     assert f"export PROXILION_DR_CONFIG_PROJECT_DIR={constants.PROJECT_DIR}" in exports
+
+
+def test_another_checkout_cannot_take_over_or_stop_the_running_stack(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """`sandbox up` / `down` from another checkout (another PROXILION_SANDBOX_DIR) while
+    this one's stack runs refuse, naming whose it is; nothing is restarted."""
+    names = (REDIS_CONTAINER, GATEWAY_CONTAINER, PROMETHEUS_CONTAINER)
+    started = {n: docker_client.containers.get(n).attrs["State"]["StartedAt"] for n in names}
+    weed = stack._our_weed_pid()
+    other = {**os.environ, "PROXILION_SANDBOX_DIR": str(tmp_path / "other-checkout")}
+    for action in ("up", "down"):
+        run = subprocess.run(
+            [sys.executable, "-m", "sandbox", action],
+            env=other,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode != 0, f"sandbox {action} from another checkout went ahead"
+        assert f"the sandbox of another checkout runs on this machine ({constants.STATE_DIR}" in (
+            run.stdout + run.stderr
+        )
+    after = {n: docker_client.containers.get(n).attrs["State"]["StartedAt"] for n in names}
+    assert after == started
+    assert stack._our_weed_pid() == weed

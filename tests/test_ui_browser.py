@@ -28,17 +28,17 @@ from playwright.sync_api import expect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
-
-from deployments.catalog import DEPLOYMENTS, steady_interval
-from tests.prefect_servers import (
+from prefect_servers import (
     PrefectServer,
     api,
     prefect_env,
     running_prefect_server,
     stop_group,
 )
-from tests.redis_servers import free_port, running_redis
-from tests.throwaway_services import redis_container
+from redis_servers import free_port, running_redis
+from throwaway_services import redis_container
+
+from deployments.catalog import DEPLOYMENTS, steady_interval
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
