@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -25,7 +26,7 @@ from prefect import flow, get_client
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL
 
-from deployments.__main__ import load_flow
+from deployments.__main__ import load_flow, main
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
 from deployments.notifications import (
     FAILURE_AUTOMATION,
@@ -225,3 +226,42 @@ def test_each_host_watches_its_own_deployments_for_lateness(webhook: Webhook) ->
         "prefect.resource.role": "deployment",
         "prefect.resource.name": "every-6-hours-db-1",
     } in [dict(r.root) for r in related]
+
+
+def late_names(host: str | None = None) -> set[str]:
+    """The late automations `apply` creates for `host`'s deployments (None: one host)."""
+    return {late_automation_name(spec) for spec in scheduled(host)}
+
+
+def automation_names() -> set[str]:
+    with get_client(sync_client=True) as client:
+        return {a.name for a in client.read_automations()}
+
+
+def test_a_single_host_apply_beside_a_multi_host_server_keeps_every_hosts_automations(
+    webhook: Webhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One Prefect server, hosts `db-1` and `east-db-1` registered with `apply --host`, and
+    a machine that runs `python -m deployments apply` without `--host` (as `serve` does
+    when it starts): each apply removes only its own stale late automations."""
+    apply_notifications(webhook.url, ui_url="", host="db-1")
+    apply_notifications(webhook.url, ui_url="", host="east-db-1")
+    block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
+    gone = DeploymentSpec("gone", "flows/backup_logs.py:backup_logs", "0 * * * *", "gone")
+    gone_db_1 = replace(gone, name="gone-db-1")
+    replace_automation(late_automation(gone, block_id, ""))  # removed from the catalog
+    replace_automation(late_automation(gone_db_1, block_id, "", host="db-1"))
+
+    monkeypatch.setenv("PROXILION_DR_NOTIFY_WEBHOOK_URL", webhook.url)
+    main(["apply"])
+    after_single = automation_names()
+    apply_notifications(webhook.url, ui_url="", host="db-1")  # db-1 registers again
+    after_host = automation_names()
+
+    assert late_names("db-1") | late_names("east-db-1") <= after_single, "apply removed them"
+    assert late_names() <= after_single
+    assert late_automation_name(gone) not in after_single  # its own stale one
+    assert late_automation_name(gone_db_1) in after_single
+    assert late_names("east-db-1") <= after_host, "apply --host db-1 removed east-db-1's"
+    assert late_names() <= after_host, "apply --host db-1 removed the single host's"
+    assert late_automation_name(gone_db_1) not in after_host
