@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from prefect import flow, get_client
+from prefect.flow_engine import run_flow
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL
 
@@ -107,7 +108,10 @@ def test_failed_run_reaches_the_webhook_with_flow_run_step_and_reason(webhook: W
     assert "step 'recreate container from its configuration' failed" in text  # the step
     assert f"container '{missing}' does not exist; recreate is off" in text  # the reason
     assert str(run.id) in text  # where to look (a UI link when PREFECT_UI_URL is set)
-    time.sleep(2)  # one failure is one message (the hooks do not send a second one)
+    # One failure is one message: a second failure's message proves the server has
+    # processed every event of the first run (they came before it), the hooks included.
+    later = recover_gateway(container=missing, recreate=False, return_state=True)
+    webhook.wait_for(str(later.state_details.flow_run_id))
     assert sum(run.name in m["text"] for m in webhook.received) == 1
 
 
@@ -136,6 +140,47 @@ def test_scheduled_deployment_that_does_not_complete_in_time_notifies(webhook: W
 
     assert "backup-redis late" in message["subject"]
     assert "has not completed a run in the last 0:00:10" in message["text"]
+
+
+@flow(name="backup-on-time")
+def backup_on_time() -> None:
+    """A scheduled deployment's run that completes: the late automation watches only for
+    its Completed event, so what the flow does is not part of the test."""
+
+
+def complete_a_run(deployment_id: uuid.UUID) -> None:
+    """One run of the deployment, created on the server and run here to Completed (as a
+    runner's subprocess runs it)."""
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id)
+    run_flow(backup_on_time, flow_run=run)
+
+
+def test_a_deployment_whose_runs_complete_on_time_is_not_late(webhook: Webhook) -> None:
+    """Runs completing back to back keep a 10 s late automation silent; a second one,
+    watching a deployment with no runs, shows the server evaluated two windows meanwhile.
+    Once the runs stop, the first one speaks too (so its silence meant something)."""
+    block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
+    suffix = uuid.uuid4().hex[:6]
+    on_time = DeploymentSpec(f"on-time-{suffix}", f"{__file__}:backup_on_time", "0 * * * *", "")
+    idle = replace(on_time, name=f"idle-{suffix}")
+    deployment_id = backup_on_time.to_deployment(name=on_time.name).apply()
+    window = timedelta(seconds=10)
+    replace_automation(late_automation(on_time, block_id, "", within=window))
+    replace_automation(late_automation(idle, block_id, "", within=window))
+
+    def said(spec: DeploymentSpec) -> int:
+        return sum(f"(deployment {spec.name}," in m["text"] for m in webhook.received)
+
+    deadline = time.monotonic() + 120
+    while said(idle) < 2:
+        assert time.monotonic() < deadline, (
+            f"the idle deployment was never late: {webhook.received}"
+        )
+        complete_a_run(deployment_id)
+    assert said(on_time) == 0, webhook.received
+
+    webhook.wait_for(f"(deployment {on_time.name},", deadline_seconds=60)
 
 
 def test_failure_hook_warns_when_no_automation_notifies() -> None:
