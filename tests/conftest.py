@@ -137,6 +137,7 @@ RUN_BESIDE_THE_STACK = {
     "test_architecture",
     "test_aside",
     "test_component_lock",
+    "test_deployments",
     "test_finding_backups",
     "test_hosts",
     "test_locks",
