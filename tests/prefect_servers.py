@@ -1,9 +1,10 @@
 """A real `prefect server start` (UI included) for tests that need more than the
 harness's in-process server: a browser, a worker, a PostgreSQL database.
 
-`running_prefect_server(home)` starts it on a free 127.0.0.1 port with its own
-PREFECT_HOME (SQLite there unless `database_url` names another database), waits
-until `/api/health` answers and stops the whole process group on exit.
+`running_prefect_server(home)` starts it on a free 127.0.0.1 port (another one when
+that port was taken before the server bound it) with its own PREFECT_HOME (SQLite
+there unless `database_url` names another database), waits until `/api/health`
+answers and stops the whole process group on exit.
 `prefect_env(server)` is the environment for processes that talk to it (a worker,
 `python -m deployments serve`), and `api(server)` points this process's Prefect
 client at it.
@@ -28,6 +29,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from tests.redis_servers import free_port
 
 START_TIMEOUT = 180.0
+PORT_ATTEMPTS = 5
+PORT_TAKEN = "already in use"  # the CLI's check, or uvicorn's bind error (lower-cased)
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
@@ -82,15 +85,18 @@ def stop_group(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         process.wait()
 
 
-def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> None:
-    """Poll `/api/health` until it answers; fail with the server's log otherwise."""
+def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> bool:
+    """Poll `/api/health` until it answers (True); False when the server exited because
+    its port was taken meanwhile; fail with the server's log otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
+            if PORT_TAKEN in server.log_path.read_text(errors="replace").lower():
+                return False
             break
         try:
             if httpx.get(server.api_url + "/health", timeout=2).status_code == 200:
-                return
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -101,27 +107,13 @@ def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> None:
     )
 
 
-@contextmanager
-def running_prefect_server(
-    home: Path, database_url: str | None = None, **settings: str
-) -> Iterator[PrefectServer]:
-    """`prefect server start` with the UI on a free port; `settings` are extra
-    PREFECT_* variables for the server (e.g. service loop intervals)."""
-    home.mkdir(parents=True, exist_ok=True)
+def start_server(home: Path, env: dict[str, str]) -> PrefectServer | None:
+    """`prefect server start` on a free port, once healthy; None if the port was taken
+    before it bound it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = home / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=url + "/api",
-        PREFECT_UI_API_URL=url + "/api",
-        PREFECT_UI_ENABLED="true",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        **settings,
-    )
-    if database_url:
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    env = {**env, "PREFECT_API_URL": url + "/api", "PREFECT_UI_API_URL": url + "/api"}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -133,7 +125,39 @@ def running_prefect_server(
         )
     server = PrefectServer(url=url, home=home, log_path=log_path, process=process)
     try:
-        wait_healthy(server)
+        if wait_healthy(server):
+            return server
+    except BaseException:
+        stop_group(process)
+        raise
+    stop_group(process)
+    return None
+
+
+@contextmanager
+def running_prefect_server(
+    home: Path, database_url: str | None = None, **settings: str
+) -> Iterator[PrefectServer]:
+    """`prefect server start` with the UI on a free port (another one if that port was
+    taken meanwhile); `settings` are extra PREFECT_* variables for the server (e.g.
+    service loop intervals)."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_UI_ENABLED="true",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **settings,
+    )
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    for _attempt in range(PORT_ATTEMPTS):
+        server = start_server(home, env)
+        if server is not None:
+            break
+    else:
+        pytest.fail(f"`prefect server start` found no free port in {PORT_ATTEMPTS} tries")
+    try:
         yield server
     finally:
-        stop_group(process)
+        stop_group(server.process)
