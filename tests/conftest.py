@@ -141,6 +141,7 @@ RUN_BESIDE_THE_STACK = {
     "test_finding_backups",
     "test_hosts",
     "test_locks",
+    "test_monitoring",
     "test_multi_host",
     "test_notifications",
     "test_object_lock",
