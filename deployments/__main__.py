@@ -5,6 +5,9 @@
 (deployments/notifications.py), which `serve` also does when it starts.
 
 Schedules use the time zone of PROXILION_DR_SCHEDULE_TIMEZONE (default UTC).
+`serve --schedules-off` (and `yaml --schedules-off`) registers every schedule switched
+off: shown in the UI, never creating a run; runs launched by hand run as usual (what
+tests use: a run falling due would back up with the default settings).
 Stopping `serve` leaves the deployments and their schedules active (Prefect's
 default pauses them all): the scheduled runs wait, Late, until the runner is
 back (deploy/proxilion-dr.service keeps it up)."""
@@ -34,30 +37,35 @@ def load_flow(spec: DeploymentSpec) -> Any:
     return getattr(module, attribute)
 
 
-def schedule(cron: str, timezone: str) -> Schedule:
+def schedule(cron: str, timezone: str, active: bool = True) -> Schedule:
     """The Prefect schedule of a catalog cron read in `timezone`: an interval when it is
-    one (the deployments page shows it in a few words), else the cron."""
+    one (the deployments page shows it in a few words), else the cron. An inactive one
+    is shown but creates no runs."""
     steady = steady_interval(cron)
     if steady is None:
-        return Cron(cron, timezone=timezone)
-    return Interval(steady.every, anchor_date=steady.anchor_in(timezone), timezone=timezone)
+        return Cron(cron, timezone=timezone, active=active)
+    return Interval(
+        steady.every, anchor_date=steady.anchor_in(timezone), timezone=timezone, active=active
+    )
 
 
-def yaml_schedule(cron: str, timezone: str) -> dict[str, Any]:
+def yaml_schedule(cron: str, timezone: str, active: bool = True) -> dict[str, Any]:
     """`schedule()` as a prefect.yaml schedule entry."""
     steady = steady_interval(cron)
-    if steady is None:
-        return {"cron": cron, "timezone": timezone}
-    return {
-        "interval": int(steady.every.total_seconds()),
-        "anchor_date": steady.anchor_in(timezone).isoformat(),
-        "timezone": timezone,
-    }
+    entry: dict[str, Any] = {"cron": cron, "timezone": timezone}
+    if steady is not None:
+        entry = {
+            "interval": int(steady.every.total_seconds()),
+            "anchor_date": steady.anchor_in(timezone).isoformat(),
+            "timezone": timezone,
+        }
+    return entry if active else {**entry, "active": False}
 
 
-def to_deployment(spec: DeploymentSpec, timezone: str) -> Any:
-    """The runner deployment of one catalog entry, its cron read in `timezone`."""
-    schedules = [schedule(spec.cron, timezone)] if spec.cron else None
+def to_deployment(spec: DeploymentSpec, timezone: str, schedules_on: bool = True) -> Any:
+    """The runner deployment of one catalog entry, its cron read in `timezone` (its
+    schedule switched off unless `schedules_on`)."""
+    schedules = [schedule(spec.cron, timezone, schedules_on)] if spec.cron else None
     return load_flow(spec).to_deployment(
         name=spec.name,
         schedules=schedules,
@@ -68,13 +76,16 @@ def to_deployment(spec: DeploymentSpec, timezone: str) -> Any:
     )
 
 
-def serve_all(timezone: str) -> None:
-    """Run every deployment's schedule here until stopped; stopping does NOT pause them."""
-    serve(*(to_deployment(spec, timezone) for spec in DEPLOYMENTS), pause_on_shutdown=False)
+def serve_all(timezone: str, schedules_on: bool = True) -> None:
+    """Run every deployment's schedule here until stopped (with `schedules_on` False,
+    only the runs launched by hand); stopping does NOT pause them."""
+    deployments = (to_deployment(spec, timezone, schedules_on) for spec in DEPLOYMENTS)
+    serve(*deployments, pause_on_shutdown=False)
 
 
-def render_yaml(timezone: str = "UTC") -> str:
-    """prefect.yaml for `prefect deploy --all` with a process work pool, crons in `timezone`."""
+def render_yaml(timezone: str = "UTC", schedules_on: bool = True) -> str:
+    """prefect.yaml for `prefect deploy --all` with a process work pool, crons in
+    `timezone` (every schedule switched off unless `schedules_on`)."""
     document = {
         "name": "proxilion-dr",
         "prefect-version": "3.9.1",
@@ -92,7 +103,9 @@ def render_yaml(timezone: str = "UTC") -> str:
                 "description": spec.description,
                 "tags": list(spec.tags),
                 "parameters": spec.parameters,
-                "schedules": [yaml_schedule(spec.cron, timezone)] if spec.cron else [],
+                "schedules": [yaml_schedule(spec.cron, timezone, schedules_on)]
+                if spec.cron
+                else [],
                 "concurrency_limit": spec.concurrency_limit,
                 "work_pool": {"name": "proxilion-dr"},
             }
@@ -126,6 +139,12 @@ def main(argv: list[str]) -> None:
         help="yaml: this Docker host's copy of every deployment, on its own work queue "
         "(see deployments/hosts.py); apply: watch that copy for lateness",
     )
+    parser.add_argument(
+        "--schedules-off",
+        action="store_true",
+        help="serve, yaml: register every schedule switched off (shown in the UI, no run "
+        "created from it); runs launched by hand still run",
+    )
     args = parser.parse_args(argv)
     if args.command == "settings":  # documents the defaults: reads no environment
         sys.stdout.write(settings_markdown())
@@ -139,10 +158,10 @@ def main(argv: list[str]) -> None:
     if args.command in ("serve", "apply"):
         notify(args.host if args.command == "apply" else None)
     if args.command == "yaml":
-        text = render_yaml(timezone)
+        text = render_yaml(timezone, schedules_on=not args.schedules_off)
         sys.stdout.write(for_host(text, args.host) if args.host else text)
     elif args.command == "serve":
-        serve_all(timezone)
+        serve_all(timezone, schedules_on=not args.schedules_off)
 
 
 if __name__ == "__main__":

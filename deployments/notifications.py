@@ -9,6 +9,8 @@ that use it, defined here and created by `python -m deployments apply` (and `ser
   message.
 - `proxilion-dr: <flow>/<deployment> late`, per scheduled deployment: no run of it
   completed within 2 × its schedule interval (also when nothing runs the schedules).
+  Each is tagged with the host whose deployment it watches (none for a single host), so
+  an `apply` removes only its own host's stale ones.
 
 The webhook URL (Slack, Mattermost, ntfy…) is a credential: it is kept in the block's
 secret values, never in its plain fields, and never printed.
@@ -29,6 +31,7 @@ from deployments.catalog import DEPLOYMENTS, DeploymentSpec
 WEBHOOK_BLOCK = "proxilion-dr-webhook"
 FAILURE_AUTOMATION = "proxilion-dr: run failed or crashed"
 LATE_PREFIX = "proxilion-dr: "  # + "<flow>/<deployment> late"
+LATE_TAG = "proxilion-dr:late"  # every late automation; with "host:<host>" for a host's
 FLOW_NAMES = ["backup-*", "recover-*", "verify-restore"]
 
 FAILURE_SUBJECT = "proxilion-dr: {{ flow.name }} {{ flow_run.state.name }} ({{ flow_run.name }})"
@@ -73,16 +76,26 @@ def late_automation_name(spec: DeploymentSpec) -> str:
     return f"{LATE_PREFIX}{spec.flow_name}/{spec.name} late"
 
 
+def late_tags(host: str | None) -> list[str]:
+    """The tags saying which host's deployment a late automation watches."""
+    return [LATE_TAG, f"host:{host}"] if host else [LATE_TAG]
+
+
 def late_automation(
-    spec: DeploymentSpec, block_id: UUID, ui_url: str, within: timedelta | None = None
+    spec: DeploymentSpec,
+    block_id: UUID,
+    ui_url: str,
+    within: timedelta | None = None,
+    host: str | None = None,
 ) -> AutomationCore:
-    """No run of this scheduled deployment completed within `within` (default 2 × its
-    schedule interval); repeats every such window while it lasts."""
+    """No run of this scheduled deployment (host `host`'s copy, when given) completed
+    within `within` (default 2 × its schedule interval); repeats every such window."""
     window = within or 2 * (spec.interval or timedelta(0))
     where = f"{ui_url.rstrip('/')}/deployments" if ui_url else "the Prefect UI, Deployments"
     return AutomationCore(
         name=late_automation_name(spec),
         description=f"{spec.flow_name}/{spec.name} did not complete within {window}.",
+        tags=late_tags(host),
         trigger=EventTrigger(
             posture=Posture.Proactive,
             match={"prefect.resource.id": "prefect.flow-run.*"},
@@ -120,7 +133,7 @@ def notification_automations(
 ) -> list[AutomationCore]:
     """The failure automation and one late automation per scheduled deployment (of
     host `host`, when given)."""
-    late = [late_automation(spec, block_id, ui_url) for spec in scheduled(host)]
+    late = [late_automation(spec, block_id, ui_url, host=host) for spec in scheduled(host)]
     return [failure_automation(block_id), *late]
 
 
@@ -141,8 +154,11 @@ def apply_notifications(webhook_url: str, ui_url: str, host: str | None = None) 
     """Save the webhook block and (re)create every notification automation, removing
     late automations of deployments no longer in the catalog; returns the automations'
     names. Without a webhook URL nothing is created. With `host`, the late automations
-    watch that host's deployments (`every-6-hours-db-1`), and only that host's stale
-    ones are removed: every host runs this for its own."""
+    watch that host's deployments (`every-6-hours-db-1`). Only stale late automations
+    tagged for the same host (or for no host, without `host`) are removed: every host runs
+    this for its own, and a name cannot tell them apart (`every-6-hours-db-1` ends like
+    `every-6-hours-east-db-1`, and in ` late` like every host's). Untagged ones (made
+    before the tags) are updated in place when current, left alone when stale."""
     if not webhook_url:
         return []
     block_id = webhook_block(webhook_url).save(WEBHOOK_BLOCK, overwrite=True)
@@ -150,10 +166,9 @@ def apply_notifications(webhook_url: str, ui_url: str, host: str | None = None) 
     for automation in automations:
         replace_automation(automation)
     current = {a.name for a in automations}
+    ours = sorted(late_tags(host))
     with get_client(sync_client=True) as client:
         for stale in client.read_automations():
-            ending = f"-{host} late" if host else " late"
-            is_late = stale.name.startswith(LATE_PREFIX) and stale.name.endswith(ending)
-            if is_late and stale.name not in current:
+            if sorted(stale.tags) == ours and stale.name not in current:
                 client.delete_automation(stale.id)
     return sorted(current)

@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL cluster (Debian's `postgresql`) for tests: `initdb` into a
-fresh folder, `postgres` on a free 127.0.0.1 port, trust authentication, one
-database; stopped and deleted on exit.
+fresh folder, `postgres` on a free 127.0.0.1 port (retried on a collision), trust
+authentication, one database; stopped and deleted on exit.
 
 PostgreSQL refuses to run as root: as root the cluster belongs to the `postgres`
 user (its folder is made outside pytest's root-only temp dir so that user can
@@ -26,6 +26,7 @@ from prefect_servers import stop_group
 from redis_servers import free_port
 
 START_TIMEOUT = 60.0
+PORT_ATTEMPTS = 5
 
 
 @dataclass
@@ -60,15 +61,14 @@ def as_owner(command: list[str]) -> list[str]:
 
 @contextmanager
 def running_postgres(database: str = "prefect") -> Iterator[PostgresServer]:
-    """A fresh cluster with `database`, answering on a free port."""
+    """A fresh cluster with `database`, answering on a free port (another one when that
+    port was taken before PostgreSQL bound it)."""
     bin_dir = postgres_bin()
     root = Path(tempfile.mkdtemp(prefix="proxilion-dr-pg-"))
     if os.geteuid() == 0:
         owner = pwd.getpwnam("postgres")
         os.chown(root, owner.pw_uid, owner.pw_gid)
     data = root / "data"
-    port = free_port()
-    log_path = root / "postgres.log"
     process = None
     try:
         subprocess.run(
@@ -79,19 +79,13 @@ def running_postgres(database: str = "prefect") -> Iterator[PostgresServer]:
             check=True,
             capture_output=True,
         )
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                as_owner(
-                    [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)]
-                    + ["-k", str(root), "-c", "listen_addresses=127.0.0.1"]
-                    + ["-c", "fsync=off", "-c", "max_connections=200"]
-                ),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        wait_ready(bin_dir, port, process, log_path)
+        for _attempt in range(PORT_ATTEMPTS):
+            port = free_port()
+            process = start(bin_dir, data, port, root / f"postgres-{port}.log")
+            if process is not None:
+                break
+        else:
+            pytest.fail(f"PostgreSQL found no free port in {PORT_ATTEMPTS} tries", pytrace=False)
         subprocess.run(
             [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port)]
             + ["-U", "postgres", database],
@@ -105,7 +99,20 @@ def running_postgres(database: str = "prefect") -> Iterator[PostgresServer]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_ready(bin_dir: Path, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+def start(bin_dir: Path, data: Path, port: int, log_path: Path) -> subprocess.Popen[bytes] | None:
+    """`postgres` on `port`, once it accepts connections; None if the port was taken."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            as_owner(
+                [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)]
+                + ["-k", str(data.parent), "-c", "listen_addresses=127.0.0.1"]
+                + ["-c", "fsync=off", "-c", "max_connections=200"]
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline and process.poll() is None:
         ready = subprocess.run(
@@ -113,10 +120,13 @@ def wait_ready(bin_dir: Path, port: int, process: subprocess.Popen[bytes], log: 
             capture_output=True,
         )
         if ready.returncode == 0:
-            return
+            return process
         time.sleep(0.3)
+    text = log_path.read_text(errors="replace")
+    if process.poll() is not None and "Address already in use" in text:
+        return None
+    stop_group(process)
     pytest.fail(
-        f"PostgreSQL did not accept connections on 127.0.0.1:{port}; its log:\n"
-        + log.read_text(errors="replace")[-2000:],
+        f"PostgreSQL did not accept connections on 127.0.0.1:{port}; its log:\n{text[-2000:]}",
         pytrace=False,
     )

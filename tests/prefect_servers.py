@@ -1,9 +1,10 @@
 """A real `prefect server start` (UI included) for tests that need more than the
 harness's in-process server: a browser, a worker, a PostgreSQL database.
 
-`running_prefect_server(home)` starts it on a free 127.0.0.1 port with its own
-PREFECT_HOME (SQLite there unless `database_url` names another database), waits
-until `/api/health` answers and stops the whole process group on exit.
+`running_prefect_server(home)` starts it on a free 127.0.0.1 port (another one when
+that port was taken before the server bound it) with its own PREFECT_HOME (SQLite
+there unless `database_url` names another database), waits until `/api/health`
+answers and stops the whole process group on exit.
 `prefect_env(server)` is the environment for processes that talk to it (a worker,
 `python -m deployments serve`), `api(server)` points this process's Prefect client at
 it, and `restart(server)` stops it and starts it again on the same port and database.
@@ -27,6 +28,8 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from redis_servers import free_port
 
 START_TIMEOUT = 180.0
+PORT_ATTEMPTS = 5
+PORT_TAKEN = "already in use"  # the CLI's check, or uvicorn's bind error (lower-cased)
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 
 
@@ -83,15 +86,18 @@ def stop_group(process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
         process.wait()
 
 
-def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> None:
-    """Poll `/api/health` until it answers; fail with the server's log otherwise."""
+def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> bool:
+    """Poll `/api/health` until it answers (True); False when the server exited because
+    its port was taken meanwhile; fail with the server's log otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
+            if PORT_TAKEN in server.log_path.read_text(errors="replace").lower():
+                return False
             break
         try:
             if httpx.get(server.api_url + "/health", timeout=2).status_code == 200:
-                return
+                return True
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -100,38 +106,6 @@ def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> None:
         f"(exit code {server.process.poll()}); its log:\n{server.log_tail()}",
         pytrace=False,
     )
-
-
-@contextmanager
-def running_prefect_server(
-    home: Path, database_url: str | None = None, **settings: str
-) -> Iterator[PrefectServer]:
-    """`prefect server start` with the UI on a free port; `settings` are extra
-    PREFECT_* variables for the server (e.g. service loop intervals), or replace
-    these defaults (PREFECT_UI_ENABLED="false": no UI)."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = home / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_API_URL=url + "/api",
-        PREFECT_UI_API_URL=url + "/api",
-        PREFECT_UI_ENABLED="true",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
-    env.update(settings)
-    if database_url:
-        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
-    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    process = spawn(command, env, log_path)
-    server = PrefectServer(url, home, log_path, process, command, env)
-    try:
-        wait_healthy(server)
-        yield server
-    finally:
-        stop_group(server.process)
 
 
 def spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
@@ -147,9 +121,60 @@ def spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess
         )
 
 
+def start_server(home: Path, env: dict[str, str]) -> PrefectServer | None:
+    """`prefect server start` on a free port, once healthy; None if the port was taken
+    before it bound it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = home / "server.log"
+    log_path.write_bytes(b"")  # wait_healthy reads this attempt's words only
+    env = {**env, "PREFECT_API_URL": url + "/api", "PREFECT_UI_API_URL": url + "/api"}
+    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    process = spawn(command, env, log_path)
+    server = PrefectServer(url, home, log_path, process, command, env)
+    try:
+        if wait_healthy(server):
+            return server
+    except BaseException:
+        stop_group(process)
+        raise
+    stop_group(process)
+    return None
+
+
+@contextmanager
+def running_prefect_server(
+    home: Path, database_url: str | None = None, **settings: str
+) -> Iterator[PrefectServer]:
+    """`prefect server start` with the UI on a free port (another one if that port was
+    taken meanwhile); `settings` are extra PREFECT_* variables for the server (e.g.
+    service loop intervals), or replace these defaults (PREFECT_UI_ENABLED="false")."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_UI_ENABLED="true",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        **settings,
+    )
+    if database_url:
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    for _attempt in range(PORT_ATTEMPTS):
+        server = start_server(home, env)
+        if server is not None:
+            break
+    else:
+        pytest.fail(f"`prefect server start` found no free port in {PORT_ATTEMPTS} tries")
+    try:
+        yield server
+    finally:
+        stop_group(server.process)
+
+
 def restart(server: PrefectServer) -> None:
     """Stop `server` and start it again on the same port, home and database, as an
     upgrade or `systemctl restart` does; returns once it answers again."""
     stop_group(server.process)
     server.process = spawn(server.command, server.env, server.log_path)
-    wait_healthy(server)
+    if not wait_healthy(server):
+        pytest.fail(f"the restarted Prefect server found {server.url} taken", pytrace=False)

@@ -3,7 +3,9 @@
 `running_prometheus(data_dir)` starts one on a free 127.0.0.1 port over `data_dir`
 (retrying with another port if one was taken meanwhile), waits for /-/ready and
 stops it on exit. By default it scrapes nothing; `scrape_self_every="1s"` makes it
-scrape itself, and `extra_args` adds flags (e.g. `--storage.tsdb.use-lockfile`).
+scrape itself, `pushgateway="127.0.0.1:<port>"` a Pushgateway (every second, with
+`honor_labels` as docs/operations.md says), and `extra_args` adds flags (e.g.
+`--storage.tsdb.use-lockfile`).
 """
 
 from __future__ import annotations
@@ -91,23 +93,34 @@ class Throwaway:
                 self.process.wait()
 
 
-def _config(port: int, scrape_self_every: str | None) -> str:
-    if scrape_self_every is None:
+def _config(port: int, scrape_self_every: str | None, pushgateway: str | None) -> str:
+    jobs = []
+    if scrape_self_every is not None:
+        jobs.append(
+            f'  - job_name: self\n    static_configs:\n      - targets: ["127.0.0.1:{port}"]\n'
+        )
+    if pushgateway is not None:
+        jobs.append(
+            "  - job_name: pushgateway\n    honor_labels: true\n    static_configs:\n"
+            f'      - targets: ["{pushgateway}"]\n'
+        )
+    if not jobs:
         return "scrape_configs: []\n"
-    return (
-        f"global:\n  scrape_interval: {scrape_self_every}\n"
-        "scrape_configs:\n  - job_name: self\n    static_configs:\n"
-        f'      - targets: ["127.0.0.1:{port}"]\n'
-    )
+    every = scrape_self_every or "1s"
+    return f"global:\n  scrape_interval: {every}\nscrape_configs:\n" + "".join(jobs)
 
 
 def _start(
-    data_dir: Path, admin: bool, scrape_self_every: str | None, extra_args: list[str]
+    data_dir: Path,
+    admin: bool,
+    scrape_self_every: str | None,
+    pushgateway: str | None,
+    extra_args: list[str],
 ) -> Throwaway | None:
     """One start on a fresh port; None when that port was taken meanwhile."""
     port = free_port()
     config = data_dir.parent / f"prometheus-{port}.yml"
-    config.write_text(_config(port, scrape_self_every))
+    config.write_text(_config(port, scrape_self_every, pushgateway))
     log = data_dir.parent / f"prometheus-{port}.log"
     args = [
         "prometheus",
@@ -140,12 +153,13 @@ def running_prometheus(
     admin: bool = True,
     scrape_self_every: str | None = None,
     extra_args: list[str] | None = None,
+    pushgateway: str | None = None,
 ) -> Iterator[Throwaway]:
     """The host's `prometheus` on a free 127.0.0.1 port over `data_dir`."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     server = None
     for _attempt in range(5):
-        server = _start(data_dir, admin, scrape_self_every, extra_args or [])
+        server = _start(data_dir, admin, scrape_self_every, pushgateway, extra_args or [])
         if server is not None:
             break
     if server is None:

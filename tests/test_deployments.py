@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from croniter import croniter
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
@@ -43,7 +44,18 @@ def test_every_deployment_builds_with_its_schedule_in_the_configured_zone() -> N
         schedules = [s.schedule for s in deployment.schedules or []]
         assert len(schedules) == (1 if spec.cron else 0)
         assert all(s.timezone == "Europe/Berlin" for s in schedules)
+        assert all(s.active for s in deployment.schedules or [])
+        switched_off = to_deployment(spec, "Europe/Berlin", schedules_on=False).schedules or []
+        assert [s.schedule for s in switched_off] == schedules
+        assert not any(s.active for s in switched_off)
     assert "timezone: Europe/Berlin" in render_yaml("Europe/Berlin")
+    entries = [
+        entry
+        for deployment in yaml.safe_load(render_yaml("UTC", schedules_on=False))["deployments"]
+        for entry in deployment["schedules"]
+    ]
+    assert len(entries) == sum(1 for spec in DEPLOYMENTS if spec.cron)
+    assert all(entry["active"] is False for entry in entries)
 
 
 def test_every_flow_names_its_runs_by_what_they_do_and_when() -> None:
@@ -110,12 +122,13 @@ def setting_default_text(name: str) -> str:
 
 
 def applied_schemas() -> dict[str, dict[str, Any]]:
-    """Each catalog deployment applied to the test server, read back: its parameter
-    schema (what the UI's run form is built from) and its concurrency limit."""
+    """Each catalog deployment applied to the test server (schedules off: nothing of it
+    runs), read back: its parameter schema (what the UI's run form is built from) and its
+    concurrency limit."""
     found = {}
     with get_client(sync_client=True) as client:
         for spec in DEPLOYMENTS:
-            to_deployment(spec, "UTC").apply()
+            to_deployment(spec, "UTC", schedules_on=False).apply()
             deployment = client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}")
             limit = deployment.global_concurrency_limit
             found[f"{spec.flow_name}/{spec.name}"] = {
@@ -184,11 +197,14 @@ def all_polled() -> bool:
 
 
 def test_stopping_serve_leaves_every_deployment_scheduled(tmp_path: Path) -> None:
+    """`serve` stopped as systemd stops it pauses nothing. Served with `--schedules-off`
+    (a run falling due would back up with the default settings): every schedule is
+    registered switched off."""
     environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "deployments", "serve"],
+            [sys.executable, "-m", "deployments", "serve", "--schedules-off"],
             cwd=REPO,
             env=environment,
             stdout=out,
@@ -206,12 +222,12 @@ def test_stopping_serve_leaves_every_deployment_scheduled(tmp_path: Path) -> Non
             if server.poll() is None:
                 server.kill()
     with get_client(sync_client=True) as client:
-        paused = [
-            f"{spec.flow_name}/{spec.name}"
-            for spec in DEPLOYMENTS
-            if client.read_deployment_by_name(f"{spec.flow_name}/{spec.name}").paused
-        ]
+        served = [client.read_deployment_by_name(f"{s.flow_name}/{s.name}") for s in DEPLOYMENTS]
+    paused = [d.name for d in served if d.paused]
     assert paused == [], "stopping the runner paused them:\n" + log.read_text()[-2000:]
+    schedules = [(d.name, s.active) for d in served for s in d.schedules]
+    assert len(schedules) == sum(1 for spec in DEPLOYMENTS if spec.cron)
+    assert [name for name, active in schedules if active] == []
 
 
 def test_an_empty_text_parameter_takes_its_setting_as_none_does(

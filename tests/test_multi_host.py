@@ -1,14 +1,16 @@
-"""Running on more than one machine: a Prefect server on PostgreSQL and a process
-worker on a host's own work queue run the deployments, as docs/operations.md's
-"Running on more than one machine" says.
+"""Running on more than one machine: one Prefect server on PostgreSQL, a process
+worker per host on the host's own work queue, each host's backups under its own prefix
+of one bucket, as docs/operations.md's "Running on more than one machine" says.
 
-A real `prefect server start` on a throwaway PostgreSQL cluster; the host's
-deployments from `python -m deployments yaml --host host-a`, registered with
-`prefect deploy --all`; `prefect worker start --pool proxilion-dr --type process
---work-queue host-a` with the host's PROXILION_DR_* settings (backups to the sandbox
-S3 under the host's own prefix). Two runs go through the worker: a backup-redis
-fired by a schedule (the server's scheduler creates the run, nobody launches it)
-and a recover-redis dry run launched by hand with `prefect deployment run`.
+A real `prefect server start` on a throwaway PostgreSQL cluster; hosts `host-a` and
+`host-b`, each with its own Redis (a throwaway container), its deployments from
+`python -m deployments yaml --host <host> --schedules-off` registered with `prefect
+deploy --all` (schedules off: a run falling due would use settings the test did not
+choose), and `prefect worker start --pool proxilion-dr --type process --work-queue
+<host>` with that host's PROXILION_DR_* settings (the sandbox S3, prefix
+`<test prefix>/<host>`). Runs are launched by hand through the deployments, as an
+operator launches them: a backup-redis on each host, then a live recover-redis on
+host-b from its S3 copy alone.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
@@ -28,9 +32,8 @@ import redis
 import yaml
 from postgres_servers import running_postgres
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.client.schemas.objects import FlowRun
-from prefect.client.schemas.schedules import RRuleSchedule
+from prefect.deployments import run_deployment
 from prefect_servers import (
     PREFECT,
     PrefectServer,
@@ -39,6 +42,7 @@ from prefect_servers import (
     running_prefect_server,
     stop_group,
 )
+from redis_servers import assert_same_keyspace, keyspace_snapshot
 from throwaway_services import Service, redis_container
 
 from deployments.__main__ import render_yaml
@@ -46,17 +50,17 @@ from deployments.hosts import for_host
 from sandbox import constants as stack
 
 REPO = Path(__file__).resolve().parent.parent
-HOST = "host-a"
+HOSTS = ("host-a", "host-b")
 POOL = "proxilion-dr"
 RUN_TIMEOUT = 240.0
 
 
-def run_cli(server: PrefectServer, *args: str, env: dict[str, str] | None = None) -> str:
+def run_cli(server: PrefectServer, *args: str) -> str:
     """A `prefect` command against `server` from the repository; fails with its output."""
     done = subprocess.run(
         [PREFECT, "--no-prompt", *args],
         cwd=REPO,
-        env=env or prefect_env(server),
+        env=prefect_env(server),
         capture_output=True,
         text=True,
         timeout=300,
@@ -65,128 +69,139 @@ def run_cli(server: PrefectServer, *args: str, env: dict[str, str] | None = None
     return done.stdout
 
 
+@dataclass
+class Host:
+    """A Docker host of the test: its Redis and the settings its worker runs with."""
+
+    name: str
+    redis: Service
+    settings: dict[str, str]
+
+    @property
+    def s3_prefix(self) -> str:
+        return self.settings["PROXILION_DR_S3_PREFIX"]
+
+
+@contextmanager
+def worker(server: PrefectServer, host: Host, log_path: Path) -> Iterator[None]:
+    """`prefect worker start` on `host`'s work queue with its settings; its log's tail is
+    printed when it stops."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"]
+            + ["--work-queue", host.name, "--name", f"worker-{host.name}"],
+            cwd=log_path.parent,
+            env=prefect_env(server, PREFECT_WORKER_QUERY_SECONDS="2", **host.settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        yield
+    finally:
+        stop_group(process)
+        print(f"\n{log_path}:\n" + log_path.read_text(errors="replace")[-3000:])
+
+
 @pytest.fixture
-def worker_host(
-    tmp_path: Path, s3_prefix: str
-) -> Iterator[tuple[PrefectServer, Service, dict[str, str]]]:
-    """Server on PostgreSQL, host-a's deployments, its worker; yields the server, the
-    throwaway Redis the worker backs up and the worker's settings."""
-    with (
-        running_postgres() as postgres,
-        running_prefect_server(
-            tmp_path / "prefect",
-            database_url=postgres.prefect_url,
-            PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
-        ) as server,
-        redis_container(tmp_path) as service,
-    ):
-        redis.Redis(port=service.port).mset({f"session:{i}": f"s{i}" for i in range(50)})
-        host_yaml = tmp_path / "prefect-host-a.yaml"
-        host_yaml.write_text(for_host(render_yaml(), HOST))
+def two_hosts(tmp_path: Path, s3_prefix: str) -> Iterator[tuple[PrefectServer, dict[str, Host]]]:
+    """The server on PostgreSQL, each host's deployments (schedules off), Redis and
+    worker; each Redis holds sessions of its own host."""
+    with ExitStack() as stack_:
+        postgres = stack_.enter_context(running_postgres())
+        server = stack_.enter_context(
+            running_prefect_server(tmp_path / "prefect", database_url=postgres.prefect_url)
+        )
         run_cli(server, "work-pool", "create", POOL, "--type", "process")
-        settings = {
-            "PROXILION_DR_HOME": str(REPO),
-            "PROXILION_DR_BACKUP_DIR": str(tmp_path / "backups"),
-            "PROXILION_DR_REDIS_URL": f"redis://127.0.0.1:{service.port}/0",
-            "PROXILION_DR_REDIS_CONTAINER": service.name,
-            "PROXILION_DR_S3_BUCKET": stack.S3_BUCKET,
-            "PROXILION_DR_S3_PREFIX": f"{s3_prefix}/{HOST}",
-            "PROXILION_DR_S3_ENDPOINT_URL": stack.S3_ENDPOINT,
-        }
-        worker_log = tmp_path / "worker.log"
-        with worker_log.open("wb") as log:
-            worker = subprocess.Popen(
-                [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"]
-                + ["--work-queue", HOST, "--name", f"worker-{HOST}"],
-                cwd=tmp_path,
-                env=prefect_env(server, PREFECT_WORKER_QUERY_SECONDS="2", **settings),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
+        hosts = {}
+        for name in HOSTS:
+            root = tmp_path / name
+            root.mkdir()
+            service = stack_.enter_context(redis_container(root))
+            redis.Redis(port=service.port).mset({f"session:{name}:{i}": i for i in range(50)})
+            host = Host(
+                name,
+                service,
+                {
+                    "PROXILION_DR_HOME": str(REPO),
+                    "PROXILION_DR_BACKUP_DIR": str(root / "backups"),
+                    "PROXILION_DR_REDIS_URL": service.url,
+                    "PROXILION_DR_REDIS_CONTAINER": service.name,
+                    "PROXILION_DR_S3_BUCKET": stack.S3_BUCKET,
+                    "PROXILION_DR_S3_PREFIX": f"{s3_prefix}/{name}",
+                    "PROXILION_DR_S3_ENDPOINT_URL": stack.S3_ENDPOINT,
+                },
             )
-        try:
-            # Registered while the worker starts: it polls its queue until runs come.
-            run_cli(server, "deploy", "--all", "--prefect-file", str(host_yaml))
-            yield server, service, settings
-        finally:
-            stop_group(worker)
-            print(f"\nworker log: {worker_log}\n" + worker_log.read_text(errors="replace")[-3000:])
-
-
-def deployment_id(name: str) -> UUID:
-    with get_client(sync_client=True) as client:
-        return client.read_deployment_by_name(name).id
-
-
-def wait_for_run(deployment: UUID, started_after: datetime, what: str) -> FlowRun:
-    """The run of `deployment` created after `started_after` and due now (not one the
-    catalog's own schedules put hours ahead), once final."""
-    deadline = time.monotonic() + RUN_TIMEOUT
-    runs: list[FlowRun] = []
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:
-            runs = [
-                r
-                for r in client.read_flow_runs(
-                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment]))
+            stack_.enter_context(worker(server, host, root / "worker.log"))
+            (root / "prefect.yaml").write_text(for_host(render_yaml(schedules_on=False), name))
+            hosts[name] = host
+        # Both hosts register at once, while their workers start (they poll until runs come).
+        files = [tmp_path / name / "prefect.yaml" for name in HOSTS]
+        with ThreadPoolExecutor() as registering:
+            list(
+                registering.map(
+                    lambda f: run_cli(server, "deploy", "--all", "--prefect-file", str(f)), files
                 )
-                if r.created
-                and r.created >= started_after
-                and r.expected_start_time
-                and r.expected_start_time < datetime.now(UTC) + timedelta(minutes=1)
-            ]
-            if runs and runs[0].state and runs[0].state.is_final():
-                return runs[0]
-            time.sleep(1)
-    pytest.fail(f"{what} did not finish within {RUN_TIMEOUT:.0f} s: {runs}", pytrace=False)
-
-
-def test_scheduled_backup_and_manual_recovery_go_through_the_host_worker(
-    worker_host: tuple[PrefectServer, Service, dict[str, str]],
-) -> None:
-    server, _service, settings = worker_host
-    started = datetime.now(UTC) - timedelta(seconds=1)
-    with api(server):
-        backup = deployment_id(f"backup-redis/every-6-hours-{HOST}")
-        # far enough ahead that the scheduler (every 5 s here) sees it before it is due:
-        # an occurrence already past when the scheduler looks is never created
-        fire_at = (datetime.now(UTC) + timedelta(seconds=20)).strftime("%Y%m%dT%H%M%SZ")
-        with get_client(sync_client=True) as client:
-            client.create_deployment_schedules(
-                backup,
-                [(RRuleSchedule(rrule=f"DTSTART:{fire_at}\nRRULE:FREQ=DAILY;COUNT=1"), True)],
             )
-        scheduled = wait_for_run(backup, started, "the scheduled backup-redis")
-        assert scheduled.auto_scheduled, "the backup run was not created by the schedule"
-        assert scheduled.state.is_completed(), scheduled.state
-        assert scheduled.work_queue_name == HOST
+        yield server, hosts
 
-        run_cli(
-            server,
-            "deployment",
-            "run",
-            f"recover-redis/redis-data-lost-{HOST}",
-            "--param",
-            "dry_run=true",
-        )
-        recovery = wait_for_run(
-            deployment_id(f"recover-redis/redis-data-lost-{HOST}"), started, "recover-redis"
-        )
-        assert recovery.state.is_completed(), recovery.state
-        assert recovery.work_queue_name == HOST
-        assert not recovery.auto_scheduled
 
+def launch(deployment: str, **parameters: object) -> UUID:
+    """A run of `deployment` launched by hand, as `prefect deployment run` does."""
+    return run_deployment(deployment, parameters=parameters, timeout=0).id
+
+
+def finished(run_id: UUID) -> FlowRun:
+    """The run once in a final state, or fail after RUN_TIMEOUT."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state and run.state.is_final():
+                return run
+            if time.monotonic() > deadline:
+                pytest.fail(f"{run.name} did not finish within {RUN_TIMEOUT:.0f} s: {run.state}")
+            time.sleep(1)
+
+
+def s3_keys(prefix: str) -> list[str]:
     s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
-    keys = [
-        o["Key"]
-        for o in s3.list_objects_v2(
-            Bucket=stack.S3_BUCKET, Prefix=settings["PROXILION_DR_S3_PREFIX"] + "/"
-        ).get("Contents", [])
-    ]
-    stored = [k for k in keys if k.endswith(".rdb.gz")]
-    assert len(stored) == 1 and stored[0].startswith(f"{settings['PROXILION_DR_S3_PREFIX']}/redis/")
-    assert any(k.startswith(stored[0]) and k != stored[0] for k in keys), keys  # its manifest
+    listing = s3.list_objects_v2(Bucket=stack.S3_BUCKET, Prefix=prefix + "/")
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def test_each_host_backs_up_to_its_prefix_and_recovers_through_its_worker(
+    two_hosts: tuple[PrefectServer, dict[str, Host]],
+) -> None:
+    server, hosts = two_hosts
+    a, b = hosts["host-a"], hosts["host-b"]
+    with api(server):
+        backups = {name: launch(f"backup-redis/every-6-hours-{name}") for name in HOSTS}
+        for name, run_id in backups.items():
+            run = finished(run_id)
+            assert run.state.is_completed(), (name, run.state)
+            assert run.work_queue_name == name
+        for host in (a, b):
+            stored = [k for k in s3_keys(host.s3_prefix) if k.endswith(".rdb.gz")]
+            assert len(stored) == 1 and stored[0].startswith(f"{host.s3_prefix}/redis/")
+            assert f"{stored[0]}.manifest.json" in s3_keys(host.s3_prefix)
+
+        backed_up = {host.name: keyspace_snapshot(host.redis.url) for host in (a, b)}
+        for host in (a, b):  # written after the backups: gone after host-b's restore only
+            live = redis.Redis(port=host.redis.port)
+            live.set("written:after-backup", host.name)
+            live.delete(f"session:{host.name}:0")
+            live.close()
+        shutil.rmtree(b.settings["PROXILION_DR_BACKUP_DIR"])  # host-b restores from S3
+        recovery = finished(launch("recover-redis/redis-data-lost-host-b", dry_run=False))
+
+    assert recovery.state.is_completed(), recovery.state
+    assert recovery.work_queue_name == "host-b"
+    # host-b holds its own backup (from its prefix: its local copy is gone), host-a its data
+    assert_same_keyspace(backed_up["host-b"], keyspace_snapshot(b.redis.url))
+    edited = {(0, b"session:host-a:0"), (0, b"written:after-backup")}  # deleted, written
+    assert set(keyspace_snapshot(a.redis.url)) == set(backed_up["host-a"]) ^ edited
 
 
 def compose_config(deploy: Path, **env: str) -> subprocess.CompletedProcess[str]:

@@ -16,16 +16,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
 from prefect import flow, get_client
+from prefect.flow_engine import run_flow
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL
 
-from deployments.__main__ import load_flow
+from deployments.__main__ import load_flow, main
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
 from deployments.notifications import (
     FAILURE_AUTOMATION,
@@ -106,7 +108,10 @@ def test_failed_run_reaches_the_webhook_with_flow_run_step_and_reason(webhook: W
     assert "step 'recreate container from its configuration' failed" in text  # the step
     assert f"container '{missing}' does not exist; recreate is off" in text  # the reason
     assert str(run.id) in text  # where to look (a UI link when PREFECT_UI_URL is set)
-    time.sleep(2)  # one failure is one message (the hooks do not send a second one)
+    # One failure is one message: a second failure's message proves the server has
+    # processed every event of the first run (they came before it), the hooks included.
+    later = recover_gateway(container=missing, recreate=False, return_state=True)
+    webhook.wait_for(str(later.state_details.flow_run_id))
     assert sum(run.name in m["text"] for m in webhook.received) == 1
 
 
@@ -135,6 +140,47 @@ def test_scheduled_deployment_that_does_not_complete_in_time_notifies(webhook: W
 
     assert "backup-redis late" in message["subject"]
     assert "has not completed a run in the last 0:00:10" in message["text"]
+
+
+@flow(name="backup-on-time")
+def backup_on_time() -> None:
+    """A scheduled deployment's run that completes: the late automation watches only for
+    its Completed event, so what the flow does is not part of the test."""
+
+
+def complete_a_run(deployment_id: uuid.UUID) -> None:
+    """One run of the deployment, created on the server and run here to Completed (as a
+    runner's subprocess runs it)."""
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id)
+    run_flow(backup_on_time, flow_run=run)
+
+
+def test_a_deployment_whose_runs_complete_on_time_is_not_late(webhook: Webhook) -> None:
+    """Runs completing back to back keep a 10 s late automation silent; a second one,
+    watching a deployment with no runs, shows the server evaluated two windows meanwhile.
+    Once the runs stop, the first one speaks too (so its silence meant something)."""
+    block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
+    suffix = uuid.uuid4().hex[:6]
+    on_time = DeploymentSpec(f"on-time-{suffix}", f"{__file__}:backup_on_time", "0 * * * *", "")
+    idle = replace(on_time, name=f"idle-{suffix}")
+    deployment_id = backup_on_time.to_deployment(name=on_time.name).apply()
+    window = timedelta(seconds=10)
+    replace_automation(late_automation(on_time, block_id, "", within=window))
+    replace_automation(late_automation(idle, block_id, "", within=window))
+
+    def said(spec: DeploymentSpec) -> int:
+        return sum(f"(deployment {spec.name}," in m["text"] for m in webhook.received)
+
+    deadline = time.monotonic() + 120
+    while said(idle) < 2:
+        assert time.monotonic() < deadline, (
+            f"the idle deployment was never late: {webhook.received}"
+        )
+        complete_a_run(deployment_id)
+    assert said(on_time) == 0, webhook.received
+
+    webhook.wait_for(f"(deployment {on_time.name},", deadline_seconds=60)
 
 
 def test_failure_hook_warns_when_no_automation_notifies() -> None:
@@ -225,3 +271,42 @@ def test_each_host_watches_its_own_deployments_for_lateness(webhook: Webhook) ->
         "prefect.resource.role": "deployment",
         "prefect.resource.name": "every-6-hours-db-1",
     } in [dict(r.root) for r in related]
+
+
+def late_names(host: str | None = None) -> set[str]:
+    """The late automations `apply` creates for `host`'s deployments (None: one host)."""
+    return {late_automation_name(spec) for spec in scheduled(host)}
+
+
+def automation_names() -> set[str]:
+    with get_client(sync_client=True) as client:
+        return {a.name for a in client.read_automations()}
+
+
+def test_a_single_host_apply_beside_a_multi_host_server_keeps_every_hosts_automations(
+    webhook: Webhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One Prefect server, hosts `db-1` and `east-db-1` registered with `apply --host`, and
+    a machine that runs `python -m deployments apply` without `--host` (as `serve` does
+    when it starts): each apply removes only its own stale late automations."""
+    apply_notifications(webhook.url, ui_url="", host="db-1")
+    apply_notifications(webhook.url, ui_url="", host="east-db-1")
+    block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
+    gone = DeploymentSpec("gone", "flows/backup_logs.py:backup_logs", "0 * * * *", "gone")
+    gone_db_1 = replace(gone, name="gone-db-1")
+    replace_automation(late_automation(gone, block_id, ""))  # removed from the catalog
+    replace_automation(late_automation(gone_db_1, block_id, "", host="db-1"))
+
+    monkeypatch.setenv("PROXILION_DR_NOTIFY_WEBHOOK_URL", webhook.url)
+    main(["apply"])
+    after_single = automation_names()
+    apply_notifications(webhook.url, ui_url="", host="db-1")  # db-1 registers again
+    after_host = automation_names()
+
+    assert late_names("db-1") | late_names("east-db-1") <= after_single, "apply removed them"
+    assert late_names() <= after_single
+    assert late_automation_name(gone) not in after_single  # its own stale one
+    assert late_automation_name(gone_db_1) in after_single
+    assert late_names("east-db-1") <= after_host, "apply --host db-1 removed east-db-1's"
+    assert late_names() <= after_host, "apply --host db-1 removed the single host's"
+    assert late_automation_name(gone_db_1) not in after_host

@@ -4,16 +4,17 @@ Object Lock is refused at the start; pruning a versioned, locked bucket never to
 locked version, removes expired versions for real and says what it freed.
 
 Objects locked in COMPLIANCE mode cannot be removed by anyone until their date: these
-tests lock for seconds, in the sandbox's lock-enabled bucket, under a unique prefix."""
+tests lock for seconds, in the sandbox's lock-enabled bucket, under a unique prefix that
+is left empty (a COMPLIANCE-locked version is deleted as soon as its date has passed)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -32,26 +33,44 @@ from tasks.store.s3 import ObjectLock, S3Error, object_key, prune_remote, upload
 
 BUCKET = stack.S3_LOCKED_BUCKET
 SECONDS = 1 / 86_400  # retention_days of one second
+# COMPLIANCE lock of the backup test: outlasts the backup run and the refused deletions
+# on a busy machine, then the test waits it out and deletes the backup.
+LOCK_SECONDS = 30
+UNLOCK_GRACE = timedelta(seconds=30)  # after its date, until the store lets it go
+
+
+def delete_once_unlocked(s3: Any, key: str, version_id: str) -> datetime:
+    """Delete one version as soon as its lock allows (GOVERNANCE bypassed, COMPLIANCE
+    waited out, failing UNLOCK_GRACE after its date); returns when it was deleted."""
+    head = s3.head_object(Bucket=BUCKET, Key=key, VersionId=version_id)
+    until = head.get("ObjectLockRetainUntilDate") or utc_now()
+    while True:
+        try:
+            s3.delete_object(
+                Bucket=BUCKET, Key=key, VersionId=version_id, BypassGovernanceRetention=True
+            )
+            return utc_now()
+        except ClientError as error:
+            if "AccessDenied" not in str(error) or utc_now() > until + UNLOCK_GRACE:
+                raise
+        time.sleep(0.5)
 
 
 @pytest.fixture
 def locked_prefix() -> Iterator[str]:
-    """A fresh prefix in the sandbox's lock-enabled bucket (created if missing); what is
-    no longer locked afterwards is removed, every version."""
+    """A fresh prefix in the sandbox's lock-enabled bucket (created if missing), left
+    empty: every version is deleted, a COMPLIANCE-locked one once its date has passed."""
     require(stack.S3_HOST, stack.S3_PORT, "SeaweedFS S3")
     _ensure_bucket()
     prefix = f"test-{uuid.uuid4().hex[:10]}"
     yield prefix
     s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
     listing = s3.list_object_versions(Bucket=BUCKET, Prefix=prefix + "/")
-    for entry in listing.get("Versions", []) + listing.get("DeleteMarkers", []):
-        with contextlib.suppress(ClientError):  # still COMPLIANCE-locked: expires in seconds
-            s3.delete_object(
-                Bucket=BUCKET,
-                Key=entry["Key"],
-                VersionId=entry["VersionId"],
-                BypassGovernanceRetention=True,
-            )
+    for entry in listing.get("DeleteMarkers", []):
+        s3.delete_object(Bucket=BUCKET, Key=entry["Key"], VersionId=entry["VersionId"])
+    for entry in listing.get("Versions", []):
+        delete_once_unlocked(s3, entry["Key"], entry["VersionId"])
+    assert versions(prefix) == ([], []), f"{prefix} is not empty"
 
 
 def versions(prefix: str) -> tuple[list[str], list[str]]:
@@ -79,15 +98,16 @@ def test_backup_is_locked_until_its_retention_ends_and_the_store_refuses_deletio
             s3_bucket=BUCKET,
             s3_prefix=locked_prefix,
             s3_endpoint_url=stack.S3_ENDPOINT,
-            retention_days=60 * SECONDS,
+            retention_days=LOCK_SECONDS * SECONDS,
         )
     s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
     key = object_key(locked_prefix, manifest["name"])
-    for each in (key, manifest_name(key)):
-        head = s3.head_object(Bucket=BUCKET, Key=each)
+    until = parse_time(manifest["created_at"]) + timedelta(seconds=LOCK_SECONDS)
+    heads = {each: s3.head_object(Bucket=BUCKET, Key=each) for each in (key, manifest_name(key))}
+    for each, head in heads.items():
         assert head["ObjectLockMode"] == "COMPLIANCE"
-        expected = parse_time(manifest["created_at"]) + timedelta(seconds=60)
-        assert abs(head["ObjectLockRetainUntilDate"] - expected) < timedelta(seconds=1)
+        assert abs(head["ObjectLockRetainUntilDate"] - until) < timedelta(seconds=1)
+        assert utc_now() < until - timedelta(seconds=2), "the run outlasted LOCK_SECONDS"
         with pytest.raises(ClientError, match="AccessDenied"):  # the stolen credential
             s3.delete_object(Bucket=BUCKET, Key=each, VersionId=head["VersionId"])
         with pytest.raises(ClientError, match="AccessDenied"):  # not even with bypass
@@ -97,6 +117,11 @@ def test_backup_is_locked_until_its_retention_ends_and_the_store_refuses_deletio
                 VersionId=head["VersionId"],
                 BypassGovernanceRetention=True,
             )
+    # The lock ends at its date: then the backup can be deleted (and leaves no marker).
+    for each, head in heads.items():
+        deleted = delete_once_unlocked(s3, each, head["VersionId"])
+        assert deleted >= head["ObjectLockRetainUntilDate"]
+    assert versions(locked_prefix) == ([], [])
 
 
 def test_a_bucket_without_object_lock_is_refused_before_any_work(

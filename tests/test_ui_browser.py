@@ -2,7 +2,8 @@
 driven by Playwright with the system browser; never `playwright install`).
 
 A real `prefect server start` (SQLite, UI on) gets every deployment of the catalog
-from `python -m deployments serve`, which then runs one `backup-redis` to completion
+from `python -m deployments serve --schedules-off` (a run falling due would back up
+with the default settings), which then runs one `backup-redis` to completion
 against a throwaway redis-server and one that fails (its S3 endpoint does not
 answer). The browser then checks the deployments page, the completed run's report
 artifact and the failed run's reason. Screenshots are kept under
@@ -39,6 +40,7 @@ from redis_servers import free_port, running_redis
 from throwaway_services import redis_container
 
 from deployments.catalog import DEPLOYMENTS, steady_interval
+from tasks.store.report import NOT_UPLOADED
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -92,7 +94,7 @@ def ui_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         )
         with serve_log.open("wb") as log:
             serve = subprocess.Popen(
-                [sys.executable, "-m", "deployments", "serve"],
+                [sys.executable, "-m", "deployments", "serve", "--schedules-off"],
                 cwd=REPO,
                 env=env,
                 stdout=log,
@@ -114,11 +116,16 @@ def ui_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                     },
                 )
                 artifacts = read_artifacts(completed)
+                failed_artifacts = read_artifacts(failed)
+                with get_client(sync_client=True) as client:
+                    auto_scheduled = [r for r in client.read_flow_runs() if r.auto_scheduled]
             yield {
                 "server": server,
                 "completed": completed,
                 "failed": failed,
                 "artifacts": artifacts,
+                "failed_artifacts": failed_artifacts,
+                "auto_scheduled": auto_scheduled,
                 "serve_log": serve_log,
                 "screens": root / "screens",
             }
@@ -209,6 +216,12 @@ def test_completed_and_failed_runs_end_as_expected(ui_world: dict[str, Any]) -> 
     assert ui_world["failed"].state.is_failed(), ui_world["failed"].state
 
 
+def test_schedules_switched_off_create_no_runs(ui_world: dict[str, Any]) -> None:
+    """The server's scheduler (every 5 s for a deployment just registered) created no run
+    from the schedules served switched off, while the two runs above went through."""
+    assert ui_world["auto_scheduled"] == []
+
+
 def test_deployments_page_lists_every_deployment_with_its_schedule(
     ui_world: dict[str, Any], browser: Any
 ) -> None:
@@ -282,9 +295,12 @@ def test_failed_run_shows_its_reason(ui_world: dict[str, Any], browser: Any) -> 
         see_more.click()
     page.get_by_text(reason.split(": ", 1)[-1], exact=False).first.wait_for()
     shoot(page, ui_world["screens"], "06-failed-run-details")
+    # Artifacts: the report of the backup stored locally, saying it was not uploaded
+    (report,) = [a for a in ui_world["failed_artifacts"] if a.key == "backup-redis"]
     page.get_by_text("Artifacts", exact=True).first.click()
-    time.sleep(2)  # nothing to wait for when the run left no report
-    shoot(page, ui_world["screens"], "08-failed-run-artifacts")
+    page.get_by_text(report.description).first.click()  # the artifact's card
+    page.get_by_text(NOT_UPLOADED).first.wait_for()
+    shoot(page, ui_world["screens"], "08-failed-run-report")
 
 
 @pytest.mark.parametrize("flow_name", ["backup-redis", "recover-redis"])
