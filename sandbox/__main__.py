@@ -1,4 +1,4 @@
-"""``python -m sandbox up|down|status|seed|env``: the shared sandbox stack."""
+"""``python -m sandbox up|down|status|seed|env|fingerprint``: the shared sandbox stack."""
 
 from __future__ import annotations
 
@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("status", help="print what runs and answers; exit 1 unless all is up")
     sub.add_parser("env", help="print `export` lines pointing Proxilion DR at the sandbox")
+    sub.add_parser(
+        "fingerprint",
+        help="print what a test run must leave unchanged (containers, lasting Redis data, "
+        "Pushgateway groups, S3 objects outside test prefixes)",
+    )
     p_seed = sub.add_parser("seed", help="add session data to Redis, then SAVE")
     p_seed.add_argument("--sessions", type=int, default=2000)
     p_seed.add_argument("--redis-url", default=stack.REDIS_URL)
@@ -35,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "env":
             print(stack.env_exports())
+            return 0
+        if args.command == "fingerprint":
+            from sandbox.fingerprint import fingerprint
+
+            print(json.dumps(fingerprint(), indent=2, sort_keys=True))
             return 0
         if args.command == "up":
             result: object = stack.up(seed_when_empty=not args.no_seed)

@@ -152,10 +152,12 @@ def running_prefect_server(
     home.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_UI_ENABLED="true",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        **settings,
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_UI_ENABLED": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        | settings
     )
     if database_url:
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url

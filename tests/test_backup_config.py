@@ -18,6 +18,7 @@ from conftest import require
 from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
 from prefect_records import session_text
+from waiting import past_the_second_of
 
 from flows.backup_config import backup_config
 from sandbox import constants as stack
@@ -184,12 +185,12 @@ def test_unchanged_config_is_skipped_and_force_stores_anyway(tmp_path: Path) -> 
     assert artifact_rows("backup-config")["result"].startswith(f"unchanged since {first['name']}")
     assert [m.name for m in list_local(backups, "config")] == [first["name"]]
 
-    time.sleep(1.1)  # backup names have one-second resolution
+    past_the_second_of(first["name"])
     forced = backup_config(force=True, **common)
     assert forced["name"] != first["name"]
     assert forced["source"]["digest"] == first["source"]["digest"]
 
-    time.sleep(1.1)
+    past_the_second_of(forced["name"])
     (project / "alerts.yml").write_text(FILES["alerts.yml"] + "# tuned\n")
     changed = backup_config(**common)
     assert "skipped" not in changed and changed["source"]["digest"] != first["source"]["digest"]
@@ -670,7 +671,7 @@ def test_on_change_run_stores_a_new_backup_when_the_newest_is_damaged(
     first = backup_config(**common)
     damage(backups / first["name"], backups / (first["name"] + ".manifest.json"))
 
-    time.sleep(1.1)  # backup names have one-second resolution
+    past_the_second_of(first["name"])
     second = backup_config(**common)  # the same content, on change (force=False)
     assert "skipped" not in second and second["name"] != first["name"]
     assert second["source"]["digest"] == first["source"]["digest"]

@@ -8,7 +8,6 @@ import os
 import re
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -21,6 +20,7 @@ import httpx
 import pytest
 from conftest import require
 from mounts import mounted_tmpfs
+from waiting import past_the_second_of
 
 from flows.backup_logs import backup_logs
 from sandbox import constants as stack
@@ -175,7 +175,7 @@ def test_file_and_api_reads_store_the_same_lines(backup_dir: Path) -> None:
                 containers=[name], window="1h", read=read, backup_dir=str(backup_dir), s3_bucket=""
             )
             stored.append(stored_lines(backup_dir, manifest))
-            time.sleep(1.1)  # backup names have one-second resolution
+            past_the_second_of(manifest["name"])
     assert stored[0] == stored[1]
     assert stored[0].count(b"\n") == 6 and f" {name} stderr oops\n".encode() in stored[0]
     assert stored[0].endswith(f" {name} stdout no newline at the end\n".encode())

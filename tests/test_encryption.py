@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from test_backup_config import ALLOWLIST, write_project
 from test_recover_prometheus import backfill, blocks, history, known_history
 from test_recover_redis import assert_untouched, back_up, flushall, recover, seed, state
 from throwaway_services import prometheus_container, redis_container
+from waiting import past_the_second_of
 
 from flows.backup_config import backup_config
 from flows.backup_logs import backup_logs
@@ -223,7 +223,7 @@ def test_a_backup_that_missed_its_upload_goes_up_encrypted_with_the_next_one(
     dead = f"http://127.0.0.1:{free_port()}"
     assert backup_config(**common, s3_endpoint_url=dead, return_state=True).is_failed()
     [first] = list_local(backup_dir, "config")
-    time.sleep(1.1)  # backup names have one-second resolution
+    past_the_second_of(first.name)
     backup_config(**common, s3_endpoint_url=stack.S3_ENDPOINT, force=True)
     objects = remote_objects(s3_prefix)
     caught_up = object_key(s3_prefix, first.name + ".age")

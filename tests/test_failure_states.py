@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.logging.handlers import APILogWorker
 from redis_servers import free_port, running_redis
 from test_backup_config import write_project
+from waiting import past_the_second_of
 
 from flows.backup_config import backup_config
 from flows.backup_logs import backup_logs
@@ -91,7 +91,7 @@ def test_failed_upload_keeps_a_report_and_the_next_run_uploads_what_s3_lacks(
     assert rows["uploaded"].startswith("stored locally, NOT uploaded (S3 endpoint")
     assert rows["stored locally"] == str(stored)
 
-    time.sleep(1.1)  # backup names have one-second resolution
+    past_the_second_of(first.name)
     state = backup_config(
         **common, s3_endpoint_url=stack.S3_ENDPOINT, force=True, return_state=True
     )

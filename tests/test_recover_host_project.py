@@ -25,6 +25,7 @@ import docker
 import httpx
 import pytest
 import redis
+import waiting
 import yaml
 from redis_servers import free_port
 
@@ -139,12 +140,12 @@ def compose(folder: Path, *args: str) -> str:
 
 
 def wait_until(condition: Any, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            states = subprocess.run(["docker", "ps", "-a"], capture_output=True, text=True)
-            raise AssertionError(f"{what} not within {timeout:.0f} s:\n{states.stdout}")
-        time.sleep(0.1)
+    """Poll with a deadline; a failure shows every container's state."""
+    waiting.wait_until(condition, what, timeout, lambda: ":\n" + docker_ps())
+
+
+def docker_ps() -> str:
+    return subprocess.run(["docker", "ps", "-a"], capture_output=True, text=True).stdout
 
 
 def healthy(port: int) -> bool:

@@ -20,6 +20,7 @@ import redis
 import yaml
 from redis_servers import assert_same_keyspace, free_port, keyspace_snapshot, running_redis
 from throwaway_services import Service, prometheus_container, redis_container
+from waiting import wait_until
 
 from flows.backup_config import backup_config
 from flows.backup_redis import backup_redis
@@ -46,14 +47,6 @@ def keys_with(client: redis.Redis, count: int, prefix: str, ttl_ms: int | None =
 
 def step(result: dict[str, Any], name: str) -> dict[str, Any]:
     return next(s for s in result["steps"] if s["name"] == name)
-
-
-def wait_until(condition: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout:.0f} s")
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------- recover-redis: the load

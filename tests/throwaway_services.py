@@ -27,6 +27,8 @@ from sandbox import images
 
 TEST_LABEL = "proxilion-dr.test"
 START_TIMEOUT = 45.0
+PORT_ATTEMPTS = 5
+PORT_TAKEN = "address already in use"  # Redis's and Prometheus's bind error
 
 
 @dataclass
@@ -44,41 +46,74 @@ class Service:
 
 
 def wait_for(probe: Callable[[], bool], what: str, service: Service) -> None:
+    if not _came_up(probe, service):
+        pytest.fail(f"{what} in {service.name} exited: port {service.port} was taken")
+
+
+def _came_up(probe: Callable[[], bool], service: Service) -> bool:
+    """Poll `probe` until it answers (True); False when the container exited because
+    its port was taken meanwhile (another process bound it after free_port())."""
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
             if probe():
-                return
+                return True
+        container = service.container()
+        if container.status == "exited":
+            if PORT_TAKEN in container.logs(tail=30).decode(errors="replace").lower():
+                return False
+            break
         time.sleep(0.1)
     logs = service.container().logs(tail=30).decode(errors="replace")
-    pytest.fail(f"{what} in {service.name} did not come up:\n{logs}")
+    pytest.fail(f"{service.name} did not come up:\n{logs}")
 
 
 @contextmanager
 def throwaway(
-    tmp_path: Path, kind: str, command: Callable[[int], list[str]], inner_data: str
+    tmp_path: Path,
+    kind: str,
+    command: Callable[[int], list[str]],
+    inner_data: str,
+    configure: Callable[[Service], None],
+    ready: Callable[[Service], bool],
 ) -> Iterator[Service]:
-    """A container of `kind` running `command(port)`, data at `inner_data` bind-mounted
-    from `<tmp_path>/<kind>-data`, config folder at /conf from `<tmp_path>/<kind>-conf`."""
+    """A started container of `kind` running `command(port)`, data at `inner_data`
+    bind-mounted from `<tmp_path>/<kind>-data`, config folder at /conf from
+    `<tmp_path>/<kind>-conf` (`configure(service)` writes it before each start), once
+    `ready`; on another free port when the first was taken before it bound it."""
     client = docker.from_env()
     image = images.ensure_hostfs_image(client)
-    port = free_port()
     data, conf = tmp_path / f"{kind}-data", tmp_path / f"{kind}-conf"
-    data.mkdir()
-    conf.mkdir()
-    name = f"proxilion-dr-test-{kind}-{uuid.uuid4().hex[:8]}"
-    container = client.containers.create(
-        image,
-        command(port),
-        name=name,
-        mounts=images.host_mounts()
-        + [Mount(inner_data, str(data), type="bind"), Mount("/conf", str(conf), type="bind")],
-        network_mode="host",
-        labels={stack.SANDBOX_LABEL: "test-throwaway", TEST_LABEL: kind},
-        restart_policy={"Name": "no"},
-    )
+    data.mkdir(exist_ok=True)
+    conf.mkdir(exist_ok=True)
+    for _attempt in range(PORT_ATTEMPTS):
+        port = free_port()
+        name = f"proxilion-dr-test-{kind}-{uuid.uuid4().hex[:8]}"
+        container = client.containers.create(
+            image,
+            command(port),
+            name=name,
+            mounts=images.host_mounts()
+            + [Mount(inner_data, str(data), type="bind"), Mount("/conf", str(conf), type="bind")],
+            network_mode="host",
+            labels={stack.SANDBOX_LABEL: "test-throwaway", TEST_LABEL: kind},
+            restart_policy={"Name": "no"},
+        )
+        service = Service(name, port, f"127.0.0.1:{port}", data, conf)
+        try:
+            configure(service)
+            container.start()
+            up = _came_up(lambda s=service: ready(s), service)
+        except BaseException:
+            container.remove(force=True)
+            raise
+        if up:
+            break
+        container.remove(force=True)
+    else:
+        pytest.fail(f"no free port for a throwaway {kind} in {PORT_ATTEMPTS} tries")
     try:
-        yield Service(name, port, f"127.0.0.1:{port}", data, conf)
+        yield service
     finally:
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
@@ -99,7 +134,8 @@ def redis_container(tmp_path: Path, appendonly: bool = False) -> Iterator[Servic
     def command(port: int) -> list[str]:
         return ["/usr/bin/redis-server", "/conf/redis.conf"]
 
-    with throwaway(tmp_path, "redis", command, "/data") as service:
+    def configure(service: Service) -> None:
+        service.url = f"redis://127.0.0.1:{service.port}/0"
         (service.conf_dir / "redis.conf").write_text(
             "\n".join(
                 [
@@ -114,9 +150,8 @@ def redis_container(tmp_path: Path, appendonly: bool = False) -> Iterator[Servic
                 ]
             )
         )
-        service.url = f"redis://127.0.0.1:{service.port}/0"
-        service.container().start()
-        wait_for(lambda: redis_ready(service), "Redis", service)
+
+    with throwaway(tmp_path, "redis", command, "/data", configure, redis_ready) as service:
         yield service
 
 
@@ -151,10 +186,14 @@ def prometheus_container(
             *flags,
         ]
 
-    with throwaway(tmp_path, "prometheus", command, "/prometheus") as service:
-        (service.conf_dir / "prometheus.yml").write_text("scrape_configs: []\n")
+    def configure(service: Service) -> None:
         service.url = f"http://127.0.0.1:{service.port}"
-        before_start(service.data_dir)
-        service.container().start()
-        wait_for(lambda: prometheus_ready(service), "Prometheus", service)
+        (service.conf_dir / "prometheus.yml").write_text("scrape_configs: []\n")
+
+    data = tmp_path / "prometheus-data"
+    data.mkdir()
+    before_start(data)
+    with throwaway(
+        tmp_path, "prometheus", command, "/prometheus", configure, prometheus_ready
+    ) as service:
         yield service
