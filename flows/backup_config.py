@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name, unchanged
+from flows.support.hooks import FLOW_HOOKS
 from flows.support.keeping import Destination, keep_backup, with_exposure_warnings
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import backup_failed, backup_succeeded, backup_unchanged, with_hooks
@@ -49,7 +49,7 @@ FAILED = backup_failed(
     name="backup-config",
     flow_run_name=run_name("config"),
     log_prints=True,
-    **with_hooks(BACKUP_HOOKS, FAILED),
+    **with_hooks(FLOW_HOOKS, FAILED),
 )
 @explains_failure
 @shared_args

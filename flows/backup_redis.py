@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from prefect import flow
 
-from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name
+from flows.support.hooks import FLOW_HOOKS
 from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
@@ -39,7 +39,7 @@ FAILED = backup_failed(
     name="backup-redis",
     flow_run_name=run_name("redis"),
     log_prints=True,
-    **with_hooks(BACKUP_HOOKS, FAILED),
+    **with_hooks(FLOW_HOOKS, FAILED),
 )
 @explains_failure
 @shared_args
