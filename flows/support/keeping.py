@@ -91,16 +91,20 @@ class Destination:
             require_object_lock(self.s3_bucket, self.s3_endpoint_url)
 
 
-def catch_up_uploads(to: Destination, kind: str, source_id: str) -> list[str]:
+def catch_up_uploads(
+    to: Destination, kind: str, source_id: str
+) -> tuple[list[str], list[Manifest]]:
     """Upload every complete local backup of this kind and source that S3 lacks (a
     run whose upload failed left it local only), so local and S3 converge. They go up
-    as this destination wants them: age-encrypted, locked."""
-    remote = {m.name for m in list_remote(to.s3_bucket, to.s3_prefix, kind, to.s3_endpoint_url)}
-    missing = [m for m in list_local(to.backup_dir, kind, source_id) if m.name not in remote]
+    as this destination wants them: age-encrypted, locked. Returns their names, and
+    every complete backup of the kind in S3 now (for the retention that follows)."""
+    remote = list_remote(to.s3_bucket, to.s3_prefix, kind, to.s3_endpoint_url)
+    names = {m.name for m in remote}
+    missing = [m for m in list_local(to.backup_dir, kind, source_id) if m.name not in names]
     for manifest in missing:
         upload(to, to.backup_dir / manifest.local_name, manifest)
         print(f"uploaded {manifest.name}, which S3 lacked (an earlier upload failed)")
-    return [m.name for m in missing]
+    return [m.name for m in missing], sorted(remote + missing, key=lambda m: m.created_at)
 
 
 def upload(to: Destination, stored: Path, manifest: Manifest) -> str:
@@ -160,7 +164,7 @@ def keep_backup(
     )
     kept_remote = None
     if to.s3_bucket:
-        caught_up = catch_up_uploads(to, manifest.kind, manifest.source_id)
+        caught_up, in_s3 = catch_up_uploads(to, manifest.kind, manifest.source_id)
         details = {
             **details,
             "earlier backups uploaded now (S3 lacked them)": ", ".join(caught_up) or "none",
@@ -173,6 +177,7 @@ def keep_backup(
             to.s3_endpoint_url,
             to.retention_days,
             to.keep_min,
+            in_s3,
         )
     publish_backup_report(manifest, str(stored), remote, kept_local, kept_remote, details)
     return stored, remote

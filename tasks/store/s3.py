@@ -13,8 +13,11 @@ nothing is read twice and no encrypted copy is written to disk.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -72,16 +75,38 @@ class RemoteCopy:
         return f"s3://{self.bucket}/{self.key}"
 
 
+# What boto3's credential chain reads from the environment: a client is made again when
+# one of them changes (a test, or an operator's shell, switching credentials).
+CHAIN_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+MANIFEST_READERS = 8  # manifests fetched at once when listing backups
+
+
 def client(endpoint_url: str | None) -> Any:
-    """An S3 client with bounded timeouts; boto3 finds the credentials."""
+    """An S3 client with bounded timeouts; boto3 finds the credentials. One per endpoint
+    and environment, kept: making one loads botocore's service models (0.15-0.5 s, and a
+    backup run needs the client four times); boto3's clients are thread-safe."""
+    return _client(endpoint_url or None, tuple(os.environ.get(v) for v in CHAIN_VARIABLES))
+
+
+@functools.lru_cache(maxsize=4)
+def _client(endpoint_url: str | None, _environment: tuple[str | None, ...]) -> Any:
     config = Config(
         connect_timeout=5,
         read_timeout=60,
         retries={"max_attempts": 2, "mode": "standard"},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        max_pool_connections=max(UPLOAD_THREADS, MANIFEST_READERS) + 2,
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
 def object_key(prefix: str, name: str) -> str:
@@ -329,12 +354,15 @@ def list_remote(bucket: str, prefix: str, kind: str, endpoint_url: str | None) -
     try:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
             keys.update(item["Key"] for item in page.get("Contents", []))
-        manifests = []
-        for key in sorted(k for k in keys if k.endswith(manifest_name(""))):
-            if key.removesuffix(manifest_name("")) not in keys:
-                continue
-            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            manifests.append(Manifest.from_json(body))
+        complete = [
+            key
+            for key in sorted(keys)
+            if key.endswith(manifest_name("")) and key.removesuffix(manifest_name("")) in keys
+        ]
+        with ThreadPoolExecutor(MANIFEST_READERS) as pool:  # one GET each: at once
+            bodies = pool.map(lambda key: s3.get_object(Bucket=bucket, Key=key)["Body"].read(),
+                              complete)  # fmt: skip
+            manifests = [Manifest.from_json(body) for body in bodies]
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
     return sorted(manifests, key=lambda m: m.created_at)
@@ -349,11 +377,13 @@ def prune_remote(
     endpoint_url: str | None,
     retention_days: float,
     keep_min: int,
+    listed: list[Manifest] | None = None,
 ) -> RetentionPlan:
-    """Apply retention to one source's backups in the bucket, deleting each manifest
-    before its data."""
+    """Apply retention to one source's backups in the bucket (`listed`: as a
+    `list_remote` of this run already found them), deleting each manifest before its
+    data."""
     plan = plan_retention(
-        list_remote(bucket, prefix, kind, endpoint_url),
+        list_remote(bucket, prefix, kind, endpoint_url) if listed is None else listed,
         utc_now(),
         retention_days,
         keep_min,
