@@ -14,6 +14,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,6 +128,43 @@ class EncryptedCopy(Protocol):
     def abort(self) -> None: ...
 
 
+class SyncingWriter(io.RawIOBase):
+    """Writes to `file` and has the kernel write it to disk in the background every
+    `every` bytes (fdatasync on a thread, as Redis's rdb-save-incremental-fsync does),
+    so the fsync that makes it durable at the end waits for the last few MiB only."""
+
+    def __init__(self, file: IO[bytes], every: int = 32 << 20) -> None:
+        self._file = file
+        self._every = every
+        self._unsynced = 0
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: Future[None] | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        n = self._file.write(data)
+        self._unsynced += n
+        if self._unsynced >= self._every and (self._pending is None or self._pending.done()):
+            self._file.flush()
+            self._pending = self._pool.submit(os.fdatasync, self._file.fileno())
+            self._unsynced = 0
+        return n
+
+    def sync(self) -> None:
+        """Everything written is on disk (a background sync's error is raised here)."""
+        self._file.flush()
+        if self._pending is not None:
+            self._pending.result()
+        os.fsync(self._file.fileno())
+        self._pool.shutdown()
+
+    def stop(self) -> None:
+        """Wait for a background sync (the file is being discarded)."""
+        self._pool.shutdown(wait=True)
+
+
 class CompressedWriter:
     """Compress, hash and write chunks to `path` in one pass; fsync on close. With
     `encrypted`, the compressed stream flows into it instead (no plain file: `path` is
@@ -145,10 +183,11 @@ class CompressedWriter:
         self.raw_size = 0
         self._copy = encrypted
         self._file: IO[bytes] | None = None
+        self._syncing: SyncingWriter | None = None
         sink: Any = encrypted
         if encrypted is None:
             self._file = create_file(path)  # owner-only while staged; closed in close/abort
-            sink = self._file
+            sink = self._syncing = SyncingWriter(self._file)
         self._hashing = HashingWriter(sink)
         self._stream: IO[bytes]
         if compression == "gzip":
@@ -167,9 +206,8 @@ class CompressedWriter:
         """Finish the stream, flush it to disk and describe the result."""
         self._stream.close()
         encrypted = self._copy.close() if self._copy is not None else None
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        if self._file is not None and self._syncing is not None:
+            self._syncing.sync()
             self._file.close()
         return CompressedFile(
             path=self.path if encrypted is None else encrypted.path,
@@ -186,6 +224,8 @@ class CompressedWriter:
             self._stream.close()
         if self._copy is not None:
             self._copy.abort()
+        if self._syncing is not None:
+            self._syncing.stop()
         if self._file is not None:
             discard_file(self._file, self.path)
 
