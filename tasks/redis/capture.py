@@ -166,6 +166,7 @@ class CapturedRdb:
     method: str
     seconds: float
     save: SaveResult | None = None  # the save the RDB came from (None: the network's own)
+    during_save: bool = False  # copied while the fork wrote it (followed, or streamed)
 
 
 def rdb_host_path(data_dir: str | None, facts: ServerFacts) -> Path:
@@ -186,19 +187,20 @@ class NotFollowed(RuntimeError):
 
 def _our_temp_file(folder: Path, started: SaveStarted) -> IO[bytes] | None:
     """The temp file our save's fork writes (`temp-<pid>.rdb`, written since our
-    BGSAVE; while it runs no other save can), opened; None before it appears."""
+    BGSAVE; while it runs no other save can), opened; None before it appears (or when
+    this user may not read it: the RDB is then copied once the save is done)."""
     newest: tuple[int, Path] | None = None
     for path in folder.glob("temp-*.rdb"):
         try:
             written_ns = path.stat().st_mtime_ns
-        except FileNotFoundError:
+        except OSError:
             continue  # renamed into place meanwhile
         fresh = written_ns // 1000 + COARSE_CLOCK_SLACK_US >= started.started_at_us
         if TEMP_RDB.fullmatch(path.name) and fresh and (newest is None or written_ns > newest[0]):
             newest = (written_ns, path)
     try:
         return open(newest[1], "rb", buffering=0) if newest else None  # noqa: SIM115
-    except FileNotFoundError:
+    except OSError:
         return None
 
 
@@ -206,9 +208,10 @@ def follow_save(
     folder: Path, dbfilename: str, started: SaveStarted, feed: Feed
 ) -> tuple[SaveResult, bool]:
     """Feed the snapshot our save writes into `folder` (Redis's dir, on this host) while
-    the fork writes it, until the save has ended; returns its result and whether the
-    file followed is the RDB it left (same inode: then every byte fed is that save's
-    output, read to its end). False when the save ended before its file was seen."""
+    the fork writes it, in whole chunks, until the save has ended; returns its result
+    and whether the file followed is the RDB it left (same inode: then every byte fed
+    is that save's output, read to its end). False when the save ended before its file
+    was seen."""
     client = connect(started.redis_url)
     result: SaveResult | None = None
     stream = None
@@ -222,13 +225,19 @@ def follow_save(
     with stream:
         buffer = bytearray(CHUNK)
         view = memoryview(buffer)
+        filled = 0
         while True:
-            if n := stream.readinto(buffer):
-                feed(view[:n])
+            if n := stream.readinto(view[filled:]):
+                filled += n
+                if filled == CHUNK:  # whole chunks: the compressor's blocks stay full
+                    feed(view)
+                    filled = 0
             elif result is not None:
                 break  # the save had ended before this read: nothing more comes
             elif (result := save_status(client, started)) is None:
                 time.sleep(FOLLOW_POLL_SECONDS)
+        if filled:
+            feed(view[:filled])
         ours = os.fstat(stream.fileno())
     try:
         left = os.stat(folder / dbfilename)
@@ -399,6 +408,7 @@ def capture_rdb(
         return pipe_rdb(produce, staging, compression, deep_check, encrypt)
 
     def attempt(how: str) -> tuple[CompressedFile, RdbInfo, SaveResult | None, bool]:
+        """The copy by `how`, the save it came from, and whether it followed the save."""
         folder = save_folder(how, container, data_dir, facts) if save is not None else None
         copied = None
         if save is None:
@@ -416,7 +426,7 @@ def capture_rdb(
             except WrongServer:
                 compressed.path.unlink(missing_ok=True)
                 raise
-        return compressed, info, result, copied is not None
+        return compressed, info, result, copied is not None or how == "network"
 
     try:
         try:
@@ -425,7 +435,7 @@ def capture_rdb(
             if not network_fallback:
                 raise
             run_logger().warning("%s; fetching it over the network instead", error)
-            method, result, during = "network", None, False
+            method, result, during = "network", None, True
             compressed, info = copy_saved(method, None)
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
@@ -438,9 +448,9 @@ def capture_rdb(
         compression,
         method,
         seconds,
-        "as Redis wrote it" if during or method == "network" else "after Redis saved it",
+        "as Redis wrote it" if during else "after Redis saved it",
     )
-    return CapturedRdb(file=compressed, rdb=info, method=method, seconds=seconds, save=result)
+    return CapturedRdb(compressed, info, method, seconds, result, during)
 
 
 def redis_manifest(
@@ -469,6 +479,7 @@ def redis_manifest(
             "deep_check": captured.rdb.deep_check,
             "keyspace": facts.keyspace,
             "fetch": captured.method,
+            "copied_during_save": captured.during_save,
             "sample": sample or [],
         },
         steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},
