@@ -348,7 +348,9 @@ def test_an_encryption_that_fails_mid_stream_uploads_nothing(
     s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
     stream = EncryptedStream(io.BufferedReader(Failing()), recipients)
     with pytest.raises(OSError, match="Input/output error"):
-        s3.upload_fileobj(UploadSource(stream), stack.S3_BUCKET, f"{s3_prefix}/x.age")
+        s3.upload_fileobj(
+            UploadSource(io.BufferedReader(stream)), stack.S3_BUCKET, f"{s3_prefix}/x.age"
+        )
     stream.close()
     assert remote_objects(s3_prefix) == {}
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -40,7 +40,7 @@ from tasks.store.local import RetentionPlan, plan_retention
 # The one source of truth for how objects are uploaded, and so for the ETag S3 gives
 # them (`PartDigests`). 16 MiB parts, 4 at a time, uploaded as fast as 64 MiB x 10
 # (110 MB/s against 100 MB/s to SeaweedFS here) and keeps the flow's memory small. A
-# stream's parts are held in memory until sent: at most UPLOAD_THREADS + 2 of them.
+# stream's parts are held in memory until sent: at most UPLOAD_THREADS + 1 of them.
 PART_SIZE = 16 << 20
 UPLOAD_THREADS = 4
 TRANSFER = TransferConfig(
@@ -48,7 +48,7 @@ TRANSFER = TransferConfig(
     multipart_chunksize=PART_SIZE,
     max_concurrency=UPLOAD_THREADS,
 )
-TRANSFER.max_in_memory_upload_chunks = UPLOAD_THREADS + 2  # s3transfer's; boto3 hides it
+TRANSFER.max_in_memory_upload_chunks = UPLOAD_THREADS + 1  # s3transfer's; boto3 hides it
 
 
 class S3Error(RuntimeError):
@@ -188,11 +188,11 @@ def expected_etag(path: Path) -> str:
 
 
 class UploadSource(io.RawIOBase):
-    """What the transfer manager reads: `raw` in reads of exactly the size asked (a
-    short read would end a part early), hashed as it passes: SHA-256, and the part
-    MD5s S3's ETag is made of."""
+    """What the transfer manager reads: `raw` (buffered: a read returns all it asks for
+    unless the stream ends, so a part is never cut short) hashed as it passes: SHA-256,
+    and the part MD5s S3's ETag is made of."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: io.BufferedIOBase) -> None:
         self._raw = raw
         self.sha256 = hashlib.sha256()
         self.digests = PartDigests()
@@ -205,16 +205,7 @@ class UploadSource(io.RawIOBase):
         return self.digests.size
 
     def read(self, size: int | None = -1) -> bytes:
-        wanted = -1 if size is None or size < 0 else size
-        pieces = []
-        got = 0
-        while wanted < 0 or got < wanted:
-            piece = self._raw.read(-1 if wanted < 0 else wanted - got)
-            if not piece:
-                break
-            pieces.append(piece)
-            got += len(piece)
-        data = b"".join(pieces) if len(pieces) != 1 else pieces[0]
+        data = self._raw.read(size)  # one allocation per 16 MiB part
         self.sha256.update(data)
         self.digests.update(data)
         return data
@@ -286,7 +277,7 @@ def upload_backup(
     known = {} if encrypting else {"Metadata": {"sha256": remote_facts(manifest)[1]}}
     stored = open(local_path, "rb")  # noqa: SIM115 - closed below
     encrypted = EncryptedStream(stored, recipients) if encrypting else None
-    source = UploadSource(encrypted or stored)
+    source = UploadSource(io.BufferedReader(encrypted, CHUNK) if encrypted else stored)
     try:
         s3.head_bucket(Bucket=bucket)
         s3.upload_fileobj(source, bucket, key, Config=TRANSFER, ExtraArgs={**known, **locking})
