@@ -1,27 +1,26 @@
-"""Benchmark: backup-redis's pipeline against the seed script and a plain `cp`.
+"""Benchmark: backup-redis against its peers on the same 1.5 M session keys, in one run.
 
-Measures, in one run on the same RDB (page cache warm for everyone), the time
-from "RDB saved" to "stored locally with manifest":
+Every group takes turns in each of `--repeat` rounds (a machine busy with other work
+slows its members alike); the medians are printed with each ratio against the peer
+measured in the same run:
 
-- floor: `cp dump.rdb <dir>/` (what any backup must at least do);
-- seed:  `cp` then `gzip -6` (backup-redis.sh);
-- ours:  capture (read, validate CRC-64, compress with isal, SHA-256) + commit
-         (fsync, rename, manifest), by `fetch=path`; also with `deep_check`;
-- ours + age: the same, plus the age-encrypted copy that goes to S3 with
-         PROXILION_DR_AGE_RECIPIENTS set (made in the same pass as compression and
-         hashing, as backup-redis makes it): the capture pass alone;
-- whole flow: the real backup_redis flow (save, capture, upload to the sandbox's S3
-         and its check, prune, report), unencrypted and with age, taking turns: the
-         backup that encryption's added time (ours + age - ours, measured precisely in
-         the capture pass, where the encryption happens) is set against (<= 15 %);
-- network: the RDB over the replication protocol (`fetch=network`, diskless, so the
-         transfer ends at the $EOF mark while Redis keeps the connection open: a
-         time near `cp` shows the mark ends the read, not a timeout).
+- BGSAVE alone: BGSAVE, then INFO persistence polled until that save is done (the
+  floor of any save-based backup);
+- the runbook's way: BGSAVE and its wait, `cp dump.rdb`, `gzip -6`;
+- backup-redis, local only, end to end (the flow called in this warm process, the
+  Prefect server up, the Pushgateway push on): `fetch=auto`, which follows the save's
+  file in Redis's dir (data_dir) while the fork writes it;
+- backup-redis `fetch=network` (the replication stream, diskless: the bench's Redis has
+  `repl-diskless-sync-delay 0`), local only, against `redis-cli --rdb - | zstd -3 -T2`;
+- encryption: the whole flow with the upload to the sandbox's S3 (its own prefix,
+  removed after), unencrypted and age-encrypted, taking turns; the capture step of the
+  same runs (from their manifests), where the age copy used to be made.
 
-Then the peak RSS of a process running the real `backup_redis` flow on the
-dataset and on a dataset twice as large, and once more with encryption on and the
-upload to the sandbox's S3 (`python -m sandbox up` first). Prints ratios against the targets:
-ours <= 0.1x seed, <= 2.5x floor, peak RSS < 300 MB and flat.
+Then where a backup-redis run's time goes (flow start to its first step, the steps,
+its last step to the call's return), the Pushgateway push (a throwaway
+`prometheus-pushgateway`), how long after a backup's end the automation starts the
+backup-status deployment, and the peak RSS of a fresh process running the flow with
+encryption and the upload (target < 300 MB).
 
     .venv/bin/python -m bench.redis_backup [--keys 1500000] [--repeat 3]
 """
@@ -29,6 +28,7 @@ ours <= 0.1x seed, <= 2.5x floor, peak RSS < 300 MB and flat.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -40,24 +40,39 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-import boto3
-import redis
+# Before Prefect is imported: its logging is set up then.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+
+import boto3  # noqa: E402
+import redis  # noqa: E402
+from prefect import get_client  # noqa: E402
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from pyrage import x25519
 
+from deployments.notifications import replace_automation, status_automation
+from flows.backup_redis import backup_redis
+from flows.backup_status import backup_status
 from sandbox import constants as stack
-from tasks.common.clock import utc_now
-from tasks.redis.capture import capture_rdb
-from tasks.redis.server import ServerFacts
-from tasks.redis.sync import fetch_rdb_over_network
-from tasks.store.archive import Manifest, check_compression
-from tasks.store.encryption import AgeCopy
-from tasks.store.local import backup_name, commit_local, staging_path
+from tasks.common import pushgateway
 
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = ["read_file", "write_file", "http_get", "exec_command", "list_dir", "send_email"]
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": stack.S3_ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": stack.S3_SECRET_KEY,
+    "AWS_DEFAULT_REGION": stack.S3_REGION,
+}
 
 
 def free_port() -> int:
@@ -69,26 +84,10 @@ def free_port() -> int:
 def start_redis(data_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data_dir),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--repl-diskless-sync",
-            "yes",
-            "--repl-diskless-sync-delay",
-            "0",
-            "--logfile",
-            str(data_dir / "redis.log"),
-        ],
-    )
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+         "--save", "", "--appendonly", "no", "--repl-diskless-sync", "yes",
+         "--repl-diskless-sync-delay", "0", "--logfile", str(data_dir / "redis.log")],
+    )  # fmt: skip
     client = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -139,243 +138,288 @@ def fill(port: int, keys: int) -> None:
     client.save()
 
 
-def timed(action: Callable[[], object], repeat: int, before: Callable[[], None]) -> float:
-    """Median seconds of `action` over `repeat` runs, `before` run untimed each time."""
-    return timed_together({"it": action}, repeat, before)["it"]
+def bgsave_and_wait(port: int) -> None:
+    """BGSAVE, then INFO persistence every 10 ms until that save is done."""
+    client = redis.Redis(port=port)
+    saves = int(client.info("persistence")["rdb_saves"])
+    client.bgsave()
+    while True:
+        state = client.info("persistence")
+        if not int(state["rdb_bgsave_in_progress"]) and int(state["rdb_saves"]) > saves:
+            assert state["rdb_last_bgsave_status"] == "ok"
+            return
+        time.sleep(0.01)
 
 
-def timed_together(
-    actions: dict[str, Callable[[], object]], repeat: int, before: Callable[[], None]
-) -> dict[str, float]:
-    """Median seconds of each action over `repeat` rounds, the actions taking turns in
-    each round (a machine busy with other work then slows them alike: their ratio
-    holds), `before` run untimed before each."""
+def taking_turns(
+    actions: dict[str, Callable[[], object]], rounds: int, before: Callable[[], None]
+) -> dict[str, list[float]]:
+    """Seconds of each action in each round, the actions taking turns, `before` run
+    untimed before each."""
     samples: dict[str, list[float]] = {name: [] for name in actions}
-    for _ in range(repeat):
+    for number in range(rounds):
         for name, action in actions.items():
             before()
             start = time.perf_counter()
             action()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            print(f"  round {number + 1}: {name} {samples[name][-1]:.2f} s", flush=True)
+    return samples
 
 
-PAIR_ROUNDS = 3  # rounds of ours / ours + age per --repeat
-
-
-def our_pipeline(
-    rdb_dir: Path,
-    out: Path,
-    deep_check: bool,
-    compression: str = "gzip",
-    recipients: list[str] | None = None,
-) -> None:
-    """What backup-redis does after the save, by `fetch=path` (task bodies, no engine);
-    with `recipients`, also the age-encrypted copy for S3, made in the same pass as
-    `flows.backup_redis` makes it (removed after the commit, where the upload would
-    have read it)."""
-    codec = check_compression(compression)
-    facts = ServerFacts("7", "master", {}, str(rdb_dir), "dump.rdb", False)
-    (out / "redis").mkdir(parents=True, exist_ok=True)
-    name = backup_name("redis", utc_now(), codec, "bench:0")
-    captured = capture_rdb.fn(
-        "path",
-        "redis://unused",
-        None,
-        str(rdb_dir),
-        facts,
-        staging_path(out, name),
-        codec,
-        deep_check,
-        encrypt=AgeCopy(tuple(recipients)) if recipients else None,
+@contextlib.contextmanager
+def throwaway_pushgateway(work: Path) -> Iterator[str]:
+    """Debian's prometheus-pushgateway on a free port (not the sandbox's: its alerts)."""
+    port = free_port()
+    process = subprocess.Popen(
+        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=(work / "pushgateway.log").open("wb"),
     )
-    manifest = Manifest(
-        kind="redis",
-        name=name,
-        created_at=utc_now().isoformat(),
-        size=captured.file.size,
-        sha256=captured.file.sha256,
-        compression=codec,
-        raw_size=captured.file.raw_size,
-        duration_seconds=captured.seconds,
-    )
-    encrypted = captured.file.encrypted
-    if encrypted:
-        manifest.encryption = encrypted.describe()
-    commit_local.fn(out, captured.file, manifest)
-    if encrypted:
-        encrypted.path.unlink()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait()
 
 
-def flow_peak_rss_mb(port: int, rdb_dir: Path, out: Path, recipients: str = "") -> float:
-    """Peak RSS of a fresh process that runs the real backup_redis flow once; with
-    `recipients`, encrypting and uploading to the sandbox's S3 (objects removed after)."""
-    prefix = f"bench-{uuid.uuid4().hex[:10]}" if recipients else ""
+class Bench:
+    """The dataset, where backups go, and the flow calls the bench times."""
+
+    def __init__(self, port: int, data: Path, work: Path) -> None:
+        self.port, self.data, self.out = port, data, work / "out"
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.prefix = f"bench-{uuid.uuid4().hex[:10]}"
+        self.runs: dict[str, list[dict[str, Any]]] = {}
+
+    def reset(self) -> None:
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.out.mkdir(0o700)
+
+    def flow(self, label: str, fetch: str, s3: bool = False) -> dict[str, Any]:
+        """One backup_redis run; its manifest and run id kept under `label`."""
+        state = backup_redis(
+            redis_url=self.url,
+            container="",
+            fetch=fetch,
+            data_dir=str(self.data) if fetch != "network" else "",
+            backup_dir=str(self.out),
+            s3_bucket=stack.S3_BUCKET if s3 else "",
+            s3_prefix=self.prefix,
+            s3_endpoint_url=stack.S3_ENDPOINT if s3 else "",
+            return_state=True,
+        )
+        manifest = state.result()
+        self.runs.setdefault(label, []).append(
+            {"manifest": manifest, "run": state.state_details.flow_run_id, "ended": time.time()}
+        )
+        return manifest
+
+    def runbook(self) -> None:
+        bgsave_and_wait(self.port)
+        shutil.copyfile(self.data / "dump.rdb", self.out / "dump.rdb")
+        subprocess.run(["gzip", "-6", str(self.out / "dump.rdb")], check=True)
+
+    def redis_cli_zstd(self) -> None:
+        subprocess.run(
+            f"redis-cli -p {self.port} --rdb - 2>/dev/null | zstd -3 -T2 -q -o {self.out}/d.zst",
+            shell=True,
+            check=True,
+        )
+
+    def remove_prefix(self) -> None:
+        s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
+        listing = s3.list_objects_v2(Bucket=stack.S3_BUCKET, Prefix=self.prefix + "/")
+        for item in listing.get("Contents", []):
+            s3.delete_object(Bucket=stack.S3_BUCKET, Key=item["Key"])
+
+
+def where_the_time_goes(run_id: uuid.UUID, called: float, returned: float) -> dict[str, float]:
+    """A run's flow start (call → first step), steps (first step → last step's end) and
+    end (last step's end → return), from Prefect's records; times in seconds."""
+    with get_client(sync_client=True) as client:
+        tasks = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+        run = client.read_flow_run(run_id)
+    first = min(t.start_time for t in tasks if t.start_time).timestamp()
+    last = max(t.end_time for t in tasks if t.end_time).timestamp()
+    assert run.end_time is not None
+    return {
+        "start": first - called,
+        "steps": last - first,
+        "to terminal state": run.end_time.timestamp() - last,
+        "end": returned - last,
+    }
+
+
+def status_lag(bench: Bench) -> float:
+    """Seconds from a backup run's end to the run of backup-status its automation made."""
+    deployment_id = backup_status.to_deployment(name=f"bench-{uuid.uuid4().hex[:6]}").apply()
+    automation = status_automation(deployment_id).model_copy(update={"name": "bench status"})
+    automation_id = replace_automation(automation)
+    try:
+        bench.reset()
+        state = backup_redis(redis_url=bench.url, container="", fetch="auto",
+                             data_dir=str(bench.data), backup_dir=str(bench.out), s3_bucket="",
+                             return_state=True)  # fmt: skip
+        with get_client(sync_client=True) as client:
+            ended = client.read_flow_run(state.state_details.flow_run_id).end_time
+            deadline = time.monotonic() + 120
+            mine = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            while not (runs := client.read_flow_runs(deployment_filter=mine)):
+                assert time.monotonic() < deadline, "no status run within 120 s"
+                time.sleep(0.1)
+            [made] = runs
+            client.delete_automation(automation_id)
+            client.delete_deployment(deployment_id)
+        assert ended is not None
+        return (made.created - ended).total_seconds() if made.created else float("nan")
+    finally:
+        with get_client(sync_client=True) as client, contextlib.suppress(Exception):
+            client.delete_automation(automation_id)
+
+
+def peak_rss_mb(bench: Bench, recipients: str) -> float:
+    """Peak RSS of a fresh process running backup_redis once, encrypting and uploading."""
     code = (
         "import resource, sys\n"
         "from flows.backup_redis import backup_redis\n"
-        "backup_redis(redis_url=sys.argv[1], container='', fetch='path', data_dir=sys.argv[2],"
+        "backup_redis(redis_url=sys.argv[1], container='', fetch='auto', data_dir=sys.argv[2],"
         " backup_dir=sys.argv[3], s3_bucket=sys.argv[4], s3_prefix=sys.argv[5],"
         " s3_endpoint_url=sys.argv[6])\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     )
-    env = flow_env(recipients)
-    bucket = endpoint = ""
-    if recipients:
-        bucket, endpoint = stack.S3_BUCKET, stack.S3_ENDPOINT
-    try:
-        result = run_flow(code, port, rdb_dir, out, env, bucket, prefix, endpoint)
-    finally:
-        if recipients:
-            remove_prefix(prefix, env)
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
+    bench.reset()
+    env = dict(os.environ, PREFECT_LOGGING_LEVEL="WARNING", PROXILION_DR_AGE_RECIPIENTS=recipients)
+    done = subprocess.run(
+        [sys.executable, "-c", code, bench.url, str(bench.data), str(bench.out),
+         stack.S3_BUCKET, bench.prefix, stack.S3_ENDPOINT],
+        cwd=REPO, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
 
 
-FLOW_TAKING_TURNS = """
-import json, os, shutil, statistics, sys, time
-from flows.backup_redis import backup_redis
-url, data_dir, out, bucket, prefix, endpoint, rounds = sys.argv[1:8]
-recipients = os.environ["PROXILION_DR_AGE_RECIPIENTS"]
-def once(encrypted):
-    shutil.rmtree(out, ignore_errors=True)
-    os.environ["PROXILION_DR_AGE_RECIPIENTS"] = recipients if encrypted else ""
-    start = time.perf_counter()
-    backup_redis(redis_url=url, container="", fetch="path", data_dir=data_dir, backup_dir=out,
-                 s3_bucket=bucket, s3_prefix=prefix, s3_endpoint_url=endpoint)
-    return time.perf_counter() - start
-once(True)  # warm-up: Prefect's first run in a process pays for its start
-samples = {"plain": [], "age": []}
-for _ in range(int(rounds)):
-    samples["plain"].append(once(False))
-    samples["age"].append(once(True))
-print(json.dumps({name: statistics.median(values) for name, values in samples.items()}))
-"""
+def median(values: list[float]) -> float:
+    return statistics.median(values)
 
 
-def flow_seconds(
-    port: int, rdb_dir: Path, out: Path, recipients: str, repeat: int
-) -> dict[str, float]:
-    """Median seconds of the whole backup_redis flow (save, capture, commit, upload to
-    the sandbox's S3 and its check, prune, report), unencrypted and with age, taking
-    turns in one process (objects removed after)."""
-    prefix = f"bench-{uuid.uuid4().hex[:10]}"
-    env = flow_env(recipients)
-    bucket, endpoint = stack.S3_BUCKET, stack.S3_ENDPOINT
-    try:
-        result = run_flow(
-            FLOW_TAKING_TURNS, port, rdb_dir, out, env, bucket, prefix, endpoint, str(repeat)
-        )
-    finally:
-        remove_prefix(prefix, env)
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def flow_env(recipients: str) -> dict[str, str]:
-    """The environment of a flow run by the bench: quiet; with `recipients`, age
-    encryption on and the sandbox's S3 credentials."""
-    env = dict(os.environ, PREFECT_LOGGING_LEVEL="WARNING")
-    if recipients:
-        env.update(
-            PROXILION_DR_AGE_RECIPIENTS=recipients,
-            AWS_ACCESS_KEY_ID=stack.S3_ACCESS_KEY,
-            AWS_SECRET_ACCESS_KEY=stack.S3_SECRET_KEY,
-            AWS_DEFAULT_REGION=stack.S3_REGION,
-        )
-    return env
-
-
-def remove_prefix(prefix: str, env: dict[str, str]) -> None:
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.S3_ENDPOINT,
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env["AWS_DEFAULT_REGION"],
-    )
-    listing = s3.list_objects_v2(Bucket=stack.S3_BUCKET, Prefix=prefix + "/")
-    for item in listing.get("Contents", []):
-        s3.delete_object(Bucket=stack.S3_BUCKET, Key=item["Key"])
-
-
-def run_flow(
-    code: str,
-    port: int,
-    rdb_dir: Path,
-    out: Path,
-    env: dict[str, str],
-    *s3: str,
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            f"redis://127.0.0.1:{port}/0",
-            str(rdb_dir),
-            str(out),
-            *s3,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-
-
-def measure(keys: int, repeat: int, work: Path, timings: bool = True) -> dict[str, float]:
-    data = work / f"redis-{keys}"
+def measure(keys: int, rounds: int, work: Path) -> None:
+    data = work / "redis"
     data.mkdir()
     process, port = start_redis(data)
     try:
         print(f"filling {keys:,} session keys...", flush=True)
         fill(port, keys)
-        rdb = data / "dump.rdb"
-        size_mb = rdb.stat().st_size / 1e6
-        out = work / "out"
+        rdb_mb = (data / "dump.rdb").stat().st_size / 1e6
+        bench = Bench(port, data, work)
+        with throwaway_pushgateway(work) as push_url:
+            os.environ["PROXILION_DR_PUSHGATEWAY_URL"] = push_url
+            bench.reset()
+            bench.flow("warm-up", "auto")  # Prefect's first run in a process pays its start
+            print("backup-redis against BGSAVE alone and the runbook's way:", flush=True)
+            calls: list[tuple[float, float]] = []
 
-        def reset() -> None:
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir()
-            subprocess.run(["cat", str(rdb)], stdout=subprocess.DEVNULL, check=True)  # warm
+            def ours() -> None:
+                called = time.perf_counter(), time.time()
+                bench.flow("auto", "auto")
+                calls.append((called[1], called[1] + time.perf_counter() - called[0]))
 
-        result = {"keys": keys, "rdb_mb": size_mb}
-        if not timings:
-            reset()
-            result["rss_mb"] = flow_peak_rss_mb(port, data, out)
-            return result
-        result["cp"] = timed(
-            lambda: subprocess.run(["cp", str(rdb), str(out)], check=True), repeat, reset
-        )
-        result["seed"] = timed(
-            lambda: subprocess.run(
-                f"cp {rdb} {out}/dump.rdb && gzip -6 {out}/dump.rdb", shell=True, check=True
-            ),
-            repeat,
-            reset,
-        )
-        recipients = [str(x25519.Identity.generate().to_public())]
-        pair = {
-            "ours": lambda: our_pipeline(data, out, False),
-            "ours_age": lambda: our_pipeline(data, out, False, recipients=recipients),
-        }
-        # their difference is encryption's added time: more rounds, each is short
-        result.update(timed_together(pair, PAIR_ROUNDS * repeat, reset))
-        result["ours_deep"] = timed(lambda: our_pipeline(data, out, True), repeat, reset)
-        result["ours_zstd"] = timed(lambda: our_pipeline(data, out, False, "zstd"), repeat, reset)
-        result["network"] = timed(
-            lambda: fetch_rdb_over_network("127.0.0.1", port, out / "dump.rdb"), repeat, reset
-        )
-        reset()
-        result["rss_mb"] = flow_peak_rss_mb(port, data, out)
-        reset()
-        result["rss_age_mb"] = flow_peak_rss_mb(port, data, out, recipients[0])
-        flows = flow_seconds(port, data, out, recipients[0], repeat)
-        result["flow_plain"], result["flow_age"] = flows["plain"], flows["age"]
-        return result
+            saves = taking_turns(
+                {"BGSAVE alone": lambda: bgsave_and_wait(port), "backup-redis": ours,
+                 "runbook": bench.runbook},
+                rounds, bench.reset,
+            )  # fmt: skip
+            print("backup-redis fetch=network against redis-cli --rdb | zstd:", flush=True)
+            network = taking_turns(
+                {"network": lambda: bench.flow("network", "network"),
+                 "redis-cli|zstd": bench.redis_cli_zstd},
+                rounds, bench.reset,
+            )  # fmt: skip
+            print("the whole flow with the upload, plain and age-encrypted:", flush=True)
+            recipients = str(x25519.Identity.generate().to_public())
+            os.environ.update(S3_ENV)
+
+            def upload(encrypted: bool) -> None:
+                os.environ["PROXILION_DR_AGE_RECIPIENTS"] = recipients if encrypted else ""
+                bench.flow("age" if encrypted else "plain", "auto", s3=True)
+
+            try:
+                flows = taking_turns(
+                    {"plain": lambda: upload(False), "age": lambda: upload(True)},
+                    rounds * 2, bench.reset,
+                )  # fmt: skip
+                rss = peak_rss_mb(bench, recipients)
+            finally:
+                os.environ["PROXILION_DR_AGE_RECIPIENTS"] = ""
+                bench.remove_prefix()
+            pushes = []
+            for _ in range(10):
+                start = time.perf_counter()
+                pushgateway.push_backup(push_url, "redis", True, source="bench", size_bytes=1)
+                pushes.append(time.perf_counter() - start)
+            lag = status_lag(bench)
+        spans = [
+            where_the_time_goes(r["run"], c, e)
+            for r, (c, e) in zip(bench.runs["auto"], calls, strict=True)
+        ]
     finally:
         process.terminate()
         process.wait()
+    report(rdb_mb, keys, rounds, saves, network, flows, bench, spans, pushes, lag, rss)
+
+
+def report(
+    rdb_mb: float,
+    keys: int,
+    rounds: int,
+    saves: dict[str, list[float]],
+    network: dict[str, list[float]],
+    flows: dict[str, list[float]],
+    bench: Bench,
+    spans: list[dict[str, float]],
+    pushes: list[float],
+    lag: float,
+    rss: float,
+) -> None:
+    m = {name: median(v) for group in (saves, network, flows) for name, v in group.items()}
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    ours, bgsave, runbook = m["backup-redis"], m["BGSAVE alone"], m["runbook"]
+    net, cli, plain, age = m["network"], m["redis-cli|zstd"], m["plain"], m["age"]
+    capture = {
+        label: median([r["manifest"]["steps"]["capture"] for r in bench.runs[label]])
+        for label in ("plain", "age")
+    }
+    parts = {key: median([s[key] for s in spans]) for key in spans[0]}
+    lines = [
+        f"RDB {rdb_mb:.0f} MB, {keys:,} keys; medians of {rounds} rounds taking turns "
+        f"({2 * rounds} for encryption); load average at the end {load}",
+        f"  BGSAVE alone                          {bgsave:6.2f} s",
+        f"  the runbook's way: BGSAVE, cp, gzip -6 {runbook:6.2f} s",
+        f"  backup-redis end to end, local only   {ours:6.2f} s   "
+        f"{ours / bgsave:.2f}x BGSAVE alone (target <= 1.2), "
+        f"{ours / runbook:.2f}x the runbook's way (target <= 0.33)",
+        f"  redis-cli --rdb - | zstd -3 -T2        {cli:6.2f} s",
+        f"  backup-redis fetch=network, local only {net:6.2f} s   "
+        f"{net / cli:.2f}x redis-cli | zstd (target <= 0.9)",
+        f"  capture step, age on / off            {capture['age']:6.2f} / "
+        f"{capture['plain']:.2f} s   {capture['age'] / capture['plain']:.2f}x (target 1.00)",
+        f"  whole flow with the upload, age / off {age:6.2f} / {plain:.2f} s   "
+        f"{age / plain:.3f}x (target <= 1.03)",
+        f"  flow peak RSS, age and upload         {rss:6.1f} MB (target < 300 MB)",
+        f"  a backup-redis run: call -> first step {parts['start']:.2f} s, steps "
+        f"{parts['steps']:.2f} s, last step -> terminal state {parts['to terminal state']:.2f} s,"
+        f" -> return {parts['end']:.2f} s",
+        f"  Pushgateway push {median(pushes) * 1000:.0f} ms (median of {len(pushes)}); "
+        f"backup-status run started by its automation {lag:.2f} s after a backup ended "
+        "(outside the backup's run)",
+    ]
+    print("\n" + "\n".join(lines))
 
 
 def main() -> None:
@@ -383,57 +427,11 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=1_500_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    if not shutil.which("redis-server"):
-        sys.exit("redis-server is not installed: run `bash scripts/setup.sh` first")
-    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    for program in ("redis-server", "redis-cli", "zstd", "prometheus-pushgateway"):
+        if not shutil.which(program):
+            sys.exit(f"{program} is not installed: run `bash scripts/setup.sh` first")
     with tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp:
-        work = Path(tmp)
-        base = measure(args.keys, args.repeat, work)
-        shutil.rmtree(work / "out", ignore_errors=True)
-        double = measure(args.keys * 2, 1, work, timings=False)
-    r = base
-    print(f"\nRDB {r['rdb_mb']:.0f} MB, {r['keys']:,} keys (median of {args.repeat})")
-    print(f"  cp floor          {r['cp']:7.3f} s")
-    print(f"  seed cp+gzip -6   {r['seed']:7.3f} s")
-    print(
-        f"  ours              {r['ours']:7.3f} s   {r['ours'] / r['seed']:.3f}x seed "
-        f"(target <= 0.1)   {r['ours'] / r['cp']:.2f}x cp (target <= 2.5)"
-    )
-    added = r["ours_age"] - r["ours"]
-    print(
-        f"  ours + age copy   {r['ours_age']:7.3f} s   {r['ours_age'] / r['ours']:.3f}x ours "
-        f"(the capture pass alone, median of {PAIR_ROUNDS * args.repeat}; +{added:.3f} s)"
-    )
-    print(f"  whole flow        {r['flow_plain']:7.3f} s   unencrypted, with the upload to S3")
-    print(
-        f"  whole flow + age  {r['flow_age']:7.3f} s   {r['flow_age'] / r['flow_plain']:.3f}x "
-        "(runs of the flow spread by about a second: more than encryption adds)"
-    )
-    print(
-        f"  age's added time  {added:7.3f} s   {added / r['flow_plain']:.1%} of the unencrypted "
-        "backup (the capture pass's difference over the whole flow; target <= 15%)"
-    )
-    print(
-        f"  ours + deep check {r['ours_deep']:7.3f} s   {r['ours_deep'] / r['seed']:.3f}x seed"
-        f"   {r['ours_deep'] / r['cp']:.2f}x cp"
-    )
-    print(
-        f"  ours, zstd        {r['ours_zstd']:7.3f} s   {r['ours_zstd'] / r['seed']:.3f}x seed"
-        f"   {r['ours_zstd'] / r['cp']:.2f}x cp"
-    )
-    print(
-        f"  network fetch     {r['network']:7.3f} s   {r['network'] / r['cp']:.2f}x cp"
-        " (raw RDB over SYNC, diskless: ends at the $EOF mark)"
-    )
-    print(
-        f"  flow peak RSS     {r['rss_mb']:7.1f} MB at {r['rdb_mb']:.0f} MB RDB, "
-        f"{double['rss_mb']:.1f} MB at {double['rdb_mb']:.0f} MB RDB "
-        f"(ratio {double['rss_mb'] / r['rss_mb']:.2f}; target < 300 MB and flat)"
-    )
-    print(
-        f"  flow peak RSS     {r['rss_age_mb']:7.1f} MB at {r['rdb_mb']:.0f} MB RDB with age "
-        "encryption and the upload to S3 (target < 300 MB)"
-    )
+        measure(args.keys, args.repeat, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """`python -m deployments serve` runs every deployment's schedule in this process;
 `python -m deployments yaml` prints prefect.yaml from the same catalog;
 `python -m deployments settings` prints docs/settings.md from the Settings class;
-`python -m deployments apply` creates the failure and lateness notifications
-(deployments/notifications.py), which `serve` also does when it starts.
+`python -m deployments apply` creates the failure and lateness notifications and the
+backup-status refresh after each backup (deployments/notifications.py), which `serve`
+also does when it starts.
 
 Schedules use the time zone of PROXILION_DR_SCHEDULE_TIMEZONE (default UTC).
 `serve --schedules-off` (and `yaml --schedules-off`) registers every schedule switched
@@ -26,7 +27,7 @@ from prefect.settings import PREFECT_UI_URL
 
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec, steady_interval
 from deployments.hosts import BadHostName, check_host, for_host
-from deployments.notifications import apply_notifications
+from deployments.notifications import apply_notifications, apply_status_refresh, status_spec
 from deployments.settings_doc import settings_markdown
 from flows.support.settings import settings
 
@@ -78,7 +79,11 @@ def to_deployment(spec: DeploymentSpec, timezone: str, schedules_on: bool = True
 
 def serve_all(timezone: str, schedules_on: bool = True) -> None:
     """Run every deployment's schedule here until stopped (with `schedules_on` False,
-    only the runs launched by hand); stopping does NOT pause them."""
+    only the runs launched by hand); stopping does NOT pause them. The backup-status
+    deployment is registered first: the automation that refreshes it after each backup
+    names it."""
+    status = to_deployment(status_spec(), timezone, schedules_on).apply()
+    print("after each backup: " + apply_status_refresh(deployment_id=status))
     deployments = (to_deployment(spec, timezone, schedules_on) for spec in DEPLOYMENTS)
     serve(*deployments, pause_on_shutdown=False)
 
@@ -157,6 +162,8 @@ def main(argv: list[str]) -> None:
             parser.error(str(error))
     if args.command in ("serve", "apply"):
         notify(args.host if args.command == "apply" else None)
+    if args.command == "apply":
+        print("after each backup: " + apply_status_refresh(args.host))
     if args.command == "yaml":
         text = render_yaml(timezone, schedules_on=not args.schedules_off)
         sys.stdout.write(for_host(text, args.host) if args.host else text)

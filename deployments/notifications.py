@@ -11,6 +11,10 @@ that use it, defined here and created by `python -m deployments apply` (and `ser
   completed within 2 × its schedule interval (also when nothing runs the schedules).
   Each is tagged with the host whose deployment it watches (none for a single host), so
   an `apply` removes only its own host's stale ones.
+- `proxilion-dr: backup-status after each backup`: a backup run ending Completed or
+  Failed starts a run of the `backup-status` deployment, so the table is fresh seconds
+  after every backup without the backup run waiting for it (created with or without a
+  webhook, once that deployment is registered).
 
 The webhook URL (Slack, Mattermost, ntfy…) is a credential: it is kept in the block's
 secret values, never in its plain fields, and never printed.
@@ -23,8 +27,15 @@ from datetime import timedelta
 from uuid import UUID
 
 from prefect import get_client
-from prefect.automations import AutomationCore, EventTrigger, Posture, SendNotification
+from prefect.automations import (
+    AutomationCore,
+    EventTrigger,
+    Posture,
+    RunDeployment,
+    SendNotification,
+)
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
+from prefect.exceptions import ObjectNotFound
 
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
 
@@ -33,6 +44,8 @@ FAILURE_AUTOMATION = "proxilion-dr: run failed or crashed"
 LATE_PREFIX = "proxilion-dr: "  # + "<flow>/<deployment> late"
 LATE_TAG = "proxilion-dr:late"  # every late automation; with "host:<host>" for a host's
 FLOW_NAMES = ["backup-*", "recover-*", "verify-restore"]
+STATUS_AUTOMATION = "proxilion-dr: backup-status after each backup"
+STATUS_FLOW = "backup-status"
 
 FAILURE_SUBJECT = "proxilion-dr: {{ flow.name }} {{ flow_run.state.name }} ({{ flow_run.name }})"
 FAILURE_BODY = """\
@@ -172,3 +185,55 @@ def apply_notifications(webhook_url: str, ui_url: str, host: str | None = None) 
             if sorted(stale.tags) == ours and stale.name not in current:
                 client.delete_automation(stale.id)
     return sorted(current)
+
+
+def status_spec(host: str | None = None) -> DeploymentSpec:
+    """The backup-status deployment as registered (host `host`'s copy, when given)."""
+    [spec] = [s for s in DEPLOYMENTS if s.flow_name == STATUS_FLOW]
+    return replace(spec, name=f"{spec.name}-{host}") if host else spec
+
+
+def status_automation(deployment_id: UUID, host: str | None = None) -> AutomationCore:
+    """Any backup run (`backup-<kind>`, by flow name: also runs started by hand; with
+    `host`, the runs of that host's backup deployments) ending Completed or Failed
+    starts a run of the backup-status deployment `deployment_id`, with its own
+    (the host's) settings."""
+    backups = sorted({s.flow_name for s in DEPLOYMENTS if s.flow_name.startswith("backup-")})
+    backups.remove(STATUS_FLOW)
+    related = [{"prefect.resource.role": "flow", "prefect.resource.name": backups}]
+    if host:
+        names = [s.name for s in scheduled(host) if s.flow_name in backups]
+        related.append({"prefect.resource.role": "deployment", "prefect.resource.name": names})
+    return AutomationCore(
+        name=f"{STATUS_AUTOMATION} on {host}" if host else STATUS_AUTOMATION,
+        description="A backup ended: refresh the backup-status table (its own run).",
+        trigger=EventTrigger(
+            posture=Posture.Reactive,
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related=related,
+            expect={"prefect.flow-run.Completed", "prefect.flow-run.Failed"},
+            for_each={"prefect.resource.id"},
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[RunDeployment(source="selected", deployment_id=deployment_id)],
+    )
+
+
+def apply_status_refresh(host: str | None = None, deployment_id: UUID | None = None) -> str:
+    """(Re)create the status automation for the backup-status deployment (`deployment_id`,
+    else found by name: `backup-status/hourly`, or host `host`'s copy); returns its name,
+    or why it was not created (the deployment is not registered yet)."""
+    spec = status_spec(host)
+    if deployment_id is None:
+        with get_client(sync_client=True) as client:
+            try:
+                deployment_id = client.read_deployment_by_name(f"{STATUS_FLOW}/{spec.name}").id
+            except ObjectNotFound:
+                return (
+                    f"not created: deployment {STATUS_FLOW}/{spec.name} is not registered "
+                    "(register the deployments first, then apply again)"
+                )
+    automation = status_automation(deployment_id, host)
+    replace_automation(automation)
+    return automation.name

@@ -13,8 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name, unchanged
+from flows.support.hooks import FLOW_HOOKS
 from flows.support.keeping import Destination, keep_backup, with_exposure_warnings
 from flows.support.parameter_docs import shared_args
 from flows.support.parameters import dr_flow
@@ -48,7 +48,7 @@ FAILED = backup_failed(
     name="backup-config",
     flow_run_name=run_name("config"),
     log_prints=True,
-    **with_hooks(BACKUP_HOOKS, FAILED),
+    **with_hooks(FLOW_HOOKS, FAILED),
 )
 @explains_failure
 @shared_args

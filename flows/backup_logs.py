@@ -10,8 +10,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name
+from flows.support.hooks import FLOW_HOOKS
 from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
 from flows.support.parameters import dr_flow
@@ -41,7 +41,7 @@ FAILED = backup_failed(
     name="backup-logs",
     flow_run_name=run_name("logs"),
     log_prints=True,
-    **with_hooks(BACKUP_HOOKS, FAILED),
+    **with_hooks(FLOW_HOOKS, FAILED),
 )
 @explains_failure
 @shared_args

@@ -1,7 +1,8 @@
 """backup-redis: snapshot Redis session state and keep it safe, here and off-site.
 
-Runbook steps: trigger save, wait, copy the RDB out, validate, compress and
-checksum, to.backup_dir (manifest last), upload, prune, report.
+Runbook steps: trigger save, copy the RDB out while Redis writes it (or over the
+replication stream), validate, compress and checksum, to.backup_dir (manifest last),
+upload, prune, report.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ import time
 from dataclasses import asdict
 from typing import Any, Literal
 
-from flows.backup_status import BACKUP_HOOKS
 from flows.support.failures import explains_failure, run_name
+from flows.support.hooks import FLOW_HOOKS
 from flows.support.keeping import Destination, keep_backup
 from flows.support.parameter_docs import shared_args
 from flows.support.parameters import dr_flow
@@ -22,7 +23,7 @@ from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url
 from tasks.redis.capture import capture_rdb, choose_fetch, describe, redis_manifest
 from tasks.redis.sample import sample_after_save, sample_before_save
-from tasks.redis.save import trigger_save
+from tasks.redis.save import start_save
 from tasks.redis.server import inspect_redis
 from tasks.store.archive import Compression, check_compression
 from tasks.store.kinds import redis_source_id
@@ -37,7 +38,7 @@ FAILED = backup_failed(
     name="backup-redis",
     flow_run_name=run_name("redis"),
     log_prints=True,
-    **with_hooks(BACKUP_HOOKS, FAILED),
+    **with_hooks(FLOW_HOOKS, FAILED),
 )
 @explains_failure
 @shared_args
@@ -107,13 +108,14 @@ def backup_redis(
         sample = sample_before_save(p["redis_url"], facts.keyspace)
         save = None
         if method != "network":  # the replication stream makes its own snapshot
-            save = trigger_save(
+            save = start_save(  # returns once Redis has forked the snapshot
                 p["redis_url"],
                 p["save_timeout_seconds"],
                 p["container"] if method == "container" else None,
             )
+            sample = sample_after_save(p["redis_url"], sample)  # while the fork writes
         name = backup_name("redis", utc_now(), codec, source_id)
-        captured = capture_rdb(
+        captured = capture_rdb(  # follows the file the save writes, ends with the save
             method,
             p["redis_url"],
             p["container"] or None,
@@ -126,9 +128,10 @@ def backup_redis(
             network_fallback=p["fetch"] == "auto",
             encrypt=to.age_copy,
         )
-        sample = sample_after_save(p["redis_url"], sample)
+        if captured.save is None:  # the snapshot the stream made
+            sample = sample_after_save(p["redis_url"], sample)
         manifest = redis_manifest(
-            name, captured, facts, server, save, elapsed(started), source_id, sample
+            name, captured, facts, server, captured.save, elapsed(started), source_id, sample
         )
         stored, remote = keep_backup(
             captured.file,

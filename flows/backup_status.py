@@ -4,7 +4,9 @@ Publishes the table artifact `backup-status`: per kind and source, the newest
 complete backup here and in S3, its age against its schedule (fresh / LATE /
 MISSING; late = older than 2 × the schedule interval in deployments/catalog.py),
 its size and the trend against the previous one, and the last verified restore.
-Runs by hand, and at the end of every backup run (flows/support/hooks.py).
+Runs hourly, by hand, and after every backup run: the automation
+`proxilion-dr: backup-status after each backup` (deployments/notifications.py) starts
+its deployment when a backup ends, so the backup run never waits for it.
 """
 
 from __future__ import annotations
@@ -13,16 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_table_artifact
-from prefect.client.schemas.objects import FlowRun
-from prefect.states import State
 
 from deployments.catalog import backup_intervals
 from flows.support.failures import run_name
-from flows.support.hooks import FLOW_HOOKS, check_failure_notified
+from flows.support.hooks import FLOW_HOOKS
 from flows.support.parameters import dr_flow
 from flows.support.settings import resolve
 from tasks.common.clock import utc_now
-from tasks.common.log import run_logger
 from tasks.store.kinds import KINDS
 from tasks.store.local import list_local
 from tasks.store.s3 import S3Error, list_remote
@@ -106,27 +105,6 @@ def backup_status(
     for row in rows:
         print(f"{row['kind']} {row['source']}: local {row['local']}, S3 {row['S3']}")
     return rows
-
-
-STATUS_PARAMETERS = ("backup_dir", "s3_bucket", "s3_prefix", "s3_endpoint_url")
-
-
-def refresh_backup_status(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
-    """At the end of a backup run: run `backup-status` (a subflow, so its table is its
-    own artifact, not one more in the backup's run) for the same backup dir and S3
-    location. Its failure is logged here and notified as its own run's failure; the
-    backup's outcome stands."""
-    given = {name: flow_run.parameters.get(name) or "" for name in STATUS_PARAMETERS}
-    status = backup_status(**given, return_state=True)
-    if not status.is_completed():
-        run_logger().warning("could not refresh the backup-status table: %s", status.message)
-
-
-BACKUP_HOOKS: dict[str, Any] = {
-    "on_completion": [refresh_backup_status],
-    "on_failure": [refresh_backup_status, check_failure_notified],
-    "on_crashed": [check_failure_notified],
-}
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
 """recover-redis: runbook scenario 2, Redis data lost or corrupt; put a backup back.
 
 Runbook steps: find the backup (here, else S3) and verify it, check the target
-(container, data dir, AOF setting, RDB version it loads, free disk), validate and
-stage the RDB, stop Redis, move its data aside, place the RDB (also as the AOF base
-when AOF is on), start Redis, wait for loading:0, verify key counts against the
-manifest and persistence, check the gateway. Any failure after the data was moved
-puts it back and starts Redis again.
+(container, data dir, AOF setting, RDB version it loads, free disk), stop Redis while
+the RDB is decompressed and validated beside its data, move its data aside, place the
+RDB (also as the AOF base when AOF is on), start Redis and wait for loading:0 while
+redis-check-rdb parses the same file and it is flushed to disk, verify what Redis
+loaded and the key counts against the manifest, persistence, the gateway. Any failure
+after the stop puts the old data back and starts Redis again.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,17 +29,18 @@ from tasks.common.redis_url import parse_redis_url
 from tasks.docker.containers import (
     container_running,
     find_data_dir,
-    start_container,
     stop_container,
 )
 from tasks.redis.prove import check_gateway, check_persistence, prove_redis
 from tasks.redis.restore import (
     StagedRdb,
+    check_loadable,
     check_rdb,
     move_redis_data_aside,
     place_rdb,
+    rdb_version_of,
     stage_rdb,
-    wait_until_loaded,
+    start_checked,
 )
 from tasks.redis.setup import RedisSetup, read_redis_setup, settle_aof
 from tasks.store.find import FoundBackup
@@ -176,37 +177,29 @@ def plan(r: Recovery, found: FoundBackup, t: Target) -> None:
 def restore(
     r: Recovery, found: FoundBackup, t: Target, gateway_health_url: str, timeout: float
 ) -> None:
-    """Validate and stage the RDB while Redis still runs, then swap it in."""
-    staged = None
-    try:
-        with r.step("validate and stage the RDB") as step:
-            staged = stage_rdb(found, t.setup, t.data)
-            rdb = staged.rdb
-            step.detail = (
-                f"RDB v{rdb.rdb_version}, {rdb.size} bytes, {rdb.checksum_detail}; "
-                f"deep check {rdb.deep_check}"
-            )
-        swap(r, t, found, staged, gateway_health_url, timeout)
-    finally:
-        if staged is not None:
-            staged.discard()
-
-
-def swap(
-    r: Recovery,
-    t: Target,
-    found: FoundBackup,
-    staged: StagedRdb,
-    gateway_health_url: str,
-    timeout: float,
-) -> None:
-    """Stop, move aside, place, start, prove; on any failure put the old data back."""
+    """Stop Redis while the RDB is decompressed and validated beside its data, swap it
+    in, start Redis on it while redis-check-rdb parses it and it is flushed to disk,
+    prove it; on any failure put the old data back and start Redis again."""
+    with r.step("check the RDB version loads here") as step:  # before Redis is touched
+        version = rdb_version_of(found)
+        check_loadable(version, t.setup, found.manifest.name)
+        step.detail = f"RDB v{version}: Redis {t.setup.redis_version} loads it"
+    staging = stage_rdb.submit(found, t.setup, t.data, deep=False, durable=False)
+    staged: StagedRdb | None = None
     moved: MovedAside | None = None
     try:
         with r.step("stop Redis") as step:
             stopped = stop_container(t.container)
             step.detail = f"container {t.container} " + (
                 "stopped" if stopped else "was not running"
+            )
+            step.detail += "; the RDB is decompressed meanwhile"
+        with r.step("decompress and validate the RDB") as step:  # what the stop did not hide
+            staged = staging.result()
+            rdb = staged.rdb
+            step.detail = (
+                f"RDB v{rdb.rdb_version}, {rdb.size} bytes, {rdb.checksum_detail}; "
+                f"{staged.seconds:.2f} s in all, from the stop's start"
             )
         with r.step("move current data aside") as step:
             moved = move_redis_data_aside(t.data, t.setup)
@@ -215,11 +208,14 @@ def swap(
         with r.step("place the RDB") as step:
             step.detail = ", ".join(place_rdb(staged, t.data, t.setup))
         with r.step("start Redis and wait for loading:0") as step:
-            since = time.time()
-            start_container(t.container)
-            load = wait_until_loaded(t.redis_url, t.container, timeout)
-            step.detail = f"loaded {load.get('rdb_last_load_keys_loaded', '?')} keys"
-        r.prove(prove_redis(t.redis_url, found.manifest, load, since), found.manifest)
+            path = t.data / t.setup.dbfilename
+            checked = start_checked(found, staged.rdb, path, t.redis_url, t.container, timeout)
+            load = checked.load
+            step.detail = (
+                f"loaded {load.get('rdb_last_load_keys_loaded', '?')} keys; alongside: "
+                f"{checked.deep_check}, the RDB flushed to disk"
+            )
+        r.prove(prove_redis(t.redis_url, found.manifest, load, checked.started_at), found.manifest)
         with r.step("check persistence") as step:
             step.detail = check_persistence(t.redis_url, t.setup)
         if gateway_health_url:
@@ -230,6 +226,10 @@ def swap(
         failed_folder = unique_folder(t.data, "failed-restore")
         roll_back(r, t.container, moved, failed_folder, t.setup.data_names(), t.was_running)
         raise
+    finally:
+        staging.wait()  # never leave it writing into the data dir
+        if staging.state.is_completed():
+            staging.result().discard()  # nothing once placed
 
 
 if __name__ == "__main__":

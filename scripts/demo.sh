@@ -33,6 +33,8 @@ export PROXILION_DR_BACKUP_DIR="${PROXILION_DR_BACKUP_DIR:-$repo/backups}"
 # The sandbox's compose project (PROXILION_DR_CONFIG_PROJECT_DIR): compose file, Prometheus
 # config and rules, dashboards, redis.conf and the gateway's settings; its .env secret not.
 .venv/bin/python -m flows.backup_config
+# The table an operator opens first (after each backup once `deployments serve` runs).
+.venv/bin/python -m flows.backup_status
 
 echo
 echo "Backups:   $PROXILION_DR_BACKUP_DIR (and s3://$PROXILION_DR_S3_BUCKET/$PROXILION_DR_S3_PREFIX on the sandbox S3)"

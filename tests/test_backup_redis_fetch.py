@@ -4,6 +4,7 @@ path, network) and proof that the backup holds the server named in redis_url."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import threading
@@ -470,3 +471,30 @@ def test_the_ctime_of_our_own_save_is_accepted_across_a_second_boundary() -> Non
     late = SaveResult(0, 0.0, 844, 844_500_000)
     with pytest.raises(WrongServer, match="was made at 843, before the save"):
         check_fresh(fresh, late, "path", "redis://127.0.0.1:6379")
+
+
+def test_a_slow_save_is_copied_while_redis_writes_it(backup_dir: Path, tmp_path: Path) -> None:
+    """The copy follows the save's temp file in Redis's dir while the fork writes it and
+    ends with the save; what it stored is the file the save left, every key of it."""
+    with running_redis(tmp_path / "r", rdb_key_save_delay="2000") as server:  # ~2.5 s save
+        fill(server.url, sessions=600)
+        manifest = backup_from_path(server.url, server.dir, backup_dir)
+        assert manifest["source"]["copied_during_save"] is True
+        assert manifest["source"]["fetch"] == "path"
+        restore_and_compare(backup_dir, manifest["name"], server.url, tmp_path)
+
+
+def test_a_save_that_fails_half_way_through_the_copy_stores_nothing(
+    backup_dir: Path, tmp_path: Path
+) -> None:
+    """Redis's dir fills up while its fork writes and the copy reads: the save's failure
+    fails the backup, and nothing of what was read is kept."""
+    with (
+        mounted_tmpfs(tmp_path / "small", "size=2m") as small,
+        running_redis(tmp_path / "r", dir=str(small), rdb_key_save_delay="5000") as server,
+    ):
+        client = server.client()
+        client.mset({f"k{i}": os.urandom(20_000) for i in range(200)})  # 4 MB, incompressible
+        with pytest.raises(SaveFailed, match="failed to write its snapshot"):
+            backup_from_path(server.url, small, backup_dir)
+    no_backups(backup_dir)

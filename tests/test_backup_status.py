@@ -4,16 +4,29 @@ late, missing) locally and in an S3 prefix that lacks one of them."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import boto3
+import pytest
 from prefect import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterParentFlowRunId,
+)
+from prefect.client.schemas.objects import FlowRun
+from prefect.flow_engine import run_flow
 from redis_servers import free_port
 
+from deployments.notifications import replace_automation, status_automation
 from flows.backup_redis import backup_redis
 from flows.backup_status import ARTIFACT_KEY, backup_status
 from sandbox import constants as stack
@@ -118,36 +131,70 @@ def test_status_without_s3_says_not_configured(backup_dir: Path) -> None:
     assert rows["config"]["newest in S3"] == "not configured (no s3_bucket)"
 
 
-def status_subflow_of(backup_run: uuid.UUID) -> Any:
-    """The backup-status run started at the end of `backup_run`."""
-    with get_client(sync_client=True) as client:
-        steps = {t.id for t in client.read_task_runs() if t.flow_run_id == backup_run}
-        [status_run] = [r for r in client.read_flow_runs() if r.parent_task_run_id in steps]
-    return status_run
-
-
-def test_backup_run_ends_with_a_backup_status_subflow(
-    backup_dir: Path, s3_prefix: str, sandbox_redis: str
-) -> None:
-    state = backup_redis(
-        redis_url=sandbox_redis,
-        backup_dir=str(backup_dir),
-        s3_bucket=stack.S3_BUCKET,
-        s3_prefix=s3_prefix,
-        s3_endpoint_url=stack.S3_ENDPOINT,
-        return_state=True,
+@pytest.fixture
+def status_after_backups(backup_dir: Path) -> Iterator[Callable[[uuid.UUID], FlowRun]]:
+    """The automation `python -m deployments apply` creates, on a backup-status
+    deployment of this test's backup_dir; yields `refreshed(backup_run)`: the status run
+    the automation started after `backup_run` ended, run to its end here (a stand-in for
+    the runner that serves the deployment). The automation is removed after."""
+    deployment = backup_status.to_deployment(
+        name=f"hourly-{uuid.uuid4().hex[:8]}",
+        parameters={"backup_dir": str(backup_dir), "s3_bucket": ""},
     )
+    deployment_id = deployment.apply()
+    automation = status_automation(deployment_id).model_copy(
+        update={"name": f"test {deployment.name}"}
+    )
+    automation_id = replace_automation(automation)
+
+    def refreshed(backup_run: uuid.UUID) -> FlowRun:
+        with get_client(sync_client=True) as client:
+            ended = client.read_flow_run(backup_run).end_time
+            deadline = time.monotonic() + 60
+            while not (runs := client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+            )):  # fmt: skip
+                assert time.monotonic() < deadline, "the automation started no status run"
+                time.sleep(0.2)
+            [status_run] = runs
+            assert status_run.created > ended  # started by the backup's end, not before
+            run_flow(backup_status, flow_run=status_run, parameters=status_run.parameters)
+            return client.read_flow_run(status_run.id)
+
+    try:
+        yield refreshed
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_automation(automation_id)
+
+
+def test_a_finished_backup_starts_a_status_run_its_own_run_does_not_wait_for(
+    backup_dir: Path, sandbox_redis: str, status_after_backups: Callable[[uuid.UUID], FlowRun]
+) -> None:
+    state = backup_redis(redis_url=sandbox_redis, backup_dir=str(backup_dir), s3_bucket="",
+                         return_state=True)  # fmt: skip
 
     assert state.is_completed()
-    status_run = status_subflow_of(state.state_details.flow_run_id)
-    assert status_run.state.is_completed()
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(
+                    any_=[state.state_details.flow_run_id]
+                )
+            )
+        )
+    assert children == []  # no subflow: nothing after the backup's end in its run
+    status_run = status_after_backups(state.state_details.flow_run_id)
+    assert status_run.state is not None and status_run.state.is_completed()
     rows = by_kind(status_artifact_of(status_run.id))
-    assert (rows["redis"]["local"], rows["redis"]["S3"]) == ("fresh", "fresh")
+    assert rows["redis"]["local"] == "fresh"
     assert rows["redis"]["trend"] == "first backup"
     assert rows["prometheus"]["local"] == "MISSING"
 
 
-def test_failed_backup_run_also_refreshes_the_status(backup_dir: Path) -> None:
+def test_failed_backup_run_also_refreshes_the_status(
+    backup_dir: Path, status_after_backups: Callable[[uuid.UUID], FlowRun]
+) -> None:
     port = free_port()
     fake_backup(backup_dir, "redis", timedelta(hours=13), 10, f"127.0.0.1:{port}")
 
@@ -160,7 +207,7 @@ def test_failed_backup_run_also_refreshes_the_status(backup_dir: Path) -> None:
     )
 
     assert state.is_failed()
-    rows = by_kind(status_artifact_of(status_subflow_of(state.state_details.flow_run_id).id))
+    rows = by_kind(status_artifact_of(status_after_backups(state.state_details.flow_run_id).id))
     assert rows["redis"]["local"] == "LATE"  # the failure left the 13 h old backup newest
 
 

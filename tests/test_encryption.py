@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from sandbox import constants as stack
 from tasks.store.archive import Manifest, manifest_name, sha256_file
 from tasks.store.encryption import (
     AgeCopy,
+    EncryptedStream,
     IdentityError,
     RecipientError,
     load_identity,
@@ -46,7 +48,7 @@ from tasks.store.encryption import (
 from tasks.store.find import fetch_backup
 from tasks.store.kinds import KINDS
 from tasks.store.local import list_local
-from tasks.store.s3 import object_key
+from tasks.store.s3 import PART_SIZE, UploadSource, object_key, upload_backup
 
 AGE_HEADER = b"age-encryption.org/v1\n"
 
@@ -212,9 +214,9 @@ def test_config_round_trip(
 def test_a_backup_that_missed_its_upload_goes_up_encrypted_with_the_next_one(
     age_key: tuple[Path, str], tmp_path: Path, backup_dir: Path, s3_prefix: str
 ) -> None:
-    """The catch-up upload encrypts in a second pass over the stored file (the capture's
-    pass is long over): the object is age of exactly that file, its manifest says so,
-    and no encrypted staging copy is left behind."""
+    """The catch-up upload encrypts the stored file while it uploads it, as every upload
+    does: the object is age of exactly that file, its manifest says so, and no
+    encrypted copy is left behind."""
     key, public = age_key
     common = config_args(tmp_path, backup_dir) | {
         "s3_bucket": stack.S3_BUCKET,
@@ -287,37 +289,75 @@ def test_identity_file_with_no_key_is_refused(tmp_path: Path) -> None:
         load_identity(empty)
 
 
-def test_the_copy_for_s3_is_encrypted_in_the_capture_pass(tmp_path: Path) -> None:
-    """The compressed stream flows once: into the local gzip and, in the same pass, into
-    age (it used to be a second pass over the stored file). The manifest's two
-    checksums are those of the plain stream and of the encrypted file; an abort
-    leaves neither file behind."""
+def test_the_copy_for_s3_is_encrypted_while_it_uploads(tmp_path: Path, s3_prefix: str) -> None:
+    """The capture writes the plain file only; the upload reads it once, age-encrypting
+    on the way: the object is age of exactly that file, the manifest uploaded beside it
+    records the object's size and SHA-256, and no encrypted copy touches the disk."""
     identity = x25519.Identity.generate()
     recipients = (str(identity.to_public()),)
-    data = b"".join(b"session:%08d " % i + os.urandom(40).hex().encode() for i in range(40_000))
+    data = b"".join(b"session:%08d " % i + os.urandom(40).hex().encode() for i in range(400_000))
     staging = tmp_path / ".dump_20260101_000000_ab.rdb.gz.0123abcd.partial"
-    writer = staged_writer(staging, "gzip", AgeCopy(recipients))
+    writer = staged_writer(staging, "gzip")
     for start in range(0, len(data), 65_536):
         writer.write(data[start : start + 65_536])
     stored = writer.close()
-    assert stored.encrypted is not None
-    encrypted = stored.encrypted.path
-    assert encrypted.name == ".dump_20260101_000000_ab.rdb.gz.age.0123abcd.partial"
-    assert encrypted.stat().st_mode & 0o777 == 0o600
-    plain = staging.read_bytes()
-    assert gzip.decompress(plain) == data
-    assert pyrage.decrypt(encrypted.read_bytes(), [identity]) == plain
-    assert stored.sha256 == hashlib.sha256(plain).hexdigest()
-    assert stored.encrypted.sha256 == sha256_file(encrypted)
-    assert stored.encrypted.size == encrypted.stat().st_size
+    assert stored.encrypted is None and sorted(tmp_path.iterdir()) == [staging]
+    name = "redis/dump_20260101_000000_ab.rdb.gz"
+    manifest = Manifest("redis", name, "2026-01-01T00:00:00+00:00", stored.size, stored.sha256,
+                        "gzip", stored.raw_size, 0.0)  # fmt: skip
+    assert stored.size > PART_SIZE  # a multipart upload: its ETag was computed as it went
 
-    aborted = staged_writer(tmp_path / ".x.rdb.gz.89abcdef.partial", "gzip", AgeCopy(recipients))
-    aborted.write(data[:100_000])
-    aborted.abort()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([staging.name, encrypted.name])
+    copy = upload_backup(
+        staging, manifest, stack.S3_BUCKET, s3_prefix, stack.S3_ENDPOINT, None, recipients
+    )
+
+    assert sorted(tmp_path.iterdir()) == [staging]
+    objects = remote_objects(s3_prefix)
+    encrypted = objects[copy.key]
+    assert copy.key.endswith(".rdb.gz.age") and encrypted.startswith(AGE_HEADER)
+    assert pyrage.decrypt(encrypted, [identity]) == staging.read_bytes()
+    remote = json.loads(objects[manifest_name(copy.key)])
+    assert remote["encryption"] == {
+        "format": "age",
+        "recipients": list(recipients),
+        "size": len(encrypted),
+        "sha256": hashlib.sha256(encrypted).hexdigest(),
+    }
+    assert copy.manifest is not None and copy.manifest.encryption == remote["encryption"]
+    assert (remote["size"], remote["sha256"]) == (stored.size, stored.sha256)
 
 
-@pytest.mark.parametrize("copies", ["plain", "plain and age", "age only"])
+def test_an_encryption_that_fails_mid_stream_uploads_nothing(
+    tmp_path: Path, s3_prefix: str
+) -> None:
+    """A read error of the stored file reaches the upload as that error, not as a
+    shorter stream that S3 would then store as if complete."""
+
+    class Failing(io.RawIOBase):
+        sent = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: Any) -> int:
+            if self.sent > 20 << 20:
+                raise OSError(errno.EIO, "Input/output error")
+            buffer[:] = os.urandom(len(buffer))
+            self.sent += len(buffer)
+            return len(buffer)
+
+    recipients = [str(x25519.Identity.generate().to_public())]
+    s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
+    stream = EncryptedStream(io.BufferedReader(Failing()), recipients)
+    with pytest.raises(OSError, match="Input/output error"):
+        s3.upload_fileobj(
+            UploadSource(io.BufferedReader(stream)), stack.S3_BUCKET, f"{s3_prefix}/x.age"
+        )
+    stream.close()
+    assert remote_objects(s3_prefix) == {}
+
+
+@pytest.mark.parametrize("copies", ["plain", "age only"])
 def test_a_full_disk_fails_the_capture_with_enospc_and_leaves_nothing(
     tmp_path: Path, copies: str
 ) -> None:
@@ -326,11 +366,7 @@ def test_a_full_disk_fails_the_capture_with_enospc_and_leaves_nothing(
     explanations missed), and the abort removes every partial file although its last
     buffered bytes cannot be flushed (the close raised ENOSPC again, leaving them)."""
     recipients = (str(x25519.Identity.generate().to_public()),)
-    encrypt = {
-        "plain": None,
-        "plain and age": AgeCopy(recipients),
-        "age only": AgeCopy(recipients, local=True),
-    }[copies]
+    encrypt = {"plain": None, "age only": AgeCopy(recipients)}[copies]
     with mounted_tmpfs(tmp_path / "tiny", "size=64k") as tiny:
         writer = staged_writer(tiny / ".x.rdb.gz.0123abcd.partial", "gzip", encrypt)
         with pytest.raises(OSError) as refused:

@@ -31,15 +31,17 @@ from deployments.__main__ import load_flow, main
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
 from deployments.notifications import (
     FAILURE_AUTOMATION,
+    STATUS_AUTOMATION,
     WEBHOOK_BLOCK,
     apply_notifications,
     late_automation,
     late_automation_name,
     replace_automation,
     scheduled,
+    status_spec,
     webhook_block,
 )
-from flows.backup_status import refresh_backup_status
+from flows.backup_status import backup_status
 from flows.recover_gateway import recover_gateway
 from flows.support.hooks import FLOW_HOOKS, check_failure_notified
 
@@ -204,14 +206,15 @@ def test_every_deployed_flow_carries_the_failure_hooks() -> None:
         flow = load_flow(spec)
         assert check_failure_notified in flow.on_failure_hooks, spec.flow_name
         assert check_failure_notified in flow.on_crashed_hooks, spec.flow_name
-        is_backup = spec.flow_name.startswith("backup-") and spec.flow_name != "backup-status"
-        assert (refresh_backup_status in flow.on_completion_hooks) == is_backup, spec.flow_name
+        # backup-status is refreshed by an automation (test_backup_status), not a hook
+        assert flow.on_completion_hooks == [], spec.flow_name
 
 
 def test_apply_command_creates_every_automation_without_printing_the_url(
     webhook: Webhook,
 ) -> None:
     block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
+    backup_status.to_deployment(name=status_spec().name).apply()  # as `serve` registers it
     removed = DeploymentSpec("gone", "flows/backup_logs.py:backup_logs", "0 * * * *", "gone")
     replace_automation(late_automation(removed, block_id, ""))  # its deployment was removed
     env = {
@@ -231,9 +234,12 @@ def test_apply_command_creates_every_automation_without_printing_the_url(
     with get_client(sync_client=True) as client:
         names = {a.name for a in client.read_automations() if a.name.startswith("proxilion-dr")}
     late = {late_automation_name(spec) for spec in DEPLOYMENTS if spec.cron}
-    assert names == {FAILURE_AUTOMATION} | late
+    assert names == {FAILURE_AUTOMATION, STATUS_AUTOMATION} | late
     assert "proxilion-dr: backup-redis/every-6-hours late" in names
+    assert f"after each backup: {STATUS_AUTOMATION}" in done.stdout
     assert "secret-token-xyz" not in done.stdout + done.stderr
+    with get_client(sync_client=True) as client:  # later backups would start status runs
+        client.delete_automation(client.read_automations_by_name(STATUS_AUTOMATION)[0].id)
 
 
 @flow(name="recover-crash-stand-in", **FLOW_HOOKS)

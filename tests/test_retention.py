@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import boto3
 import pytest
@@ -261,8 +262,8 @@ class FaultyS3:
     def __getattr__(self, name: str) -> object:
         return getattr(self._real, name)
 
-    def upload_file(self, filename: str, bucket: str, key: str, **_: object) -> None:
-        data = Path(filename).read_bytes()
+    def upload_fileobj(self, source: BinaryIO, bucket: str, key: str, **_: object) -> None:
+        data = source.read()
         if self._fault == "truncated":
             data = data[:-10]
         elif self._fault == "altered":

@@ -33,6 +33,8 @@ STEP_NAMES = {
     "check_retention": "checking the retention parameters",
     "check_compression": "checking the compression parameter",
     "trigger_save": "Redis save (BGSAVE)",
+    "start_save": "Redis save (BGSAVE)",
+    "capture_rdb": "Redis save and copy of the RDB",
     "exclusive": "waiting for the lock",
 }
 # Modules whose frames wrap a step rather than being one (Prefect's retry condition

@@ -1,5 +1,4 @@
-"""State hooks every proxilion-dr flow carries (`@flow(..., **BACKUP_HOOKS)` or
-`**FLOW_HOOKS`).
+"""State hooks every proxilion-dr flow carries (`@flow(..., **FLOW_HOOKS)`).
 
 Who tells a person: the Prefect automation `proxilion-dr: run failed or crashed`
 (deployments/notifications.py), server-side, so a run whose process died is
@@ -7,8 +6,8 @@ reported too and one failure is one message. The failure and crash hooks make su
 somebody would hear of it: when the Prefect server has no such automation enabled,
 the run's log says, as a warning, that nobody is notified and how to fix it.
 
-Backups also run `backup-status` when they end, completed or failed (its hooks,
-`BACKUP_HOOKS`, are in flows/backup_status.py).
+backup-status is refreshed after each backup by an automation, not by a hook: nothing
+runs in a backup's run once its data is safe but its report and Pushgateway push.
 """
 
 from __future__ import annotations

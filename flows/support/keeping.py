@@ -3,7 +3,7 @@ last), upload and verify, catch up earlier uploads, prune here and there, report
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,15 @@ from tasks.common.errors import one_line
 from tasks.common.files import OWNER_ONLY, Modes, exposure_warnings
 from tasks.common.log import run_logger
 from tasks.store.archive import CompressedFile, Manifest
-from tasks.store.encryption import AgeCopy, RecipientError, encrypt_for_upload, parse_recipients
+from tasks.store.encryption import AgeCopy, RecipientError, parse_recipients
 from tasks.store.kinds import KINDS
-from tasks.store.local import check_retention, commit_local, list_local, prune_local
+from tasks.store.local import (
+    check_retention,
+    commit_local,
+    list_local,
+    prune_local,
+    record_manifest,
+)
 from tasks.store.report import NOT_UPLOADED, publish_backup_report
 from tasks.store.s3 import ObjectLock, list_remote, prune_remote, require_object_lock, upload_backup
 
@@ -70,11 +76,14 @@ class Destination:
 
     @property
     def age_copy(self) -> AgeCopy | None:
-        """How a capture encrypts in its pass: the local copy itself, or the copy for
-        S3, or not at all."""
-        if self.encrypt_local:
-            return AgeCopy(self.age_recipients, local=True)
-        return AgeCopy(self.age_recipients) if self.uploads_encrypted else None
+        """How a capture encrypts in its pass: the local copy itself, or not at all (the
+        copy for S3 is encrypted while it uploads)."""
+        return AgeCopy(self.age_recipients) if self.encrypt_local else None
+
+    @property
+    def upload_recipients(self) -> tuple[str, ...]:
+        """Whom an upload encrypts a plain local copy to (none: uploaded plain)."""
+        return self.age_recipients if self.uploads_encrypted else ()
 
     def check_remote(self) -> None:
         """At the start: a bucket asked to lock backups must have Object Lock."""
@@ -82,27 +91,37 @@ class Destination:
             require_object_lock(self.s3_bucket, self.s3_endpoint_url)
 
 
-def catch_up_uploads(to: Destination, kind: str, source_id: str) -> list[str]:
+def catch_up_uploads(
+    to: Destination, kind: str, source_id: str
+) -> tuple[list[str], list[Manifest]]:
     """Upload every complete local backup of this kind and source that S3 lacks (a
     run whose upload failed left it local only), so local and S3 converge. They go up
-    as this destination wants them: age-encrypted, locked."""
-    remote = {m.name for m in list_remote(to.s3_bucket, to.s3_prefix, kind, to.s3_endpoint_url)}
-    missing = [m for m in list_local(to.backup_dir, kind, source_id) if m.name not in remote]
+    as this destination wants them: age-encrypted, locked. Returns their names, and
+    every complete backup of the kind in S3 now (for the retention that follows)."""
+    remote = list_remote(to.s3_bucket, to.s3_prefix, kind, to.s3_endpoint_url)
+    names = {m.name for m in remote}
+    missing = [m for m in list_local(to.backup_dir, kind, source_id) if m.name not in names]
     for manifest in missing:
-        lock = None
-        if to.object_lock:
-            lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
-        path, described, copy = to.backup_dir / manifest.local_name, manifest, None
-        if to.age_recipients and not manifest.encryption.get("local"):  # else: as it is
-            copy = encrypt_for_upload(to.backup_dir, path, manifest.name, list(to.age_recipients))
-            path, described = copy.path, replace(manifest, encryption=copy.describe())
-        try:
-            upload_backup(path, described, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url, lock)
-        finally:
-            if copy is not None:
-                copy.path.unlink(missing_ok=True)
+        upload(to, to.backup_dir / manifest.local_name, manifest)
         print(f"uploaded {manifest.name}, which S3 lacked (an earlier upload failed)")
-    return [m.name for m in missing]
+    return [m.name for m in missing], sorted(remote + missing, key=lambda m: m.created_at)
+
+
+def upload(to: Destination, stored: Path, manifest: Manifest) -> str:
+    """Upload one stored backup (age-encrypted on the way when the destination wants it,
+    locked for its retention), then record the encrypted object's facts in its local
+    manifest too; returns the object's URL."""
+    lock = None
+    if to.object_lock:
+        lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
+    copy = upload_backup(
+        stored, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url, lock,
+        to.upload_recipients,
+    )  # fmt: skip
+    if copy.manifest is not None and copy.manifest.encryption != manifest.encryption:
+        manifest.encryption = copy.manifest.encryption
+        record_manifest(to.backup_dir, manifest, to.modes)
+    return copy.url
 
 
 def keep_backup(
@@ -110,64 +129,42 @@ def keep_backup(
 ) -> tuple[Path, str | None]:
     """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
 
-    With age recipients, the S3 copy is the age-encrypted stored file (`.age`; the
-    local copy stays plain unless `to.encrypt_local`: then the local file is that
-    `.age` too), made in the capture's pass (`staged.encrypted`) or else here in a
-    second pass; with an object lock mode it is locked for the retention.
-    An upload failure still publishes the report ("stored locally, NOT uploaded"),
-    then fails the run; the next successful run uploads what S3 lacks. Pruning only
-    happens once the new backup is safely everywhere it should be, and only touches
-    backups of the same source (`manifest.source_id`)."""
+    With age recipients, the S3 copy is age-encrypted (`.age`) while it uploads, and its
+    facts are added to the manifest (here and in S3) once it is verified; the local
+    copy stays plain unless `to.encrypt_local`: then the local file is that `.age`,
+    made in the capture's pass, and uploaded as it is. With an object lock mode it is
+    locked for the retention. An upload failure still publishes the report ("stored
+    locally, NOT uploaded"), then fails the run; the next successful run uploads what
+    S3 lacks. Pruning only happens once the new backup is safely everywhere it should
+    be, and only touches backups of the same source (`manifest.source_id`)."""
     details = with_exposure_warnings(to, manifest.kind, details)  # in every report
-    encrypted = None
     if to.encrypt_local:  # the staged file is the encrypted one: stored and uploaded
         assert staged.encrypted is not None, "a capture ignored the age_copy it was given"
         manifest.encryption = {**staged.encrypted.describe(), "local": True}
-    elif to.uploads_encrypted:  # before the commit: the manifest records it
-        copy = staged.encrypted  # made in the capture's pass, else a second pass here
-        if copy is None:
-            copy = encrypt_for_upload(
-                to.backup_dir, staged.path, manifest.name, list(to.age_recipients)
+    stored = commit_local(to.backup_dir, staged, manifest, to.modes)
+    mark_safe(f"the backup is complete locally at {stored}")
+    remote = None
+    if to.s3_bucket:
+        if to.object_lock:
+            lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
+            details = {**details, "object lock": f"{lock.mode} until {lock.retain_until}"}
+        try:
+            remote = upload(to, stored, manifest)
+        except Exception as error:
+            mark_safe(
+                f"the backup is complete locally at {stored}; the next successful "
+                f"{manifest.kind} backup uploads it"
             )
-            manifest.steps["encrypt"] = copy.seconds
-        manifest.encryption = copy.describe()
-        encrypted = copy.path
-    try:
-        stored = commit_local(to.backup_dir, staged, manifest, to.modes)
-        mark_safe(f"the backup is complete locally at {stored}")
-        remote = None
-        if to.s3_bucket:
-            lock = None
-            if to.object_lock:
-                lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
-                details = {**details, "object lock": f"{lock.mode} until {lock.retain_until}"}
-            try:
-                remote = upload_backup(
-                    encrypted or stored,
-                    manifest,
-                    to.s3_bucket,
-                    to.s3_prefix,
-                    to.s3_endpoint_url,
-                    lock,
-                ).url
-            except Exception as error:
-                mark_safe(
-                    f"the backup is complete locally at {stored}; the next successful "
-                    f"{manifest.kind} backup uploads it"
-                )
-                reason = f"{NOT_UPLOADED} ({one_line(error)})"
-                publish_backup_report(manifest, str(stored), reason, None, None, details)
-                raise
-            mark_safe(f"the backup is complete locally at {stored} and in {remote}")
-    finally:
-        if encrypted:
-            encrypted.unlink(missing_ok=True)
+            reason = f"{NOT_UPLOADED} ({one_line(error)})"
+            publish_backup_report(manifest, str(stored), reason, None, None, details)
+            raise
+        mark_safe(f"the backup is complete locally at {stored} and in {remote}")
     kept_local = prune_local(
         to.backup_dir, manifest.kind, manifest.source_id, to.retention_days, to.keep_min
     )
     kept_remote = None
     if to.s3_bucket:
-        caught_up = catch_up_uploads(to, manifest.kind, manifest.source_id)
+        caught_up, in_s3 = catch_up_uploads(to, manifest.kind, manifest.source_id)
         details = {
             **details,
             "earlier backups uploaded now (S3 lacked them)": ", ".join(caught_up) or "none",
@@ -180,6 +177,7 @@ def keep_backup(
             to.s3_endpoint_url,
             to.retention_days,
             to.keep_min,
+            in_s3,
         )
     publish_backup_report(manifest, str(stored), remote, kept_local, kept_remote, details)
     return stored, remote

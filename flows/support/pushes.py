@@ -57,8 +57,8 @@ def backup_unchanged(kind: str, source_id: str) -> None:
 def with_hooks(
     base: dict[str, Any], failed: Hook, states: tuple[str, ...] = ("on_failure", "on_crashed")
 ) -> dict[str, Any]:
-    """`base` (flows.support.hooks' FLOW_HOOKS or BACKUP_HOOKS) with `failed` run first on
-    `states`: the push is quick, and must not wait behind a status refresh."""
+    """`base` (flows.support.hooks' FLOW_HOOKS) with `failed` run first on `states`: the
+    push is quick, and must not wait behind the notification check."""
     hooks = {name: list(value) for name, value in base.items()}
     for state in states:
         hooks[state] = [failed, *hooks.get(state, [])]

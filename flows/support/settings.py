@@ -6,6 +6,8 @@ from here; tasks never read the environment.
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -16,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from tasks.common.secrets import carries_credentials
 
 SETTING = "setting"  # the choice, in an enum parameter, that means "take the setting"
+SETTINGS_PREFIX = "PROXILION_DR_"
 # Text parameters whose empty value also means "take the setting" (the run form then
 # shows a plain text box). A container name's empty value means "no container", so
 # those parameters default to SETTING instead.
@@ -43,7 +46,7 @@ EMPTY_MEANS_SETTING = frozenset(
 class Settings(BaseSettings):
     """Every setting, with the default an operator gets when it is not set."""
 
-    model_config = SettingsConfigDict(env_prefix="PROXILION_DR_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=SETTINGS_PREFIX, extra="ignore", frozen=True)
 
     backup_dir: Path = Field(
         Path("/backups"),
@@ -230,7 +233,14 @@ class Settings(BaseSettings):
 
 
 def settings() -> Settings:
-    """The settings as the environment says now."""
+    """The settings as the environment says now (parsed again only when a PROXILION_DR_*
+    variable changed: a run asks for them several times)."""
+    ours = (item for item in os.environ.items() if item[0].upper().startswith(SETTINGS_PREFIX))
+    return _settings(tuple(sorted(ours)))
+
+
+@functools.lru_cache(maxsize=8)
+def _settings(_environment: tuple[tuple[str, str], ...]) -> Settings:
     return Settings()
 
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
 import redis
 from docker.errors import DockerException
@@ -26,7 +26,7 @@ from tasks.common.retry import retrying_task
 from tasks.common.secrets import redact_url
 from tasks.docker import containers
 from tasks.redis.rdb import RdbInfo, validating
-from tasks.redis.save import SaveResult
+from tasks.redis.save import SaveResult, SaveStarted, save_status, wait_for_save
 from tasks.redis.server import ServerFacts, connect, explain
 from tasks.redis.sync import fetch_rdb_over_network
 from tasks.store.archive import CompressedFile, Compression, Manifest, iter_chunks
@@ -37,6 +37,9 @@ FETCH_METHODS = ("auto", "container", "path", "network")
 # to a tick (4-10 ms) behind the server's TIME: a save within a tick of BGSAVE can look
 # made before it.
 COARSE_CLOCK_SLACK_US = 50_000
+# A BGSAVE child writes `temp-<its pid>.rdb` in Redis's dir, then renames it to the RDB.
+TEMP_RDB = re.compile(r"temp-\d+\.rdb")
+FOLLOW_POLL_SECONDS = 0.01  # at the end of what the fork wrote so far: read again after this
 
 
 class WrongServer(RuntimeError):
@@ -162,6 +165,8 @@ class CapturedRdb:
     rdb: RdbInfo
     method: str
     seconds: float
+    save: SaveResult | None = None  # the save the RDB came from (None: the network's own)
+    during_save: bool = False  # copied while the fork wrote it (followed, or streamed)
 
 
 def rdb_host_path(data_dir: str | None, facts: ServerFacts) -> Path:
@@ -173,6 +178,72 @@ def rdb_host_path(data_dir: str | None, facts: ServerFacts) -> Path:
 
 Feed = Callable[[bytes | memoryview], None]
 Producer = Callable[[Feed], object]
+
+
+class NotFollowed(RuntimeError):
+    """The file followed during the save is not the RDB the save left (another save
+    replaced it): nothing proves what was read is ours, so it is read again whole."""
+
+
+def _our_temp_file(folder: Path, started: SaveStarted) -> IO[bytes] | None:
+    """The temp file our save's fork writes (`temp-<pid>.rdb`, written since our
+    BGSAVE; while it runs no other save can), opened; None before it appears (or when
+    this user may not read it: the RDB is then copied once the save is done)."""
+    newest: tuple[int, Path] | None = None
+    for path in folder.glob("temp-*.rdb"):
+        try:
+            written_ns = path.stat().st_mtime_ns
+        except OSError:
+            continue  # renamed into place meanwhile
+        fresh = written_ns // 1000 + COARSE_CLOCK_SLACK_US >= started.started_at_us
+        if TEMP_RDB.fullmatch(path.name) and fresh and (newest is None or written_ns > newest[0]):
+            newest = (written_ns, path)
+    try:
+        return open(newest[1], "rb", buffering=0) if newest else None  # noqa: SIM115
+    except OSError:
+        return None
+
+
+def follow_save(
+    folder: Path, dbfilename: str, started: SaveStarted, feed: Feed
+) -> tuple[SaveResult, bool]:
+    """Feed the snapshot our save writes into `folder` (Redis's dir, on this host) while
+    the fork writes it, in whole chunks, until the save has ended; returns its result
+    and whether the file followed is the RDB it left (same inode: then every byte fed
+    is that save's output, read to its end). False when the save ended before its file
+    was seen."""
+    client = connect(started.redis_url)
+    result: SaveResult | None = None
+    stream = None
+    while stream is None and result is None:
+        stream = _our_temp_file(folder, started)
+        if stream is None and (result := save_status(client, started)) is None:
+            time.sleep(FOLLOW_POLL_SECONDS)
+    if stream is None:
+        assert result is not None
+        return result, False
+    with stream:
+        buffer = bytearray(CHUNK)
+        view = memoryview(buffer)
+        filled = 0
+        while True:
+            if n := stream.readinto(view[filled:]):
+                filled += n
+                if filled == CHUNK:  # whole chunks: the compressor's blocks stay full
+                    feed(view)
+                    filled = 0
+            elif result is not None:
+                break  # the save had ended before this read: nothing more comes
+            elif (result := save_status(client, started)) is None:
+                time.sleep(FOLLOW_POLL_SECONDS)
+        if filled:
+            feed(view[:filled])
+        ours = os.fstat(stream.fileno())
+    try:
+        left = os.stat(folder / dbfilename)
+    except FileNotFoundError:
+        return result, False
+    return result, (ours.st_dev, ours.st_ino) == (left.st_dev, left.st_ino)
 
 
 def _source(
@@ -228,6 +299,19 @@ def _source(
     return read
 
 
+def save_folder(
+    method: str, container: str | None, data_dir: str | None, facts: ServerFacts
+) -> Path | None:
+    """Redis's dir as a folder on this host, where its save can be followed: data_dir
+    (path), the container's mount of its `dir` (container); None when there is none."""
+    if method == "path":
+        return rdb_host_path(data_dir, facts).parent
+    if method == "container" and container:
+        folder = containers.host_path(container, facts.rdb_dir or "/data")
+        return folder if folder is not None and folder.is_dir() else None
+    return None
+
+
 def _each(chunks: Iterator[bytes], feed: Feed) -> None:
     with contextlib.closing(chunks):  # now, even when `feed` raised (see stream_archive)
         for chunk in chunks:
@@ -268,6 +352,31 @@ def check_fresh(info: RdbInfo, save: SaveResult, method: str, where: str) -> Non
     )
 
 
+def _follow_into(
+    folder: Path,
+    dbfilename: str,
+    save: SaveStarted,
+    staging: Path,
+    compression: Compression,
+    deep_check: bool,
+    encrypt: AgeCopy | None,
+) -> tuple[SaveResult, tuple[CompressedFile, RdbInfo] | None]:
+    """`follow_save` through one streaming pass (`pipe_rdb`); the pass is kept only when
+    the file followed is the RDB the save left (else None: nothing is staged)."""
+    ended: list[tuple[SaveResult, bool]] = []
+
+    def follow(feed: Feed) -> None:
+        ended.append(follow_save(folder, dbfilename, save, feed))
+        if not ended[0][1]:
+            raise NotFollowed(f"the save's file in {folder} was not followed to its end")
+
+    try:
+        copied = pipe_rdb(follow, staging, compression, deep_check, encrypt)
+    except NotFollowed:
+        copied = None
+    return ended[0][0], copied
+
+
 @retrying_task(2, 10)
 def capture_rdb(
     method: str,
@@ -278,53 +387,70 @@ def capture_rdb(
     staging: Path,
     compression: Compression,
     deep_check: bool,
-    save: SaveResult | None = None,
+    save: SaveStarted | None = None,
     network_fallback: bool = False,
     encrypt: AgeCopy | None = None,
 ) -> CapturedRdb:
     """Copy the RDB out, validate it, compress and checksum it, in one streaming pass;
-    with `encrypt`, the compressed stream is also age-encrypted in that pass
-    (`captured.file.encrypted`: the copy for S3, or the local copy itself).
+    with `encrypt` (the local copy encrypted), the compressed stream is age-encrypted in
+    that pass (`captured.file` is then the `.age` file).
 
-    With `save`, the RDB must be that save's (its ctime not older): otherwise it is
-    dropped, and refetched over the network when `network_fallback` (fetch=auto)."""
+    With `save` (started by `start_save`), the copy follows the file the save writes,
+    where Redis's dir is on this host (`save_folder`), and ends when the save has; else
+    it waits for the save, then copies the RDB. Either way the RDB must be that save's
+    (the file it left, its ctime not older): otherwise it is dropped, and refetched over
+    the network when `network_fallback` (fetch=auto)."""
     started = time.perf_counter()
+    where = redact_url(redis_url)
 
-    def attempt(how: str, proof: SaveResult | None) -> tuple[CompressedFile, RdbInfo]:
-        produce = _source(how, redis_url, container, data_dir, facts, proof)
-        compressed, info = pipe_rdb(produce, staging, compression, deep_check, encrypt)
-        if proof is not None and how != "network":
+    def copy_saved(how: str, result: SaveResult | None) -> tuple[CompressedFile, RdbInfo]:
+        produce = _source(how, redis_url, container, data_dir, facts, result)
+        return pipe_rdb(produce, staging, compression, deep_check, encrypt)
+
+    def attempt(how: str) -> tuple[CompressedFile, RdbInfo, SaveResult | None, bool]:
+        """The copy by `how`, the save it came from, and whether it followed the save."""
+        folder = save_folder(how, container, data_dir, facts) if save is not None else None
+        copied = None
+        if save is None:
+            result = None
+        elif folder is None:
+            result = wait_for_save(save)
+        else:
+            dbfilename = facts.rdb_filename or "dump.rdb"
+            result, copied = _follow_into(folder, dbfilename, save, staging, compression,
+                                          deep_check, encrypt)  # fmt: skip
+        compressed, info = copied or copy_saved(how, result)  # not followed: the file it left
+        if result is not None:
             try:
-                check_fresh(info, proof, how, redact_url(redis_url))
+                check_fresh(info, result, how, where)
             except WrongServer:
                 compressed.path.unlink(missing_ok=True)
-                if compressed.encrypted is not None:
-                    compressed.encrypted.path.unlink(missing_ok=True)
                 raise
-        return compressed, info
+        return compressed, info, result, copied is not None or how == "network"
 
     try:
         try:
-            compressed, info = attempt(method, save)
+            compressed, info, result, during = attempt(method)
         except WrongServer as error:
             if not network_fallback:
                 raise
             run_logger().warning("%s; fetching it over the network instead", error)
-            method = "network"
-            compressed, info = attempt(method, None)
+            method, result, during = "network", None, True
+            compressed, info = copy_saved(method, None)
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
     seconds = round(time.perf_counter() - started, 3)
     run_logger().info(
-        "Captured RDB v%s (%d bytes → %d %s) via %s in %.2f s",
+        "Captured RDB v%s (%d bytes → %d %s) via %s in %.2f s, %s",
         info.rdb_version,
         info.size,
         compressed.size,
         compression,
         method,
         seconds,
+        "as Redis wrote it" if during else "after Redis saved it",
     )
-    return CapturedRdb(file=compressed, rdb=info, method=method, seconds=seconds)
+    return CapturedRdb(compressed, info, method, seconds, result, during)
 
 
 def redis_manifest(
@@ -353,6 +479,7 @@ def redis_manifest(
             "deep_check": captured.rdb.deep_check,
             "keyspace": facts.keyspace,
             "fetch": captured.method,
+            "copied_during_save": captured.during_save,
             "sample": sample or [],
         },
         steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},

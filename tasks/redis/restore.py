@@ -2,11 +2,13 @@
 recover-redis, recover-host and the restore drill share.
 
     stage_rdb      decompress and validate the verified backup beside the data (Redis
-                   may still run: it is a new hidden folder inside its data dir)
+                   may still run, or be stopping: it is a new hidden folder inside its
+                   data dir)
     move aside     `tasks.common.aside.move_into_aside` of `setup.data_names()`
     place_rdb      rename the staged RDB into place, as the AOF's base too when AOF is on
-    restore_rdb    the three in order, for a Redis that is not running (a folder): the
-                   old data is back in place when any of them fails
+    start_checked  start Redis on it while redis-check-rdb parses it and it is fsynced
+    restore_rdb    stage, move aside and place, for a Redis that is not running (a
+                   folder): the old data is back in place when any of them fails
 
 The AOF trap: a Redis configured `appendonly yes` loads its AOF, never dump.rdb; with
 the AOF moved aside it starts EMPTY and writes an empty AOF (checked on Redis 7.0:
@@ -26,6 +28,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +119,7 @@ class StagedRdb:
     folder: Path
     dbfilename: str
     rdb: RdbInfo
+    seconds: float = 0.0  # how long staging took
 
     def discard(self) -> None:
         """Remove what is left of the staging folder (nothing once placed)."""
@@ -136,6 +140,7 @@ def stage_rdb(
     version. It keeps the mode of the RDB it will replace. The drill stages with
     neither `deep` nor `durable`: its scratch Redis needs no durable copy, and
     `load_while_checking` runs redis-check-rdb beside the load."""
+    began = time.perf_counter()
     check_loadable(rdb_version_of(found), setup, found.manifest.name)
     mode = mode_like(data_dir / setup.dbfilename)
     folder = unique_folder(data_dir, ".restore-staging")
@@ -153,7 +158,7 @@ def stage_rdb(
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return StagedRdb(folder, setup.dbfilename, rdb)
+    return StagedRdb(folder, setup.dbfilename, rdb, round(time.perf_counter() - began, 3))
 
 
 def aof_manifest(appendfilename: str) -> str:
@@ -272,11 +277,55 @@ def wait_until_loaded(redis_url: str, container: str, timeout_seconds: float) ->
 
 @dataclass(frozen=True)
 class CheckedLoad:
-    """A staged RDB loaded by a scratch Redis, with redis-check-rdb's verdict on it."""
+    """A placed RDB loaded by Redis, with redis-check-rdb's verdict on it."""
 
     load: dict[str, Any]  # INFO server, persistence and stats after loading
     deep_check: str
-    started_at: float  # when the scratch Redis was started on it (time.time())
+    started_at: float  # when Redis was started on it (time.time())
+
+
+def flush_to_disk(path: Path) -> None:
+    """fsync a placed file (its folder's entry was made durable when it was placed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@task(cache_policy=NO_CACHE)
+def start_checked(
+    found: FoundBackup,
+    rdb: RdbInfo,
+    path: Path,
+    redis_url: str,
+    container: str,
+    timeout_seconds: float,
+    durable: bool = True,
+) -> CheckedLoad:
+    """Start Redis `container` on the RDB placed at `path` while redis-check-rdb parses
+    the same file and (`durable`) the file is flushed to disk: this takes as long as the
+    slowest of them, not their sum. A rejection fails the load even when Redis loaded
+    the file (the caller puts the old data back), and is the reason given when Redis
+    failed on it. The RDB's header and CRC-64 were checked when it was staged, and the
+    backup's SHA-256 before that: what Redis reads is the file the source Redis wrote."""
+    name = f"backup {found.manifest.name}"
+    with (
+        deep_check_rdb(timeout_seconds=timeout_seconds, name=name, path=path) as deep,
+        ThreadPoolExecutor(1) as flusher,
+    ):
+        flushed = flusher.submit(flush_to_disk, path) if durable else None
+        try:
+            started_at = time.time()
+            containers.start_container(container)
+            load = wait_until_loaded.fn(redis_url, container, timeout_seconds)
+        except Exception:
+            deep.finish(rdb.rdb_version)  # a corrupt RDB is why Redis failed: say so
+            raise
+        verdict = deep.finish(rdb.rdb_version)
+        if flushed is not None:
+            flushed.result()
+    return CheckedLoad(load, verdict, started_at)
 
 
 @task(cache_policy=NO_CACHE)
@@ -289,22 +338,9 @@ def load_while_checking(
     container: str,
     timeout_seconds: float,
 ) -> CheckedLoad:
-    """Restart the SCRATCH Redis `container` on the RDB staged by `stage_rdb` while
-    redis-check-rdb parses the same file: this takes as long as the slower of the two,
-    not both. A rejection fails the load even when Redis loaded the file, and is the
-    reason given when Redis failed on it. Never for a live Redis: it loads the RDB
-    before the full check has passed."""
-    path = staged.folder / staged.dbfilename
-    name = f"backup {found.manifest.name}"
-    version = staged.rdb.rdb_version
-    with deep_check_rdb(timeout_seconds=timeout_seconds, name=name, path=path) as deep:
-        try:
-            containers.stop_container(container)
-            place_rdb.fn(staged, data_dir, setup)
-            started_at = time.time()
-            containers.start_container(container)
-            load = wait_until_loaded.fn(redis_url, container, timeout_seconds)
-        except Exception:
-            deep.finish(version)  # a corrupt RDB is why Redis failed: say so
-            raise
-        return CheckedLoad(load, deep.finish(version), started_at)
+    """Restart the SCRATCH Redis `container` on the RDB staged by `stage_rdb`, with
+    redis-check-rdb alongside (`start_checked`; nothing to flush: a scratch copy)."""
+    containers.stop_container(container)
+    place_rdb.fn(staged, data_dir, setup)
+    path = data_dir / setup.dbfilename
+    return start_checked.fn(found, staged.rdb, path, redis_url, container, timeout_seconds, False)

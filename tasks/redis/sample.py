@@ -65,25 +65,36 @@ def _canonical(kind: str, value: Any) -> bytes:
     raise ValueError(f"no digest for Redis type {kind!r}")
 
 
-def value_digest(client: redis.Redis, key: bytes) -> tuple[str, str] | None:
-    """(type, sha256 of the canonical value) of one key; None if it is gone or of a
-    type we do not digest (module types)."""
-    kind = client.type(key)
-    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-    readers = {
-        "string": lambda: client.get(key),
-        "hash": lambda: client.hgetall(key),
-        "list": lambda: client.lrange(key, 0, -1),
-        "set": lambda: client.smembers(key),
-        "zset": lambda: client.zrange(key, 0, -1, withscores=True),
-        "stream": lambda: client.xrange(key),
-    }
-    if kind not in readers:
-        return None
-    value = readers[kind]()
-    if value is None:
-        return None
-    return kind, hashlib.sha256(kind.encode() + b"\0" + _canonical(kind, value)).hexdigest()
+READERS = {  # how each type's whole value is read, in a pipeline
+    "string": lambda pipe, key: pipe.get(key),
+    "hash": lambda pipe, key: pipe.hgetall(key),
+    "list": lambda pipe, key: pipe.lrange(key, 0, -1),
+    "set": lambda pipe, key: pipe.smembers(key),
+    "zset": lambda pipe, key: pipe.zrange(key, 0, -1, withscores=True),
+    "stream": lambda pipe, key: pipe.xrange(key),
+}
+
+
+def value_digests(client: redis.Redis, keys: list[bytes]) -> list[tuple[str, str] | None]:
+    """(type, sha256 of the canonical value) of each key, None where it is gone or of a
+    type we do not digest (module types): two round trips for all of them."""
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.type(key)
+    kinds = [k.decode() if isinstance(k, bytes) else str(k) for k in pipe.execute()]
+    readable = [(key, kind) for key, kind in zip(keys, kinds, strict=True) if kind in READERS]
+    for key, kind in readable:
+        READERS[kind](pipe, key)
+    values = dict(zip((key for key, _ in readable), pipe.execute(), strict=True))
+    digests: list[tuple[str, str] | None] = []
+    for key, kind in zip(keys, kinds, strict=True):
+        value = values.get(key) if kind in READERS else None
+        if value is None:
+            digests.append(None)
+        else:
+            canonical = kind.encode() + b"\0" + _canonical(kind, value)
+            digests.append((kind, hashlib.sha256(canonical).hexdigest()))
+    return digests
 
 
 def _key_text(key: bytes) -> dict[str, str]:
@@ -99,45 +110,60 @@ def _key_bytes(entry: dict[str, Any]) -> bytes:
 
 def pick_sample(clients: dict[int, redis.Redis], size: int = SAMPLE_SIZE) -> Sample:
     """Random keys spread over the dbs that hold keys, with their digests (read before
-    the save)."""
+    the save); a few round trips per db, whatever the size."""
     populated = [db for db, client in sorted(clients.items()) if client.dbsize()]
     sample: Sample = []
-    seen: set[tuple[int, bytes]] = set()
-    for attempt in range(size * 3):
-        if len(sample) >= size or not populated:
-            break
-        db = populated[attempt % len(populated)]
+    for position, db in enumerate(populated):
         client = clients[db]
-        key = client.randomkey()
-        if key is None or (db, key) in seen:
-            continue
-        seen.add((db, key))
-        ttl = client.pttl(key)
-        if 0 <= ttl < MIN_TTL_MS:
-            continue
-        digest = value_digest(client, key)
-        if digest is None:
-            continue
-        expires = client.pexpiretime(key)
-        sample.append(
-            {
-                "db": db,
-                **_key_text(key),
-                "type": digest[0],
-                "sha256": digest[1],
-                "expires_at_ms": expires if expires > 0 else None,
-            }
-        )
+        share = -(-(size - len(sample)) // (len(populated) - position))  # what is left, spread
+        pipe = client.pipeline(transaction=False)
+        for _ in range(share * 3):  # some repeat, some expire soon: draw more than needed
+            pipe.randomkey()
+        keys = list(dict.fromkeys(k for k in pipe.execute() if k is not None))
+        for key in keys:
+            pipe.pttl(key)
+            pipe.pexpiretime(key)
+        timings = pipe.execute()
+        lasting = [
+            (key, expires)
+            for key, ttl, expires in zip(keys, timings[::2], timings[1::2], strict=True)
+            if not 0 <= ttl < MIN_TTL_MS
+        ]
+        digests = value_digests(client, [key for key, _ in lasting])
+        for (key, expires), digest in zip(lasting, digests, strict=True):
+            if digest is None or len(sample) >= size or sum(e["db"] == db for e in sample) >= share:
+                continue
+            sample.append(
+                {
+                    "db": db,
+                    **_key_text(key),
+                    "type": digest[0],
+                    "sha256": digest[1],
+                    "expires_at_ms": expires if expires > 0 else None,
+                }
+            )
     return sample
 
 
 def confirm_sample(clients: dict[int, redis.Redis], sample: Sample) -> Sample:
     """The entries whose value is still the same after the save (so in the snapshot)."""
-    return [
-        entry
-        for entry in sample
-        if value_digest(clients[entry["db"]], _key_bytes(entry)) == (entry["type"], entry["sha256"])
-    ]
+    now = _found(clients, sample)
+    return [e for e, d in zip(sample, now, strict=True) if d == (e["type"], e["sha256"])]
+
+
+def _found(clients: dict[int, redis.Redis], sample: Sample) -> list[tuple[str, str] | None]:
+    """Each sampled key's (type, digest) now, in the sample's order (None: missing)."""
+    found: dict[int, tuple[str, str] | None] = {}
+    for db in sorted({e["db"] for e in sample}):
+        positions = [i for i, e in enumerate(sample) if e["db"] == db]
+        client = clients.get(db)
+        digests = (
+            value_digests(client, [_key_bytes(sample[i]) for i in positions])
+            if client is not None
+            else [None] * len(positions)
+        )
+        found.update(zip(positions, digests, strict=True))
+    return [found[i] for i in range(len(sample))]
 
 
 def check_sample(
@@ -149,11 +175,9 @@ def check_sample(
     keys on load); any other missing key, other type or other digest is a mismatch."""
     now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
     problems: list[str] = []
-    for entry in sample:
+    for entry, found in zip(sample, _found(clients, sample), strict=True):
         name = entry.get("key", entry.get("key_hex"))
         expired = entry.get("expires_at_ms") is not None and entry["expires_at_ms"] <= now_ms
-        client = clients.get(entry["db"])
-        found = value_digest(client, _key_bytes(entry)) if client is not None else None
         if found is None:
             if not expired:
                 problems.append(f"db{entry['db']} key {name!r} is missing")

@@ -1,5 +1,7 @@
 """Making Redis write a snapshot we can prove is ours: BGSAVE (SCHEDULE behind an AOF
 rewrite), then INFO persistence polled with a deadline until that save is done.
+`start_save` returns as soon as Redis has forked the snapshot, so the copy can follow
+the file while the fork writes it (tasks.redis.capture); `save_status` tells its end.
 
 The runbook's loop compared two reads of LASTSAVE and never ended; this waits for
 Redis's own counters (rdb_saves, rdb_bgsave_in_progress, rdb_last_bgsave_status)."""
@@ -18,7 +20,7 @@ from tasks.common.secrets import redact_url
 from tasks.docker import containers
 from tasks.redis.server import connect, explain
 
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.02  # INFO persistence is cheap; the end of a save is seen sooner
 
 
 class SaveFailed(RuntimeError):
@@ -138,13 +140,32 @@ def save_failure_reason(container: str | None) -> str:
     return (specific or reasons or ["see the Redis log"])[-1]
 
 
+@dataclass(frozen=True)
+class SaveStarted:
+    """Our BGSAVE, accepted and running (Redis forked its snapshot): what tells its end
+    apart from any other save's, and its deadline (`time.monotonic()`)."""
+
+    redis_url: str
+    container: str | None
+    saves: int | None  # INFO rdb_saves before it (Redis 7+)
+    last_save_before: int  # LASTSAVE before it (Redis < 7)
+    started_at_us: int  # server TIME when BGSAVE was sent
+    began: float  # time.monotonic() then
+    deadline: float
+    timeout_seconds: float
+
+
+def _running(state: dict[str, Any], started: _Started, before: int) -> bool:
+    """Has our BGSAVE forked (not merely scheduled behind an AOF rewrite)?"""
+    return bool(int(state["rdb_bgsave_in_progress"])) or _our_save_ran(state, started, before)
+
+
 @retrying_task(2, 10)
-def trigger_save(
-    redis_url: str, timeout_seconds: float, container: str | None = None
-) -> SaveResult:
-    """BGSAVE and wait until Redis reports that save done; every wait has the deadline."""
-    started = time.monotonic()
-    deadline = started + timeout_seconds
+def start_save(redis_url: str, timeout_seconds: float, container: str | None = None) -> SaveStarted:
+    """BGSAVE (SCHEDULE behind an AOF rewrite), returned once Redis has forked the
+    snapshot: the data it holds is fixed from here on, while the fork writes it out."""
+    began = time.monotonic()
+    deadline = began + timeout_seconds
     where = redact_url(redis_url)
     client = connect(redis_url)
     try:
@@ -153,29 +174,71 @@ def trigger_save(
         if "rdb_saves" not in state:
             _wait_past_last_save(client, before, deadline, where)
         ours = _start_bgsave(client, deadline)
-        while True:
-            state = _persistence(client)
-            idle = not int(state["rdb_bgsave_in_progress"])
-            done = idle and _our_save_ran(state, ours, before)
-            failed = state["rdb_last_bgsave_status"] == "err"
-            if done and not failed:
-                return SaveResult(
-                    int(state["rdb_last_save_time"]),
-                    round(time.monotonic() - started, 3),
-                    ours.server_time_us // 1_000_000,
-                    ours.server_time_us,
-                )
-            if failed and (done or (idle and _may_be_ours(state, ours))):
-                raise SaveFailed(
-                    f"Redis at {where} failed to write its snapshot: "
-                    f"{save_failure_reason(container)}. Check free space and that Redis "
-                    "can write to its `dir`"
-                )
-            if time.monotonic() > deadline:
-                raise SaveTimeout(
-                    f"Redis at {where} did not finish its snapshot within "
-                    f"{timeout_seconds:.0f} s: raise save_timeout_seconds or check the server"
-                )
+        started = SaveStarted(
+            redis_url,
+            container,
+            ours.saves,
+            before,
+            ours.server_time_us,
+            began,
+            deadline,
+            timeout_seconds,
+        )
+        while not _running(state := _persistence(client), ours, before):
+            save_status(client, started, state)  # a scheduled save can fail or time out
             time.sleep(POLL_SECONDS)
+        return started
     except redis.RedisError as error:
         raise explain(error, redis_url) from None
+
+
+def save_status(
+    client: redis.Redis, started: SaveStarted, state: dict[str, Any] | None = None
+) -> SaveResult | None:
+    """None while our save runs; its result once Redis reports it done. Raises SaveFailed
+    when Redis says it failed, SaveTimeout past the deadline."""
+    state = state or _persistence(client)
+    ours = _Started(started.saves, started.started_at_us)
+    before = started.last_save_before
+    idle = not int(state["rdb_bgsave_in_progress"])
+    done = idle and _our_save_ran(state, ours, before)
+    failed = state["rdb_last_bgsave_status"] == "err"
+    where = redact_url(started.redis_url)
+    if done and not failed:
+        return SaveResult(
+            int(state["rdb_last_save_time"]),
+            round(time.monotonic() - started.began, 3),
+            started.started_at_us // 1_000_000,
+            started.started_at_us,
+        )
+    if failed and (done or (idle and _may_be_ours(state, ours))):
+        raise SaveFailed(
+            f"Redis at {where} failed to write its snapshot: "
+            f"{save_failure_reason(started.container)}. Check free space and that Redis "
+            "can write to its `dir`"
+        )
+    if time.monotonic() > started.deadline:
+        raise SaveTimeout(
+            f"Redis at {where} did not finish its snapshot within "
+            f"{started.timeout_seconds:.0f} s: raise save_timeout_seconds or check the server"
+        )
+    return None
+
+
+def wait_for_save(started: SaveStarted) -> SaveResult:
+    """Poll until our save is done (see `save_status`)."""
+    client = connect(started.redis_url)
+    try:
+        while (result := save_status(client, started)) is None:
+            time.sleep(POLL_SECONDS)
+        return result
+    except redis.RedisError as error:
+        raise explain(error, started.redis_url) from None
+
+
+@retrying_task(2, 10)
+def trigger_save(
+    redis_url: str, timeout_seconds: float, container: str | None = None
+) -> SaveResult:
+    """BGSAVE and wait until Redis reports that save done; every wait has the deadline."""
+    return wait_for_save(start_save.fn(redis_url, timeout_seconds, container))

@@ -14,6 +14,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -96,18 +97,19 @@ class EncryptedFile:
 
     def describe(self) -> dict[str, Any]:
         """The manifest's `encryption` entry: public keys and the object's facts."""
-        return {
-            "format": "age",
-            "recipients": list(self.recipients),
-            "size": self.size,
-            "sha256": self.sha256,
-        }
+        return age_entry(self.recipients, self.size, self.sha256)
+
+
+def age_entry(recipients: tuple[str, ...], size: int, sha256: str) -> dict[str, Any]:
+    """A manifest's `encryption` entry: the public keys, size and SHA-256 of the
+    age-encrypted object."""
+    return {"format": "age", "recipients": list(recipients), "size": size, "sha256": sha256}
 
 
 @dataclass(frozen=True)
 class CompressedFile:
-    """A compressed file as written: where, how big, its SHA-256; with `encrypted`, its
-    age-encrypted copy made in the same pass."""
+    """A compressed file as written: where, how big, its SHA-256; with `encrypted`, it
+    was written age-encrypted (the local copy encrypted): `path` is that file's."""
 
     path: Path
     size: int
@@ -118,53 +120,74 @@ class CompressedFile:
 
 
 class EncryptedCopy(Protocol):
-    """Where the compressed stream is also written, encrypted (tasks.store.encryption)."""
+    """Where the compressed stream goes instead of a plain file: its age encryption
+    (tasks.store.encryption)."""
 
     def write(self, data: Any) -> int: ...
     def close(self) -> EncryptedFile: ...
     def abort(self) -> None: ...
 
 
-class _Tee(io.RawIOBase):
-    """Write to the file and to the encrypted copy."""
+class SyncingWriter(io.RawIOBase):
+    """Writes to `file` and has the kernel write it to disk in the background every
+    `every` bytes (fdatasync on a thread, as Redis's rdb-save-incremental-fsync does),
+    so the fsync that makes it durable at the end waits for the last few MiB only."""
 
-    def __init__(self, file: IO[bytes], copy: EncryptedCopy) -> None:
+    def __init__(self, file: IO[bytes], every: int = 32 << 20) -> None:
         self._file = file
-        self._copy = copy
+        self._every = every
+        self._unsynced = 0
+        self._pool = ThreadPoolExecutor(1)
+        self._pending: Future[None] | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self._file.write(view)
-        self._copy.write(data if isinstance(data, bytes) else bytes(view))  # kept queued
-        return view.nbytes
+        n = self._file.write(data)
+        self._unsynced += n
+        if self._unsynced >= self._every and (self._pending is None or self._pending.done()):
+            self._file.flush()
+            self._pending = self._pool.submit(os.fdatasync, self._file.fileno())
+            self._unsynced = 0
+        return n
+
+    def sync(self) -> None:
+        """Everything written is on disk (a background sync's error is raised here)."""
+        self._file.flush()
+        if self._pending is not None:
+            self._pending.result()
+        os.fsync(self._file.fileno())
+        self._pool.shutdown()
+
+    def stop(self) -> None:
+        """Wait for a background sync (the file is being discarded)."""
+        self._pool.shutdown(wait=True)
 
 
 class CompressedWriter:
     """Compress, hash and write chunks to `path` in one pass; fsync on close. With
-    `encrypted_copy`, the compressed stream also flows into it in the same pass (the
-    hash stays that of the plain compressed stream); with `keep_plain` off, only there
-    (no plain file: `path` is unused and the result's path is the encrypted copy's)."""
+    `encrypted`, the compressed stream flows into it instead (no plain file: `path` is
+    unused and the result's path is the encrypted file's; the hash stays that of the
+    plain compressed stream)."""
 
     def __init__(
         self,
         path: Path,
         compression: Compression,
         threads: int = 2,
-        encrypted_copy: EncryptedCopy | None = None,
-        keep_plain: bool = True,
+        encrypted: EncryptedCopy | None = None,
     ) -> None:
         self.path = path
         self.compression = check_compression(compression)
         self.raw_size = 0
-        self._copy = encrypted_copy
+        self._copy = encrypted
         self._file: IO[bytes] | None = None
-        sink: Any = encrypted_copy
-        if keep_plain or encrypted_copy is None:
+        self._syncing: SyncingWriter | None = None
+        sink: Any = encrypted
+        if encrypted is None:
             self._file = create_file(path)  # owner-only while staged; closed in close/abort
-            sink = self._file if encrypted_copy is None else _Tee(self._file, encrypted_copy)
+            sink = self._syncing = SyncingWriter(self._file)
         self._hashing = HashingWriter(sink)
         self._stream: IO[bytes]
         if compression == "gzip":
@@ -183,12 +206,11 @@ class CompressedWriter:
         """Finish the stream, flush it to disk and describe the result."""
         self._stream.close()
         encrypted = self._copy.close() if self._copy is not None else None
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+        if self._file is not None and self._syncing is not None:
+            self._syncing.sync()
             self._file.close()
         return CompressedFile(
-            path=self.path if self._file is not None or encrypted is None else encrypted.path,
+            path=self.path if encrypted is None else encrypted.path,
             size=self._hashing.size,
             sha256=self._hashing.sha256.hexdigest(),
             raw_size=self.raw_size,
@@ -197,11 +219,13 @@ class CompressedWriter:
         )
 
     def abort(self) -> None:
-        """Drop the partial output (and the encrypted copy's)."""
+        """Drop the partial output."""
         with contextlib.suppress(Exception):  # the output is discarded anyway
             self._stream.close()
         if self._copy is not None:
             self._copy.abort()
+        if self._syncing is not None:
+            self._syncing.stop()
         if self._file is not None:
             discard_file(self._file, self.path)
 
@@ -264,8 +288,9 @@ class Manifest:
     source_id: str = ""  # what was backed up (tasks.store.sources); "" in older manifests
     # The off-site copy when it is age-encrypted: {"format": "age", "recipients": [public
     # keys], "size", "sha256"} of the encrypted object (`size`/`sha256` above are those
-    # of the plain compressed stream), and "local": true when the local copy is that
-    # encrypted file too (`local_name`); empty when the copies are plain.
+    # of the plain compressed stream), recorded once it is uploaded (a plain local copy
+    # is encrypted while it uploads); and "local": true when the local copy is that
+    # encrypted file (`local_name`, recorded when it is stored); empty when plain.
     encryption: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

@@ -8,6 +8,7 @@ from a file whose path is given; it never appears in a message, a log or a manif
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import queue
@@ -20,22 +21,19 @@ from pathlib import Path
 from typing import IO, Any
 
 import pyrage
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pyrage import x25519
 
 from tasks.common.clock import elapsed
-from tasks.common.files import create_file, discard_file
+from tasks.common.files import CHUNK, create_file, discard_file
 from tasks.store.archive import (
     AGE_SUFFIX,
     ArchiveError,
     CompressedWriter,
     Compression,
     EncryptedFile,
+    HashingReader,
     HashingWriter,
-    iter_chunks,
 )
-from tasks.store.local import staging_path
 
 SUFFIX = AGE_SUFFIX
 
@@ -156,20 +154,32 @@ class _KeepingWriteErrors(HashingWriter):
             raise
 
 
+class _KeepingReadErrors(HashingReader):
+    """A `HashingReader` that keeps the OS error of a failed read (pyrage passes it on
+    only as the text of an EncryptError; an I/O error must stay one)."""
+
+    read_error: OSError | None = None
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return super().readinto(buffer)
+        except OSError as error:
+            self.read_error = error
+            raise
+
+
 class EncryptingWriter:
     """A writable stream age-encrypted into `dest` (owner-only, hashed) as it is written:
     pyrage's streaming `encrypt_io` runs on a thread reading from a bounded queue, so
-    the data flows through once and memory stays bounded. `durable` fsyncs `dest` on
-    close (not needed for a copy that only feeds the upload)."""
+    the data flows through once and memory stays bounded; `dest` is fsynced on close."""
 
     QUEUED_CHUNKS = 8
 
-    def __init__(self, dest: Path, recipients: Iterable[str], durable: bool = False) -> None:
+    def __init__(self, dest: Path, recipients: Iterable[str]) -> None:
         self.recipients = tuple(recipients)
         keys = [x25519.Recipient.from_str(r) for r in self.recipients]
         self.dest = dest
         self.aborted = False
-        self._durable = durable
         self._error: BaseException | None = None
         self._chunks: queue.Queue[bytes | None] = queue.Queue(self.QUEUED_CHUNKS)
         self._file = create_file(dest)
@@ -199,14 +209,13 @@ class EncryptingWriter:
         return len(data)
 
     def close(self) -> EncryptedFile:
-        """Finish the age stream (and fsync when durable); describe the result."""
+        """Finish the age stream, fsync it; describe the result."""
         self._put(None)
         self._thread.join()
         if self._error is not None:
             raise self._error
         self._file.flush()
-        if self._durable:
-            os.fsync(self._file.fileno())
+        os.fsync(self._file.fileno())
         self._file.close()
         return EncryptedFile(
             self.dest,
@@ -234,23 +243,67 @@ def encrypted_staging(staging: Path) -> Path:
 
 @dataclass(frozen=True)
 class AgeCopy:
-    """How a backup is encrypted as it is written: to whom, and whether the local copy
-    is the encrypted one (no plain file on disk) or only the copy for S3."""
+    """The local copy is age-encrypted as it is written (no plain file on disk), to
+    these recipients. (A plain local copy is encrypted for S3 while it uploads:
+    `EncryptedStream`.)"""
 
     recipients: tuple[str, ...]
-    local: bool = False
 
 
 def staged_writer(
     staging: Path, compression: Compression, encrypt: AgeCopy | None = None
 ) -> CompressedWriter:
     """The writer a capture stages its backup with: compressed and hashed, and with
-    `encrypt` age-encrypted in the same pass (beside it, `encrypted_staging`; durable
-    and alone when it is the local copy)."""
+    `encrypt` age-encrypted in the same pass into a durable `.age` file instead (beside
+    it, `encrypted_staging`)."""
     if encrypt is None or not encrypt.recipients:
         return CompressedWriter(staging, compression)
-    copy = EncryptingWriter(encrypted_staging(staging), encrypt.recipients, encrypt.local)
-    return CompressedWriter(staging, compression, encrypted_copy=copy, keep_plain=not encrypt.local)
+    copy = EncryptingWriter(encrypted_staging(staging), encrypt.recipients)
+    return CompressedWriter(staging, compression, encrypted=copy)
+
+
+class EncryptedStream(io.RawIOBase):
+    """The age encryption of `source`, produced as it is read: pyrage's streaming
+    `encrypt_io` runs on a thread writing into a pipe. `plain` hashes what it read of
+    `source`; an encryption that fails raises here instead of ending the stream short
+    (an upload reading it is then abandoned, not completed). Close it to stop early."""
+
+    PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: fewer wake-ups than the default 64 KiB
+
+    def __init__(self, source: IO[bytes], recipients: Iterable[str]) -> None:
+        keys = [x25519.Recipient.from_str(r) for r in recipients]
+        self.plain = _KeepingReadErrors(source)
+        read_end, write_end = os.pipe()
+        with contextlib.suppress(OSError):  # a smaller pipe only costs wake-ups
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, self.PIPE_SIZE)
+        self._pipe = os.fdopen(read_end, "rb", buffering=0)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._encrypt, args=(write_end, keys), daemon=True)
+        self._thread.start()
+
+    def _encrypt(self, write_end: int, keys: list[x25519.Recipient]) -> None:
+        try:
+            with os.fdopen(write_end, "wb", buffering=CHUNK) as out:
+                pyrage.encrypt_io(self.plain, out, keys)
+        except BaseException as error:  # noqa: BLE001 - handed to the reading thread
+            self._error = self.plain.read_error or error
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._pipe.readinto(buffer) or 0
+        if n == 0:  # the writing end closed: done, or failed
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._pipe.close()  # a writer blocked on the full pipe gets EPIPE and ends
+            self._thread.join()
+        super().close()
 
 
 def decrypt_stream(source: IO[bytes], out: IO[bytes], identity: x25519.Identity, what: str) -> None:
@@ -262,20 +315,3 @@ def decrypt_stream(source: IO[bytes], out: IO[bytes], identity: x25519.Identity,
             f"{what} does not decrypt ({error}): the object is damaged or not ours; pick "
             "another backup (nothing was changed)"
         ) from None
-
-
-@task(cache_policy=NO_CACHE)
-def encrypt_for_upload(
-    backup_dir: Path, staged: Path, name: str, recipients: list[str]
-) -> EncryptedFile:
-    """The age-encrypted copy of the staged backup `name`, for the upload (hidden
-    beside it, a staging name; the caller removes it)."""
-    copy = EncryptingWriter(staging_path(backup_dir, name + SUFFIX), recipients, durable=True)
-    try:
-        with open(staged, "rb") as plain:
-            for chunk in iter_chunks(plain):
-                copy.write(chunk)
-        return copy.close()
-    except BaseException:
-        copy.abort()
-        raise

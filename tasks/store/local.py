@@ -136,10 +136,18 @@ def commit_local(
     os.chmod(staged.path, modes.file)
     os.replace(staged.path, final)
     fsync_dir(final.parent)
+    record_manifest.fn(backup_dir, manifest, modes)
+    return final
+
+
+@task(cache_policy=NO_CACHE)
+def record_manifest(backup_dir: Path, manifest: Manifest, modes: Modes = OWNER_ONLY) -> None:
+    """Write (or replace, atomically) the manifest of a stored backup, durably: after
+    its data, and again once facts about its S3 copy are known."""
+    final = resolve_name(Path(backup_dir), manifest.local_name)
     write_durably(
         final.with_name(manifest_name(final.name)), manifest.to_json().encode(), modes.file
     )
-    return final
 
 
 def list_local(backup_dir: Path, kind: str, source_id: str | None = None) -> list[Manifest]:

@@ -4,12 +4,21 @@ Credentials come from boto3's standard chain (env, profile, instance role);
 they are never passed around as parameters nor logged. The remote manifest is
 uploaded only after the data object is verified, so the remote copy follows
 the same "manifest last" rule as the local one.
+
+An upload is one streaming pass over the stored file (boto3's transfer manager reading
+a stream): age-encrypted on the way when recipients are given, hashed as it goes
+(SHA-256 of what was read and of what was sent, the MD5 of each part for the ETag), so
+nothing is read twice and no encrypted copy is written to disk.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from dataclasses import dataclass
+import io
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -22,21 +31,24 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from tasks.common.clock import parse_time, utc_now
 from tasks.common.files import CHUNK
 from tasks.common.retry import TransientError, retrying_task
-from tasks.store.archive import Manifest, manifest_name
+from tasks.store.archive import HashingReader, Manifest, age_entry, manifest_name
 from tasks.store.encryption import SUFFIX as AGE_SUFFIX
+from tasks.store.encryption import EncryptedStream
 from tasks.store.kinds import KINDS
 from tasks.store.local import RetentionPlan, plan_retention
 
 # The one source of truth for how objects are uploaded, and so for the ETag S3 gives
-# them (`expected_etag`). 16 MiB parts, 4 at a time, uploaded as fast as 64 MiB x 10
-# (110 MB/s against 100 MB/s to SeaweedFS here) and keeps the flow's memory small.
-PART_SIZE = 16 << 20
+# them (`PartDigests`). 8 MiB parts, 4 at a time: as fast as 16 MiB and 64 MiB x 10 parts
+# to SeaweedFS here (120 MB/s), and a streamed upload holds its parts in memory until
+# they are sent (at most UPLOAD_THREADS + 1 of them): small parts keep the flow small.
+PART_SIZE = 8 << 20
 UPLOAD_THREADS = 4
 TRANSFER = TransferConfig(
     multipart_threshold=PART_SIZE,
     multipart_chunksize=PART_SIZE,
     max_concurrency=UPLOAD_THREADS,
 )
+TRANSFER.max_in_memory_upload_chunks = UPLOAD_THREADS + 1  # s3transfer's; boto3 hides it
 
 
 class S3Error(RuntimeError):
@@ -49,26 +61,52 @@ class S3Unreachable(S3Error, TransientError):
 
 @dataclass(frozen=True)
 class RemoteCopy:
+    """An uploaded object, and the manifest uploaded beside it (with the encrypted
+    object's facts when it was encrypted on the way)."""
+
     bucket: str
     key: str
     size: int
     etag: str
+    manifest: Manifest | None = None
 
     @property
     def url(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
 
 
+# What boto3's credential chain reads from the environment: a client is made again when
+# one of them changes (a test, or an operator's shell, switching credentials).
+CHAIN_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+MANIFEST_READERS = 8  # manifests fetched at once when listing backups
+
+
 def client(endpoint_url: str | None) -> Any:
-    """An S3 client with bounded timeouts; boto3 finds the credentials."""
+    """An S3 client with bounded timeouts; boto3 finds the credentials. One per endpoint
+    and environment, kept: making one loads botocore's service models (0.15-0.5 s, and a
+    backup run needs the client four times); boto3's clients are thread-safe."""
+    return _client(endpoint_url or None, tuple(os.environ.get(v) for v in CHAIN_VARIABLES))
+
+
+@functools.lru_cache(maxsize=4)
+def _client(endpoint_url: str | None, _environment: tuple[str | None, ...]) -> Any:
     config = Config(
         connect_timeout=5,
         read_timeout=60,
         retries={"max_attempts": 2, "mode": "standard"},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        max_pool_connections=max(UPLOAD_THREADS, MANIFEST_READERS) + 2,
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
 def object_key(prefix: str, name: str) -> str:
@@ -108,25 +146,69 @@ def _explain(error: Exception, bucket: str, endpoint_url: str | None) -> S3Error
     return S3Error(f"S3 at {where} failed: {type(error).__name__}: {error}")
 
 
+class PartDigests:
+    """The ETag S3 gives an object uploaded with `TRANSFER`, computed as its bytes pass:
+    its MD5, or for a multipart upload (from `multipart_threshold` bytes on) the MD5 of
+    its parts' MD5s and the part count."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self._current = hashlib.md5(usedforsecurity=False)
+        self._filled = 0
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        self.size += view.nbytes
+        while view.nbytes:
+            piece = view[: TRANSFER.multipart_chunksize - self._filled]
+            self._current.update(piece)
+            self._filled += piece.nbytes
+            view = view[piece.nbytes :]
+            if self._filled == TRANSFER.multipart_chunksize:
+                self.parts.append(self._current)
+                self._current = hashlib.md5(usedforsecurity=False)
+                self._filled = 0
+
+    def etag(self) -> str:
+        if self.size < TRANSFER.multipart_threshold:
+            return self._current.hexdigest()
+        parts = self.parts + ([self._current] if self._filled else [])
+        combined = hashlib.md5(b"".join(d.digest() for d in parts), usedforsecurity=False)
+        return f"{combined.hexdigest()}-{len(parts)}"
+
+
 def expected_etag(path: Path) -> str:
-    """The ETag S3 gives `path` uploaded with `TRANSFER`: its MD5, or for a multipart
-    upload the MD5 of its parts' MD5s and the part count; read in small chunks."""
-    size = path.stat().st_size
-    single = size < TRANSFER.multipart_threshold
-    part_size = max(size, 1) if single else TRANSFER.multipart_chunksize
-    digests = []
+    """The ETag S3 gives `path` uploaded with `TRANSFER`; read in small chunks."""
+    digests = PartDigests()
     with open(path, "rb") as stream:
-        for _ in range(-(-max(size, 1) // part_size)):
-            digest = hashlib.md5(usedforsecurity=False)
-            left = part_size
-            while left and (chunk := stream.read(min(CHUNK, left))):
-                digest.update(chunk)
-                left -= len(chunk)
-            digests.append(digest)
-    if single:
-        return digests[0].hexdigest()
-    combined = hashlib.md5(b"".join(d.digest() for d in digests), usedforsecurity=False)
-    return f"{combined.hexdigest()}-{len(digests)}"
+        while chunk := stream.read(CHUNK):
+            digests.update(chunk)
+    return digests.etag()
+
+
+class UploadSource(io.RawIOBase):
+    """What the transfer manager reads: `raw` (buffered: a read returns all it asks for
+    unless the stream ends, so a part is never cut short) hashed as it passes: SHA-256,
+    and the part MD5s S3's ETag is made of."""
+
+    def __init__(self, raw: io.BufferedIOBase) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self.digests = PartDigests()
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def size(self) -> int:
+        return self.digests.size
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = self._raw.read(size)  # one allocation per 16 MiB part
+        self.sha256.update(data)
+        self.digests.update(data)
+        return data
 
 
 @dataclass(frozen=True)
@@ -181,53 +263,78 @@ def upload_backup(
     prefix: str,
     endpoint_url: str | None,
     lock: ObjectLock | None = None,
+    recipients: tuple[str, ...] = (),
 ) -> RemoteCopy:
-    """Upload data (`local_path`: the encrypted copy when `manifest.encryption` says
-    so), verify its size and checksum (and lock) as stored, then upload the manifest
-    (locked alike)."""
+    """Upload the stored file `local_path` in one streaming pass, age-encrypted on the way
+    to `recipients` (unless the local copy already is the encrypted file); verify size,
+    ETag (and lock) as stored, and that what was read is the stored backup (SHA-256);
+    then upload the manifest (locked alike), recording the encrypted object's size and
+    SHA-256 when it was encrypted here."""
     s3 = client(endpoint_url)
-    key = object_key(prefix, remote_name(manifest))
-    size, sha256 = remote_facts(manifest)
+    encrypting = bool(recipients) and not manifest.encryption.get("local")
+    key = object_key(prefix, manifest.name + AGE_SUFFIX if encrypting else remote_name(manifest))
     locking = lock.args() if lock else {}
+    known = {} if encrypting else {"Metadata": {"sha256": remote_facts(manifest)[1]}}
+    stored = open(local_path, "rb")  # noqa: SIM115 - closed below
+    encrypted = EncryptedStream(stored, recipients) if encrypting else None
+    source = UploadSource(io.BufferedReader(encrypted, CHUNK) if encrypted else stored)
     try:
         s3.head_bucket(Bucket=bucket)
-        s3.upload_file(
-            str(local_path),
-            bucket,
-            key,
-            Config=TRANSFER,
-            ExtraArgs={"Metadata": {"sha256": sha256}, **locking},
-        )
+        s3.upload_fileobj(source, bucket, key, Config=TRANSFER, ExtraArgs={**known, **locking})
         head = s3.head_object(Bucket=bucket, Key=key)
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
-    if lock and head.get("ObjectLockMode") != lock.mode:
+    finally:
+        if encrypted is not None:
+            encrypted.close()
+        stored.close()
+    _check_stored(key, head, source.digests, lock)
+    read: UploadSource | HashingReader = source
+    expected = remote_facts(manifest)
+    described = manifest
+    if encrypted is not None:
+        read, expected = encrypted.plain, (manifest.size, manifest.sha256)
+        encryption = age_entry(recipients, source.size, source.sha256.hexdigest())
+        described = replace(manifest, encryption=encryption)
+    if (read.size, read.sha256.hexdigest()) != expected:
         raise S3Error(
-            f"uploaded {key} carries no {lock.mode} lock (the store ignored it): check that "
-            f"bucket {bucket!r} has Object Lock enabled; the local backup is kept"
-        )
-    etag = head["ETag"].strip('"')
-    if head["ContentLength"] != size:
-        raise S3Error(
-            f"uploaded {key} is {head['ContentLength']} bytes, expected {size}: "
-            "the upload is incomplete; the local backup is kept"
-        )
-    if etag != expected_etag(Path(local_path)):
-        raise S3Error(
-            f"uploaded {key} has ETag {etag}, which does not match the local file: "
-            "the stored object differs; the local backup is kept"
+            f"{local_path} no longer matches its manifest (size or SHA-256): it changed or "
+            f"is damaged since it was stored; {key} is not a complete backup (no manifest)"
         )
     try:
         s3.put_object(
             Bucket=bucket,
             Key=manifest_name(key),
-            Body=manifest.to_json().encode(),
+            Body=described.to_json().encode(),
             ContentType="application/json",
             **locking,
         )
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
-    return RemoteCopy(bucket=bucket, key=key, size=size, etag=etag)
+    etag = head["ETag"].strip('"')
+    return RemoteCopy(bucket, key, source.size, etag, described)
+
+
+def _check_stored(
+    key: str, head: dict[str, Any], sent: PartDigests, lock: ObjectLock | None
+) -> None:
+    """The object as S3 stores it is what was sent (size, ETag) and carries its lock."""
+    if lock and head.get("ObjectLockMode") != lock.mode:
+        raise S3Error(
+            f"uploaded {key} carries no {lock.mode} lock (the store ignored it): check that "
+            "the bucket has Object Lock enabled; the local backup is kept"
+        )
+    if head["ContentLength"] != sent.size:
+        raise S3Error(
+            f"uploaded {key} is {head['ContentLength']} bytes, expected {sent.size}: "
+            "the upload is incomplete; the local backup is kept"
+        )
+    etag = head["ETag"].strip('"')
+    if etag != sent.etag():
+        raise S3Error(
+            f"uploaded {key} has ETag {etag}, which does not match the local file as sent: "
+            "the stored object differs; the local backup is kept"
+        )
 
 
 def list_remote(
@@ -242,19 +349,25 @@ def list_remote(
     try:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
             keys.update(item["Key"] for item in page.get("Contents", []))
-        manifests = []
-        for key in sorted(k for k in keys if k.endswith(manifest_name(""))):
-            if key.removesuffix(manifest_name("")) not in keys:
-                continue
-            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            try:
-                manifests.append(Manifest.from_json(body))
-            except (ValueError, TypeError) as error:
-                reason = type(error).__name__ if not str(error) else str(error).splitlines()[0]
-                if skipped is not None:
-                    skipped.append(
-                        f"s3://{bucket}/{key} is not a readable manifest ({reason}): passed over"
-                    )
+        complete = [
+            key
+            for key in sorted(keys)
+            if key.endswith(manifest_name("")) and key.removesuffix(manifest_name("")) in keys
+        ]
+        with ThreadPoolExecutor(MANIFEST_READERS) as pool:  # one GET each: at once
+            bodies = pool.map(lambda key: s3.get_object(Bucket=bucket, Key=key)["Body"].read(),
+                              complete)  # fmt: skip
+            manifests = []
+            for key, body in zip(complete, bodies, strict=True):
+                try:
+                    manifests.append(Manifest.from_json(body))
+                except (ValueError, TypeError) as error:
+                    reason = type(error).__name__ if not str(error) else str(error).splitlines()[0]
+                    if skipped is not None:
+                        where = f"s3://{bucket}/{key}"
+                        skipped.append(
+                            f"{where} is not a readable manifest ({reason}): passed over"
+                        )
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
     return sorted(manifests, key=lambda m: m.created_at)
@@ -269,11 +382,13 @@ def prune_remote(
     endpoint_url: str | None,
     retention_days: float,
     keep_min: int,
+    listed: list[Manifest] | None = None,
 ) -> RetentionPlan:
-    """Apply retention to one source's backups in the bucket, deleting each manifest
-    before its data."""
+    """Apply retention to one source's backups in the bucket (`listed`: as a
+    `list_remote` of this run already found them), deleting each manifest before its
+    data."""
     plan = plan_retention(
-        list_remote(bucket, prefix, kind, endpoint_url),
+        list_remote(bucket, prefix, kind, endpoint_url) if listed is None else listed,
         utc_now(),
         retention_days,
         keep_min,
