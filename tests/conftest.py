@@ -137,6 +137,7 @@ RUN_BESIDE_THE_STACK = {
     "test_architecture",
     "test_aside",
     "test_component_lock",
+    "test_gfs_retention",
     "test_hosts",
     "test_locks",
     "test_multi_host",

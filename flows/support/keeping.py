@@ -15,7 +15,14 @@ from tasks.common.log import run_logger
 from tasks.store.archive import CompressedFile, Manifest
 from tasks.store.encryption import AgeCopy, RecipientError, encrypt_for_upload, parse_recipients
 from tasks.store.kinds import KINDS
-from tasks.store.local import check_retention, commit_local, list_local, prune_local
+from tasks.store.local import (
+    GFS_RULES,
+    Retention,
+    commit_local,
+    list_local,
+    prune_local,
+    resolve_retention,
+)
 from tasks.store.report import NOT_UPLOADED, publish_backup_report
 from tasks.store.s3 import ObjectLock, list_remote, prune_remote, require_object_lock, upload_backup
 
@@ -28,15 +35,13 @@ class Destination:
     s3_bucket: str
     s3_prefix: str
     s3_endpoint_url: str | None
-    retention_days: float
-    keep_min: int
+    retention: Retention
     modes: Modes = OWNER_ONLY
     age_recipients: tuple[str, ...] = ()  # encrypt the S3 copy to these public keys
     object_lock: str = ""  # governance/compliance: S3 copies locked for the retention
     encrypt_local: bool = False  # the local copy is the age-encrypted file too
 
     def __post_init__(self) -> None:
-        check_retention(self.retention_days, self.keep_min)  # before any work is done
         if self.encrypt_local and not self.age_recipients:
             raise RecipientError(
                 "PROXILION_DR_AGE_ENCRYPT_LOCAL is on but no age recipient is set: set "
@@ -46,17 +51,23 @@ class Destination:
         self.check_remote()
 
     @classmethod
-    def from_parameters(cls, p: dict[str, Any]) -> Destination:
-        """From a flow's resolved parameters; group read, the age recipients and local
-        encryption come from their settings unless the flow has such a parameter."""
+    def from_parameters(cls, p: dict[str, Any], kind: str) -> Destination:
+        """From a flow's resolved parameters; the GFS rules a `keep_*` parameter leaves
+        empty from the kind's `*_KEEP` setting; group read, the age recipients and local
+        encryption from their settings unless the flow has such a parameter."""
         current = settings()
+        retention = resolve_retention(  # refuses bad rules before any work is done
+            p["retention_days"],
+            p["keep_min"],
+            {rule: p.get(f"keep_{rule}") for rule in GFS_RULES},
+            getattr(current, f"{kind}_keep"),
+        )
         return cls(
             Path(p["backup_dir"]),
             p["s3_bucket"],
             p["s3_prefix"],
             p["s3_endpoint_url"] or None,
-            p["retention_days"],
-            p["keep_min"],
+            retention,
             Modes.for_group_read(current.backup_group_read),
             tuple(parse_recipients(p.get("age_recipients") or current.age_recipients)),
             current.s3_object_lock if p["s3_bucket"] else "",
@@ -91,7 +102,7 @@ def catch_up_uploads(to: Destination, kind: str, source_id: str) -> list[str]:
     for manifest in missing:
         lock = None
         if to.object_lock:
-            lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
+            lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention.days)
         path, described, copy = to.backup_dir / manifest.local_name, manifest, None
         if to.age_recipients and not manifest.encryption.get("local"):  # else: as it is
             copy = encrypt_for_upload(to.backup_dir, path, manifest.name, list(to.age_recipients))
@@ -139,7 +150,7 @@ def keep_backup(
         if to.s3_bucket:
             lock = None
             if to.object_lock:
-                lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention_days)
+                lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention.days)
                 details = {**details, "object lock": f"{lock.mode} until {lock.retain_until}"}
             try:
                 remote = upload_backup(
@@ -162,9 +173,7 @@ def keep_backup(
     finally:
         if encrypted:
             encrypted.unlink(missing_ok=True)
-    kept_local = prune_local(
-        to.backup_dir, manifest.kind, manifest.source_id, to.retention_days, to.keep_min
-    )
+    kept_local = prune_local(to.backup_dir, manifest.kind, manifest.source_id, to.retention)
     kept_remote = None
     if to.s3_bucket:
         caught_up = catch_up_uploads(to, manifest.kind, manifest.source_id)
@@ -178,8 +187,8 @@ def keep_backup(
             manifest.kind,
             manifest.source_id,
             to.s3_endpoint_url,
-            to.retention_days,
-            to.keep_min,
+            to.retention,
+            lock_mode=to.object_lock,
         )
     publish_backup_report(manifest, str(stored), remote, kept_local, kept_remote, details)
     return stored, remote

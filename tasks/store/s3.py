@@ -25,7 +25,7 @@ from tasks.common.retry import TransientError, retrying_task
 from tasks.store.archive import Manifest, manifest_name
 from tasks.store.encryption import SUFFIX as AGE_SUFFIX
 from tasks.store.kinds import KINDS
-from tasks.store.local import RetentionPlan, plan_retention
+from tasks.store.local import Retention, RetentionPlan, plan_retention
 
 # The one source of truth for how objects are uploaded, and so for the ETag S3 gives
 # them (`expected_etag`). 16 MiB parts, 4 at a time, uploaded as fast as 64 MiB x 10
@@ -256,20 +256,23 @@ def prune_remote(
     kind: str,
     source_id: str,
     endpoint_url: str | None,
-    retention_days: float,
-    keep_min: int,
+    retention: Retention,
+    dry_run: bool = False,
+    lock_mode: str = "",
 ) -> RetentionPlan:
     """Apply retention to one source's backups in the bucket, deleting each manifest
-    before its data."""
+    before its data. With `lock_mode` (the destination's Object Lock), a backup that a
+    GFS rule keeps beyond its upload lock gets its lock extended to that rule's end
+    (`plan.extended`). `dry_run`: only the plan; nothing is deleted or extended."""
     plan = plan_retention(
-        list_remote(bucket, prefix, kind, endpoint_url),
-        utc_now(),
-        retention_days,
-        keep_min,
-        source_id,
+        list_remote(bucket, prefix, kind, endpoint_url), utc_now(), retention, source_id
     )
+    if dry_run:
+        return plan
     s3 = client(endpoint_url)
     try:
+        if lock_mode:
+            _follow_rules(s3, bucket, prefix, plan, retention, lock_mode)
         versioned = s3.get_bucket_versioning(Bucket=bucket).get("Status") in (
             "Enabled",
             "Suspended",
@@ -287,6 +290,34 @@ def prune_remote(
         raise _explain(error, bucket, endpoint_url) from None
     plan.delete = deleted
     return plan
+
+
+def _follow_rules(
+    s3: Any, bucket: str, prefix: str, plan: RetentionPlan, retention: Retention, mode: str
+) -> None:
+    """Extend the Object Lock of each kept backup (data and manifest) to the end of the
+    longest rule that keeps it, when that is later than its lock: the copy a monthly
+    rule keeps for a year stays undeletable that year. Only ever extended."""
+    now = utc_now()
+    for manifest in plan.keep:
+        created = parse_time(manifest.created_at)
+        until = retention.kept_until(created, plan.reasons.get(manifest.name, []), now)
+        if until <= created + timedelta(days=retention.days):
+            continue  # the upload's own lock already covers it
+        key = object_key(prefix, remote_name(manifest))
+        changed = False
+        for each in (key, manifest_name(key)):
+            current = s3.head_object(Bucket=bucket, Key=each).get("ObjectLockRetainUntilDate")
+            if current is None or current < until:
+                s3.put_object_retention(
+                    Bucket=bucket,
+                    Key=each,
+                    Retention={"Mode": mode.upper(), "RetainUntilDate": until},
+                )
+                changed = True
+        if changed:
+            rules = ", ".join(plan.reasons.get(manifest.name, []))
+            plan.extended.append(f"{manifest.name} until {until:%Y-%m-%d %H:%M} ({rules})")
 
 
 def _versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
