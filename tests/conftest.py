@@ -143,6 +143,7 @@ RUN_BESIDE_THE_STACK = {
     "test_multi_host",
     "test_notifications",
     "test_object_lock",
+    "test_pitr",
     "test_private",
     "test_rdb",
     "test_recovery_proof",

@@ -95,41 +95,50 @@ class Destination:
 
 def catch_up_uploads(to: Destination, kind: str, source_id: str) -> list[str]:
     """Upload every complete local backup of this kind and source that S3 lacks (a
-    run whose upload failed left it local only), so local and S3 converge. They go up
-    as this destination wants them: age-encrypted, locked."""
+    run whose upload failed left it local only), so local and S3 converge."""
     remote = {m.name for m in list_remote(to.s3_bucket, to.s3_prefix, kind, to.s3_endpoint_url)}
     missing = [m for m in list_local(to.backup_dir, kind, source_id) if m.name not in remote]
     for manifest in missing:
-        lock = None
-        if to.object_lock:
-            lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention.days)
-        path, described, copy = to.backup_dir / manifest.local_name, manifest, None
-        if to.age_recipients and not manifest.encryption.get("local"):  # else: as it is
-            copy = encrypt_for_upload(to.backup_dir, path, manifest.name, list(to.age_recipients))
-            path, described = copy.path, replace(manifest, encryption=copy.describe())
-        try:
-            upload_backup(path, described, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url, lock)
-        finally:
-            if copy is not None:
-                copy.path.unlink(missing_ok=True)
-        print(f"uploaded {manifest.name}, which S3 lacked (an earlier upload failed)")
+        upload_stored(to, manifest)
     return [m.name for m in missing]
 
 
-def keep_backup(
-    staged: CompressedFile, manifest: Manifest, to: Destination, details: dict[str, Any]
-) -> tuple[Path, str | None]:
-    """Store, upload, prune and report one staged backup; returns (local path, S3 URL).
+def upload_stored(to: Destination, manifest: Manifest) -> None:
+    """Upload a complete local backup (one an earlier run could not upload) as this
+    destination wants it: age-encrypted, locked."""
+    lock = None
+    if to.object_lock:
+        lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention.days)
+    path, described, copy = to.backup_dir / manifest.local_name, manifest, None
+    if to.age_recipients and not manifest.encryption.get("local"):  # else: as it is
+        copy = encrypt_for_upload(to.backup_dir, path, manifest.name, list(to.age_recipients))
+        path, described = copy.path, replace(manifest, encryption=copy.describe())
+    try:
+        upload_backup(path, described, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url, lock)
+    finally:
+        if copy is not None:
+            copy.path.unlink(missing_ok=True)
+    print(f"uploaded {manifest.name}, which S3 lacked (an earlier upload failed)")
 
-    With age recipients, the S3 copy is the age-encrypted stored file (`.age`; the
-    local copy stays plain unless `to.encrypt_local`: then the local file is that
-    `.age` too), made in the capture's pass (`staged.encrypted`) or else here in a
-    second pass; with an object lock mode it is locked for the retention.
-    An upload failure still publishes the report ("stored locally, NOT uploaded"),
-    then fails the run; the next successful run uploads what S3 lacks. Pruning only
-    happens once the new backup is safely everywhere it should be, and only touches
-    backups of the same source (`manifest.source_id`)."""
-    details = with_exposure_warnings(to, manifest.kind, details)  # in every report
+
+class UploadFailed(RuntimeError):
+    """A backup stored locally did not reach S3; `stored` is where it is safe."""
+
+    def __init__(self, stored: Path, error: Exception) -> None:
+        super().__init__(one_line(error))
+        self.stored = stored
+        self.error = error
+
+
+def store_copy(
+    staged: CompressedFile, manifest: Manifest, to: Destination
+) -> tuple[Path, str | None, str]:
+    """Store one staged backup (manifest last) and upload it; returns (local path, S3
+    URL, its Object Lock or ""). With age recipients, the S3 copy is the age-encrypted
+    stored file (`.age`; the local copy stays plain unless `to.encrypt_local`: then the
+    local file is that `.age` too), made in the capture's pass (`staged.encrypted`) or
+    else here in a second pass; with an object lock mode it is locked for the
+    retention's days. Raises UploadFailed once it is stored locally."""
     encrypted = None
     if to.encrypt_local:  # the staged file is the encrypted one: stored and uploaded
         assert staged.encrypted is not None, "a capture ignored the age_copy it was given"
@@ -146,33 +155,45 @@ def keep_backup(
     try:
         stored = commit_local(to.backup_dir, staged, manifest, to.modes)
         mark_safe(f"the backup is complete locally at {stored}")
-        remote = None
-        if to.s3_bucket:
-            lock = None
-            if to.object_lock:
-                lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention.days)
-                details = {**details, "object lock": f"{lock.mode} until {lock.retain_until}"}
-            try:
-                remote = upload_backup(
-                    encrypted or stored,
-                    manifest,
-                    to.s3_bucket,
-                    to.s3_prefix,
-                    to.s3_endpoint_url,
-                    lock,
-                ).url
-            except Exception as error:
-                mark_safe(
-                    f"the backup is complete locally at {stored}; the next successful "
-                    f"{manifest.kind} backup uploads it"
-                )
-                reason = f"{NOT_UPLOADED} ({one_line(error)})"
-                publish_backup_report(manifest, str(stored), reason, None, None, details)
-                raise
-            mark_safe(f"the backup is complete locally at {stored} and in {remote}")
+        if not to.s3_bucket:
+            return stored, None, ""
+        lock = None
+        if to.object_lock:
+            lock = ObjectLock.for_backup(to.object_lock, manifest.created_at, to.retention.days)
+        try:
+            remote = upload_backup(
+                encrypted or stored, manifest, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url, lock
+            ).url
+        except Exception as error:
+            mark_safe(
+                f"the backup is complete locally at {stored}; the next successful "
+                f"{manifest.kind} backup uploads it"
+            )
+            raise UploadFailed(stored, error) from error
+        mark_safe(f"the backup is complete locally at {stored} and in {remote}")
+        return stored, remote, f"{lock.mode} until {lock.retain_until}" if lock else ""
     finally:
         if encrypted:
             encrypted.unlink(missing_ok=True)
+
+
+def keep_backup(
+    staged: CompressedFile, manifest: Manifest, to: Destination, details: dict[str, Any]
+) -> tuple[Path, str | None]:
+    """Store, upload (`store_copy`), prune and report one staged backup; returns (local
+    path, S3 URL). An upload failure still publishes the report ("stored locally, NOT
+    uploaded"), then fails the run; the next successful run uploads what S3 lacks.
+    Pruning only happens once the new backup is safely everywhere it should be, and
+    only touches backups of the same source (`manifest.source_id`)."""
+    details = with_exposure_warnings(to, manifest.kind, details)  # in every report
+    try:
+        stored, remote, lock = store_copy(staged, manifest, to)
+    except UploadFailed as failed:
+        reason = f"{NOT_UPLOADED} ({one_line(failed.error)})"
+        publish_backup_report(manifest, str(failed.stored), reason, None, None, details)
+        raise failed.error from None
+    if lock:
+        details = {**details, "object lock": lock}
     kept_local = prune_local(to.backup_dir, manifest.kind, manifest.source_id, to.retention)
     kept_remote = None
     if to.s3_bucket:

@@ -32,20 +32,20 @@ keep_min: Newest backups always kept, whatever their age (at least 1).
     None: PROXILION_DR_KEEP_MIN (default 3).""",
     "gfs_rules": """\
 keep_hourly: GFS rule: also keep the newest backup of each of the last N hours
-    that have one (restic's keep-hourly). None: its count in
-    PROXILION_DR_{arg}_KEEP (default: none, 0).
+    that have one (restic's keep-hourly). None (empty): its count
+    in PROXILION_DR_{arg}_KEEP (default: none, 0).
 keep_daily: GFS rule: also keep the newest backup of each of the last N days
-    (UTC) that have one. None: its count in PROXILION_DR_{arg}_KEEP (default:
-    none, 0).
+    (UTC) that have one. None (empty): its count in PROXILION_DR_{arg}_KEEP
+    (default: none, 0).
 keep_weekly: GFS rule: also keep the newest backup of each of the last N ISO
-    weeks that have one. None: its count in PROXILION_DR_{arg}_KEEP (default:
-    none, 0).
+    weeks that have one. None (empty): its count in PROXILION_DR_{arg}_KEEP
+    (default: none, 0).
 keep_monthly: GFS rule: also keep the newest backup of each of the last N
-    months that have one. None: its count in PROXILION_DR_{arg}_KEEP (default:
-    none, 0).
+    months that have one. None (empty): its count in PROXILION_DR_{arg}_KEEP
+    (default: none, 0).
 keep_yearly: GFS rule: also keep the newest backup of each of the last N years
-    that have one. None: its count in PROXILION_DR_{arg}_KEEP (default: none,
-    0).""",
+    that have one. None (empty): its count in PROXILION_DR_{arg}_KEEP
+    (default: none, 0).""",
     "backup_source": """\
 backup_dir: Local backup directory (backups fetched from S3 are stored here).
     Empty: PROXILION_DR_BACKUP_DIR (default /backups).
@@ -64,7 +64,7 @@ _PLACEHOLDER = re.compile(r"^( *)\{(\w+)(?::(\w+))?\}$", re.MULTILINE)
 
 def _block(match: re.Match[str]) -> str:
     indent, name, arg = match.groups()
-    text = BLOCKS[name].replace("{arg}", arg or "")
+    text = BLOCKS[name].replace("{arg}", "<KIND>" if arg == "KIND" else arg or "")
     return "\n".join(indent + line for line in text.splitlines())
 
 

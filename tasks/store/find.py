@@ -263,3 +263,35 @@ def fetch_backup(
         location = f"s3://{s3_bucket}/{object_key(s3_prefix, remote_name(remote))} (downloaded)"
     run_logger().info("Backup %s from %s: size and sha256 verified", manifest.name, location)
     return FoundBackup(manifest, path, location, backup_dir, temporary)
+
+
+def fetch_piece(
+    backup_dir: Path,
+    manifest: Manifest,
+    s3_bucket: str,
+    s3_prefix: str,
+    s3_endpoint_url: str | None,
+    identity_file: Path | None = None,
+) -> FoundBackup:
+    """One piece of a chained backup, its manifest already read: the local file when
+    it is there (size and SHA-256 verified; a locally encrypted one decrypted into a
+    temporary copy), else downloaded from S3 and verified (decrypted when encrypted)."""
+    identity = load_identity(identity_file) if identity_file else None
+    path = resolve_name(Path(backup_dir), manifest.local_name)
+    if path.is_file():
+        if manifest.encryption.get("local"):
+            check_can_decrypt(manifest, identity, identity_file, f"the local piece {path}")
+            assert identity is not None
+            plain = decrypt_local(manifest, path, Path(backup_dir), identity)
+            return FoundBackup(manifest, plain, f"local {backup_dir} (decrypted)", backup_dir, True)
+        verify_file(path, manifest.size, manifest.sha256)
+        return FoundBackup(manifest, path, f"local {backup_dir}", Path(backup_dir))
+    if not s3_bucket:
+        raise BackupNotFound(
+            f"piece {manifest.name} is not in {backup_dir} and no s3_bucket is set"
+        )
+    if manifest.encryption:
+        check_can_decrypt(manifest, identity, identity_file)
+    path = download(manifest, Path(backup_dir), s3_bucket, s3_prefix, s3_endpoint_url, identity)
+    where = f"s3://{s3_bucket}/{object_key(s3_prefix, remote_name(manifest))} (downloaded)"
+    return FoundBackup(downloaded(manifest), path, where, Path(backup_dir))

@@ -131,6 +131,7 @@ def commit_local(
     when the local copy is encrypted) with `modes.file`, then write its manifest (same
     mode, named after the file) last."""
     final = resolve_name(Path(backup_dir), manifest.local_name)
+    make_dirs(final.parent, modes.directory)  # a chained kind's generation folder
     if final.exists():
         raise FileExistsError(f"backup {manifest.local_name} already exists; not overwriting it")
     os.chmod(staged.path, modes.file)

@@ -283,7 +283,7 @@ def prune_remote(
             if not versioned:
                 s3.delete_object(Bucket=bucket, Key=manifest_name(key))
                 s3.delete_object(Bucket=bucket, Key=key)
-            elif not _delete_versions(s3, bucket, manifest, [manifest_name(key), key], plan):
+            elif not _delete_versions(s3, bucket, manifest.name, [manifest_name(key), key], plan):
                 continue
             deleted.append(manifest)
     except (BotoCoreError, ClientError) as error:
@@ -330,8 +330,26 @@ def _versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
     return found
 
 
+def delete_keys(
+    bucket: str, keys: list[str], label: str, endpoint_url: str | None, plan: RetentionPlan
+) -> bool:
+    """Delete the objects of one backup (`keys`, manifests first) as pruning does: for
+    real in a versioned bucket, and not at all while one is under Object Lock (then
+    `label` is listed in `plan.locked`). True when deleted."""
+    s3 = client(endpoint_url)
+    try:
+        status = s3.get_bucket_versioning(Bucket=bucket).get("Status")
+        if status in ("Enabled", "Suspended"):
+            return _delete_versions(s3, bucket, label, keys, plan)
+        for key in keys:
+            s3.delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as error:
+        raise _explain(error, bucket, endpoint_url) from None
+    return True
+
+
 def _delete_versions(
-    s3: Any, bucket: str, manifest: Manifest, keys: list[str], plan: RetentionPlan
+    s3: Any, bucket: str, label: str, keys: list[str], plan: RetentionPlan
 ) -> bool:
     """In a versioned bucket, delete every version of a backup's objects for real (a
     plain delete only hides them behind a delete marker, freeing nothing), unless one
@@ -349,7 +367,7 @@ def _delete_versions(
             until.append(retain)
     if until:
         latest = max((u for u in until if u is not None), default=None)
-        plan.locked.append(f"{manifest.name} (locked until {latest or 'legal hold'})")
+        plan.locked.append(f"{label} (locked until {latest or 'legal hold'})")
         return False
     for key, entry in entries:  # the manifest's versions first, as `keys` lists them
         s3.delete_object(Bucket=bucket, Key=key, VersionId=entry["VersionId"])

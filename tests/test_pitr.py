@@ -1,0 +1,325 @@
+"""Point-in-time recovery on a real Redis 7 (`appendonly yes`, `aof-timestamp-enabled
+yes`) in a throwaway container: backup-redis-aof ships the AOF, recover-redis puts it
+back cut at a chosen second (exactly the keys written up to it: values and TTLs) or
+just before the last FLUSHALL, also from S3 alone; an AOF rewrite between two runs
+loses nothing; without timestamps the flow says why PITR is unavailable and ships
+anyway; a route to another Redis's AOF is refused.
+
+Keys are written in batches inside one second each (polled on Redis's own clock, well
+inside the second), two seconds apart, so the second a batch belongs to is certain."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis_servers import (
+    RedisServer,
+    Snapshot,
+    assert_same_keyspace,
+    keyspace_snapshot,
+    running_redis,
+    seed_mixed_data,
+)
+from test_recover_redis import data_files, report, step
+from throwaway_services import Service, redis_container
+
+from flows.backup_redis_aof import backup_redis_aof
+from flows.recover_redis import recover_redis
+from flows.support.failures import StepFailed
+from sandbox import constants as stack
+from tasks.redis.aof import MARKER_KEY
+from tasks.redis.pitr import utc
+
+TIMESTAMPS = ("aof-timestamp-enabled yes",)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[Service]:
+    with redis_container(tmp_path, appendonly=True, extra=TIMESTAMPS) as started:
+        yield started
+
+
+def client(service: Service) -> redis.Redis:
+    return redis.Redis(port=service.port, socket_timeout=30)
+
+
+def ship(service: Service, backup_dir: Path, **storage: Any) -> dict[str, Any]:
+    """The real backup-redis-aof flow; the AOF is read through the container's mount."""
+    storage.setdefault("s3_bucket", "")
+    return backup_redis_aof(
+        redis_url=service.url, container=service.name, backup_dir=str(backup_dir), **storage
+    )
+
+
+def recover(service: Service, backup_dir: Path, **parameters: Any) -> dict[str, Any]:
+    defaults = {
+        "container": service.name,
+        "redis_url": service.url,
+        "backup_dir": str(backup_dir),
+        "gateway_health_url": "",
+        "s3_bucket": "",
+    }
+    return recover_redis(**(defaults | parameters))
+
+
+def fresh_second(r: redis.Redis, after: int) -> int:
+    """Wait (on Redis's clock) until a second later than `after` + 1 is 200-500 ms old:
+    a batch written now belongs to that second, whatever the AOF's cached clock lags."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seconds, micros = r.time()
+        if seconds > after + 1 and 200_000 <= micros < 500_000:
+            return int(seconds)
+        time.sleep(0.02)
+    raise AssertionError("Redis's clock did not move")
+
+
+def batch(r: redis.Redis, label: str, after: int) -> int:
+    """Keys of several types, with and without a TTL, written inside one second; returns
+    that second."""
+    second = fresh_second(r, after)
+    pipe = r.pipeline(transaction=False)
+    for i in range(40):
+        pipe.set(f"{label}:s:{i}", f"{label}-{i}", ex=3600 + i if i % 2 else None)
+    pipe.hset(f"{label}:h", mapping={"a": 1, "b": label})
+    pipe.rpush(f"{label}:l", *range(5))
+    pipe.zadd(f"{label}:z", {"m": 1.5})
+    pipe.pexpire(f"{label}:h", 7_200_000)
+    pipe.incr("counter")  # one key changed by every batch: its value says which came last
+    pipe.execute()
+    assert int(r.time()[0]) == second, "a batch spilled into the next second: machine too slow"
+    return second
+
+
+def written_batches(service: Service) -> tuple[list[int], list[Snapshot]]:
+    """Three batches, each followed by a snapshot of the whole keyspace (the state
+    at the end of its second: nothing else writes)."""
+    r = client(service)
+    seconds, states = [], []
+    last = int(r.time()[0])
+    for label in ("a", "b", "c"):
+        last = batch(r, label, last)
+        seconds.append(last)
+        states.append(keyspace_snapshot(service.url))
+    return seconds, states
+
+
+def at(second: int) -> str:
+    return utc(second).removesuffix(" UTC")
+
+
+# ------------------------------------------------------------------------- to a second
+
+
+def test_recover_to_a_second_gives_exactly_the_keys_written_up_to_it(
+    service: Service, tmp_path: Path, s3_prefix: str
+) -> None:
+    s3 = {
+        "s3_bucket": stack.S3_BUCKET,
+        "s3_prefix": s3_prefix,
+        "s3_endpoint_url": stack.S3_ENDPOINT,
+    }
+    backups = tmp_path / "backups"
+    seed_mixed_data(RedisServer(service.port, service.url, service.data_dir, None), 300)  # type: ignore[arg-type]
+    first = ship(service, backups, **s3)
+    assert first["new_generation"] and first["point_in_time"] and first["marker"]["piece"]
+    seconds, states = written_batches(service)
+    fresh_second(client(service), seconds[-1])
+    client(service).set("after-everything", 1)  # in a later second than every batch
+    shipped = ship(service, backups, **s3)
+    assert not shipped["new_generation"] and shipped["uploaded"] == shipped["shipped"]
+
+    result = recover(service, backups, target_time=at(seconds[0]))
+    assert_same_keyspace(states[0], keyspace_snapshot(service.url))
+    assert result["ok"] and result["backup"]["kind"] == "redis-aof"
+    point = result["restore_point"]
+    assert point["restored to"].startswith(f"{utc(seconds[0])}: every write up to the end")
+    assert point["last command kept"].startswith("INCRBY counter (written at ")
+    assert step(result, "marker keys at the restore point")["outcome"] == "ok"
+    assert (
+        "1 markers written up to the cut present"
+        in step(result, "marker keys at the restore point")["detail"]
+    )
+    assert "every byte of the cut chain" in step(result, "what Redis loaded")["detail"]
+    published = report("recover-redis")
+    assert "restored to" in published and "INCRBY counter" in published
+
+    # the same chain, from S3 alone (the host that held backup_dir is gone)
+    shutil.rmtree(backups)
+    result = recover(service, tmp_path / "new-host", target_time=at(seconds[1]), **s3)
+    assert_same_keyspace(states[1], keyspace_snapshot(service.url))
+    assert result["backup"]["from"].startswith(f"s3://{stack.S3_BUCKET}/{s3_prefix}/")
+    # ISO 8601 with an offset names the same second
+    result = recover(
+        service,
+        tmp_path / "new-host",
+        target_time=f"{at(seconds[2]).replace(' ', 'T')}+00:00",
+        **s3,
+    )
+    assert_same_keyspace(states[2], keyspace_snapshot(service.url))
+    assert client(service).get("after-everything") is None
+
+
+def test_undo_flushall_gives_the_state_before_the_flush(
+    service: Service, tmp_path: Path, s3_prefix: str
+) -> None:
+    s3 = {
+        "s3_bucket": stack.S3_BUCKET,
+        "s3_prefix": s3_prefix,
+        "s3_endpoint_url": stack.S3_ENDPOINT,
+    }
+    backups = tmp_path / "backups"
+    r = client(service)
+    seed_mixed_data(RedisServer(service.port, service.url, service.data_dir, None), 300)  # type: ignore[arg-type]
+    ship(service, backups, **s3)
+    batch(r, "before", int(r.time()[0]))
+    r.set("same-second-as-the-flush", 1)  # no second boundary helps here: only the cut's place
+    expected = keyspace_snapshot(service.url)
+    flushed_at = int(r.time()[0])
+    r.flushall()
+    r.set("written-after-the-flush", "x")
+    ship(service, backups, **s3)
+
+    dry = recover(service, backups, undo_flushall=True, dry_run=True)
+    assert dry["restore_point"]["last command kept"].startswith("SET same-second-as-the-flush")
+    assert "FLUSHALL" in step(dry, "find the AOF pieces")["detail"]
+    assert client(service).get("written-after-the-flush") == b"x"  # the dry run changed nothing
+
+    result = recover(service, backups, undo_flushall=True, target_time=at(flushed_at - 5))
+    assert_same_keyspace(expected, keyspace_snapshot(service.url))
+    assert "just before the FLUSHALL" in result["restore_point"]["restored to"]
+    assert (
+        "truncated before the FLUSHALL"
+        in step(result, "assemble, cut and validate the AOF")["detail"]
+    )
+
+    shutil.rmtree(backups)
+    recover(service, tmp_path / "elsewhere", undo_flushall=True, **s3)
+    assert_same_keyspace(expected, keyspace_snapshot(service.url))
+    with pytest.raises(StepFailed, match="no FLUSHALL or FLUSHDB at or after"):
+        recover(
+            service,
+            tmp_path / "elsewhere",
+            undo_flushall=True,
+            target_time=at(flushed_at + 60),
+            **s3,
+        )
+
+
+def test_a_rewrite_between_two_runs_loses_no_write(service: Service, tmp_path: Path) -> None:
+    """Redis rewrites its AOF (a new base; the INCR file it appended to is deleted)
+    between two runs: the next run ships that file's last bytes from the hard link the
+    run before kept, and a time before, between and after the rewrite restores."""
+    backups = tmp_path / "backups"
+    r = client(service)
+    ship(service, backups)
+    second = batch(r, "old", int(r.time()[0]))  # only in the INCR file the rewrite ends
+    before = keyspace_snapshot(service.url)
+    r.bgrewriteaof()
+    deadline = time.monotonic() + 30
+    while int(r.info("persistence")["aof_rewrite_in_progress"]) or int(
+        r.info("persistence")["aof_rewrite_scheduled"]
+    ):
+        assert time.monotonic() < deadline, "the AOF rewrite did not finish"
+        time.sleep(0.05)
+    later = batch(r, "new", second)
+    after = keyspace_snapshot(service.url)
+    fresh_second(r, later - 1)  # a run covers the seconds before the one it reads in
+    run = ship(service, backups)
+    assert run["new_generation"] and not run["notes"]
+    old_tail = [
+        n for n in run["shipped"] if ".incr.aof." in n and not n.endswith(".000000000000.gz")
+    ]
+    assert old_tail, "the old INCR file's last bytes were not shipped"
+
+    recover(service, backups, target_time=at(second))
+    assert_same_keyspace(before, keyspace_snapshot(service.url))
+    recover(service, backups, target_time=at(later))
+    assert_same_keyspace(after, keyspace_snapshot(service.url))
+
+
+def test_a_dry_run_names_the_pieces_and_changes_nothing(service: Service, tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    r = client(service)
+    ship(service, backups)
+    second = batch(r, "x", int(r.time()[0]))
+    fresh_second(r, second - 1)  # a run covers the seconds before the one it reads in
+    ship(service, backups)
+    files, keys = data_files(service), keyspace_snapshot(service.url)
+    started = service.container().attrs["State"]["StartedAt"]
+    result = recover(service, backups, target_time=at(second), dry_run=True)
+    assert result["ok"] and result["dry_run"]
+    found = step(result, "find the AOF pieces")["detail"]
+    assert "appendonly.aof.1.base.rdb" in found and "appendonly.aof.1.incr.aof" in found
+    assert "sha256 verified" in found
+    assert step(result, "place the AOF")["outcome"] == "planned"
+    assert (
+        data_files(service) == files and service.container().attrs["State"]["StartedAt"] == started
+    )
+    assert_same_keyspace(keys, keyspace_snapshot(service.url))
+    assert not [p for p in backups.iterdir() if p.name.startswith(".pitr-staging")]
+    with pytest.raises(StepFailed, match="no AOF shipped covers .*: covered are"):
+        recover(service, backups, target_time=at(second - 3600), dry_run=True)
+    with pytest.raises(StepFailed, match="is not a time"):
+        recover(service, backups, target_time="yesterday", dry_run=True)
+
+
+# --------------------------------------------------------------- what cannot be done
+
+
+def test_without_timestamps_the_aof_ships_and_the_run_says_why_pitr_is_unavailable(
+    tmp_path: Path,
+) -> None:
+    with redis_container(tmp_path, appendonly=True) as service:
+        r = client(service)
+        written = int(r.time()[0])
+        r.set("k", "v")
+        fresh_second(r, written)  # a run covers the seconds before the one it reads in
+        run = ship(service, tmp_path / "backups")
+        assert not run["point_in_time"] and run["shipped"]
+        assert "aof-timestamp-enabled is no" in run["no_pitr"]
+        assert "UNAVAILABLE: aof-timestamp-enabled is no" in report("backup-redis-aof")
+        with pytest.raises(StepFailed, match="shipped with aof-timestamp-enabled no"):
+            recover(service, tmp_path / "backups", target_time=at(written))
+
+
+def test_appendonly_no_ends_unavailable_and_writes_nothing(tmp_path: Path) -> None:
+    with running_redis(tmp_path / "redis") as server:
+        state = backup_redis_aof(
+            redis_url=server.url,
+            container="",
+            data_dir=str(server.dir),
+            backup_dir=str(tmp_path / "backups"),
+            s3_bucket="",
+            return_state=True,
+        )
+        assert state.is_completed() and state.name == "Unavailable"
+        assert "appendonly no" in state.message
+        assert not (tmp_path / "backups" / "redis-aof").exists()
+        assert server.client().hlen(MARKER_KEY) == 0
+
+
+def test_another_redis_aof_is_refused_by_the_marker(tmp_path: Path) -> None:
+    """data_dir names the AOF folder of another Redis: the marker this run wrote to the
+    Redis at redis_url is never in it."""
+    aof = {"appendonly": "yes", "aof_timestamp_enabled": "yes"}
+    with (
+        running_redis(tmp_path / "a", **aof) as ours,
+        running_redis(tmp_path / "b", **aof) as other,
+    ):
+        other.client().set("theirs", 1)
+        with pytest.raises(RuntimeError, match="does not hold the marker"):
+            backup_redis_aof(
+                redis_url=ours.url,
+                container="",
+                data_dir=str(other.dir),
+                backup_dir=str(tmp_path / "backups"),
+                s3_bucket="",
+            )
+        assert not list((tmp_path / "backups").rglob("*.manifest.json"))  # nothing stored
