@@ -45,9 +45,8 @@ def _keep_field(what: str) -> Any:
     """A kind's `*_KEEP` setting: GFS rules on top of its days and KEEP_MIN."""
     return Field(
         "",
-        description=f"GFS rules for {what}, on top of the days and KEEP_MIN: `hourly=N "
-        "daily=N weekly=N monthly=N yearly=N` (any of them), or `compliance` (366 days); "
-        "empty = none.",
+        description=f"GFS rules for {what} on top of the days and KEEP_MIN: `daily=7 "
+        "weekly=4` (hourly, daily, weekly, monthly, yearly), `compliance` (366 days).",
     )
 
 

@@ -55,6 +55,8 @@ from tasks.store.local import BackupNotFound
 from tasks.store.pieces import (
     generations_local,
     generations_remote,
+    newest_local,
+    newest_remote,
     pieces_local,
     pieces_remote,
     read_local,
@@ -322,6 +324,36 @@ def plan_newest(generations: list[Generation]) -> ChainPlan:
         raise BackupNotFound("no AOF shipped for this server: run backup-redis-aof first")
     g = generations[-1]
     return ChainPlan(g, list(g.pieces), Cut("newest", None, None, g.end))
+
+
+def plan_drill_cut(generations: list[Generation]) -> ChainPlan:
+    """For the drill: the newest generation, cut at the newest marker time that has a
+    later marker after it (so both sides of the cut are checked); an older generation
+    when the newest has no such pair yet."""
+    for g in reversed(generations):
+        times = sorted({e["ts"] for e in g.markers() if e.get("ts") and not e.get("deleted")})
+        for ts in reversed(times[:-1]):
+            if g.timed and g.start is not None and g.start <= ts <= (g.end or 0):
+                plan = plan_time(generations, ts)
+                before, after = plan.markers()
+                if plan.generation is g and before and after:
+                    return plan
+    raise BackupNotFound(
+        "no AOF generation shipped holds two marker keys written at different times yet "
+        f"(backup-redis-aof runs once a minute; covered: {_ranges(generations)}): nothing "
+        "proves a cut; run the drill again later"
+    )
+
+
+def newest_aof_source(where: Where) -> str | None:
+    """The server whose AOF was shipped most recently (here, else in S3); None when
+    there is none."""
+    newest = newest_local(where.backup_dir, KIND)
+    if not newest and where.s3_bucket:
+        newest = newest_remote(where.s3_bucket, where.s3_prefix, KIND, where.s3_endpoint_url)
+    if not newest:
+        return None
+    return max(newest, key=lambda m: m.created_at).source_id
 
 
 @task(cache_policy=NO_CACHE)

@@ -195,6 +195,49 @@ def remote_has(bucket: str, prefix: str, name: str, endpoint_url: str | None) ->
     return True
 
 
+def newest_local(backup_dir: Path, kind: str) -> list[Manifest]:
+    """Per source folder, the manifest of the newest piece of its newest generation
+    (what backup-status shows: how fresh the shipping is)."""
+    root = Path(backup_dir) / KINDS[kind].folder
+    found = []
+    for tag in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        generations = sorted(g.name for g in tag.iterdir() if GENERATION.fullmatch(g.name))
+        for generation in reversed(generations):
+            folder = tag / generation
+            sidecars = [m for m in folder.iterdir() if m.name.endswith(manifest_name(""))]
+            if sidecars:
+                newest = max(sidecars, key=lambda m: m.stat().st_mtime_ns)
+                found.append(Manifest.from_json(newest.read_bytes()))
+                break
+    return found
+
+
+def newest_remote(bucket: str, prefix: str, kind: str, endpoint_url: str | None) -> list[Manifest]:
+    """The same in the bucket: per source, its newest generation's newest piece (by the
+    objects' modification time)."""
+    s3 = client(endpoint_url)
+    root = object_key(prefix, KINDS[kind].folder) + "/"
+    found = []
+    try:
+        _keys, tags = _list(s3, bucket, root, "/")
+        for tag in sorted(tags):
+            _keys, generations = _list(s3, bucket, tag, "/")
+            if not generations:
+                continue
+            pages = s3.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=max(generations)
+            )
+            items = [i for page in pages for i in page.get("Contents", [])]
+            sidecars = [i for i in items if i["Key"].endswith(manifest_name(""))]
+            if sidecars:
+                newest = max(sidecars, key=lambda i: (i["LastModified"], i["Key"]))
+                body = s3.get_object(Bucket=bucket, Key=newest["Key"])["Body"].read()
+                found.append(Manifest.from_json(body))
+    except (BotoCoreError, ClientError) as error:
+        raise _explained(error, bucket) from None
+    return found
+
+
 # ------------------------------------------------------------------------ retention
 
 

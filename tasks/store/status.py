@@ -23,7 +23,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 
 from tasks.common.clock import age_text, parse_time
 from tasks.store.archive import Manifest
-from tasks.store.kinds import source_of
+from tasks.store.kinds import KINDS, source_of
 from tasks.store.local import FUTURE_TOLERANCE
 from tasks.store.report import human_size
 
@@ -37,6 +37,13 @@ RESTORE_FLOWS: dict[str, tuple[str, ...]] = {
     "prometheus": ("verify-restore", "recover-prometheus", "recover-host"),
     "config": ("verify-restore", "recover-host"),
     "logs": ("verify-restore",),
+    "redis-aof": ("verify-restore", "recover-redis"),
+}
+# A run of these restores the kind only with these parameters set (recover-redis
+# restores an RDB backup unless it is given a point in time).
+RESTORE_PARAMETERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "redis-aof": {"recover-redis": ("target_time", "undo_flushall")},
+    "redis": {"recover-redis": ()},
 }
 
 
@@ -112,6 +119,7 @@ def status_rows(
             else:
                 newest_remote, remote_state = _place(there, interval, now)
             history = here if here else there
+            chained = KINDS[kind].chained if kind in KINDS else False
             rows.append(
                 {
                     "kind": kind,
@@ -122,7 +130,7 @@ def status_rows(
                     "newest in S3": newest_remote,
                     "S3": remote_state,
                     "size": human_size(history[-1].size) if history else "—",
-                    "trend": trend(history),
+                    "trend": "AOF pieces" if chained else trend(history),
                     "last verified restore": verified.get(kind, NEVER),
                 }
             )
@@ -170,9 +178,18 @@ def last_verified_restores(now: datetime) -> dict[str, str]:
             f"{ended:%Y-%m-%d %H:%M} UTC by {flow} ({age_text((now - ended).total_seconds())} ago)"
         )
         for kind, restoring in RESTORE_FLOWS.items():
-            if flow in restoring:
+            if flow in restoring and _restores(kind, flow, run.parameters):
                 verified.setdefault(kind, text)
     return verified
+
+
+def _restores(kind: str, flow: str, parameters: dict[str, Any]) -> bool:
+    """Did this run restore `kind` (see RESTORE_PARAMETERS)?"""
+    needed = RESTORE_PARAMETERS.get(kind, {}).get(flow)
+    if needed is None:
+        return True
+    point_in_time = any(parameters.get(name) for name in ("target_time", "undo_flushall"))
+    return point_in_time if needed else not point_in_time
 
 
 def _named(names: list[str]) -> FlowFilter:
