@@ -35,8 +35,12 @@ class DeploymentSpec:
 
     @property
     def interval(self) -> timedelta | None:
-        """The longest gap between two scheduled runs (None when launched by hand)."""
-        return cron_interval(self.cron) if self.cron else None
+        """The longest gap between two scheduled runs (None when launched by hand): a
+        steady interval's step, else found over a year of the cron's times."""
+        if not self.cron:
+            return None
+        steady = steady_interval(self.cron)
+        return steady.every if steady else cron_interval(self.cron)
 
 
 @cache

@@ -162,7 +162,12 @@ def backup_redis_aof(
         "generation": run.generation,
         "new_generation": run.new_generation,
         "shipped": shipped_names,
-        "marker": {"field": marker.field, "nonce": marker.nonce, "piece": run.marker_piece},
+        "marker": {
+            "field": marker.field,
+            "nonce": marker.nonce,
+            "written_at": marker.written_at,
+            "piece": run.marker_piece,
+        },
         "point_in_time": not setup.no_pitr,
         "no_pitr": setup.no_pitr,
         "uploaded": kept.uploaded,

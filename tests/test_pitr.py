@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,16 @@ from test_recover_redis import data_files, report, step
 from throwaway_services import Service, redis_container
 
 from flows.backup_redis_aof import backup_redis_aof
+from flows.backup_status import backup_status
+from flows.prune_backups import prune_backups
 from flows.recover_redis import recover_redis
 from flows.support.failures import StepFailed
+from flows.verify_restore import verify_restore
 from sandbox import constants as stack
 from tasks.redis.aof import MARKER_KEY
 from tasks.redis.pitr import utc
+from tasks.store.kinds import source_tag
+from tasks.store.pieces import generations_to_delete, snapshot_cutoff
 
 TIMESTAMPS = ("aof-timestamp-enabled yes",)
 
@@ -90,6 +96,8 @@ def batch(r: redis.Redis, label: str, after: int) -> int:
     pipe.hset(f"{label}:h", mapping={"a": 1, "b": label})
     pipe.rpush(f"{label}:l", *range(5))
     pipe.zadd(f"{label}:z", {"m": 1.5})
+    # redis-check-aof 7.0 takes a plain file with a line starting "file" for a manifest
+    pipe.set(f"{label}:text", "line one\nfile that looks like a manifest line\n# a comment")
     pipe.pexpire(f"{label}:h", 7_200_000)
     pipe.incr("counter")  # one key changed by every batch: its value says which came last
     pipe.execute()
@@ -185,6 +193,15 @@ def test_undo_flushall_gives_the_state_before_the_flush(
     r.flushall()
     r.set("written-after-the-flush", "x")
     ship(service, backups, **s3)
+    [row] = [
+        row for row in backup_status(backup_dir=str(backups), **s3) if row["kind"] == "redis-aof"
+    ]
+    assert (row["local"], row["S3"], row["source"]) == (
+        "fresh",
+        "fresh",
+        f"127.0.0.1:{service.port}",
+    )
+    assert row["schedule"] == "every 1 min (late after 2 min)" and row["trend"] == "AOF pieces"
 
     dry = recover(service, backups, undo_flushall=True, dry_run=True)
     assert dry["restore_point"]["last command kept"].startswith("SET same-second-as-the-flush")
@@ -242,6 +259,25 @@ def test_a_rewrite_between_two_runs_loses_no_write(service: Service, tmp_path: P
     assert_same_keyspace(before, keyspace_snapshot(service.url))
     recover(service, backups, target_time=at(later))
     assert_same_keyspace(after, keyspace_snapshot(service.url))
+
+    # retention: an RDB backup made when the new generation began is the oldest kept:
+    # the old generation is no longer needed (dry run first: it lists, deletes nothing)
+    source = f"127.0.0.1:{service.port}"
+    old_generation, new_generation = run["shipped"][0].split("/")[2], run["generation"]
+    rdb = backups / "redis" / f"dump_{new_generation[:15]}_{source_tag(source)}.rdb.gz"
+    rdb.parent.mkdir()
+    rdb.with_name(rdb.name + ".manifest.json").write_text("{}")  # retention reads names
+    rules = {"retention_days": 0.0001, "keep_min": 1, "backup_dir": str(backups), "s3_bucket": ""}
+    dry = prune_backups(kind="redis-aof", source=source, dry_run=True, **rules)
+    assert {r["backup"]: r["verdict"] for r in dry["rows"]} == {
+        old_generation: "would delete",
+        new_generation: "keep",
+    }
+    assert (backups / "redis-aof" / source_tag(source) / old_generation).is_dir()
+    prune_backups(kind="redis-aof", source=source, **rules)
+    assert sorted(p.name for p in (backups / "redis-aof" / source_tag(source)).iterdir()) == [
+        new_generation
+    ]
 
 
 def test_a_dry_run_names_the_pieces_and_changes_nothing(service: Service, tmp_path: Path) -> None:
@@ -323,3 +359,54 @@ def test_another_redis_aof_is_refused_by_the_marker(tmp_path: Path) -> None:
                 s3_bucket="",
             )
         assert not list((tmp_path / "backups").rglob("*.manifest.json"))  # nothing stored
+
+
+# ------------------------------------------------------------------- drill, retention
+
+
+def test_the_drill_restores_the_newest_chain_to_a_marker_time(
+    service: Service, tmp_path: Path
+) -> None:
+    backups = tmp_path / "backups"
+    r = client(service)
+    ship(service, backups)
+    for label in ("d1", "d2"):  # two more runs, each marker in a second of its own
+        second = batch(r, label, int(r.time()[0]))
+        fresh_second(r, second)
+        ship(service, backups)
+    result = verify_restore(
+        components=["redis-aof"],
+        redis_container=service.name,
+        backup_dir=str(backups),
+        s3_bucket="",
+        scratch_dir=str(tmp_path / "scratch"),
+    )
+    drill = result["components"]["redis-aof"]
+    markers = step(drill, "marker keys at the restore point")
+    assert markers["outcome"] == "ok"
+    assert "markers written up to the cut present" in markers["detail"]
+    assert "1 written after it absent" in markers["detail"]
+    assert "every byte of the cut chain" in step(drill, "what Redis loaded")["detail"]
+    assert drill["restore_point"]["restored to"].endswith("none after")
+
+
+def test_aof_generations_go_once_the_rdb_backups_no_longer_reach_them() -> None:
+    g = ["20261201_000000_aaaaaaaa", "20261202_000000_bbbbbbbb", "20261203_000000_cccccccc"]
+    moment = datetime(2026, 12, 2, 12, tzinfo=UTC)
+    assert generations_to_delete(g, moment) == ([g[0]], g[1:])  # Dec 2 12:00 needs g[1]
+    assert generations_to_delete(g, datetime(2026, 12, 3, tzinfo=UTC)) == (g[:2], g[2:])
+    assert generations_to_delete(g, None) == ([], g)
+    assert generations_to_delete(g, datetime(2030, 1, 1, tzinfo=UTC))[1] == g[2:]  # newest stays
+    tag = source_tag("10.0.0.1:6379")
+    names = [f"dump_2026120{d}_060000_{tag}.rdb.gz" for d in (1, 2, 3)]
+    names.append(f"dump_20261130_060000_{source_tag('other:6379')}.rdb.gz")
+    now = datetime(2026, 12, 3, 12, tzinfo=UTC)
+    # within 1.5 days: Dec 2 06:00 and Dec 3; keep_min 1 adds nothing older
+    assert snapshot_cutoff(names, "10.0.0.1:6379", now, 1.5, 1) == datetime(
+        2026, 12, 2, 6, tzinfo=UTC
+    )
+    # keep_min 3 reaches back to Dec 1 (another server's older backup never counts)
+    assert snapshot_cutoff(names, "10.0.0.1:6379", now, 1.5, 3) == datetime(
+        2026, 12, 1, 6, tzinfo=UTC
+    )
+    assert snapshot_cutoff([], "10.0.0.1:6379", now, 7, 3) is None

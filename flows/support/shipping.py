@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flows.support.keeping import Destination, store_copy, upload_stored
-from tasks.common.clock import utc_now
+from tasks.common.clock import parse_time, utc_now
 from tasks.common.errors import one_line
 from tasks.redis.ship import KIND, Shipped, ShipRun
 from tasks.store.pieces import (
@@ -83,6 +83,8 @@ def keep_pieces(
             for name in shipped.newest
         ):
             kept.caught_up = catch_up_pieces(to, source_id)
+        if not remote_prune_due(run, shipped, now):
+            return kept
         names = snapshot_names_remote(to.s3_bucket, to.s3_prefix, SNAPSHOT_KIND, to.s3_endpoint_url)
         kept.remote = prune_generations_remote(
             to.s3_bucket,
@@ -93,6 +95,14 @@ def keep_pieces(
             aof_cutoff(names, source_id, to, now),
         )
     return kept
+
+
+def remote_prune_due(run: ShipRun, shipped: Shipped | None, now: datetime) -> bool:
+    """Retention in S3 (two listings) runs when a generation starts and at the first run
+    of each UTC hour, not every minute; locally it runs every time (a folder listing)."""
+    if shipped is None or run.new_generation or not shipped.newest_at:
+        return True
+    return parse_time(shipped.newest_at).strftime("%Y%m%d%H") != now.strftime("%Y%m%d%H")
 
 
 def catch_up_pieces(to: Destination, source_id: str) -> list[str]:

@@ -197,6 +197,7 @@ class Shipped:
     last_ts: int | None = None  # the last time annotation shipped
     complete: bool = False  # its last INCR file was shipped to its end after it closed
     newest: list[str] = field(default_factory=list)  # the newest piece of each file
+    newest_at: str = ""  # when the newest of those was stored
 
     @classmethod
     def from_manifests(cls, generation: str, manifests: list[Manifest]) -> Shipped:
@@ -215,7 +216,8 @@ class Shipped:
         incr = [m for m in manifests if m.source["part"] == "incr"]
         complete = bool(incr) and all(files[m.source["file"]].closed for m in incr)
         newest = [m.name for m in manifests]
-        return cls(generation, base, files, last_ts, complete, newest)
+        newest_at = max((m.created_at for m in manifests), default="")
+        return cls(generation, base, files, last_ts, complete, newest, newest_at)
 
 
 # --------------------------------------------------------------------- the pieces
@@ -399,7 +401,7 @@ class Shipper:
         started = time.perf_counter()
         raw, digest = self.copy_raw(piece, None)
         try:
-            check = check_piece(raw, f"AOF base {piece.file}")
+            check = check_piece(raw, f"AOF base {piece.file}", "base")
             first_ts = None
             if piece.file.endswith(".aof"):
                 stamps = scan_aof(raw, 0).timestamps
@@ -439,7 +441,7 @@ class Shipper:
                 raw.unlink()
                 return None
             os.truncate(raw, scan.end - piece.start)
-            check = check_piece(raw, f"AOF {piece.file} bytes {piece.start}-{scan.end}")
+            check = check_piece(raw, f"AOF {piece.file} bytes {piece.start}-{scan.end}", "incr")
         except BaseException:
             raw.unlink(missing_ok=True)
             raise
