@@ -7,7 +7,8 @@ In one run, on Redis 7 in a throwaway container (`appendonly yes`,
    backup-redis-aof to a backup dir and the sandbox's S3 (own prefix, removed after),
    and take one RDB backup with backup-redis;
 2. a separate process writes 1,000 keys a second for `--minutes` while backup-redis-aof
-   runs every `--interval` seconds (its deployment: every minute): RPO achieved =
+   runs every `--interval` seconds with `--rounds` rounds (its deployment: every minute,
+   two rounds): RPO achieved =
    for each write, the time from its acknowledgement to the moment the run whose
    marker follows it returned, its pieces verified in S3 (max, p99, median);
 3. recover-redis `target_time` to a second `--before-end` seconds before the last
@@ -15,13 +16,12 @@ In one run, on Redis 7 in a throwaway container (`appendonly yes`,
    restoring the RDB backup alone into the same container; and the keys restored
    against the writes acknowledged up to that second.
 
-    .venv/bin/python -m bench.redis_pitr [--keys 1500000] [--minutes 10] [--interval 60]
+    .venv/bin/python -m bench.redis_pitr [--keys 1500000] [--minutes 10] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing
 import os
 import statistics
@@ -29,55 +29,22 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
-import docker
 import redis
-from docker.types import Mount
 
-from bench.recover_redis import wait_loaded
-from bench.redis_backup import fill, free_port
+from bench.recover_redis import redis_container
+from bench.redis_backup import fill
 from flows.backup_redis import backup_redis
 from flows.backup_redis_aof import backup_redis_aof
 from flows.recover_redis import recover_redis
 from sandbox import constants as stack
-from sandbox import images
 from tasks.redis.pitr import utc
 
 REPO = Path(__file__).resolve().parent.parent
 WRITE_BATCH = 10  # writes per pipeline: 100 batches a second
-
-
-@contextlib.contextmanager
-def aof_redis(work: Path) -> Iterator[tuple[str, str, int]]:
-    """Redis 7 with appendonly and timestamps in a throwaway container; removed after."""
-    client = docker.from_env()
-    port = free_port()
-    data, conf = work / "data", work / "conf"
-    data.mkdir()
-    conf.mkdir()
-    (conf / "redis.conf").write_text(
-        f'bind 127.0.0.1\nport {port}\ndir /data\nsave ""\nappendonly yes\n'
-        "aof-timestamp-enabled yes\n"
-    )
-    container = client.containers.run(
-        images.ensure_hostfs_image(client),
-        ["/usr/bin/redis-server", "/conf/redis.conf"],
-        name=f"proxilion-dr-bench-pitr-{uuid.uuid4().hex[:8]}",
-        mounts=images.host_mounts()
-        + [Mount("/data", str(data), type="bind"), Mount("/conf", str(conf), type="bind")],
-        network_mode="host",
-        labels={stack.SANDBOX_LABEL: "bench-throwaway"},
-        detach=True,
-    )
-    try:
-        wait_loaded(port, 30)
-        yield container.name, f"redis://127.0.0.1:{port}/0", port
-    finally:
-        container.remove(force=True)
 
 
 def writer(port: int, seconds: float, rate: int, out: Any) -> None:
@@ -101,9 +68,10 @@ def writer(port: int, seconds: float, rate: int, out: Any) -> None:
     out.put(acks)
 
 
-def ship(name: str, url: str, backups: Path, s3: dict[str, str]) -> tuple[dict[str, Any], float]:
-    result = backup_redis_aof(redis_url=url, container=name, backup_dir=str(backups), **s3)
-    return result, time.time()
+def ship(name: str, url: str, backups: Path, s3: dict[str, str], rounds: int = 1) -> dict[str, Any]:
+    return backup_redis_aof(
+        redis_url=url, container=name, backup_dir=str(backups), rounds=rounds, **s3
+    )
 
 
 def rpo(acks: list[tuple[float, int, int]], runs: list[tuple[float, float]]) -> list[float]:
@@ -134,7 +102,7 @@ def prepare(name: str, url: str, port: int, keys: int, backups: Path, s3: dict[s
     while any(int(client.info("persistence")[k]) for k in REWRITING):
         time.sleep(0.2)
     started = time.perf_counter()
-    first, _ = ship(name, url, backups, s3)
+    first = ship(name, url, backups, s3)
     print(f"BASE shipped in {time.perf_counter() - started:.1f} s: {first['shipped'][0]}")
     rdb = backup_redis(
         redis_url=url, container=name, fetch="container", backup_dir=str(backups), **s3
@@ -149,27 +117,32 @@ def follow(
     name: str, url: str, port: int, args: argparse.Namespace, backups: Path, s3: dict[str, str]
 ) -> tuple[list[tuple[float, int, int]], list[tuple[float, float]], list[float]]:
     """Writes at `args.rate` for `args.minutes` in another process while the flow runs
-    every `args.interval` s; returns the writes' acks, each run's (marker written,
-    verified) and the runs' durations."""
+    every `args.interval` s as deployed (`args.rounds` rounds a run); returns the
+    writes' acks, each round's (marker written, pieces verified) and the rounds'
+    durations."""
     seconds = args.minutes * 60
     queue: Any = multiprocessing.Queue()
     process = multiprocessing.Process(target=writer, args=(port, seconds, args.rate, queue))
     process.start()
-    runs: list[tuple[float, float]] = []
+    rounds: list[tuple[float, float]] = []
     durations: list[float] = []
     ends = time.time() + seconds
     while True:
         began = time.time()
-        result, verified = ship(name, url, backups, s3)
-        runs.append((result["marker"]["written_at"], verified))
-        durations.append(verified - began)
-        print(f"  run {len(runs)}: {len(result['shipped'])} piece(s) in {durations[-1]:.1f} s")
+        result = ship(name, url, backups, s3, args.rounds)
+        for each in result["rounds"]:
+            rounds.append((each["marker"]["written_at"], each["verified_at"]))
+            durations.append(each["verified_at"] - each["marker"]["written_at"])
+        print(
+            f"  run at {began - ends + seconds:5.0f} s: {len(result['shipped'])} piece(s)",
+            flush=True,
+        )
         if began > ends:  # this run started after the last write: it shipped them all
             break
         time.sleep(max(0.0, began + args.interval - time.time()))
     acks = queue.get()
     process.join()
-    return acks, runs, durations
+    return acks, rounds, durations
 
 
 def main() -> None:
@@ -178,6 +151,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="of writes after the BASE")
     parser.add_argument("--rate", type=int, default=1000, help="writes a second")
     parser.add_argument("--interval", type=float, default=60.0, help="seconds between runs")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds a run (deployed: 2)")
     parser.add_argument("--before-end", type=int, default=20, help="target: s before the end")
     args = parser.parse_args()
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
@@ -190,8 +164,11 @@ def main() -> None:
     )
     prefix = f"bench-pitr-{uuid.uuid4().hex[:8]}"
     s3 = {"s3_bucket": stack.S3_BUCKET, "s3_prefix": prefix, "s3_endpoint_url": stack.S3_ENDPOINT}
-    with tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp, aof_redis(Path(tmp)) as target:
-        name, url, port = target
+    with (
+        tempfile.TemporaryDirectory(dir=REPO / "bench") as tmp,
+        redis_container(Path(tmp), True, 'save ""\naof-timestamp-enabled yes\n') as (name, url),
+    ):
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
         backups = Path(tmp) / "backups"
         try:
             rdb = prepare(name, url, port, args.keys, backups, s3)
@@ -225,7 +202,10 @@ def report(
     rate = written / (acks[-1][0] - acks[0][0])
     print(f"\nwrites: {written:,} at {rate:.0f}/s for {args.minutes:g} min after the BASE")
     median, longest = statistics.median(durations), max(durations)
-    print(f"backup-redis-aof every {args.interval:g} s: median {median:.1f} s, max {longest:.1f} s")
+    print(
+        f"backup-redis-aof every {args.interval:g} s, {args.rounds} round(s): a round (marker "
+        f"written -> verified in S3) median {median:.1f} s, max {longest:.1f} s"
+    )
     p99 = delays[int(len(delays) * 0.99)]
     print(
         f"RPO achieved (write acknowledged -> its piece verified in S3): max {delays[-1]:.1f} s, "

@@ -127,9 +127,10 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         name="every-minute",
         entrypoint="flows/backup_redis_aof.py:backup_redis_aof",
         cron="* * * * *",
-        description="Redis point-in-time recovery: ship what is new in the AOF (appendonly "
-        "yes; aof-timestamp-enabled yes to restore to a second), kept as long as the RDB "
-        "backups reach back.",
+        description="Redis point-in-time recovery: ship what is new in the AOF twice a "
+        "minute (appendonly yes; aof-timestamp-enabled yes to restore to a second), kept as "
+        "long as the RDB backups reach back.",
+        parameters={"rounds": 2},
         tags=("proxilion-dr", "backup", "redis"),
     ),
     DeploymentSpec(

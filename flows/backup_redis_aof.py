@@ -23,7 +23,7 @@ from flows.support.keeping import Destination, UploadFailed, with_exposure_warni
 from flows.support.parameter_docs import shared_args
 from flows.support.pushes import backup_failed, backup_succeeded, backup_unchanged, with_hooks
 from flows.support.settings import SETTING, refuse_secret_parameters, resolve, settings
-from flows.support.shipping import keep_pieces, publish_aof_report
+from flows.support.shipping import keep_pieces, publish_aof_report, wait_for_round
 from tasks.common.clock import elapsed
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.log import run_logger
@@ -31,6 +31,7 @@ from tasks.common.redis_url import parse_redis_url
 from tasks.common.secrets import redact_url
 from tasks.redis.ship import (
     KIND,
+    AofSetup,
     Shipper,
     inspect_aof,
     load_shipped,
@@ -71,6 +72,7 @@ def backup_redis_aof(
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
+    rounds: int = 1,
 ) -> dict[str, Any] | State[Any]:
     """Ship what is new in the AOF of one Redis (`appendonly yes`) to
     `backup_dir/redis-aof/<tag>/<generation>/` (and S3): point-in-time recovery.
@@ -97,6 +99,9 @@ def backup_redis_aof(
         retention_days: Days of RDB backups the AOF follows: AOF generations are kept
             while the RDB backups of this server kept by age reach back to them. None:
             PROXILION_DR_REDIS_RETENTION_DAYS (default 7).
+        rounds: Ship this many times in the run, spread over a minute (round k starts
+            60 × k / rounds seconds after the first): the every-minute deployment
+            ships twice, so a write waits about 30 s plus a round, not a minute.
     """
     refuse_secret_parameters(locals(), "redis_url")
     p = resolve(
@@ -105,69 +110,74 @@ def backup_redis_aof(
         data_dir="redis_data_dir",
         retention_days="redis_retention_days",
     )
-    started = time.perf_counter()
+    started = time.monotonic()
     to = Destination.from_parameters(p, "redis")
-    target = parse_redis_url(p["redis_url"])
     source_id = redis_source_id(p["redis_url"])
-    with exclusive(lock_name("backup-redis-aof", target.server)):
+    with exclusive(lock_name("backup-redis-aof", parse_redis_url(p["redis_url"]).server)):
         setup = inspect_aof(p["redis_url"], p["container"] or None, p["data_dir"] or None)
         if setup.unavailable:
-            run_logger().warning("point-in-time recovery unavailable: %s", setup.unavailable)
-            publish_aof_report(
-                None, None, {"point-in-time recovery": f"UNAVAILABLE: {setup.unavailable}"}
-            )
+            pitr = f"UNAVAILABLE: {setup.unavailable}"
+            run_logger().warning("point-in-time recovery %s", pitr)
+            publish_aof_report(None, None, {"point-in-time recovery": pitr})
             backup_unchanged(KIND, source_id)
-            return unavailable(setup.unavailable, {"shipped": [], "unavailable": setup.unavailable})
+            return unavailable(setup.unavailable, {"shipped": [], "unavailable": pitr})
         if setup.no_pitr:
             run_logger().warning("point-in-time recovery UNAVAILABLE: %s", setup.no_pitr)
         prepare_backup_dir(to.backup_dir, KIND, to.modes)
-        marker = write_marker(p["redis_url"], to.retention.days + 1)
-        shipped = load_shipped(
-            to.backup_dir, source_id, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url
-        )
-        facts = {
-            "server": redact_url(p["redis_url"]),
-            "redis_version": setup.redis_version,
-            "read_at": redis_time(p["redis_url"]),
-            "timestamps_enabled": not setup.no_pitr,
-        }
-        shipper = Shipper(
-            to.backup_dir, source_id, check_compression(p["compression"]), to.age_copy, facts
-        )
-        run = ship_aof(setup, p["redis_url"], marker, shipped, shipper)
-        report = with_exposure_warnings(
-            to,
-            KIND,
-            {
-                "server": source_id,
-                "point-in-time recovery": f"UNAVAILABLE: {setup.no_pitr}"
-                if setup.no_pitr
-                else "available (aof-timestamp-enabled yes)",
-                "AOF read from": str(setup.folder),
-                "marker": f"{marker.field} = {marker.nonce}",
-            },
-        )
-        try:
-            kept = keep_pieces(run, shipped, to, source_id)
-        except UploadFailed as failed:
-            publish_aof_report(run, None, report, failed.error)
-            raise failed.error from None
-        publish_aof_report(run, kept, report)
-        release_links(setup.data_dir, run.generation, run.link)
+        done = []
+        for round_ in range(max(rounds, 1)):
+            wait_for_round(started, round_, rounds)
+            done.append(ship_round(p, setup, to, source_id))
+    shipped = [name for r in done for name in r["shipped"]]
+    print(f"Shipped {len(shipped)} AOF piece(s) in {len(done)} round(s): {done[-1]['generation']}")
+    return {**done[-1], "shipped": shipped, "rounds": done}
+
+
+def ship_round(
+    p: dict[str, Any], setup: AofSetup, to: Destination, source_id: str
+) -> dict[str, Any]:
+    """One round: marker, what was shipped, the new pieces, stored and uploaded, report."""
+    began = time.perf_counter()
+    marker = write_marker(p["redis_url"], to.retention.days + 1)
+    shipped = load_shipped(to.backup_dir, source_id, to.s3_bucket, to.s3_prefix, to.s3_endpoint_url)
+    facts = {
+        "server": redact_url(p["redis_url"]),
+        "redis_version": setup.redis_version,
+        "read_at": redis_time(p["redis_url"]),
+        "timestamps_enabled": not setup.no_pitr,
+    }
+    codec = check_compression(p["compression"])
+    shipper = Shipper(to.backup_dir, source_id, codec, to.age_copy, facts)
+    run = ship_aof(setup, p["redis_url"], marker, shipped, shipper)
+    pitr = f"UNAVAILABLE: {setup.no_pitr}" if setup.no_pitr else "available (timestamps on)"
+    report = {
+        "server": source_id,
+        "point-in-time recovery": pitr,
+        "AOF read from": str(setup.folder),
+        "marker": f"{marker.field} = {marker.nonce}",
+    }
+    report = with_exposure_warnings(to, KIND, report)
+    try:
+        kept = keep_pieces(run, shipped, to, source_id)
+    except UploadFailed as failed:
+        publish_aof_report(run, None, report, failed.error)
+        raise failed.error from None
+    verified_at = time.time()
+    publish_aof_report(run, kept, report)
+    release_links(setup.data_dir, run.generation, run.link)
     if run.pieces:
-        backup_succeeded(to.backup_dir, run.pieces[-1].manifest, elapsed(started))
-    shipped_names = [s.manifest.name for s in run.pieces]
-    print(f"Shipped {len(shipped_names)} AOF piece(s) of generation {run.generation}")
+        backup_succeeded(to.backup_dir, run.pieces[-1].manifest, elapsed(began))
     return {
         "generation": run.generation,
         "new_generation": run.new_generation,
-        "shipped": shipped_names,
+        "shipped": [s.manifest.name for s in run.pieces],
         "marker": {
             "field": marker.field,
             "nonce": marker.nonce,
             "written_at": marker.written_at,
             "piece": run.marker_piece,
         },
+        "verified_at": verified_at,
         "point_in_time": not setup.no_pitr,
         "no_pitr": setup.no_pitr,
         "uploaded": kept.uploaded,

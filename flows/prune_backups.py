@@ -69,19 +69,10 @@ def prune_backups(
             that stays; nothing is deleted. OFF (the default): backups no rule keeps
             are DELETED here and in S3 (nothing is REPLACED; the newest backup of a
             source and the newest keep_min always stay).
-        backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
-            (default /backups).
-        s3_bucket: S3 bucket of the off-site copies. Empty: PROXILION_DR_S3_BUCKET
-            (default: none, local only).
-        s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
-            (default proxilion).
-        s3_endpoint_url: S3-compatible endpoint. Empty: PROXILION_DR_S3_ENDPOINT_URL
-            (default: AWS S3).
+        {backup_place}
         retention_days: Days a backup is kept. None (empty): the kind's
             PROXILION_DR_<KIND>_RETENTION_DAYS (7 for redis and redis-aof, 30 for
             prometheus and logs, 90 for config).
-        keep_min: Newest backups always kept, whatever their age (at least 1).
-            None: PROXILION_DR_KEEP_MIN (default 3).
         {gfs_rules:KIND}
     """
     rules_kind = "redis" if kind == "redis-aof" else kind

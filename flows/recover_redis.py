@@ -369,7 +369,7 @@ def restore_chain(r: Recovery, pitr: PointInTime, t: Target, timeout: float) -> 
         step.detail = f"{staged.cut_detail}; {staged.check}"
     files = ", ".join(staged.files)
     try:
-        r.point(plan_.cut.ts, staged.last_command, plan_.cut.how)
+        r.point(plan_.cut.ts, staged.last_command, plan_.cut.how, plan_.cut.undone)
         if r.dry_run:
             r.skip("stop Redis", f"would stop container {t.container}")
             present = [n for n in t.setup.data_names() if (t.data / n).exists()]

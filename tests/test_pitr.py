@@ -6,7 +6,8 @@ loses nothing; without timestamps the flow says why PITR is unavailable and ship
 anyway; a route to another Redis's AOF is refused.
 
 Keys are written in batches inside one second each (polled on Redis's own clock, well
-inside the second), two seconds apart, so the second a batch belongs to is certain."""
+inside the second), in consecutive seconds, so the second a batch belongs to is certain
+and a cut one second off fails."""
 
 from __future__ import annotations
 
@@ -27,20 +28,25 @@ from redis_servers import (
     running_redis,
     seed_mixed_data,
 )
-from test_recover_redis import data_files, report, step
+from test_recover_redis import data_files, recover, report, step
 from throwaway_services import Service, redis_container
 
 from flows.backup_redis_aof import backup_redis_aof
 from flows.backup_status import backup_status
 from flows.prune_backups import prune_backups
-from flows.recover_redis import recover_redis
 from flows.support.failures import StepFailed
 from flows.verify_restore import verify_restore
 from sandbox import constants as stack
 from tasks.redis.aof import MARKER_KEY
 from tasks.redis.pitr import utc
 from tasks.store.kinds import source_tag
-from tasks.store.pieces import generations_to_delete, snapshot_cutoff
+from tasks.store.pieces import (
+    generations_to_delete,
+    pieces_local,
+    pieces_remote,
+    snapshot_cutoff,
+)
+from tasks.store.s3 import S3Error
 
 TIMESTAMPS = ("aof-timestamp-enabled yes",)
 
@@ -63,24 +69,22 @@ def ship(service: Service, backup_dir: Path, **storage: Any) -> dict[str, Any]:
     )
 
 
-def recover(service: Service, backup_dir: Path, **parameters: Any) -> dict[str, Any]:
-    defaults = {
-        "container": service.name,
-        "redis_url": service.url,
-        "backup_dir": str(backup_dir),
-        "gateway_health_url": "",
-        "s3_bucket": "",
-    }
-    return recover_redis(**(defaults | parameters))
+def on_s3(prefix: str) -> dict[str, str]:
+    return {"s3_bucket": stack.S3_BUCKET, "s3_prefix": prefix, "s3_endpoint_url": stack.S3_ENDPOINT}
+
+
+def seeded(service: Service) -> None:
+    """Every core type, TTLs, a >1 MiB value, two dbs (tests/redis_servers.py)."""
+    seed_mixed_data(RedisServer(service.port, service.url, service.data_dir, None), 300)  # type: ignore[arg-type]
 
 
 def fresh_second(r: redis.Redis, after: int) -> int:
-    """Wait (on Redis's clock) until a second later than `after` + 1 is 200-500 ms old:
-    a batch written now belongs to that second, whatever the AOF's cached clock lags."""
+    """Wait (on Redis's clock) until a second later than `after` is 200-500 ms old: a
+    batch written now belongs to that second, whatever the AOF's cached clock lags."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         seconds, micros = r.time()
-        if seconds > after + 1 and 200_000 <= micros < 500_000:
+        if seconds > after and 200_000 <= micros < 500_000:
             return int(seconds)
         time.sleep(0.02)
     raise AssertionError("Redis's clock did not move")
@@ -128,13 +132,9 @@ def at(second: int) -> str:
 def test_recover_to_a_second_gives_exactly_the_keys_written_up_to_it(
     service: Service, tmp_path: Path, s3_prefix: str
 ) -> None:
-    s3 = {
-        "s3_bucket": stack.S3_BUCKET,
-        "s3_prefix": s3_prefix,
-        "s3_endpoint_url": stack.S3_ENDPOINT,
-    }
+    s3 = on_s3(s3_prefix)
     backups = tmp_path / "backups"
-    seed_mixed_data(RedisServer(service.port, service.url, service.data_dir, None), 300)  # type: ignore[arg-type]
+    seeded(service)
     first = ship(service, backups, **s3)
     assert first["new_generation"] and first["point_in_time"] and first["marker"]["piece"]
     seconds, states = written_batches(service)
@@ -177,14 +177,10 @@ def test_recover_to_a_second_gives_exactly_the_keys_written_up_to_it(
 def test_undo_flushall_gives_the_state_before_the_flush(
     service: Service, tmp_path: Path, s3_prefix: str
 ) -> None:
-    s3 = {
-        "s3_bucket": stack.S3_BUCKET,
-        "s3_prefix": s3_prefix,
-        "s3_endpoint_url": stack.S3_ENDPOINT,
-    }
+    s3 = on_s3(s3_prefix)
     backups = tmp_path / "backups"
     r = client(service)
-    seed_mixed_data(RedisServer(service.port, service.url, service.data_dir, None), 300)  # type: ignore[arg-type]
+    seeded(service)
     ship(service, backups, **s3)
     batch(r, "before", int(r.time()[0]))
     r.set("same-second-as-the-flush", 1)  # no second boundary helps here: only the cut's place
@@ -247,7 +243,7 @@ def test_a_rewrite_between_two_runs_loses_no_write(service: Service, tmp_path: P
         time.sleep(0.05)
     later = batch(r, "new", second)
     after = keyspace_snapshot(service.url)
-    fresh_second(r, later - 1)  # a run covers the seconds before the one it reads in
+    fresh_second(r, later)  # a run covers the seconds before the one it reads in
     run = ship(service, backups)
     assert run["new_generation"] and not run["notes"]
     old_tail = [
@@ -285,7 +281,7 @@ def test_a_dry_run_names_the_pieces_and_changes_nothing(service: Service, tmp_pa
     r = client(service)
     ship(service, backups)
     second = batch(r, "x", int(r.time()[0]))
-    fresh_second(r, second - 1)  # a run covers the seconds before the one it reads in
+    fresh_second(r, second)  # a run covers the seconds before the one it reads in
     ship(service, backups)
     files, keys = data_files(service), keyspace_snapshot(service.url)
     started = service.container().attrs["State"]["StartedAt"]
@@ -410,3 +406,28 @@ def test_aof_generations_go_once_the_rdb_backups_no_longer_reach_them() -> None:
         2026, 12, 1, 6, tzinfo=UTC
     )
     assert snapshot_cutoff([], "10.0.0.1:6379", now, 7, 3) is None
+
+
+def test_pieces_s3_lacked_after_a_failed_upload_go_up_with_the_next_run(
+    service: Service, tmp_path: Path, s3_prefix: str
+) -> None:
+    s3 = on_s3(s3_prefix)
+    backups, source = tmp_path / "backups", f"127.0.0.1:{service.port}"
+    first = ship(service, backups, **s3)
+    client(service).set("while-s3-refused", 1)
+    with pytest.raises(S3Error, match="does not exist"):  # a real S3 refusal, not retried
+        ship(service, backups, **(s3 | {"s3_bucket": "proxilion-dr-no-such-bucket"}))
+    assert "stored locally, NOT uploaded" in report("backup-redis-aof")
+
+    def listed(where: str) -> set[str]:
+        if where == "local":
+            found = pieces_local(backups, "redis-aof", source, first["generation"])
+        else:
+            found = pieces_remote(stack.S3_BUCKET, s3_prefix, "redis-aof", source,
+                                  first["generation"], stack.S3_ENDPOINT)  # fmt: skip
+        return {p.name for p in found}
+
+    stranded = listed("local") - listed("S3")
+    assert len(stranded) == 1  # the failed run's piece: stored here, not there
+    run = ship(service, backups, **s3)
+    assert set(run["caught_up"]) == stranded and listed("local") == listed("S3")

@@ -186,7 +186,7 @@ def drill_redis_aof(r: Recovery, d: Drill, scratch: Scratch) -> None:
     with r.step("assemble, cut and validate the AOF") as step:
         staged = stage_chain(plan, found, data, AOF_SETUP.appendfilename)
         step.detail = f"{staged.cut_detail}; {staged.check}"
-        r.point(plan.cut.ts, staged.last_command, plan.cut.how)
+        r.point(plan.cut.ts, staged.last_command, plan.cut.how, plan.cut.undone)
         place_chain(staged, data, AOF_SETUP)
     with r.step("start drill-redis-aof on it") as step:
         live = inspect_live(d.redis_container, d.redis_image)

@@ -15,8 +15,7 @@ from typing import TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
 
-BLOCKS = {
-    "backup_destination": """\
+PLACE = """\
 backup_dir: Local folder of all backups. Empty: PROXILION_DR_BACKUP_DIR
     (default /backups).
 s3_bucket: S3 bucket for the off-site copy. Empty: PROXILION_DR_S3_BUCKET
@@ -25,11 +24,19 @@ s3_prefix: Folder (key prefix) in the bucket. Empty: PROXILION_DR_S3_PREFIX
     (default proxilion).
 s3_endpoint_url: S3-compatible endpoint (MinIO, SeaweedFS). Empty:
     PROXILION_DR_S3_ENDPOINT_URL (default: AWS S3). Credentials come only
-    from the environment (AWS_* or a profile).
+    from the environment (AWS_* or a profile)."""
+KEEP_MIN = """\
+keep_min: Newest backups always kept, whatever their age (at least 1).
+    None: PROXILION_DR_KEEP_MIN (default 3)."""
+
+BLOCKS = {
+    "backup_place": PLACE + "\n" + KEEP_MIN,
+    "backup_destination": PLACE
+    + """
 compression: `gzip` (opens with gunzip) or `zstd` (faster, smaller).
     `setting`: PROXILION_DR_COMPRESSION (default gzip).
-keep_min: Newest backups always kept, whatever their age (at least 1).
-    None: PROXILION_DR_KEEP_MIN (default 3).""",
+"""
+    + KEEP_MIN,
     "gfs_rules": """\
 keep_hourly: GFS rule: also keep the newest backup of each of the last N hours
     that have one (restic's keep-hourly). None (empty): its count

@@ -141,12 +141,14 @@ class Recovery:
             "rpo_seconds": round(max((self.started_at - point).total_seconds(), 0.0), 1),
         }
 
-    def point(self, ts: int | None, last: dict[str, Any] | None, how: str) -> None:
-        """Say the exact time restored to and the last command kept."""
+    def point(
+        self, ts: int | None, last: dict[str, Any] | None, how: str, undone: str = "FLUSHALL"
+    ) -> None:
+        """Say the exact time restored to (or the flush `undone`) and the last command kept."""
         when = f"{datetime.fromtimestamp(ts, UTC):%Y-%m-%d %H:%M:%S} UTC" if ts is not None else "?"
         reason = {
             "time": f"{when}: every write up to the end of that second, none after",
-            "flush": f"just before the FLUSHALL/FLUSHDB of {when}",
+            "flush": f"just before the {undone} of {when}",
             "newest": f"the newest state shipped ({when})",
         }[how]
         command = "none: the AOF base alone"

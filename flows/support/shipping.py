@@ -6,11 +6,13 @@ AOF pieces are kept as long as the RDB backups they extend: a generation goes on
 the next one started before the oldest RDB backup of the same server that its age
 rules keep (`retention_days`, `keep_min`; copies kept only by a GFS rule do not
 count: point-in-time recovery reaches back as far as the plain RDB window). A server
-without RDB backups keeps `retention_days` of AOF.
+without RDB backups keeps `retention_days` of AOF. Locally every run; in S3 (two
+listings) when a generation starts and at the first run of each UTC hour.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,6 +21,7 @@ from flows.support.keeping import Destination, store_copy, upload_stored
 from tasks.common.clock import parse_time, utc_now
 from tasks.common.errors import one_line
 from tasks.redis.ship import KIND, Shipped, ShipRun
+from tasks.store.archive import Manifest
 from tasks.store.pieces import (
     GenerationPlan,
     generations_local,
@@ -97,6 +100,16 @@ def keep_pieces(
     return kept
 
 
+ROUND_WINDOW = 60.0  # seconds one run's rounds spread over (the deployment: every minute)
+
+
+def wait_for_round(started: float, round_: int, rounds: int) -> None:
+    """Wait until round `round_` of `rounds` is due (`started`: time.monotonic() at the
+    run's start); a round that is late starts at once."""
+    due = started + ROUND_WINDOW * round_ / max(rounds, 1)
+    time.sleep(max(0.0, due - time.monotonic()))
+
+
 def remote_prune_due(run: ShipRun, shipped: Shipped | None, now: datetime) -> bool:
     """Retention in S3 (two listings) runs when a generation starts and at the first run
     of each UTC hour, not every minute; locally it runs every time (a folder listing)."""
@@ -132,44 +145,28 @@ def publish_aof_report(
     """The table artifact `backup-redis-aof`: the pieces shipped, whether point-in-time
     recovery is available, the marker that proves the route, where they went,
     retention, notes."""
-    rows: list[dict[str, Any]] = [{"field": k, "value": v} for k, v in facts.items()]
+    table = dict(facts)
     if run is not None:
-        pieces = [s.manifest for s in run.pieces]
-        rows += [
-            {
-                "field": "generation",
-                "value": run.generation + (" (new)" if run.new_generation else ""),
-            },
-            {
-                "field": "pieces",
-                "value": "; ".join(
-                    f"{m.source['file']} bytes {m.source['start']}-{m.source['end']} "
-                    f"({human_size(m.size)} {m.compression}, sha256 {m.sha256[:16]}…, "
-                    f"{m.source['check']})"
-                    for m in pieces
-                )
-                or "none (nothing new)",
-            },
-            {"field": "marker in piece", "value": run.marker_piece or "—"},
-        ]
-        rows += [{"field": "note", "value": note} for note in run.notes]
+        table["generation"] = run.generation + (" (new)" if run.new_generation else "")
+        table["pieces"] = "; ".join(_piece(s.manifest) for s in run.pieces) or "none (nothing new)"
+        table["marker in piece"] = run.marker_piece or "—"
     if failure is not None:
-        rows.append({"field": "uploaded", "value": f"{NOT_UPLOADED} ({one_line(failure)})"})
+        table["uploaded"] = f"{NOT_UPLOADED} ({one_line(failure)})"
     if kept is not None:
-        rows.append({"field": "uploaded", "value": ", ".join(kept.uploaded) or "no (no s3_bucket)"})
-        rows.append(
-            {
-                "field": "earlier pieces uploaded now (S3 lacked them)",
-                "value": ", ".join(kept.caught_up) or "none",
-            }
+        table["uploaded"] = ", ".join(kept.uploaded) or "no (no s3_bucket)"
+        table["earlier pieces uploaded now (S3 lacked them)"] = ", ".join(kept.caught_up) or "none"
+        table["local retention"] = kept.local.summary() if kept.local else "not run"
+        table["remote retention"] = (
+            kept.remote.summary() if kept.remote else "not due (each hour, and at a new generation)"
         )
-        rows.append(
-            {"field": "local retention", "value": kept.local.summary() if kept.local else "not run"}
-        )
-        rows.append(
-            {
-                "field": "remote retention",
-                "value": kept.remote.summary() if kept.remote else "not run",
-            }
-        )
+    rows = [{"field": k, "value": v} for k, v in table.items()]
+    rows += [{"field": "note", "value": note} for note in (run.notes if run else [])]
     publish_table(rows, "backup-redis-aof", "Redis AOF shipped for point-in-time recovery")
+
+
+def _piece(m: Manifest) -> str:
+    s = m.source
+    return (
+        f"{s['file']} bytes {s['start']}-{s['end']} ({human_size(m.size)} {m.compression}, "
+        f"sha256 {m.sha256[:16]}…, {s['check']})"
+    )

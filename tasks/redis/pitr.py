@@ -38,6 +38,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks.common.aside import unique_folder
 from tasks.common.files import OWNER_ONLY, chown_like, create_file, folder_mode, fsync_dir
 from tasks.redis.aof import (
+    AofCheck,
     AofError,
     AofFile,
     chain_position,
@@ -210,6 +211,11 @@ class Cut:
     offset: int | None
     ts: int | None
     flush: dict[str, Any] | None = None
+
+    @property
+    def undone(self) -> str:
+        """The command a flush cut undoes (FLUSHALL or FLUSHDB)."""
+        return str(self.flush["command"]) if self.flush else ""
 
 
 @dataclass
@@ -435,8 +441,8 @@ def stage_chain(
     try:
         files = _assemble(found, aof, appendfilename)
         write_manifest(aof, appendfilename, files)
-        detail = _cut(plan, aof, appendfilename, files)
-        check = check_chain(aof, appendfilename)
+        detail, check = _cut(plan, aof, appendfilename, files)
+        check = check or check_chain(aof, appendfilename)
         last = _last_command(plan, aof, files)
         size = sum((aof / f.name).stat().st_size for f in files)
     except BaseException:
@@ -448,27 +454,31 @@ def stage_chain(
     )
 
 
-def _cut(plan: ChainPlan, aof: Path, appendfilename: str, files: list[AofFile]) -> str:
-    """Cut the last file as planned; return what was done."""
+def _cut(
+    plan: ChainPlan, aof: Path, appendfilename: str, files: list[AofFile]
+) -> tuple[str, AofCheck | None]:
+    """Cut the last file as planned; return what was done and, for a cut at a time,
+    redis-check-aof's verdict on the whole folder (it validates every file as it cuts)."""
     cut = plan.cut
     if cut.file is None:
-        return "nothing cut: every file whole"
+        return "nothing cut: every file whole", None
     last = files[-1]
     predicted = cut.offset or 0
+    verdict = None
     if cut.how == "time":
         assert cut.ts is not None
-        truncate_to_timestamp(aof, appendfilename, cut.ts)
+        verdict = truncate_to_timestamp(aof, appendfilename, cut.ts)
         how = f"redis-check-aof --truncate-to-timestamp {cut.ts}"
     else:
         os.truncate(aof / last.name, predicted)
-        how = f"truncated before the {cut.flush['command'] if cut.flush else 'flush'}"
+        how = f"truncated before the {cut.undone or 'flush'}"
     size = (aof / last.name).stat().st_size
     if size != predicted:
         raise AofError(
             f"{how} left {last.name} at {size} bytes, the manifests put the cut at byte "
             f"{predicted}: the pieces and the AOF disagree, nothing was restored"
         )
-    return f"{how}: {last.name} cut at byte {predicted} (as the manifests predict)"
+    return f"{how}: {last.name} cut at byte {predicted} (as the manifests predict)", verdict
 
 
 def _last_command(plan: ChainPlan, aof: Path, files: list[AofFile]) -> dict[str, Any] | None:

@@ -59,6 +59,17 @@ def _process_start(load: dict[str, Any]) -> float:
     return int(load["server_time_usec"]) / 1e6 - int(load["uptime_in_seconds"])
 
 
+def check_started_after(load: dict[str, Any], since: float) -> None:
+    """The Redis that answered `load` started after `since`, when the restore started
+    it: not another data dir's, not an old process."""
+    started = _process_start(load)
+    if started < since - START_SLACK_SECONDS:
+        raise RestoreNotVerified(
+            f"the Redis answering has run since {started:.0f}, before this restore started "
+            f"it ({since:.0f}): it is not the one restored (another server at redis_url?)"
+        )
+
+
 def reports_loads(load: dict[str, Any]) -> bool:
     """Redis 7.0+ says how many keys its last RDB or AOF-base load read and dropped."""
     return "rdb_last_load_keys_loaded" in load
@@ -71,12 +82,7 @@ def check_what_was_loaded(manifest: Manifest, load: dict[str, Any], since: float
     Redis answering is the one that loaded this backup, not another data dir or an old
     process."""
     want = sum(int(db["keys"]) for db in (manifest.source.get("keyspace") or {}).values())
-    started = _process_start(load)
-    if started < since - START_SLACK_SECONDS:
-        raise RestoreNotVerified(
-            f"the Redis answering has run since {started:.0f}, before this restore started "
-            f"it ({since:.0f}): it is not the one restored (another server at redis_url?)"
-        )
+    check_started_after(load, since)
     if not reports_loads(load):
         return (
             f"Redis {load.get('redis_version', '?')} does not report what it loaded (7.0+): "
@@ -221,12 +227,7 @@ def check_aof_load(
     """Redis, started after `since`, loaded the restored AOF: its base's keys (loaded +
     expired on load = the keys redis-check-aof read in the base) and every byte of the
     cut chain (`aof_current_size` right after the load = the chain's size)."""
-    started = _process_start(load)
-    if started < since - START_SLACK_SECONDS:
-        raise RestoreNotVerified(
-            f"the Redis answering has run since {started:.0f}, before this restore started "
-            f"it ({since:.0f}): it is not the one restored (another server at redis_url?)"
-        )
+    check_started_after(load, since)
     parts = []
     if base_keys is not None and reports_loads(load):
         loaded = int(load["rdb_last_load_keys_loaded"])

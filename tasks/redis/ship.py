@@ -28,7 +28,7 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -58,6 +58,7 @@ from tasks.store.archive import CompressedFile, Compression, Manifest, iter_chun
 from tasks.store.encryption import AgeCopy, staged_writer
 from tasks.store.kinds import KINDS, source_tag
 from tasks.store.pieces import (
+    PieceName,
     generation_name,
     generations_local,
     generations_remote,
@@ -269,7 +270,13 @@ def stable_files(
     change while they were opened (a rewrite finishing meanwhile: read it again)."""
     path = manifest_file(folder, appendfilename)
     for _ in range(MANIFEST_TRIES):
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise AofError(
+                f"no AOF manifest at {path} yet: Redis is writing its first AOF (appendonly "
+                "just turned on?), or the data dir is not its; the next run ships it"
+            ) from None
         files = [f for f in parse_manifest(text) if f.type in ("b", "i")]
         try:
             opened = _open_all(folder, files)
@@ -335,7 +342,7 @@ class Shipper:
         suffix = ".raw" if what == "raw" else {"gzip": ".gz", "zstd": ".zst"}[self.compression]
         return self.folder / f".aof_{stamp}_{tag}.piece{suffix}.{uuid.uuid4().hex[:8]}.partial"
 
-    def copy_raw(self, piece: Piece, upto: int | None) -> tuple[Path, hashlib._Hash]:
+    def copy_raw(self, piece: Piece, upto: int | None) -> tuple[Path, Any]:
         """Bytes [start, upto) (to the end of the file when None) into a raw staging file."""
         raw = self._staging("raw")
         digest = hashlib.sha256()
@@ -614,24 +621,27 @@ def load_shipped(
 ) -> Shipped | None:
     """What the store holds of the source's newest generation: from the backup dir, or,
     when it has none (a new host), from S3; None when neither has any."""
-    places: list[tuple[list[str], Any, Any]] = [
-        (
-            generations_local(backup_dir, KIND, source_id),
-            lambda g: pieces_local(backup_dir, KIND, source_id, g),
-            lambda n: read_local(backup_dir, n),
-        )
-    ]
-    if s3_bucket:
-        places.append(
-            (
-                generations_remote(s3_bucket, s3_prefix, KIND, source_id, s3_endpoint_url),
-                lambda g: pieces_remote(s3_bucket, s3_prefix, KIND, source_id, g, s3_endpoint_url),
-                lambda n: read_remote(s3_bucket, s3_prefix, n, s3_endpoint_url),
-            )
-        )
-    for generations, pieces, read in places:
-        for generation in reversed(generations):
-            newest = {p.file: p for p in pieces(generation)}  # sorted: the last starts latest
-            if newest:
-                return Shipped.from_manifests(generation, [read(p.name) for p in newest.values()])
+    found = _newest_shipped(
+        generations_local(backup_dir, KIND, source_id),
+        lambda g: pieces_local(backup_dir, KIND, source_id, g),
+        lambda n: read_local(backup_dir, n),
+    )
+    if found is not None or not s3_bucket:
+        return found
+    return _newest_shipped(
+        generations_remote(s3_bucket, s3_prefix, KIND, source_id, s3_endpoint_url),
+        lambda g: pieces_remote(s3_bucket, s3_prefix, KIND, source_id, g, s3_endpoint_url),
+        lambda n: read_remote(s3_bucket, s3_prefix, n, s3_endpoint_url),
+    )
+
+
+def _newest_shipped(
+    generations: list[str],
+    pieces: Callable[[str], list[PieceName]],
+    read: Callable[[str], Manifest],
+) -> Shipped | None:
+    for generation in reversed(generations):
+        newest = {p.file: p for p in pieces(generation)}  # sorted: the last starts latest
+        if newest:
+            return Shipped.from_manifests(generation, [read(p.name) for p in newest.values()])
     return None
