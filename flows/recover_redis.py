@@ -6,6 +6,12 @@ stage the RDB, stop Redis, move its data aside, place the RDB (also as the AOF b
 when AOF is on), start Redis, wait for loading:0, verify key counts against the
 manifest and persistence, check the gateway. Any failure after the data was moved
 puts it back and starts Redis again.
+
+To a point in time (`target_time`, `undo_flushall`): find the AOF pieces of the
+generation that covers it (here, else S3) and verify them, check the target runs an
+AOF, assemble the AOF folder, cut it (at the second, or before the flush) and
+validate it with redis-check-aof, then the same stop / move aside / place / start
+steps, proven by what Redis loaded and the marker keys at the cut.
 """
 
 from __future__ import annotations
