@@ -70,6 +70,11 @@ def check_started_after(load: dict[str, Any], since: float) -> None:
         )
 
 
+def load_counts(load: dict[str, Any]) -> tuple[int, int]:
+    """(keys loaded, keys dropped as already expired) by the last RDB or AOF-base load."""
+    return int(load["rdb_last_load_keys_loaded"]), int(load.get("rdb_last_load_keys_expired", 0))
+
+
 def reports_loads(load: dict[str, Any]) -> bool:
     """Redis 7.0+ says how many keys its last RDB or AOF-base load read and dropped."""
     return "rdb_last_load_keys_loaded" in load
@@ -88,8 +93,7 @@ def check_what_was_loaded(manifest: Manifest, load: dict[str, Any], since: float
             f"Redis {load.get('redis_version', '?')} does not report what it loaded (7.0+): "
             "WEAKER CHECK, only the key counts per db below"
         )
-    loaded = int(load["rdb_last_load_keys_loaded"])
-    expired = int(load.get("rdb_last_load_keys_expired", 0))
+    loaded, expired = load_counts(load)
     if loaded + expired != want:
         raise RestoreNotVerified(
             f"Redis loaded {loaded} keys and dropped {expired} expired ones ({loaded + expired} "
@@ -230,8 +234,7 @@ def check_aof_load(
     check_started_after(load, since)
     parts = []
     if base_keys is not None and reports_loads(load):
-        loaded = int(load["rdb_last_load_keys_loaded"])
-        expired = int(load.get("rdb_last_load_keys_expired", 0))
+        loaded, expired = load_counts(load)
         if loaded + expired != base_keys:
             raise RestoreNotVerified(
                 f"Redis loaded {loaded} keys (+{expired} expired) from its AOF base, the restored "

@@ -39,7 +39,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common.clock import utc_now
-from tasks.common.files import CHUNK, OWNER_ONLY, create_file, make_dirs
+from tasks.common.files import OWNER_ONLY, create_file, make_dirs
 from tasks.common.secrets import redact_url
 from tasks.docker.containers import find_data_dir
 from tasks.redis.aof import (
@@ -54,7 +54,7 @@ from tasks.redis.aof import (
     scan_aof,
 )
 from tasks.redis.server import connect, explain
-from tasks.store.archive import CompressedFile, Compression, Manifest, iter_chunks
+from tasks.store.archive import SUFFIXES, CompressedFile, Compression, Manifest, iter_chunks
 from tasks.store.encryption import AgeCopy, staged_writer
 from tasks.store.kinds import KINDS, source_tag
 from tasks.store.pieces import (
@@ -339,24 +339,19 @@ class Shipper:
     def _staging(self, what: str) -> Path:
         stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
         tag = source_tag(self.source_id)
-        suffix = ".raw" if what == "raw" else {"gzip": ".gz", "zstd": ".zst"}[self.compression]
+        suffix = ".raw" if what == "raw" else SUFFIXES[self.compression]
         return self.folder / f".aof_{stamp}_{tag}.piece{suffix}.{uuid.uuid4().hex[:8]}.partial"
 
-    def copy_raw(self, piece: Piece, upto: int | None) -> tuple[Path, Any]:
-        """Bytes [start, upto) (to the end of the file when None) into a raw staging file."""
+    def copy_raw(self, piece: Piece) -> tuple[Path, Any]:
+        """The file's bytes from `piece.start` to its end (as it is now) into a raw
+        staging file, hashed (SHA-256) on the way."""
         raw = self._staging("raw")
         digest = hashlib.sha256()
-        left = None if upto is None else upto - piece.start
         piece.stream.seek(piece.start)
         with create_file(raw) as out:
-            while left is None or left > 0:
-                chunk = piece.stream.read(CHUNK if left is None else min(CHUNK, left))
-                if not chunk:
-                    break
+            for chunk in iter_chunks(piece.stream):
                 out.write(chunk)
                 digest.update(chunk)
-                if left is not None:
-                    left -= len(chunk)
         return raw, digest
 
     def stage(
@@ -406,7 +401,7 @@ class Shipper:
         its first annotation) and fingerprint recorded, with `prior` (the generation
         before it: its name, whether it was shipped to its end, its last time)."""
         started = time.perf_counter()
-        raw, digest = self.copy_raw(piece, None)
+        raw, digest = self.copy_raw(piece)
         try:
             check = check_piece(raw, f"AOF base {piece.file}", "base")
             first_ts = None
@@ -435,7 +430,7 @@ class Shipper:
         """An INCR file from `start` to its last whole command outside MULTI/EXEC (a
         closed file must end on one). None when there is nothing new."""
         started = time.perf_counter()
-        raw, _digest = self.copy_raw(piece, None)
+        raw, _digest = self.copy_raw(piece)
         try:
             scan = scan_aof(raw, piece.start, piece.ts, piece.db)
             size = piece.start + raw.stat().st_size
