@@ -115,8 +115,9 @@ def backed_up_dataset(work: Path, keys: int) -> tuple[Manifest, Path]:
 
 
 @contextlib.contextmanager
-def redis_container(work: Path, appendonly: bool) -> Iterator[tuple[str, str]]:
-    """An empty Redis 7 in a throwaway container (the data is "lost"); removed after."""
+def redis_container(work: Path, appendonly: bool, extra: str = "") -> Iterator[tuple[str, str]]:
+    """An empty Redis 7 in a throwaway container (the data is "lost"; `extra` config
+    lines added); removed after."""
     client = docker.from_env()
     image = images.ensure_hostfs_image(client)
     port = free_port()
@@ -125,7 +126,7 @@ def redis_container(work: Path, appendonly: bool) -> Iterator[tuple[str, str]]:
     conf.mkdir()
     (conf / "redis.conf").write_text(
         f"bind 127.0.0.1\nport {port}\ndir /data\nsave 900 1\n"
-        f"appendonly {'yes' if appendonly else 'no'}\n"
+        f"appendonly {'yes' if appendonly else 'no'}\n{extra}"
     )
     container = client.containers.run(
         image,

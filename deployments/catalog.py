@@ -35,8 +35,12 @@ class DeploymentSpec:
 
     @property
     def interval(self) -> timedelta | None:
-        """The longest gap between two scheduled runs (None when launched by hand)."""
-        return cron_interval(self.cron) if self.cron else None
+        """The longest gap between two scheduled runs (None when launched by hand): a
+        steady interval's step, else found over a year of the cron's times."""
+        if not self.cron:
+            return None
+        steady = steady_interval(self.cron)
+        return steady.every if steady else cron_interval(self.cron)
 
 
 @cache
@@ -54,6 +58,7 @@ def cron_interval(cron: str) -> timedelta:
     return longest
 
 
+MINUTE_STEP = re.compile(r"\*(?:/(\d+))? \* \* \* \*")  # * * * * *, */N * * * *
 HOURLY_STEP = re.compile(r"(\d+) \*(?:/(\d+))? \* \* \*")  # M * * * *, M */N * * *
 WEEKLY = re.compile(r"(\d+) (\d+) \* \* ([0-6])")  # M H * * D
 A_SUNDAY = datetime(2026, 1, 4)
@@ -76,10 +81,15 @@ class Steady:
 
 
 def steady_interval(cron: str) -> Steady | None:
-    """`cron` as the same times at a fixed interval, or None when it is not one: an
-    hour step dividing the day (`7 * * * *`, `0 */6 * * *`) or one weekday (`0 3 * * 0`).
+    """`cron` as the same times at a fixed interval, or None when it is not one: a
+    minute step dividing the hour (`* * * * *`), an hour step dividing the day
+    (`7 * * * *`, `0 */6 * * *`) or one weekday (`0 3 * * 0`).
     Sub-day intervals are counted in real hours, so in a zone with daylight saving
     time they keep 6 h apart across the change (a cron would jump by an hour)."""
+    if minutely := MINUTE_STEP.fullmatch(cron):
+        step = int(minutely.group(1) or 1)
+        if 60 % step == 0:
+            return Steady(timedelta(minutes=step), datetime(2026, 1, 1))
     if hourly := HOURLY_STEP.fullmatch(cron):
         minute, step = int(hourly.group(1)), int(hourly.group(2) or 1)
         if minute < 60 and 24 % step == 0:
@@ -111,6 +121,16 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         entrypoint="flows/backup_redis.py:backup_redis",
         cron="0 */6 * * *",
         description="Redis session state: snapshot, store, upload, keep 7 days.",
+        tags=("proxilion-dr", "backup", "redis"),
+    ),
+    DeploymentSpec(
+        name="every-minute",
+        entrypoint="flows/backup_redis_aof.py:backup_redis_aof",
+        cron="* * * * *",
+        description="Redis point-in-time recovery: ship what is new in the AOF twice a "
+        "minute (appendonly yes; aof-timestamp-enabled yes to restore to a second), kept as "
+        "long as the RDB backups reach back.",
+        parameters={"rounds": 2},
         tags=("proxilion-dr", "backup", "redis"),
     ),
     DeploymentSpec(
@@ -157,7 +177,8 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         entrypoint="flows/recover_redis.py:recover_redis",
         cron=None,
         description="Scenario 2, Redis data loss: restore a backup (latest or named, here "
-        "or from S3) safely, verify, report RTO/RPO. Try dry_run first.",
+        "or from S3), or a second (target_time) or the moment before a FLUSHALL "
+        "(undo_flushall) from the shipped AOF, safely, verify, report RTO/RPO. Try dry_run first.",
         tags=("proxilion-dr", "recovery", "redis"),
     ),
     DeploymentSpec(
@@ -177,6 +198,15 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
         "start gateway → redis → prometheus → grafana verified; report = the runbook "
         "checklist. Try dry_run first.",
         tags=("proxilion-dr", "recovery", "host"),
+    ),
+    DeploymentSpec(
+        name="dry-run-first",
+        entrypoint="flows/prune_backups.py:prune_backups",
+        cron=None,
+        description="Retention by hand: which backups of a kind the rules (days, keep_min, "
+        "GFS keep_*) would delete and which rule keeps the rest; off dry_run, delete them.",
+        parameters={"dry_run": True},
+        tags=("proxilion-dr", "retention"),
     ),
     DeploymentSpec(
         name="hourly",

@@ -64,6 +64,11 @@ def backup_config(
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
+    keep_hourly: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    keep_monthly: int | None = None,
+    keep_yearly: int | None = None,
 ) -> dict[str, Any]:
     """Back up the configuration in `project_dir` and the allow-listed environment to
     `backup_dir/config/config_<UTC>_<tag>.tar.gz` (and S3), then prune this
@@ -92,6 +97,7 @@ def backup_config(
         {backup_destination}
         retention_days: Days a backup of this project is kept. None:
             PROXILION_DR_CONFIG_RETENTION_DAYS (default 90).
+        {gfs_rules:CONFIG}
     """
     p = resolve(
         locals(),
@@ -101,7 +107,7 @@ def backup_config(
         retention_days="config_retention_days",
     )
     started = time.perf_counter()
-    to = Destination.from_parameters(p)
+    to = Destination.from_parameters(p, "config")
     store = to.backup_dir
     codec: Compression = check_compression(p["compression"])
     source_id = config_source_id(p["project_dir"])

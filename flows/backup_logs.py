@@ -56,6 +56,11 @@ def backup_logs(
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
+    keep_hourly: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    keep_monthly: int | None = None,
+    keep_yearly: int | None = None,
 ) -> dict[str, Any]:
     """Back up the last `window` of container logs to
     `backup_dir/logs/gateway_<UTC>_<tag>.log.gz` (and S3), then prune the backups of
@@ -76,6 +81,7 @@ def backup_logs(
         {backup_destination}
         retention_days: Days a backup of these containers is kept. None:
             PROXILION_DR_LOGS_RETENTION_DAYS (default 30).
+        {gfs_rules:LOGS}
     """
     p = resolve(
         locals(),
@@ -84,7 +90,7 @@ def backup_logs(
         retention_days="logs_retention_days",
     )
     started = time.perf_counter()
-    to = Destination.from_parameters(p)
+    to = Destination.from_parameters(p, "logs")
     store = to.backup_dir
     codec: Compression = check_compression(p["compression"])
     names = container_names(p["containers"])

@@ -62,6 +62,11 @@ def backup_prometheus(
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
+    keep_hourly: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    keep_monthly: int | None = None,
+    keep_yearly: int | None = None,
 ) -> dict[str, Any]:
     """Back up one Prometheus to `backup_dir/prometheus/prometheus_<UTC>_<tag>.tar.gz`
     (and S3), then prune this server's backups (`<tag>` names its URL).
@@ -85,6 +90,7 @@ def backup_prometheus(
         {backup_destination}
         retention_days: Days a backup of this server is kept. None:
             PROXILION_DR_PROMETHEUS_RETENTION_DAYS (default 30).
+        {gfs_rules:PROMETHEUS}
     """
     p = resolve(
         locals(),
@@ -94,7 +100,7 @@ def backup_prometheus(
         retention_days="prometheus_retention_days",
     )
     started = time.perf_counter()
-    to = Destination.from_parameters(p)
+    to = Destination.from_parameters(p, "prometheus")
     codec: Compression = check_compression(p["compression"])
     server = redact_url(check_url(p["prometheus_url"], "prometheus_url"))
     source_id = prometheus_source_id(p["prometheus_url"])

@@ -54,6 +54,11 @@ def backup_redis(
     compression: Literal["setting", "gzip", "zstd"] = "setting",
     retention_days: float | None = None,
     keep_min: int | None = None,
+    keep_hourly: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    keep_monthly: int | None = None,
+    keep_yearly: int | None = None,
     deep_check: bool = False,
     save_timeout_seconds: float | None = None,
 ) -> dict[str, Any]:
@@ -79,6 +84,7 @@ def backup_redis(
         {backup_destination}
         retention_days: Days a backup of this server is kept. None:
             PROXILION_DR_REDIS_RETENTION_DAYS (default 7).
+        {gfs_rules:REDIS}
         deep_check: Also validate the RDB with redis-check-rdb (slower). Also on when
             PROXILION_DR_REDIS_DEEP_CHECK is true (default false).
         save_timeout_seconds: Seconds to wait for the BGSAVE to finish. None:
@@ -94,7 +100,7 @@ def backup_redis(
         save_timeout_seconds="redis_save_timeout_seconds",
     )
     started = time.perf_counter()
-    to = Destination.from_parameters(p)
+    to = Destination.from_parameters(p, "redis")
     codec: Compression = check_compression(p["compression"])
     target = parse_redis_url(p["redis_url"])  # refuses a URL redis-py would misread
     server = target.where

@@ -24,6 +24,7 @@ from flows.support.settings import resolve
 from tasks.common.clock import utc_now
 from tasks.store.kinds import KINDS
 from tasks.store.local import list_local
+from tasks.store.pieces import newest_local, newest_remote
 from tasks.store.s3 import S3Error, list_remote
 from tasks.store.status import Copies, last_verified_restores, status_rows
 
@@ -36,13 +37,15 @@ def find_copies(
     """Every kind's complete backups, locally and in S3 (an unreachable S3 is shown,
     not a failure: the local half of the view still matters)."""
     copies: dict[str, Copies] = {}
-    for kind in KINDS:
-        local = list_local(backup_dir, kind)
+    for kind, spec in KINDS.items():
+        # a chained kind (AOF pieces): only the newest piece per source, as read fast
+        local = newest_local(backup_dir, kind) if spec.chained else list_local(backup_dir, kind)
         if not s3_bucket:
             copies[kind] = Copies(local, None, "not configured (no s3_bucket)")
             continue
+        lister = newest_remote if spec.chained else list_remote
         try:
-            copies[kind] = Copies(local, list_remote(s3_bucket, s3_prefix, kind, s3_endpoint_url))
+            copies[kind] = Copies(local, lister(s3_bucket, s3_prefix, kind, s3_endpoint_url))
         except S3Error as error:
             copies[kind] = Copies(local, None, f"unreadable: {error}")
     return copies

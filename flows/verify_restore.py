@@ -43,8 +43,8 @@ from tasks.drill.scratch import (
 )
 from tasks.store.report import escape_markdown
 
-Component = Literal["redis", "prometheus", "config", "logs"]
-COMPONENTS: tuple[Component, ...] = ("redis", "prometheus", "config", "logs")
+Component = Literal["redis", "redis-aof", "prometheus", "config", "logs"]
+COMPONENTS: tuple[Component, ...] = ("redis", "redis-aof", "prometheus", "config", "logs")
 FLOW = "verify-restore"
 
 
@@ -86,8 +86,10 @@ def verify_restore(
     Returns per component: backup used, RPO, RTO and every check with its evidence.
 
     Args:
-        components: What to drill: redis (with a gateway against it), prometheus,
-            config, logs. Empty: all four.
+        components: What to drill: redis (with a gateway against it), redis-aof
+            (the newest AOF shipped, restored to a time: marker keys written before
+            it present, after it absent; skipped when none was shipped), prometheus,
+            config, logs. Empty: all five.
         redis_backup: `latest` (newest complete Redis backup of any server) or a name
             as listed, e.g. `redis/dump_20260101_000000_1a2b3c4d.rdb.gz`.
         prometheus_backup: `latest` or a Prometheus backup's name.
@@ -122,6 +124,7 @@ def verify_restore(
             "prometheus": prometheus_backup,
             "config": config_backup,
             "logs": logs_backup,
+            "redis-aof": "latest",
         },
         redis_container=p["redis_container"],
         gateway_container=p["gateway_container"],

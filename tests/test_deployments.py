@@ -109,6 +109,7 @@ def test_unknown_schedule_timezone_is_refused_with_the_fix(
 # Parameters whose empty value can only be None: a number or a list box cannot hold
 # "take the setting" (their description names the setting).
 NULL_ALLOWED = {"retention_days", "keep_min", "save_timeout_seconds", "env_allowlist", "components"}
+NULL_ALLOWED |= {"keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly"}
 
 
 def setting_default_text(name: str) -> str:

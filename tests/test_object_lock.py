@@ -28,7 +28,7 @@ from sandbox import constants as stack
 from sandbox.stack import _ensure_bucket
 from tasks.common.clock import parse_time, utc_now
 from tasks.store.archive import Manifest, manifest_name, sha256_file
-from tasks.store.local import backup_name
+from tasks.store.local import Retention, backup_name
 from tasks.store.s3 import ObjectLock, S3Error, object_key, prune_remote, upload_backup
 
 BUCKET = stack.S3_LOCKED_BUCKET
@@ -164,7 +164,7 @@ def upload(tmp_path: Path, prefix: str, seconds_ago: int, lock_seconds: float) -
 
 
 def prune(prefix: str):  # noqa: ANN201 - RetentionPlan
-    return prune_remote.fn(BUCKET, prefix, "redis", "s", stack.S3_ENDPOINT, 0, 1)
+    return prune_remote.fn(BUCKET, prefix, "redis", "s", stack.S3_ENDPOINT, Retention(0, 1))
 
 
 def test_pruning_keeps_locked_versions_and_removes_expired_ones_for_real(

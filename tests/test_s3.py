@@ -16,7 +16,7 @@ from sandbox import constants as stack
 from tasks.common.clock import utc_now
 from tasks.common.files import CHUNK
 from tasks.store.archive import Manifest, sha256_file
-from tasks.store.local import backup_name
+from tasks.store.local import Retention, backup_name
 from tasks.store.s3 import (
     PART_SIZE,
     TRANSFER,
@@ -98,7 +98,9 @@ def test_remote_retention_keeps_newest_and_keep_min_and_ignores_incomplete(
     s3 = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT)
     orphan = f"{s3_prefix}/redis/dump_20000101_000000.rdb.gz"  # data without manifest
     s3.put_object(Bucket=stack.S3_BUCKET, Key=orphan, Body=b"incomplete")
-    plan = prune_remote(stack.S3_BUCKET, s3_prefix, "redis", SOURCE, stack.S3_ENDPOINT, 7, 2)
+    plan = prune_remote(
+        stack.S3_BUCKET, s3_prefix, "redis", SOURCE, stack.S3_ENDPOINT, Retention(7, 2)
+    )
     assert {m.name for m in plan.delete} == {backups[2][1].name, backups[3][1].name}
     left = {m.name for m in list_remote(stack.S3_BUCKET, s3_prefix, "redis", stack.S3_ENDPOINT)}
     assert left == {backups[0][1].name, backups[1][1].name}

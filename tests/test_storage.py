@@ -21,6 +21,7 @@ from tasks.store.kinds import (
 )
 from tasks.store.local import (
     BackupNotFound,
+    Retention,
     backup_name,
     find_local,
     list_local,
@@ -118,7 +119,7 @@ def test_retention_is_counted_per_source() -> None:
     ours = [manifest(d * DAY) for d in (1, 10)]
     theirs = [manifest(d * DAY, source_id="other:6379") for d in (9, 30)]
     unknown = manifest(40 * DAY, source_id="")  # an old manifest that does not say
-    plan = plan_retention([*ours, *theirs, unknown], NOW, 7, 1, SOURCE)
+    plan = plan_retention([*ours, *theirs, unknown], NOW, Retention(7, 1), SOURCE)
     assert names(plan.keep) == {ours[0].name} and names(plan.delete) == {ours[1].name}
     assert plan.other_sources == 3
 
@@ -141,14 +142,14 @@ def test_only_our_stale_staging_files_are_removed(tmp_path: Path) -> None:
 def test_retention_deletes_old_but_keeps_keep_min_and_newest() -> None:
     ages = [timedelta(days=d) for d in (0.1, 1, 8, 9, 10, 30)]
     backups = [manifest(a) for a in ages]
-    plan = plan_retention(backups, NOW, retention_days=7, keep_min=3, source_id=SOURCE)
+    plan = plan_retention(backups, NOW, Retention(7, 3), SOURCE)
     assert names(plan.keep) == names(backups[:3])
     assert names(plan.delete) == names(backups[3:])
 
 
 def test_retention_never_deletes_the_newest_even_when_all_are_old() -> None:
     backups = [manifest(timedelta(days=d)) for d in (40, 50, 60)]
-    plan = plan_retention(backups, NOW, retention_days=7, keep_min=1, source_id=SOURCE)
+    plan = plan_retention(backups, NOW, Retention(7, 1), SOURCE)
     assert names(plan.keep) == {backups[0].name}
     assert len(plan.delete) == 2
 
@@ -156,7 +157,7 @@ def test_retention_never_deletes_the_newest_even_when_all_are_old() -> None:
 def test_future_dated_backups_are_reported_not_counted() -> None:
     future = manifest(-timedelta(days=3))
     old = [manifest(timedelta(days=d)) for d in (20, 21)]
-    plan = plan_retention([future, *old], NOW, retention_days=7, keep_min=1, source_id=SOURCE)
+    plan = plan_retention([future, *old], NOW, Retention(7, 1), SOURCE)
     assert names(plan.future) == {future.name}
     assert names(plan.keep) == {old[0].name}  # the newest real one, not the future one
     assert names(plan.delete) == {old[1].name}
@@ -165,7 +166,7 @@ def test_future_dated_backups_are_reported_not_counted() -> None:
 @pytest.mark.parametrize(("days", "keep"), [(-1, 3), (7, 0)])
 def test_retention_refuses_bad_settings(days: float, keep: int) -> None:
     with pytest.raises(ValueError, match="retention_days|keep_min"):
-        plan_retention([], NOW, days, keep, SOURCE)
+        Retention(days, keep)
 
 
 @pytest.mark.parametrize("name", ["../etc/passwd", "/etc/passwd", "redis/../../x", " "])

@@ -196,6 +196,9 @@ def schedule_shown(cron: str) -> str:
     """What the deployments page must show for a catalog cron: an interval in a few
     words (deployments/catalog.py steady_interval), else the daily or monthly time."""
     steady = steady_interval(cron)
+    if steady is not None and steady.every < timedelta(hours=1):
+        minutes = steady.every / timedelta(minutes=1)
+        return "Every minute" if minutes == 1 else f"Every {minutes:g} minutes"
     if steady is not None:
         hours = steady.every / timedelta(hours=1)
         if hours == 1:

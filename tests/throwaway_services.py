@@ -128,8 +128,11 @@ def redis_ready(service: Service) -> bool:
 
 
 @contextmanager
-def redis_container(tmp_path: Path, appendonly: bool = False) -> Iterator[Service]:
-    """Redis 7 in a throwaway container, config in /conf/redis.conf (save points on)."""
+def redis_container(
+    tmp_path: Path, appendonly: bool = False, extra: tuple[str, ...] = ()
+) -> Iterator[Service]:
+    """Redis 7 in a throwaway container, config in /conf/redis.conf (save points on;
+    `extra` config lines appended)."""
 
     def command(port: int) -> list[str]:
         return ["/usr/bin/redis-server", "/conf/redis.conf"]
@@ -146,6 +149,7 @@ def redis_container(tmp_path: Path, appendonly: bool = False) -> Iterator[Servic
                     "save 900 1 300 10",
                     f"appendonly {'yes' if appendonly else 'no'}",
                     'logfile ""',
+                    *extra,
                     "",
                 ]
             )

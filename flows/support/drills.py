@@ -29,7 +29,16 @@ from tasks.logs.prove import prove_logs
 from tasks.logs.restore import restore_log
 from tasks.prometheus.prove import check_archive, prove_prometheus
 from tasks.prometheus.restore import restore_blocks, wait_until_ready
-from tasks.redis.prove import check_gateway, connections_received, prove_redis
+from tasks.redis.pitr import (
+    Where,
+    fetch_chain,
+    load_generations,
+    newest_aof_source,
+    place_chain,
+    plan_drill_cut,
+    stage_chain,
+)
+from tasks.redis.prove import check_gateway, connections_received, prove_aof, prove_redis
 from tasks.redis.restore import (
     RdbTooNew,
     check_loadable,
@@ -154,6 +163,56 @@ def _gateway(d: Drill, scratch: Scratch, redis_host: str, redis_port: int, redis
     return f"{health}; drill-redis saw {seen} connection(s) from the gateway"
 
 
+# -------------------------------------------------------------- Redis, to a time
+
+AOF_SETUP = RedisSetup("", False, "/data", DRILL_RDB, True, "appendonlydir", "appendonly.aof")
+
+
+def drill_redis_aof(r: Recovery, d: Drill, scratch: Scratch) -> None:
+    """The newest AOF chain shipped, restored in scratch to the time of a marker key
+    with a later marker after it: markers written up to that time must be there, the
+    later ones not (and Redis must load the base's keys and every byte of the cut)."""
+    where = Where(
+        d.source.backup_dir,
+        d.source.s3_bucket,
+        d.source.s3_prefix,
+        d.source.s3_endpoint_url,
+        d.source.age_identity_file,
+    )
+    with r.step("find the AOF pieces") as step:
+        source_id = newest_aof_source(where)
+        if source_id is None:
+            step.outcome = "skipped"
+            step.detail = "no AOF shipped (backup-redis-aof does not run here): nothing to drill"
+            return
+        plan = plan_drill_cut(load_generations(where, source_id))
+        found = [r.found(piece) for piece in fetch_chain(where, plan)]
+        r.used_chain(plan.generation.name, plan.cut.ts, found[-1].location.split(" (")[0])
+        step.detail = f"{source_id}: {plan.describe()}; each piece's size and sha256 verified"
+    data = scratch.data_dir("redis-aof")
+    with r.step("assemble, cut and validate the AOF") as step:
+        staged = stage_chain(plan, found, data, AOF_SETUP.appendfilename)
+        step.detail = f"{staged.cut_detail}; {staged.check}"
+        r.point(plan.cut.ts, staged.last_command, plan.cut.how, plan.cut.undone)
+        place_chain(staged, data, AOF_SETUP)
+    with r.step("start drill-redis-aof on it") as step:
+        live = inspect_live(d.redis_container, d.redis_image)
+        port = free_port()
+        flags = ["--bind", _listen(live)[0], "--port", str(port), "--dir", "/data"]
+        flags += ["--appendonly", "yes", "--appenddirname", AOF_SETUP.appenddirname]
+        flags += ["--appendfilename", AOF_SETUP.appendfilename, "--save", ""]
+        flags += ["--protected-mode", "yes" if live.host_network else "no"]
+        entrypoint, command = program_argv(live, "redis-server", flags)
+        mounts = [Mount("/data", str(data), type="bind")]
+        started_at = time.time()
+        name = start_scratch(scratch, "drill-redis-aof", live, entrypoint, command, port, mounts)
+        url = f"redis://127.0.0.1:{port}/0"
+        load = wait_until_loaded(url, name, d.timeout)
+        step.detail = f"{name} from image {live.image} on :{port}"
+    checks = prove_aof(url, load, started_at, staged.base_keys, staged.size, plan.markers())
+    r.prove(checks, found[-1].manifest)
+
+
 # -------------------------------------------------------------------- Prometheus
 
 
@@ -269,6 +328,7 @@ def drill_logs(r: Recovery, d: Drill, scratch: Scratch) -> None:
 
 DRILLS: dict[str, Callable[[Recovery, Drill, Scratch], None]] = {
     "redis": drill_redis,
+    "redis-aof": drill_redis_aof,
     "prometheus": drill_prometheus,
     "config": drill_config,
     "logs": drill_logs,

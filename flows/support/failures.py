@@ -106,5 +106,10 @@ def unchanged(message: str, result: dict[str, Any]) -> State[Any]:
     return Completed(name="Unchanged", message=message, data=result)
 
 
+def unavailable(message: str, result: dict[str, Any]) -> State[Any]:
+    """A Completed state named `Unavailable`: nothing there to back up (said why)."""
+    return Completed(name="Unavailable", message=message, data=result)
+
+
 class StepFailed(RuntimeError):
     """A recovery step failed; the message names the step and the reason in one line."""

@@ -57,6 +57,8 @@ class Recovery:
     notes: list[str] = field(default_factory=list)
     attachments: list[tuple[str, list[str]]] = field(default_factory=list)
     healthy_seconds: float | None = None
+    # A point-in-time restore: the time restored to and the last command kept.
+    restore_point: dict[str, str] = field(default_factory=dict)
     error: BaseException | None = None
     # (kind, source, backup) of each restore this run proved against its manifest.
     proven: list[tuple[str, str, str]] = field(default_factory=list)
@@ -144,6 +146,37 @@ class Recovery:
             "rpo_seconds": round(max(age, 0.0), 1),
         }
 
+    def used_chain(self, generation: str, ts: int | None, location: str) -> None:
+        """Record the AOF generation a point-in-time restore uses; its RPO is the age of
+        the restore point at the start (what was written since is not restored)."""
+        point = datetime.fromtimestamp(ts, UTC) if ts is not None else self.started_at
+        self.backup = {
+            "name": f"AOF generation {generation}",
+            "kind": "redis-aof",
+            "from": location,
+            "created_at": point.isoformat(),
+            "sha256": "",
+            "rpo_seconds": round(max((self.started_at - point).total_seconds(), 0.0), 1),
+        }
+
+    def point(
+        self, ts: int | None, last: dict[str, Any] | None, how: str, undone: str = "FLUSHALL"
+    ) -> None:
+        """Say the exact time restored to (or the flush `undone`) and the last command kept."""
+        when = f"{datetime.fromtimestamp(ts, UTC):%Y-%m-%d %H:%M:%S} UTC" if ts is not None else "?"
+        reason = {
+            "time": f"{when}: every write up to the end of that second, none after",
+            "flush": f"just before the {undone} of {when}",
+            "newest": f"the newest state shipped ({when})",
+        }[how]
+        command = "none: the AOF base alone"
+        if last:
+            at = datetime.fromtimestamp(last["ts"], UTC) if last.get("ts") else None
+            command = f"{last['name']} {last['key']}".strip() + (
+                f" (written at {at:%H:%M:%S} UTC)" if at else ""
+            )
+        self.restore_point = {"restored to": reason, "last command kept": command}
+
     def healthy(self) -> None:
         """Mark the moment the recovered service was verified healthy (ends the RTO)."""
         self.healthy_seconds = round(time.perf_counter() - self._start, 3)
@@ -170,6 +203,7 @@ class Recovery:
             "moved_aside": list(self.moved_aside),
             "steps": [vars(s).copy() for s in self.steps],
             "notes": list(self.notes),
+            "restore_point": dict(self.restore_point),
         }
 
     def markdown(self) -> str:
@@ -190,6 +224,8 @@ class Recovery:
                 f"| backup created (UTC) | {b['created_at']} |",
                 f"| RPO (age of the backup at start) | {age_text(b['rpo_seconds'])} |",
             ]
+        for label, value in self.restore_point.items():
+            lines.append(f"| {label} | {_escape(value)} |")
         for path in self.moved_aside:
             lines.append(f"| previous data moved aside to | `{path}` |")
         lines += ["", "| step | outcome | seconds | detail |", "|---|---|---|---|"]

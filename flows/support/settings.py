@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tasks.common.secrets import carries_credentials
+from tasks.store.local import parse_keep
 
 SETTING = "setting"  # the choice, in an enum parameter, that means "take the setting"
 SETTINGS_PREFIX = "PROXILION_DR_"
@@ -41,6 +42,15 @@ EMPTY_MEANS_SETTING = frozenset(
         "age_identity_file",
     }
 )
+
+
+def _keep_field(what: str) -> Any:
+    """A kind's `*_KEEP` setting: GFS rules on top of its days and KEEP_MIN."""
+    return Field(
+        "",
+        description=f"GFS rules for {what} on top of the days and KEEP_MIN: `daily=7 "
+        "weekly=4` (hourly, daily, weekly, monthly, yearly), `compliance` (366 days).",
+    )
 
 
 class Settings(BaseSettings):
@@ -123,6 +133,7 @@ class Settings(BaseSettings):
     redis_retention_days: float = Field(
         7, description="Delete a source's Redis backups older than this, in days."
     )
+    redis_keep: str = _keep_field("Redis backups")
     redis_save_timeout_seconds: float = Field(
         600, description="Deadline for BGSAVE to finish, in seconds."
     )
@@ -158,6 +169,7 @@ class Settings(BaseSettings):
         30, description="Delete a source's Prometheus backups older than this, in days."
     )
 
+    prometheus_keep: str = _keep_field("Prometheus backups")
     config_project_dir: Path = Field(
         Path("/opt/proxilion"),
         description="The compose project backup-config keeps; recover-host restores into "
@@ -176,6 +188,7 @@ class Settings(BaseSettings):
         90, description="Delete a source's config backups older than this, in days."
     )
 
+    config_keep: str = _keep_field("config backups")
     gateway_container: str = Field(
         "proxilion-gateway", description="The gateway's container, for recover-gateway."
     )
@@ -197,6 +210,7 @@ class Settings(BaseSettings):
         30, description="Delete a source's log backups older than this, in days."
     )
 
+    logs_keep: str = _keep_field("log backups")
     pushgateway_url: str = Field(
         "",
         description="Pushgateway every backup, recovery and drill pushes its outcome to "
@@ -212,6 +226,12 @@ class Settings(BaseSettings):
         description="IANA time zone (`Europe/Berlin`) of every deployment's cron, for "
         "`serve` and `python -m deployments yaml`.",
     )
+
+    @field_validator("redis_keep", "prometheus_keep", "config_keep", "logs_keep")
+    @classmethod
+    def _known_rules(cls, value: str) -> str:
+        parse_keep(value)  # raises naming the rules and presets it accepts
+        return value
 
     @field_validator("schedule_timezone")
     @classmethod
@@ -276,5 +296,7 @@ def resolve(parameters: dict[str, Any], **setting_names: str) -> dict[str, Any]:
         flag_off = value is False and isinstance(getattr(current, setting, None), bool)
         empty = value == "" and name in EMPTY_MEANS_SETTING
         unset = value is None or value == SETTING or flag_off or empty
-        resolved[name] = getattr(current, setting) if unset else value
+        if unset and hasattr(current, setting):  # keep_daily=None has no setting of its own
+            value = getattr(current, setting)
+        resolved[name] = value
     return resolved

@@ -18,6 +18,7 @@ from tasks.common.http_health import (
 )
 from tasks.common.log import run_logger
 from tasks.common.secrets import redact_url
+from tasks.redis.aof import MARKER_KEY
 from tasks.redis.sample import check_sample, open_clients
 from tasks.redis.server import connect, explain
 from tasks.redis.setup import RedisSetup
@@ -58,6 +59,22 @@ def _process_start(load: dict[str, Any]) -> float:
     return int(load["server_time_usec"]) / 1e6 - int(load["uptime_in_seconds"])
 
 
+def check_started_after(load: dict[str, Any], since: float) -> None:
+    """The Redis that answered `load` started after `since`, when the restore started
+    it: not another data dir's, not an old process."""
+    started = _process_start(load)
+    if started < since - START_SLACK_SECONDS:
+        raise RestoreNotVerified(
+            f"the Redis answering has run since {started:.0f}, before this restore started "
+            f"it ({since:.0f}): it is not the one restored (another server at redis_url?)"
+        )
+
+
+def load_counts(load: dict[str, Any]) -> tuple[int, int]:
+    """(keys loaded, keys dropped as already expired) by the last RDB or AOF-base load."""
+    return int(load["rdb_last_load_keys_loaded"]), int(load.get("rdb_last_load_keys_expired", 0))
+
+
 def reports_loads(load: dict[str, Any]) -> bool:
     """Redis 7.0+ says how many keys its last RDB or AOF-base load read and dropped."""
     return "rdb_last_load_keys_loaded" in load
@@ -70,19 +87,13 @@ def check_what_was_loaded(manifest: Manifest, load: dict[str, Any], since: float
     Redis answering is the one that loaded this backup, not another data dir or an old
     process."""
     want = sum(int(db["keys"]) for db in (manifest.source.get("keyspace") or {}).values())
-    started = _process_start(load)
-    if started < since - START_SLACK_SECONDS:
-        raise RestoreNotVerified(
-            f"the Redis answering has run since {started:.0f}, before this restore started "
-            f"it ({since:.0f}): it is not the one restored (another server at redis_url?)"
-        )
+    check_started_after(load, since)
     if not reports_loads(load):
         return (
             f"Redis {load.get('redis_version', '?')} does not report what it loaded (7.0+): "
             "WEAKER CHECK, only the key counts per db below"
         )
-    loaded = int(load["rdb_last_load_keys_loaded"])
-    expired = int(load.get("rdb_last_load_keys_expired", 0))
+    loaded, expired = load_counts(load)
     if loaded + expired != want:
         raise RestoreNotVerified(
             f"Redis loaded {loaded} keys and dropped {expired} expired ones ({loaded + expired} "
@@ -190,7 +201,9 @@ def check_persistence(redis_url: str, setup: RedisSetup) -> str:
         raise RestoreNotVerified(f"appendonly is {appendonly!r} after the restore, was {wanted!r}")
     if setup.aof_enabled and info.get("aof_last_write_status") != "ok":
         raise RestoreNotVerified(f"Redis cannot write its AOF: {info.get('aof_last_write_status')}")
-    return f"appendonly {wanted}" + (" (restored RDB is the AOF base)" if setup.aof_enabled else "")
+    return f"appendonly {wanted}" + (
+        " (a restart loads what was restored)" if setup.aof_enabled else ""
+    )
 
 
 @task(cache_policy=NO_CACHE)
@@ -222,3 +235,95 @@ def ping(url: str) -> str:
         raise ConnectionError(f"Redis at {redact_url(url)}: {one_line(error)}") from None
     finally:
         client.close()
+
+
+def check_aof_load(
+    load: dict[str, Any], since: float, base_keys: int | None, chain_size: int
+) -> str:
+    """Redis, started after `since`, loaded the restored AOF: its base's keys (loaded +
+    expired on load = the keys redis-check-aof read in the base) and every byte of the
+    cut chain (`aof_current_size` right after the load = the chain's size)."""
+    check_started_after(load, since)
+    parts = []
+    if base_keys is not None and reports_loads(load):
+        loaded, expired = load_counts(load)
+        if loaded + expired != base_keys:
+            raise RestoreNotVerified(
+                f"Redis loaded {loaded} keys (+{expired} expired) from its AOF base, the restored "
+                f"base holds {base_keys}: it did not load this AOF (data_dir?)"
+            )
+        parts.append(f"base: {loaded} keys + {expired} expired on load = the base's {base_keys}")
+    size = int(load.get("aof_current_size", -1))
+    if size < chain_size:
+        raise RestoreNotVerified(
+            f"Redis reports an AOF of {size} bytes after loading, the restored chain has "
+            f"{chain_size}: it did not load all of it"
+        )
+    extra = f" (+{size - chain_size} written since the load)" if size > chain_size else ""
+    parts.append(f"AOF: {size} bytes = every byte of the cut chain{extra}")
+    return "; ".join(parts)
+
+
+def check_markers(redis_url: str, before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
+    """The marker keys backup-redis-aof wrote (fields of `MARKER_KEY`): each written
+    before the cut holds its nonce, each first written after it is absent. Proves
+    where the chain was cut, by keys written at known times."""
+    expected: dict[tuple[int, str], str | None] = {}
+    for event in before:
+        expected[(event["db"], event["field"])] = None if event.get("deleted") else event["nonce"]
+    later = {(e["db"], e["field"]) for e in after if not e.get("deleted")} - expected.keys()
+    if not expected and not later:
+        return "no marker in this generation: NOT checked (WEAKER: the chain holds none)"
+    dbs = sorted({db for db, _ in expected.keys() | later})
+    actual: dict[int, dict[str, str]] = {}
+    for db, client in open_clients(redis_url, dbs).items():
+        try:
+            raw = client.hgetall(MARKER_KEY)
+        except redis.RedisError as error:
+            raise explain(error, redis_url) from None
+        actual[db] = {k.decode(): v.decode() for k, v in raw.items()}
+    wrong = [
+        f"{field} ({'missing' if nonce else 'present'})"
+        for (db, field), nonce in expected.items()
+        if actual[db].get(field) != nonce
+    ]
+    wrong += [
+        f"{field} (written after the cut, present)" for db, field in later if field in actual[db]
+    ]
+    if wrong:
+        listed = ", ".join(wrong[:5])
+        raise RestoreNotVerified(f"marker keys differ from the restore point: {listed}")
+    present = [f for f, n in expected.items() if n]
+    newest = max((int(f) for _, f in present), default=None)
+    text = f"{len(present)} markers written up to the cut present"
+    text += f" (newest written at {newest})" if newest else ""
+    text += f", {len(later)} written after it absent"
+    if not later:
+        text += " (WEAKER: none was written after the cut)"
+    return text
+
+
+def keyspace_now(redis_url: str) -> str:
+    """Key counts per db after a point-in-time restore: not known in advance, so shown
+    and not compared."""
+    counts = _keyspace(redis_url)
+    shown = ", ".join(f"{db} {n}" for db, n in sorted(counts.items())) or "none"
+    return f"{shown}: a point in time has no recorded count, NOT compared (WEAKER CHECK)"
+
+
+def prove_aof(
+    redis_url: str,
+    load: dict[str, Any],
+    since: float,
+    base_keys: int | None,
+    chain_size: int,
+    markers: tuple[list[dict[str, Any]], list[dict[str, Any]]],
+) -> list[Check]:
+    """The checks that prove the Redis at `redis_url` loaded a restored AOF chain and
+    that the chain was cut where asked (`markers`: the generation's marker events
+    before and after the cut)."""
+    return [
+        Check("what Redis loaded", lambda: check_aof_load(load, since, base_keys, chain_size)),
+        Check("marker keys at the restore point", lambda: check_markers(redis_url, *markers)),
+        Check("key counts per db", lambda: keyspace_now(redis_url)),
+    ]

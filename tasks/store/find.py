@@ -321,3 +321,26 @@ def _download(
         raise
     location += ")" if keep else ", not kept)"
     return FoundBackup(downloaded(remote), path, location, backup_dir, not keep, scratch)
+
+
+def fetch_piece(
+    backup_dir: Path,
+    manifest: Manifest,
+    s3_bucket: str,
+    s3_prefix: str,
+    s3_endpoint_url: str | None,
+    identity_file: Path | None = None,
+) -> FoundBackup:
+    """One piece of a chained backup, its manifest already read: the local file when
+    it is there (size and SHA-256 verified; a locally encrypted one decrypted into a
+    temporary copy), else downloaded from S3 into `backup_dir` and verified (decrypted
+    when encrypted)."""
+    backup_dir = Path(backup_dir)
+    if resolve_name(backup_dir, manifest.local_name).is_file():
+        return _local_copy(manifest, backup_dir, identity_file)
+    if not s3_bucket:
+        raise BackupNotFound(
+            f"piece {manifest.name} is not in {backup_dir} and no s3_bucket is set"
+        )
+    s3 = (s3_bucket, s3_prefix, s3_endpoint_url)
+    return _download(manifest, backup_dir, s3, identity_file, keep=True)

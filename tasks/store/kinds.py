@@ -86,10 +86,14 @@ class Kind:
     ext: str
     legacy_fact: str
     legacy_source: Callable[[str], str]
+    # Pieces that restore only together, in generations (tasks/store/pieces.py), not
+    # backups that each restore alone: listed, kept and restored their own way.
+    chained: bool = False
 
     def staging_pattern(self) -> re.Pattern[str]:
-        """Our hidden staging files in this kind's folder (see `staging_path`)."""
-        suffixes = "|".join(re.escape(s) for s in SUFFIXES.values())
+        """Our hidden staging files in this kind's folder (see `staging_path`; a chained
+        kind also stages raw bytes before it checks and compresses them)."""
+        suffixes = "|".join(re.escape(s) for s in [*SUFFIXES.values(), ".raw"])
         return re.compile(
             rf"\.{re.escape(self.stem)}_\d{{8}}_\d{{6}}(_[0-9a-f]+)?{re.escape(self.ext)}"
             rf"(?:{suffixes})(?:\.age)?\.[0-9a-f]{{8}}\.partial"
@@ -114,6 +118,8 @@ KINDS: dict[str, Kind] = {
     "logs": Kind(
         "logs", "logs", "gateway", ".log", "container", lambda v: logs_source_id(v.split(","))
     ),
+    # The Redis AOF, shipped continuously for point-in-time recovery (tasks/redis/ship.py).
+    "redis-aof": Kind("redis-aof", "redis-aof", "aof", ".piece", "server", redis_source_id, True),
 }
 
 

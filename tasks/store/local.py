@@ -131,6 +131,7 @@ def commit_local(
     when the local copy is encrypted) with `modes.file`, then write its manifest (same
     mode, named after the file) last."""
     final = resolve_name(Path(backup_dir), manifest.local_name)
+    make_dirs(final.parent, modes.directory)  # a chained kind's generation folder
     if final.exists():
         raise FileExistsError(f"backup {manifest.local_name} already exists; not overwriting it")
     os.chmod(staged.path, modes.file)
@@ -198,19 +199,131 @@ def find_local(
     return manifest, resolve_name(Path(backup_dir), manifest.local_name)
 
 
+# The GFS rules (restic's `forget --keep-*`, borgmatic's `keep_*`), each with the
+# calendar bucket it keeps one backup of (UTC, as names and manifests) and how long,
+# at most, it keeps that one: N of its periods (a month counted as 31 days, a year as
+# 366, so an Object Lock following the rule never ends before the rule lets go).
+GFS_RULES: dict[str, tuple[str, timedelta]] = {
+    "hourly": ("%Y-%m-%d %H:00", timedelta(hours=1)),
+    "daily": ("%Y-%m-%d", timedelta(days=1)),
+    "weekly": ("%G-W%V", timedelta(days=7)),
+    "monthly": ("%Y-%m", timedelta(days=31)),
+    "yearly": ("%Y", timedelta(days=366)),
+}
+# Presets a `*_KEEP` setting may name instead of rules: what each adds on top.
+PRESETS: dict[str, dict[str, float]] = {
+    # PCI DSS 10.7 (the runbook's compliance table): a year of logs, every backup kept
+    # (each log backup is another window, not a newer copy); 366 covers a leap year.
+    "compliance": {"days": 366},
+}
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long one source's backups stay. A complete backup is kept when ANY rule
+    keeps it: the newest `keep_min`, those younger than `days`, and per GFS rule the
+    newest backup of each of the last N hours / days / ISO weeks / months / years that
+    hold a backup (restic's model: a gap in the backups does not eat into N). Every
+    other one is deleted; the newest is always kept."""
+
+    days: float
+    keep_min: int
+    hourly: int = 0
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def __post_init__(self) -> None:
+        check_retention(self.days, self.keep_min)
+        for rule, count in self.gfs().items():
+            if count < 0:
+                raise ValueError(f"keep_{rule} must be 0 or more, got {count}")
+
+    def gfs(self) -> dict[str, int]:
+        """The GFS rules by name (0: rule off)."""
+        return {rule: int(getattr(self, rule)) for rule in GFS_RULES}
+
+    def describe(self) -> str:
+        """`7 days, newest 3, daily 7, monthly 12`: the rules as the reports name them."""
+        rules = [f"{self.days:g} days", f"newest {self.keep_min}"]
+        return ", ".join(rules + [f"{r} {n}" for r, n in self.gfs().items() if n])
+
+    def kept_until(self, created_at: datetime, reasons: list[str], now: datetime) -> datetime:
+        """The latest time the rules in `reasons` (as `plan_retention` gives them) may
+        keep a backup made at `created_at`: what an Object Lock follows. A GFS rule
+        counts once its hour / day / week / month / year is over (`now` is past it):
+        until then a newer backup of the same period may take its place."""
+        until = created_at + timedelta(days=self.days)
+        for reason in reasons:
+            rule = reason.split(" ", 1)[0]
+            if rule in GFS_RULES and period_end(rule, created_at) <= now:
+                until = max(until, created_at + self.gfs()[rule] * GFS_RULES[rule][1])
+        return until
+
+
+def period_end(rule: str, moment: datetime) -> datetime:
+    """When the GFS period (UTC hour, day, ISO week, month, year) holding `moment` ends."""
+    t = moment.astimezone(UTC)
+    if rule == "hourly":
+        return t.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+    day = t.replace(hour=0, minute=0, second=0, microsecond=0)
+    if rule == "daily":
+        return day + timedelta(days=1)
+    if rule == "weekly":
+        return day + timedelta(days=7 - day.weekday())
+    if rule == "monthly":
+        return (day.replace(day=28) + timedelta(days=4)).replace(day=1)
+    return day.replace(year=t.year + 1, month=1, day=1)
+
+
+def parse_keep(text: str) -> dict[str, float]:
+    """A `*_KEEP` setting: GFS rules `hourly=24 daily=7 weekly=4 monthly=12 yearly=3`
+    (any of them, space- or comma-separated) and/or a preset name (`compliance`), as
+    the values they set. Refuses anything else, naming what is accepted."""
+    found: dict[str, float] = {}
+    for word in text.replace(",", " ").split():
+        rule, _, count = word.partition("=")
+        if word in PRESETS:
+            found.update(PRESETS[word])
+        elif rule in GFS_RULES and count.isdigit():
+            found[rule] = int(count)
+        else:
+            raise ValueError(
+                f"retention rule {word!r} not understood: use "
+                f"{' '.join(f'{r}=N' for r in GFS_RULES)} or a preset ({', '.join(PRESETS)})"
+            )
+    return found
+
+
+def resolve_retention(
+    days: float, keep_min: int, given: dict[str, int | None], setting: str
+) -> Retention:
+    """The retention a run applies: each GFS rule from `given` (the run's keep_*
+    parameters) unless None, else from the `*_KEEP` setting; a preset there raises
+    `days` to its own (rules only ever add what is kept)."""
+    from_setting = parse_keep(setting)
+    rules = {r: n if n is not None else int(from_setting.get(r, 0)) for r, n in given.items()}
+    return Retention(max(days, from_setting.get("days", 0)), keep_min, **rules)
+
+
 @dataclass
 class RetentionPlan:
-    """Which complete backups of one source to keep and delete, which were dated in
-    the future, and how many other sources' backups were left alone."""
+    """Which complete backups of one source to keep and delete (with, per kept name,
+    the rules that keep it), which were dated in the future, and how many other
+    sources' backups were left alone."""
 
     keep: list[Manifest] = field(default_factory=list)
     delete: list[Manifest] = field(default_factory=list)
     future: list[Manifest] = field(default_factory=list)
     other_sources: int = 0
+    reasons: dict[str, list[str]] = field(default_factory=dict)
     # In a versioned S3 bucket: backups due for deletion whose versions are still under
     # Object Lock ("name (locked until …)"), kept for now; and the bytes really freed.
     locked: list[str] = field(default_factory=list)
     freed_bytes: int = 0
+    # Object Lock retentions extended to follow the GFS rule that keeps the backup.
+    extended: list[str] = field(default_factory=list)
 
 
 def check_retention(retention_days: float, keep_min: int) -> None:
@@ -221,16 +334,35 @@ def check_retention(retention_days: float, keep_min: int) -> None:
         raise ValueError(f"keep_min must be at least 1 (the newest is always kept), got {keep_min}")
 
 
+def keep_reasons(backups: list[Manifest], now: datetime, retention: Retention) -> list[list[str]]:
+    """For `backups` (one source's, newest first), the rules that keep each one: `newest
+    3`, `within 7 days`, `daily 2026-11-27`… (empty: nothing keeps it)."""
+    reasons: list[list[str]] = [[] for _ in backups]
+    cutoff = now - timedelta(days=retention.days)
+    times = [parse_time(m.created_at) for m in backups]
+    for position, created in enumerate(times):
+        if position < retention.keep_min:
+            reasons[position].append(f"newest {retention.keep_min}")
+        if retention.days and created >= cutoff:  # 0: no age rule
+            reasons[position].append(f"within {retention.days:g} days")
+    for rule, count in retention.gfs().items():
+        seen: set[str] = set()
+        for position, created in enumerate(times):
+            bucket = created.astimezone(UTC).strftime(GFS_RULES[rule][0])
+            if len(seen) < count and bucket not in seen:  # the newest of its bucket
+                seen.add(bucket)
+                reasons[position].append(f"{rule} {bucket}")
+    return reasons
+
+
 def plan_retention(
-    backups: list[Manifest], now: datetime, retention_days: float, keep_min: int, source_id: str
+    backups: list[Manifest], now: datetime, retention: Retention, source_id: str
 ) -> RetentionPlan:
-    """For the backups of `source_id`: delete what is older than `retention_days`, but
-    never the newest complete backup nor fewer than `keep_min`; backups dated in the
-    future are left alone, and so are other sources' (a server whose backups fail for
-    a while keeps its last ones, whatever the others do)."""
-    check_retention(retention_days, keep_min)
+    """For the backups of `source_id`: keep what any rule of `retention` keeps (never
+    the newest complete backup, never fewer than `keep_min`) and delete the rest;
+    backups dated in the future are left alone, and so are other sources' (a server
+    whose backups fail for a while keeps its last ones, whatever the others do)."""
     plan = RetentionPlan()
-    cutoff = now - timedelta(days=retention_days)
     current = []
     for manifest in backups:
         if source_of(manifest) != source_id:
@@ -240,9 +372,10 @@ def plan_retention(
         else:
             current.append(manifest)
     current.sort(key=lambda m: parse_time(m.created_at), reverse=True)
-    for position, manifest in enumerate(current):
-        if position < keep_min or parse_time(manifest.created_at) >= cutoff:
+    for manifest, reasons in zip(current, keep_reasons(current, now, retention), strict=True):
+        if reasons:
             plan.keep.append(manifest)
+            plan.reasons[manifest.name] = reasons
         else:
             plan.delete.append(manifest)
     return plan
@@ -250,14 +383,19 @@ def plan_retention(
 
 @task(cache_policy=NO_CACHE)
 def prune_local(
-    backup_dir: Path, kind: str, source_id: str, retention_days: float, keep_min: int
+    backup_dir: Path,
+    kind: str,
+    source_id: str,
+    retention: Retention,
+    dry_run: bool = False,
+    now: datetime | None = None,
 ) -> RetentionPlan:
     """Apply retention to one source's backups in the local directory: manifest first,
-    so a half-pruned backup is never mistaken for a complete one."""
-    plan = plan_retention(
-        list_local(backup_dir, kind), utc_now(), retention_days, keep_min, source_id
-    )
-    for manifest in plan.delete:
+    so a half-pruned backup is never mistaken for a complete one. `dry_run`: only the
+    plan (what would go, which rule keeps the rest); nothing is deleted. `now`: the time
+    ages count from (default: now)."""
+    plan = plan_retention(list_local(backup_dir, kind), now or utc_now(), retention, source_id)
+    for manifest in [] if dry_run else plan.delete:
         data = resolve_name(Path(backup_dir), manifest.local_name)
         data.with_name(manifest_name(data.name)).unlink(missing_ok=True)
         data.unlink(missing_ok=True)

@@ -35,13 +35,19 @@ def human_size(size: float) -> str:
 def retention_summary(plan: RetentionPlan | None) -> str:
     if plan is None:
         return "not run"
-    text = f"kept {len(plan.keep)}, deleted {len(plan.delete)}"
+    text = f"kept {len(plan.keep)}"
+    kept_by = kept_by_rule(plan)
+    if kept_by:
+        text += " (" + ", ".join(f"{rule}: {n}" for rule, n in kept_by.items()) + ")"
+    text += f", deleted {len(plan.delete)}"
     if plan.delete:
         text += " (" + ", ".join(m.name for m in plan.delete) + ")"
     if plan.other_sources:
         text += f"; left {plan.other_sources} of other sources alone"
     if plan.locked:
         text += f"; {len(plan.locked)} still under Object Lock: " + ", ".join(plan.locked)
+    if plan.extended:
+        text += "; Object Lock extended for the rule keeping it: " + ", ".join(plan.extended)
     if plan.freed_bytes:
         text += f"; freed {human_size(plan.freed_bytes)}"
     if plan.future:
@@ -49,6 +55,17 @@ def retention_summary(plan: RetentionPlan | None) -> str:
             m.name for m in plan.future
         )
     return text
+
+
+def kept_by_rule(plan: RetentionPlan) -> dict[str, int]:
+    """How many kept backups each rule keeps (`within 7 days`, `newest 3`, `daily`…);
+    a backup kept by several rules counts for each."""
+    counts: dict[str, int] = {}
+    for reasons in plan.reasons.values():
+        for reason in reasons:
+            rule = reason if reason.startswith(("newest", "within")) else reason.split(" ")[0]
+            counts[rule] = counts.get(rule, 0) + 1
+    return counts
 
 
 def publish_backup_report(

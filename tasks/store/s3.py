@@ -35,7 +35,7 @@ from tasks.store.archive import HashingReader, Manifest, age_entry, manifest_nam
 from tasks.store.encryption import SUFFIX as AGE_SUFFIX
 from tasks.store.encryption import EncryptedStream
 from tasks.store.kinds import KINDS
-from tasks.store.local import RetentionPlan, plan_retention
+from tasks.store.local import Retention, RetentionPlan, plan_retention
 
 # The one source of truth for how objects are uploaded, and so for the ETag S3 gives
 # them (`PartDigests`). 8 MiB parts, 4 at a time: as fast as 16 MiB and 64 MiB x 10 parts
@@ -380,22 +380,28 @@ def prune_remote(
     kind: str,
     source_id: str,
     endpoint_url: str | None,
-    retention_days: float,
-    keep_min: int,
+    retention: Retention,
     listed: list[Manifest] | None = None,
+    dry_run: bool = False,
+    lock_mode: str = "",
 ) -> RetentionPlan:
     """Apply retention to one source's backups in the bucket (`listed`: as a
     `list_remote` of this run already found them), deleting each manifest before its
-    data."""
+    data. With `lock_mode` (the destination's Object Lock), a backup that a GFS rule
+    keeps beyond its upload lock gets its lock extended to that rule's end
+    (`plan.extended`). `dry_run`: only the plan; nothing is deleted or extended."""
     plan = plan_retention(
         list_remote(bucket, prefix, kind, endpoint_url) if listed is None else listed,
         utc_now(),
-        retention_days,
-        keep_min,
+        retention,
         source_id,
     )
+    if dry_run:
+        return plan
     s3 = client(endpoint_url)
     try:
+        if lock_mode:
+            _follow_rules(s3, bucket, prefix, plan, retention, lock_mode)
         versioned = s3.get_bucket_versioning(Bucket=bucket).get("Status") in (
             "Enabled",
             "Suspended",
@@ -406,13 +412,41 @@ def prune_remote(
             if not versioned:
                 s3.delete_object(Bucket=bucket, Key=manifest_name(key))
                 s3.delete_object(Bucket=bucket, Key=key)
-            elif not _delete_versions(s3, bucket, manifest, [manifest_name(key), key], plan):
+            elif not _delete_versions(s3, bucket, manifest.name, [manifest_name(key), key], plan):
                 continue
             deleted.append(manifest)
     except (BotoCoreError, ClientError) as error:
         raise _explain(error, bucket, endpoint_url) from None
     plan.delete = deleted
     return plan
+
+
+def _follow_rules(
+    s3: Any, bucket: str, prefix: str, plan: RetentionPlan, retention: Retention, mode: str
+) -> None:
+    """Extend the Object Lock of each kept backup (data and manifest) to the end of the
+    longest rule that keeps it, when that is later than its lock: the copy a monthly
+    rule keeps for a year stays undeletable that year. Only ever extended."""
+    now = utc_now()
+    for manifest in plan.keep:
+        created = parse_time(manifest.created_at)
+        until = retention.kept_until(created, plan.reasons.get(manifest.name, []), now)
+        if until <= created + timedelta(days=retention.days):
+            continue  # the upload's own lock already covers it
+        key = object_key(prefix, remote_name(manifest))
+        changed = False
+        for each in (key, manifest_name(key)):
+            current = s3.head_object(Bucket=bucket, Key=each).get("ObjectLockRetainUntilDate")
+            if current is None or current < until:
+                s3.put_object_retention(
+                    Bucket=bucket,
+                    Key=each,
+                    Retention={"Mode": mode.upper(), "RetainUntilDate": until},
+                )
+                changed = True
+        if changed:
+            rules = ", ".join(plan.reasons.get(manifest.name, []))
+            plan.extended.append(f"{manifest.name} until {until:%Y-%m-%d %H:%M} ({rules})")
 
 
 def _versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
@@ -425,8 +459,26 @@ def _versions(s3: Any, bucket: str, key: str) -> list[dict[str, Any]]:
     return found
 
 
+def delete_keys(
+    bucket: str, keys: list[str], label: str, endpoint_url: str | None, plan: RetentionPlan
+) -> bool:
+    """Delete the objects of one backup (`keys`, manifests first) as pruning does: for
+    real in a versioned bucket, and not at all while one is under Object Lock (then
+    `label` is listed in `plan.locked`). True when deleted."""
+    s3 = client(endpoint_url)
+    try:
+        status = s3.get_bucket_versioning(Bucket=bucket).get("Status")
+        if status in ("Enabled", "Suspended"):
+            return _delete_versions(s3, bucket, label, keys, plan)
+        for key in keys:
+            s3.delete_object(Bucket=bucket, Key=key)
+    except (BotoCoreError, ClientError) as error:
+        raise _explain(error, bucket, endpoint_url) from None
+    return True
+
+
 def _delete_versions(
-    s3: Any, bucket: str, manifest: Manifest, keys: list[str], plan: RetentionPlan
+    s3: Any, bucket: str, label: str, keys: list[str], plan: RetentionPlan
 ) -> bool:
     """In a versioned bucket, delete every version of a backup's objects for real (a
     plain delete only hides them behind a delete marker, freeing nothing), unless one
@@ -444,7 +496,7 @@ def _delete_versions(
             until.append(retain)
     if until:
         latest = max((u for u in until if u is not None), default=None)
-        plan.locked.append(f"{manifest.name} (locked until {latest or 'legal hold'})")
+        plan.locked.append(f"{label} (locked until {latest or 'legal hold'})")
         return False
     for key, entry in entries:  # the manifest's versions first, as `keys` lists them
         s3.delete_object(Bucket=bucket, Key=key, VersionId=entry["VersionId"])

@@ -17,7 +17,7 @@ from prefect.client.schemas.sorting import ArtifactSort
 
 from tasks.common.clock import age_text, parse_time
 from tasks.store.archive import Manifest
-from tasks.store.kinds import source_of
+from tasks.store.kinds import KINDS, source_of
 from tasks.store.local import FUTURE_TOLERANCE
 from tasks.store.report import human_size
 
@@ -103,6 +103,7 @@ def status_rows(
             else:
                 newest_remote, remote_state = _place(there, interval, now)
             history = here if here else there
+            chained = KINDS[kind].chained if kind in KINDS else False
             rows.append(
                 {
                     "kind": kind,
@@ -113,7 +114,7 @@ def status_rows(
                     "newest in S3": newest_remote,
                     "S3": remote_state,
                     "size": human_size(history[-1].size) if history else "—",
-                    "trend": trend(history),
+                    "trend": "AOF pieces" if chained else trend(history),
                     "last verified restore": verified.get((kind, source), NEVER),
                 }
             )
