@@ -46,6 +46,9 @@ LATE_TAG = "proxilion-dr:late"  # every late automation; with "host:<host>" for 
 FLOW_NAMES = ["backup-*", "recover-*", "verify-restore"]
 STATUS_AUTOMATION = "proxilion-dr: backup-status after each backup"
 STATUS_FLOW = "backup-status"
+# Not followed by a refresh: the table itself, and the AOF shipping that runs every
+# minute (its newest piece shows in the hourly refresh; a failure is notified).
+NOT_REFRESHING = {STATUS_FLOW, "backup-redis-aof"}
 
 FAILURE_SUBJECT = "proxilion-dr: {{ flow.name }} {{ flow_run.state.name }} ({{ flow_run.name }})"
 FAILURE_BODY = """\
@@ -199,7 +202,7 @@ def status_automation(deployment_id: UUID, host: str | None = None) -> Automatio
     starts a run of the backup-status deployment `deployment_id`, with its own
     (the host's) settings."""
     backups = sorted({s.flow_name for s in DEPLOYMENTS if s.flow_name.startswith("backup-")})
-    backups.remove(STATUS_FLOW)
+    backups = [name for name in backups if name not in NOT_REFRESHING]
     related = [{"prefect.resource.role": "flow", "prefect.resource.name": backups}]
     if host:
         names = [s.name for s in scheduled(host) if s.flow_name in backups]

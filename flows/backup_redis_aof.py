@@ -13,16 +13,15 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from prefect import flow
 from prefect.states import State
 
-from flows.backup_status import refresh_backup_status
 from flows.support.failures import explains_failure, run_name, unavailable
-from flows.support.hooks import check_failure_notified
+from flows.support.hooks import FLOW_HOOKS
 from flows.support.keeping import Destination, UploadFailed, with_exposure_warnings
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.pushes import backup_failed, backup_succeeded, backup_unchanged, with_hooks
-from flows.support.settings import SETTING, refuse_secret_parameters, resolve, settings
+from flows.support.settings import SETTING, resolve, settings
 from flows.support.shipping import keep_pieces, publish_aof_report, wait_for_round
 from tasks.common.clock import elapsed
 from tasks.common.locks import exclusive, lock_name
@@ -45,19 +44,13 @@ from tasks.store.kinds import redis_source_id
 from tasks.store.local import prepare_backup_dir
 
 FAILED = backup_failed(KIND, lambda p: redis_source_id(p.get("redis_url") or settings().redis_url))
-# Every minute: no backup-status refresh when a run completes (the hourly one shows
-# it); a failure refreshes it and is notified like any backup's.
-HOOKS: dict[str, Any] = {
-    "on_failure": [refresh_backup_status, check_failure_notified],
-    "on_crashed": [check_failure_notified],
-}
 
 
-@flow(
+@dr_flow(
     name="backup-redis-aof",
     flow_run_name=run_name("redis aof"),
     log_prints=True,
-    **with_hooks(HOOKS, FAILED),
+    **with_hooks(FLOW_HOOKS, FAILED),
 )
 @explains_failure
 @shared_args
@@ -103,7 +96,6 @@ def backup_redis_aof(
             60 × k / rounds seconds after the first): the every-minute deployment
             ships twice, so a write waits about 30 s plus a round, not a minute.
     """
-    refuse_secret_parameters(locals(), "redis_url")
     p = resolve(
         locals(),
         container="redis_container",

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from flows.support.failures import run_name
 from flows.support.hooks import FLOW_HOOKS
 from flows.support.keeping import Destination
 from flows.support.parameter_docs import shared_args
+from flows.support.parameters import dr_flow
 from flows.support.settings import resolve, settings
 from flows.support.shipping import aof_cutoff
 from tasks.common.clock import utc_now
@@ -37,7 +37,7 @@ from tasks.store.s3 import list_remote, prune_remote
 Kind = Literal["redis", "prometheus", "config", "logs", "redis-aof"]
 
 
-@flow(name="prune-backups", flow_run_name=run_name("prune"), log_prints=True, **FLOW_HOOKS)
+@dr_flow(name="prune-backups", flow_run_name=run_name("prune"), log_prints=True, **FLOW_HOOKS)
 @shared_args
 def prune_backups(
     kind: Kind = "redis",

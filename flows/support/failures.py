@@ -30,7 +30,7 @@ STEP_NAMES = {
     "prune_remote": "retention in S3",
     "prune_local": "local retention",
     "commit_local": "storing the backup locally",
-    "check_retention": "checking the retention parameters",
+    "resolve_retention": "checking the retention parameters",
     "check_compression": "checking the compression parameter",
     "trigger_save": "Redis save (BGSAVE)",
     "start_save": "Redis save (BGSAVE)",
