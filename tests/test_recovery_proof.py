@@ -110,7 +110,9 @@ def test_an_empty_redis_is_not_a_restore_of_a_backup_whose_keys_all_have_a_ttl(
         keys_with(client, 1000, "session", ttl_ms=3_600_000)
         back_up(service, backup_dir)
         client.flushall()
-        with pytest.raises(StepFailed, match="Redis loaded 0 keys .* redis-check-rdb read 1000 in the RDB placed"):
+        with pytest.raises(
+            StepFailed, match="Redis loaded 0 keys .* redis-check-rdb read 1000 in the RDB placed"
+        ):
             recover(service, backup_dir, data_dir=str(elsewhere))
 
 
