@@ -146,7 +146,7 @@ def backup_redis(
             {
                 **describe(manifest),
                 "server": server,
-                "keys": sum(db["keys"] for db in facts.keyspace.values()),
+                "keys": sum(db["keys"] for db in manifest.source["keyspace"].values()),
                 "fetch": captured.method,
             },
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from tasks.redis.pitr import (
 )
 from tasks.redis.prove import check_gateway, check_persistence, prove_aof, prove_redis
 from tasks.redis.restore import (
+    CheckedLoad,
     check_loadable,
     check_rdb,
     move_redis_data_aside,
@@ -249,14 +250,15 @@ def restore(
     def place() -> str:
         return ", ".join(place_rdb(staging.result(), t.data, t.setup))
 
-    def start() -> tuple[dict[str, Any], float, str]:
+    def start() -> CheckedLoad:
         path = t.data / t.setup.dbfilename
         rdb = staging.result().rdb
         checked = start_checked(found, rdb, path, t.redis_url, t.container, timeout)
-        return checked.load, checked.started_at, f"{checked.deep_check}, the RDB flushed to disk"
+        return replace(checked, deep_check=f"{checked.deep_check}, the RDB flushed to disk")
 
-    def prove(load: dict[str, Any], since: float) -> list[Check]:
-        return prove_redis(t.redis_url, found.manifest, load, since)
+    def prove(checked: CheckedLoad) -> list[Check]:
+        load, since, file_keys = checked.load, checked.started_at, checked.file_keys
+        return prove_redis(t.redis_url, found.manifest, load, since, file_keys)
 
     steps = Swap(("decompress and validate the RDB", staged), ("place the RDB", place), start)
     try:
@@ -274,18 +276,18 @@ Step = tuple[str, Callable[[], str]]  # a step's name, and what it does (returns
 class Swap:
     """What a restore does in the steps all restores share: `meanwhile`, run once Redis
     is stopped (the staging the stop overlapped), `place` the data, `start` Redis on it
-    (returns what it loaded, when it started, what ran alongside)."""
+    (what it loaded, when it started, what checked the file alongside)."""
 
     meanwhile: Step | None
     place: Step
-    start: Callable[[], tuple[dict[str, Any], float, str]]
+    start: Callable[[], CheckedLoad]
 
 
 def swap_in(
     r: Recovery,
     t: Target,
     steps: Swap,
-    prove: Callable[[dict[str, Any], float], list[Check]],
+    prove: Callable[[CheckedLoad], list[Check]],
     manifest: Manifest,
     gateway_health_url: str,
 ) -> None:
@@ -309,10 +311,10 @@ def swap_in(
         with r.step(steps.place[0]) as step:
             step.detail = steps.place[1]()
         with r.step("start Redis and wait for loading:0") as step:
-            load, since, alongside = steps.start()
-            step.detail = f"loaded {load.get('rdb_last_load_keys_loaded', '?')} keys"
-            step.detail += f"; alongside: {alongside}" if alongside else ""
-        r.prove(prove(load, since), manifest)
+            checked = steps.start()
+            step.detail = f"loaded {checked.load.get('rdb_last_load_keys_loaded', '?')} keys"
+            step.detail += f"; alongside: {checked.deep_check}" if checked.deep_check else ""
+        r.prove(prove(checked), manifest)
         with r.step("check persistence") as step:
             step.detail = check_persistence(t.redis_url, t.setup)
         if gateway_health_url:
@@ -408,14 +410,14 @@ def restore_chain(r: Recovery, pitr: PointInTime, t: Target, timeout: float) -> 
         def place() -> str:
             return f"{files} as {', '.join(place_chain(staged, t.data, t.setup))}"
 
-        def prove(load: dict[str, Any], since: float) -> list[Check]:
-            markers = plan_.markers()
+        def prove(checked: CheckedLoad) -> list[Check]:
+            load, since, markers = checked.load, checked.started_at, plan_.markers()
             return prove_aof(t.redis_url, load, since, staged.base_keys, staged.size, markers)
 
-        def start() -> tuple[dict[str, Any], float, str]:
+        def start() -> CheckedLoad:
             since = time.time()
             start_container(t.container)
-            return wait_until_loaded(t.redis_url, t.container, timeout), since, ""
+            return CheckedLoad(wait_until_loaded(t.redis_url, t.container, timeout), "", since)
 
         steps = Swap(None, ("place the AOF", place), start)
         manifest = pitr.chain.found[-1].manifest

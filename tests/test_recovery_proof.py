@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,7 +91,7 @@ def test_a_data_dir_redis_does_not_use_is_found_out_and_the_old_data_stays(
         with pytest.raises(
             StepFailed,
             match=r"step 'what Redis loaded' failed: Redis loaded 1500 keys and dropped 0 "
-            r"expired ones \(1500 in all\), the backup holds 1000",
+            r"expired ones \(1500 in all\), redis-check-rdb read 1000 in the RDB placed for it",
         ):
             recover(service, backup_dir, data_dir=str(elsewhere))
         assert client.dbsize() == 1500  # Redis is back on its own data
@@ -109,7 +110,9 @@ def test_an_empty_redis_is_not_a_restore_of_a_backup_whose_keys_all_have_a_ttl(
         keys_with(client, 1000, "session", ttl_ms=3_600_000)
         back_up(service, backup_dir)
         client.flushall()
-        with pytest.raises(StepFailed, match="Redis loaded 0 keys .* the backup holds 1000"):
+        with pytest.raises(
+            StepFailed, match="Redis loaded 0 keys .* redis-check-rdb read 1000 in the RDB placed"
+        ):
             recover(service, backup_dir, data_dir=str(elsewhere))
 
 
@@ -117,26 +120,69 @@ def test_an_empty_redis_is_not_a_restore_of_a_backup_whose_keys_all_have_a_ttl(
 def test_keys_that_expired_before_the_restore_are_counted_exactly(
     tmp_path: Path, backup_dir: Path, appendonly: bool
 ) -> None:
-    """100 of the backup's 150 keys expire before the restore. A plain RDB load drops
+    """The backup's short-lived keys expire before the restore. A plain RDB load drops
     them (`rdb_last_load_keys_expired`); an AOF-base load reads them, then they expire:
     either way the counts add up to the manifest's exactly."""
     with redis_container(tmp_path, appendonly=appendonly) as service:
         client = redis.Redis(port=service.port)
         keys_with(client, 50, "kept")
-        keys_with(client, 100, "brief", ttl_ms=1500)
-        back_up(service, backup_dir)
-        expires = time.time() + 1.6
-        wait_until(lambda: time.time() > expires, "the short TTLs")  # wall-clock TTLs
+        keys_with(client, 100, "brief", ttl_ms=4000)  # outlives the backup's start
+        manifest = back_up(service, backup_dir)
+        assert manifest["source"]["keyspace_exact"], manifest["source"]
+        brief = manifest["source"]["keyspace"]["db0"]["keys"] - 50
+        assert brief > 0, "every short-lived key expired before the save: nothing tested"
+        wait_until(lambda: client.dbsize() == 50, "the short TTLs", timeout=10)
         client.flushall()
         result = recover(service, backup_dir)
         loaded = step(result, "what Redis loaded")["detail"]
         if appendonly:
-            assert loaded.startswith("Redis loaded 150 keys + 0 expired on load")
+            assert loaded.startswith(f"Redis loaded {50 + brief} keys + 0 expired on load")
         else:
-            assert loaded.startswith("Redis loaded 50 keys + 100 expired on load")
+            assert loaded.startswith(f"Redis loaded 50 keys + {brief} expired on load")
         counts = step(result, "key counts per db")["detail"]
-        assert "db0 50/150" in counts and ("exact" in counts or "writes since" in counts)
+        assert f"db0 50/{50 + brief}" in counts and ("exact" in counts or "writes since" in counts)
         wait_until(lambda: client.dbsize() == 50, "the expired keys gone")
+
+
+def test_keys_written_while_the_backup_starts_are_counted_at_the_snapshot(
+    tmp_path: Path, backup_dir: Path
+) -> None:
+    """A live gateway writes all the time. The manifest's key count is the snapshot's
+    (read in the round trip that starts BGSAVE), not the count a moment before it, so
+    the restore proves the load exactly. On the old code the count was read before the
+    keyed sample and the save: the writes in between made a good restore fail."""
+    with redis_container(tmp_path) as service:
+        client = redis.Redis(port=service.port)
+        keys_with(client, 200, "kept")
+        writing, written = threading.Event(), [0]
+
+        def gateway() -> None:
+            writer = redis.Redis(port=service.port)
+            while not writing.is_set():
+                writer.set(f"session:{written[0]}", "x")
+                written[0] += 1
+
+        thread = threading.Thread(target=gateway)
+        thread.start()
+        try:
+            wait_until(lambda: written[0] > 100, "the writer under way")
+            manifest = back_up(service, backup_dir)
+        finally:
+            writing.set()
+            thread.join()
+        assert written[0] > 200, f"only {written[0]} writes: the backup did not race them"
+        client.flushall()
+        result = recover(service, backup_dir)
+        backed_up = manifest["source"]["keyspace"]["db0"]["keys"]
+        loaded = step(result, "what Redis loaded")["detail"]
+        if manifest["source"]["keyspace_exact"]:
+            assert (
+                loaded
+                == f"Redis loaded {backed_up} keys + 0 expired on load = the backup's {backed_up}"
+            )
+        else:  # the pipeline was split and a write came between: the file's count proves it
+            assert "keys redis-check-rdb read in the backup's RDB" in loaded, loaded
+        assert result["ok"]
 
 
 def test_a_redis_older_than_7_is_named_as_a_weaker_check() -> None:

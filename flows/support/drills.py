@@ -129,7 +129,8 @@ def drill_redis(r: Recovery, d: Drill, scratch: Scratch) -> None:
             f"({load.get('rdb_last_load_keys_expired', 0)} expired on load); "
             f"{checked.deep_check}"
         )
-    r.prove(prove_redis(url, found.manifest, load, checked.started_at), found.manifest)
+    checks = prove_redis(url, found.manifest, load, checked.started_at, checked.file_keys)
+    r.prove(checks, found.manifest)
     with r.step("gateway /health against the restored Redis") as step:
         step.detail = _gateway(d, scratch, peer, port, url)
 

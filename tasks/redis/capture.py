@@ -477,7 +477,7 @@ def redis_manifest(
             "rdb_version": captured.rdb.rdb_version,
             "rdb_checksum_verified": captured.rdb.checksum_verified,
             "deep_check": captured.rdb.deep_check,
-            "keyspace": facts.keyspace,
+            **snapshot_keyspace(facts, save),
             "fetch": captured.method,
             "copied_during_save": captured.during_save,
             "sample": sample or [],
@@ -485,6 +485,17 @@ def redis_manifest(
         steps={"save": save.seconds if save else 0.0, "capture": captured.seconds},
         source_id=source_id,
     )
+
+
+def snapshot_keyspace(facts: ServerFacts, save: SaveResult | None) -> dict[str, Any]:
+    """The key counts per db the RDB holds, and whether they are exact (`keyspace_exact`:
+    why, or "" when not): read with our BGSAVE when the fork came right after that read,
+    else the closest read there is (the save was scheduled behind an AOF rewrite, or the
+    replication stream made its own snapshot) and a restore proves the count from the
+    RDB file itself."""
+    if save is not None and save.keyspace_exact:
+        return {"keyspace": save.keyspace, "keyspace_exact": save.keyspace_exact}
+    return {"keyspace": save.keyspace if save else facts.keyspace, "keyspace_exact": ""}
 
 
 def describe(manifest: Manifest) -> dict[str, str]:

@@ -80,13 +80,18 @@ def reports_loads(load: dict[str, Any]) -> bool:
     return "rdb_last_load_keys_loaded" in load
 
 
-def check_what_was_loaded(manifest: Manifest, load: dict[str, Any], since: float) -> str:
+def check_what_was_loaded(
+    manifest: Manifest, load: dict[str, Any], since: float, file_keys: int | None = None
+) -> str:
     """Redis's own count of the keys it read when it started (`rdb_last_load_keys_loaded`
     plus `rdb_last_load_keys_expired`, dropped as already expired) equals the backup's
     key count, and that process started after `since`, when the restore started it: the
     Redis answering is the one that loaded this backup, not another data dir or an old
-    process."""
+    process. `file_keys`: the keys redis-check-rdb read in the placed RDB, when it ran;
+    it proves the count when the manifest's is not exact (`keyspace_exact` empty: read
+    around the snapshot, not at it)."""
     want = sum(int(db["keys"]) for db in (manifest.source.get("keyspace") or {}).values())
+    exact = manifest.source.get("keyspace_exact", "recorded before this field existed")
     check_started_after(load, since)
     if not reports_loads(load):
         return (
@@ -94,6 +99,24 @@ def check_what_was_loaded(manifest: Manifest, load: dict[str, Any], since: float
             "WEAKER CHECK, only the key counts per db below"
         )
     loaded, expired = load_counts(load)
+    if file_keys is not None and loaded + expired != file_keys:
+        raise RestoreNotVerified(
+            f"Redis loaded {loaded} keys and dropped {expired} expired ones ({loaded + expired} "
+            f"in all), redis-check-rdb read {file_keys} in the RDB placed for it: it did not "
+            "load that file (does its data dir differ from data_dir?)"
+        )
+    if not exact:
+        if file_keys is None:
+            return (
+                f"Redis loaded {loaded} keys + {expired} expired on load; the backup's "
+                f"{want} were counted around its snapshot, not at it: WEAKER CHECK "
+                "(redis-check-rdb did not count the file)"
+            )
+        return (
+            f"Redis loaded {loaded} keys + {expired} expired on load = the {file_keys} keys "
+            f"redis-check-rdb read in the backup's RDB (the manifest's {want} were counted "
+            "around the snapshot, not at it)"
+        )
     if loaded + expired != want:
         raise RestoreNotVerified(
             f"Redis loaded {loaded} keys and dropped {expired} expired ones ({loaded + expired} "
@@ -103,14 +126,30 @@ def check_what_was_loaded(manifest: Manifest, load: dict[str, Any], since: float
     return f"Redis loaded {loaded} keys + {expired} expired on load = the backup's {want}"
 
 
+def count_slack(manifest: Manifest, file_keys: int | None) -> int | None:
+    """How far the manifest's per-db counts may be from the RDB's: 0 when exact, the
+    difference from redis-check-rdb's count of the file when not, None when unknown."""
+    if manifest.source.get("keyspace_exact", "older"):
+        return 0
+    if file_keys is None:
+        return None
+    want = sum(int(db["keys"]) for db in (manifest.source.get("keyspace") or {}).values())
+    return abs(file_keys - want)
+
+
 def verify_keyspace(
-    redis_url: str, expected: dict[str, dict[str, int]], load: dict[str, Any]
+    redis_url: str,
+    expected: dict[str, dict[str, int]],
+    load: dict[str, Any],
+    slack: int | None = 0,
 ) -> str:
     """Key counts per db against the backup's manifest. Exact while nothing was written
     since the load: every db holds at most its backup's keys, no other db has keys, and
     the keys missing are exactly those that expired (on load or since). After writes
-    (the gateway is back), each db may hold up to that many more. Redis < 7 reports no
-    load counts: a db then holds at least its keys without a TTL (a weaker bound)."""
+    (the gateway is back), each db may hold up to that many more; with `slack` (the
+    manifest's counts were read around the snapshot), that many more again. Redis < 7
+    reports no load counts, and `slack` None says the manifest's counts are not exact
+    and nothing says by how much: a db then holds at least its keys without a TTL."""
     actual = _keyspace(redis_url)
     now = _stats(redis_url)
     writes = int(now.get("rdb_changes_since_last_save", 0))
@@ -129,21 +168,28 @@ def verify_keyspace(
                     f"{db} holds {have} keys, the backup {want} ({expiring} with a TTL)"
                 )
         summary += "; WEAKER CHECK (Redis < 7): at least the keys without a TTL"
+    elif slack is None:
+        summary += (
+            "; NOT COMPARED: the backup's counts were read around its snapshot and "
+            "redis-check-rdb did not count the file"
+        )
     else:
-        extra = {db: n for db, n in actual.items() if db not in expected and n > writes}
+        extra = {db: n for db, n in actual.items() if db not in expected and n > writes + slack}
         problems += [f"{db} holds {n} keys the backup does not have" for db, n in extra.items()]
         for db, facts in sorted(expected.items()):
             have, want = actual.get(db, 0), facts["keys"]
-            if have > want + writes:
+            if have > want + writes + slack:
                 problems.append(f"{db} holds {have} keys, the backup {want}")
         missing = sum(f["keys"] for f in expected.values()) - sum(
             actual.get(db, 0) for db in expected
         )
-        if writes == 0 and missing != gone:
+        if slack:
+            summary += f"; the backup's counts were read around its snapshot: within {slack}"
+        elif writes == 0 and missing != gone:
             problems.append(f"{missing} keys are missing but only {gone} expired")
         if writes:
             summary += f"; {writes} writes since the load: counts compared within {writes}"
-        else:
+        elif not slack:
             summary += f"; {gone} expired (on load or since), none written: exact"
     if problems:
         raise RestoreNotVerified(f"restored Redis differs from the backup: {'; '.join(problems)}")
@@ -166,15 +212,21 @@ def check_keyed_sample(redis_url: str, sample: list[dict[str, Any]]) -> str:
 
 
 def prove_redis(
-    redis_url: str, manifest: Manifest, load: dict[str, Any], since: float
+    redis_url: str,
+    manifest: Manifest,
+    load: dict[str, Any],
+    since: float,
+    file_keys: int | None = None,
 ) -> list[Check]:
     """The checks that prove the Redis at `redis_url`, started at `since` (time.time())
     and just loaded (`load`: INFO server, persistence and stats after loading), holds
-    the backup `manifest` describes."""
+    the backup `manifest` describes (`file_keys`: redis-check-rdb's count of the RDB
+    placed, when it ran)."""
     expected = manifest.source.get("keyspace", {})
+    slack = count_slack(manifest, file_keys)
     checks = [
-        Check("what Redis loaded", lambda: check_what_was_loaded(manifest, load, since)),
-        Check("key counts per db", lambda: verify_keyspace(redis_url, expected, load)),
+        Check("what Redis loaded", lambda: check_what_was_loaded(manifest, load, since, file_keys)),
+        Check("key counts per db", lambda: verify_keyspace(redis_url, expected, load, slack)),
     ]
     sample = manifest.source.get("sample") or []
     if sample:

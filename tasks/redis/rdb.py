@@ -15,6 +15,7 @@ means the file was written with ``rdbchecksum no``.
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import subprocess
 import tempfile
@@ -407,6 +408,9 @@ def validate_stream(
         return validation.finish()
 
 
+KEYS_READ = re.compile(r"^\[info\] (\d+) keys read$", re.MULTILINE)
+
+
 class DeepCheck:
     """`redis-check-rdb` reading the RDB from a pipe, fed chunk by chunk.
 
@@ -428,6 +432,7 @@ class DeepCheck:
         self.verdict = verdict
         self.timeout = timeout
         self.name = name
+        self.keys_read: int | None = None  # what it counted in the file, once it passed
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         """Pass the next bytes on; stops quietly once the checker has exited."""
@@ -445,6 +450,8 @@ class DeepCheck:
             return self.verdict
         output = self._wait()
         if self.proc.returncode == 0:
+            if counted := KEYS_READ.search(output):
+                self.keys_read = int(counted.group(1))
             return "passed: redis-check-rdb"
         if "Can't handle RDB format version" in output:
             version = "this" if rdb_version is None else str(rdb_version)

@@ -282,6 +282,7 @@ class CheckedLoad:
     load: dict[str, Any]  # INFO server, persistence and stats after loading
     deep_check: str
     started_at: float  # when Redis was started on it (time.time())
+    file_keys: int | None = None  # the keys redis-check-rdb read in it (None: did not run)
 
 
 def flush_to_disk(path: Path) -> None:
@@ -325,7 +326,7 @@ def start_checked(
         verdict = deep.finish(rdb.rdb_version)
         if flushed is not None:
             flushed.result()
-    return CheckedLoad(load, verdict, started_at)
+    return CheckedLoad(load, verdict, started_at, deep.keys_read)
 
 
 @task(cache_policy=NO_CACHE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -41,6 +41,8 @@ class SaveResult:
     seconds: float
     started_at: int = 0
     started_at_us: int = 0  # the same, in microseconds (server TIME)
+    keyspace: dict[str, dict[str, int]] = field(default_factory=dict)  # as BGSAVE was sent
+    keyspace_exact: str = ""  # why `keyspace` is the snapshot's; "" when it may not be
 
 
 def _persistence(client: redis.Redis) -> dict[str, Any]:
@@ -66,28 +68,61 @@ def _wait_for_save_idle(client: redis.Redis, deadline: float) -> None:
 
 @dataclass
 class _Started:
-    """Where the save counters stood when our BGSAVE was accepted."""
+    """Where the save counters stood when our BGSAVE was accepted, and the keys Redis
+    held then: exactly the snapshot's when nothing ran between that read and the fork."""
 
     saves: int | None  # INFO rdb_saves (Redis 7+; counts a save when it starts)
     server_time_us: int
+    keyspace: dict[str, dict[str, int]] = field(default_factory=dict)
+    keyspace_exact: str = ""  # why the keyspace is the snapshot's; "" when it may not be
+
+
+# What changes the keys: writes (and deletions) count in rdb_changes_since_last_save,
+# expiries and evictions in their own counters.
+_KEY_CHANGES = ("rdb_changes_since_last_save", "expired_keys", "evicted_keys")
+
+
+def _exact_at_fork(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Why the keyspace read just before BGSAVE is the snapshot's ("" if it may not be):
+    BGSAVE forked at once (not scheduled behind an AOF rewrite) and no write, expiry or
+    eviction came between the read and the fork."""
+    forked = int(after["rdb_bgsave_in_progress"]) and "rdb_saves" in after
+    if not forked or int(after["rdb_saves"]) != int(before["rdb_saves"]) + 1:
+        return ""
+    if any(int(after.get(k, 0)) != int(before.get(k, 0)) for k in _KEY_CHANGES):
+        return ""
+    return "read in the same round trip as BGSAVE, nothing changed before the fork"
 
 
 def _start_bgsave(client: redis.Redis, deadline: float) -> _Started:
-    """BGSAVE (SCHEDULE while an AOF rewrite runs), retrying once past another save."""
+    """BGSAVE SCHEDULE (it forks at once unless an AOF rewrite runs), sent in one round
+    trip with INFO before and after it: Redis runs a client's pipelined commands back
+    to back, so the keyspace read first is the snapshot's when the counters around the
+    fork say so. Retried once past another save."""
     for _attempt in range(2):
-        state = _persistence(client)
-        seconds, micros = client.time()
-        started = _Started(
-            int(state["rdb_saves"]) if "rdb_saves" in state else None,
-            int(seconds) * 1_000_000 + int(micros),
-        )
+        pipe = client.pipeline(transaction=False)
+        pipe.info()  # persistence, stats and keyspace in one read
+        pipe.time()
+        pipe.execute_command("BGSAVE", "SCHEDULE")
+        pipe.info()
         try:
-            client.bgsave(schedule=bool(int(state["aof_rewrite_in_progress"])))
-            return started
+            state, (seconds, micros), _reply, after = pipe.execute(raise_on_error=True)
         except redis.ResponseError as error:
             if "already in progress" not in str(error):
                 raise
             _wait_for_save_idle(client, deadline)
+            continue
+        keyspace = {
+            name: {"keys": int(v["keys"]), "expires": int(v.get("expires", 0))}
+            for name, v in state.items()
+            if name.startswith("db") and isinstance(v, dict)
+        }
+        return _Started(
+            int(state["rdb_saves"]) if "rdb_saves" in state else None,
+            int(seconds) * 1_000_000 + int(micros),
+            keyspace,
+            _exact_at_fork(state, after),
+        )
     raise SaveFailed(f"{BUSY} twice in a row, so ours could not start: try again later")
 
 
@@ -153,6 +188,8 @@ class SaveStarted:
     began: float  # time.monotonic() then
     deadline: float
     timeout_seconds: float
+    keyspace: dict[str, dict[str, int]] = field(default_factory=dict)  # as BGSAVE was sent
+    keyspace_exact: str = ""  # why `keyspace` is the snapshot's; "" when it may not be
 
 
 def _running(state: dict[str, Any], started: _Started, before: int) -> bool:
@@ -183,6 +220,8 @@ def start_save(redis_url: str, timeout_seconds: float, container: str | None = N
             began,
             deadline,
             timeout_seconds,
+            ours.keyspace,
+            ours.keyspace_exact,
         )
         while not _running(state := _persistence(client), ours, before):
             save_status(client, started, state)  # a scheduled save can fail or time out
@@ -210,6 +249,8 @@ def save_status(
             round(time.monotonic() - started.began, 3),
             started.started_at_us // 1_000_000,
             started.started_at_us,
+            started.keyspace,
+            started.keyspace_exact,
         )
     if failed and (done or (idle and _may_be_ours(state, ours))):
         raise SaveFailed(
