@@ -176,10 +176,8 @@ def test_keys_written_while_the_backup_starts_are_counted_at_the_snapshot(
         backed_up = manifest["source"]["keyspace"]["db0"]["keys"]
         loaded = step(result, "what Redis loaded")["detail"]
         if manifest["source"]["keyspace_exact"]:
-            assert (
-                loaded
-                == f"Redis loaded {backed_up} keys + 0 expired on load = the backup's {backed_up}"
-            )
+            exact = f"Redis loaded {backed_up} keys + 0 expired on load = the backup's {backed_up}"
+            assert loaded.startswith(exact), loaded
         else:  # the pipeline was split and a write came between: the file's count proves it
             assert "keys redis-check-rdb read in the backup's RDB" in loaded, loaded
         assert result["ok"]

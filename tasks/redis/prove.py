@@ -123,7 +123,8 @@ def check_what_was_loaded(
             f"in all), the backup holds {want}: it did not load this backup (does its data "
             "dir differ from data_dir?)"
         )
-    return f"Redis loaded {loaded} keys + {expired} expired on load = the backup's {want}"
+    counted = "" if file_keys is None else f" (redis-check-rdb read {file_keys} in the file)"
+    return f"Redis loaded {loaded} keys + {expired} expired on load = the backup's {want}{counted}"
 
 
 def count_slack(manifest: Manifest, file_keys: int | None) -> int | None:
