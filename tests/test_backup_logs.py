@@ -19,6 +19,7 @@ import docker
 import httpx
 import pytest
 from conftest import require
+from gateway_traffic import gateway_state_kept
 from mounts import mounted_tmpfs
 from waiting import past_the_second_of
 
@@ -126,7 +127,7 @@ def test_gateway_logs_hold_both_streams_with_timestamps(
 ) -> None:
     require(stack.GATEWAY_HOST, stack.GATEWAY_PORT, f"the gateway ({stack.GATEWAY_CONTAINER})")
     probe = uuid.uuid4().hex
-    with httpx.Client(base_url=stack.GATEWAY_URL, timeout=5) as gateway:
+    with gateway_state_kept(), httpx.Client(base_url=stack.GATEWAY_URL, timeout=5) as gateway:
         for i in range(3):
             body = {"session_id": f"{probe}-{i}", "tool": "read_file", "args": {"path": "/tmp"}}
             assert gateway.post(f"/analyze?probe={probe}", json=body).status_code == 200

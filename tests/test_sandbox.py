@@ -26,6 +26,7 @@ import pytest
 import redis
 from botocore import UNSIGNED
 from botocore.config import Config
+from gateway_traffic import gateway_state_kept
 from redis_servers import running_redis
 
 from sandbox import constants, stack
@@ -168,10 +169,15 @@ def test_gateway_health_and_metrics(gateway: httpx.Client) -> None:
 def test_analyze_records_the_session_in_redis(gateway: httpx.Client, r0: redis.Redis) -> None:
     session_id = f"test-{uuid.uuid4()}"
     try:
-        response = gateway.post(
-            "/analyze",
-            json={"session_id": session_id, "tool": "read_file", "args": {"path": "/etc/hosts"}},
-        )
+        with gateway_state_kept():
+            response = gateway.post(
+                "/analyze",
+                json={
+                    "session_id": session_id,
+                    "tool": "read_file",
+                    "args": {"path": "/etc/hosts"},
+                },
+            )
         assert response.status_code == 200, response.text
         verdict = response.json()
         assert verdict["decision"] == "allow"
@@ -185,7 +191,6 @@ def test_analyze_records_the_session_in_redis(gateway: httpx.Client, r0: redis.R
         assert ratelimits and 0 < r0.ttl(ratelimits[0]) <= 60
     finally:
         r0.delete(f"session:{session_id}", *r0.scan_iter(match=f"ratelimit:{session_id}:*"))
-        r0.zrem("killchain:scores", session_id)
 
 
 def test_gateway_logs_hold_stdout_and_stderr(
