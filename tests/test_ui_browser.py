@@ -282,9 +282,9 @@ def test_failed_run_shows_its_reason(ui_world: dict[str, Any], browser: Any) -> 
     reason = run.state.message
     assert reason, "the failed run has no state message"
     page.goto(f"{ui_world['server'].url}/runs/flow-run/{run.id}")
-    page.get_by_text("Failed", exact=True).first.wait_for()
-    page.get_by_text("Finished in state Failed").first.wait_for()  # the logs have loaded
     page.set_viewport_size({"width": 1440, "height": 2600})  # the logs scroll inside the page
+    page.get_by_text("Failed", exact=True).first.wait_for()
+    page.get_by_text("Finished in state Failed").first.wait_for(timeout=60_000)  # logs loaded
     shoot(page, ui_world["screens"], "04-failed-run")
     # The Logs tab: our reason as a line of its own, no traceback of this explained failure
     page.get_by_text(reason, exact=True).first.wait_for()
