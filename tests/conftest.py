@@ -163,6 +163,7 @@ RUN_BESIDE_THE_STACK = {
     "test_component_lock",
     "test_deployments",
     "test_finding_backups",
+    "test_flow_calls",
     "test_gfs_retention",
     "test_hosts",
     "test_lock_recovery",

@@ -1,0 +1,56 @@
+"""A direct call of a flow (the shell, scripts, tests, the benchmarks) returns as its run
+ends: Prefect 3.9's heartbeat thread, which held every call until the next whole second
+after the flow began, is not started (flows/support/parameters.py), unless
+PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set. Every log line still reaches the server.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.logging.handlers import APILogWorker
+from prefect.settings import (
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    get_current_settings,
+    temporary_settings,
+)
+
+from flows.support.parameters import dr_flow
+
+
+@dr_flow(name="direct-call-stand-in", log_prints=True)
+def stand_in() -> int | None:
+    """The heartbeat interval the run sees (None: no heartbeat thread)."""
+    print("the stand-in's own line")
+    return get_current_settings().flows.heartbeat_frequency
+
+
+def run_log_messages(run_id: UUID) -> list[str]:
+    APILogWorker.drain_all(timeout=10)  # logs reach the server in batches: send the rest
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return [log.message for log in logs]
+
+
+def test_a_direct_call_returns_as_its_run_ends_and_keeps_every_log_line() -> None:
+    stand_in()  # the first run in a process pays Prefect's start
+    state: Any = stand_in(return_state=True)
+    returned = time.time()
+    assert state.result() is None  # no heartbeat thread in the run
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert run.end_time is not None
+    # With the heartbeat thread, this run of a few ms returned ~0.9 s after its end.
+    assert returned - run.end_time.timestamp() < 0.5
+    messages = run_log_messages(run.id)
+    assert "the stand-in's own line" in messages
+    assert any(m.startswith("Finished in state Completed") for m in messages), messages
+
+
+def test_a_heartbeat_interval_set_on_purpose_is_kept() -> None:
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        assert stand_in() == 60
