@@ -251,15 +251,15 @@ class AgeCopy:
 
 
 def staged_writer(
-    staging: Path, compression: Compression, encrypt: AgeCopy | None = None
+    staging: Path, compression: Compression, encrypt: AgeCopy | None = None, threads: int = 2
 ) -> CompressedWriter:
-    """The writer a capture stages its backup with: compressed and hashed, and with
-    `encrypt` age-encrypted in the same pass into a durable `.age` file instead (beside
-    it, `encrypted_staging`)."""
+    """The writer a capture stages its backup with: compressed (on `threads` threads; 0:
+    in the writing thread) and hashed, and with `encrypt` age-encrypted in the same pass
+    into a durable `.age` file instead (beside it, `encrypted_staging`)."""
     if encrypt is None or not encrypt.recipients:
-        return CompressedWriter(staging, compression)
+        return CompressedWriter(staging, compression, threads)
     copy = EncryptingWriter(encrypted_staging(staging), encrypt.recipients)
-    return CompressedWriter(staging, compression, encrypted=copy)
+    return CompressedWriter(staging, compression, threads, encrypted=copy)
 
 
 class EncryptedStream(io.RawIOBase):
