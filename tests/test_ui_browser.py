@@ -106,10 +106,11 @@ def ui_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             with api(server):
                 wait_for_deployments(server, serve, serve_log)
                 name = f"{BACKUP_REDIS.flow_name}/{BACKUP_REDIS.name}"
-                completed = run_deployment(name, timeout=RUN_TIMEOUT)
+                completed = run_deployment(name, timeout=RUN_TIMEOUT, poll_interval=1)
                 failed = run_deployment(
                     name,
                     timeout=RUN_TIMEOUT,
+                    poll_interval=1,
                     parameters={
                         "s3_bucket": "proxilion-backups",
                         "s3_endpoint_url": f"http://127.0.0.1:{free_port()}",
@@ -223,6 +224,24 @@ def test_schedules_switched_off_create_no_runs(ui_world: dict[str, Any]) -> None
     """The server's scheduler (every 5 s for a deployment just registered) created no run
     from the schedules served switched off, while the two runs above went through."""
     assert ui_world["auto_scheduled"] == []
+
+
+def test_backup_status_refreshed_after_the_backup_completes(ui_world: dict[str, Any]) -> None:
+    """The automation runs backup-status after the completed backup, and that run
+    completes on a server with Prefect's default page size (200: a read asking for
+    more is refused with 422, which the session's own server allows)."""
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    status_runs = FlowFilter(name=FlowFilterName(any_=["backup-status"]))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    with api(ui_world["server"]), get_client(sync_client=True) as client:
+        while not (ended := [r for r in client.read_flow_runs(flow_filter=status_runs)
+                             if r.state and r.state.is_final()]):  # fmt: skip
+            assert time.monotonic() < deadline, "no backup-status run ended after the backup"
+            time.sleep(1)
+    assert all(run.state and run.state.is_completed() for run in ended), [
+        (run.name, run.state.message if run.state else None) for run in ended
+    ]
 
 
 def test_deployments_page_lists_every_deployment_with_its_schedule(
@@ -377,6 +396,7 @@ def test_an_operator_restores_redis_from_the_run_form(
             backup = run_deployment(
                 f"{BACKUP_REDIS.flow_name}/{BACKUP_REDIS.name}",
                 timeout=RUN_TIMEOUT,
+                poll_interval=1,
                 parameters={"redis_url": service.url, "container": service.name},
                 _sync=True,  # Playwright's sync API runs an event loop in this thread
             )

@@ -29,6 +29,9 @@ NEVER = "never"
 # proved (kind, source, backup): what "last verified restore" counts, per source.
 PROOF_KEY = "restore-proof"
 PROOFS_READ = 500
+# The most a Prefect server returns per request unless told otherwise
+# (PREFECT_SERVER_API_DEFAULT_LIMIT): a larger limit is refused with 422.
+SERVER_PAGE = 200
 
 
 @dataclass(frozen=True)
@@ -150,12 +153,18 @@ def last_verified_restores(now: datetime) -> dict[tuple[str, str], str]:
     """Per kind and source, the newest restore a recovery or the drill proved (its
     `restore-proof` artifact: only the components and sources it checked against their
     manifests): when and by which flow. Kinds and sources without one are absent."""
+    artifacts = []
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROOF_KEY])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=PROOFS_READ,
-        )
+        while len(artifacts) < PROOFS_READ:
+            page = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[PROOF_KEY])),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=min(SERVER_PAGE, PROOFS_READ - len(artifacts)),
+                offset=len(artifacts),
+            )
+            artifacts += page
+            if len(page) < SERVER_PAGE:
+                break
     verified: dict[tuple[str, str], str] = {}
     for artifact in artifacts:
         data = artifact.data
