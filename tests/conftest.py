@@ -177,6 +177,8 @@ RUN_BESIDE_THE_STACK = {
     "test_rdb",
     "test_recover_gateway",
     "test_recover_host_project",
+    "test_recover_prometheus",
+    "test_recover_redis",
     "test_recovery_proof",
     "test_redis_sample",
     "test_redis_servers",

@@ -4,52 +4,21 @@ so in its run log) and then backs up the recovered data, never half-runs."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from prefect.client.orchestration import get_client
 from prefect_records import log_messages
 from test_recover_redis import back_up, flushall, recover, seed
-from throwaway_services import redis_container
+from throwaway_services import gateway_healthy_when, redis_container
 
 from flows.backup_redis import backup_redis
 from tasks.common.locks import lock_name
 from tasks.common.redis_url import parse_redis_url
 
 DEADLINE_SECONDS = 120
-
-
-@contextmanager
-def gateway_healthy_when(release: threading.Event) -> Iterator[str]:
-    """A real HTTP /health that answers "starting" (503) until `release` is set: it
-    holds recover-redis at its last step, the gateway check, while it holds the lock."""
-
-    class Health(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            healthy = release.is_set()
-            body = json.dumps({"status": "healthy" if healthy else "starting"}).encode()
-            self.send_response(200 if healthy else 503)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/health"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def until(condition: Any, what: str) -> None:

@@ -5,6 +5,7 @@ before Redis is touched, the backup may live only in S3, a dry run changes nothi
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from redis_servers import (
     seed_mixed_data,
     start_from_rdb,
 )
-from throwaway_services import Service, redis_container, redis_ready, restart
+from throwaway_services import Service, gateway_healthy_when, redis_container, redis_ready, restart
 
 from flows.backup_redis import backup_redis
 from flows.recover_redis import recover_redis
@@ -111,13 +112,15 @@ def step(result: dict[str, Any], name: str) -> dict[str, Any]:
 def test_flushall_then_recover_brings_every_key_value_and_ttl_back(
     tmp_path: Path, backup_dir: Path
 ) -> None:
-    with redis_container(tmp_path) as service:
+    healthy = threading.Event()
+    healthy.set()
+    with redis_container(tmp_path) as service, gateway_healthy_when(healthy) as health:
         seed(service)
         manifest = back_up(service, backup_dir)
         expected = keyspace_snapshot(service.url)
         flushall(service)
         redis.Redis(port=service.port).set("written-after-the-loss", "x")
-        result = recover(service, backup_dir, gateway_health_url=f"{stack.GATEWAY_URL}/health")
+        result = recover(service, backup_dir, gateway_health_url=health)
         assert_same_keyspace(expected, keyspace_snapshot(service.url))
         assert result["ok"] and result["backup"]["name"] == manifest.name
         assert step(result, "check the gateway")["outcome"] == "ok"

@@ -7,12 +7,16 @@ when the test ends. The shared sandbox containers are never touched.
 from __future__ import annotations
 
 import contextlib
+import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
@@ -201,3 +205,31 @@ def prometheus_container(
         tmp_path, "prometheus", command, "/prometheus", configure, prometheus_ready
     ) as service:
         yield service
+
+
+@contextmanager
+def gateway_healthy_when(release: threading.Event) -> Iterator[str]:
+    """A real HTTP /health that answers "starting" (503) until `release` is set: it
+    stands in for the gateway's health endpoint in recovery tests that run beside the
+    sandbox (whose gateway another test may be restarting)."""
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            healthy = release.is_set()
+            body = json.dumps({"status": "healthy" if healthy else "starting"}).encode()
+            self.send_response(200 if healthy else 503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/health"
+    finally:
+        server.shutdown()
+        server.server_close()
