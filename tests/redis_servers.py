@@ -27,11 +27,16 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from sandbox.seed import url_for_db
 
 FREE_PORT = "<a free port>"  # an option value running_redis replaces with a free port
 START_TIMEOUT = 20.0
+# A start-up PING is not retried by redis-py (3 times, backing off, by default): when
+# another process holds the port, the PING reaches it and times out each time.
+NO_RETRY = Retry(NoBackoff(), 0)
 STOP_TIMEOUT = 20.0
 
 
@@ -145,7 +150,7 @@ def _start(
             stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
             pytest.fail(f"redis-server exited at start: {stderr}\n{server.log_tail()}")
         try:
-            if server.client(socket_timeout=1).ping():
+            if server.client(socket_timeout=1, retry=NO_RETRY).ping():
                 return server
         except redis.RedisError:
             time.sleep(0.05)

@@ -224,8 +224,9 @@ def task_runs_of(state: State) -> list[Any]:
 def test_two_backups_of_one_redis_never_overlap(backup_dir: Path, tmp_path: Path) -> None:
     """The second backup's first step starts after the first backup's last step ended.
 
-    The first backup's save is slowed (~7 s) and the second one starts only once that
-    save runs, so without the lock their steps would overlap."""
+    The first backup's save is slowed (~7 s; the delay is lifted for later saves, its
+    child keeps its own copy) and the second one starts only once that save runs, so
+    without the lock their steps would overlap."""
     with running_redis(tmp_path / "r", **{"rdb-key-save-delay": "150000"}) as server:
         client = server.client()
         client.mset({f"k{i}": i for i in range(50)})
@@ -248,6 +249,7 @@ def test_two_backups_of_one_redis_never_overlap(backup_dir: Path, tmp_path: Path
         while not int(client.info("persistence")["rdb_bgsave_in_progress"]):
             assert first.is_alive() and time.monotonic() < deadline, "the first save never ran"
             time.sleep(0.05)
+        client.config_set("rdb-key-save-delay", 0)
         second = threading.Thread(target=backup, args=("second",))
         second.start()
         first.join(timeout=300)
@@ -296,11 +298,11 @@ def test_a_save_already_running_is_waited_for_then_ours_runs(
     backup_dir: Path, tmp_path: Path
 ) -> None:
     """The save is provably running when the flow arrives: its child was forked with a
-    delay of 0.1 s per key (30 s for 300 keys), far longer than the flow's start-up;
+    delay of 0.1 s per key (10 s for 100 keys), far longer than the flow's start-up;
     the delay is then lifted for later saves (the running child keeps its own copy)."""
     with running_redis(tmp_path / "r", **{"rdb-key-save-delay": "100000"}) as server:
         client = redis.Redis(port=server.port)
-        client.mset({f"k{i}": i for i in range(300)})
+        client.mset({f"k{i}": i for i in range(100)})
         saves_before = client.info("persistence")["rdb_saves"]
         client.bgsave()
         client.config_set("rdb-key-save-delay", 0)
@@ -313,7 +315,7 @@ def test_a_save_already_running_is_waited_for_then_ours_runs(
             backup_dir=str(backup_dir),
             s3_bucket="",
         )
-        assert manifest["source"]["keyspace"]["db0"]["keys"] == 300
+        assert manifest["source"]["keyspace"]["db0"]["keys"] == 100
         # the flow's first BGSAVE was refused (a save was running), it waited, then saved
         bgsave = client.info("commandstats")["cmdstat_bgsave"]
         assert (bgsave["calls"], bgsave["failed_calls"]) == (3, 1)  # ours, refused, retried

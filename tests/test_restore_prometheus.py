@@ -2,7 +2,7 @@
 into a stopped Prometheus, and the data it replaces is moved aside, never deleted.
 
 The backup comes from a throwaway Prometheus that scrapes itself and cuts a block
-every 10 s (`--storage.tsdb.min-block-duration`), so it holds persisted blocks of
+every 3 s (`--storage.tsdb.min-block-duration`), so it holds persisted blocks of
 scraped data within seconds: no backfill, no shared sandbox.
 """
 
@@ -33,7 +33,7 @@ from tasks.store.archive import (
     tar_stream,
 )
 
-BLOCKS = ["--storage.tsdb.min-block-duration=10s", "--storage.tsdb.max-block-duration=10s"]
+BLOCKS = ["--storage.tsdb.min-block-duration=3s", "--storage.tsdb.max-block-duration=3s"]
 PERSISTED_BLOCKS = 2
 WAIT_SECONDS = 120.0
 
