@@ -10,8 +10,9 @@ measured in the same run:
 - backup-redis, local only, end to end (the flow called in this warm process, the
   Prefect server up, the Pushgateway push on): `fetch=auto`, which follows the save's
   file in Redis's dir (data_dir) while the fork writes it;
-- backup-redis `fetch=network` (the replication stream, diskless: the bench's Redis has
-  `repl-diskless-sync-delay 0`), local only, against `redis-cli --rdb - | zstd -3 -T2`;
+- `redis-cli --rdb - | zstd -3 -T2`, the shell's fastest backup: backup-redis end to end
+  against it, and backup-redis `fetch=network` (the same route: the replication stream,
+  diskless; the bench's Redis has `repl-diskless-sync-delay 0`), local only;
 - encryption: the whole flow with the upload to the sandbox's S3 (its own prefix,
   removed after), unencrypted and age-encrypted, taking turns; the capture step of the
   same runs (from their manifests), where the age copy used to be made.
@@ -405,9 +406,10 @@ def report(
         f"  backup-redis end to end, local only   {ours:6.2f} s   "
         f"{ours / bgsave:.2f}x BGSAVE alone (target <= 1.2), "
         f"{ours / runbook:.2f}x the runbook's way (target <= 0.33)",
-        f"  redis-cli --rdb - | zstd -3 -T2        {cli:6.2f} s",
+        f"  redis-cli --rdb - | zstd -3 -T2        {cli:6.2f} s   backup-redis end to end "
+        f"{ours / cli:.2f}x that (target <= 0.9)",
         f"  backup-redis fetch=network, local only {net:6.2f} s   "
-        f"{net / cli:.2f}x redis-cli | zstd (target <= 0.9)",
+        f"{net / cli:.2f}x redis-cli | zstd (the same route as the peer's)",
         f"  capture step, age on / off            {capture['age']:6.2f} / "
         f"{capture['plain']:.2f} s   {capture['age'] / capture['plain']:.2f}x (target 1.00)",
         f"  whole flow with the upload, age / off {age:6.2f} / {plain:.2f} s   "
@@ -415,7 +417,7 @@ def report(
         f"  flow peak RSS, age and upload         {rss:6.1f} MB (target < 300 MB)",
         f"  a backup-redis run: call -> first step {parts['start']:.2f} s, steps "
         f"{parts['steps']:.2f} s, last step -> terminal state {parts['to terminal state']:.2f} s,"
-        f" -> return {parts['end']:.2f} s",
+        f" last step -> return {parts['end']:.2f} s",
         f"  Pushgateway push {median(pushes) * 1000:.0f} ms (median of {len(pushes)}); "
         f"backup-status run started by its automation {lag:.2f} s after a backup ended "
         "(outside the backup's run)",
