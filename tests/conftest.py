@@ -25,7 +25,9 @@ for _name in [name for name in os.environ if name.startswith(SETTINGS_PREFIX)]:
 # Tests call some tasks (place_rdb) outside a flow run: keep their logs local quietly.
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # Tests read every log and artifact of the session (e.g. "no secret in any log"): the
-# server's default page of 200 would silently cut those reads to the oldest ones.
+# server's default page of 200 would silently cut those reads to the oldest ones. The
+# project's own reads must not depend on it (a limit over 200 is refused with 422 by a
+# default server): test_ui_browser's server keeps the default and runs them.
 os.environ.setdefault("PREFECT_SERVER_API_DEFAULT_LIMIT", "1000000")
 
 import boto3  # noqa: E402
