@@ -37,6 +37,7 @@ from flows.prune_backups import prune_backups
 from flows.support.failures import StepFailed
 from flows.verify_restore import verify_restore
 from sandbox import constants as stack
+from tasks.redis import ship as aof_shipping
 from tasks.redis.aof import MARKER_KEY
 from tasks.redis.pitr import utc
 from tasks.store.kinds import source_tag
@@ -337,9 +338,13 @@ def test_appendonly_no_ends_unavailable_and_writes_nothing(tmp_path: Path) -> No
         assert server.client().hlen(MARKER_KEY) == 0
 
 
-def test_another_redis_aof_is_refused_by_the_marker(tmp_path: Path) -> None:
+def test_another_redis_aof_is_refused_by_the_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """data_dir names the AOF folder of another Redis: the marker this run wrote to the
-    Redis at redis_url is never in it."""
+    Redis at redis_url is never in it. (The marker's deadline is cut to 2 s: a marker
+    is in its own Redis's file within milliseconds, and the wait is not the subject.)"""
+    monkeypatch.setattr(aof_shipping, "MARKER_DEADLINE", 2.0)
     aof = {"appendonly": "yes", "aof_timestamp_enabled": "yes"}
     with (
         running_redis(tmp_path / "a", **aof) as ours,
