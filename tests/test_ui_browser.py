@@ -359,26 +359,32 @@ def fill_parameter(page: Any, name: str, value: str) -> None:
     block = page.locator(".schema-form-property").filter(
         has=page.get_by_text(f"{name} (Optional)", exact=True)
     )
-    block.locator("textarea, input").first.fill(value)
+    box = block.locator("textarea, input").first
+    box.fill(value)
+    box.blur()  # the form takes the value as an operator leaving the box does
 
 
-def wait_for_run(deployment_id: Any, submitted_after: datetime) -> FlowRun:
-    """The run of `deployment_id` created after `submitted_after`, once it has ended."""
+def finished(deployment_id: Any, submitted_after: datetime, serve_log: Path) -> FlowRun:
+    """The run of `deployment_id` created after `submitted_after`, once it has ended;
+    fails with the deployment's runs, their states and `serve`'s log after RUN_TIMEOUT."""
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
     deadline = time.monotonic() + RUN_TIMEOUT
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
-            runs = [
-                r
-                for r in client.read_flow_runs(deployment_filter=only)
-                if r.created and r.created >= submitted_after
-            ]
-            if runs and runs[0].state and runs[0].state.is_final():
-                return runs[0]
+            runs = client.read_flow_runs(deployment_filter=only)
+            new = [r for r in runs if r.created and r.created >= submitted_after]
+            if new and new[0].state and new[0].state.is_final():
+                return new[0]
             time.sleep(1)
-    pytest.fail(f"no run of deployment {deployment_id} ended within {RUN_TIMEOUT:.0f} s")
+    seen = [(r.name, r.created, r.state.name if r.state else None) for r in runs]
+    pytest.fail(
+        f"no run of deployment {deployment_id} created after {submitted_after} ended within "
+        f"{RUN_TIMEOUT:.0f} s; its runs: {seen}; serve's log:\n"
+        + serve_log.read_text(errors="replace")[-3000:],
+        pytrace=False,
+    )
 
 
 def test_an_operator_restores_redis_from_the_run_form(
@@ -415,8 +421,9 @@ def test_an_operator_restores_redis_from_the_run_form(
         shoot(page, ui_world["screens"], "09-recovery-run-form-filled")
         submitted = datetime.now().astimezone()
         page.get_by_role("button", name="Submit").click()
+        page.wait_for_url(re.compile(r"tab=Runs"))  # the UI shows the deployment's runs
         with api(ui_world["server"]):
-            run = wait_for_run(deployment.id, submitted)
+            run = finished(deployment.id, submitted, ui_world["serve_log"])
         assert run.state and run.state.is_completed(), run.state
         assert run.parameters["dry_run"] is False
         assert dump_keys(service.url) == backed_up
