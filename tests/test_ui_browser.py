@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import redis
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
@@ -421,7 +422,11 @@ def test_an_operator_restores_redis_from_the_run_form(
         shoot(page, ui_world["screens"], "09-recovery-run-form-filled")
         submitted = datetime.now().astimezone()
         page.get_by_role("button", name="Submit").click()
-        page.wait_for_url(re.compile(r"tab=Runs"))  # the UI shows the deployment's runs
+        try:  # once the run is created, the UI shows the deployment's runs
+            page.wait_for_url(re.compile(r"tab=Runs"))
+        except PlaywrightTimeout:
+            shot = shoot(page, ui_world["screens"], "09-submit-did-not-create-a-run")
+            pytest.fail(f"Submit created no run; the page: {shot}", pytrace=False)
         with api(ui_world["server"]):
             run = finished(deployment.id, submitted, ui_world["serve_log"])
         assert run.state and run.state.is_completed(), run.state
