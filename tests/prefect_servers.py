@@ -8,6 +8,8 @@ answers and stops the whole process group on exit.
 `prefect_env(server)` is the environment for processes that talk to it (a worker,
 `python -m deployments serve`), `api(server)` points this process's Prefect client at
 it, and `restart(server)` stops it and starts it again on the same port and database.
+`busy_relay(api_url, busy)` stands in front of a server and answers 503 once to each
+request `busy` picks, as a busy SQLite server does.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -180,3 +185,64 @@ def restart(server: PrefectServer) -> None:
     server.process = spawn(server.command, server.env, server.log_path)
     if not wait_healthy(server):
         pytest.fail(f"the restarted Prefect server found {server.url} taken", pytrace=False)
+
+
+@dataclass
+class BusyRelay:
+    url: str  # the API's address through the relay
+    answered_busy: list[str] = field(default_factory=list)  # "METHOD /path", in order
+
+
+HOP_HEADERS = {"host", "connection", "content-length", "transfer-encoding", "content-encoding"}
+
+
+@contextmanager
+def busy_relay(api_url: str, busy: Callable[[str, str], bool]) -> Iterator[BusyRelay]:
+    """A relay to the Prefect API at `api_url` that answers 503 (Prefect's "Service
+    Unavailable") to the first request of each method and path `busy(method, path)`
+    picks, and passes every other request on. A real SQLite server answers so when a
+    write meets another one, which a test cannot time: the 503 is the relay's own."""
+    upstream = httpx.URL(api_url)
+    origin = f"{upstream.scheme}://{upstream.netloc.decode()}"
+    client = httpx.Client(timeout=30)
+    relay = BusyRelay("")
+
+    class Relay(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keeps the client's connection open
+
+        def relay(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            asked = f"{self.command} {self.path}"
+            if busy(self.command, self.path) and asked not in relay.answered_busy:
+                relay.answered_busy.append(asked)
+                self.answer(503, {}, b'{"exception_message":"Service Unavailable"}')
+                return
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+            response = client.request(
+                self.command, origin + self.path, content=body, headers=headers
+            )
+            kept = {k: v for k, v in response.headers.items() if k.lower() not in HOP_HEADERS}
+            self.answer(response.status_code, kept, response.content)
+
+        def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = relay  # noqa: N815 - http.server's names
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Relay)
+    relay.url = f"http://127.0.0.1:{server.server_address[1]}{upstream.path.rstrip('/')}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield relay
+    finally:
+        server.shutdown()
+        server.server_close()
+        client.close()

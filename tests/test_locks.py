@@ -12,8 +12,9 @@ from uuid import UUID
 import pytest
 from lock_holder import HolderProcess, require_unshare, unique_lock
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
+from prefect_servers import busy_relay
 
 from tasks.common.lock_record import read_record, this_holder, write_record
 from tasks.common.lock_slot import try_take
@@ -35,6 +36,30 @@ def test_a_timeout_inside_the_lock_is_that_timeout_not_a_busy_lock() -> None:
     assert type(raised.value) is TimeoutError and "another run holds" not in str(raised.value)
     with exclusive(name, wait_seconds=5):  # and the slot was given back
         pass
+
+
+def test_a_busy_servers_503_is_asked_again_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Most runs end while a SQLite server stores their events, and its answer to the
+    lock record's update is then 503: Prefect's client would wait 2 s to ask again."""
+    pauses: list[float] = []
+    sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), sleep(seconds)))
+    name = unique_lock()
+
+    def record_update(method: str, path: str) -> bool:
+        return method == "PATCH" and path.endswith("/variables/name/lock-holder-" + name)
+
+    with (
+        busy_relay(PREFECT_API_URL.value(), record_update) as relay,
+        temporary_settings({PREFECT_API_URL: relay.url}),
+        exclusive(name),
+    ):
+        pass
+    assert len(relay.answered_busy) == 1  # asked again: the record says "released"
+    with get_client(sync_client=True) as client:
+        record = read_record(client, name)
+    assert record is not None and record.state == "released"
+    assert max(pauses, default=0.0) < 1.0, f"waited {max(pauses):.1f} s on a busy server"
 
 
 def test_waiting_for_a_held_lock_says_busy() -> None:
