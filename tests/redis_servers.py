@@ -2,8 +2,10 @@
 
 `running_redis(work_dir, **config)` starts Debian's `redis-server` on a free
 127.0.0.1 port (data and log in `work_dir` unless `dir=` points the data
-elsewhere; no save points, no AOF unless configured), waits until it answers
-PING, and stops it on exit. Config names take dashes or underscores:
+elsewhere; no save points, no AOF unless configured; a replica's full sync starts at
+once, not after Redis's default 5 s wait for more replicas, which a `fetch="network"`
+backup would otherwise pay), waits until it answers PING, and stops it on exit. Config
+names take dashes or underscores:
 ``running_redis(tmp_path, repl_diskless_sync="no", dir=restored_dir)``. A port picked
 for the server can be taken by another process before the server binds it: the start is
 retried on "Address already in use" with fresh ports, also for options given as
@@ -136,6 +138,7 @@ def _start(
         "dir": str(data_dir),
         "save": "",
         "appendonly": "no",
+        "repl-diskless-sync-delay": 0,
         "logfile": str(log),
     }
     args = [exe, *_config_args(base | options)]
