@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 from prefect import Flow
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 from prefect.deployments import run_deployment
 from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import State
@@ -116,6 +117,12 @@ def test_no_password_in_a_url_parameter_reaches_prefects_database(tmp_path: Path
     assert not problems, "\n".join(problems)
 
 
+def runs_of(client: SyncPrefectClient, deployment: uuid.UUID) -> int:
+    """How many runs `deployment` has (other tests' runs come and go meanwhile)."""
+    only = DeploymentFilter(id=DeploymentFilterId(any_=[deployment]))
+    return len(client.read_flow_runs(deployment_filter=only))
+
+
 @pytest.mark.parametrize("parameter", ["prometheus_url", "gateway_url", "s3_endpoint_url"])
 def test_a_deployment_run_with_credentials_in_a_url_is_refused_by_the_server(
     parameter: str,
@@ -123,17 +130,17 @@ def test_a_deployment_run_with_credentials_in_a_url_is_refused_by_the_server(
     """The run form and `prefect deployment run --param` create the run through the
     server, which checks the parameters against the deployment's schema first."""
     [spec] = [s for s in DEPLOYMENTS if s.name == "host-lost"]
-    to_deployment(spec, "UTC").apply()
+    deployment = to_deployment(spec, "UTC").apply()
     password = f"pw{uuid.uuid4().hex}"
     url = plain_url(parameter, f"admin:{password}@")
     name = f"{spec.flow_name}/{spec.name}"
     with get_client(sync_client=True) as client:
-        before = len(client.read_flow_runs())
+        before = runs_of(client, deployment)
     with pytest.raises(PrefectHTTPStatusError, match="409") as refused:
         run_deployment(name, parameters={parameter: url, "dry_run": True}, timeout=0)
     assert parameter in str(refused.value)
     with get_client(sync_client=True) as client:
-        assert len(client.read_flow_runs()) == before, "a run was created"
+        assert runs_of(client, deployment) == before, "a run was created"
     assert password.encode() not in database_bytes()
     # the same deployment takes a URL without credentials (the run waits for a runner)
     run = run_deployment(name, parameters={parameter: plain_url(parameter)}, timeout=0)
