@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ssl
 import time
+from functools import cache
 
 import certifi
 import httpx
@@ -46,19 +47,23 @@ class AskAgainWhenBusy(httpx.BaseTransport):
         self.transport.close()
 
 
-def tls_context() -> ssl.SSLContext:
-    """The certificate check Prefect's client makes, from the same settings."""
-    if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():
+@cache
+def tls_context(skip_verify: bool, cert_file: str) -> ssl.SSLContext:
+    """The certificate check Prefect's client makes, from the same settings; made once
+    (reading the CA bundle takes tens of milliseconds)."""
+    if skip_verify:
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    return ssl.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+    return ssl.create_default_context(cafile=cert_file or certifi.where())
 
 
 def lock_client() -> SyncPrefectClient:
     """A client of the configured Prefect server (PREFECT_API_URL) for lock calls."""
-    verify = tls_context()
+    verify = tls_context(
+        bool(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value()), PREFECT_API_SSL_CERT_FILE.value() or ""
+    )
     transport = httpx.HTTPTransport(
         verify=verify, http2=PREFECT_API_ENABLE_HTTP2.value(), retries=CONNECT_RETRIES
     )
