@@ -34,6 +34,8 @@ import boto3  # noqa: E402
 import pytest  # noqa: E402
 from prefect import Task  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect_records import database_path  # noqa: E402
+from prefect_servers import keep_as_template  # noqa: E402
 
 from sandbox import constants as stack  # noqa: E402
 
@@ -93,9 +95,11 @@ def quick_retries(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_server() -> Iterator[None]:
-    """A real, temporary Prefect server (SQLite) for every flow in the session."""
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A real, temporary Prefect server (SQLite) for every flow in the session; its new
+    database is the template of the servers tests start (prefect_servers.py)."""
     with prefect_test_harness(server_startup_timeout=120):
+        keep_as_template(database_path(), tmp_path_factory.mktemp("prefect-template"))
         yield
 
 

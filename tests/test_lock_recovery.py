@@ -20,7 +20,14 @@ from pathlib import Path
 import pytest
 from lock_holder import HolderProcess, require_unshare, unique_lock
 from prefect.settings import PREFECT_API_URL
-from prefect_servers import PrefectServer, api, prefect_env, restart, running_prefect_server
+from prefect_servers import (
+    PrefectServer,
+    api,
+    migrated_database,
+    prefect_env,
+    restart,
+    running_prefect_server,
+)
 
 from tasks.common.locks import LockBusy, exclusive
 
@@ -59,6 +66,7 @@ def quiet_env(env: dict[str, str], home: Path) -> dict[str, str]:
 
 def without_prefect(home: Path) -> dict[str, str]:
     """A shell without PREFECT_API_URL: Prefect starts a temporary server per run."""
+    migrated_database(home)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     # A temporary server may take longer than Prefect's 20 s to start on a busy machine.
     temporary = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
