@@ -213,15 +213,15 @@ def run_group(nodeid: str) -> str:
 # handed out first, right after the stack's group, so that no long one starts last while
 # the other worker idles.
 SLOW_FIRST = [
-    "test_lock_recovery",  # 164 s: a lease of 60 s (the server's shortest) runs out
-    "test_ui_browser",  # 137 s
-    "test_recover_gateway",  # 106 s
-    "test_notifications",  # 96 s
-    "test_pitr",  # 96 s
-    "test_recovery_proof",  # 73 s
-    "test_recover_redis",  # 71 s
-    "test_multi_host",  # 50 s
-    "test_recover_host_project",  # 50 s
+    "test_ui_browser",  # 126 s
+    "test_notifications",  # 94 s: lateness windows of 10 s (Prefect's shortest)
+    "test_recover_gateway",  # 93 s
+    "test_lock_recovery",  # 75 s: a lease of 60 s (the server's shortest) runs out
+    "test_multi_host",  # 62 s
+    "test_pitr",  # 53 s
+    "test_recovery_proof",  # 53 s
+    "test_recover_host_project",  # 41 s
+    "test_recover_redis",  # 38 s
 ]
 
 
