@@ -20,7 +20,7 @@ from flows.support.parameter_docs import shared_args
 from flows.support.parameters import dr_flow
 from flows.support.pushes import backup_failed, backup_succeeded, backup_unchanged, with_hooks
 from flows.support.settings import SETTING, resolve, settings
-from tasks.common.clock import elapsed, utc_now
+from tasks.common.clock import elapsed
 from tasks.common.locks import exclusive, lock_name
 from tasks.config.capture import (
     NewestBackup,
@@ -37,7 +37,7 @@ from tasks.config.capture import (
 )
 from tasks.store.archive import Compression, check_compression
 from tasks.store.kinds import config_source_id
-from tasks.store.local import backup_name, prepare_backup_dir, staging_path
+from tasks.store.local import new_backup_name, prepare_backup_dir, staging_path
 
 FAILED = backup_failed(
     "config", lambda p: config_source_id(p.get("project_dir") or settings().config_project_dir)
@@ -127,7 +127,7 @@ def backup_config(
             backup_unchanged("config", source_id)
             result = {"skipped": True, "unchanged_since": previous, "digest": digest}
             return unchanged(f"configuration unchanged since {previous}: nothing stored", result)
-        name = backup_name("config", utc_now(), codec, source_id)
+        name = new_backup_name(store, "config", codec, source_id)
         staging = staging_path(store, name)
         archive = write_config_archive(files, env, name, staging, codec, to.age_copy)
         manifest = config_manifest(name, archive, source, elapsed(started), source_id)

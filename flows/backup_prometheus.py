@@ -18,7 +18,7 @@ from flows.support.parameter_docs import shared_args
 from flows.support.parameters import dr_flow
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
 from flows.support.settings import SETTING, resolve, settings
-from tasks.common.clock import elapsed, utc_now
+from tasks.common.clock import elapsed
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.secrets import check_url, redact_url, url_server
 from tasks.prometheus.api import inspect_prometheus
@@ -34,7 +34,7 @@ from tasks.prometheus.capture import (
 )
 from tasks.store.archive import Compression, check_compression
 from tasks.store.kinds import prometheus_source_id
-from tasks.store.local import backup_name, prepare_backup_dir, staging_path
+from tasks.store.local import new_backup_name, prepare_backup_dir, staging_path
 
 FAILED = backup_failed(
     "prometheus",
@@ -110,7 +110,7 @@ def backup_prometheus(
         tsdb = locate_tsdb(p["fetch"], p["container"] or None, p["data_dir"] or None, facts)
         snapshot = take_snapshot(p["prometheus_url"], tsdb)
         try:
-            name = backup_name("prometheus", utc_now(), codec, source_id)
+            name = new_backup_name(to.backup_dir, "prometheus", codec, source_id)
             staging = staging_path(to.backup_dir, name)
             captured = copy_snapshot(snapshot, staging, codec, to.age_copy)
             recorded = record_values(p["prometheus_url"], captured.blocks)

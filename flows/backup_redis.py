@@ -18,7 +18,7 @@ from flows.support.parameter_docs import shared_args
 from flows.support.parameters import dr_flow
 from flows.support.pushes import backup_failed, backup_succeeded, with_hooks
 from flows.support.settings import SETTING, resolve, settings
-from tasks.common.clock import elapsed, utc_now
+from tasks.common.clock import elapsed
 from tasks.common.locks import exclusive, lock_name
 from tasks.common.redis_url import parse_redis_url
 from tasks.redis.capture import capture_rdb, choose_fetch, describe, redis_manifest
@@ -27,7 +27,7 @@ from tasks.redis.save import start_save
 from tasks.redis.server import inspect_redis
 from tasks.store.archive import Compression, check_compression
 from tasks.store.kinds import redis_source_id
-from tasks.store.local import backup_name, prepare_backup_dir, staging_path
+from tasks.store.local import new_backup_name, prepare_backup_dir, staging_path
 
 FAILED = backup_failed(
     "redis", lambda p: redis_source_id(p.get("redis_url") or settings().redis_url)
@@ -120,7 +120,7 @@ def backup_redis(
                 p["container"] if method == "container" else None,
             )
             sample = sample_after_save(p["redis_url"], sample)  # while the fork writes
-        name = backup_name("redis", utc_now(), codec, source_id)
+        name = new_backup_name(to.backup_dir, "redis", codec, source_id)
         captured = capture_rdb(  # follows the file the save writes, ends with the save
             method,
             p["redis_url"],

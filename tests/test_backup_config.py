@@ -170,6 +170,16 @@ def test_secrets_are_withheld_everywhere(sandbox_config: dict) -> None:
     assert rows["env withheld (secret)"] == "GATEWAY_API_TOKEN"
 
 
+def test_backups_one_after_another_in_the_same_second_all_succeed(tmp_path: Path) -> None:
+    """A run takes well under a second: the next run's name for this second is taken,
+    so it takes the next second's instead of failing on "already exists"."""
+    project, backups = write_project(tmp_path / "project"), tmp_path / "backups"
+    common = dict(project_dir=str(project), env_container="", backup_dir=str(backups), s3_bucket="")
+    names = [backup_config(force=True, **common)["name"] for _ in range(3)]
+    assert len(set(names)) == 3 and names == sorted(names), names
+    assert [m.name for m in list_local(backups, "config")] == names
+
+
 def test_unchanged_config_is_skipped_and_force_stores_anyway(tmp_path: Path) -> None:
     project, backups = write_project(tmp_path / "project"), tmp_path / "backups"
     common = dict(project_dir=str(project), env_container="", backup_dir=str(backups), s3_bucket="")

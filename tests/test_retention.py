@@ -20,7 +20,7 @@ from botocore.exceptions import ClientError
 from redis_servers import RedisServer, free_port, running_redis
 from test_backup_redis import flow_logs
 
-import flows.backup_redis
+import tasks.store.local
 import tasks.store.s3
 from flows.backup_redis import backup_redis
 from sandbox import constants as stack
@@ -188,7 +188,7 @@ def test_same_second_backups_of_two_servers_are_both_stored(
 ) -> None:
     # A stopped clock (a fake) makes "the same second" certain instead of lucky.
     moment = datetime(2026, 3, 1, 6, 0, 0, tzinfo=UTC)
-    monkeypatch.setattr(flows.backup_redis, "utc_now", lambda: moment)
+    monkeypatch.setattr(tasks.store.local, "utc_now", lambda: moment)
     a, b = two_servers
     first, second = back_up(a, backup_dir), back_up(b, backup_dir)
     assert first["name"] != second["name"]

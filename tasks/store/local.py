@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,14 @@ from prefect.cache_policies import NO_CACHE
 from tasks.common.clock import parse_time, utc_now
 from tasks.common.files import OWNER_ONLY, Modes, fsync_dir, make_dirs, write_durably
 from tasks.common.log import run_logger
-from tasks.store.archive import SUFFIXES, CompressedFile, Compression, Manifest, manifest_name
+from tasks.store.archive import (
+    AGE_SUFFIX,
+    SUFFIXES,
+    CompressedFile,
+    Compression,
+    Manifest,
+    manifest_name,
+)
 from tasks.store.kinds import KINDS, source_of, source_tag
 
 FUTURE_TOLERANCE = timedelta(minutes=5)
@@ -42,6 +50,19 @@ def backup_name(kind: str, created_at: datetime, compression: Compression, sourc
     stamp = created_at.astimezone(UTC).strftime("%Y%m%d_%H%M%S")
     tag = source_tag(source_id)
     return f"{spec.folder}/{spec.stem}_{stamp}_{tag}{spec.ext}{SUFFIXES[compression]}"
+
+
+def new_backup_name(backup_dir: Path, kind: str, compression: Compression, source_id: str) -> str:
+    """The name of a backup of `source_id` made now (`backup_name`); when this source
+    already has a backup of this second (a run right after another), the next second's:
+    names stay unique and in time order, and the second run does not fail."""
+    while True:
+        now = utc_now()
+        name = backup_name(kind, now, compression, source_id)
+        taken = resolve_name(backup_dir, name)
+        if not taken.exists() and not taken.with_name(taken.name + AGE_SUFFIX).exists():
+            return name
+        time.sleep(1.001 - now.microsecond / 1_000_000)
 
 
 def resolve_name(backup_dir: Path, name: str) -> Path:
