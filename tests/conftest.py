@@ -29,6 +29,11 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 # project's own reads must not depend on it (a limit over 200 is refused with 422 by a
 # default server): test_ui_browser's server keeps the default and runs them.
 os.environ.setdefault("PREFECT_SERVER_API_DEFAULT_LIMIT", "1000000")
+# The session's server writes task runs in batches, once a second: one by one (Prefect's
+# default) was half of its CPU, a third of a core through a run of the suite. Tests that
+# read task runs wait for them (prefect_records.wait_for_task_runs).
+os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "200")
+os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL", "1")
 
 import boto3  # noqa: E402
 import pytest  # noqa: E402

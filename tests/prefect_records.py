@@ -8,15 +8,43 @@ from contextlib import closing
 from pathlib import Path
 from uuid import UUID
 
+from prefect import task
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+
+@task
+def recorder_marker() -> None:
+    """A task run sent after the ones a test waits for (wait_for_task_runs)."""
+
+
+def wait_for_task_runs(timeout: float = 30.0) -> None:
+    """Wait until the server has written every task run whose events this process sent:
+    its recorder writes them in batches (conftest), in the order they arrived, so once
+    a marker task run sent now is written, the earlier ones are too."""
+    marker = recorder_marker(return_state=True).state_details.task_run_id
+    assert marker is not None
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                run = client.read_task_run(marker)
+                if run.state is not None and run.state.is_completed():
+                    return
+            except ObjectNotFound:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the server wrote no task run in {timeout:g} s")
+            time.sleep(0.1)
 
 
 def prefect_records() -> str:
     """Flow runs (names, parameters, state messages), task runs, logs, artifacts and
     global concurrency limits, read through the API."""
     APILogWorker.drain_all(timeout=10)  # logs reach the server in batches: send what is pending
+    wait_for_task_runs()
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs()
         records = [
@@ -81,5 +109,6 @@ def database_bytes() -> bytes:
     """Every byte of the server's database files (the file, its write-ahead log): a
     value Prefect ever wrote, to any table, even one since overwritten, is in here."""
     APILogWorker.drain_all(timeout=10)
+    wait_for_task_runs()
     path = database_path()
     return b"".join(p.read_bytes() for p in sorted(path.parent.glob(path.name + "*")))

@@ -15,7 +15,7 @@ from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import State
-from prefect_records import log_messages
+from prefect_records import log_messages, wait_for_task_runs
 from redis_servers import running_redis
 
 from flows.backup_redis import backup_redis
@@ -215,6 +215,7 @@ def test_read_only_backup_dir_fails_before_any_work(sandbox_redis: str, tmp_path
 def task_runs_of(state: State) -> list[Any]:
     """The backup's own steps: not the backup-status subflow its hooks start once the
     backup (and its lock) has ended, which shows as a task run of the parent."""
+    wait_for_task_runs()
     with get_client(sync_client=True) as client:
         run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         runs = client.read_task_runs(flow_run_filter=run_filter)
