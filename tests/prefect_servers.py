@@ -38,6 +38,8 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from redis_servers import free_port
 
+from tasks.common.certificates import verified
+
 START_TIMEOUT = 180.0
 PORT_ATTEMPTS = 5
 PORT_TAKEN = "already in use"  # the CLI's check, or uvicorn's bind error (lower-cased)
@@ -127,7 +129,10 @@ def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> bool:
                 return False
             break
         try:
-            if httpx.get(server.api_url + "/health", timeout=2).status_code == 200:
+            if (
+                httpx.get(server.api_url + "/health", timeout=2, verify=verified()).status_code
+                == 200
+            ):
                 return True
         except httpx.HTTPError:
             pass

@@ -24,13 +24,16 @@ import httpx
 import pytest
 
 from sandbox import constants as stack
+from tasks.common.certificates import verified
 
 START_TIMEOUT = 30.0
 
 
 def query(url: str, expr: str, at: float) -> list[tuple[tuple[tuple[str, str], ...], str]]:
     """An instant query's answer as sorted (labels, value) pairs."""
-    answer = httpx.get(f"{url}/api/v1/query", params={"query": expr, "time": at}, timeout=10)
+    answer = httpx.get(
+        f"{url}/api/v1/query", params={"query": expr, "time": at}, timeout=10, verify=verified()
+    )
     answer.raise_for_status()
     return sorted(
         (tuple(sorted(s["metric"].items())), s["value"][1]) for s in answer.json()["data"]["result"]
@@ -137,7 +140,7 @@ def _start(
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}/-/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{server.url}/-/ready", timeout=1, verify=verified()).status_code == 200:
                 return server
         if process.poll() is not None and "address already in use" in log.read_text():
             return None

@@ -28,6 +28,7 @@ from flows.backup_config import backup_config
 from flows.recover_redis import recover_redis
 from flows.support.failures import StepFailed
 from tasks.common import pushgateway as metrics
+from tasks.common.certificates import verified
 from tasks.store.kinds import config_source_id
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
@@ -93,7 +94,7 @@ def start_pushgateway(log_path: Path) -> tuple[subprocess.Popen[bytes], str] | N
     deadline = time.monotonic() + 20
     while process.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/-/ready", timeout=1, verify=verified()).status_code == 200:
                 return process, url
         time.sleep(0.1)
     process.terminate()
@@ -210,7 +211,10 @@ def test_every_dashboard_query_returns_data_once_prometheus_scrapes_the_pushes(
             empty = []
             for title, expr in queries:
                 answer = httpx.get(
-                    f"{prometheus.url}/api/v1/query", params={"query": expr}, timeout=10
+                    f"{prometheus.url}/api/v1/query",
+                    params={"query": expr},
+                    timeout=10,
+                    verify=verified(),
                 )
                 assert answer.status_code == 200, f"{title}: {expr!r} does not parse: {answer.text}"
                 if not answer.json()["data"]["result"]:

@@ -30,6 +30,7 @@ from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from sandbox.images import host_mounts
 from sandbox.stack import gateway_mounts
+from tasks.common.certificates import verified
 from tasks.docker.compose import compose_command
 
 TEST_LABEL = "proxilion-dr.test-id"
@@ -71,7 +72,10 @@ class Gateway:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if httpx.get(self.url, timeout=1).json().get("status") == "healthy":
+                if (
+                    httpx.get(self.url, timeout=1, verify=verified()).json().get("status")
+                    == "healthy"
+                ):
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -83,7 +87,7 @@ class Gateway:
         self.container().wait(timeout=30)
 
     def healthy(self) -> bool:
-        return httpx.get(self.url, timeout=2).json().get("status") == "healthy"
+        return httpx.get(self.url, timeout=2, verify=verified()).json().get("status") == "healthy"
 
 
 def gateway_environment(port: int, redis_port: int, token: str) -> dict[str, str]:
@@ -706,7 +710,10 @@ class Replicas:
         pytest.fail("the throwaway replicas never all became healthy")
 
     def healthy(self, container: Any) -> bool:
-        return httpx.get(self.url(container), timeout=2).json().get("status") == "healthy"
+        return (
+            httpx.get(self.url(container), timeout=2, verify=verified()).json().get("status")
+            == "healthy"
+        )
 
 
 @pytest.fixture

@@ -37,6 +37,7 @@ from flows.support.failures import StepFailed
 from sandbox import constants as stack
 from sandbox.images import host_mounts
 from sandbox.stack import backfill_openmetrics
+from tasks.common.certificates import verified
 from tasks.docker.compose import PROJECT_LABEL, compose_command
 from tasks.docker.project import env_file_text
 
@@ -150,7 +151,7 @@ def docker_ps() -> str:
 
 def healthy(port: int) -> bool:
     try:
-        answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+        answer = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, verify=verified()).json()
         return bool(answer.get("status") == "healthy")
     except (httpx.HTTPError, ValueError, AttributeError):
         return False
@@ -158,7 +159,10 @@ def healthy(port: int) -> bool:
 
 def ready(port: int) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).status_code == 200
+        return (
+            httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2, verify=verified()).status_code
+            == 200
+        )
     except httpx.HTTPError:
         return False
 

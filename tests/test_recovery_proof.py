@@ -31,6 +31,7 @@ from flows.recover_redis import recover_redis
 from flows.support.failures import StepFailed
 from sandbox.constants import SANDBOX_LABEL
 from sandbox.images import build_rootfs_tar, host_layout, host_mounts
+from tasks.common.certificates import verified
 from tasks.docker.compose import compose_command
 from tasks.docker.containers import docker_client
 
@@ -333,7 +334,7 @@ def _ready(url: str) -> bool:
     import httpx
 
     try:
-        return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+        return httpx.get(f"{url}/-/ready", timeout=2, verify=verified()).status_code == 200
     except httpx.HTTPError:
         return False
 

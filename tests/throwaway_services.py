@@ -28,6 +28,7 @@ from redis_servers import free_port
 
 from sandbox import constants as stack
 from sandbox import images
+from tasks.common.certificates import verified
 
 TEST_LABEL = "proxilion-dr.test"
 START_TIMEOUT = 45.0
@@ -170,7 +171,7 @@ def restart(service: Service, ready: Callable[[Service], bool]) -> None:
 
 
 def prometheus_ready(service: Service) -> bool:
-    return httpx.get(f"{service.url}/-/ready", timeout=2).status_code == 200
+    return httpx.get(f"{service.url}/-/ready", timeout=2, verify=verified()).status_code == 200
 
 
 @contextmanager

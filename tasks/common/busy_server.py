@@ -14,7 +14,6 @@ import ssl
 import time
 from functools import cache
 
-import certifi
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.settings import (
@@ -22,6 +21,8 @@ from prefect.settings import (
     PREFECT_API_SSL_CERT_FILE,
     PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
 )
+
+from tasks.common.certificates import verified
 
 BUSY = 503
 BUSY_PAUSES = (0.02, 0.05, 0.1, 0.2, 0.5)  # then Prefect's own retries (2 s, 4 s, ...)
@@ -56,7 +57,7 @@ def tls_context(skip_verify: bool, cert_file: str) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    return ssl.create_default_context(cafile=cert_file or certifi.where())
+    return verified(cert_file)
 
 
 def lock_client() -> SyncPrefectClient:

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import json
 import secrets
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
-import certifi
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+
+from tasks.common.certificates import verified
 
 HEALTHY = {"status": "healthy"}
 PROBE_TIMEOUT = 2.0
@@ -47,17 +46,10 @@ def _short(body: bytes) -> str:
     return body[:200].decode(errors="replace").replace("\n", " ")
 
 
-@cache
-def _certificates() -> ssl.SSLContext:
-    """httpx's own certificate check, made once: building it reads the CA bundle, tens
-    of milliseconds of CPU that every probe of a polling loop paid."""
-    return ssl.create_default_context(cafile=certifi.where())
-
-
 def _get(url: str, timeout: float) -> httpx.Response | str:
     """The 200 response of GET `url`, or why there was none (one line)."""
     try:
-        response = httpx.get(url, timeout=timeout, verify=_certificates())
+        response = httpx.get(url, timeout=timeout, verify=verified())
     except httpx.TimeoutException:
         return f"GET {url}: no answer within {timeout:g} s"
     except httpx.HTTPError as error:
@@ -150,6 +142,7 @@ def analyze_once(base_url: str) -> str:
         derive_url(base_url, "/analyze"),
         json={"session_id": session, "tool": "read_file", "args": {"path": "/etc/hostname"}},
         timeout=10,
+        verify=verified(),
     )
     body = response.json() if response.status_code == 200 else {}
     if "decision" not in body:

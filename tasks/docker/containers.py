@@ -14,6 +14,7 @@ import docker
 import httpx
 from docker.errors import DockerException, NotFound
 
+from tasks.common.certificates import verified
 from tasks.common.errors import one_line
 from tasks.common.files import CHUNK
 
@@ -275,7 +276,7 @@ def wait_until_answers(url: str, container: str, timeout: float) -> str:
 
     def probe() -> str | None:
         try:
-            response = httpx.get(url, timeout=2)
+            response = httpx.get(url, timeout=2, verify=verified())
             body = response.json()
         except (httpx.HTTPError, ValueError) as error:
             return one_line(error)

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from tasks.common.certificates import verified
 from tasks.common.retry import TransientError, retrying_task
 from tasks.common.secrets import redact_url
 
@@ -83,7 +84,7 @@ def call_api(
     """One API request; connection trouble is transient, a slow answer is not."""
     where = redact_url(prometheus_url)
     try:
-        with httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0)) as client:
+        with httpx.Client(timeout=httpx.Timeout(timeout, connect=5.0), verify=verified()) as client:
             response = client.request(method, prometheus_url.rstrip("/") + path)
     except (httpx.InvalidURL, httpx.UnsupportedProtocol):
         raise ValueError(

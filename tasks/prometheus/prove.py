@@ -12,6 +12,7 @@ import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.common.certificates import verified
 from tasks.common.checks import Check
 from tasks.common.http_health import derive_url
 from tasks.prometheus.api import (
@@ -130,7 +131,7 @@ def prove_prometheus(prometheus_url: str, manifest: Manifest) -> list[Check]:
 
 
 def check_alert_rules(prometheus_url: str) -> str:
-    response = httpx.get(derive_url(prometheus_url, "/api/v1/rules"), timeout=10)
+    response = httpx.get(derive_url(prometheus_url, "/api/v1/rules"), timeout=10, verify=verified())
     groups = response.json().get("data", {}).get("groups", [])
     rules = sum(len(g.get("rules", [])) for g in groups)
     if not rules:

@@ -24,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common.aside import MovedAside, aside_base, move_into_aside, put_back, unique_folder
+from tasks.common.certificates import verified
 from tasks.common.files import chown_like
 from tasks.common.log import run_logger
 from tasks.common.secrets import redact_url
@@ -195,7 +196,7 @@ def wait_until_ready(prometheus_url: str, container: str, timeout_seconds: float
 
     def ready() -> str | None:
         try:
-            response = httpx.get(url, timeout=5)
+            response = httpx.get(url, timeout=5, verify=verified())
         except httpx.HTTPError as error:
             return type(error).__name__
         return None if response.status_code == 200 else f"HTTP {response.status_code}"
