@@ -92,11 +92,11 @@ def main() -> None:
                 time.sleep(0.5)
         url = f"redis://127.0.0.1:{redis_port}"
         redis.Redis.from_url(url).mset({f"session:{i}": "x" * 100 for i in range(5000)})
-        ours = locks.lock_client
+        ours = locks.server_client
         with temporary_settings({PREFECT_API_URL: api}):
             for _round in range(runs):
                 for side in times:
-                    locks.lock_client = (
+                    locks.server_client = (
                         ours if side == "lock client" else lambda: get_client(sync_client=True)
                     )
                     before, started = waits.count, time.monotonic()
@@ -107,7 +107,7 @@ def main() -> None:
                     times[side].append(time.monotonic() - started)
                     counted[side] += waits.count - before
                     time.sleep(1)
-        locks.lock_client = ours
+        locks.server_client = ours
     finally:
         server.terminate()
         redis_server.terminate()

@@ -26,7 +26,6 @@ from dataclasses import replace
 from datetime import timedelta
 from uuid import UUID
 
-from prefect import get_client
 from prefect.automations import (
     AutomationCore,
     EventTrigger,
@@ -38,6 +37,7 @@ from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.exceptions import ObjectNotFound
 
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
+from tasks.common.busy_server import server_client
 
 WEBHOOK_BLOCK = "proxilion-dr-webhook"
 FAILURE_AUTOMATION = "proxilion-dr: run failed or crashed"
@@ -156,7 +156,7 @@ def notification_automations(
 def replace_automation(automation: AutomationCore) -> UUID:
     """Create `automation`, or update the one of the same name in place (apply is
     repeatable; updating rather than deleting keeps the server's trigger state sane)."""
-    with get_client(sync_client=True) as client:
+    with server_client() as client:
         existing = client.read_automations_by_name(automation.name)
         if not existing:
             return client.create_automation(automation)
@@ -183,7 +183,7 @@ def apply_notifications(webhook_url: str, ui_url: str, host: str | None = None) 
         replace_automation(automation)
     current = {a.name for a in automations}
     ours = sorted(late_tags(host))
-    with get_client(sync_client=True) as client:
+    with server_client() as client:
         for stale in client.read_automations():
             if sorted(stale.tags) == ours and stale.name not in current:
                 client.delete_automation(stale.id)
@@ -229,7 +229,7 @@ def apply_status_refresh(host: str | None = None, deployment_id: UUID | None = N
     or why it was not created (the deployment is not registered yet)."""
     spec = status_spec(host)
     if deployment_id is None:
-        with get_client(sync_client=True) as client:
+        with server_client() as client:
             try:
                 deployment_id = client.read_deployment_by_name(f"{STATUS_FLOW}/{spec.name}").id
             except ObjectNotFound:

@@ -25,7 +25,8 @@ import pytest
 from prefect import flow, get_client
 from prefect.flow_engine import run_flow
 from prefect.logging.handlers import APILogWorker
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_servers import busy_relay
 
 from deployments.__main__ import load_flow, main
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
@@ -44,6 +45,7 @@ from deployments.notifications import (
 from flows.backup_status import backup_status
 from flows.recover_gateway import recover_gateway
 from flows.support.hooks import FLOW_HOOKS, check_failure_notified
+from tasks.common.busy_server import server_client
 
 # Messages of one evaluation of the server's triggers arrive within this of each other.
 DELIVERY_SECONDS = 3.0
@@ -82,7 +84,7 @@ class Webhook:
 
 
 def delete_automations(prefix: str = "proxilion-dr") -> None:
-    with get_client(sync_client=True) as client:
+    with server_client() as client:  # a busy server's 503 asked again at once
         for automation in client.read_automations():
             if automation.name.startswith(prefix):
                 client.delete_automation(automation.id)
@@ -121,6 +123,30 @@ def test_failed_run_reaches_the_webhook_with_flow_run_step_and_reason(webhook: W
     assert sum(str(run.id) in m["text"] for m in webhook.received) == 1
 
 
+def test_a_busy_servers_503_to_an_automation_write_is_asked_again_at_once(
+    webhook: Webhook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve` applies the automations as it starts, while the runs it serves store
+    their events: a SQLite server then answers some writes 503, and Prefect's client
+    would wait 2 s before each asks again."""
+    pauses: list[float] = []
+    sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), sleep(seconds)))
+
+    def automation_write(method: str, path: str) -> bool:
+        return method in ("POST", "PUT") and "/automations/" in path and "filter" not in path
+
+    with (
+        busy_relay(PREFECT_API_URL.value(), automation_write) as relay,
+        temporary_settings({PREFECT_API_URL: relay.url}),
+    ):
+        names = apply_notifications(webhook.url, ui_url="")
+    assert relay.answered_busy == ["POST /api/automations/"]  # a create: asked again
+    with get_client(sync_client=True) as client:
+        assert set(names) <= {a.name for a in client.read_automations()}
+    assert max(pauses, default=0.0) < 1.0, f"waited {max(pauses):.1f} s on a busy server"
+
+
 def test_webhook_url_is_a_secret_of_the_block_not_a_plain_field(webhook: Webhook) -> None:
     apply_notifications(webhook.url, ui_url="")
     with get_client(sync_client=True) as client:
@@ -128,24 +154,6 @@ def test_webhook_url_is_a_secret_of_the_block_not_a_plain_field(webhook: Webhook
             WEBHOOK_BLOCK, "custom-webhook", include_secrets=False
         )
     assert "secret-token-xyz" not in json.dumps(stored.data, default=str)
-
-
-def test_scheduled_deployment_that_does_not_complete_in_time_notifies(webhook: Webhook) -> None:
-    """The lateness trigger of a deployment that nothing runs, its window shortened from
-    2 × the schedule interval to the shortest Prefect accepts (10 s)."""
-    block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
-    spec = DeploymentSpec(
-        name=f"never-runs-{uuid.uuid4().hex[:6]}",
-        entrypoint="flows/backup_redis.py:backup_redis",
-        cron="0 */6 * * *",
-        description="test",
-    )
-    replace_automation(late_automation(spec, block_id, "", within=timedelta(seconds=10)))
-
-    message = webhook.wait_for(spec.name, deadline_seconds=90)
-
-    assert "backup-redis late" in message["subject"]
-    assert "has not completed a run in the last 0:00:10" in message["text"]
 
 
 @flow(name="backup-on-time")
@@ -162,25 +170,28 @@ def complete_a_run(deployment_id: uuid.UUID) -> None:
     run_flow(backup_on_time, flow_run=run)
 
 
-def test_a_deployment_whose_runs_complete_on_time_is_not_late(webhook: Webhook) -> None:
-    """Runs completing back to back keep a 10 s late automation silent; a second one,
-    made after it and watching a deployment with no runs, shows the server evaluated a
-    whole window of the first meanwhile. Once the runs stop, the first one speaks too
-    (so its silence meant something)."""
+def test_a_scheduled_deployment_is_late_only_while_no_run_completes(webhook: Webhook) -> None:
+    """Two late automations, their windows shortened from 2 × the schedule interval to
+    the shortest Prefect accepts (10 s): one watches a backup-redis deployment that
+    nothing runs, and notifies; the other watches a deployment whose runs complete back
+    to back, and stays silent meanwhile (the first shows the server evaluated a whole
+    window of it). Once its runs stop, it speaks too (so its silence meant something)."""
     block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
     suffix = uuid.uuid4().hex[:6]
     on_time = DeploymentSpec(f"on-time-{suffix}", f"{__file__}:backup_on_time", "0 * * * *", "")
-    idle = replace(on_time, name=f"idle-{suffix}")
+    idle = DeploymentSpec(
+        f"never-runs-{suffix}", "flows/backup_redis.py:backup_redis", "0 */6 * * *", ""
+    )
     deployment_id = backup_on_time.to_deployment(name=on_time.name).apply()
     window = timedelta(seconds=10)
     replace_automation(late_automation(on_time, block_id, "", within=window))
     replace_automation(late_automation(idle, block_id, "", within=window))
 
-    def said(spec: DeploymentSpec) -> int:
-        return sum(f"(deployment {spec.name}," in m["text"] for m in webhook.received)
+    def said(spec: DeploymentSpec) -> list[dict[str, Any]]:
+        return [m for m in webhook.received if f"(deployment {spec.name}," in m["text"]]
 
     deadline = time.monotonic() + 120
-    while said(idle) < 1:
+    while not said(idle):
         assert time.monotonic() < deadline, (
             f"the idle deployment was never late: {webhook.received}"
         )
@@ -188,7 +199,10 @@ def test_a_deployment_whose_runs_complete_on_time_is_not_late(webhook: Webhook) 
     delivered = time.monotonic() + DELIVERY_SECONDS  # a message of the same evaluation
     while time.monotonic() < delivered:
         complete_a_run(deployment_id)
-    assert said(on_time) == 0, webhook.received
+    assert said(on_time) == [], webhook.received
+    late = said(idle)[0]
+    assert "backup-redis late" in late["subject"]
+    assert "has not completed a run in the last 0:00:10" in late["text"]
 
     webhook.wait_for(f"(deployment {on_time.name},", deadline_seconds=60)
 

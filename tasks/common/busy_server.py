@@ -1,4 +1,5 @@
-"""A Prefect client for the locks' short writes that asks a busy server again at once.
+"""A Prefect client for short writes (locks, automations) that asks a busy server again
+at once.
 
 A SQLite Prefect server (the default) answers 503 when a write meets another one: a
 variable update reads, then writes, in one deferred transaction, and fails when the
@@ -60,8 +61,8 @@ def tls_context(skip_verify: bool, cert_file: str) -> ssl.SSLContext:
     return verified(cert_file)
 
 
-def lock_client() -> SyncPrefectClient:
-    """A client of the configured Prefect server (PREFECT_API_URL) for lock calls."""
+def server_client() -> SyncPrefectClient:
+    """A client of the configured Prefect server (PREFECT_API_URL) for short writes."""
     verify = tls_context(
         bool(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value()), PREFECT_API_SSL_CERT_FILE.value() or ""
     )

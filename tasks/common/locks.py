@@ -26,7 +26,7 @@ import httpx
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.settings import PREFECT_API_URL
 
-from tasks.common.busy_server import lock_client
+from tasks.common.busy_server import server_client
 from tasks.common.host_lock import HostLock
 from tasks.common.lock_record import (
     Holder,
@@ -138,7 +138,7 @@ def server_slot(
     name: str, me: Holder, deadline: float, wait_seconds: float, lease_seconds: float
 ) -> Iterator[None]:
     """Hold the server's slot of `name` (called while holding this host's lock file)."""
-    with lock_client() as client:
+    with server_client() as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
         warn_if_leases_in_memory(client)
         slot = wait_for_slot(client, name, me, deadline, wait_seconds, lease_seconds)
@@ -226,7 +226,7 @@ def kept(slot: Slot, name: str, me: Holder) -> Iterator[None]:
 
 
 def keep(slot: Slot, name: str, me: Holder, stop: threading.Event) -> None:
-    with lock_client() as client:
+    with server_client() as client:
         while not stop.wait(RENEW_SECONDS):
             keep_once(client, slot, name, me)
 
