@@ -91,7 +91,7 @@ def worker(server: PrefectServer, host: Host, log_path: Path) -> Iterator[None]:
             [PREFECT, "worker", "start", "--pool", POOL, "--type", "process"]
             + ["--work-queue", host.name, "--name", f"worker-{host.name}"],
             cwd=log_path.parent,
-            env=prefect_env(server, PREFECT_WORKER_QUERY_SECONDS="2", **host.settings),
+            env=prefect_env(server, PREFECT_WORKER_QUERY_SECONDS="1", **host.settings),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -35,7 +35,7 @@ BUCKET = stack.S3_LOCKED_BUCKET
 SECONDS = 1 / 86_400  # retention_days of one second
 # COMPLIANCE lock of the backup test: outlasts the backup run and the refused deletions
 # on a busy machine, then the test waits it out and deletes the backup.
-LOCK_SECONDS = 15
+LOCK_SECONDS = 10
 UNLOCK_GRACE = timedelta(seconds=30)  # after its date, until the store lets it go
 
 

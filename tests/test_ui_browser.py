@@ -84,7 +84,7 @@ def ui_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         serve_log = root / "serve.log"
         env = prefect_env(
             server,
-            PREFECT_RUNNER_POLL_FREQUENCY="2",
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
             PROXILION_DR_REDIS_URL=redis_server.url,
             PROXILION_DR_REDIS_CONTAINER="",
             PROXILION_DR_BACKUP_DIR=str(backup_dir),
