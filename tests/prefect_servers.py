@@ -129,10 +129,8 @@ def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> bool:
                 return False
             break
         try:
-            if (
-                httpx.get(server.api_url + "/health", timeout=2, verify=verified()).status_code
-                == 200
-            ):
+            health = httpx.get(server.api_url + "/health", timeout=2, verify=verified())
+            if health.status_code == 200:
                 return True
         except httpx.HTTPError:
             pass
@@ -227,6 +225,15 @@ class BusyRelay:
 
 
 HOP_HEADERS = {"host", "connection", "content-length", "transfer-encoding", "content-encoding"}
+
+
+def recorded_pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every `time.sleep` of this process from now on, in seconds (it still sleeps): a
+    test of `busy_relay` checks that nobody waited long on a busy server."""
+    pauses: list[float] = []
+    sleep = time.sleep
+    monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), sleep(seconds)))
+    return pauses
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from lock_holder import HolderProcess, require_unshare, unique_lock
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Crashed
-from prefect_servers import busy_relay
+from prefect_servers import busy_relay, recorded_pauses
 
 from tasks.common.lock_record import read_record, this_holder, write_record
 from tasks.common.lock_slot import try_take
@@ -41,9 +41,7 @@ def test_a_timeout_inside_the_lock_is_that_timeout_not_a_busy_lock() -> None:
 def test_a_busy_servers_503_is_asked_again_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Most runs end while a SQLite server stores their events, and its answer to the
     lock record's update is then 503: Prefect's client would wait 2 s to ask again."""
-    pauses: list[float] = []
-    sleep = time.sleep
-    monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), sleep(seconds)))
+    pauses = recorded_pauses(monkeypatch)
     name = unique_lock()
 
     def record_update(method: str, path: str) -> bool:

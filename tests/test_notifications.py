@@ -26,7 +26,7 @@ from prefect import flow, get_client
 from prefect.flow_engine import run_flow
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect_servers import busy_relay
+from prefect_servers import busy_relay, recorded_pauses
 
 from deployments.__main__ import load_flow, main
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
@@ -129,9 +129,7 @@ def test_a_busy_servers_503_to_an_automation_write_is_asked_again_at_once(
     """`serve` applies the automations as it starts, while the runs it serves store
     their events: a SQLite server then answers some writes 503, and Prefect's client
     would wait 2 s before each asks again."""
-    pauses: list[float] = []
-    sleep = time.sleep
-    monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), sleep(seconds)))
+    pauses = recorded_pauses(monkeypatch)
 
     def automation_write(method: str, path: str) -> bool:
         return method in ("POST", "PUT") and "/automations/" in path and "filter" not in path
