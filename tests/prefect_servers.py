@@ -222,18 +222,11 @@ def restart(server: PrefectServer) -> None:
 class BusyRelay:
     url: str  # the API's address through the relay
     answered_busy: list[str] = field(default_factory=list)  # "METHOD /path", in order
+    # seconds from each 503 until the same request came again, in order
+    asked_again_after: list[float] = field(default_factory=list)
 
 
 HOP_HEADERS = {"host", "connection", "content-length", "transfer-encoding", "content-encoding"}
-
-
-def recorded_pauses(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Every `time.sleep` of this process from now on, in seconds (it still sleeps): a
-    test of `busy_relay` checks that nobody waited long on a busy server."""
-    pauses: list[float] = []
-    sleep = time.sleep
-    monkeypatch.setattr(time, "sleep", lambda seconds: (pauses.append(seconds), sleep(seconds)))
-    return pauses
 
 
 @contextmanager
@@ -246,6 +239,7 @@ def busy_relay(api_url: str, busy: Callable[[str, str], bool]) -> Iterator[BusyR
     origin = f"{upstream.scheme}://{upstream.netloc.decode()}"
     client = httpx.Client(timeout=30)
     relay = BusyRelay("")
+    busy_since: dict[str, float] = {}  # requests answered 503 and not asked again yet
 
     class Relay(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keeps the client's connection open
@@ -253,8 +247,11 @@ def busy_relay(api_url: str, busy: Callable[[str, str], bool]) -> Iterator[BusyR
         def relay(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             asked = f"{self.command} {self.path}"
-            if busy(self.command, self.path) and asked not in relay.answered_busy:
+            if asked in busy_since:
+                relay.asked_again_after.append(time.monotonic() - busy_since.pop(asked))
+            elif busy(self.command, self.path) and asked not in relay.answered_busy:
                 relay.answered_busy.append(asked)
+                busy_since[asked] = time.monotonic()
                 self.answer(503, {}, b'{"exception_message":"Service Unavailable"}')
                 return
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}

@@ -26,7 +26,7 @@ from prefect import flow, get_client
 from prefect.flow_engine import run_flow
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect_servers import busy_relay, recorded_pauses
+from prefect_servers import busy_relay
 
 from deployments.__main__ import load_flow, main
 from deployments.catalog import DEPLOYMENTS, DeploymentSpec
@@ -124,12 +124,11 @@ def test_failed_run_reaches_the_webhook_with_flow_run_step_and_reason(webhook: W
 
 
 def test_a_busy_servers_503_to_an_automation_write_is_asked_again_at_once(
-    webhook: Webhook, monkeypatch: pytest.MonkeyPatch
+    webhook: Webhook,
 ) -> None:
     """`serve` applies the automations as it starts, while the runs it serves store
     their events: a SQLite server then answers some writes 503, and Prefect's client
     would wait 2 s before each asks again."""
-    pauses = recorded_pauses(monkeypatch)
 
     def automation_write(method: str, path: str) -> bool:
         return method in ("POST", "PUT") and "/automations/" in path and "filter" not in path
@@ -142,7 +141,9 @@ def test_a_busy_servers_503_to_an_automation_write_is_asked_again_at_once(
     assert relay.answered_busy == ["POST /api/automations/"]  # a create: asked again
     with get_client(sync_client=True) as client:
         assert set(names) <= {a.name for a in client.read_automations()}
-    assert max(pauses, default=0.0) < 1.0, f"waited {max(pauses):.1f} s on a busy server"
+    assert relay.asked_again_after, "the request answered 503 was never sent again"
+    waited = max(relay.asked_again_after)
+    assert waited < 1.0, f"waited {waited:.1f} s on a busy server"
 
 
 def test_webhook_url_is_a_secret_of_the_block_not_a_plain_field(webhook: Webhook) -> None:
