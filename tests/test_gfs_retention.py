@@ -300,7 +300,9 @@ def test_s3_pruning_applies_the_same_rules_per_source(s3_prefix: str) -> None:
     dry = prune_remote.fn(*args, dry_run=True)
     expected = {m.name for m in plan_retention(ours, now, rules, SOURCE).keep}
     assert {m.name for m in dry.keep} == expected and dry.other_sources == 2
-    assert 3 <= len(expected) <= 5  # 2 days, plus the newest of this ISO week and the last
+    # 2 days, plus the newest of this ISO week and of the last when they are older (on a
+    # Monday both are among the 2 days: a CI rehearsal failed on one with 3 <= 2)
+    assert 2 <= len(expected) <= 4
     done = prune_remote.fn(*args)
     listing = boto3.client("s3", endpoint_url=stack.S3_ENDPOINT).list_objects_v2(
         Bucket=stack.S3_BUCKET, Prefix=s3_prefix + "/"
