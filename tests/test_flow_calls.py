@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import (
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+    PREFECT_LOGGING_LEVEL,
     get_current_settings,
     temporary_settings,
 )
@@ -26,6 +27,11 @@ def stand_in() -> int | None:
     """The heartbeat interval the run sees (None: no heartbeat thread)."""
     print("the stand-in's own line")
     return get_current_settings().flows.heartbeat_frequency
+
+
+@dr_flow(name="settings-stand-in")
+def log_level_seen() -> str:
+    return get_current_settings().logging.level
 
 
 def run_log_messages(run_id: UUID) -> list[str]:
@@ -46,3 +52,14 @@ def test_a_direct_call_runs_without_a_heartbeat_thread_and_keeps_every_log_line(
 def test_a_heartbeat_interval_set_on_purpose_is_kept() -> None:
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
         assert stand_in() == 60
+
+
+def test_each_call_runs_with_the_settings_of_its_caller() -> None:
+    """The settings without heartbeats are derived once per settings object (flows/
+    support/parameters.py): a call under other settings sees those, then the first again."""
+    before = log_level_seen()
+    for level in ("DEBUG", "WARNING"):
+        with temporary_settings(updates={PREFECT_LOGGING_LEVEL: level}):
+            assert log_level_seen() == level
+            assert stand_in() is None
+    assert log_level_seen() == before

@@ -31,11 +31,8 @@ from collections.abc import Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 from prefect import Flow
-from prefect.settings import (
-    PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-    get_current_settings,
-    temporary_settings,
-)
+from prefect.context import SettingsContext, get_settings_context
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings
 from prefect.states import Failed
 from pydantic import Field
 
@@ -53,14 +50,31 @@ def url_parameters(signature: inspect.Signature) -> list[str]:
     return [name for name in signature.parameters if name.endswith(URL_SUFFIX)]
 
 
+# The settings of the last direct call, and the same without heartbeats: deriving them
+# (Prefect's temporary_settings) validates every setting again, about 45 ms of CPU.
+_without_heartbeats: list[tuple[Settings, Settings]] = []
+
+
+def settings_without_heartbeats(settings: Settings) -> Settings:
+    """`settings` with flow-run heartbeats off, derived once per settings object."""
+    last = _without_heartbeats[0] if _without_heartbeats else None
+    if last is not None and last[0] is settings:
+        return last[1]
+    quiet = settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    _without_heartbeats[:] = [(settings, quiet)]
+    return quiet
+
+
 class GuardedFlow(Flow[P, R]):
     """A Prefect flow that stores its URL parameters redacted when it creates its run,
     and whose direct call returns as its run ends (no heartbeat thread to wait for)."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        context = get_settings_context()
+        if "heartbeat_frequency" in context.settings.flows.model_fields_set:
             return super().__call__(*args, **kwargs)  # set on purpose: heartbeats kept
-        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        quiet = settings_without_heartbeats(context.settings)
+        with SettingsContext(profile=context.profile, settings=quiet):
             return super().__call__(*args, **kwargs)
 
     def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
