@@ -242,15 +242,15 @@ def run_group(nodeid: str) -> str:
 # handed out first, right after the stack's group, so that no long one starts last while
 # the other worker idles.
 SLOW_FIRST = [
-    "test_ui_browser",  # 126 s
-    "test_notifications",  # 94 s: lateness windows of 10 s (Prefect's shortest)
-    "test_recover_gateway",  # 93 s
-    "test_lock_recovery",  # 75 s: a lease of 60 s (the server's shortest) runs out
-    "test_multi_host",  # 62 s
-    "test_pitr",  # 53 s
-    "test_recovery_proof",  # 53 s
-    "test_recover_host_project",  # 41 s
-    "test_recover_redis",  # 38 s
+    "test_ui_browser",  # 101 s
+    "test_recover_gateway",  # 90 s
+    "test_lock_recovery",  # 82 s: a lease of 60 s (the server's shortest) runs out
+    "test_multi_host",  # 73 s
+    "test_notifications",  # 71 s: lateness windows of 10 s (Prefect's shortest)
+    "test_recovery_proof",  # 62 s
+    "test_recover_host_project",  # 49 s
+    "test_pitr",  # 48 s
+    "test_recover_redis",  # 44 s
 ]
 
 
