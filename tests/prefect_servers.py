@@ -225,6 +225,11 @@ class BusyRelay:
     # seconds from each 503 until the same request came again, in order
     asked_again_after: list[float] = field(default_factory=list)
 
+    def longest_wait(self) -> float:
+        """The longest time a client took to ask again after a 503 (fails if none did)."""
+        assert self.asked_again_after, "the request answered 503 was never sent again"
+        return max(self.asked_again_after)
+
 
 HOP_HEADERS = {"host", "connection", "content-length", "transfer-encoding", "content-encoding"}
 

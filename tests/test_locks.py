@@ -56,8 +56,7 @@ def test_a_busy_servers_503_is_asked_again_at_once() -> None:
     with get_client(sync_client=True) as client:
         record = read_record(client, name)
     assert record is not None and record.state == "released"
-    assert relay.asked_again_after, "the request answered 503 was never sent again"
-    waited = max(relay.asked_again_after)
+    waited = relay.longest_wait()
     assert waited < 1.0, f"waited {waited:.1f} s on a busy server"
 
 
