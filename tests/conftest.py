@@ -13,6 +13,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ import boto3  # noqa: E402
 import pytest  # noqa: E402
 from prefect import Task  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-from prefect_records import database_path  # noqa: E402
+from prefect_records import database_path, scan_from  # noqa: E402
 from prefect_servers import keep_as_template  # noqa: E402
 
 from sandbox import constants as stack  # noqa: E402
@@ -130,6 +131,13 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=120):
         keep_as_template(database_path(), tmp_path_factory.mktemp("prefect-template"))
         yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def records_of_this_module() -> None:
+    """Scans of what Prefect keeps (prefect_records) read this module's records: a
+    second of margin for the server's and this process's clocks."""
+    scan_from(datetime.now(UTC) - timedelta(seconds=1))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,18 +1,53 @@
-"""Everything the session's Prefect server keeps, as text, to prove a secret is not in it."""
+"""Everything the session's Prefect server keeps, as text, to prove a secret is not in it.
+
+The reads cover what the server received since the running test module began
+(`scan_from`, called by conftest as each module starts): a secret a test makes is its
+module's own, and a read of the whole session grew with it, to seconds of CPU per read
+late in a run of the suite.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import time
 from contextlib import closing
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
 from prefect import task
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
+    LogFilter,
+    LogFilterTimestamp,
+    TaskRunFilter,
+    TaskRunFilterStartTime,
+)
+from prefect.client.schemas.objects import Log
 from prefect.exceptions import ObjectNotFound
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+_scanned_from = [datetime(2000, 1, 1, tzinfo=UTC)]
+
+
+def scan_from(moment: datetime) -> None:
+    """The reads below cover what the server received from `moment` on."""
+    _scanned_from[0] = moment
+
+
+def recent_runs() -> FlowRunFilter:
+    """Flow runs created since `scan_from` (a run's expected start is its creation,
+    or later when it is scheduled)."""
+    expected = FlowRunFilterExpectedStartTime(after_=_scanned_from[0])
+    return FlowRunFilter(expected_start_time=expected)
+
+
+def recent_logs(client: SyncPrefectClient) -> list[Log]:
+    written = LogFilterTimestamp(after_=_scanned_from[0])
+    return client.read_logs(log_filter=LogFilter(timestamp=written))
 
 
 @task
@@ -41,17 +76,21 @@ def wait_for_task_runs(timeout: float = 30.0) -> None:
 
 
 def prefect_records() -> str:
-    """Flow runs (names, parameters, state messages), task runs, logs, artifacts and
-    global concurrency limits, read through the API."""
+    """Flow runs (names, parameters, state messages), task runs, logs and artifacts since
+    `scan_from`, and the global concurrency limits, read through the API."""
     APILogWorker.drain_all(timeout=10)  # logs reach the server in batches: send what is pending
     wait_for_task_runs()
+    runs = recent_runs()
+    started = TaskRunFilter(start_time=TaskRunFilterStartTime(after_=_scanned_from[0]))
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs()
         records = [
-            *(run.model_dump_json() for run in runs),
-            *(task.model_dump_json() for task in client.read_task_runs()),
-            *(log.model_dump_json() for log in client.read_logs()),
-            *(artifact.model_dump_json() for artifact in client.read_artifacts()),
+            *(run.model_dump_json() for run in client.read_flow_runs(flow_run_filter=runs)),
+            # a recent run's task runs (one that never started has no start time), and
+            # task runs started since, in a flow or outside one
+            *(task.model_dump_json() for task in client.read_task_runs(flow_run_filter=runs)),
+            *(task.model_dump_json() for task in client.read_task_runs(task_run_filter=started)),
+            *(log.model_dump_json() for log in recent_logs(client)),
+            *(a.model_dump_json() for a in client.read_artifacts(flow_run_filter=runs)),
             *(
                 limit.model_dump_json()
                 for limit in client.read_global_concurrency_limits(limit=1000, offset=0)
@@ -66,17 +105,18 @@ def concurrency_limit_names() -> list[str]:
 
 
 def log_messages() -> list[str]:
-    """Every log message the server holds, after sending the ones still queued here."""
+    """Every log message since `scan_from`, after sending the ones still queued here."""
     APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:
-        return [log.message for log in client.read_logs()]
+        return [log.message for log in recent_logs(client)]
 
 
-def session_text() -> str:
-    """Every log message and artifact of the test session, as one text."""
+def module_text() -> str:
+    """Every log message and artifact since `scan_from` (the module's), as one text."""
     with get_client(sync_client=True) as client:
-        artifacts = [str(a.data) + str(a.description) for a in client.read_artifacts()]
-    return "\n".join(log_messages() + artifacts)
+        artifacts = client.read_artifacts(flow_run_filter=recent_runs())
+    texts = [str(a.data) + str(a.description) for a in artifacts]
+    return "\n".join(log_messages() + texts)
 
 
 def database_path() -> Path:

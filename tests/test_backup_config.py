@@ -17,7 +17,7 @@ import pytest
 from conftest import require
 from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
-from prefect_records import session_text
+from prefect_records import module_text
 from waiting import past_the_second_of
 
 from flows.backup_config import backup_config
@@ -72,7 +72,7 @@ def members(path: Path) -> list[tarfile.TarInfo]:
 
 
 def everything_prefect_holds() -> str:
-    return session_text()
+    return module_text()
 
 
 def artifact_rows(key: str) -> dict[str, str]:

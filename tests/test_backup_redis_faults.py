@@ -15,7 +15,7 @@ from mounts import mounted_tmpfs
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.states import State
-from prefect_records import log_messages, wait_for_task_runs
+from prefect_records import log_messages, recent_runs, wait_for_task_runs
 from redis_servers import running_redis
 
 from flows.backup_redis import backup_redis
@@ -91,7 +91,7 @@ def test_credentials_in_url_never_reach_logs_artifacts_or_manifest(
     assert SECRET not in (backup_dir / (manifest["name"] + ".manifest.json")).read_text()
     assert SECRET not in all_log_text()
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts()
+        artifacts = client.read_artifacts(flow_run_filter=recent_runs())
     assert artifacts and all(SECRET not in str(a.data) for a in artifacts)
 
 

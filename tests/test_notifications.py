@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from prefect import flow, get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.flow_engine import run_flow
 from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -214,10 +215,10 @@ def test_failure_hook_warns_when_no_automation_notifies() -> None:
     )
 
     APILogWorker.drain_all(timeout=10)
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs()
     run_id = state.state_details.flow_run_id
-    lines = [log.message for log in logs if log.flow_run_id == run_id]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    lines = [log.message for log in logs]
     assert any("NOBODY IS NOTIFIED" in line for line in lines), lines
 
 

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from docker.types import Mount
 from prefect.client.orchestration import get_client
-from prefect_records import session_text
+from prefect_records import module_text
 from redis_servers import RedisServer, free_port, running_redis
 
 from flows.recover_gateway import recover_gateway
@@ -512,7 +512,7 @@ def test_removed_container_is_recreated_from_the_compose_file(
     labels = gateway.container().labels
     assert labels["com.docker.compose.project"] == f"proxilion-dr-test-{test_id}"
     assert labels["com.docker.compose.service"] == "gateway"
-    assert gateway.token not in session_text()
+    assert gateway.token not in module_text()
 
 
 def test_compose_service_that_a_restart_cannot_fix_is_recreated_by_compose(
@@ -645,7 +645,7 @@ def test_compose_recreate_that_fails_puts_the_original_back_as_it_was(
     assert original.attrs["Id"] in report and "GATEWAY_API_TOKEN=***" in report
     assert "stale lock /tmp/gateway.lock: refusing to start" in report
     assert "broken for good" in report  # the new container's last lines
-    assert gateway.token not in session_text()
+    assert gateway.token not in module_text()
 
 
 def test_compose_recreate_keeps_the_original_aside_until_the_new_one_is_healthy(
@@ -862,4 +862,4 @@ def test_report_has_the_log_tail_and_steps_and_no_secret(
     for name in step_names(result):
         assert name in report
     assert "RTO measured" in report
-    assert gateway.token not in session_text()
+    assert gateway.token not in module_text()

@@ -15,7 +15,9 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from prefect_records import concurrency_limit_names, prefect_records
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect_records import concurrency_limit_names, module_text, prefect_records
 from redis_servers import running_redis
 
 from flows.backup_prometheus import backup_prometheus
@@ -59,6 +61,28 @@ PLAIN_URLS = [
     "unix:///run/redis.sock?db=2",
     "localhost:8333",
 ]
+
+
+@task
+def leave_marks(mark: str) -> None:
+    get_run_logger().info(f"log {mark}")
+    create_markdown_artifact(f"artifact {mark}", key="scan-check")
+
+
+@flow
+def marked_run(mark: str) -> None:
+    leave_marks(mark)
+
+
+def test_the_scans_read_what_this_modules_runs_left() -> None:
+    """The scans the tests below rely on (`... not in prefect_records()`) see a value
+    in each place a run of this module leaves it: they are not blind."""
+    mark = f"mark{uuid.uuid4().hex}"
+    marked_run(mark)
+    records = prefect_records()
+    assert f'"mark":"{mark}"' in records, "the flow run's parameters are not read"
+    assert f"log {mark}" in records and f"artifact {mark}" in records
+    assert f"log {mark}" in module_text() and f"artifact {mark}" in module_text()
 
 
 @pytest.mark.parametrize(("url", "pieces"), CREDENTIAL_URLS)
