@@ -63,9 +63,16 @@ if "PREFECT_API_SSL_CERT_FILE" not in os.environ:
 import boto3  # noqa: E402
 import pytest  # noqa: E402
 from prefect import Task  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+from prefect.context import _temporary_global_settings_context, get_settings_context  # noqa: E402
+from prefect.events.worker import EventsWorker  # noqa: E402
+from prefect.logging.handlers import APILogWorker  # noqa: E402
+from prefect.settings import (  # noqa: E402
+    PREFECT_API_URL,
+    PREFECT_SERVER_DATABASE_CONNECTION_URL,
+    temporary_settings,
+)
 from prefect_records import database_path, scan_from  # noqa: E402
-from prefect_servers import keep_as_template  # noqa: E402
+from prefect_servers import DATABASE, keep_as_template, session_server  # noqa: E402
 
 from sandbox import constants as stack  # noqa: E402
 
@@ -126,11 +133,28 @@ def quick_retries(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A real, temporary Prefect server (SQLite) for every flow in the session; its new
-    database is the template of the servers tests start (prefect_servers.py)."""
-    with prefect_test_harness(server_startup_timeout=120):
-        keep_as_template(database_path(), tmp_path_factory.mktemp("prefect-template"))
-        yield
+    """A real, temporary Prefect server (SQLite) for every flow in the session, as
+    Prefect's test harness runs one; its new database is the template of the servers
+    tests start (prefect_servers.py)."""
+    home = tmp_path_factory.mktemp("prefect-session")
+    with session_server(home) as server:
+        database = f"sqlite+aiosqlite:///{home / DATABASE}"
+        settings = {
+            PREFECT_API_URL: server.api_url,
+            PREFECT_SERVER_DATABASE_CONNECTION_URL: database,
+        }
+        # Also the process-global settings, as the harness does: a thread (a test's flow
+        # run in the background) starts without this thread's settings context.
+        with (
+            temporary_settings(settings),
+            _temporary_global_settings_context(get_settings_context()),
+        ):
+            keep_as_template(database_path(), tmp_path_factory.mktemp("prefect-template"))
+            yield
+            # What this process still holds for the server goes before it stops (else
+            # its senders retry a closed port at exit for a minute).
+            APILogWorker.drain_all(timeout=30)
+            EventsWorker.drain_all(timeout=30)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,5 +1,9 @@
-"""A real `prefect server start` (UI included) for tests that need more than the
-harness's in-process server: a browser, a worker, a PostgreSQL database.
+"""Real Prefect servers: the session's API server, and `prefect server start` (UI
+included) for tests that need more than it: a browser, a worker, a PostgreSQL database.
+
+`session_server(home)` runs Prefect's API as its test harness does (uvicorn with
+`create_app`, the services of an ephemeral server, no UI), without importing the
+server's code into the test process (seconds of CPU per pytest worker).
 
 `running_prefect_server(home)` starts it on a free 127.0.0.1 port (another one when
 that port was taken before the server bound it) with its own PREFECT_HOME (SQLite
@@ -136,7 +140,7 @@ def wait_healthy(server: PrefectServer, timeout: float = START_TIMEOUT) -> bool:
             pass
         time.sleep(0.5)
     pytest.fail(
-        f"`prefect server start` did not answer on {server.url} within {timeout:.0f} s "
+        f"`{' '.join(server.command[:4])}` did not answer on {server.url} within {timeout:.0f} s "
         f"(exit code {server.process.poll()}); its log:\n{server.log_tail()}",
         pytrace=False,
     )
@@ -155,15 +159,39 @@ def spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess
         )
 
 
-def start_server(home: Path, env: dict[str, str]) -> PrefectServer | None:
-    """`prefect server start` on a free port, once healthy; None if the port was taken
-    before it bound it."""
+def server_start(port: int) -> list[str]:
+    return [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def api_server(port: int) -> list[str]:
+    """Prefect's API alone, as its test harness starts it (SubprocessASGIServer)."""
+    factory = "prefect.server.api.server:create_app"
+    listen = ["--host", "127.0.0.1", "--port", str(port)]
+    quiet = ["--log-level", "error"]  # errors (a port taken) only, no line per request
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        factory,
+        *listen,
+        *quiet,
+        "--lifespan",
+        "on",
+    ]
+
+
+def start_server(
+    home: Path, env: dict[str, str], command_on: Callable[[int], list[str]] = server_start
+) -> PrefectServer | None:
+    """The server `command_on(port)` starts on a free port, once healthy; None if the
+    port was taken before it bound it."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = home / "server.log"
     log_path.write_bytes(b"")  # wait_healthy reads this attempt's words only
     env = {**env, "PREFECT_API_URL": url + "/api", "PREFECT_UI_API_URL": url + "/api"}
-    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    command = command_on(port)
     process = spawn(command, env, log_path)
     server = PrefectServer(url, home, log_path, process, command, env)
     try:
@@ -174,6 +202,34 @@ def start_server(home: Path, env: dict[str, str]) -> PrefectServer | None:
         raise
     stop_group(process)
     return None
+
+
+def on_a_free_port(
+    home: Path, env: dict[str, str], command_on: Callable[[int], list[str]]
+) -> PrefectServer:
+    for _attempt in range(PORT_ATTEMPTS):
+        server = start_server(home, env, command_on)
+        if server is not None:
+            return server
+    pytest.fail(f"{command_on(0)[:3]} found no free port in {PORT_ATTEMPTS} tries")
+
+
+@contextmanager
+def session_server(home: Path) -> Iterator[PrefectServer]:
+    """Prefect's API server with its SQLite database in `home` (prefect.db), started
+    with this process's environment, as the test harness starts it."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / DATABASE}",
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",  # the services of an ephemeral server
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    server = on_a_free_port(home, env, api_server)
+    try:
+        yield server
+    finally:
+        stop_group(server.process)
 
 
 @contextmanager
@@ -197,12 +253,7 @@ def running_prefect_server(
         env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
     else:
         migrated_database(home)
-    for _attempt in range(PORT_ATTEMPTS):
-        server = start_server(home, env)
-        if server is not None:
-            break
-    else:
-        pytest.fail(f"`prefect server start` found no free port in {PORT_ATTEMPTS} tries")
+    server = on_a_free_port(home, env, server_start)
     try:
         yield server
     finally:
