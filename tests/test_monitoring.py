@@ -33,7 +33,11 @@ from tasks.store.kinds import config_source_id
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
 RULES = MONITORING / "proxilion-dr-alerts.yml"
-RULE_TESTS = MONITORING / "proxilion-dr-alerts.test.yml"
+# The rules' cases: every 10 minutes of synthetic time, and the ones weeks long every hour.
+RULE_TESTS = [
+    MONITORING / "proxilion-dr-alerts.test.yml",
+    MONITORING / "proxilion-dr-alerts-monthly.test.yml",
+]
 DASHBOARD = MONITORING / "proxilion-dr-dashboard.json"
 PUSHGATEWAY_BINARY = "/usr/bin/prometheus-pushgateway"
 
@@ -51,7 +55,7 @@ def test_alert_rules_pass_their_promtool_unit_tests() -> None:
     )
     assert check.returncode == 0, check.stdout + check.stderr
     result = subprocess.run(
-        [promtool(), "test", "rules", RULE_TESTS.name],
+        [promtool(), "test", "rules", *(tests.name for tests in RULE_TESTS)],
         cwd=MONITORING,
         capture_output=True,
         text=True,
@@ -70,7 +74,8 @@ def test_every_alert_has_a_firing_and_a_silent_case() -> None:
     }
     cases = [
         case
-        for test in yaml.safe_load(RULE_TESTS.read_text())["tests"]
+        for tests in RULE_TESTS
+        for test in yaml.safe_load(tests.read_text())["tests"]
         for case in test["alert_rule_test"]
     ]
     firing = {case["alertname"] for case in cases if case["exp_alerts"]}
