@@ -164,25 +164,15 @@ def server_start(port: int) -> list[str]:
 
 
 def api_server(port: int) -> list[str]:
-    """Prefect's API alone, as its test harness starts it (SubprocessASGIServer)."""
-    factory = "prefect.server.api.server:create_app"
-    listen = ["--host", "127.0.0.1", "--port", str(port)]
-    quiet = ["--log-level", "error"]  # errors (a port taken) only, no line per request
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        factory,
-        *listen,
-        *quiet,
-        "--lifespan",
-        "on",
-    ]
+    """Prefect's API alone, as its test harness starts it (SubprocessASGIServer); only
+    errors logged (a port taken), no line per request."""
+    app = ["--factory", "prefect.server.api.server:create_app", "--lifespan", "on"]
+    listen = ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error"]
+    return [sys.executable, "-m", "uvicorn", *app, *listen]
 
 
 def start_server(
-    home: Path, env: dict[str, str], command_on: Callable[[int], list[str]] = server_start
+    home: Path, env: dict[str, str], command_on: Callable[[int], list[str]]
 ) -> PrefectServer | None:
     """The server `command_on(port)` starts on a free port, once healthy; None if the
     port was taken before it bound it."""
@@ -211,7 +201,7 @@ def on_a_free_port(
         server = start_server(home, env, command_on)
         if server is not None:
             return server
-    pytest.fail(f"{command_on(0)[:3]} found no free port in {PORT_ATTEMPTS} tries")
+    pytest.fail(f"`{' '.join(command_on(0)[:4])}` found no free port in {PORT_ATTEMPTS} tries")
 
 
 @contextmanager
