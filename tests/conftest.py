@@ -71,8 +71,8 @@ from prefect.settings import (  # noqa: E402
     PREFECT_SERVER_DATABASE_CONNECTION_URL,
     temporary_settings,
 )
-from prefect_records import database_path, scan_from  # noqa: E402
-from prefect_servers import DATABASE, keep_as_template, session_server  # noqa: E402
+from prefect_records import scan_from  # noqa: E402
+from prefect_servers import DATABASE, keep_as_template, session_server, sqlite_url  # noqa: E402
 
 from sandbox import constants as stack  # noqa: E402
 
@@ -138,10 +138,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     tests start (prefect_servers.py)."""
     home = tmp_path_factory.mktemp("prefect-session")
     with session_server(home) as server:
-        database = f"sqlite+aiosqlite:///{home / DATABASE}"
         settings = {
             PREFECT_API_URL: server.api_url,
-            PREFECT_SERVER_DATABASE_CONNECTION_URL: database,
+            PREFECT_SERVER_DATABASE_CONNECTION_URL: sqlite_url(home),
         }
         # Also the process-global settings, as the harness does: a thread (a test's flow
         # run in the background) starts without this thread's settings context.
@@ -149,7 +148,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             temporary_settings(settings),
             _temporary_global_settings_context(get_settings_context()),
         ):
-            keep_as_template(database_path(), tmp_path_factory.mktemp("prefect-template"))
+            keep_as_template(home / DATABASE, tmp_path_factory.mktemp("prefect-template"))
             yield
             # What this process still holds for the server goes before it stops (else
             # its senders retry a closed port at exit for a minute).

@@ -21,6 +21,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterExpectedStartTime,
     LogFilter,
+    LogFilterFlowRunId,
     LogFilterTimestamp,
     TaskRunFilter,
     TaskRunFilterStartTime,
@@ -109,6 +110,14 @@ def log_messages() -> list[str]:
     APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:
         return [log.message for log in recent_logs(client)]
+
+
+def run_logs(run_id: UUID) -> list[Log]:
+    """Every log line of a flow run and its task runs, oldest first, as the Logs tab."""
+    APILogWorker.drain_all(timeout=10)  # logs reach the server in batches: send the rest
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+    return sorted(logs, key=lambda log: log.timestamp)
 
 
 def module_text() -> str:

@@ -197,11 +197,17 @@ def start_server(
 def on_a_free_port(
     home: Path, env: dict[str, str], command_on: Callable[[int], list[str]]
 ) -> PrefectServer:
+    """start_server, on another port each time the port was taken meanwhile."""
     for _attempt in range(PORT_ATTEMPTS):
         server = start_server(home, env, command_on)
         if server is not None:
             return server
     pytest.fail(f"`{' '.join(command_on(0)[:4])}` found no free port in {PORT_ATTEMPTS} tries")
+
+
+def sqlite_url(home: Path) -> str:
+    """The database URL of the SQLite file a server keeps in `home`."""
+    return f"sqlite+aiosqlite:///{home / DATABASE}"
 
 
 @contextmanager
@@ -210,7 +216,7 @@ def session_server(home: Path) -> Iterator[PrefectServer]:
     with this process's environment, as the test harness starts it."""
     home.mkdir(parents=True, exist_ok=True)
     env = os.environ | {
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / DATABASE}",
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": sqlite_url(home),
         "PREFECT_UI_ENABLED": "0",
         "PREFECT__SERVER_EPHEMERAL": "1",  # the services of an ephemeral server
         "PREFECT__SERVER_FINAL": "1",

@@ -20,11 +20,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
-    LogFilter,
-    LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import FlowRun
-from prefect.logging.handlers import APILogWorker
+from prefect_records import run_logs
 from redis_servers import free_port, running_redis
 from test_backup_config import write_project
 from waiting import past_the_second_of
@@ -131,14 +129,6 @@ def test_early_failure_names_the_step_and_says_nothing_was_stored(backup_dir: Pa
     assert "\n" not in message
     with pytest.raises(RedisUnreachable):  # a direct call still raises the error itself
         backup_redis(**parameters, backup_dir=str(backup_dir))
-
-
-def run_logs(run_id: UUID) -> list[Any]:
-    """Every log line of a flow run and its task runs, oldest first, as the Logs tab."""
-    APILogWorker.drain_all(timeout=10)
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-    return sorted(logs, key=lambda log: log.timestamp)
 
 
 def test_failed_run_logs_its_reason_as_an_error_without_tracebacks(backup_dir: Path) -> None:

@@ -7,17 +7,14 @@ PREFECT_FLOWS_HEARTBEAT_FREQUENCY is set. Every log line still reaches the serve
 from __future__ import annotations
 
 from typing import Any
-from uuid import UUID
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-from prefect.logging.handlers import APILogWorker
 from prefect.settings import (
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
     PREFECT_LOGGING_LEVEL,
     get_current_settings,
     temporary_settings,
 )
+from prefect_records import run_logs
 
 from flows.support.parameters import dr_flow
 
@@ -34,17 +31,10 @@ def log_level_seen() -> str:
     return get_current_settings().logging.level
 
 
-def run_log_messages(run_id: UUID) -> list[str]:
-    APILogWorker.drain_all(timeout=10)  # logs reach the server in batches: send the rest
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-    return [log.message for log in logs]
-
-
 def test_a_direct_call_runs_without_a_heartbeat_thread_and_keeps_every_log_line() -> None:
     state: Any = stand_in(return_state=True)
     assert state.result() is None  # no heartbeat thread for the engine to join
-    messages = run_log_messages(state.state_details.flow_run_id)
+    messages = [log.message for log in run_logs(state.state_details.flow_run_id)]
     assert "the stand-in's own line" in messages
     assert any(m.startswith("Finished in state Completed") for m in messages), messages
 

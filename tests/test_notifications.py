@@ -23,10 +23,9 @@ from typing import Any
 
 import pytest
 from prefect import flow, get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.flow_engine import run_flow
-from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect_records import run_logs
 from prefect_servers import busy_relay
 
 from deployments.__main__ import load_flow, main
@@ -214,11 +213,7 @@ def test_failure_hook_warns_when_no_automation_notifies() -> None:
         return_state=True,
     )
 
-    APILogWorker.drain_all(timeout=10)
-    run_id = state.state_details.flow_run_id
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
-    lines = [log.message for log in logs]
+    lines = [log.message for log in run_logs(state.state_details.flow_run_id)]
     assert any("NOBODY IS NOTIFIED" in line for line in lines), lines
 
 
