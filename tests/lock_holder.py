@@ -3,9 +3,12 @@
 `python -m tests.lock_holder NAME` runs the flow `hold-lock`: it takes
 `exclusive(NAME)` (waiting up to WAIT_SECONDS), prints "holding <flow run name>",
 holds the lock until a line arrives on its stdin (or stdin closes), then prints
-"finished". Its log goes to the same output. `HolderProcess` starts one, reads its
-lines with deadlines, and kills it the way the kernel's OOM killer does (SIGKILL to
-that process alone: a temporary Prefect server it started lives on, unless watched).
+"finished". A gated holder (GATED set) first prints "ready" once its run has begun and
+waits for a line before it asks for the lock: it starts beside another holder, and
+asks only once that one holds the lock. Its log goes to the same output.
+`HolderProcess` starts one, reads its lines with deadlines, and kills it the way the
+kernel's OOM killer does (SIGKILL to that process alone: a temporary Prefect server it
+started lives on, unless watched).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WAIT_SECONDS = 120.0
 LINE_TIMEOUT = 120.0
+GATED = "LOCK_HOLDER_GATED"
 # Runs the holder in a mount namespace of its own with a fresh /run/lock: its lock
 # files are not this host's, as for a run on another host (needs root).
 ELSEWHERE = [
@@ -58,8 +62,11 @@ def require_unshare() -> None:
 class HolderProcess:
     """A `hold-lock` run in its own process; its output lines arrive in `lines`."""
 
-    def __init__(self, name: str, env: dict[str, str], elsewhere: bool = False) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], elsewhere: bool = False, gated: bool = False
+    ) -> None:
         command = [sys.executable, "-m", "tests.lock_holder", name]
+        env = env | {GATED: "1"} if gated else env
         self.output: list[str] = []
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.process = subprocess.Popen(
@@ -105,8 +112,15 @@ class HolderProcess:
 
     def finish(self) -> None:
         """Tell it to end its run (it gives the lock back first)."""
+        self._say("done")
+
+    def take(self) -> None:
+        """Let a gated holder, once "ready", ask for the lock."""
+        self._say("take")
+
+    def _say(self, line: str) -> None:
         assert self.process.stdin is not None
-        self.process.stdin.write("done\n")
+        self.process.stdin.write(line + "\n")
         self.process.stdin.flush()
 
     def kill(self) -> float:
@@ -131,6 +145,9 @@ def hold(name: str) -> None:
 
     @flow(name="hold-lock")
     def hold_lock(name: str) -> None:
+        if os.environ.get(GATED):
+            print("ready", flush=True)
+            sys.stdin.readline()
         with exclusive(name, wait_seconds=WAIT_SECONDS):
             print(f"holding {flow_run.name}", flush=True)
             sys.stdin.readline()

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from prefect_servers import (
 )
 
 from tasks.common.locks import LockBusy, exclusive
+from tasks.common.log import OUTSIDE_A_RUN
 
 NEXT_RUN_SECONDS = 90.0
 IN_MEMORY = "prefect.server.concurrency.lease_storage.memory"  # Prefect's default
@@ -39,8 +40,10 @@ STOP_SECONDS = 30.0
 
 
 @contextmanager
-def holder(name: str, env: dict[str, str], elsewhere: bool = False) -> Iterator[HolderProcess]:
-    process = HolderProcess(name, env, elsewhere)
+def holder(
+    name: str, env: dict[str, str], elsewhere: bool = False, gated: bool = False
+) -> Iterator[HolderProcess]:
+    process = HolderProcess(name, env, elsewhere, gated)
     try:
         yield process
     finally:
@@ -99,31 +102,45 @@ def prefect_env_of_session() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def leases_on_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Future[None]]:
-    """The server restart with filesystem lease storage, started as the module starts:
-    it waits a whole lease (60 s) for its dead holder, and the module's other tests run
-    meanwhile; test_a_server_restart_with_leases_on_disk_leaves_no_slot_taken collects
-    its outcome (an assertion failing in it fails that test)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="leases-on-disk") as pool:
-        home = tmp_path_factory.mktemp("leases-on-disk")
-        yield pool.submit(server_restarted_while_two_runs_hold_locks, home, FILESYSTEM, None)
+def server_restarts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[None]]]:
+    """Both server restarts (leases in memory, leases on disk), started as the module
+    starts: each waits for its servers and holders (the one on disk a whole lease,
+    60 s), and the module's other tests run meanwhile. The two tests named after them
+    collect their outcomes (an assertion failing in one fails its test)."""
+    with ThreadPoolExecutor(2, thread_name_prefix="server-restart") as pool:
+        yield {
+            storage: pool.submit(
+                server_restarted_while_two_runs_hold_locks,
+                tmp_path_factory.mktemp("server-restart"),
+                storage,
+            )
+            for storage in (IN_MEMORY, FILESYSTEM)
+        }
 
 
-def test_a_server_restart_leaves_no_slot_taken(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Leases in the server's memory (Prefect's default): the restart forgets both
-    leases while the counts stay; the next run proves the killed holder gone (it ran on
-    this host), and the live one keeps its slot and frees it when it ends."""
-    server_restarted_while_two_runs_hold_locks(tmp_path, IN_MEMORY, caplog)
+@contextmanager
+def warnings_naming(text: str) -> Iterator[list[str]]:
+    """The warnings this process logs outside a run (tasks.common.log) that contain
+    `text` (a lock's unique name: not another test's, which run meanwhile)."""
+    said: list[str] = []
+
+    class Said(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in (message := record.getMessage()):
+                said.append(message)
+
+    logger, handler = logging.getLogger(OUTSIDE_A_RUN), Said(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
 
 
-def server_restarted_while_two_runs_hold_locks(
-    tmp_path: Path, lease_storage: str, caplog: pytest.LogCaptureFixture | None
-) -> None:
+def server_restarted_while_two_runs_hold_locks(tmp_path: Path, lease_storage: str) -> None:
     """The server restarts while two runs hold two locks: one killed just before, one
     alive (on another host). The next run of each lock takes it within NEXT_RUN_SECONDS;
-    with `caplog`, the run says it freed the killed holder's slot."""
+    when this run proves the killed holder gone, it says it freed its slot."""
     require_unshare()
     dead_lock, live_lock = unique_lock(), unique_lock()
     dead_elsewhere = lease_storage == FILESYSTEM  # in memory, nothing could free it
@@ -138,12 +155,16 @@ def server_restarted_while_two_runs_hold_locks(
             back = time.monotonic()
             print(f"server back {back - died:.1f} s after the holder's death")
             live_holder_finishes(prefect, live, live_lock, lease_storage, back)
-        waiting = caplog.at_level(logging.WARNING) if caplog else nullcontext()
-        with api(prefect), waiting, exclusive(dead_lock, wait_seconds=NEXT_RUN_SECONDS):
+        with (
+            api(prefect),
+            warnings_naming(dead_lock) as said,
+            exclusive(dead_lock, wait_seconds=NEXT_RUN_SECONDS),
+        ):
             now = time.monotonic()
     measured(f"{lease_storage}: server restarted, holder dead", now - back)
-    if caplog is not None and not dead_elsewhere:
-        assert f"freed {dead_lock!r}" in caplog.text and "has ended" in caplog.text
+    if not dead_elsewhere:  # on this host: provably gone, its slot freed by this run
+        text = "\n".join(said)
+        assert f"freed {dead_lock!r}" in text and "has ended" in text, said
 
 
 def says_who_holds(prefect: PrefectServer, lock: str, run: str) -> None:
@@ -182,18 +203,21 @@ def test_without_a_server_a_killed_run_leaves_no_lock_and_no_server(tmp_path: Pa
     temporary Prefect server is stopped by its watcher."""
     name = unique_lock()
     env = without_prefect(tmp_path / "prefect")
-    with holder(name, env) as first:
-        run = first.run_name()  # its temporary server has set up the shared database
+    # Both start at once (their temporary servers too); the second asks for the lock
+    # once the first holds it.
+    with holder(name, env) as first, holder(name, env, gated=True) as second:
+        run = first.run_name()
         servers = children(first.process.pid)
         assert servers, "the run without a server started no temporary Prefect server"
-        with holder(name, env) as second:
-            second.expect(f"waiting for {name!r}: another run holds it: on this host, run {run!r}")
-            died = first.kill()
-            second.run_name()
-            measured("no server, holder killed", time.monotonic() - died)
-            servers += children(second.process.pid)
-            second.finish()
-            assert second.process.wait(STOP_SECONDS) == 0, second.tail()
+        second.expect("ready")
+        second.take()
+        second.expect(f"waiting for {name!r}: another run holds it: on this host, run {run!r}")
+        died = first.kill()
+        second.run_name()
+        measured("no server, holder killed", time.monotonic() - died)
+        servers += children(second.process.pid)
+        second.finish()
+        assert second.process.wait(STOP_SECONDS) == 0, second.tail()
     leftover = until_gone(servers, STOP_SECONDS)
     assert not leftover, f"temporary Prefect servers left running: {leftover}"
 
@@ -227,9 +251,18 @@ def until_gone(pids: list[int], timeout: float) -> list[int]:
     return alive
 
 
+# The two server restarts end last: they ran beside the tests above.
+def test_a_server_restart_leaves_no_slot_taken(server_restarts: dict[str, Future[None]]) -> None:
+    """Leases in the server's memory (Prefect's default): the restart forgets both
+    leases while the counts stay; the next run proves the killed holder gone (it ran on
+    this host) and says it freed its slot, and the live one keeps its slot and frees it
+    when it ends."""
+    server_restarts[IN_MEMORY].result(timeout=STOP_SECONDS + 4 * NEXT_RUN_SECONDS)
+
+
 def test_a_server_restart_with_leases_on_disk_leaves_no_slot_taken(
-    leases_on_disk: Future[None],
+    server_restarts: dict[str, Future[None]],
 ) -> None:
     """Filesystem lease storage (as deploy/ and the demo run the server): both leases
     survive the restart, and the killed holder's (on another host) expires."""
-    leases_on_disk.result(timeout=STOP_SECONDS + 4 * NEXT_RUN_SECONDS)
+    server_restarts[FILESYSTEM].result(timeout=STOP_SECONDS + 4 * NEXT_RUN_SECONDS)

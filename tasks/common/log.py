@@ -9,9 +9,11 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
+OUTSIDE_A_RUN = "proxilion_dr"  # the logger outside a run
+
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
     try:
         return get_run_logger()
     except MissingContextError:
-        return logging.getLogger("proxilion_dr")
+        return logging.getLogger(OUTSIDE_A_RUN)
