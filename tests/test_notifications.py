@@ -16,10 +16,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+from uuid import UUID
 
 import pytest
 from prefect import flow, get_client
@@ -168,41 +170,65 @@ def complete_a_run(deployment_id: uuid.UUID) -> None:
     run_flow(backup_on_time, flow_run=run)
 
 
-def test_a_scheduled_deployment_is_late_only_while_no_run_completes(webhook: Webhook) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def lateness() -> Iterator[Future[None]]:
+    """The lateness test, started as the module starts: it waits out lateness windows
+    of 10 s (Prefect's shortest) while the module's other tests run, and
+    test_a_scheduled_deployment_is_late_only_while_no_run_completes collects its
+    outcome. Its webhook, block, automations' names and tags are its own: the other
+    tests replace the webhook block and delete or apply the proxilion-dr automations."""
+    with ThreadPoolExecutor(1, thread_name_prefix="lateness") as pool:
+        yield pool.submit(late_only_while_no_run_completes)
+
+
+def late_only_while_no_run_completes() -> None:
     """Two late automations, their windows shortened from 2 × the schedule interval to
     the shortest Prefect accepts (10 s): one watches a backup-redis deployment that
     nothing runs, and notifies; the other watches a deployment whose runs complete back
     to back, and stays silent meanwhile (the first shows the server evaluated a whole
     window of it). Once its runs stop, it speaks too (so its silence meant something)."""
-    block_id = webhook_block(webhook.url).save(WEBHOOK_BLOCK, overwrite=True)
     suffix = uuid.uuid4().hex[:6]
+    webhook = Webhook()
+    block_id = webhook_block(webhook.url).save(f"lateness-test-{suffix}", overwrite=True)
     on_time = DeploymentSpec(f"on-time-{suffix}", f"{__file__}:backup_on_time", "0 * * * *", "")
     idle = DeploymentSpec(
         f"never-runs-{suffix}", "flows/backup_redis.py:backup_redis", "0 */6 * * *", ""
     )
     deployment_id = backup_on_time.to_deployment(name=on_time.name).apply()
     window = timedelta(seconds=10)
-    replace_automation(late_automation(on_time, block_id, "", within=window))
-    replace_automation(late_automation(idle, block_id, "", within=window))
+
+    def watching(spec: DeploymentSpec) -> UUID:
+        automation = late_automation(spec, block_id, "", within=window)
+        named = {"name": f"lateness test {suffix}: {spec.name}", "tags": [f"test:{suffix}"]}
+        return replace_automation(automation.model_copy(update=named))
+
+    automations = [watching(on_time), watching(idle)]
 
     def said(spec: DeploymentSpec) -> list[dict[str, Any]]:
         return [m for m in webhook.received if f"(deployment {spec.name}," in m["text"]]
 
-    deadline = time.monotonic() + 120
-    while not said(idle):
-        assert time.monotonic() < deadline, (
-            f"the idle deployment was never late: {webhook.received}"
-        )
-        complete_a_run(deployment_id)
-    delivered = time.monotonic() + DELIVERY_SECONDS  # a message of the same evaluation
-    while time.monotonic() < delivered:
-        complete_a_run(deployment_id)
-    assert said(on_time) == [], webhook.received
-    late = said(idle)[0]
-    assert "backup-redis late" in late["subject"]
-    assert "has not completed a run in the last 0:00:10" in late["text"]
+    try:
+        deadline = time.monotonic() + 120
+        while not said(idle):
+            assert time.monotonic() < deadline, (
+                f"the idle deployment was never late: {webhook.received}"
+            )
+            complete_a_run(deployment_id)
+        delivered = time.monotonic() + DELIVERY_SECONDS  # a message of the same evaluation
+        while time.monotonic() < delivered:
+            complete_a_run(deployment_id)
+        assert said(on_time) == [], webhook.received
+        late = said(idle)[0]
+        assert "backup-redis late" in late["subject"]
+        assert "has not completed a run in the last 0:00:10" in late["text"]
 
-    webhook.wait_for(f"(deployment {on_time.name},", deadline_seconds=60)
+        webhook.wait_for(f"(deployment {on_time.name},", deadline_seconds=60)
+    finally:
+        with server_client() as client:
+            for automation in automations:
+                client.delete_automation(automation)
+            client.delete_block_document(block_id)
+        webhook.server.shutdown()
 
 
 def test_failure_hook_warns_when_no_automation_notifies() -> None:
@@ -332,3 +358,12 @@ def test_a_single_host_apply_beside_a_multi_host_server_keeps_every_hosts_automa
     assert late_names("east-db-1") <= after_host, "apply --host db-1 removed east-db-1's"
     assert late_names() <= after_host, "apply --host db-1 removed the single host's"
     assert late_automation_name(gone_db_1) not in after_host
+
+
+# Ends last: it ran beside the tests above.
+def test_a_scheduled_deployment_is_late_only_while_no_run_completes(
+    lateness: Future[None],
+) -> None:
+    """A late automation speaks only while no run of its deployment completes
+    (late_only_while_no_run_completes)."""
+    lateness.result(timeout=300)
