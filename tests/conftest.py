@@ -39,6 +39,11 @@ os.environ.setdefault("PREFECT_SERVER_API_DEFAULT_LIMIT", "1000000")
 # read task runs wait for them (prefect_records.wait_for_task_runs).
 os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE", "200")
 os.environ.setdefault("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL", "1")
+# Its events too, in batches of 200 once a second (Prefect's 20, or every 5 s): a test
+# that waits for a run's final event (prefect_records.wait_for_final_events) waited
+# the 5 s.
+os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE", "200")
+os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "1")
 
 
 def one_certificate_file() -> str:
