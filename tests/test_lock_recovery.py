@@ -203,8 +203,9 @@ def test_without_a_server_a_killed_run_leaves_no_lock_and_no_server(tmp_path: Pa
     temporary Prefect server is stopped by its watcher."""
     name = unique_lock()
     env = without_prefect(tmp_path / "prefect")
-    # Both start at once (their temporary servers too); the second asks for the lock
-    # once the first holds it.
+    # Both start at once, their temporary servers too (on the migrated copy
+    # without_prefect made: neither migrates); the second asks for the lock once the
+    # first holds it.
     with holder(name, env) as first, holder(name, env, gated=True) as second:
         run = first.run_name()
         servers = children(first.process.pid)
