@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import time
@@ -28,6 +29,7 @@ import redis
 import waiting
 import yaml
 from redis_servers import free_port
+from throwaway_services import PORT_ATTEMPTS, PORT_TAKEN
 
 from flows.backup_config import backup_config
 from flows.backup_prometheus import backup_prometheus
@@ -204,19 +206,15 @@ def redis_setting(lost_host: dict[str, Any], monkeypatch: pytest.MonkeyPatch) ->
 def _lost_host(tmp_path: Path, s3_prefix: str) -> Iterator[dict[str, Any]]:
     tag = secrets.token_hex(3)
     name = f"shop-{tag}"
-    ports = {"cache": free_port(), "api": free_port(), "metrics": free_port()}
-    while _taken(ports["api"] + 1):
-        ports["api"] = free_port()
     old = tmp_path / "shop"
-    make_project(old, name, ports)
-    url = f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{ports['cache']}/0"
     s3 = {
         "s3_bucket": stack.S3_BUCKET,
         "s3_prefix": s3_prefix,
         "s3_endpoint_url": stack.S3_ENDPOINT,
     }
     try:
-        compose(old, "up", "-d")
+        ports = up_on_free_ports(old, name)
+        url = f"redis://:{quote(PASSWORD, safe='')}@127.0.0.1:{ports['cache']}/0"
         client = redis.Redis.from_url(url)
         wait_until(lambda: _answers(client), "the project's Redis")
         wait_until(lambda: healthy(ports["api"]) and healthy(ports["api"] + 1), "both replicas")
@@ -262,6 +260,24 @@ def _lost_host(tmp_path: Path, s3_prefix: str) -> Iterator[dict[str, Any]]:
         listed = bucket.list_objects_v2(Bucket=stack.S3_BUCKET, Prefix=s3_prefix + "/")
         for item in listed.get("Contents", []):
             bucket.delete_object(Bucket=stack.S3_BUCKET, Key=item["Key"])
+
+
+def up_on_free_ports(folder: Path, name: str) -> dict[str, int]:
+    """The project made in `folder` and up, on free ports; made again on others when
+    one was taken before Docker bound it (another test's server started meanwhile)."""
+    for _attempt in range(PORT_ATTEMPTS):
+        ports = {"cache": free_port(), "api": free_port(), "metrics": free_port()}
+        while _taken(ports["api"] + 1):
+            ports["api"] = free_port()
+        make_project(folder, name, ports)
+        up = [*compose_command(), "up", "-d"]
+        done = subprocess.run(up, cwd=folder, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            return ports
+        compose(folder, "down", "-v", "--timeout", "5")
+        assert PORT_TAKEN in done.stderr, done.stderr[-2000:]
+        shutil.rmtree(folder)
+    pytest.fail(f"no free ports for the project {name} in {PORT_ATTEMPTS} tries")
 
 
 def _taken(port: int) -> bool:
