@@ -21,7 +21,6 @@ from dataclasses import replace
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
-from uuid import UUID
 
 import pytest
 from prefect import flow, get_client
@@ -197,7 +196,7 @@ def late_only_while_no_run_completes() -> None:
     deployment_id = backup_on_time.to_deployment(name=on_time.name).apply()
     window = timedelta(seconds=10)
 
-    def watching(spec: DeploymentSpec) -> UUID:
+    def watching(spec: DeploymentSpec) -> uuid.UUID:
         automation = late_automation(spec, block_id, "", within=window)
         named = {"name": f"lateness test {suffix}: {spec.name}", "tags": [f"test:{suffix}"]}
         return replace_automation(automation.model_copy(update=named))
